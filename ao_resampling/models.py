@@ -125,7 +125,7 @@ def synthetic_config(name: str):
         return Gemma3TextConfig(
             vocab_size=262_144, hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
             num_attention_heads=2, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32,
-            sliding_window=64, max_position_embeddings=4096, layer_types=_layer_types(n_layers),
+            sliding_window=512, max_position_embeddings=4096, layer_types=_layer_types(n_layers),
             pad_token_id=0, bos_token_id=2, eos_token_id=[1, 106],
         )
     if name == "gemma-3-27b":

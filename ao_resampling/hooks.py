@@ -1,0 +1,140 @@
+"""Reading the residual stream of one layer, and writing an activation into another.
+
+Two mechanisms, each built apart from being attached (TransformerLens style):
+
+- capture: a forward hook on decoder layer ``layer`` stores its output and stops the forward pass right there, so
+  reading layer 31 of a 62-layer model costs half a forward, not a whole one;
+- injection: ``inject`` is a pure tensor function (``h[p] += normalize(v) * ||h[p]|| * coefficient`` at each
+  placeholder position); the hook around it only decides *when* it applies: on the oracle's prompt (prefill) pass,
+  never on a decode step, where the placeholders are already in the KV cache.
+
+``attached`` registers a hook and always removes it, also when the forward raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ao_resampling.models import adapter_disabled, decoder_layers
+
+Hook = Callable[[nn.Module, tuple, object], object]
+
+
+def inject(resid_BLD: torch.Tensor, vectors_BKD: torch.Tensor, positions_BK: torch.Tensor,
+           coefficient: float) -> torch.Tensor:
+    """Return a copy of ``resid_BLD`` with ``normalize(v) * ||h[p]|| * coefficient`` added at each position.
+
+    Row b gets its own K vectors at its own K positions. The arithmetic is done in float32 and cast back, so a bf16
+    model adds the same vector a float32 one would (up to the final rounding).
+    """
+    B, K = positions_BK.shape
+    if vectors_BKD.shape[:2] != (B, K) or resid_BLD.shape[0] != B:
+        raise ValueError(
+            f"inject: residual batch {tuple(resid_BLD.shape)}, vectors {tuple(vectors_BKD.shape)} and positions "
+            f"{tuple(positions_BK.shape)} disagree"
+        )
+    rows_BK = torch.arange(B, device=resid_BLD.device).unsqueeze(1).expand(B, K)
+    positions_BK = positions_BK.to(resid_BLD.device)
+    h_BKD = resid_BLD[rows_BK, positions_BK].float()
+    direction_BKD = nn.functional.normalize(vectors_BKD.to(resid_BLD.device).float(), dim=-1)
+    steered_BKD = h_BKD + direction_BKD * h_BKD.norm(dim=-1, keepdim=True) * coefficient
+    out_BLD = resid_BLD.clone()
+    out_BLD[rows_BK, positions_BK] = steered_BKD.to(resid_BLD.dtype)
+    return out_BLD
+
+
+def _hidden(output: object) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output  # decoder layers return a tensor or a tuple
+
+
+def _replace_hidden(output: object, hidden: torch.Tensor) -> object:
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+def make_injection_hook(vectors_BKD: torch.Tensor, positions_BK: torch.Tensor, coefficient: float) -> Hook:
+    """A forward hook that injects on the prompt pass only.
+
+    A decode step feeds one new token per row (sequence length 1); the prompt pass feeds the whole prompt, which
+    always holds the placeholders, so "more than one position" is exactly "prefill".
+    """
+
+    def hook(module: nn.Module, args: tuple, output: object) -> object:
+        resid_BLD = _hidden(output)
+        if resid_BLD.shape[1] <= 1:
+            return output
+        return _replace_hidden(output, inject(resid_BLD, vectors_BKD, positions_BK, coefficient))
+
+    return hook
+
+
+@contextlib.contextmanager
+def attached(module: nn.Module, hook: Hook) -> Iterator[None]:
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def injecting(model: nn.Module, layer: int, vectors_BKD: torch.Tensor, positions_BK: torch.Tensor,
+              coefficient: float) -> Iterator[None]:
+    with attached(decoder_layers(model)[layer], make_injection_hook(vectors_BKD, positions_BK, coefficient)):
+        yield
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook: everything above the read layer is wasted compute."""
+
+
+def make_capture_hook(store: dict[str, torch.Tensor]) -> Hook:
+    def hook(module: nn.Module, args: tuple, output: object) -> object:
+        store["resid_BLD"] = _hidden(output).detach()
+        raise _StopForward
+
+    return hook
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token id lists into (input_ids_BL, attention_mask_BL)."""
+    L = max(len(s) for s in sequences)
+    ids_BL = torch.full((len(sequences), L), pad_id, dtype=torch.long)
+    mask_BL = torch.zeros((len(sequences), L), dtype=torch.long)
+    for b, seq in enumerate(sequences):
+        if len(seq):
+            ids_BL[b, L - len(seq):] = torch.tensor(list(seq), dtype=torch.long)
+            mask_BL[b, L - len(seq):] = 1
+    return ids_BL.to(device), mask_BL.to(device)
+
+
+def position_ids_from_mask(mask_BL: torch.Tensor) -> torch.Tensor:
+    """Left padding shifts every row; positions count real tokens only (pads get 0, as HF generate does)."""
+    return (mask_BL.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.inference_mode()
+def capture_activations(model: nn.Module, sequences: Sequence[Sequence[int]], positions: Sequence[int], layer: int,
+                        pad_id: int) -> torch.Tensor:
+    """Residual output of decoder ``layer`` at one position per sequence, with any adapter disabled -> acts_BD.
+
+    ``positions`` index the unpadded sequences; they are shifted by each row's left padding here.
+    """
+    device = next(model.parameters()).device
+    ids_BL, mask_BL = left_pad(sequences, pad_id, device)
+    pad_B = ids_BL.shape[1] - torch.tensor([len(s) for s in sequences], device=device)
+    store: dict[str, torch.Tensor] = {}
+    with adapter_disabled(model), attached(decoder_layers(model)[layer], make_capture_hook(store)):
+        try:
+            model(input_ids=ids_BL, attention_mask=mask_BL, position_ids=position_ids_from_mask(mask_BL),
+                  use_cache=False)
+        except _StopForward:
+            pass
+    if "resid_BLD" not in store:
+        raise RuntimeError(f"layer {layer} was never reached during capture")
+    rows_B = torch.arange(len(sequences), device=device)
+    return store["resid_BLD"][rows_B, torch.as_tensor(list(positions), device=device) + pad_B]

@@ -1,0 +1,379 @@
+"""Batched resampling: n answers for each of many queries, with the activation injected on the prompt pass.
+
+The fast path (``BatchedSampler``) packs (query x sample) rows into batches under a row and KV-token budget and runs
+its own decode loop over the model's forward:
+
+- each query's prompt is prefilled *once*, with the injection hook attached, and its KV cache is repeated for its n
+  samples (the n samples share one prompt, so prefilling it n times would be wasted work);
+- decoding then runs without any hook (decode steps are untouched by construction) on a static KV cache when the
+  whole sequence fits every sliding window, else on HF's dynamic cache;
+- top-p is exact but avoids sorting the whole 262k vocabulary: the top candidates are sorted, and only a row whose
+  nucleus is not inside them falls back to a full sort;
+- rows that finished (EOS / <end_of_turn>) are dropped from the batch once they are half of it.
+
+``sample_sequential`` (one ``generate`` call per sample, as the original single-script experiment did) and
+``sample_hf_batched`` (plain HF ``generate`` on padded rows) are the reference paths benchmarks and tests compare to.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ao_resampling.hooks import injecting, left_pad, position_ids_from_mask
+from ao_resampling.models import adapter_disabled, model_device, stop_token_ids
+
+TOP_P_CANDIDATES = 256
+
+
+@dataclass(frozen=True)
+class DecodeParams:
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    seed: int = 0
+    min_new_tokens: int = 0  # benchmarks force full-length answers (worst case) with min_new_tokens=max_new_tokens
+
+
+@dataclass(frozen=True)
+class Query:
+    """One prompt to be answered n times. ``vectors_KD`` None = no injection (the target-model baseline)."""
+
+    key: str
+    input_ids: tuple[int, ...]
+    n: int
+    vectors_KD: torch.Tensor | None = None
+    positions_K: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Sample:
+    token_ids: list[int]
+    text: str
+    finish_reason: Literal["eos", "length"]
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pure pieces
+
+
+def plan_batches(queries: Sequence[Query], *, max_new_tokens: int, max_rows: int, max_tokens: int) -> list[list[int]]:
+    """Group query indices into batches: rows (sum of n) <= max_rows, rows x padded length <= max_tokens.
+
+    Queries are taken longest prompt first, so a batch's members have similar lengths and little padding.
+    A single query larger than the budget still gets a batch of its own.
+    """
+    order = sorted(range(len(queries)), key=lambda i: (-len(queries[i].input_ids), queries[i].key))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    rows = 0
+    longest = 0
+    for i in order:
+        q = queries[i]
+        new_rows, new_longest = rows + q.n, max(longest, len(q.input_ids))
+        if current and (new_rows > max_rows or new_rows * (new_longest + max_new_tokens) > max_tokens):
+            batches.append(current)
+            current, new_rows, new_longest = [], q.n, len(q.input_ids)
+        current.append(i)
+        rows, longest = new_rows, new_longest
+    if current:
+        batches.append(current)
+    return batches
+
+
+def top_p_keep_mask(sorted_probs_BK: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest prefix of descending probabilities whose mass reaches top_p (HF's TopPLogitsWarper rule:
+    a token is dropped iff the mass strictly above it already reaches top_p; the top token is always kept)."""
+    mass_above_BK = sorted_probs_BK.cumsum(-1) - sorted_probs_BK
+    keep_BK = mass_above_BK < top_p
+    keep_BK[:, 0] = True
+    return keep_BK
+
+
+def sample_next_tokens(logits_BV: torch.Tensor, *, temperature: float, top_p: float,
+                       generator: torch.Generator | None, candidates: int = TOP_P_CANDIDATES) -> torch.Tensor:
+    """One token per row: greedy at temperature 0, else temperature + exact top-p + multinomial."""
+    if temperature == 0:
+        return logits_BV.argmax(-1)
+    logits_BV = logits_BV.float() / temperature
+    k = min(candidates, logits_BV.shape[-1])
+    top_logits_BK, top_ids_BK = logits_BV.topk(k, dim=-1)  # sorted, descending
+    log_z_B1 = logits_BV.logsumexp(-1, keepdim=True)
+    top_probs_BK = (top_logits_BK - log_z_B1).exp()
+    # The nucleus lies inside the candidates iff their mass reaches top_p; other rows need the full sort.
+    short_B = top_probs_BK.sum(-1) < top_p
+    if short_B.any():
+        full_logits, full_ids = logits_BV[short_B].sort(dim=-1, descending=True)
+        full_probs = (full_logits - log_z_B1[short_B]).exp()
+        full_pick = _draw(full_probs * top_p_keep_mask(full_probs, top_p), generator)
+        fallback_B = full_ids.gather(-1, full_pick)
+    pick_B1 = _draw(top_probs_BK * top_p_keep_mask(top_probs_BK, top_p), generator)
+    tokens_B = top_ids_BK.gather(-1, pick_B1).squeeze(-1)
+    if short_B.any():
+        tokens_B[short_B] = fallback_B.squeeze(-1)
+    return tokens_B
+
+
+def _draw(weights_BK: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.multinomial(weights_BK, 1, generator=generator)
+
+
+def batch_seed(seed: int, keys: Sequence[str]) -> int:
+    """The same batch of queries draws the same samples on a re-run; any other batch draws independently."""
+    return zlib.crc32(f"{seed}|{'|'.join(keys)}".encode())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The fast path
+
+
+@dataclass
+class _Rows:
+    """Decode state of one batch: which query each row answers, its tokens so far, whether it is done."""
+
+    query_B: torch.Tensor
+    tokens: list[list[int]] = field(default_factory=list)
+    done: list[bool] = field(default_factory=list)
+
+
+class BatchedSampler:
+    def __init__(self, model: nn.Module, tokenizer, *, injection_layer: int, coefficient: float,
+                 params: DecodeParams, max_rows: int = 512, max_tokens: int = 131_072, use_adapter: bool = True,
+                 compact_finished: bool = True, static_cache: bool = True):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.injection_layer = injection_layer
+        self.coefficient = coefficient
+        self.params = params
+        self.max_rows = max_rows
+        self.max_tokens = max_tokens
+        self.use_adapter = use_adapter
+        self.compact_finished = compact_finished
+        self.static_cache = static_cache
+        self.stop_ids = stop_token_ids(tokenizer)
+        self.pad_id = tokenizer.pad_token_id
+
+    def run(self, queries: Sequence[Query], *, on_batch: Callable[[dict[str, list[Sample]]], None] | None = None,
+            progress: bool = True) -> dict[str, list[Sample]]:
+        """Sample every query; ``on_batch`` gets each finished batch (the caller journals it)."""
+        batches = plan_batches(queries, max_new_tokens=self.params.max_new_tokens, max_rows=self.max_rows,
+                               max_tokens=self.max_tokens)
+        out: dict[str, list[Sample]] = {}
+        bar = tqdm(total=sum(q.n for q in queries), desc="AO samples", unit="sample", disable=not progress)
+        for batch in batches:
+            done = self.generate([queries[i] for i in batch])
+            out.update(done)
+            if on_batch:
+                on_batch(done)
+            bar.update(sum(len(v) for v in done.values()))
+        bar.close()
+        return out
+
+    @torch.inference_mode()
+    def generate(self, queries: Sequence[Query]) -> dict[str, list[Sample]]:
+        p = self.params
+        device = model_device(self.model)
+        generator = torch.Generator(device=device).manual_seed(batch_seed(p.seed, [q.key for q in queries]))
+        ids_QL, mask_QL = left_pad([q.input_ids for q in queries], self.pad_id, device)
+        Q, L = ids_QL.shape
+        n_Q = torch.tensor([q.n for q in queries], device=device)
+
+        with self._adapter():
+            cache = self._prefill_cache(L + p.max_new_tokens)
+            with self._injection(queries, L, device):
+                out = self.model(input_ids=ids_QL, attention_mask=mask_QL,
+                                 position_ids=position_ids_from_mask(mask_QL), past_key_values=cache,
+                                 use_cache=True, logits_to_keep=1)
+            cache = self._expand(out.past_key_values, n_Q, L + p.max_new_tokens)
+
+            rows = _Rows(query_B=torch.arange(Q, device=device).repeat_interleave(n_Q))
+            B = rows.query_B.shape[0]
+            rows.tokens = [[] for _ in range(B)]
+            rows.done = [False] * B
+            alive_B = torch.arange(B, device=device)  # which original rows the current batch rows are
+            mask_BT = mask_QL.repeat_interleave(n_Q, dim=0)
+            next_pos_B = position_ids_from_mask(mask_BT)[:, -1] + 1
+            logits_BV = out.logits[:, -1].repeat_interleave(n_Q, dim=0)
+            for step in range(p.max_new_tokens):
+                tokens_B = sample_next_tokens(self._suppress_stop(logits_BV, step), temperature=p.temperature,
+                                              top_p=p.top_p, generator=generator)
+                finished = self._record(rows, alive_B, tokens_B.tolist())
+                if all(rows.done) or step == p.max_new_tokens - 1:
+                    break
+                if self.compact_finished and finished and len(finished) * 2 >= alive_B.shape[0]:
+                    keep = torch.tensor([i for i, r in enumerate(alive_B.tolist()) if not rows.done[r]],
+                                        device=device)
+                    cache = _select_rows(cache, keep)
+                    alive_B, tokens_B, mask_BT, next_pos_B = (t[keep] for t in (alive_B, tokens_B, mask_BT, next_pos_B))
+                mask_BT = torch.cat([mask_BT, mask_BT.new_ones(mask_BT.shape[0], 1)], dim=1)
+                out = self.model(input_ids=tokens_B[:, None], attention_mask=mask_BT,
+                                 position_ids=next_pos_B[:, None], past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                logits_BV = out.logits[:, -1]
+                next_pos_B = next_pos_B + 1
+        return self._collect(queries, rows)
+
+    # -- pieces of generate ------------------------------------------------------------------------------------------
+
+    def _adapter(self):
+        return _nullcontext() if self.use_adapter else adapter_disabled(self.model)
+
+    def _injection(self, queries: Sequence[Query], L: int, device: torch.device):
+        if all(q.vectors_KD is None for q in queries):
+            return _nullcontext()
+        if any(q.vectors_KD is None for q in queries):
+            raise ValueError("a batch mixes queries with and without injected vectors")
+        vectors_QKD = torch.stack([q.vectors_KD for q in queries]).to(device)
+        positions_QK = torch.tensor([[L - len(q.input_ids) + p for p in q.positions_K] for q in queries], device=device)
+        return injecting(self.model, self.injection_layer, vectors_QKD, positions_QK, self.coefficient)
+
+    def _prefill_cache(self, total_len: int):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self._text_config())
+
+    def _text_config(self):
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return base.config.get_text_config(decoder=True)
+
+    def _expand(self, prefill_cache, n_Q: torch.Tensor, total_len: int):
+        """Repeat each query's prompt KV for its n samples, into a static cache when every window holds it all."""
+        config = self._text_config()
+        window = getattr(config, "sliding_window", None) or total_len
+        if not self.static_cache or total_len > window:
+            prefill_cache.batch_select_indices(torch.arange(n_Q.shape[0], device=n_Q.device).repeat_interleave(n_Q))
+            return prefill_cache
+        from transformers import StaticCache
+
+        static = StaticCache(config=config, max_cache_len=total_len)
+        L = prefill_cache.get_seq_length()
+        for i, layer in enumerate(prefill_cache.layers):
+            static.update(layer.keys.repeat_interleave(n_Q, dim=0), layer.values.repeat_interleave(n_Q, dim=0), i,
+                          cache_kwargs={"cache_position": torch.arange(L, device=n_Q.device)})
+        return static
+
+    def _suppress_stop(self, logits_BV: torch.Tensor, step: int) -> torch.Tensor:
+        if step >= self.params.min_new_tokens:
+            return logits_BV
+        logits_BV = logits_BV.clone()
+        logits_BV[:, self.stop_ids] = float("-inf")
+        return logits_BV
+
+    def _record(self, rows: _Rows, alive_B: torch.Tensor, tokens: list[int]) -> list[int]:
+        finished = []
+        for r, tok in zip(alive_B.tolist(), tokens):
+            if rows.done[r]:
+                continue
+            rows.tokens[r].append(tok)
+            if tok in self.stop_ids:
+                rows.done[r] = True
+                finished.append(r)
+        return [r for r in alive_B.tolist() if rows.done[r]]
+
+    def _collect(self, queries: Sequence[Query], rows: _Rows) -> dict[str, list[Sample]]:
+        out: dict[str, list[Sample]] = {q.key: [] for q in queries}
+        for r, q_idx in enumerate(rows.query_B.tolist()):
+            out[queries[q_idx].key].append(self._sample(rows.tokens[r]))
+        return out
+
+    def _sample(self, token_ids: list[int]) -> Sample:
+        return make_sample(self.tokenizer, token_ids, self.stop_ids)
+
+
+def make_sample(tokenizer, token_ids: list[int], stop_ids: Sequence[int]) -> Sample:
+    ended = bool(token_ids) and token_ids[-1] in stop_ids
+    text = tokenizer.decode(token_ids, skip_special_tokens=True).strip()
+    return Sample(token_ids=list(token_ids), text=text, finish_reason="eos" if ended else "length")
+
+
+def _select_rows(cache, keep_B: torch.Tensor):
+    """Drop finished rows from a static or dynamic cache (in place); the next steps cost only the live rows."""
+    for layer in cache.layers:
+        layer.keys = layer.keys.index_select(0, keep_B)
+        layer.values = layer.values.index_select(0, keep_B)
+        if hasattr(layer, "batch_size"):
+            layer.batch_size = keep_B.shape[0]
+    return cache
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reference paths: plain HF generate
+
+
+@torch.inference_mode()
+def sample_hf_batched(model: nn.Module, tokenizer, queries: Sequence[Query], *, injection_layer: int,
+                      coefficient: float, params: DecodeParams, seed_offset: int = 0) -> dict[str, list[Sample]]:
+    """All rows of all queries through one ``generate`` call (each sample its own padded row)."""
+    device = model_device(model)
+    stop_ids = stop_token_ids(tokenizer)
+    rows = [(q, i) for q in queries for i in range(q.n)]
+    ids_BL, mask_BL = left_pad([q.input_ids for q, _ in rows], tokenizer.pad_token_id, device)
+    L = ids_BL.shape[1]
+    kwargs = _generate_kwargs(params, stop_ids, tokenizer.pad_token_id)
+    torch.manual_seed(batch_seed(params.seed + seed_offset, [q.key for q in queries]))
+    context = _nullcontext()
+    if rows and rows[0][0].vectors_KD is not None:
+        vectors_BKD = torch.stack([q.vectors_KD for q, _ in rows]).to(device)
+        positions_BK = torch.tensor([[L - len(q.input_ids) + p for p in q.positions_K] for q, _ in rows], device=device)
+        context = injecting(model, injection_layer, vectors_BKD, positions_BK, coefficient)
+    with context:
+        out_BT = model.generate(input_ids=ids_BL, attention_mask=mask_BL, **kwargs)
+    out: dict[str, list[Sample]] = {q.key: [] for q in queries}
+    for (q, _), generated in zip(rows, out_BT[:, L:].tolist()):
+        out[q.key].append(make_sample(tokenizer, _until_stop(generated, stop_ids, tokenizer.pad_token_id), stop_ids))
+    return out
+
+
+def sample_sequential(model: nn.Module, tokenizer, queries: Sequence[Query], *, injection_layer: int,
+                      coefficient: float, params: DecodeParams, progress: bool = False) -> dict[str, list[Sample]]:
+    """One ``generate`` call per sample, as the original experiment did: the slow baseline for benchmarks."""
+    out: dict[str, list[Sample]] = {}
+    bar = tqdm(total=sum(q.n for q in queries), desc="AO samples (sequential)", disable=not progress)
+    for q in queries:
+        out[q.key] = []
+        for i in range(q.n):
+            single = Query(key=f"{q.key}#{i}", input_ids=q.input_ids, n=1, vectors_KD=q.vectors_KD,
+                           positions_K=q.positions_K)
+            out[q.key] += sample_hf_batched(model, tokenizer, [single], injection_layer=injection_layer,
+                                            coefficient=coefficient, params=params)[single.key]
+            bar.update(1)
+    bar.close()
+    return out
+
+
+def _generate_kwargs(params: DecodeParams, stop_ids: list[int], pad_id: int) -> dict:
+    kwargs = dict(max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens or None,
+                  eos_token_id=stop_ids, pad_token_id=pad_id)
+    if params.temperature == 0:
+        return kwargs | dict(do_sample=False, top_p=None, top_k=None, temperature=None)
+    return kwargs | dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=None)
+
+
+def _until_stop(generated: list[int], stop_ids: Sequence[int], pad_id: int) -> list[int]:
+    tokens = []
+    for tok in generated:
+        tokens.append(tok)
+        if tok in stop_ids:
+            break
+    else:
+        while tokens and tokens[-1] == pad_id:  # a row that stopped early in a batch is padded afterwards
+            tokens.pop()
+    return tokens

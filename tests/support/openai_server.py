@@ -1,0 +1,291 @@
+"""A fake OpenAI server on 127.0.0.1 that the real ``openai`` client can talk to.
+
+It speaks ``POST /v1/responses`` and ``POST /v1/chat/completions`` closely enough for the SDK's response models, so
+tests exercise the real client (its retries, timeouts, error classes) with no network. By default it answers with a
+verdict computed from the answers it was shown (10 when all are identical, one point less per extra distinct
+answer), so end-to-end scores mean something; a test can script the next replies (``script``) or swap the
+``behaviour`` for anything else. It records every request (secrets removed) and the most requests in flight at once.
+
+Use the ``openai_server`` fixture (register with ``pytest_plugins = ["tests.support.openai_server"]``), or
+``with FakeOpenAIServer() as server:``; point a client at ``server.base_url``.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from ao_resampling.judge import answers_in_prompt
+
+SECRET_HEADERS = {"authorization", "api-key", "x-api-key", "openai-api-key"}
+ENDPOINTS = {"/v1/responses": "responses", "/v1/chat/completions": "chat"}
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What the server sends for one request. ``text=None`` means the model produced no message at all."""
+
+    text: str | None = None
+    status: int = 200
+    error: str = "error"  # message of a non-200 reply
+    refusal: str | None = None
+    incomplete: bool = False  # Responses status "incomplete" / chat finish_reason "length"
+    delay_s: float = 0.0
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def verdict(cls, score: Any, rationale: str = "scripted verdict", **extra: Any) -> "Reply":
+        return cls(text=json.dumps({"similarity_1_to_10": score, "rationale": rationale, **extra}))
+
+    @classmethod
+    def http_error(cls, status: int, message: str = "scripted error", *, retry_after_ms: int | None = 10) -> "Reply":
+        # A short retry-after-ms keeps the SDK's retries (0.5-8 s backoff otherwise) fast in tests.
+        headers = {"retry-after-ms": str(retry_after_ms)} if retry_after_ms is not None else {}
+        return cls(status=status, error=message, headers=headers)
+
+    @classmethod
+    def refused(cls, message: str = "I'm sorry, but I can't help with that.") -> "Reply":
+        return cls(refusal=message)
+
+    @classmethod
+    def cut_short(cls, text: str | None = '{"similarity_1_to_10": 7, "ration') -> "Reply":
+        return cls(text=text, incomplete=True)
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    path: str
+    api: str  # "responses" | "chat"
+    body: dict[str, Any]
+    headers: dict[str, str]  # lower-case names; secret ones replaced by "<redacted>"
+    arrived_at: float  # time.monotonic()
+
+    @property
+    def prompt(self) -> str:
+        """The user text sent, whichever API and input shape was used."""
+        if self.api == "chat":
+            return _text_of(self.body["messages"][-1]["content"])
+        value = self.body.get("input", "")
+        return value if isinstance(value, str) else _text_of(value[-1].get("content", ""))
+
+    @property
+    def answers(self) -> list[str]:
+        return answers_in_prompt(self.prompt)
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+
+
+def expected_score(answers: list[str]) -> int:
+    """The default behaviour's score: 10 when all answers are identical, one less per extra distinct answer."""
+    return max(1, 10 - (len(set(answers)) - 1))
+
+
+def deterministic_verdict(request: RecordedRequest) -> Reply:
+    answers = request.answers
+    return Reply.verdict(expected_score(answers), f"{len(set(answers))} distinct answer(s) out of {len(answers)}")
+
+
+Behaviour = Callable[[RecordedRequest], Reply]
+
+
+class FakeOpenAIServer:
+    def __init__(self, behaviour: Behaviour = deterministic_verdict, *, delay_s: float = 0.0):
+        self.behaviour = behaviour
+        self.delay_s = delay_s  # added to every reply (e.g. to make concurrent calls overlap)
+        self.errors: list[str] = []  # exceptions raised by a behaviour (answered as HTTP 500)
+        self._requests: list[RecordedRequest] = []
+        self._queue: collections.deque[Reply] = collections.deque()
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._max_in_flight = 0
+        self._ids = itertools.count(1)
+        self._closing = threading.Event()
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------------
+    def start(self) -> "FakeOpenAIServer":
+        handler = type("Handler", (_Handler,), {"fake": self})
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        # Idle keep-alive connections must not hold up close(); handler threads are daemons.
+        self._httpd.block_on_close = False
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._closing.set()  # wakes handlers sleeping in a scripted delay
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._thread.join(timeout=5)
+            self._httpd = None
+
+    def __enter__(self) -> "FakeOpenAIServer":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @property
+    def base_url(self) -> str:
+        assert self._httpd is not None, "server not started"
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
+
+    # -- scripting and inspection ------------------------------------------------------------------------------------
+    def script(self, *replies: Reply) -> None:
+        """Queue replies for the next requests, in arrival order; after them the ``behaviour`` answers again."""
+        with self._lock:
+            self._queue.extend(replies)
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        with self._lock:
+            return list(self._requests)
+
+    @property
+    def max_in_flight(self) -> int:
+        return self._max_in_flight
+
+    def reset(self) -> None:
+        with self._lock:
+            self._requests.clear()
+            self._queue.clear()
+            self._max_in_flight = 0
+            self.errors.clear()
+
+    # -- serving -----------------------------------------------------------------------------------------------------
+    def _serve(self, handler: "_Handler") -> None:
+        path = handler.path.split("?", 1)[0]
+        length = int(handler.headers.get("content-length", 0))
+        raw = handler.rfile.read(length) if length else b""
+        api = ENDPOINTS.get(path)
+        if api is None:
+            handler.send_json(404, _error_body(f"unknown path {path}", "invalid_request_error"))
+            return
+        try:
+            body = json.loads(raw or b"{}")
+        except json.JSONDecodeError:
+            handler.send_json(400, _error_body("request body is not JSON", "invalid_request_error"))
+            return
+        headers = {k.lower(): ("<redacted>" if k.lower() in SECRET_HEADERS else v) for k, v in handler.headers.items()}
+        request = RecordedRequest(path=path, api=api, body=body, headers=headers, arrived_at=time.monotonic())
+        with self._lock:
+            self._requests.append(request)
+            self._in_flight += 1
+            self._max_in_flight = max(self._max_in_flight, self._in_flight)
+            reply = self._queue.popleft() if self._queue else None
+        try:
+            if reply is None:
+                try:
+                    reply = self.behaviour(request)
+                except Exception as e:  # a broken behaviour is the test's bug: answer 500 and keep it for the test
+                    self.errors.append(f"{type(e).__name__}: {e}")
+                    reply = Reply.http_error(500, f"fake server behaviour raised {type(e).__name__}: {e}")
+            if self._closing.wait(reply.delay_s + self.delay_s):
+                return
+            if reply.status != 200:
+                handler.send_json(reply.status, _error_body(reply.error, "server_error"), reply.headers)
+            else:
+                make = _responses_body if api == "responses" else _chat_body
+                handler.send_json(200, make(reply, body.get("model", "unknown"), next(self._ids)), reply.headers)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    timeout = 10  # an idle keep-alive connection ends its thread after this
+    fake: FakeOpenAIServer
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        try:
+            self.fake._serve(self)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (its timeout) before we answered: that is the case under test
+
+    def send_json(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+        self.wfile.flush()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # keep test output clean
+
+
+def _error_body(message: str, kind: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+
+
+def _usage_tokens(reply: Reply) -> int:
+    return len((reply.text or reply.refusal or "").split())
+
+
+def _responses_body(reply: Reply, model: str, n: int) -> dict[str, Any]:
+    # gpt-5 models put a reasoning item before the message; the judge must skip it.
+    output: list[dict[str, Any]] = [{"type": "reasoning", "id": f"rs_{n:06d}", "summary": []}]
+    if reply.refusal is not None:
+        content = [{"type": "refusal", "refusal": reply.refusal}]
+    elif reply.text is not None:
+        content = [{"type": "output_text", "text": reply.text, "annotations": [], "logprobs": []}]
+    else:
+        content = None
+    if content is not None:
+        status = "incomplete" if reply.incomplete else "completed"
+        output.append({"type": "message", "id": f"msg_{n:06d}", "role": "assistant", "status": status,
+                       "content": content})
+    out_tokens = _usage_tokens(reply)
+    return {
+        "id": f"resp_{n:06d}", "object": "response", "created_at": time.time(), "model": model,
+        "status": "incomplete" if reply.incomplete else "completed", "error": None,
+        "incomplete_details": {"reason": "max_output_tokens"} if reply.incomplete else None,
+        "instructions": None, "metadata": {}, "output": output, "parallel_tool_calls": True,
+        "temperature": None, "tool_choice": "auto", "tools": [], "top_p": None,
+        "usage": {"input_tokens": 100, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": out_tokens,
+                  "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 100 + out_tokens},
+    }
+
+
+def _chat_body(reply: Reply, model: str, n: int) -> dict[str, Any]:
+    finish = "length" if reply.incomplete else "stop"
+    message = {"role": "assistant", "content": None if reply.refusal is not None else reply.text,
+               "refusal": reply.refusal, "annotations": []}
+    out_tokens = _usage_tokens(reply)
+    return {
+        "id": f"chatcmpl-{n:06d}", "object": "chat.completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
+        "usage": {"prompt_tokens": 100, "completion_tokens": out_tokens, "total_tokens": 100 + out_tokens},
+    }
+
+
+@pytest.fixture
+def openai_server() -> Iterator[FakeOpenAIServer]:
+    """A started FakeOpenAIServer, closed after the test."""
+    server = FakeOpenAIServer().start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+__all__ = ["FakeOpenAIServer", "RecordedRequest", "Reply", "deterministic_verdict", "expected_score", "openai_server"]
