@@ -32,7 +32,8 @@ def inject(resid_BLD: torch.Tensor, vectors_BKD: torch.Tensor, positions_BK: tor
     model adds the same vector a float32 one would (up to the final rounding).
     """
     B, K = positions_BK.shape
-    if vectors_BKD.shape[:2] != (B, K) or resid_BLD.shape[0] != B:
+    if (vectors_BKD.ndim != 3 or vectors_BKD.shape[:2] != (B, K) or resid_BLD.shape[0] != B
+            or vectors_BKD.shape[2] != resid_BLD.shape[2]):
         raise ValueError(
             f"inject: residual batch {tuple(resid_BLD.shape)}, vectors {tuple(vectors_BKD.shape)} and positions "
             f"{tuple(positions_BK.shape)} disagree"

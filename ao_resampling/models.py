@@ -258,3 +258,49 @@ def load_oracle(*, model: str, tokenizer: str | None, oracle_lora: str, dtype: s
         raise ModelLoadError(f"injection_layer {injection_layer} is outside the model's {n} layers")
     oracle = attach_oracle(base, oracle_lora)
     return LoadedOracle(oracle, tok, n, layer_at_percent(n, layer_percent), injection_layer)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Cheap checks, before any weights are read
+
+
+def model_num_layers(spec: str) -> int:
+    """Decoder depth from the config alone (the oracle prompt names the read layer before the model is loaded)."""
+    if spec.startswith(SYNTHETIC_PREFIX):
+        return synthetic_config(spec.removeprefix(SYNTHETIC_PREFIX)).num_hidden_layers
+    from transformers import AutoConfig
+
+    path = _converted_gemma3_270m() / "model" if spec == GGUF_SPEC else spec
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read the config of model {spec!r}: {e}") from e
+    return config.get_text_config(decoder=True).num_hidden_layers
+
+
+def check_resolvable(spec: str) -> None:
+    """A model/tokenizer spec names something loadable: a known special spec, a local folder, or a hub repo."""
+    if spec == GGUF_SPEC or spec.startswith(SYNTHETIC_PREFIX):
+        if spec.startswith(SYNTHETIC_PREFIX):
+            synthetic_config(spec.removeprefix(SYNTHETIC_PREFIX))
+        return
+    if Path(spec).exists():
+        if not (Path(spec) / "config.json").exists() and not (Path(spec) / "tokenizer_config.json").exists():
+            raise ModelLoadError(f"{spec} is a folder without config.json or tokenizer_config.json")
+        return
+    model_num_layers(spec)  # fetches (or finds in the HF cache) only config.json
+
+
+def check_lora_resolvable(spec: str) -> None:
+    if spec == "random":
+        return
+    if Path(spec).exists():
+        if not (Path(spec) / "adapter_config.json").exists():
+            raise ModelLoadError(f"{spec} is a folder without adapter_config.json (not a PEFT adapter)")
+        return
+    from peft import PeftConfig
+
+    try:
+        PeftConfig.from_pretrained(spec)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot resolve oracle LoRA {spec!r} (hub id or local directory): {e}") from e

@@ -15,9 +15,11 @@ import textwrap
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from ao_resampling.metrics import (
     SCORES,
@@ -45,10 +47,10 @@ def new_figure(width: float, height: float) -> Figure:
 
 def question_label(text: str, *, width: int = 42, max_lines: int = 2) -> str:
     """Question text wrapped to ``max_lines`` lines of ``width``, shortened with an ellipsis when longer."""
-    lines = textwrap.wrap(" ".join(text.split()), width=width) or [""]
+    lines = textwrap.wrap(" ".join(text.split()), width=width, break_on_hyphens=False) or [""]
     if len(lines) > max_lines:
         lines = lines[:max_lines]
-        lines[-1] = textwrap.shorten(lines[-1] + " …", width=width - 1, placeholder="") + "…"
+        lines[-1] = lines[-1][: width - 1].rstrip(" ,;:") + "…"
     return "\n".join(lines)
 
 
@@ -93,6 +95,7 @@ def judge_score_histogram(results: Results) -> Figure:
     ax.set_xlim(0.4, 10.6)
     ax.set_xlabel(JUDGE_AXIS)
     ax.set_ylabel("runs")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(f"Judge scores of all runs\n{judge_counts(results.runs).note()}")
     return fig
 
@@ -108,12 +111,14 @@ def target_mean_histogram(results: Results) -> Figure:
     ax.set_xlim(0.8, 10.2)
     ax.set_xlabel("mean judge score of the target (over its questions)")
     ax.set_ylabel("targets")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(f"Per-target mean judge score ({len(means)} targets)\n{judge_counts(results.runs).note()}")
     return fig
 
 
 def _per_question_boxes(
-    results: Results, values: Mapping[str, float], *, xlim: tuple[float, float], xlabel: str, title: str, color: str
+    results: Results, values: Mapping[str, float], *, xlim: tuple[float, float], xlabel: str, title: str, color: str,
+    xticks: Sequence[float] | None = None,
 ) -> Figure:
     groups = {k: v for k, v in group_values(results, values, "question").items() if v}
     order = sorted(groups, key=lambda k: np.mean(groups[k]))  # lowest first: matplotlib draws it at the bottom
@@ -138,6 +143,8 @@ def _per_question_boxes(
             fontsize=7.5,
         )
     ax.set_xlim(*xlim)
+    if xticks is not None:
+        ax.set_xticks(list(xticks))
     ax.set_xlabel(xlabel)
     ax.grid(axis="x", alpha=0.3)
     ax.set_title(title)
@@ -147,7 +154,7 @@ def _per_question_boxes(
 def per_question_distribution(results: Results) -> Figure:
     """C: each question's scores across targets (box, mean diamond, points), sorted by mean, highest at the top."""
     return _per_question_boxes(
-        results, judge_scores(results.runs), xlim=(0.5, 10.5), xlabel=JUDGE_AXIS, color=BAR_COLOR,
+        results, judge_scores(results.runs), xlim=(0.5, 10.5), xticks=SCORES, xlabel=JUDGE_AXIS, color=BAR_COLOR,
         title=f"Judge score per question, across targets\n{judge_counts(results.runs).note()}",
     )
 
@@ -166,20 +173,19 @@ def score_heatmap(results: Results) -> Figure:
             grid_TQ[t_index[run.target_id], q_index[run.ao_question_id]] = scores[run.run_id]
     texts = {q.id: q.text for q in results.ao_questions}
 
-    fig = new_figure(max(6.0, 0.75 * len(q_order) + 3.5), min(40.0, max(4.0, 0.14 * len(t_order) + 3.0)))
+    fig = new_figure(max(7.5, 0.75 * len(q_order) + 3.5), min(40.0, max(5.0, 0.14 * len(t_order) + 3.0)))
     ax = fig.add_subplot()
-    image = ax.imshow(np.ma.masked_invalid(grid_TQ), aspect="auto", cmap="viridis", vmin=1, vmax=10,
-                      interpolation="nearest")
-    image.cmap.set_bad("lightgrey")
+    cmap = colormaps["viridis"].with_extremes(bad="lightgrey")
+    image = ax.imshow(np.ma.masked_invalid(grid_TQ), aspect="auto", cmap=cmap, vmin=1, vmax=10, interpolation="nearest")
     fig.colorbar(image, ax=ax, label="judge score", ticks=list(SCORES), shrink=1.0 if len(t_order) <= 30 else 0.4)
     ax.set_xticks(range(len(q_order)))
     ax.set_xticklabels([f"{k}: {question_label(texts[k], width=28)}" for k in q_order], rotation=40, ha="right",
                        fontsize=7)
     ax.set_yticks(range(len(t_order)))
     ax.set_yticklabels(t_order, fontsize=max(4.0, min(8.0, 500 / max(len(t_order), 1))))
-    ax.set_xlabel("question (sorted by mean score)")
+    ax.set_xlabel("question (sorted by mean score)\ngrey cells: no score (judge call failed or not judged yet)")
     ax.set_ylabel("target (sorted by mean score)")
-    ax.set_title(f"Judge score per target and question\n{judge_counts(results.runs).note()}; grey = no score")
+    ax.set_title(f"Judge score per target and question\n{judge_counts(results.runs).note()}")
     return fig
 
 
@@ -197,6 +203,7 @@ def embedding_histogram(results: Results) -> Figure:
     _mean_line(ax, values, ".3f")
     ax.set_xlabel(EMBEDDING_AXIS)
     ax.set_ylabel("runs")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(f"Embedding similarity of all runs ({_embedding_model(results)})\n{_embedding_note(results, sims)}")
     return fig
 
@@ -211,6 +218,7 @@ def embedding_target_mean_histogram(results: Results) -> Figure:
     _mean_line(ax, means, ".3f")
     ax.set_xlabel("mean embedding similarity of the target (over its questions)")
     ax.set_ylabel("targets")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(f"Per-target mean embedding similarity ({len(means)} targets)\n{_embedding_note(results, sims)}")
     return fig
 
@@ -246,9 +254,12 @@ def judge_vs_embedding(results: Results) -> Figure:
     ax.set_ylabel(EMBEDDING_AXIS)
     corr = "Spearman ρ = n/a" if rho is None else f"Spearman ρ = {rho:.3f} (p = {p:.2g})"
     counts = judge_counts(results.runs)
-    excluded = counts.n_runs - len(scores)
-    ax.set_title(
-        f"Judge score vs embedding similarity: {corr}\n"
-        f"n={len(scores)} runs with both" + (f"; {excluded} excluded ({counts.note()})" if excluded else "")
-    )
+    excluded = {
+        "judge failures": counts.n_failed,
+        "unjudged": counts.n_unjudged,
+        "judged, no embedding": counts.n_judged - len(scores),
+    }
+    why = ", ".join(f"{n} {what}" for what, n in excluded.items() if n)
+    ax.set_title(f"Judge score vs embedding similarity: {corr}\nn={len(scores)} runs with both"
+                 + (f" (excluded: {why})" if why else ""))
     return fig

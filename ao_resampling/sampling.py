@@ -17,6 +17,7 @@ its own decode loop over the model's forward:
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -149,7 +150,7 @@ class _Rows:
 class BatchedSampler:
     def __init__(self, model: nn.Module, tokenizer, *, injection_layer: int, coefficient: float,
                  params: DecodeParams, max_rows: int = 512, max_tokens: int = 131_072, use_adapter: bool = True,
-                 compact_finished: bool = True, static_cache: bool = True):
+                 compact_finished: bool = True, static_cache: bool = True, merge_lora: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.injection_layer = injection_layer
@@ -160,6 +161,7 @@ class BatchedSampler:
         self.use_adapter = use_adapter
         self.compact_finished = compact_finished
         self.static_cache = static_cache
+        self.merge_lora = merge_lora
         self.stop_ids = stop_token_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id
 
@@ -170,14 +172,27 @@ class BatchedSampler:
                                max_tokens=self.max_tokens)
         out: dict[str, list[Sample]] = {}
         bar = tqdm(total=sum(q.n for q in queries), desc="AO samples", unit="sample", disable=not progress)
-        for batch in batches:
-            done = self.generate([queries[i] for i in batch])
-            out.update(done)
-            if on_batch:
-                on_batch(done)
-            bar.update(sum(len(v) for v in done.values()))
+        with self._merged():
+            for batch in batches:
+                done = self.generate([queries[i] for i in batch])
+                out.update(done)
+                if on_batch:
+                    on_batch(done)
+                bar.update(sum(len(v) for v in done.values()))
         bar.close()
         return out
+
+    @contextlib.contextmanager
+    def _merged(self):
+        """Fold the LoRA into the weights while decoding: no extra adapter kernels per layer per step."""
+        if not (self.merge_lora and self.use_adapter and hasattr(self.model, "merge_adapter")):
+            yield
+            return
+        self.model.merge_adapter()
+        try:
+            yield
+        finally:
+            self.model.unmerge_adapter()
 
     @torch.inference_mode()
     def generate(self, queries: Sequence[Query]) -> dict[str, list[Sample]]:
@@ -189,7 +204,7 @@ class BatchedSampler:
         n_Q = torch.tensor([q.n for q in queries], device=device)
 
         with self._adapter():
-            cache = self._prefill_cache(L + p.max_new_tokens)
+            cache = self._prefill_cache()
             with self._injection(queries, L, device):
                 out = self.model(input_ids=ids_QL, attention_mask=mask_QL,
                                  position_ids=position_ids_from_mask(mask_QL), past_key_values=cache,
@@ -226,18 +241,18 @@ class BatchedSampler:
     # -- pieces of generate ------------------------------------------------------------------------------------------
 
     def _adapter(self):
-        return _nullcontext() if self.use_adapter else adapter_disabled(self.model)
+        return contextlib.nullcontext() if self.use_adapter else adapter_disabled(self.model)
 
     def _injection(self, queries: Sequence[Query], L: int, device: torch.device):
         if all(q.vectors_KD is None for q in queries):
-            return _nullcontext()
+            return contextlib.nullcontext()
         if any(q.vectors_KD is None for q in queries):
             raise ValueError("a batch mixes queries with and without injected vectors")
         vectors_QKD = torch.stack([q.vectors_KD for q in queries]).to(device)
         positions_QK = torch.tensor([[L - len(q.input_ids) + p for p in q.positions_K] for q in queries], device=device)
         return injecting(self.model, self.injection_layer, vectors_QKD, positions_QK, self.coefficient)
 
-    def _prefill_cache(self, total_len: int):
+    def _prefill_cache(self):
         from transformers import DynamicCache
 
         return DynamicCache(config=self._text_config())
@@ -306,14 +321,6 @@ def _select_rows(cache, keep_B: torch.Tensor):
     return cache
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Reference paths: plain HF generate
 
@@ -329,7 +336,7 @@ def sample_hf_batched(model: nn.Module, tokenizer, queries: Sequence[Query], *, 
     L = ids_BL.shape[1]
     kwargs = _generate_kwargs(params, stop_ids, tokenizer.pad_token_id)
     torch.manual_seed(batch_seed(params.seed + seed_offset, [q.key for q in queries]))
-    context = _nullcontext()
+    context = contextlib.nullcontext()
     if rows and rows[0][0].vectors_KD is not None:
         vectors_BKD = torch.stack([q.vectors_KD for q, _ in rows]).to(device)
         positions_BK = torch.tensor([[L - len(q.input_ids) + p for p in q.positions_K] for q, _ in rows], device=device)

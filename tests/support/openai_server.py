@@ -41,6 +41,7 @@ class Reply:
     incomplete: bool = False  # Responses status "incomplete" / chat finish_reason "length"
     delay_s: float = 0.0
     headers: dict[str, str] = field(default_factory=dict)
+    body: Any = None  # sent as-is instead of a well-formed object (a str verbatim, anything else as JSON)
 
     @classmethod
     def verdict(cls, score: Any, rationale: str = "scripted verdict", **extra: Any) -> "Reply":
@@ -197,7 +198,9 @@ class FakeOpenAIServer:
                     reply = Reply.http_error(500, f"fake server behaviour raised {type(e).__name__}: {e}")
             if self._closing.wait(reply.delay_s + self.delay_s):
                 return
-            if reply.status != 200:
+            if reply.body is not None:
+                handler.send_raw(reply.status, reply.body, reply.headers)
+            elif reply.status != 200:
                 handler.send_json(reply.status, _error_body(reply.error, "server_error"), reply.headers)
             else:
                 make = _responses_body if api == "responses" else _chat_body
@@ -219,7 +222,10 @@ class _Handler(BaseHTTPRequestHandler):
             pass  # the client gave up (its timeout) before we answered: that is the case under test
 
     def send_json(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(payload).encode()
+        self.send_raw(status, payload, headers)
+
+    def send_raw(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+        data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(data)))

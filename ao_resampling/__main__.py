@@ -1,0 +1,3 @@
+from ao_resampling.cli import main
+
+main()

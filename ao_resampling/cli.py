@@ -1,0 +1,232 @@
+"""``ao-resampling``: typer commands over pipeline.py.
+
+``ao-resampling run`` with no arguments runs the built-in demo on CPU (real Gemma 3 270M, a random LoRA standing in
+for an oracle); ``--preset experiment`` is the real thing (Gemma 3 27B-it + the AO LoRA + gpt-5-mini).
+Settings come from the preset, then ``--config FILE.toml``, then flags (and ``--set key=value`` for any other field).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from ao_resampling.config import ConfigError, ExperimentConfig, build_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
+                  help="How much does an Activation Oracle's answer change when you just sample it again?")
+
+Preset = Annotated[str, typer.Option(help="'demo' (CPU, Gemma 3 270M, random LoRA) or 'experiment' (the real run)")]
+ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="TOML file of ExperimentConfig fields")]
+Out = Annotated[Optional[Path], typer.Option(help="run folder (default: artifacts/<name>; re-use it to resume)")]
+Model = Annotated[Optional[str], typer.Option(help="HF id, local dir, gemma3-270m-gguf, synthetic:tiny|gemma-3-27b")]
+Tokenizer = Annotated[Optional[str], typer.Option(help="defaults to the model's")]
+Lora = Annotated[Optional[str], typer.Option("--oracle-lora", help="PEFT LoRA id/dir, or 'random'")]
+Targets = Annotated[Optional[Path], typer.Option(help="targets JSON (default: built-in examples)")]
+Questions = Annotated[Optional[Path], typer.Option(help="question pool: .json list, .txt lines, or .py list")]
+QuestionsVar = Annotated[Optional[str], typer.Option(help="list name inside a .py pool")]
+NumTargets = Annotated[Optional[int], typer.Option(help="take the first N targets")]
+NumQuestions = Annotated[Optional[int], typer.Option(help="questions sampled from the pool")]
+Samples = Annotated[Optional[int], typer.Option("--samples", help="AO answers per (target, question)")]
+Device = Annotated[Optional[str], typer.Option(help="cuda, cuda:1, cpu")]
+DeviceMap = Annotated[Optional[str], typer.Option(help="'auto' spreads one model over visible GPUs")]
+Dtype = Annotated[Optional[str], typer.Option(help="bfloat16, float16, float32")]
+MaxNew = Annotated[Optional[int], typer.Option(help="max new tokens per AO answer")]
+Temperature = Annotated[Optional[float], typer.Option()]
+TopP = Annotated[Optional[float], typer.Option()]
+BatchRows = Annotated[Optional[int], typer.Option(help="most rows decoded at once")]
+JudgeModel = Annotated[Optional[str], typer.Option(help="judge model (default gpt-5-mini)")]
+JudgeApi = Annotated[Optional[str], typer.Option(help="'responses' (OpenAI) or 'chat' (local servers)")]
+JudgeBaseUrl = Annotated[Optional[str], typer.Option(help="OpenAI-compatible base URL (else OPENAI_BASE_URL)")]
+JudgeConcurrency = Annotated[Optional[int], typer.Option(help="judge calls in flight")]
+JudgeRepeats = Annotated[Optional[int], typer.Option(help="extra judge calls per run, answers shuffled")]
+RepeatFraction = Annotated[Optional[float], typer.Option(help="fraction of runs that get repeats")]
+Baseline = Annotated[Optional[bool], typer.Option("--baseline/--no-baseline", help="also sample the target model")]
+NoJudge = Annotated[bool, typer.Option("--no-judge", help="generation + judge-free analysis only")]
+Set = Annotated[Optional[list[str]], typer.Option("--set", help="any config field: --set decode_seed=3")]
+Quiet = Annotated[bool, typer.Option("--quiet", help="no progress bars")]
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg="red", err=True)
+    raise typer.Exit(2)
+
+
+def _parse_sets(items: list[str] | None) -> dict[str, Any]:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            _fail(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _config(preset: str, config_file: Path | None, sets: list[str] | None, **flags: Any) -> ExperimentConfig:
+    try:
+        return build_config(preset=preset, config_file=config_file, overrides={**_parse_sets(sets), **flags})
+    except ConfigError as e:
+        _fail(str(e))
+        raise  # unreachable
+
+
+@app.command()
+def run(
+    preset: Preset = "demo", config_file: ConfigFile = None, out: Out = None, model: Model = None,
+    tokenizer: Tokenizer = None, oracle_lora: Lora = None, targets: Targets = None, questions: Questions = None,
+    questions_variable: QuestionsVar = None, num_targets: NumTargets = None, num_questions: NumQuestions = None,
+    samples: Samples = None, device: Device = None, device_map: DeviceMap = None, dtype: Dtype = None,
+    max_new_tokens: MaxNew = None, temperature: Temperature = None, top_p: TopP = None,
+    batch_rows: BatchRows = None, judge_model: JudgeModel = None, judge_api: JudgeApi = None,
+    judge_base_url: JudgeBaseUrl = None, judge_concurrency: JudgeConcurrency = None,
+    judge_repeats: JudgeRepeats = None, repeat_fraction: RepeatFraction = None, baseline: Baseline = None,
+    no_judge: NoJudge = False, set_: Set = None, quiet: Quiet = False,
+) -> None:
+    """The whole experiment: prepare -> generate -> judge -> analyse (resumable: re-run on the same --out)."""
+    from ao_resampling import pipeline
+    from ao_resampling.judge import check_judge_access, JudgeConfigError
+
+    config = _config(
+        preset, config_file, set_, model=model, tokenizer=tokenizer, oracle_lora=oracle_lora, targets=targets,
+        questions=questions, questions_variable=questions_variable, num_targets=num_targets,
+        num_questions=num_questions, samples_per_query=samples, device=device, device_map=device_map, dtype=dtype,
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_rows=batch_rows,
+        judge_model=judge_model, judge_api=judge_api, judge_base_url=judge_base_url,
+        judge_concurrency=judge_concurrency, judge_repeats=judge_repeats, judge_repeat_fraction=repeat_fraction,
+        baseline=baseline,
+    )
+    judge = not no_judge
+    if judge and preset == "demo":
+        try:  # the demo judges only when the user has given it a way to
+            check_judge_access(config)
+        except JudgeConfigError:
+            judge = False
+            typer.echo("demo: no OPENAI_API_KEY or judge base URL set, so the LLM judge is skipped "
+                       "(judge-free metrics only).")
+    out_dir = out or pipeline.default_out_dir(config, preset)
+    try:
+        report = pipeline.run_experiment(config, out_dir, judge=judge, progress=not quiet, log=typer.echo)
+    except (pipeline.PipelineError, ConfigError) as e:
+        _fail(str(e))
+        return
+    timings = ", ".join(f"{k} {v:.1f}s" for k, v in report.stage_seconds.items())
+    typer.echo(f"\n{report.n_runs} runs, {report.n_samples} AO answers ({timings})")
+    typer.echo(f"results: {out_dir / 'results.json'}")
+    typer.echo(f"report:  {report.report_dir / 'report.md'}  (plots and summary.json beside it)")
+    for note in report.notes:
+        typer.secho(note, fg="yellow")
+
+
+@app.command()
+def prepare(
+    preset: Preset = "demo", config_file: ConfigFile = None, out: Out = None, model: Model = None,
+    tokenizer: Tokenizer = None, oracle_lora: Lora = None, targets: Targets = None, questions: Questions = None,
+    questions_variable: QuestionsVar = None, num_targets: NumTargets = None, num_questions: NumQuestions = None,
+    set_: Set = None,
+) -> None:
+    """Encode every target and write the plan; prints which token each activation is read from. No model weights."""
+    from ao_resampling import pipeline
+    from ao_resampling.data import DataError
+    from ao_resampling.encoding import EncodingError
+    from ao_resampling.models import ModelLoadError
+
+    config = _config(preset, config_file, set_, model=model, tokenizer=tokenizer, oracle_lora=oracle_lora, targets=targets,
+                     questions=questions, questions_variable=questions_variable, num_targets=num_targets,
+                     num_questions=num_questions)
+    out_dir = out or pipeline.default_out_dir(config, preset)
+    try:
+        store, table = pipeline.prepare(config, out_dir)
+    except (pipeline.PipelineError, DataError, EncodingError, ModelLoadError) as e:
+        _fail(str(e))
+        return
+    results = store.load()
+    typer.echo(f"{'target':<12} {'#tokens':>7} {'assistant_start_idx':>19}  token at index")
+    for row in table:
+        typer.echo(f"{row.target_id:<12} {row.n_tokens:>7} {row.assistant_start_idx:>19}  {row.token_at_idx!r}")
+    typer.echo(f"\nlayer {results.meta.layer} of {results.meta.num_layers}; questions: "
+               + ", ".join(q.id for q in results.ao_questions))
+    typer.echo(f"{len(results.runs)} runs planned in {store.results_path}")
+
+
+@app.command()
+def judge(
+    results: Annotated[Path, typer.Argument(help="run folder or its results.json")],
+    judge_model: JudgeModel = None, judge_api: JudgeApi = None, judge_base_url: JudgeBaseUrl = None,
+    judge_concurrency: JudgeConcurrency = None, judge_repeats: JudgeRepeats = None,
+    repeat_fraction: RepeatFraction = None, quiet: Quiet = False,
+) -> None:
+    """Judge every run that has answers and no verdict; re-try recorded failures. Journaled, resumable."""
+    from ao_resampling.judge import JudgeConfigError, check_judge_access, judge_stage
+
+    store, config = _open(results, judge_model=judge_model, judge_api=judge_api, judge_base_url=judge_base_url,
+                          judge_concurrency=judge_concurrency, judge_repeats=judge_repeats,
+                          judge_repeat_fraction=repeat_fraction)
+    try:
+        check_judge_access(config)
+    except JudgeConfigError as e:
+        _fail(str(e))
+    outcome = judge_stage(store, config, progress=not quiet)
+    typer.echo(str(outcome))
+
+
+@app.command()
+def report(
+    results: Annotated[Path, typer.Argument(help="run folder or its results.json (older format accepted)")],
+    out: Annotated[Optional[Path], typer.Option(help="where plots, summary.json and report.md go")] = None,
+    embedding_model: Annotated[Optional[str], typer.Option(help="sentence-transformers id or dir")] = None,
+    baseline_file: Annotated[Optional[Path], typer.Option("--baseline", help="a separately saved baseline file")] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Plots A/B/C + heatmap, summary.json and report.md; works on partly judged files."""
+    from ao_resampling.metrics import spread_stage
+    from ao_resampling.report import write_report
+    from ao_resampling.results import ResultsError
+
+    store, config = _open(results, embedding_model=embedding_model)
+    try:
+        spread_stage(store, embedding_model=config.embedding_model, progress=not quiet)
+        loaded = store.load()
+        extra = {}
+        if baseline_file is not None:
+            from ao_resampling.baseline import load_baseline_file
+
+            extra["baseline"] = load_baseline_file(baseline_file)
+        out_dir = out or store.folder / "report"
+        write_report(loaded, out_dir, seed=config.bootstrap_seed, **extra)
+    except ResultsError as e:
+        _fail(str(e))
+        return
+    typer.echo(f"report: {out_dir / 'report.md'}")
+
+
+def _open(results: Path, **overrides: Any):
+    """A run folder's store and its config (from meta), with plumbing overrides (judge endpoint etc.)."""
+    from ao_resampling.results import ResultsError, ResultsStore, load_results_file
+
+    folder = results.parent if results.suffix == ".json" else results
+    store = ResultsStore(folder)
+    if results.suffix == ".json" and results.name != "results.json":
+        store.results_path = results
+    if not store.results_path.exists():
+        _fail(f"{store.results_path} does not exist")
+    try:
+        meta_config = load_results_file(store.results_path).meta.config or {}
+    except ResultsError as e:
+        _fail(str(e))
+        raise
+    base = {k: v for k, v in meta_config.items() if k in ExperimentConfig.model_fields}
+    try:
+        config = ExperimentConfig(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
+    except Exception as e:  # an older file's meta may not be one of our configs: fall back to defaults
+        config = ExperimentConfig(**{k: v for k, v in overrides.items() if v is not None})
+        typer.echo(f"note: meta.config not usable ({e.__class__.__name__}); using defaults", err=True)
+    return store, config
+
+
+def main() -> None:  # python -m ao_resampling
+    app()

@@ -1,0 +1,410 @@
+"""summary.json and report.md (plus the PNG figures) from one results file.
+
+``summarize`` is a list of section functions, each ``(results, options) -> {top-level key: value}``; ``report.md`` is
+a list of section functions, each ``(ReportContext) -> markdown or None``; the figures are a list of providers, each
+``results -> {file name: plot function}``. A later analysis (the target-model baseline, say) adds one function to
+each list without touching the others. Every number is JSON-safe: a statistic that does not exist is ``None``,
+never NaN. A run whose judge call failed, or that is not judged yet, is never a score; the report says how many.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from ao_resampling import plots
+from ao_resampling.metrics import (
+    describe,
+    embedding_similarities,
+    group_values,
+    judge_counts,
+    judge_embedding_pairs,
+    judge_repeat_agreement,
+    judge_scores,
+    lexical_values,
+    rng_for,
+    score_histogram,
+    spearman,
+)
+from ao_resampling.results import Results, Run, TargetRecord, atomic_write_text
+
+SUMMARY_NAME = "summary.json"
+REPORT_NAME = "report.md"
+GROUP_KEYS = ("n", "mean", "median", "min", "max", "ci95")
+
+
+@dataclass(frozen=True)
+class SummaryOptions:
+    seed: int = 0
+    n_boot: int = 2000
+
+
+SummarySection = Callable[[Results, SummaryOptions], dict[str, Any]]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# summary.json
+
+
+def _target_text(target: TargetRecord, width: int = 100) -> str:
+    user = next((m.content for m in target.messages if m.role == "user"), target.messages[0].content if target.messages else "")
+    text = " ".join(user.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _group_stats(results: Results, values: dict[str, float], opts: SummaryOptions, name: str) -> dict[str, dict]:
+    """per_question and per_target blocks for one per-run value (judge score, embedding similarity)."""
+    texts = {"question": {q.id: q.text for q in results.ao_questions},
+             "target": {t.id: _target_text(t) for t in results.targets}}
+    out: dict[str, dict] = {}
+    for by in ("question", "target"):
+        block = {}
+        for key, vals in group_values(results, values, by).items():
+            stats = describe(vals, rng=rng_for(opts.seed, f"{name}/{by}/{key}"), n_boot=opts.n_boot)
+            block[key] = {"text": texts[by][key], **{k: stats[k] for k in GROUP_KEYS}}
+        out[f"per_{by}"] = block
+    return out
+
+
+def _overall_stats(values: Sequence[float], opts: SummaryOptions, name: str) -> dict[str, Any]:
+    stats = describe(values, rng=rng_for(opts.seed, f"{name}/overall"), n_boot=opts.n_boot)
+    stats["mean_ci95"] = stats.pop("ci95")
+    return stats
+
+
+def counts_section(results: Results, opts: SummaryOptions) -> dict[str, Any]:
+    counts = judge_counts(results.runs)
+    return {
+        "n_runs": counts.n_runs,
+        "n_judged": counts.n_judged,
+        "n_unjudged": counts.n_unjudged,
+        "n_judge_failures": counts.n_failed,
+        "judge_failures": counts.failures,
+        "n_without_answers": sum(1 for r in results.runs if not r.responses),
+    }
+
+
+def judge_section(results: Results, opts: SummaryOptions) -> dict[str, Any]:
+    scores = judge_scores(results.runs)
+    judge = _overall_stats(list(scores.values()), opts, "judge")
+    judge["histogram"] = score_histogram(scores.values())
+    return {"judge": judge, **_group_stats(results, scores, opts, "judge")}
+
+
+def embedding_section(results: Results, opts: SummaryOptions) -> dict[str, Any]:
+    sims = embedding_similarities(results.runs)
+    if not sims:
+        return {}
+    models = sorted({r.spread.embedding_model or "?" for r in results.runs if r.run_id in sims})
+    block = {"model": models[0] if len(models) == 1 else models, **_overall_stats(list(sims.values()), opts, "embedding")}
+    return {"embedding": {**block, **_group_stats(results, sims, opts, "embedding")}}
+
+
+def lexical_section(results: Results, opts: SummaryOptions) -> dict[str, Any]:
+    distinct, jacc = lexical_values(results.runs, "distinct_fraction"), lexical_values(results.runs, "mean_jaccard")
+    if not distinct and not jacc:
+        return {}
+    return {"lexical": {"distinct_fraction": describe(list(distinct.values())),
+                        "mean_jaccard": describe(list(jacc.values()))}}
+
+
+def agreement_section(results: Results, opts: SummaryOptions) -> dict[str, Any]:
+    scores, sims = judge_embedding_pairs(results.runs)
+    rho, p = spearman(scores, sims)
+    return {"agreement": {"spearman": rho, "spearman_p": p, "n": len(scores)}}
+
+
+def judge_repeats_section(results: Results, opts: SummaryOptions) -> dict[str, Any]:
+    if not any(r.judge_repeats for r in results.runs):
+        return {}
+    return {"judge_repeats": judge_repeat_agreement(results.runs)}
+
+
+SUMMARY_SECTIONS: list[SummarySection] = [
+    counts_section, judge_section, embedding_section, lexical_section, agreement_section, judge_repeats_section,
+]
+
+
+def summarize(
+    results: Results, *, seed: int = 0, n_boot: int = 2000, sections: Sequence[SummarySection] | None = None
+) -> dict[str, Any]:
+    """The summary.json dict: every section's keys, in section order."""
+    opts = SummaryOptions(seed=seed, n_boot=n_boot)
+    summary: dict[str, Any] = {}
+    for section in SUMMARY_SECTIONS if sections is None else sections:
+        summary.update(section(results, opts))
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Figures
+
+PlotSet = Callable[[Results], dict[str, Callable[[Results], Figure]]]
+
+JUDGE_PLOTS: dict[str, Callable[[Results], Figure]] = {
+    "A_judge_scores.png": plots.judge_score_histogram,
+    "B_target_means.png": plots.target_mean_histogram,
+    "C_per_question.png": plots.per_question_distribution,
+    "heatmap.png": plots.score_heatmap,
+}
+EMBEDDING_PLOTS: dict[str, Callable[[Results], Figure]] = {
+    "A_embedding.png": plots.embedding_histogram,
+    "B_embedding_target_means.png": plots.embedding_target_mean_histogram,
+    "C_embedding_per_question.png": plots.embedding_per_question,
+    "judge_vs_embedding.png": plots.judge_vs_embedding,
+}
+
+
+def judge_plots(results: Results) -> dict[str, Callable[[Results], Figure]]:
+    return JUDGE_PLOTS
+
+
+def embedding_plots(results: Results) -> dict[str, Callable[[Results], Figure]]:
+    return EMBEDDING_PLOTS if embedding_similarities(results.runs) else {}
+
+
+PLOT_SETS: list[PlotSet] = [judge_plots, embedding_plots]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# report.md
+
+
+@dataclass(frozen=True)
+class ReportContext:
+    results: Results
+    summary: dict[str, Any]
+    plots: dict[str, str]  # file name -> link relative to report.md, for the figures that were written
+
+
+ReportSection = Callable[[ReportContext], str | None]
+
+
+def _num(x: float | None, fmt: str = ".2f") -> str:
+    return "–" if x is None else format(x, fmt)
+
+
+def _ci(ci: Sequence[float] | None, fmt: str = ".2f") -> str:
+    return "–" if ci is None else f"[{ci[0]:{fmt}}, {ci[1]:{fmt}}]"
+
+
+def _cell(text: str) -> str:
+    """Text safe inside a markdown table cell or list item: one line, pipes escaped."""
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def _image(ctx: ReportContext, name: str, alt: str) -> str:
+    return f"![{alt}]({ctx.plots[name]})" if name in ctx.plots else ""
+
+
+def header_section(ctx: ReportContext) -> str:
+    s, meta = ctx.summary, ctx.results.meta
+    lines = ["# Activation Oracle resampling report", ""]
+    if meta.stand_in:
+        lines += ["> **Stand-in run:** the model has random weights or the oracle is a random LoRA. These numbers",
+                  "> test the plumbing and say nothing about a real Activation Oracle.", ""]
+    if s["n_unjudged"]:
+        lines.append(f"- **Incomplete:** {s['n_unjudged']} of {s['n_runs']} runs are not judged yet (unjudged); "
+                     f"every judge statistic below is over the {s['n_judged']} judged runs only.")
+    if s["n_without_answers"]:
+        lines.append(f"- {s['n_without_answers']} runs have no AO answers yet.")
+    if s["n_judge_failures"]:
+        reasons = ", ".join(f"{k}: {v}" for k, v in s["judge_failures"].items())
+        lines.append(f"- **Judge failures:** {s['n_judge_failures']} judge calls failed ({reasons}); those runs are "
+                     f"left out of every score (a failure is not a low score).")
+    if not s["n_unjudged"] and not s["n_judge_failures"]:
+        lines.append(f"All {s['n_runs']} runs are judged.")
+    return "\n".join(lines)
+
+
+def setup_section(ctx: ReportContext) -> str:
+    results, meta = ctx.results, ctx.results.meta
+    decoding = meta.decoding or next((r.responses[0].decoding for r in results.runs if r.responses), None)
+    judge_model = meta.judge_model or next((r.judge.model for r in results.runs if r.judge), None)
+    n_answers = sorted({len(r.responses) for r in results.runs if r.responses})
+    answers = "–" if not n_answers else str(n_answers[0]) if len(n_answers) == 1 else f"{n_answers[0]}–{n_answers[-1]}"
+    rows = [
+        ("model", meta.model), ("tokenizer", meta.tokenizer), ("oracle LoRA", meta.oracle_lora),
+        ("layers in the model", meta.num_layers), ("activations read at layer", meta.layer),
+        ("injection layer", meta.injection_layer), ("steering coefficient", meta.steering_coefficient),
+        ("decoding", None if decoding is None else
+         f"temperature {decoding.temperature}, top_p {decoding.top_p}, max_new_tokens {decoding.max_new_tokens}, "
+         f"{'sampling' if decoding.do_sample else 'greedy'}"),
+        ("question seed", meta.question_seed), ("decode seed", meta.decode_seed), ("judge model", judge_model),
+        ("embedding model", ctx.summary.get("embedding", {}).get("model")),
+        ("runs", f"{len(results.targets)} targets × {len(results.ao_questions)} questions = {len(results.runs)} runs, "
+                 f"{answers} answers each"),
+        ("tool version", meta.tool_version), ("git commit", meta.git_commit), ("created", meta.created_at),
+        ("note", meta.note),
+    ]
+    for key, value in (meta.model_extra or {}).items():  # keys of older formats, shown as they were
+        text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value
+        rows.append((key, text if len(text) <= 120 else text[:119] + "…"))
+    table = ["| setting | value |", "| --- | --- |"]
+    table += [f"| {k} | {_cell(str(v))} |" for k, v in rows if v is not None]
+    return "## Setup\n\n" + "\n".join(table)
+
+
+def judge_distribution_section(ctx: ReportContext) -> str:
+    judge, n = ctx.summary["judge"], ctx.summary["n_judged"]
+    lines = ["## Judge score distribution", "",
+             f"{judge_counts(ctx.results.runs).note()}. Mean {_num(judge['mean'])} (95% bootstrap CI "
+             f"{_ci(judge['mean_ci95'])}), median {_num(judge['median'], 'g')}, std {_num(judge['std'])}, "
+             f"range {_num(judge['min'], 'g')}–{_num(judge['max'], 'g')}.", "",
+             "| score | runs | share |", "| ---: | ---: | ---: |"]
+    lines += [f"| {k} | {c} | {c / n:.1%} |" if n else f"| {k} | {c} | – |" for k, c in judge["histogram"].items()]
+    lines += ["", _image(ctx, "A_judge_scores.png", "A: judge scores"),
+              _image(ctx, "B_target_means.png", "B: per-target mean score"),
+              "", _image(ctx, "C_per_question.png", "C: per-question scores"),
+              "", _image(ctx, "heatmap.png", "target x question heatmap")]
+    return "\n".join(lines)
+
+
+def per_question_section(ctx: ReportContext) -> str:
+    per_q = ctx.summary["per_question"]
+    emb = ctx.summary.get("embedding", {}).get("per_question", {})
+    order = sorted(per_q, key=lambda k: (per_q[k]["mean"] is None, -(per_q[k]["mean"] or 0.0), k))
+    head = "| # | id | question | n | mean | 95% CI | median | min–max |" + (" embedding mean |" if emb else "")
+    lines = ["## Per question (sorted by mean judge score)", "", head,
+             "| ---: | --- | --- | ---: | ---: | --- | ---: | --- |" + (" ---: |" if emb else "")]
+    for rank, key in enumerate(order, start=1):
+        q = per_q[key]
+        row = (f"| {rank} | {key} | {_cell(q['text'])} | {q['n']} | {_num(q['mean'])} | {_ci(q['ci95'])} | "
+               f"{_num(q['median'], 'g')} | {_num(q['min'], 'g')}–{_num(q['max'], 'g')} |")
+        if emb:
+            row += f" {_num(emb.get(key, {}).get('mean'), '.3f')} |"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def per_target_section(ctx: ReportContext) -> str:
+    per_t = {k: v for k, v in ctx.summary["per_target"].items() if v["mean"] is not None}
+    order = sorted(per_t, key=lambda k: (-per_t[k]["mean"], k))
+
+    def table(keys: list[str]) -> list[str]:
+        out = ["| target | n | mean | 95% CI | min–max | conversation (first user turn) |",
+               "| --- | ---: | ---: | --- | --- | --- |"]
+        return out + [f"| {k} | {per_t[k]['n']} | {_num(per_t[k]['mean'])} | {_ci(per_t[k]['ci95'])} | "
+                      f"{_num(per_t[k]['min'], 'g')}–{_num(per_t[k]['max'], 'g')} | {_cell(per_t[k]['text'])} |"
+                      for k in keys]
+
+    lines = ["## Per target", ""]
+    if not order:
+        return "\n".join(lines + ["No target has a judged run yet."])
+    if len(order) <= 10:
+        return "\n".join(lines + ["All targets, by mean judge score over their questions:", ""] + table(order))
+    return "\n".join(lines + ["Highest mean judge score (most consistent oracle):", ""] + table(order[:5])
+                     + ["", "Lowest mean judge score (least consistent oracle):", ""] + table(order[::-1][:5]))
+
+
+def _example(ctx: ReportContext, run: Run, score: int | None, sim: float | None) -> list[str]:
+    questions = {q.id: q.text for q in ctx.results.ao_questions}
+    targets = {t.id: t for t in ctx.results.targets}
+    title = f"score {score}/10" if score is not None else "no judge score"
+    if sim is not None:
+        title += f", embedding similarity {sim:.3f}"
+    lines = [f"#### {run.run_id} ({title})", "",
+             f"- **Target** {run.target_id}: {_cell(_target_text(targets[run.target_id], width=200))}",
+             f"- **Question** {run.ao_question_id}: {_cell(questions[run.ao_question_id])}"]
+    if run.judge is not None and run.judge.parsed is not None:
+        lines.append(f"- **Judge's rationale:** {_cell(run.judge.parsed.rationale)}")
+    lines += ["- **Answers:**", ""] + [f"  {i}. {_cell(r.text) or '(empty)'}" for i, r in enumerate(run.responses, 1)]
+    return lines + [""]
+
+
+def consistency_section(ctx: ReportContext) -> str:
+    runs = ctx.results.run_by_id()
+    scores, sims = judge_scores(ctx.results.runs), embedding_similarities(ctx.results.runs)
+    lines = ["## Most and least consistent runs", ""]
+    if scores:
+        ranked = sorted(scores, key=lambda rid: (scores[rid], sims.get(rid, 0.0), rid))
+        lines += ["Ranked by judge score (ties by embedding similarity); judged runs only.", ""]
+    elif sims:
+        ranked = sorted(sims, key=lambda rid: (sims[rid], rid))
+        lines += ["No run is judged yet, so these are ranked by embedding similarity.", ""]
+    else:
+        return "\n".join(lines + ["No run has a judge score or an embedding similarity yet."])
+    for heading, ids in (("Most consistent", ranked[::-1][:3]), ("Least consistent", ranked[:3])):
+        lines += [f"### {heading}", ""]
+        for rid in ids:
+            lines += _example(ctx, runs[rid], scores.get(rid), sims.get(rid))
+    return "\n".join(lines).rstrip()
+
+
+def judge_free_section(ctx: ReportContext) -> str:
+    lines = ["## Judge-free view: embedding similarity", ""]
+    emb = ctx.summary.get("embedding")
+    if emb is None:
+        return "\n".join(lines + ["Skipped: no run has spread metrics yet, so there is no embedding or lexical "
+                                  "view (compute them with the spread stage, `metrics.spread_stage`)."])
+    agreement, lexical = ctx.summary["agreement"], ctx.summary.get("lexical", {})
+    lines += [f"Mean pairwise cosine similarity of each run's answers ({emb['model']}): n={emb['n']} runs, "
+              f"mean {_num(emb['mean'], '.3f')} (95% CI {_ci(emb['mean_ci95'], '.3f')}), median "
+              f"{_num(emb['median'], '.3f')}, range {_num(emb['min'], '.3f')}–{_num(emb['max'], '.3f')}.", ""]
+    if lexical:
+        d, j = lexical["distinct_fraction"], lexical["mean_jaccard"]
+        lines += [f"Lexical: distinct normalised answers per run {_num(d['mean'], '.3f')} on average (1.0 = all "
+                  f"different); mean pairwise token Jaccard {_num(j['mean'], '.3f')}.", ""]
+    rho = agreement["spearman"]
+    lines += [f"Judge vs embedding: Spearman ρ = {_num(rho, '.3f')} (p = {_num(agreement['spearman_p'], '.2g')}) "
+              f"over {agreement['n']} runs with both." if rho is not None else
+              f"Judge vs embedding: no rank correlation ({agreement['n']} runs with both).", "",
+              _image(ctx, "A_embedding.png", "A: embedding similarity"),
+              _image(ctx, "B_embedding_target_means.png", "B: per-target mean embedding similarity"), "",
+              _image(ctx, "C_embedding_per_question.png", "C: per-question embedding similarity"), "",
+              _image(ctx, "judge_vs_embedding.png", "judge score vs embedding similarity")]
+    return "\n".join(lines)
+
+
+def judge_repeats_md_section(ctx: ReportContext) -> str | None:
+    rep = ctx.summary.get("judge_repeats")
+    if rep is None:
+        return None
+    return ("## Judge repeats\n\n"
+            f"{rep['n_pairs']} repeated judge calls (answers shuffled) paired with the first call: exact agreement "
+            f"{_num(rep['exact_agreement_rate'], '.1%')}, mean absolute difference {_num(rep['mean_abs_delta'])} points.")
+
+
+REPORT_SECTIONS: list[ReportSection] = [
+    header_section, setup_section, judge_distribution_section, per_question_section, per_target_section,
+    consistency_section, judge_free_section, judge_repeats_md_section,
+]
+
+
+def render_report(ctx: ReportContext, sections: Sequence[ReportSection] | None = None) -> str:
+    parts = [section(ctx) for section in (REPORT_SECTIONS if sections is None else sections)]
+    return "\n\n".join(p for p in parts if p) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+@dataclass(frozen=True)
+class ReportPaths:
+    out_dir: Path
+    report_md: Path
+    summary_json: Path
+    plots: dict[str, Path] = field(default_factory=dict)
+
+
+def write_report(results: Results, out_dir: Path, *, seed: int = 0, n_boot: int = 2000, dpi: int = 150) -> ReportPaths:
+    """Write every figure that applies, summary.json and report.md into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    for plot_set in PLOT_SETS:
+        for name, make in plot_set(results).items():
+            make(results).savefig(out_dir / name, dpi=dpi)
+            written[name] = out_dir / name
+    summary = summarize(results, seed=seed, n_boot=n_boot)
+    summary_path, report_path = out_dir / SUMMARY_NAME, out_dir / REPORT_NAME
+    atomic_write_text(summary_path, json.dumps(summary, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+    ctx = ReportContext(results=results, summary=summary, plots={name: name for name in written})
+    atomic_write_text(report_path, render_report(ctx))
+    return ReportPaths(out_dir=out_dir, report_md=report_path, summary_json=summary_path, plots=written)

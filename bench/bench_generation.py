@@ -1,0 +1,167 @@
+"""Generation-stage benchmark: sequential vs plain HF batching vs the batched sampler, same process, same model.
+
+    python bench/bench_generation.py --model synthetic:gemma-3-27b --tokenizer DIR \
+        --targets target_model_queries.json --questions sycophancy_questions.json --full
+
+Answers are forced to max_new_tokens (min_new_tokens = max_new_tokens) so every variant does the worst-case work.
+On a random-weight model the numbers are about speed only. Prints one table; --json writes all numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ao_resampling import data, models
+from ao_resampling.encoding import encode_target
+from ao_resampling.hooks import capture_activations
+from ao_resampling.oracle import build_oracle_query
+from ao_resampling.sampling import BatchedSampler, DecodeParams, Query, sample_hf_batched, sample_sequential
+
+
+@dataclass
+class Row:
+    variant: str
+    samples: int
+    seconds: float
+    samples_per_s: float
+    tokens_per_s: float
+    peak_gib: float
+    ratio_to_sequential: float | None = None
+
+
+def build_queries(tokenizer, model, layer: int, targets, questions, n_queries: int, n: int) -> list[Query]:
+    encoded = [encode_target(tokenizer, [m.model_dump() for m in t.messages], target_id=t.id) for t in targets]
+    acts = []
+    for start in range(0, len(encoded), 8):
+        chunk = encoded[start:start + 8]
+        acts.append(capture_activations(model, [e.input_ids for e in chunk], [e.assistant_start_idx for e in chunk],
+                                        layer, tokenizer.pad_token_id))
+    acts_TD = torch.cat(acts)
+    oracle_queries = [build_oracle_query(tokenizer, layer=layer, question=q.text, question_id=q.id) for q in questions]
+    queries = []
+    for i in range(n_queries):
+        t, q = divmod(i, len(oracle_queries))
+        oq = oracle_queries[q]
+        queries.append(Query(key=f"run__{targets[t % len(targets)].id}__{oq.question_id}__{i}",
+                             input_ids=tuple(oq.input_ids), n=n, vectors_KD=acts_TD[t % len(targets)][None],
+                             positions_K=tuple(oq.placeholder_positions)))
+    return queries
+
+
+def timed(fn, device) -> tuple[float, float, object]:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+    return time.perf_counter() - t, peak, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="synthetic:gemma-3-27b")
+    ap.add_argument("--tokenizer", default="gemma3-270m-gguf")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--lora-rank", type=int, default=64)
+    ap.add_argument("--targets", type=Path, default=None)
+    ap.add_argument("--questions", type=Path, default=None)
+    ap.add_argument("--num-targets", type=int, default=100)
+    ap.add_argument("--num-questions", type=int, default=10)
+    ap.add_argument("--samples", type=int, default=10)
+    ap.add_argument("--max-new-tokens", type=int, default=120)
+    ap.add_argument("--queries", type=int, default=100, help="queries per batched variant (x samples = rows)")
+    ap.add_argument("--budgets", default="512,1024", help="max_rows values for the batched sampler")
+    ap.add_argument("--tokens-per-row", type=int, default=200, help="max_tokens = max_rows x this")
+    ap.add_argument("--sequential-samples", type=int, default=3)
+    ap.add_argument("--hf-rows", type=int, default=0, help="rows for one plain HF generate batch (0 = skip)")
+    ap.add_argument("--variants", default="static,dynamic", help="batched variants: static, dynamic, merged")
+    ap.add_argument("--full", action="store_true", help="also the whole stage (num_targets x num_questions queries)")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+
+    device = torch.device(args.device)
+    t0 = time.perf_counter()
+    tokenizer = models.load_tokenizer(args.tokenizer)
+    base = models.load_model(args.model, dtype=args.dtype, device=args.device)
+    model = models.attach_oracle(base, "random", rank=args.lora_rank)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    load_s = time.perf_counter() - t0
+    n_layers = models.num_layers(model)
+    layer = models.layer_at_percent(n_layers, 50)
+    targets = data.select_targets(data.load_targets(args.targets), args.num_targets)
+    pool = data.load_question_pool(args.questions)
+    questions = data.sample_questions(pool, min(args.num_questions, len(pool)), 0)
+
+    capture_s, _, queries = timed(lambda: build_queries(tokenizer, model, layer, targets, questions,
+                                                        args.num_targets * len(questions), args.samples), device)
+    params = DecodeParams(temperature=0.7, top_p=0.9, max_new_tokens=args.max_new_tokens, seed=0,
+                          min_new_tokens=args.max_new_tokens)
+    rows: list[Row] = []
+
+    def record(variant: str, n_samples: int, seconds: float, peak: float) -> None:
+        rows.append(Row(variant, n_samples, seconds, n_samples / seconds, n_samples * args.max_new_tokens / seconds,
+                        peak))
+        print(f"  {variant}: {n_samples} samples in {seconds:.1f}s", flush=True)
+
+    if args.sequential_samples:
+        one = [Query(q.key, q.input_ids, 1, q.vectors_KD, q.positions_K) for q in queries[: args.sequential_samples]]
+        sample_sequential(model, tokenizer, one[:1], injection_layer=1, coefficient=1.0,
+                          params=DecodeParams(0.7, 0.9, 4, 0))  # warm-up
+        s, peak, _ = timed(lambda: sample_sequential(model, tokenizer, one, injection_layer=1, coefficient=1.0,
+                                                     params=params), device)
+        record("sequential (1 sample / generate call)", len(one), s, peak)
+    if args.hf_rows:
+        chunk = queries[: max(1, args.hf_rows // args.samples)]
+        s, peak, _ = timed(lambda: sample_hf_batched(model, tokenizer, chunk, injection_layer=1, coefficient=1.0,
+                                                     params=params), device)
+        record(f"HF generate, {len(chunk) * args.samples} rows", len(chunk) * args.samples, s, peak)
+
+    subset = queries[: args.queries]
+    best = None
+    for variant in args.variants.split(","):
+        for budget in (int(b) for b in args.budgets.split(",")):
+            sampler = BatchedSampler(model, tokenizer, injection_layer=1, coefficient=1.0, params=params,
+                                     max_rows=budget, max_tokens=budget * args.tokens_per_row,
+                                     static_cache=variant != "dynamic", merge_lora=variant == "merged")
+            s, peak, _ = timed(lambda: sampler.run(subset, progress=False), device)
+            record(f"batched {variant}, max_rows {budget}", len(subset) * args.samples, s, peak)
+            if best is None or rows[-1].samples_per_s > best[0]:
+                best = (rows[-1].samples_per_s, variant, budget)
+
+    if args.full and best:
+        _, variant, budget = best
+        sampler = BatchedSampler(model, tokenizer, injection_layer=1, coefficient=1.0, params=params, max_rows=budget,
+                                 max_tokens=budget * args.tokens_per_row,
+                                 static_cache=variant != "dynamic", merge_lora=variant == "merged")
+        s, peak, _ = timed(lambda: sampler.run(queries, progress=False), device)
+        record(f"FULL STAGE: batched {variant}, max_rows {budget}", len(queries) * args.samples, s, peak)
+
+    seq = next((r for r in rows if r.variant.startswith("sequential")), None)
+    for r in rows:
+        r.ratio_to_sequential = r.samples_per_s / seq.samples_per_s if seq else None
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"\n{args.model} ({n_layers} layers, LoRA r={args.lora_rank}) on {name}; load {load_s:.1f}s; "
+          f"capture of {len(targets)} targets {capture_s:.2f}s; {args.max_new_tokens} tokens forced per sample")
+    print(f"{'variant':<44} {'samples':>7} {'s':>8} {'samples/s':>10} {'tokens/s':>9} {'peak GiB':>9} {'x seq':>7}")
+    for r in rows:
+        ratio = f"{r.ratio_to_sequential:.0f}" if r.ratio_to_sequential else "-"
+        print(f"{r.variant:<44} {r.samples:>7} {r.seconds:>8.1f} {r.samples_per_s:>10.2f} {r.tokens_per_s:>9.0f} "
+              f"{r.peak_gib:>9.1f} {ratio:>7}")
+    if args.json:
+        args.json.write_text(json.dumps({"device": name, "model": args.model, "load_s": load_s,
+                                         "capture_s": capture_s, "rows": [asdict(r) for r in rows]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

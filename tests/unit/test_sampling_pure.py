@@ -1,0 +1,192 @@
+"""The pure pieces of sampling.py: batch planning, the top-p keep rule, and the token sampler.
+
+The sampler's top-p avoids sorting the whole vocabulary; these tests check it is still *exactly* HF's nucleus
+sampling: the same keep-set as ``TopPLogitsWarper``, the same distribution over many seeded draws (on both the
+candidate path and the full-sort fallback), and never a token outside the nucleus.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from transformers.generation.logits_process import TopPLogitsWarper
+
+from ao_resampling.sampling import Query, plan_batches, sample_next_tokens, top_p_keep_mask
+
+# ---------------------------------------------------------------------------------------------------------------------
+# plan_batches
+
+
+def queries_from(specs: list[tuple[int, int]]) -> list[Query]:
+    return [Query(key=f"q{i:03d}", input_ids=tuple(range(length)), n=n) for i, (length, n) in enumerate(specs)]
+
+
+query_specs = st.lists(st.tuples(st.integers(1, 300), st.integers(1, 12)), min_size=0, max_size=40)
+
+
+@settings(max_examples=50, deadline=None)
+@given(specs=query_specs, max_rows=st.integers(1, 64), max_tokens=st.integers(1, 20_000),
+       max_new_tokens=st.integers(1, 200))
+def test_plan_batches_is_a_partition_within_budget(specs, max_rows, max_tokens, max_new_tokens):
+    queries = queries_from(specs)
+
+    batches = plan_batches(queries, max_new_tokens=max_new_tokens, max_rows=max_rows, max_tokens=max_tokens)
+
+    assert sorted(i for batch in batches for i in batch) == list(range(len(queries))), "every query exactly once"
+    assert all(batches), "no empty batch"
+    for batch in batches:
+        rows = sum(queries[i].n for i in batch)
+        longest = max(len(queries[i].input_ids) for i in batch)
+        if len(batch) > 1:  # a single query over budget is allowed, alone
+            assert rows <= max_rows
+            assert rows * (longest + max_new_tokens) <= max_tokens
+
+
+@settings(max_examples=25, deadline=None)
+@given(specs=query_specs)
+def test_plan_batches_with_room_for_everything_is_one_batch(specs):
+    queries = queries_from(specs)
+    batches = plan_batches(queries, max_new_tokens=10, max_rows=10_000, max_tokens=10**9)
+    assert len(batches) == (1 if queries else 0)
+
+
+def test_plan_batches_oversized_query_sits_alone():
+    queries = queries_from([(10, 2), (50, 100), (10, 2)])  # q001 alone exceeds both budgets
+    batches = plan_batches(queries, max_new_tokens=5, max_rows=8, max_tokens=1000)
+    assert [1] in batches
+    assert sorted(i for b in batches for i in b) == [0, 1, 2]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# top_p_keep_mask == HF's TopPLogitsWarper keep-set
+
+
+def keep_set_ours(logits_BV: torch.Tensor, top_p: float) -> torch.Tensor:
+    probs_BV = logits_BV.float().softmax(-1)
+    sorted_probs_BV, order_BV = probs_BV.sort(dim=-1, descending=True)
+    keep_sorted_BV = top_p_keep_mask(sorted_probs_BV, top_p)
+    return torch.zeros_like(keep_sorted_BV).scatter(-1, order_BV, keep_sorted_BV)
+
+
+def keep_set_hf(logits_BV: torch.Tensor, top_p: float) -> torch.Tensor:
+    warped_BV = TopPLogitsWarper(top_p=top_p)(torch.zeros(logits_BV.shape[0], 1, dtype=torch.long),
+                                              logits_BV.float().clone())
+    return warped_BV > float("-inf")
+
+
+def margin_to_boundary(logits_BV: torch.Tensor, top_p: float) -> float:
+    """How far the nearest token's 'mass above it' is from top_p: near 0, float rounding may decide either way."""
+    probs_BV = logits_BV.double().softmax(-1).sort(dim=-1, descending=True).values
+    return (probs_BV.cumsum(-1) - probs_BV - top_p).abs().min().item()
+
+
+# Distinct logits on a 0.1 grid: no ties, so the keep-set is well defined (ties would make it order-dependent).
+logit_rows = st.lists(st.integers(-150, 150), min_size=2, max_size=60, unique=True).map(
+    lambda xs: [x / 10 for x in xs])
+top_ps = st.one_of(st.floats(0.05, 0.999), st.sampled_from([0.9, 0.5, 0.95, 0.99]))
+
+
+@settings(max_examples=50, deadline=None)
+@given(rows=st.lists(logit_rows, min_size=1, max_size=4), top_p=top_ps)
+def test_top_p_keep_mask_matches_hf_warper(rows, top_p):
+    V = min(len(r) for r in rows)
+    logits_BV = torch.tensor([r[:V] for r in rows])
+    assume(margin_to_boundary(logits_BV, top_p) > 1e-5)
+    assert torch.equal(keep_set_ours(logits_BV, top_p), keep_set_hf(logits_BV, top_p))
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), scale=st.floats(0.1, 20), top_p=top_ps)
+def test_top_p_keep_mask_matches_hf_warper_on_a_large_vocab(seed, scale, top_p):
+    logits_BV = torch.randn(3, 5000, generator=torch.Generator().manual_seed(seed)) * scale
+    assume(margin_to_boundary(logits_BV, top_p) > 1e-5)
+    assert torch.equal(keep_set_ours(logits_BV, top_p), keep_set_hf(logits_BV, top_p))
+
+
+def test_top_p_keep_mask_always_keeps_the_top_token():
+    sorted_probs_BK = torch.tensor([[0.97, 0.02, 0.01], [0.4, 0.35, 0.25]])
+    keep_BK = top_p_keep_mask(sorted_probs_BK, 0.01)
+    assert keep_BK.tolist() == [[True, False, False], [True, False, False]]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# sample_next_tokens
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), B=st.integers(1, 5), V=st.integers(2, 500))
+def test_temperature_zero_is_argmax(seed, B, V):
+    logits_BV = torch.randn(B, V, generator=torch.Generator().manual_seed(seed))
+    tokens_B = sample_next_tokens(logits_BV, temperature=0, top_p=0.9, generator=None)
+    assert torch.equal(tokens_B, logits_BV.argmax(-1))
+
+
+def exact_nucleus_distribution(logits_V: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The nucleus distribution computed independently, in float64."""
+    probs_V = (logits_V.double() / temperature).softmax(-1)
+    sorted_V, order_V = probs_V.sort(descending=True)
+    keep_V = (sorted_V.cumsum(-1) - sorted_V) < top_p
+    keep_V[0] = True
+    kept_V = torch.zeros_like(probs_V).scatter(-1, order_V, sorted_V * keep_V)
+    return kept_V / kept_V.sum()
+
+
+# Two rows over a vocabulary of 20: with 4 candidates, the peaked row's nucleus lies inside them (candidate path),
+# the flat row's does not (full-sort fallback). Both are drawn in the same calls, as in a real batch.
+PEAKED_V = torch.tensor([4.0, 3.6, 3.1, 2.0, 1.0] + [-1.0 - 0.1 * i for i in range(15)])
+FLAT_V = torch.tensor([0.5 - 0.07 * i for i in range(20)])
+CANDIDATES, TOP_P, TEMPERATURE = 4, 0.8, 0.7
+
+
+def test_the_two_rows_exercise_both_paths():
+    for logits_V, short in ((PEAKED_V, False), (FLAT_V, True)):
+        probs_V = (logits_V / TEMPERATURE).softmax(-1)
+        assert (probs_V.topk(CANDIDATES).values.sum() < TOP_P).item() is short
+
+
+def test_empirical_distribution_matches_the_exact_nucleus_on_both_paths():
+    draws = 20_000
+    logits_BV = torch.stack([PEAKED_V, FLAT_V]).repeat(draws, 1)  # rows alternate peaked / flat
+    generator = torch.Generator().manual_seed(1234)
+
+    tokens_B = sample_next_tokens(logits_BV, temperature=TEMPERATURE, top_p=TOP_P, generator=generator,
+                                  candidates=CANDIDATES)
+
+    for row, logits_V in enumerate((PEAKED_V, FLAT_V)):
+        exact_V = exact_nucleus_distribution(logits_V, TEMPERATURE, TOP_P)
+        counts_V = torch.bincount(tokens_B[row::2], minlength=20).double()
+        assert counts_V[exact_V == 0].sum() == 0, "a token outside the nucleus was drawn"
+        total_variation = 0.5 * (counts_V / draws - exact_V).abs().sum().item()
+        assert total_variation < 0.05, (row, total_variation)
+    # Sanity: the two rows have nuclei of clearly different sizes, so a mix-up would show.
+    assert (exact_nucleus_distribution(PEAKED_V, TEMPERATURE, TOP_P) > 0).sum() < CANDIDATES
+    assert (exact_nucleus_distribution(FLAT_V, TEMPERATURE, TOP_P) > 0).sum() > CANDIDATES
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), V=st.integers(2, 300), candidates=st.integers(1, 64), top_p=top_ps,
+       scale=st.floats(0.1, 10), temperature=st.sampled_from([0.3, 0.7, 1.0, 1.5]))
+def test_never_draws_outside_the_hf_nucleus(seed, V, candidates, top_p, scale, temperature):
+    g = torch.Generator().manual_seed(seed)
+    logits_BV = torch.randn(8, V, generator=g) * scale
+    assume(margin_to_boundary(logits_BV / temperature, top_p) > 1e-5)
+    allowed_BV = keep_set_hf(logits_BV / temperature, top_p)
+    for _ in range(5):
+        tokens_B = sample_next_tokens(logits_BV, temperature=temperature, top_p=top_p, generator=g,
+                                      candidates=candidates)
+        assert allowed_BV.gather(-1, tokens_B[:, None]).all()
+
+
+@pytest.mark.parametrize("candidates", [pytest.param(4, id="mixed_paths"), pytest.param(256, id="candidate_path"),
+                                        pytest.param(1, id="fallback_path")])
+def test_same_generator_seed_same_tokens(candidates):
+    logits_BV = torch.stack([PEAKED_V, FLAT_V]).repeat(500, 1)
+
+    def draw(seed: int) -> torch.Tensor:
+        return sample_next_tokens(logits_BV, temperature=TEMPERATURE, top_p=TOP_P,
+                                  generator=torch.Generator().manual_seed(seed), candidates=candidates)
+
+    assert torch.equal(draw(7), draw(7))
+    assert not torch.equal(draw(7), draw(8))
