@@ -137,5 +137,6 @@ def capture_activations(model: nn.Module, sequences: Sequence[Sequence[int]], po
             pass
     if "resid_BLD" not in store:
         raise RuntimeError(f"layer {layer} was never reached during capture")
-    rows_B = torch.arange(len(sequences), device=device)
-    return store["resid_BLD"][rows_B, torch.as_tensor(list(positions), device=device) + pad_B]
+    resid_BLD = store["resid_BLD"]  # on the read layer's device: not the first one when device_map spreads the model
+    rows_B = torch.arange(len(sequences), device=resid_BLD.device)
+    return resid_BLD[rows_B, torch.as_tensor(list(positions), device=resid_BLD.device) + pad_B.to(resid_BLD.device)]

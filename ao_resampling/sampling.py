@@ -375,12 +375,11 @@ def _generate_kwargs(params: DecodeParams, stop_ids: list[int], pad_id: int) -> 
 
 
 def _until_stop(generated: list[int], stop_ids: Sequence[int], pad_id: int) -> list[int]:
+    """A row's tokens up to and including its first stop token. ``generate`` pads only rows that already stopped,
+    so the padding always follows a stop token; a row that never stopped keeps every token, trailing <pad> too."""
     tokens = []
     for tok in generated:
         tokens.append(tok)
         if tok in stop_ids:
             break
-    else:
-        while tokens and tokens[-1] == pad_id:  # a row that stopped early in a batch is padded afterwards
-            tokens.pop()
     return tokens

@@ -46,8 +46,10 @@ def conversations(draw) -> list[dict[str, str]]:
 
 @settings(max_examples=40, deadline=None)
 @given(messages=conversations())
-@example(messages=[{"role": "system", "content": " <b>sys</b>\n"}, {"role": "user", "content": "½ → ∞ 😀\n\n\tx"},
-                   {"role": "assistant", "content": "日本語 "}, {"role": "user", "content": "a<"}])
+@example(messages=[{"role": "system", "content": " <b>sys</b>\n"},
+                   {"role": "user", "content": "½ → ∞ 😀\n\n\tx"},
+                   {"role": "assistant", "content": "日本語 "},
+                   {"role": "user", "content": "a<"}])
 def test_encoding_properties(gemma_tokenizer, special_texts, messages):
     assume(not any(special in m["content"] for m in messages for special in special_texts))
     tok = gemma_tokenizer

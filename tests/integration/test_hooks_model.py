@@ -55,6 +55,9 @@ def reference_model(tiny_model):
 
 
 def hook_snapshot(model: torch.nn.Module) -> dict[str, tuple]:
+    """Every module's forward (pre-)hooks. HF installs output-capturing hooks of its own the first time anyone asks
+    a model for hidden states, and keeps them; so "no hook left" is checked as "the same hooks as before, none of
+    ours", which holds whatever other tests did to the shared fixture first."""
     return {name: (tuple(m._forward_hooks.items()), tuple(m._forward_pre_hooks.items()))
             for name, m in model.named_modules()}
 

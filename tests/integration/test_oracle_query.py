@@ -42,7 +42,8 @@ def test_prompt_text_and_placeholder_positions(gemma_tokenizer, k, layer):
     )["input_ids"]
 
     ph = placeholder_token_id(tok)
-    assert query.placeholder_positions == list(range(query.placeholder_positions[0], query.placeholder_positions[0] + k))
+    first = query.placeholder_positions[0]
+    assert query.placeholder_positions == list(range(first, first + k))
     assert [query.input_ids[p] for p in query.placeholder_positions] == [ph] * k
     assert query.input_ids.count(ph) == k, "no other ' ?' token in the prompt"
     before = tok.decode(query.input_ids[: query.placeholder_positions[0]])

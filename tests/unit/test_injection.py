@@ -144,4 +144,5 @@ def test_vectors_on_another_dtype_than_the_residual_are_fine():
 )
 def test_shape_mismatch_raises(vectors_shape, positions_shape, resid_shape):
     with pytest.raises(ValueError, match="disagree"):
-        inject(torch.randn(resid_shape), torch.randn(vectors_shape), torch.zeros(positions_shape, dtype=torch.long), 1.0)
+        inject(torch.randn(resid_shape), torch.randn(vectors_shape), torch.zeros(positions_shape, dtype=torch.long),
+               1.0)

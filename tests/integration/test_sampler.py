@@ -1,0 +1,327 @@
+"""Batched resampling on the tiny random oracle, and end to end on real Gemma 3 270M.
+
+The fast path (``BatchedSampler``: one prefill per query, KV repeated for its n samples, static cache, finished rows
+dropped) must give, greedily, token for token what plain HF ``generate`` gives, and each query in a padded batch
+must get exactly what it would get alone. The tiny model's answers are noise, which is fine: only tokens are compared.
+
+The random model almost never emits a stop token, so tests that need early stops use ``EosAs``: the real tokenizer
+with its EOS id replaced by a token the model does emit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import ao_resampling.sampling as sampling
+from ao_resampling.encoding import encode_target
+from ao_resampling.hooks import capture_activations, injecting, left_pad, position_ids_from_mask
+from ao_resampling.models import layer_at_percent, num_layers, stop_token_ids
+from ao_resampling.oracle import build_oracle_query
+from ao_resampling.sampling import (
+    BatchedSampler,
+    DecodeParams,
+    Query,
+    Sample,
+    _until_stop,
+    make_sample,
+    sample_hf_batched,
+    sample_sequential,
+)
+
+INJECTION_LAYER = 1
+READ_LAYER = 2  # int(4 layers * 0.5): the tiny model's 50% layer, named in the oracle prompt
+COEFFICIENT = 1.0
+ORIGINAL_SELECT_ROWS = sampling._select_rows
+CACHES = pytest.mark.parametrize("static_cache", [pytest.param(True, id="static_cache"),
+                                                  pytest.param(False, id="dynamic_cache")])
+COMPACTION = pytest.mark.parametrize("compact", [pytest.param(True, id="compact"),
+                                             pytest.param(False, id="no_compact")])
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "hi"}],
+    [{"role": "system", "content": "You are a pirate. Always talk like one."},
+     {"role": "user", "content": "What's the weather like today, and should I take an umbrella?"}],
+    [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
+     {"role": "user", "content": "Another one?"}],
+]
+QUESTIONS = [
+    "What is the persona?",
+    "Is the user asking about the weather, and if so, in which city and on which day of the week?",
+    "Colour?",
+]
+
+
+def greedy(max_new_tokens: int = 8, **kwargs) -> DecodeParams:
+    return DecodeParams(temperature=0, top_p=0.9, max_new_tokens=max_new_tokens, **kwargs)
+
+
+def sampled(seed: int = 0, max_new_tokens: int = 6) -> DecodeParams:
+    return DecodeParams(temperature=0.7, top_p=0.9, max_new_tokens=max_new_tokens, seed=seed)
+
+
+def tokens(result: dict[str, list[Sample]]) -> dict[str, list[list[int]]]:
+    return {key: [s.token_ids for s in samples] for key, samples in result.items()}
+
+
+def fast(model, tokenizer, queries, params, **kwargs) -> dict[str, list[Sample]]:
+    return BatchedSampler(model, tokenizer, injection_layer=INJECTION_LAYER, coefficient=COEFFICIENT, params=params,
+                          **kwargs).run(queries, progress=False)
+
+
+def plain(model, tokenizer, queries, params) -> dict[str, list[Sample]]:
+    return sample_hf_batched(model, tokenizer, queries, injection_layer=INJECTION_LAYER, coefficient=COEFFICIENT,
+                             params=params)
+
+
+class EosAs:
+    """The real tokenizer, except that ``eos_token_id`` is a token chosen by the test."""
+
+    def __init__(self, tokenizer, eos_token_id: int):
+        self._tokenizer, self.eos_token_id = tokenizer, eos_token_id
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+@pytest.fixture(scope="module")
+def acts_BD(tiny_oracle, gemma_tokenizer):
+    encoded = [encode_target(gemma_tokenizer, m) for m in CONVERSATIONS]
+    assert layer_at_percent(num_layers(tiny_oracle), 50) == READ_LAYER
+    return capture_activations(tiny_oracle, [e.input_ids for e in encoded], [e.assistant_start_idx for e in encoded],
+                               READ_LAYER, gemma_tokenizer.pad_token_id)
+
+
+def make_queries(tokenizer, acts_BD, n: int = 2, vectors: dict[int, torch.Tensor] | None = None) -> list[Query]:
+    """Query i asks QUESTIONS[i] about target i (prompts of three different lengths)."""
+    out = []
+    for i, question in enumerate(QUESTIONS):
+        oq = build_oracle_query(tokenizer, layer=READ_LAYER, question=question)
+        vector = (vectors or {}).get(i, acts_BD[i])
+        out.append(Query(key=f"q{i}", input_ids=tuple(oq.input_ids), n=n, vectors_KD=vector[None],
+                         positions_K=tuple(oq.placeholder_positions)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def queries(gemma_tokenizer, acts_BD) -> list[Query]:
+    qs = make_queries(gemma_tokenizer, acts_BD)
+    assert len({len(q.input_ids) for q in qs}) == len(qs), "mixed lengths, so batches are padded"
+    return qs
+
+
+@pytest.fixture(scope="module")
+def greedy_reference(tiny_oracle, gemma_tokenizer, queries):
+    return tokens(plain(tiny_oracle, gemma_tokenizer, queries, greedy()))
+
+
+@pytest.fixture(scope="module")
+def early_eos(tiny_oracle, gemma_tokenizer, queries, greedy_reference):
+    """A tokenizer whose EOS is what q0 greedily emits at step 2 and q1 never emits: q0 stops early, q1 runs on."""
+    q0, q1 = greedy_reference["q0"][0], greedy_reference["q1"][0]
+    eos = q0[2]
+    assert eos not in q0[:2] and eos not in q1, "pick another step: the random model repeats itself here"
+    return EosAs(gemma_tokenizer, eos)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Cross-batch isolation
+
+
+def test_each_query_in_a_padded_batch_gets_what_it_gets_alone(tiny_oracle, gemma_tokenizer, queries):
+    together = tokens(fast(tiny_oracle, gemma_tokenizer, queries, greedy()))
+    for q in queries:
+        alone = tokens(fast(tiny_oracle, gemma_tokenizer, [q], greedy()))
+        assert alone[q.key] == together[q.key], q.key
+    # The planner splitting the same queries into one-query batches changes nothing either.
+    split = tokens(fast(tiny_oracle, gemma_tokenizer, queries, greedy(), max_rows=2))
+    assert split == together
+
+
+def test_changing_one_rows_vector_leaves_the_other_rows_bit_identical(tiny_oracle, gemma_tokenizer, acts_BD, queries):
+    changed = make_queries(gemma_tokenizer, acts_BD, vectors={1: -3 * acts_BD[0]})
+    a = fast(tiny_oracle, gemma_tokenizer, queries, greedy())
+    b = fast(tiny_oracle, gemma_tokenizer, changed, greedy())
+    assert a["q0"] == b["q0"] and a["q2"] == b["q2"]
+
+    # Bit-identical logits on the prompt pass, where the injection happens.
+    ids_BL, mask_BL = left_pad([q.input_ids for q in queries], gemma_tokenizer.pad_token_id)
+    L = ids_BL.shape[1]
+    positions_BK = torch.tensor([[L - len(q.input_ids) + p for p in q.positions_K] for q in queries])
+
+    def prompt_logits(qs):
+        vectors_BKD = torch.stack([q.vectors_KD for q in qs])
+        with torch.inference_mode(), injecting(tiny_oracle, INJECTION_LAYER, vectors_BKD, positions_BK, COEFFICIENT):
+            return tiny_oracle(input_ids=ids_BL, attention_mask=mask_BL,
+                               position_ids=position_ids_from_mask(mask_BL)).logits
+
+    before, after = prompt_logits(queries), prompt_logits(changed)
+    assert torch.equal(before[0], after[0]) and torch.equal(before[2], after[2])
+    assert not torch.equal(before[1], after[1])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fast path == plain HF generate, greedily
+
+
+@CACHES
+@COMPACTION
+def test_fast_path_equals_plain_generate(tiny_oracle, gemma_tokenizer, queries, greedy_reference, static_cache,
+                                         compact):
+    result = fast(tiny_oracle, gemma_tokenizer, queries, greedy(), static_cache=static_cache,
+                  compact_finished=compact)
+    assert tokens(result) == greedy_reference
+    assert all(s.finish_reason == "length" and s.n_tokens == 8 for v in result.values() for s in v)
+
+
+@CACHES
+@COMPACTION
+def test_fast_path_equals_plain_generate_with_early_stops(tiny_oracle, queries, early_eos, static_cache, compact,
+                                                          monkeypatch):
+    compactions = []
+    monkeypatch.setattr(sampling, "_select_rows",
+                        lambda cache, keep: compactions.append(keep.tolist()) or ORIGINAL_SELECT_ROWS(cache, keep))
+    two = queries[:2]  # q0's two rows stop at step 2: half the batch, so it is compacted then
+
+    result = fast(tiny_oracle, early_eos, two, greedy(), static_cache=static_cache, compact_finished=compact)
+
+    assert tokens(result) == tokens(plain(tiny_oracle, early_eos, two, greedy()))
+    assert [len(keep) for keep in compactions] == ([2] if compact else []), "q1's two rows are kept, once"
+    assert [s.finish_reason for s in result["q0"]] == ["eos", "eos"] and result["q0"][0].n_tokens == 3
+    assert [s.finish_reason for s in result["q1"]] == ["length", "length"] and result["q1"][0].n_tokens == 8
+
+
+
+def test_fast_path_past_the_sliding_window_equals_plain_generate(tiny_oracle, gemma_tokenizer, acts_BD,
+                                                                   monkeypatch):
+    """Prompt + answer longer than the tiny model's 512-token window: the static cache cannot hold a sliding layer,
+    so the sampler must fall back to HF's dynamic (windowed) cache, and still agree with generate."""
+    import transformers
+
+    def no_static_cache(*args, **kwargs):
+        raise AssertionError("a static cache was built although the sequence outgrows the sliding window")
+
+    window = tiny_oracle.get_base_model().config.sliding_window
+    long = []
+    for i, words in enumerate((505, 490)):
+        oq = build_oracle_query(gemma_tokenizer, layer=READ_LAYER, question="word " * words + "ok?")
+        long.append(Query(key=f"long{i}", input_ids=tuple(oq.input_ids), n=2, vectors_KD=acts_BD[i][None],
+                          positions_K=tuple(oq.placeholder_positions)))
+    params = greedy(12)
+    assert max(len(q.input_ids) for q in long) + params.max_new_tokens > window
+
+    monkeypatch.setattr(transformers, "StaticCache", no_static_cache)
+    assert tokens(fast(tiny_oracle, gemma_tokenizer, long, params, static_cache=True)) == \
+        tokens(plain(tiny_oracle, gemma_tokenizer, long, params))
+
+
+def test_fast_path_without_injection_equals_plain_generate(tiny_oracle, gemma_tokenizer, queries):
+    baseline = [dataclasses.replace(q, vectors_KD=None, positions_K=()) for q in queries]
+    assert tokens(fast(tiny_oracle, gemma_tokenizer, baseline, greedy())) == \
+        tokens(plain(tiny_oracle, gemma_tokenizer, baseline, greedy()))
+
+
+def test_a_batch_mixing_injected_and_plain_queries_is_refused(tiny_oracle, gemma_tokenizer, queries):
+    mixed = [queries[0], dataclasses.replace(queries[1], vectors_KD=None, positions_K=())]
+    with pytest.raises(ValueError, match="mixes"):
+        fast(tiny_oracle, gemma_tokenizer, mixed, greedy())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Seeds, injection, stopping
+
+
+def test_same_seed_same_samples_other_seed_other_samples(tiny_oracle, gemma_tokenizer, queries):
+    first = tokens(fast(tiny_oracle, gemma_tokenizer, queries, sampled(seed=0)))
+    again = tokens(fast(tiny_oracle, gemma_tokenizer, queries, sampled(seed=0)))
+    other = tokens(fast(tiny_oracle, gemma_tokenizer, queries, sampled(seed=1)))
+    assert first == again
+    assert first != other
+    assert first["q0"][0] != first["q0"][1], "the n samples of one query are drawn independently"
+
+
+def test_the_injected_vector_changes_the_answer(tiny_oracle, gemma_tokenizer, acts_BD, queries, greedy_reference):
+    # Another target's activation in q0's placeholder: a different greedy answer.
+    swapped = make_queries(gemma_tokenizer, acts_BD, vectors={0: acts_BD[1]})
+    result = tokens(fast(tiny_oracle, gemma_tokenizer, swapped[:1], greedy()))
+    assert result["q0"] != greedy_reference["q0"]
+
+
+def test_min_new_tokens_forces_full_length(tiny_oracle, queries, early_eos):
+    params = greedy(min_new_tokens=8)
+    result = fast(tiny_oracle, early_eos, queries[:2], params)
+    for samples in result.values():
+        for s in samples:
+            assert s.n_tokens == 8 and s.finish_reason == "length"
+            assert early_eos.eos_token_id not in s.token_ids
+    assert tokens(result) == tokens(plain(tiny_oracle, early_eos, queries[:2], params))
+
+
+def test_make_sample_finish_reason_and_text(gemma_tokenizer):
+    stop_ids = stop_token_ids(gemma_tokenizer)
+    end_of_turn = gemma_tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    assert end_of_turn in stop_ids and gemma_tokenizer.eos_token_id in stop_ids
+    hello = gemma_tokenizer(" Hello there", add_special_tokens=False)["input_ids"]
+
+    ended = make_sample(gemma_tokenizer, hello + [end_of_turn], stop_ids)
+    assert ended.finish_reason == "eos" and ended.text == "Hello there" and ended.n_tokens == len(hello) + 1
+    cut = make_sample(gemma_tokenizer, hello, stop_ids)
+    assert cut.finish_reason == "length" and cut.text == "Hello there"
+    assert make_sample(gemma_tokenizer, [], stop_ids).finish_reason == "length"
+
+
+@pytest.mark.parametrize(
+    "generated, expected",
+    [
+        pytest.param([5, 106, 0, 0], [5, 106], id="stopped_then_padded"),
+        pytest.param([5, 1, 9, 9], [5, 1], id="stopped_on_eos"),
+        pytest.param([5, 7, 9], [5, 7, 9], id="ran_to_length"),
+        pytest.param([106], [106], id="stopped_at_once"),
+        # generate pads only rows that stopped; a row without a stop token generated its trailing <pad> itself.
+        pytest.param([5, 0, 0], [5, 0, 0], id="ran_to_length_ending_in_pad_tokens"),
+    ],
+)
+def test_until_stop(generated, expected):
+    assert _until_stop(generated, [1, 106], pad_id=0) == expected
+
+
+def test_sample_sequential_returns_n_samples_per_query(tiny_oracle, gemma_tokenizer, queries):
+    three = [dataclasses.replace(q, n=3) for q in queries[:2]]
+    result = sample_sequential(tiny_oracle, gemma_tokenizer, three, injection_layer=INJECTION_LAYER,
+                               coefficient=COEFFICIENT, params=sampled(max_new_tokens=4))
+    assert list(result) == ["q0", "q1"]
+    assert all(len(v) == 3 and all(1 <= s.n_tokens <= 4 for s in v) for v in result.values())
+    greedy_sequential = sample_sequential(tiny_oracle, gemma_tokenizer, queries[:2], injection_layer=INJECTION_LAYER,
+                                          coefficient=COEFFICIENT, params=greedy(4))
+    assert tokens(greedy_sequential) == tokens(fast(tiny_oracle, gemma_tokenizer, queries[:2], greedy(4)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Real Gemma 3 270M, end to end on CPU
+
+
+@pytest.mark.slow
+def test_gemma270m_end_to_end(gemma270m_oracle, gemma_tokenizer, shared_data):
+    import json
+
+    oracle, tok = gemma270m_oracle, gemma_tokenizer
+    layer = layer_at_percent(num_layers(oracle), 50)
+    assert layer == 9
+    targets = json.loads((shared_data / "target_model_queries.json").read_text())[:3]
+    encoded = [encode_target(tok, t["messages"], target_id=t["id"]) for t in targets]
+    acts_BD = capture_activations(oracle, [e.input_ids for e in encoded], [e.assistant_start_idx for e in encoded],
+                                  layer, tok.pad_token_id)
+    assert acts_BD.shape == (3, oracle.get_base_model().config.hidden_size) and torch.isfinite(acts_BD).all()
+
+    oq = build_oracle_query(tok, layer=layer, question="What is the assistant's persona?")
+    queries = [Query(key=t["id"], input_ids=tuple(oq.input_ids), n=2, vectors_KD=acts_BD[i][None],
+                     positions_K=tuple(oq.placeholder_positions)) for i, t in enumerate(targets)]
+    params = DecodeParams(temperature=0.7, top_p=0.9, max_new_tokens=16, seed=0, min_new_tokens=2)
+    result = BatchedSampler(oracle, tok, injection_layer=INJECTION_LAYER, coefficient=COEFFICIENT,
+                            params=params).run(queries, progress=False)
+    assert sorted(result) == sorted(t["id"] for t in targets)
+    for samples in result.values():
+        assert len(samples) == 2
+        assert all(s.text and 2 <= s.n_tokens <= 16 for s in samples), [s.text for s in samples]
