@@ -43,6 +43,7 @@ JudgeBaseUrl = Annotated[Optional[str], typer.Option(help="OpenAI-compatible bas
 JudgeConcurrency = Annotated[Optional[int], typer.Option(help="judge calls in flight")]
 JudgeRepeats = Annotated[Optional[int], typer.Option(help="extra judge calls per run, answers shuffled")]
 RepeatFraction = Annotated[Optional[float], typer.Option(help="fraction of runs that get repeats")]
+EmbeddingModel = Annotated[Optional[str], typer.Option(help="sentence-transformers id/dir, or 'none'")]
 Baseline = Annotated[Optional[bool], typer.Option("--baseline/--no-baseline", help="also sample the target model")]
 NoJudge = Annotated[bool, typer.Option("--no-judge", help="generation + judge-free analysis only")]
 Set = Annotated[Optional[list[str]], typer.Option("--set", help="any config field: --set decode_seed=3")]
@@ -85,7 +86,7 @@ def run(
     batch_rows: BatchRows = None, judge_model: JudgeModel = None, judge_api: JudgeApi = None,
     judge_base_url: JudgeBaseUrl = None, judge_concurrency: JudgeConcurrency = None,
     judge_repeats: JudgeRepeats = None, repeat_fraction: RepeatFraction = None, baseline: Baseline = None,
-    no_judge: NoJudge = False, set_: Set = None, quiet: Quiet = False,
+    embedding_model: EmbeddingModel = None, no_judge: NoJudge = False, set_: Set = None, quiet: Quiet = False,
 ) -> None:
     """The whole experiment: prepare -> generate -> judge -> analyse (resumable: re-run on the same --out)."""
     from ao_resampling import pipeline
@@ -98,7 +99,7 @@ def run(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_rows=batch_rows,
         judge_model=judge_model, judge_api=judge_api, judge_base_url=judge_base_url,
         judge_concurrency=judge_concurrency, judge_repeats=judge_repeats, judge_repeat_fraction=repeat_fraction,
-        baseline=baseline,
+        baseline=baseline, embedding_model=embedding_model,
     )
     judge = not no_judge
     if judge and preset == "demo":
@@ -178,7 +179,7 @@ def judge(
 def report(
     results: Annotated[Path, typer.Argument(help="run folder or its results.json (older format accepted)")],
     out: Annotated[Optional[Path], typer.Option(help="where plots, summary.json and report.md go")] = None,
-    embedding_model: Annotated[Optional[str], typer.Option(help="sentence-transformers id or dir")] = None,
+    embedding_model: EmbeddingModel = None,
     baseline_file: Annotated[Optional[Path], typer.Option("--baseline", help="a separately saved baseline file")] = None,
     quiet: Quiet = False,
 ) -> None:

@@ -61,6 +61,7 @@ class ExperimentConfig(BaseModel):
     batch_rows: int = Field(512, ge=1, description="most rows (query x sample) decoded together")
     batch_tokens: int = Field(131_072, ge=1, description="most KV-cache tokens (rows x length) in one batch")
     sampler: Literal["batched", "sequential"] = "batched"
+    merge_lora: bool = Field(True, description="fold the LoRA into the weights while decoding (faster, same math)")
 
     # Judge
     judge: bool = True
@@ -100,7 +101,7 @@ class ExperimentConfig(BaseModel):
         """The settings a resumed run must share with the run it continues (batching and judge plumbing may change)."""
         plumbing = {
             "device", "device_map", "batch_rows", "batch_tokens", "judge", "judge_base_url", "judge_timeout_s",
-            "judge_max_retries", "judge_concurrency", "judge_api", "sampler", "bootstrap_resamples",
+            "judge_max_retries", "judge_concurrency", "judge_api", "sampler", "merge_lora", "bootstrap_resamples",
             "embedding_model", "bootstrap_seed", "baseline", "judge_repeats", "judge_repeat_fraction",
         }
         return {k: v for k, v in self.model_dump(mode="json").items() if k not in plumbing}

@@ -169,6 +169,9 @@ def resolve_embedding_model(spec: str) -> str:
     return spec
 
 
+NO_EMBEDDING = "none"  # --embedding-model none: where no sentence model can be had (e.g. an offline GPU box)
+
+
 def load_embedder(spec: str = DEFAULT_EMBEDDING_MODEL, device: str | None = None) -> Encoder:
     # models.py loads the generation models; this small encoder is loaded beside the only code that uses it.
     from sentence_transformers import SentenceTransformer
@@ -198,8 +201,11 @@ def embed_unique(encoder: Encoder, texts: Iterable[str], *, batch_size: int = 64
     return dict(zip(unique, emb_ND))
 
 
-def run_spread(texts: Sequence[str], embeddings: Mapping[str, np.ndarray], embedding_model: str) -> SpreadMetrics:
-    cosine = mean_pairwise_cosine(np.stack([embeddings[t] for t in texts])) if len(texts) >= 2 else None
+def run_spread(texts: Sequence[str], embeddings: Mapping[str, np.ndarray] | None, embedding_model: str
+               ) -> SpreadMetrics:
+    cosine = None
+    if embeddings is not None and len(texts) >= 2:
+        cosine = mean_pairwise_cosine(np.stack([embeddings[t] for t in texts]))
     return SpreadMetrics(
         embedding_model=embedding_model,
         embedding_mean_cosine=cosine,
@@ -213,11 +219,16 @@ def needs_spread(run: Run, embedding_model: str) -> bool:
 
 
 def compute_spreads(
-    runs: Sequence[Run], encoder: Encoder, embedding_model: str, *, progress: bool = False
+    runs: Sequence[Run], encoder: Encoder | None, embedding_model: str, *, progress: bool = False
 ) -> dict[str, SpreadMetrics]:
-    """run_id -> SpreadMetrics for the given runs, embedding all their answers in one batched call."""
+    """run_id -> SpreadMetrics for the given runs, embedding all their answers in one batched call.
+
+    ``encoder`` None (embedding_model 'none') leaves the embedding figure out: lexical spread only.
+    """
     texts_by_run = {r.run_id: [resp.text for resp in r.responses] for r in runs}
-    embeddings = embed_unique(encoder, itertools.chain.from_iterable(texts_by_run.values()), progress=progress)
+    embeddings = None
+    if encoder is not None:
+        embeddings = embed_unique(encoder, itertools.chain.from_iterable(texts_by_run.values()), progress=progress)
     return {run_id: run_spread(texts, embeddings, embedding_model) for run_id, texts in texts_by_run.items()}
 
 
@@ -237,7 +248,8 @@ def spread_stage(
     todo = [r for r in results.runs if needs_spread(r, embedding_model)]
     if not todo:
         return 0
-    encoder = encoder if encoder is not None else load_embedder(embedding_model)
+    if encoder is None and embedding_model != NO_EMBEDDING:
+        encoder = load_embedder(embedding_model)
     spreads = compute_spreads(todo, encoder, embedding_model, progress=progress)
     events = [{"type": "spread", "run_id": rid, "spread": s.model_dump(mode="json")} for rid, s in spreads.items()]
     for start in range(0, len(events), JOURNAL_CHUNK):

@@ -194,7 +194,8 @@ def generate(store: ResultsStore, config: ExperimentConfig, *, oracle: models.Lo
     else:
         BatchedSampler(oracle.model, oracle.tokenizer, injection_layer=oracle.injection_layer,
                        coefficient=config.steering_coefficient, params=params, max_rows=config.batch_rows,
-                       max_tokens=config.batch_tokens).run(queries, on_batch=journal, progress=progress)
+                       max_tokens=config.batch_tokens, merge_lora=config.merge_lora,
+                       ).run(queries, on_batch=journal, progress=progress)
     return len(todo)
 
 

@@ -31,6 +31,7 @@ from ao_resampling.hooks import injecting, left_pad, position_ids_from_mask
 from ao_resampling.models import adapter_disabled, model_device, stop_token_ids
 
 TOP_P_CANDIDATES = 256
+SYNC_EVERY = 8  # decode steps between host checks for finished rows
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,14 @@ def top_p_keep_mask(sorted_probs_BK: torch.Tensor, top_p: float) -> torch.Tensor
 
 def sample_next_tokens(logits_BV: torch.Tensor, *, temperature: float, top_p: float,
                        generator: torch.Generator | None, candidates: int = TOP_P_CANDIDATES) -> torch.Tensor:
-    """One token per row: greedy at temperature 0, else temperature + exact top-p + multinomial."""
+    """One token per row: greedy at temperature 0, else temperature + exact top-p + a categorical draw.
+
+    Rows whose nucleus lies inside the top ``candidates`` tokens (a trained model, nearly always) are decided there.
+    Other rows (flat distributions, e.g. random weights) get the exact nucleus threshold by bisection over the logit
+    value, a handful of passes over the vocabulary instead of a 262k-wide sort. Either way the kept set is HF's
+    TopPLogitsWarper's, except that tokens tied *exactly* at the boundary are all kept (HF keeps the ones its sort
+    happened to put first).
+    """
     if temperature == 0:
         return logits_BV.argmax(-1)
     logits_BV = logits_BV.float() / temperature
@@ -111,22 +119,45 @@ def sample_next_tokens(logits_BV: torch.Tensor, *, temperature: float, top_p: fl
     top_logits_BK, top_ids_BK = logits_BV.topk(k, dim=-1)  # sorted, descending
     log_z_B1 = logits_BV.logsumexp(-1, keepdim=True)
     top_probs_BK = (top_logits_BK - log_z_B1).exp()
-    # The nucleus lies inside the candidates iff their mass reaches top_p; other rows need the full sort.
-    short_B = top_probs_BK.sum(-1) < top_p
+    tokens_B = top_ids_BK.gather(-1, _draw(top_probs_BK * top_p_keep_mask(top_probs_BK, top_p), generator))
+    tokens_B = tokens_B.squeeze(-1)
+    short_B = top_probs_BK.sum(-1) < top_p  # the nucleus reaches past the candidates
     if short_B.any():
-        full_logits, full_ids = logits_BV[short_B].sort(dim=-1, descending=True)
-        full_probs = (full_logits - log_z_B1[short_B]).exp()
-        full_pick = _draw(full_probs * top_p_keep_mask(full_probs, top_p), generator)
-        fallback_B = full_ids.gather(-1, full_pick)
-    pick_B1 = _draw(top_probs_BK * top_p_keep_mask(top_probs_BK, top_p), generator)
-    tokens_B = top_ids_BK.gather(-1, pick_B1).squeeze(-1)
-    if short_B.any():
-        tokens_B[short_B] = fallback_B.squeeze(-1)
+        rows = short_B.nonzero().squeeze(-1)
+        tokens_B[rows] = _draw_full_nucleus(logits_BV[rows], log_z_B1[rows], top_logits_BK[rows, -1:], top_p,
+                                            generator)
     return tokens_B
 
 
+def nucleus_threshold(logits_BV: torch.Tensor, log_z_B1: torch.Tensor, below_B1: torch.Tensor, top_p: float,
+                      iters: int = 40) -> torch.Tensor:
+    """Per row, the smallest kept logit of the top-p nucleus: the largest t with mass(logits >= t) >= top_p.
+
+    Invariant: mass(>= lo) >= top_p > mass(>= hi). ``below_B1`` (the last candidate's logit) is a valid hi. After
+    ``iters`` halvings the interval is narrower than one float32 step at these magnitudes, so {logits >= lo} is
+    exactly the nucleus.
+    """
+    probs_BV = (logits_BV - log_z_B1).exp()
+    lo_B1 = logits_BV.min(-1, keepdim=True).values
+    hi_B1 = below_B1.clone()
+    for _ in range(iters):
+        mid_B1 = (lo_B1 + hi_B1) / 2
+        enough_B1 = (probs_BV * (logits_BV >= mid_B1)).sum(-1, keepdim=True) >= top_p
+        lo_B1 = torch.where(enough_B1, mid_B1, lo_B1)
+        hi_B1 = torch.where(enough_B1, hi_B1, mid_B1)
+    return lo_B1
+
+
+def _draw_full_nucleus(logits_BV, log_z_B1, below_B1, top_p, generator) -> torch.Tensor:
+    threshold_B1 = nucleus_threshold(logits_BV, log_z_B1, below_B1, top_p)
+    probs_BV = (logits_BV - log_z_B1).exp() * (logits_BV >= threshold_B1)
+    return _draw(probs_BV, generator).squeeze(-1)
+
+
 def _draw(weights_BK: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.multinomial(weights_BK, 1, generator=generator)
+    """A categorical draw per row, proportional to the (unnormalised) weights: argmax of w / Exp(1) noise."""
+    noise_BK = torch.empty_like(weights_BK).exponential_(generator=generator)
+    return (weights_BK / noise_BK).argmax(-1, keepdim=True)
 
 
 def batch_seed(seed: int, keys: Sequence[str]) -> int:
@@ -136,15 +167,6 @@ def batch_seed(seed: int, keys: Sequence[str]) -> int:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The fast path
-
-
-@dataclass
-class _Rows:
-    """Decode state of one batch: which query each row answers, its tokens so far, whether it is done."""
-
-    query_B: torch.Tensor
-    tokens: list[list[int]] = field(default_factory=list)
-    done: list[bool] = field(default_factory=list)
 
 
 class BatchedSampler:
@@ -202,41 +224,46 @@ class BatchedSampler:
         ids_QL, mask_QL = left_pad([q.input_ids for q in queries], self.pad_id, device)
         Q, L = ids_QL.shape
         n_Q = torch.tensor([q.n for q in queries], device=device)
+        stop_S = torch.tensor(self.stop_ids, device=device)
 
         with self._adapter():
-            cache = self._prefill_cache()
             with self._injection(queries, L, device):
                 out = self.model(input_ids=ids_QL, attention_mask=mask_QL,
-                                 position_ids=position_ids_from_mask(mask_QL), past_key_values=cache,
+                                 position_ids=position_ids_from_mask(mask_QL), past_key_values=self._prefill_cache(),
                                  use_cache=True, logits_to_keep=1)
             cache = self._expand(out.past_key_values, n_Q, L + p.max_new_tokens)
 
-            rows = _Rows(query_B=torch.arange(Q, device=device).repeat_interleave(n_Q))
-            B = rows.query_B.shape[0]
-            rows.tokens = [[] for _ in range(B)]
-            rows.done = [False] * B
-            alive_B = torch.arange(B, device=device)  # which original rows the current batch rows are
-            mask_BT = mask_QL.repeat_interleave(n_Q, dim=0)
-            next_pos_B = position_ids_from_mask(mask_BT)[:, -1] + 1
-            logits_BV = out.logits[:, -1].repeat_interleave(n_Q, dim=0)
+            # Decode state lives on the device; the host looks at it only every SYNC_EVERY steps.
+            B = int(n_Q.sum())
+            tokens_BT = torch.full((B, p.max_new_tokens), self.pad_id, dtype=torch.long, device=device)
+            done_B = torch.zeros(B, dtype=torch.bool, device=device)
+            alive_A = torch.arange(B, device=device)  # the original row of each row still in the batch
+            mask_AT = mask_QL.repeat_interleave(n_Q, dim=0)
+            next_pos_A = position_ids_from_mask(mask_AT)[:, -1] + 1
+            logits_AV = out.logits[:, -1].repeat_interleave(n_Q, dim=0)
             for step in range(p.max_new_tokens):
-                tokens_B = sample_next_tokens(self._suppress_stop(logits_BV, step), temperature=p.temperature,
+                tokens_A = sample_next_tokens(self._suppress_stop(logits_AV, step), temperature=p.temperature,
                                               top_p=p.top_p, generator=generator)
-                finished = self._record(rows, alive_B, tokens_B.tolist())
-                if all(rows.done) or step == p.max_new_tokens - 1:
+                tokens_BT[alive_A, step] = torch.where(done_B[alive_A], self.pad_id, tokens_A)
+                done_B[alive_A] |= torch.isin(tokens_A, stop_S)
+                if step == p.max_new_tokens - 1:
                     break
-                if self.compact_finished and finished and len(finished) * 2 >= alive_B.shape[0]:
-                    keep = torch.tensor([i for i, r in enumerate(alive_B.tolist()) if not rows.done[r]],
-                                        device=device)
-                    cache = _select_rows(cache, keep)
-                    alive_B, tokens_B, mask_BT, next_pos_B = (t[keep] for t in (alive_B, tokens_B, mask_BT, next_pos_B))
-                mask_BT = torch.cat([mask_BT, mask_BT.new_ones(mask_BT.shape[0], 1)], dim=1)
-                out = self.model(input_ids=tokens_B[:, None], attention_mask=mask_BT,
-                                 position_ids=next_pos_B[:, None], past_key_values=cache, use_cache=True)
+                if (step + 1) % SYNC_EVERY == 0:
+                    n_done_alive = int(done_B[alive_A].sum())
+                    if n_done_alive == alive_A.shape[0]:
+                        break
+                    if self.compact_finished and n_done_alive * 2 >= alive_A.shape[0]:
+                        keep = (~done_B[alive_A]).nonzero().squeeze(-1)
+                        cache = _select_rows(cache, keep)
+                        alive_A, tokens_A, mask_AT, next_pos_A = (
+                            t[keep] for t in (alive_A, tokens_A, mask_AT, next_pos_A))
+                mask_AT = torch.cat([mask_AT, mask_AT.new_ones(mask_AT.shape[0], 1)], dim=1)
+                out = self.model(input_ids=tokens_A[:, None], attention_mask=mask_AT,
+                                 position_ids=next_pos_A[:, None], past_key_values=cache, use_cache=True)
                 cache = out.past_key_values
-                logits_BV = out.logits[:, -1]
-                next_pos_B = next_pos_B + 1
-        return self._collect(queries, rows)
+                logits_AV = out.logits[:, -1]
+                next_pos_A = next_pos_A + 1
+        return self._collect(queries, n_Q, tokens_BT.tolist())
 
     # -- pieces of generate ------------------------------------------------------------------------------------------
 
@@ -284,25 +311,15 @@ class BatchedSampler:
         logits_BV[:, self.stop_ids] = float("-inf")
         return logits_BV
 
-    def _record(self, rows: _Rows, alive_B: torch.Tensor, tokens: list[int]) -> list[int]:
-        finished = []
-        for r, tok in zip(alive_B.tolist(), tokens):
-            if rows.done[r]:
-                continue
-            rows.tokens[r].append(tok)
-            if tok in self.stop_ids:
-                rows.done[r] = True
-                finished.append(r)
-        return [r for r in alive_B.tolist() if rows.done[r]]
-
-    def _collect(self, queries: Sequence[Query], rows: _Rows) -> dict[str, list[Sample]]:
-        out: dict[str, list[Sample]] = {q.key: [] for q in queries}
-        for r, q_idx in enumerate(rows.query_B.tolist()):
-            out[queries[q_idx].key].append(self._sample(rows.tokens[r]))
+    def _collect(self, queries: Sequence[Query], n_Q: torch.Tensor, tokens: list[list[int]]
+                 ) -> dict[str, list[Sample]]:
+        out: dict[str, list[Sample]] = {}
+        row = 0
+        for q, n in zip(queries, n_Q.tolist()):
+            out[q.key] = [make_sample(self.tokenizer, _until_stop(tokens[r], self.stop_ids, self.pad_id),
+                                      self.stop_ids) for r in range(row, row + n)]
+            row += n
         return out
-
-    def _sample(self, token_ids: list[int]) -> Sample:
-        return make_sample(self.tokenizer, token_ids, self.stop_ids)
 
 
 def make_sample(tokenizer, token_ids: list[int], stop_ids: Sequence[int]) -> Sample:

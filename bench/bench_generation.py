@@ -86,6 +86,7 @@ def main() -> None:
     ap.add_argument("--hf-rows", type=int, default=0, help="rows for one plain HF generate batch (0 = skip)")
     ap.add_argument("--variants", default="static,dynamic", help="batched variants: static, dynamic, merged")
     ap.add_argument("--full", action="store_true", help="also the whole stage (num_targets x num_questions queries)")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler table of a few decode steps")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
@@ -138,6 +139,23 @@ def main() -> None:
             record(f"batched {variant}, max_rows {budget}", len(subset) * args.samples, s, peak)
             if best is None or rows[-1].samples_per_s > best[0]:
                 best = (rows[-1].samples_per_s, variant, budget)
+
+    if args.profile and best:
+        from torch.profiler import ProfilerActivity, profile
+
+        _, variant, budget = best
+        sampler = BatchedSampler(model, tokenizer, injection_layer=1, coefficient=1.0,
+                                 params=DecodeParams(0.7, 0.9, 16, 0, min_new_tokens=16), max_rows=budget,
+                                 max_tokens=budget * args.tokens_per_row, static_cache=variant != "dynamic",
+                                 merge_lora=variant == "merged")
+        chunk = queries[: budget // args.samples]
+        sampler.run(chunk, progress=False)  # warm-up
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            s, _, _ = timed(lambda: sampler.run(chunk, progress=False), device)
+        sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(f"\nprofile: {variant}, {len(chunk) * args.samples} rows x 16 steps in {s:.2f}s")
+        print(prof.key_averages().table(sort_by=sort_by, row_limit=18, max_name_column_width=60))
 
     if args.full and best:
         _, variant, budget = best

@@ -181,6 +181,7 @@ def test_fast_path_equals_plain_generate(tiny_oracle, gemma_tokenizer, queries, 
 def test_fast_path_equals_plain_generate_with_early_stops(tiny_oracle, queries, early_eos, static_cache, compact,
                                                           monkeypatch):
     compactions = []
+    monkeypatch.setattr(sampling, "SYNC_EVERY", 1)  # look for finished rows after every step
     monkeypatch.setattr(sampling, "_select_rows",
                         lambda cache, keep: compactions.append(keep.tolist()) or ORIGINAL_SELECT_ROWS(cache, keep))
     two = queries[:2]  # q0's two rows stop at step 2: half the batch, so it is compacted then

