@@ -25,6 +25,10 @@ pytestmark = pytest.mark.gpu
 REPO = Path(__file__).resolve().parents[2]
 
 
+def shared(request) -> Path:
+    return request.getfixturevalue("shared_data")  # only needed when no targets/questions were named
+
+
 @pytest.fixture
 def judge_endpoint(request):
     """(api, base_url, server): the real OpenAI API by default, or the loopback fake server."""
@@ -41,14 +45,14 @@ def judge_endpoint(request):
         pytest.fail(f"--ao-judge / AO_JUDGE must be 'openai' or 'loopback', got {kind!r}")
 
 
-def test_full_experiment(request, shared_data, judge_endpoint):
+def test_full_experiment(request, judge_endpoint):
     api, base_url, server = judge_endpoint
     cfg = request.config
     model = option(cfg, "--ao-model")
     config = build_config(preset="experiment", overrides=dict(
         model=model, tokenizer=option(cfg, "--ao-tokenizer"), oracle_lora=option(cfg, "--ao-lora"),
-        targets=Path(option(cfg, "--ao-targets") or shared_data / "target_model_queries.json"),
-        questions=Path(option(cfg, "--ao-questions") or shared_data / "sycophancy_questions.json"),
+        targets=Path(option(cfg, "--ao-targets") or shared(request) / "target_model_queries.json"),
+        questions=Path(option(cfg, "--ao-questions") or shared(request) / "sycophancy_questions.json"),
         judge_api=api, judge_base_url=base_url, embedding_model=option(cfg, "--ao-embedding-model"),
         batch_rows=int(option(cfg, "--ao-batch-rows")), device=option(cfg, "--ao-device"),
         dtype=option(cfg, "--ao-dtype"), num_targets=int(option(cfg, "--ao-num-targets")),
