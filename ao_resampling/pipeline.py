@@ -52,8 +52,9 @@ def code_version() -> tuple[str, str | None]:
     except importlib.metadata.PackageNotFoundError:  # run from a source tree (PYTHONPATH) without installing
         version = "0+source"
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=5).stdout.strip() or None
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=5)
+        commit = done.stdout.strip() if done.returncode == 0 else None
     except (OSError, subprocess.TimeoutExpired):
         commit = None
     return version, commit

@@ -10,6 +10,7 @@ Stand-in on a box without the real weights (scale and speed only; the answers ar
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -70,7 +71,10 @@ def test_full_experiment(request, judge_endpoint):
     t = time.perf_counter()
     report = pipeline.run_experiment(config, out, judge=True, progress=True)
     wall = time.perf_counter() - t
-    print(f"\nstage seconds: {report.stage_seconds}; total {wall:.1f}s; {report.n_samples} samples; out {out}")
+    timings = {"total_s": round(wall, 1), "n_samples": report.n_samples,
+               **{f"{k}_s": round(v, 1) for k, v in report.stage_seconds.items()}}
+    (out / "timings.json").write_text(json.dumps(timings, indent=1))  # kept with the artifacts
+    print(f"\nstage seconds: {timings}; out {out}")
 
     results = load_results_file(out / "results.json")  # validates against the schema
     assert ResultsStore(out).journals() == [], "every journal was folded into results.json"
@@ -79,7 +83,9 @@ def test_full_experiment(request, judge_endpoint):
     assert len({r.run_id for r in results.runs}) == len(results.runs)
     for run in results.runs:
         assert len(run.responses) == n, run.run_id
-        assert all(resp.text.strip() for resp in run.responses), f"{run.run_id}: empty answer"
+        assert all(resp.n_tokens for resp in run.responses), f"{run.run_id}: an answer with no tokens"
+        if not config.model.startswith("synthetic:"):  # random weights often draw tokens that decode to nothing
+            assert all(resp.text.strip() for resp in run.responses), f"{run.run_id}: empty answer"
         assert run.judge is not None, f"{run.run_id}: neither a verdict nor a recorded failure"
         if run.judge.parsed is not None:
             assert 1 <= run.judge.parsed.similarity_1_to_10 <= 10
