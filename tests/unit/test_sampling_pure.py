@@ -13,7 +13,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from transformers.generation.logits_process import TopPLogitsWarper
 
-from ao_resampling.sampling import Query, plan_batches, sample_next_tokens, top_p_keep_mask
+from ao_resampling.sampling import Query, nucleus_threshold, plan_batches, sample_next_tokens, top_p_keep_mask
 
 # ---------------------------------------------------------------------------------------------------------------------
 # plan_batches
@@ -190,3 +190,16 @@ def test_same_generator_seed_same_tokens(candidates):
 
     assert torch.equal(draw(7), draw(7))
     assert not torch.equal(draw(7), draw(8))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), V=st.integers(2, 5000), top_p=st.floats(0.05, 0.99),
+       scale=st.sampled_from([0.01, 0.5, 3.0]))
+def test_bisection_nucleus_equals_the_sorted_nucleus(seed, V, top_p, scale):
+    """The no-sort path keeps exactly the tokens HF's sort-based warper keeps (no ties in random float32 logits)."""
+    logits_BV = torch.randn(3, V, generator=torch.Generator().manual_seed(seed)) * scale
+    log_z_B1 = logits_BV.logsumexp(-1, keepdim=True)
+    below_B1 = logits_BV.max(-1, keepdim=True).values + 1.0  # any value above every logit is a valid start
+    threshold_B1 = nucleus_threshold(logits_BV, log_z_B1, below_B1, top_p)
+    hf_keep_BV = TopPLogitsWarper(top_p)(None, logits_BV.clone()) > float("-inf")
+    assert torch.equal(logits_BV >= threshold_B1, hf_keep_BV)
