@@ -8,12 +8,15 @@ Settings come from the preset, then ``--config FILE.toml``, then flags (and ``--
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
 from ao_resampling.config import ConfigError, ExperimentConfig, build_config
+from ao_resampling.results import ResultsError
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
                   help="How much does an Activation Oracle's answer change when you just sample it again?")
@@ -45,9 +48,13 @@ JudgeRepeats = Annotated[Optional[int], typer.Option(help="extra judge calls per
 RepeatFraction = Annotated[Optional[float], typer.Option(help="fraction of runs that get repeats")]
 EmbeddingModel = Annotated[Optional[str], typer.Option(help="sentence-transformers id/dir, or 'none'")]
 Baseline = Annotated[Optional[bool], typer.Option("--baseline/--no-baseline", help="also sample the target model")]
+BaselineMaxNew = Annotated[Optional[int], typer.Option(help="max new tokens per target-model reply (baseline)")]
 NoJudge = Annotated[bool, typer.Option("--no-judge", help="generation + judge-free analysis only")]
 Set = Annotated[Optional[list[str]], typer.Option("--set", help="any config field: --set decode_seed=3")]
 Quiet = Annotated[bool, typer.Option("--quiet", help="no progress bars")]
+Gpus = Annotated[Optional[int], typer.Option(
+    "--gpus", min=1, help="spread generation over N GPUs, one rank each (relaunches itself under torchrun; "
+                          "with --device cpu, N CPU processes)")]
 
 
 def _fail(message: str) -> None:
@@ -70,7 +77,9 @@ def _parse_sets(items: list[str] | None) -> dict[str, Any]:
 
 def _config(preset: str, config_file: Path | None, sets: list[str] | None, **flags: Any) -> ExperimentConfig:
     try:
-        return build_config(preset=preset, config_file=config_file, overrides={**_parse_sets(sets), **flags})
+        # A flag left unset is None; it must not hide a --set of the same field.
+        given = {k: v for k, v in flags.items() if v is not None}
+        return build_config(preset=preset, config_file=config_file, overrides={**_parse_sets(sets), **given})
     except ConfigError as e:
         _fail(str(e))
         raise  # unreachable
@@ -86,7 +95,8 @@ def run(
     batch_rows: BatchRows = None, judge_model: JudgeModel = None, judge_api: JudgeApi = None,
     judge_base_url: JudgeBaseUrl = None, judge_concurrency: JudgeConcurrency = None,
     judge_repeats: JudgeRepeats = None, repeat_fraction: RepeatFraction = None, baseline: Baseline = None,
-    embedding_model: EmbeddingModel = None, no_judge: NoJudge = False, set_: Set = None, quiet: Quiet = False,
+    baseline_max_new_tokens: BaselineMaxNew = None, embedding_model: EmbeddingModel = None, no_judge: NoJudge = False,
+    set_: Set = None, quiet: Quiet = False, gpus: Gpus = None,
 ) -> None:
     """The whole experiment: prepare -> generate -> judge -> analyse (resumable: re-run on the same --out)."""
     from ao_resampling import pipeline
@@ -99,8 +109,16 @@ def run(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_rows=batch_rows,
         judge_model=judge_model, judge_api=judge_api, judge_base_url=judge_base_url,
         judge_concurrency=judge_concurrency, judge_repeats=judge_repeats, judge_repeat_fraction=repeat_fraction,
-        baseline=baseline, embedding_model=embedding_model,
+        baseline=baseline, baseline_max_new_tokens=baseline_max_new_tokens, embedding_model=embedding_model,
     )
+    if gpus and gpus > 1 and "WORLD_SIZE" not in os.environ:  # not yet under torchrun: become it
+        from ao_resampling import distributed
+
+        try:
+            distributed.check_launch(config, gpus)
+        except pipeline.PipelineError as e:
+            _fail(str(e))
+        distributed.relaunch(gpus, sys.argv[1:])
     judge = not no_judge
     if judge and preset == "demo":
         try:  # the demo judges only when the user has given it a way to
@@ -112,8 +130,11 @@ def run(
     out_dir = out or pipeline.default_out_dir(config, preset)
     try:
         report = pipeline.run_experiment(config, out_dir, judge=judge, progress=not quiet, log=typer.echo)
-    except (pipeline.PipelineError, ConfigError) as e:
+    except (pipeline.PipelineError, ConfigError, ResultsError) as e:  # ResultsError: a damaged --out folder
         _fail(str(e))
+        return
+    if report.report_dir is None:  # a rank other than 0 under torchrun: its share is journaled, rank 0 does the rest
+        typer.echo(f"rank {os.environ.get('RANK')}: sampled {report.n_runs} runs; rank 0 merges, judges and reports")
         return
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in report.stage_seconds.items())
     typer.echo(f"\n{report.n_runs} runs, {report.n_samples} AO answers ({timings})")
@@ -142,7 +163,7 @@ def prepare(
     out_dir = out or pipeline.default_out_dir(config, preset)
     try:
         store, table = pipeline.prepare(config, out_dir)
-    except (pipeline.PipelineError, DataError, EncodingError, ModelLoadError) as e:
+    except (pipeline.PipelineError, DataError, EncodingError, ModelLoadError, ResultsError) as e:
         _fail(str(e))
         return
     results = store.load()
@@ -184,6 +205,7 @@ def report(
     quiet: Quiet = False,
 ) -> None:
     """Plots A/B/C + heatmap, summary.json and report.md; works on partly judged files."""
+    from ao_resampling.baseline import baseline_spread_stage, load_baseline_file, with_spreads
     from ao_resampling.metrics import spread_stage
     from ao_resampling.report import write_report
     from ao_resampling.results import ResultsError
@@ -191,18 +213,58 @@ def report(
     store, config = _open(results, embedding_model=embedding_model)
     try:
         spread_stage(store, embedding_model=config.embedding_model, progress=not quiet)
+        baseline_spread_stage(store, embedding_model=config.embedding_model, progress=not quiet)
         loaded = store.load()
-        extra = {}
-        if baseline_file is not None:
-            from ao_resampling.baseline import load_baseline_file
-
-            extra["baseline"] = load_baseline_file(baseline_file)
+        baseline = None
+        if baseline_file is not None:  # matched to the AO runs by target id, in memory only
+            baseline = with_spreads(load_baseline_file(baseline_file), embedding_model=config.embedding_model)
         out_dir = out or store.folder / "report"
-        write_report(loaded, out_dir, seed=config.bootstrap_seed, **extra)
+        write_report(loaded, out_dir, seed=config.bootstrap_seed, n_boot=config.bootstrap_resamples, baseline=baseline)
     except ResultsError as e:
         _fail(str(e))
         return
     typer.echo(f"report: {out_dir / 'report.md'}")
+
+
+@app.command(name="baseline")
+def baseline_command(
+    results: Annotated[Path, typer.Argument(help="run folder or its results.json")],
+    baseline_max_new_tokens: BaselineMaxNew = None, device: Device = None, device_map: DeviceMap = None,
+    batch_rows: BatchRows = None, judge_model: JudgeModel = None, judge_api: JudgeApi = None,
+    judge_base_url: JudgeBaseUrl = None, judge_concurrency: JudgeConcurrency = None,
+    embedding_model: EmbeddingModel = None, no_judge: NoJudge = False, quiet: Quiet = False,
+) -> None:
+    """Sample the target model itself n times per target (adapter off), judge its replies, and redo the report.
+    Journaled, resumable: targets already sampled or judged are skipped."""
+    from ao_resampling import pipeline
+    from ao_resampling.baseline import BaselineError, baseline_stage, baseline_summary
+    from ao_resampling.judge import JudgeConfigError, check_judge_access
+    from ao_resampling.models import ModelLoadError
+
+    store, config = _open(results, baseline_max_new_tokens=baseline_max_new_tokens, device=device,
+                          device_map=device_map, batch_rows=batch_rows, judge_model=judge_model, judge_api=judge_api,
+                          judge_base_url=judge_base_url, judge_concurrency=judge_concurrency,
+                          embedding_model=embedding_model)
+    if not no_judge:
+        try:
+            check_judge_access(config)
+        except JudgeConfigError as e:
+            _fail(f"{e}; or pass --no-judge for the replies alone")
+    try:
+        outcome = baseline_stage(store, config, judge=not no_judge, progress=not quiet)
+        report_dir = pipeline.analyse(store, config, progress=not quiet)
+    except (BaselineError, ModelLoadError, pipeline.PipelineError) as e:
+        _fail(str(e))
+        return
+    typer.echo(f"baseline: {outcome.n_sampled} targets sampled ({outcome.n_already_sampled} already were), "
+               f"{outcome.n_judge_ok} of {outcome.n_judge_sent} judge calls scored"
+               + (f", failures {outcome.n_judge_failed}" if outcome.n_judge_failed else ""))
+    b = baseline_summary(store.load())
+    if b and b["n_targets"]:
+        r = "n/a" if b["pearson_r"] is None else f"{b['pearson_r']:.3f}"
+        rho = "n/a" if b["spearman_r"] is None else f"{b['spearman_r']:.3f}"
+        typer.echo(f"AO vs target model over {b['n_targets']} targets: Pearson r = {r}, Spearman rho = {rho}")
+    typer.echo(f"report: {report_dir / 'report.md'}")
 
 
 def _open(results: Path, **overrides: Any):

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from ao_resampling.models import adapter_disabled, decoder_layers
+from ao_resampling.models import adapter_disabled, decoder_layers, model_device
 
 Hook = Callable[[nn.Module, tuple, object], object]
 
@@ -125,7 +125,7 @@ def capture_activations(model: nn.Module, sequences: Sequence[Sequence[int]], po
 
     ``positions`` index the unpadded sequences; they are shifted by each row's left padding here.
     """
-    device = next(model.parameters()).device
+    device = model_device(model)
     ids_BL, mask_BL = left_pad(sequences, pad_id, device)
     pad_B = ids_BL.shape[1] - torch.tensor([len(s) for s in sequences], device=device)
     store: dict[str, torch.Tensor] = {}

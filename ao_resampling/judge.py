@@ -293,9 +293,22 @@ def judge_once(
     answer_order: list[int] | None = None,
 ) -> JudgeRecord:
     """One judge call. Never raises for API or output problems: they become a ``failure`` on the record."""
+    return judge_prompt(client=client, model=model, api=api, prompt=build_prompt(question=question, answers=answers),
+                        judge_call_id=judge_call_id, answer_order=answer_order)
+
+
+def judge_prompt(
+    *,
+    client: Any,
+    model: str,
+    api: str,
+    prompt: str,
+    judge_call_id: str,
+    answer_order: list[int] | None = None,
+) -> JudgeRecord:
+    """``judge_once`` for a prompt built elsewhere (the target-model baseline's): same schema, same failure rules."""
     if api not in ("responses", "chat"):
         raise ValueError(f"unknown judge api {api!r}; expected 'responses' or 'chat'")
-    prompt = build_prompt(question=question, answers=answers)
     secret = getattr(client, "api_key", None)
     secret = secret if isinstance(secret, str) else None
     created_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -195,7 +195,10 @@ def layer_at_percent(n_layers: int, percent: int) -> int:
 
 
 def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    """Where inputs go: the token embedding's device (under device_map="auto" the layers may sit on other GPUs)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    return weight.device if isinstance(weight, torch.Tensor) else next(model.parameters()).device
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 
 from ao_resampling import data, models
 from ao_resampling.config import ExperimentConfig, diff_settings
@@ -138,8 +139,12 @@ def prepare(config: ExperimentConfig, out_dir: Path, tokenizer=None) -> tuple[Re
     store = ResultsStore(out_dir)
     if store.exists():
         existing = store.load()
-        old = ExperimentConfig.model_validate(existing.meta.config).settings_that_change_results() \
-            if existing.meta.config else {}
+        try:
+            old = ExperimentConfig.model_validate(existing.meta.config).settings_that_change_results() \
+                if existing.meta.config else {}
+        except ValidationError as e:  # made by another version of this tool: not something to resume blindly
+            raise PipelineError(f"{store.results_path}: its meta.config is not a config this version understands "
+                                f"({e.error_count()} problem(s)); use another --out folder") from e
         differences = diff_settings(old, config.settings_that_change_results())
         if differences:
             raise PipelineError(
@@ -266,9 +271,20 @@ class RunReport:
 
 def run_experiment(config: ExperimentConfig, out_dir: Path, *, judge: bool | None = None, progress: bool = True,
                    judge_client=None, log: Callable[[str], None] = print) -> RunReport:
-    """prepare -> generate -> (baseline) -> judge -> analyse, each doing only what is missing."""
+    """prepare -> generate -> (baseline) -> judge -> analyse, each doing only what is missing.
+
+    Under torchrun every rank samples a share of the runs (distributed.py); rank 0 alone plans, merges the journals,
+    judges and analyses, and the other ranks return after generation.
+    """
+    from ao_resampling import distributed
+
     judge = config.judge if judge is None else judge
-    preflight(config, judge=judge)
+    here = distributed.start(config)  # a world of one unless torchrun started several ranks
+    config = distributed.rank_config(config, here)
+    if not here.is_main:
+        log, progress = (lambda _: None), False
+    with distributed.together(here, "pre-flight checks"):
+        preflight(config, judge=judge and here.is_main)
     report = RunReport(out_dir=Path(out_dir))
     why = stand_in_reason(config)
     if why:
@@ -276,16 +292,26 @@ def run_experiment(config: ExperimentConfig, out_dir: Path, *, judge: bool | Non
         log(report.notes[-1])
 
     t = time.perf_counter()
-    oracle = load_oracle(config)
+    with distributed.together(here, "loading the model"):
+        oracle = load_oracle(config)
     report.stage_seconds["load"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    store, _ = prepare(config, out_dir, tokenizer=oracle.tokenizer)
+    with distributed.together(here, "writing the plan"):  # one plan (question sample, run ids), by rank 0 alone
+        store, _ = prepare(config, out_dir, tokenizer=oracle.tokenizer) if here.is_main else (None, None)
     report.stage_seconds["prepare"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    generate(store, config, oracle=oracle, progress=progress)
-    results = store.compact()
+    if here.is_distributed:
+        sampled = distributed.generate_shard(Path(out_dir), config, here, oracle=oracle, progress=progress)
+        distributed.stop()
+        if not here.is_main:
+            report.stage_seconds["generate"] = time.perf_counter() - t
+            report.n_runs, report.n_samples = sampled, sampled * config.samples_per_query
+            return report
+    else:
+        generate(store, config, oracle=oracle, progress=progress)
+    results = store.compact()  # under torchrun: every rank's journal, merged in plan order
     report.stage_seconds["generate"] = time.perf_counter() - t
 
     if config.baseline:
@@ -323,5 +349,5 @@ def analyse(store: ResultsStore, config: ExperimentConfig, *, out_dir: Path | No
     results.meta.updated_at = now()
     store.write(results)
     out_dir = out_dir or store.folder / "report"
-    write_report(results, out_dir, seed=config.bootstrap_seed)
+    write_report(results, out_dir, seed=config.bootstrap_seed, n_boot=config.bootstrap_resamples)
     return out_dir

@@ -6,7 +6,8 @@ needs no display. A failed judge call or a run not judged yet is never a score: 
 title. The embedding figures use ``run.spread`` (cached by ``metrics.spread_stage``).
 
 A: distribution of per-run values; B: distribution of per-target means; C: per-question distribution across
-targets, questions sorted by mean; plus a target x question heatmap and judge score vs embedding similarity.
+targets, questions sorted by mean; plus a target x question heatmap and judge score vs embedding similarity, and,
+when the file has a target-model baseline, the AO's per-target mean against the target model's own similarity.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from ao_resampling.baseline import Comparison, embedding_comparison, judge_comparison
 from ao_resampling.metrics import (
     SCORES,
     embedding_similarities,
@@ -263,3 +265,52 @@ def judge_vs_embedding(results: Results) -> Figure:
     ax.set_title(f"Judge score vs embedding similarity: {corr}\nn={len(scores)} runs with both"
                  + (f" (excluded: {why})" if why else ""))
     return fig
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Target-model baseline
+
+
+def _baseline_scatter(comp: Comparison, *, xlabel: str, ylabel: str, lims: tuple[float, float], what: str,
+                      color: str) -> Figure:
+    """One labelled point per target: the target model's own similarity (x) against the AO's mean (y)."""
+    fig = new_figure(7.5, 6.2)
+    ax = fig.add_subplot()
+    x, y = [p.baseline for p in comp.pairs], [p.ao for p in comp.pairs]
+    ax.plot(lims, lims, color="grey", linestyle=":", linewidth=1, label="AO = target model")
+    ax.scatter(x, y, s=18, color=color, alpha=0.7, linewidths=0)
+    fontsize = max(4.0, min(8.0, 400 / max(comp.n, 1)))
+    for p in comp.pairs:
+        ax.annotate(p.target_id, (p.baseline, p.ao), xytext=(3, 2), textcoords="offset points", fontsize=fontsize)
+    ax.set_xlim(*lims)
+    ax.set_ylim(*lims)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(loc="upper left", frameon=False)
+    r = "n/a" if comp.pearson_r is None else f"{comp.pearson_r:.3f} (p = {comp.pearson_p:.2g})"
+    rho = "n/a" if comp.spearman_r is None else f"{comp.spearman_r:.3f} (p = {comp.spearman_p:.2g})"
+    ax.set_title(f"AO vs target model, {what} (n={comp.n} targets with both)\n"
+                 f"Pearson r = {r}, Spearman ρ = {rho}")
+    return fig
+
+
+def baseline_vs_ao(results: Results) -> Figure:
+    """Per target: the judge's score of the target model's own replies against the AO's mean score."""
+    fig = _baseline_scatter(judge_comparison(results), lims=(0.5, 10.5), what="judge similarity", color=BAR_COLOR,
+                            xlabel="target model's own similarity (judge score of its n replies)",
+                            ylabel="AO mean judge score over the target's questions")
+    fig.axes[0].set_xticks(list(SCORES))
+    fig.axes[0].set_yticks(list(SCORES))
+    return fig
+
+
+def baseline_vs_ao_embedding(results: Results) -> Figure:
+    """The same in the embedding view: mean pairwise cosine of the replies against the AO runs' mean."""
+    comp = embedding_comparison(results)
+    values = [v for p in comp.pairs for v in (p.ao, p.baseline)]
+    lo = _continuous_bins(values)[0]
+    pad = 0.03 * (1.0 - lo)
+    return _baseline_scatter(comp, lims=(lo - pad, 1.0 + pad), what=f"embedding similarity ({comp.model})",
+                             color=EMB_COLOR,
+                             xlabel="target model's own similarity (mean pairwise cosine of its replies)",
+                             ylabel="AO mean embedding similarity over the target's questions")

@@ -18,6 +18,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from ao_resampling import plots
+from ao_resampling.baseline import baseline_summary, embedding_comparison, judge_comparison
 from ao_resampling.metrics import (
     describe,
     embedding_similarities,
@@ -31,7 +32,7 @@ from ao_resampling.metrics import (
     score_histogram,
     spearman,
 )
-from ao_resampling.results import Results, Run, TargetRecord, atomic_write_text
+from ao_resampling.results import Baseline, Results, Run, TargetRecord, atomic_write_text
 
 SUMMARY_NAME = "summary.json"
 REPORT_NAME = "report.md"
@@ -125,8 +126,14 @@ def judge_repeats_section(results: Results, opts: SummaryOptions) -> dict[str, A
     return {"judge_repeats": judge_repeat_agreement(results.runs)}
 
 
+def baseline_section(results: Results, opts: SummaryOptions) -> dict[str, Any]:
+    summary = baseline_summary(results)
+    return {} if summary is None else {"baseline": summary}
+
+
 SUMMARY_SECTIONS: list[SummarySection] = [
     counts_section, judge_section, embedding_section, lexical_section, agreement_section, judge_repeats_section,
+    baseline_section,
 ]
 
 
@@ -168,7 +175,18 @@ def embedding_plots(results: Results) -> dict[str, Callable[[Results], Figure]]:
     return EMBEDDING_PLOTS if embedding_similarities(results.runs) else {}
 
 
-PLOT_SETS: list[PlotSet] = [judge_plots, embedding_plots]
+def baseline_plots(results: Results) -> dict[str, Callable[[Results], Figure]]:
+    if results.baseline is None:
+        return {}
+    out: dict[str, Callable[[Results], Figure]] = {}
+    if judge_comparison(results).n:
+        out["baseline_vs_ao.png"] = plots.baseline_vs_ao
+    if embedding_comparison(results).n:
+        out["baseline_vs_ao_embedding.png"] = plots.baseline_vs_ao_embedding
+    return out
+
+
+PLOT_SETS: list[PlotSet] = [judge_plots, embedding_plots, baseline_plots]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -370,9 +388,91 @@ def judge_repeats_md_section(ctx: ReportContext) -> str | None:
             f"{_num(rep['exact_agreement_rate'], '.1%')}, mean absolute difference {_num(rep['mean_abs_delta'])} points.")
 
 
+def _ids(ids: Sequence[str], most: int = 20) -> str:
+    shown = ", ".join(ids[:most])
+    return shown + (f" … and {len(ids) - most} more" if len(ids) > most else "")
+
+
+def _baseline_view(ctx: ReportContext, block: dict[str, Any], *, what: str, fmt: str, image: str) -> list[str]:
+    if not block["n_targets"]:
+        return [f"No target has both an AO {what} and a baseline {what} yet."]
+    r = ("Pearson r = n/a" if block["pearson_r"] is None else
+         f"Pearson r = {block['pearson_r']:.3f} (p = {block['pearson_p']:.2g})")
+    rho = ("Spearman ρ = n/a" if block["spearman_r"] is None else
+           f"Spearman ρ = {block['spearman_r']:.3f} (p = {block['spearman_p']:.2g})")
+    return [f"Over the {block['n_targets']} targets with both: the target model's own {what} averages "
+            f"{_num(block['mean'], fmt)}, the AO's mean {what} {_num(block['ao_mean'], fmt)}; {r}, {rho}.", "",
+            _image(ctx, image, f"AO vs target model ({what})")]
+
+
+def _gap_tables(ctx: ReportContext, block: dict[str, Any], fmt: str) -> list[str]:
+    texts = {t.id: _target_text(t) for t in ctx.results.targets}
+    lines = []
+    for key, heading in (("ao_higher", "AO more self-consistent than the target model (AO − target > 0)"),
+                         ("baseline_higher", "Target model more self-consistent than the AO (AO − target < 0)")):
+        rows = block["largest_gaps"][key]
+        lines += [f"{heading}:", ""]
+        if not rows:
+            lines += ["None.", ""]
+            continue
+        lines += ["| target | AO mean | target model | gap | conversation (first user turn) |",
+                  "| --- | ---: | ---: | ---: | --- |"]
+        lines += [f"| {g['target_id']} | {_num(g['ao_mean'], fmt)} | {_num(g['baseline'], fmt)} | "
+                  f"{g['gap']:+{fmt}} | {_cell(texts.get(g['target_id'], '(not in the AO results)'))} |" for g in rows]
+        lines.append("")
+    return lines
+
+
+def baseline_md_section(ctx: ReportContext) -> str | None:
+    b = ctx.summary.get("baseline")
+    if b is None:
+        return None
+    lines = ["## Target-model baseline", "",
+             "Does the oracle's spread just mirror the target model's own variability on the prompt? The target "
+             "model itself (adapter off, nothing injected) continued each target's conversation several times and "
+             "the judge rated how similar its replies are, on the same 1–10 scale.", ""]
+    decoding, n = b["decoding"], b["responses_per_target"]
+    replies = "no" if not n else str(n[0]) if len(n) == 1 else f"{n[0]}–{n[-1]}"
+    lines.append(f"- {b['n_runs']} baseline targets, {replies} replies each"
+                 + ("" if decoding is None else f" (temperature {decoding['temperature']}, top_p {decoding['top_p']}, "
+                                                f"max_new_tokens {decoding['max_new_tokens']})") + ".")
+    if b["n_judge_failures"]:
+        reasons = ", ".join(f"{k}: {v}" for k, v in b["judge_failures"].items())
+        lines.append(f"- **Baseline judge failures:** {b['n_judge_failures']} ({reasons}); those targets are left out "
+                     "(a failure is not a low score).")
+    if b["n_unjudged"]:
+        lines.append(f"- {b['n_unjudged']} baseline targets are not judged yet.")
+    if b["only_in_results"]:
+        lines.append(f"- **No baseline for {len(b['only_in_results'])} target(s) of the AO results:** "
+                     f"{_ids(b['only_in_results'])}.")
+    if b["only_in_baseline"]:
+        lines.append(f"- **{len(b['only_in_baseline'])} baseline target(s) have no AO runs:** "
+                     f"{_ids(b['only_in_baseline'])}.")
+    lines += ["", "### Judge view", ""]
+    lines += _baseline_view(ctx, b, what="judge similarity", fmt=".2f", image="baseline_vs_ao.png")
+    emb = b["embedding"]
+    lines += ["", "### Embedding view", ""]
+    if emb["skipped"]:
+        lines.append(f"Skipped: {emb['skipped']}.")
+    else:
+        lines += [f"Mean pairwise cosine similarity of the replies, embedded with {emb['model']} (as the AO runs "
+                  "were).", ""]
+        lines += _baseline_view(ctx, emb, what="embedding similarity", fmt=".3f", image="baseline_vs_ao_embedding.png")
+    lines += ["", "### Largest gaps", ""]
+    if b["n_targets"]:
+        lines += ["By judge score (the AO's mean over the target's questions against the target model's own):", ""]
+        lines += _gap_tables(ctx, b, ".2f")
+    elif emb["n_targets"]:
+        lines += ["By embedding similarity (no target has both judge scores):", ""]
+        lines += _gap_tables(ctx, emb, ".3f")
+    else:
+        lines.append("No target has both an AO value and a baseline value yet.")
+    return "\n".join(lines).rstrip()
+
+
 REPORT_SECTIONS: list[ReportSection] = [
     header_section, setup_section, judge_distribution_section, per_question_section, per_target_section,
-    consistency_section, judge_free_section, judge_repeats_md_section,
+    consistency_section, judge_free_section, judge_repeats_md_section, baseline_md_section,
 ]
 
 
@@ -393,8 +493,14 @@ class ReportPaths:
     plots: dict[str, Path] = field(default_factory=dict)
 
 
-def write_report(results: Results, out_dir: Path, *, seed: int = 0, n_boot: int = 2000, dpi: int = 150) -> ReportPaths:
-    """Write every figure that applies, summary.json and report.md into ``out_dir``."""
+def write_report(results: Results, out_dir: Path, *, seed: int = 0, n_boot: int = 2000, dpi: int = 150,
+                 baseline: Baseline | None = None) -> ReportPaths:
+    """Write every figure that applies, summary.json and report.md into ``out_dir``.
+
+    ``baseline``: a target-model baseline saved on its own; it stands in for the file's own for this report.
+    """
+    if baseline is not None:
+        results = results.model_copy(update={"baseline": baseline})
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}

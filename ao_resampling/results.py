@@ -144,6 +144,7 @@ class BaselineRun(_Model):
     target_id: str
     responses: list[Response] = []
     judge: JudgeRecord | None = None
+    spread: SpreadMetrics | None = None
 
 
 class Baseline(BaseModel):
@@ -191,6 +192,9 @@ class Results(_Model):
     def _migrate(cls, data: Any) -> Any:
         if isinstance(data, dict) and "schema_version" not in data:
             return _migrate_v0(data)
+        version = data.get("schema_version") if isinstance(data, dict) else SCHEMA_VERSION
+        if type(version) is not int:  # a string or null would otherwise crash the comparison below with a TypeError
+            raise ValueError(f"schema_version must be an integer, got {version!r}")
         if isinstance(data, dict) and data.get("schema_version", SCHEMA_VERSION) > SCHEMA_VERSION:
             raise ValueError(
                 f"schema_version {data['schema_version']} is newer than this tool's ({SCHEMA_VERSION}); upgrade"
@@ -297,10 +301,30 @@ class Journal:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         payload = "".join(json.dumps(e, ensure_ascii=False, separators=(",", ":")) + "\n" for e in events)
+        self._drop_torn_tail()
         with open(self.path, "a") as f:
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
+
+    def _drop_torn_tail(self) -> None:
+        # A kill mid-write leaves a last line without its newline. Appending after it would glue the next event onto
+        # the fragment and turn a tolerated torn *last* line into a fatal bad *middle* line, so cut it off first.
+        try:
+            with open(self.path, "rb+") as f:
+                data = f.read()
+                if not data or data.endswith(b"\n"):
+                    return
+                start = data.rfind(b"\n") + 1
+                try:  # killed between a complete event and its newline: keep the event
+                    json.loads(data[start:])
+                    f.write(b"\n")
+                except ValueError:
+                    f.truncate(start)
+                f.flush()
+                os.fsync(f.fileno())
+        except FileNotFoundError:
+            return
 
     def read(self) -> Iterator[dict[str, Any]]:
         """Events in order. A torn *last* line is reported with a warning and skipped; a bad middle line raises."""
@@ -326,7 +350,7 @@ class Journal:
 def apply_event(results: Results, event: dict[str, Any], runs: dict[str, Run]) -> None:
     """Fold one journal event into ``results`` (in place). Unknown run ids are an error: the journal is not ours."""
     kind = event.get("type")
-    if kind == "baseline_responses" or kind == "baseline_judge":
+    if kind in ("baseline_responses", "baseline_judge", "baseline_spread"):
         _apply_baseline_event(results, event)
         return
     run = runs.get(event.get("run_id", ""))
@@ -357,6 +381,8 @@ def _apply_baseline_event(results: Results, event: dict[str, Any]) -> None:
         results.baseline.meta = event["meta"]
     if event["type"] == "baseline_responses":
         run.responses = [Response.model_validate(r) for r in event["responses"]]
+    elif event["type"] == "baseline_spread":
+        run.spread = SpreadMetrics.model_validate(event["spread"])
     else:
         run.judge = JudgeRecord.model_validate(event["record"])
 
@@ -380,8 +406,12 @@ class ResultsStore:
         results = load_results_file(self.results_path)
         runs = results.run_by_id()
         for path in self.journals():
-            for event in Journal(path).read():
-                apply_event(results, event, runs)
+            for n, event in enumerate(Journal(path).read(), start=1):
+                try:
+                    apply_event(results, event, runs)
+                except (ResultsError, ValidationError, KeyError, TypeError, AttributeError) as e:
+                    detail = f"missing key {e}" if isinstance(e, KeyError) else str(e)
+                    raise ResultsError(f"{path}: event {n}: {detail}") from e
         return results
 
     def write(self, results: Results) -> None:

@@ -240,7 +240,7 @@ class BatchedSampler:
             alive_A = torch.arange(B, device=device)  # the original row of each row still in the batch
             mask_AT = mask_QL.repeat_interleave(n_Q, dim=0)
             next_pos_A = position_ids_from_mask(mask_AT)[:, -1] + 1
-            logits_AV = out.logits[:, -1].repeat_interleave(n_Q, dim=0)
+            logits_AV = out.logits[:, -1].to(device).repeat_interleave(n_Q, dim=0)
             for step in range(p.max_new_tokens):
                 tokens_A = sample_next_tokens(self._suppress_stop(logits_AV, step), temperature=p.temperature,
                                               top_p=p.top_p, generator=generator)
@@ -261,7 +261,7 @@ class BatchedSampler:
                 out = self.model(input_ids=tokens_A[:, None], attention_mask=mask_AT,
                                  position_ids=next_pos_A[:, None], past_key_values=cache, use_cache=True)
                 cache = out.past_key_values
-                logits_AV = out.logits[:, -1]
+                logits_AV = out.logits[:, -1].to(device)  # the head may sit on another GPU under device_map="auto"
                 next_pos_A = next_pos_A + 1
         return self._collect(queries, n_Q, tokens_BT.tolist())
 
@@ -292,16 +292,18 @@ class BatchedSampler:
         """Repeat each query's prompt KV for its n samples, into a static cache when every window holds it all."""
         config = self._text_config()
         window = getattr(config, "sliding_window", None) or total_len
+        rows_B = torch.arange(n_Q.shape[0], device=n_Q.device).repeat_interleave(n_Q)  # query of each sample row
         if not self.static_cache or total_len > window:
-            prefill_cache.batch_select_indices(torch.arange(n_Q.shape[0], device=n_Q.device).repeat_interleave(n_Q))
+            for layer in prefill_cache.layers:
+                layer.keys, layer.values = _rows(layer.keys, rows_B), _rows(layer.values, rows_B)
             return prefill_cache
         from transformers import StaticCache
 
         static = StaticCache(config=config, max_cache_len=total_len)
         L = prefill_cache.get_seq_length()
         for i, layer in enumerate(prefill_cache.layers):
-            static.update(layer.keys.repeat_interleave(n_Q, dim=0), layer.values.repeat_interleave(n_Q, dim=0), i,
-                          cache_kwargs={"cache_position": torch.arange(L, device=n_Q.device)})
+            keys, values = _rows(layer.keys, rows_B), _rows(layer.values, rows_B)
+            static.update(keys, values, i, cache_kwargs={"cache_position": torch.arange(L, device=keys.device)})
         return static
 
     def _suppress_stop(self, logits_BV: torch.Tensor, step: int) -> torch.Tensor:
@@ -331,11 +333,16 @@ def make_sample(tokenizer, token_ids: list[int], stop_ids: Sequence[int]) -> Sam
 def _select_rows(cache, keep_B: torch.Tensor):
     """Drop finished rows from a static or dynamic cache (in place); the next steps cost only the live rows."""
     for layer in cache.layers:
-        layer.keys = layer.keys.index_select(0, keep_B)
-        layer.values = layer.values.index_select(0, keep_B)
+        layer.keys = _rows(layer.keys, keep_B)
+        layer.values = _rows(layer.values, keep_B)
         if hasattr(layer, "batch_size"):
             layer.batch_size = keep_B.shape[0]
     return cache
+
+
+def _rows(cache_BHLD: torch.Tensor, rows_B: torch.Tensor) -> torch.Tensor:
+    # Under device_map="auto" each decoder layer's cache lives on that layer's GPU: index it there.
+    return cache_BHLD.index_select(0, rows_B.to(cache_BHLD.device))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,206 @@
+"""The whole pipeline, end to end: the tiny random-weight Gemma 3 + a random LoRA generates, the loopback fake
+OpenAI server judges (chat and Responses APIs), MiniLM measures spread, and the report is written. Then: a re-run
+does no new work, a folder made with other settings is refused, ``judge=False`` stops before the judge. Real
+Gemma 3 270M runs once, as the no-argument demo through the CLI (on a smaller grid than the preset's).
+
+The fake server's verdict is a function of the answers it is shown (``expected_score``), so every stored score can
+be checked against the answers stored beside it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from ao_resampling import config as config_mod
+from ao_resampling import metrics, models, pipeline
+from ao_resampling.cli import app
+from ao_resampling.config import build_config
+from ao_resampling.results import Results, ResultsStore, load_results_file
+from tests.support.openai_server import FakeOpenAIServer, expected_score
+
+PLOTS = ("A_judge_scores.png", "B_target_means.png", "C_per_question.png", "heatmap.png", "A_embedding.png")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline_judge_env_and_shared_loads(gemma_tokenizer):
+    """No developer key or base URL may reach these tests. The Gemma 3 tokenizer (~3 s) and MiniLM (~5 s), which
+    every run would load again, are loaded once: they are read-only, and their own loading is tested elsewhere."""
+    real_tokenizer = models.load_tokenizer
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("OPENAI_API_KEY", raising=False)
+        mp.delenv("OPENAI_BASE_URL", raising=False)
+        mp.setattr(models, "load_tokenizer",
+                   lambda spec: gemma_tokenizer if spec.startswith("synthetic:") or spec == "gemma3-270m-gguf"
+                   else real_tokenizer(spec))
+        mp.setattr(metrics, "load_embedder", functools.cache(metrics.load_embedder))
+        yield
+
+
+@pytest.fixture(scope="module")
+def server():
+    with FakeOpenAIServer() as fake:
+        yield fake
+
+
+def tiny_config(server: FakeOpenAIServer, **overrides):
+    # Random weights give a nearly flat next-token distribution, whose 0.9 nucleus spans most of the 262k vocabulary
+    # (the sampler's slow exact path, ~1 s a step here). A tiny top_p keeps the nucleus at ~100 tokens: still random
+    # answers, different per sample, decoded on the fast path.
+    settings = dict(model="synthetic:tiny", oracle_lora="random", dtype="float32", device="cpu", num_targets=3,
+                    num_questions=2, samples_per_query=3, max_new_tokens=6, top_p=0.0005, judge_api="chat",
+                    judge_base_url=server.base_url, bootstrap_resamples=200)
+    return build_config(preset="experiment", overrides={**settings, **overrides})
+
+
+def run(config, out: Path, **kwargs) -> pipeline.RunReport:
+    return pipeline.run_experiment(config, out, progress=False, log=lambda _: None, **kwargs)
+
+
+def answers(run) -> tuple[str, ...]:
+    return tuple(r.text for r in run.responses)
+
+
+def runs_json(results: Results) -> list[dict]:
+    return [r.model_dump(mode="json") for r in results.runs]
+
+
+@pytest.fixture(scope="module")
+def chat_run(server, tmp_path_factory):
+    """One full run judged over the chat API; (config, folder, report, the server requests it made)."""
+    out = tmp_path_factory.mktemp("e2e") / "chat"
+    config = tiny_config(server)
+    first = len(server.requests)
+    report = run(config, out)
+    return config, out, report, server.requests[first:]
+
+
+def test_full_run_output_is_complete_and_consistent(chat_run):
+    config, out, report, requests = chat_run
+    results = load_results_file(out / "results.json")
+    assert ResultsStore(out).journals() == []  # everything folded into results.json
+
+    assert len(results.runs) == 3 * 2 == report.n_runs
+    assert report.n_samples == 6 * 3 and report.judged
+    assert all(len(r.responses) == 3 for r in results.runs)
+    assert len({r.sample_id for run in results.runs for r in run.responses}) == 18
+    assert results.meta.stand_in and results.meta.layer == 2 and results.meta.config["model"] == "synthetic:tiny"
+
+    # Every run judged once, over the chat API, with the verdict the server gives for exactly its answers.
+    assert len(requests) == 6 and {r.path for r in requests} == {"/v1/chat/completions"}
+    assert sorted(tuple(r.answers) for r in requests) == sorted(answers(run) for run in results.runs)
+    for run in results.runs:
+        assert run.judge.api == "chat" and run.judge.failure is None
+        assert run.judge.score == expected_score(list(answers(run))), run.run_id
+        assert run.spread.embedding_model == config.embedding_model
+        assert -1.0 <= run.spread.embedding_mean_cosine <= 1.0 + 1e-6
+
+    summary = json.loads((report.report_dir / "summary.json").read_text())
+    assert summary["n_runs"] == 6 and summary["n_judged"] == 6 and summary["n_unjudged"] == 0
+    assert sum(summary["judge"]["histogram"].values()) == summary["n_judged"]
+    histogram = {int(k): v for k, v in summary["judge"]["histogram"].items() if v}
+    scores = [r.judge.score for r in results.runs]
+    assert histogram == {s: scores.count(s) for s in set(scores)}
+    assert summary["judge"]["mean"] == pytest.approx(sum(scores) / len(scores))
+    assert (report.report_dir / "report.md").read_text().strip()
+    for name in PLOTS:
+        assert (report.report_dir / name).stat().st_size > 0, name
+
+
+def test_rerun_does_no_new_work(chat_run, server):
+    config, out, _, _ = chat_run
+    before = load_results_file(out / "results.json")
+    n_requests = len(server.requests)
+
+    report = run(config, out)
+
+    assert len(server.requests) == n_requests
+    assert runs_json(load_results_file(out / "results.json")) == runs_json(before)
+    assert report.n_runs == 6 and report.n_samples == 18
+
+
+def test_changed_settings_against_the_same_folder_are_refused(chat_run, server):
+    config, out, _, _ = chat_run
+    before = (out / "results.json").read_text()
+    changed = tiny_config(server, decode_seed=1, temperature=0.5, batch_rows=2)  # batch_rows is only plumbing
+    with pytest.raises(pipeline.PipelineError) as info:
+        run(changed, out)
+    message = str(info.value)
+    assert "decode_seed: 0 -> 1" in message and "temperature: 0.7 -> 0.5" in message
+    assert "batch_rows" not in message
+    assert (out / "results.json").read_text() == before
+
+
+def test_no_judge_then_judge_over_the_responses_api(server, tmp_path):
+    config = tiny_config(server, judge_api="responses", num_targets=2, samples_per_query=2, max_new_tokens=4)
+    out = tmp_path / "run"
+    first = len(server.requests)
+
+    report = run(config, out, judge=False)
+
+    assert len(server.requests) == first  # the judge was never called
+    assert not report.judged and "judge" not in report.stage_seconds
+    unjudged = load_results_file(out / "results.json")
+    assert len(unjudged.runs) == 4
+    assert all(len(r.responses) == 2 and r.judge is None and r.spread is not None for r in unjudged.runs)
+    summary = json.loads((report.report_dir / "summary.json").read_text())
+    assert (summary["n_runs"], summary["n_judged"], summary["n_unjudged"]) == (4, 0, 4)
+    assert "embedding" in summary
+    assert (report.report_dir / "report.md").exists()
+
+    # The same folder, now judged over the Responses API: the answers are kept, only the judge runs.
+    run(config, out)
+    requests = server.requests[first:]
+    judged = load_results_file(out / "results.json")
+    assert len(requests) == 4 and {r.path for r in requests} == {"/v1/responses"}
+    assert [answers(r) for r in judged.runs] == [answers(r) for r in unjudged.runs]
+    for r in judged.runs:
+        assert r.judge.api == "responses" and r.judge.score == expected_score(list(answers(r)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The demo: `ao-resampling run` with no arguments, which is also the run on real Gemma 3 270M
+
+DEMO_LIMIT = {"num_targets": 1, "num_questions": 2, "samples_per_query": 2, "max_new_tokens": 8}
+
+
+def _run_demo(tmp_path, monkeypatch) -> Results:
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["run"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "LLM judge is skipped" in result.output
+    assert "a random LoRA stands in for the trained oracle adapter" in result.output
+    folder = tmp_path / "artifacts" / "demo"
+    assert "STAND-IN" in (folder / "report" / "report.md").read_text()
+    results = load_results_file(folder / "results.json")
+    assert results.meta.model == "gemma3-270m-gguf" and results.meta.oracle_lora == "random" and results.meta.stand_in
+    assert (results.meta.num_layers, results.meta.layer) == (18, 9)
+    for run_ in results.runs:
+        assert run_.judge is None and run_.spread is not None
+        assert len(run_.responses) == config_mod.DEMO["samples_per_query"]
+        for response in run_.responses:  # real weights: real text, even through a random LoRA
+            assert response.text.strip(), response
+            assert response.n_tokens and response.finish_reason in ("eos", "length")
+    return results
+
+
+@pytest.mark.slow
+def test_demo_with_no_arguments_on_real_gemma3_270m(tmp_path, monkeypatch):
+    """The demo's own code path on a smaller grid (the full preset takes ~1-2 min on 2 CPU cores)."""
+    for key, value in DEMO_LIMIT.items():
+        monkeypatch.setitem(config_mod.DEMO, key, value)
+    results = _run_demo(tmp_path, monkeypatch)
+    assert len(results.runs) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("AO_TEST_FULL_DEMO"),
+                    reason="the full demo preset takes ~1-2 min on a 2-core CPU; set AO_TEST_FULL_DEMO=1 to run it")
+def test_full_demo_preset_with_no_arguments(tmp_path, monkeypatch):
+    results = _run_demo(tmp_path, monkeypatch)
+    assert len(results.runs) == config_mod.DEMO["num_targets"] * config_mod.DEMO["num_questions"]

@@ -1,0 +1,259 @@
+"""config.py and the CLI's ``prepare``: where each setting comes from (preset < TOML file < flags < nothing else),
+errors that name the file and the field, which settings a resumed run must share, and ``prepare`` on the real
+experiment's data (100 targets x 10 of the 16 questions, read from JSON or straight out of a research ``.py``)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from ao_resampling import models
+from ao_resampling.cli import app
+from ao_resampling.config import (
+    DEMO,
+    REAL_MODEL,
+    ConfigError,
+    ExperimentConfig,
+    build_config,
+    diff_settings,
+)
+from ao_resampling.results import load_results_file
+
+ROW = re.compile(r"^(q\d{3})\s+(\d+)\s+(\d+)\s+(.+)$", re.M)
+PREPARE_27B = ["prepare", "--preset", "experiment", "--model", "synthetic:gemma-3-27b", "--oracle-lora", "random"]
+PREPARE_TINY = ["prepare", "--preset", "experiment", "--model", "synthetic:tiny", "--oracle-lora", "random"]
+
+
+@pytest.fixture(autouse=True)
+def shared_tokenizer(monkeypatch, gemma_tokenizer):
+    """Every CLI call would re-read the same 262k-token tokenizer (~3 s); hand it the session's copy instead."""
+    real = models.load_tokenizer
+
+    def load(spec: str):
+        return gemma_tokenizer if spec.startswith("synthetic:") or spec == "gemma3-270m-gguf" else real(spec)
+
+    monkeypatch.setattr(models, "load_tokenizer", load)
+
+
+def invoke(*args: str | Path):
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def write_toml(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# build_config
+
+
+def test_precedence_preset_then_file_then_flags(tmp_path):
+    toml = write_toml(tmp_path / "exp.toml", "num_targets = 7\nsamples_per_query = 3\ntemperature = 0.5\n")
+    config = build_config(preset="demo", config_file=toml, overrides={"samples_per_query": 5, "temperature": None})
+    assert config.model == DEMO["model"]  # preset, untouched by the file or the flags
+    assert config.max_new_tokens == DEMO["max_new_tokens"]
+    assert config.num_targets == 7  # the file beats the preset (4)
+    assert config.samples_per_query == 5  # a flag beats the file (3) and the preset (4)
+    assert config.temperature == 0.5  # a flag left unset (None) does not hide the file's value
+    assert config.question_seed == 0  # nobody set it: the model's default
+
+
+def test_experiment_preset_is_the_real_experiment():
+    config = build_config(preset="experiment")
+    assert (config.model, config.num_targets, config.num_questions, config.samples_per_query) == (REAL_MODEL, 100, 10, 10)
+    assert not config.is_stand_in
+
+
+def test_experiment_table_in_toml(tmp_path):
+    toml = write_toml(tmp_path / "exp.toml", "[experiment]\nnum_questions = 2\ndecode_seed = 9\n")
+    config = build_config(config_file=toml)
+    assert (config.num_questions, config.decode_seed) == (2, 9)
+
+
+@pytest.mark.parametrize("text, message", [
+    pytest.param("num_targets = \n", "not valid TOML", id="not_toml"),
+    pytest.param("colour = 'red'\n", "field 'colour'", id="unknown_field"),
+    pytest.param("num_targets = 0\n", "field 'num_targets'", id="out_of_range"),
+    pytest.param("dtype = 'float8'\n", "field 'dtype'", id="bad_choice"),
+    pytest.param("temperature = 'warm'\n", "field 'temperature'", id="wrong_type"),
+])
+def test_config_file_errors_name_the_file_and_field(tmp_path, text, message):
+    toml = write_toml(tmp_path / "broken.toml", text)
+    with pytest.raises(ConfigError) as info:
+        build_config(config_file=toml)
+    assert str(toml) in str(info.value)
+    assert message in str(info.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"nowhere\.toml: cannot read config file"):
+        build_config(config_file=tmp_path / "nowhere.toml")
+
+
+def test_flag_errors_name_the_field():
+    with pytest.raises(ConfigError, match="field 'top_p'"):
+        build_config(overrides={"top_p": 0.0})
+    with pytest.raises(ConfigError, match="unknown preset 'fast'"):
+        build_config(preset="fast")
+
+
+def test_random_weights_need_a_random_lora():
+    with pytest.raises(ConfigError, match="oracle_lora = 'random'"):
+        build_config(overrides={"model": "synthetic:tiny"})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Which settings a resumed run must share
+
+
+def test_plumbing_does_not_change_results_but_decoding_does():
+    base = ExperimentConfig()
+    plumbing = ExperimentConfig(device="cpu", batch_rows=3, batch_tokens=99, judge_concurrency=1, judge_api="chat",
+                                judge_base_url="http://127.0.0.1:1/v1", sampler="sequential", judge_repeats=2,
+                                embedding_model="none")
+    assert plumbing.settings_that_change_results() == base.settings_that_change_results()
+    assert diff_settings(base.settings_that_change_results(), plumbing.settings_that_change_results()) == []
+
+    changed = ExperimentConfig(temperature=0.3, decode_seed=4, num_questions=5)
+    assert diff_settings(base.settings_that_change_results(), changed.settings_that_change_results()) == [
+        "decode_seed: 0 -> 4", "num_questions: 10 -> 5", "temperature: 0.7 -> 0.3",
+    ]
+
+
+def test_settings_survive_the_trip_through_meta():
+    config = ExperimentConfig(model="synthetic:tiny", oracle_lora="random", targets=Path("t.json"))
+    stored = json.loads(json.dumps(config.model_dump(mode="json")))  # what results.json meta.config holds
+    again = ExperimentConfig.model_validate(stored)
+    assert diff_settings(config.settings_that_change_results(), again.settings_that_change_results()) == []
+
+
+def test_diff_settings_names_keys_on_one_side_only():
+    assert diff_settings({"a": 1}, {"a": 1, "b": 2}) == ["b: None -> 2"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ao-resampling prepare
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, shared_data, gemma_tokenizer):
+    """``prepare`` on the real data (100 x 10 questions with the 27B shapes), run once for the tests below."""
+    out = tmp_path_factory.mktemp("prepare") / "plan"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(models, "load_tokenizer", lambda spec: gemma_tokenizer)
+        result = invoke(*PREPARE_27B, "--targets", shared_data / "target_model_queries.json",
+                        "--questions", shared_data / "sycophancy_questions.json", "--out", out)
+    return result, out
+
+
+def test_prepare_prints_the_read_position_of_every_target(prepared, gemma_tokenizer):
+    result, out = prepared
+    assert result.exit_code == 0, result.output
+    rows = ROW.findall(result.output)
+    assert len(rows) == 100 and [r[0] for r in rows] == [f"q{i:03d}" for i in range(1, 101)]
+    assert {r[3] for r in rows} == {"'<start_of_turn>'"}
+
+    results = load_results_file(out / "results.json")
+    assert len(results.runs) == 1000 and len(results.ao_questions) == 10
+    assert (results.meta.layer, results.meta.num_layers) == (31, 62)
+    assert "layer 31 of 62" in result.output and "1000 runs planned" in result.output
+    start_of_turn = gemma_tokenizer.convert_tokens_to_ids("<start_of_turn>")
+    table = {target_id: (int(n), int(idx)) for target_id, n, idx, _ in rows}
+    for run in results.runs:
+        assert table[run.target_id] == (len(run.context_input_ids), run.assistant_start_idx)
+        assert run.context_input_ids[run.assistant_start_idx] == start_of_turn
+
+
+def test_prepare_reads_questions_from_a_research_py_file(prepared, shared_data, tmp_path):
+    _, json_out = prepared
+    questions = json.loads((shared_data / "sycophancy_questions.json").read_text())
+    script = tmp_path / "sycophancy.py"
+    script.write_text(
+        "import torch  # never executed: the file is parsed, not run\n\n"
+        f"initial_question = {questions[0]!r}\n"
+        f"followup_questions = [\n" + "".join(f"    {q!r},\n" for q in questions[1:]) + "]\n"
+        "sycophancy_questions = [initial_question] + followup_questions\n"
+    )
+    out = tmp_path / "plan"
+    result = invoke(*PREPARE_27B, "--targets", shared_data / "target_model_queries.json",
+                    "--questions", script, "--out", out)
+    assert result.exit_code == 0, result.output
+    from_py, from_json = load_results_file(out / "results.json"), load_results_file(json_out / "results.json")
+    assert from_py.ao_questions == from_json.ao_questions
+    assert [r.run_id for r in from_py.runs] == [r.run_id for r in from_json.runs]
+    assert len(from_py.runs) == 1000 and from_py.meta.layer == 31
+
+
+@pytest.mark.parametrize("targets, field", [
+    pytest.param([{"id": "a", "messages": [{"role": "user", "content": "hi"}]},
+                  {"id": "b", "messages": [{"role": "robot", "content": "beep"}]}],
+                 "item 1 (id 'b'): field 'messages[0].role'", id="bad_role"),
+    pytest.param([{"id": "a", "messages": [{"role": "user"}]}], "field 'messages[0].content'", id="missing_content"),
+    pytest.param([{"id": "a", "mesages": []}], "field 'mesages'", id="typo"),
+])
+def test_bad_targets_file_exits_2_naming_file_and_field(tmp_path, targets, field):
+    path = tmp_path / "targets.json"
+    path.write_text(json.dumps(targets))
+    result = invoke(*PREPARE_TINY, "--targets", path, "--out", tmp_path / "plan")
+    assert result.exit_code == 2
+    assert str(path) in result.output and field in result.output
+    assert not (tmp_path / "plan" / "results.json").exists()
+
+
+def test_set_fills_any_field_and_beats_nothing_unset(tmp_path):
+    out = tmp_path / "plan"
+    result = invoke(*PREPARE_TINY, "--set", "num_targets=3", "--set", "question_seed=5", "--set", "num_questions=2",
+                    "--set", "temperature=0.3", "--out", out)
+    assert result.exit_code == 0, result.output
+    results = load_results_file(out / "results.json")
+    assert len(results.targets) == 3 and len(results.runs) == 6
+    assert (results.meta.question_seed, results.meta.config["temperature"]) == (5, 0.3)
+    # A different question seed draws other questions (so --set really reached the sampler).
+    other = tmp_path / "other"
+    assert invoke(*PREPARE_TINY, "--set", "num_targets=3", "--set", "num_questions=2", "--out", other).exit_code == 0
+    assert load_results_file(other / "results.json").ao_questions != results.ao_questions
+
+
+@pytest.mark.parametrize("args, message", [
+    pytest.param(["--set", "colour=red"], "field 'colour'", id="unknown_field"),
+    pytest.param(["--set", "num_targets=zero"], "field 'num_targets'", id="bad_value"),
+    pytest.param(["--set", "num_targets"], "--set expects key=value", id="no_equals"),
+])
+def test_bad_set_exits_2(tmp_path, args, message):
+    result = invoke(*PREPARE_TINY, *args, "--out", tmp_path / "plan")
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_config_file_and_flags_on_the_command_line(tmp_path):
+    toml = write_toml(tmp_path / "exp.toml", "num_targets = 2\nnum_questions = 3\n")
+    out = tmp_path / "plan"
+    result = invoke(*PREPARE_TINY, "--config", toml, "--num-questions", "1", "--out", out)
+    assert result.exit_code == 0, result.output
+    results = load_results_file(out / "results.json")
+    assert (len(results.targets), len(results.ao_questions)) == (2, 1)
+
+    broken = write_toml(tmp_path / "broken.toml", "num_targets = -1\n")
+    result = invoke(*PREPARE_TINY, "--config", broken, "--out", tmp_path / "other")
+    assert result.exit_code == 2
+    assert str(broken) in result.output and "field 'num_targets'" in result.output
+
+
+def test_prepare_refuses_a_folder_made_with_other_settings(tmp_path):
+    out = tmp_path / "plan"
+    assert invoke(*PREPARE_TINY, "--num-targets", "2", "--num-questions", "2", "--out", out).exit_code == 0
+    before = (out / "results.json").read_text()
+    # Same settings: accepted, nothing rewritten.
+    assert invoke(*PREPARE_TINY, "--num-targets", "2", "--num-questions", "2", "--out", out).exit_code == 0
+    assert (out / "results.json").read_text() == before
+
+    result = invoke(*PREPARE_TINY, "--num-targets", "2", "--num-questions", "2", "--set", "decode_seed=7",
+                    "--out", out)
+    assert result.exit_code == 2
+    assert "decode_seed: 0 -> 7" in result.output
+    assert (out / "results.json").read_text() == before

@@ -1,0 +1,302 @@
+"""results.py: the versioned schema (snapshotted; regenerate with `pytest --force-regen`), migration of the older
+single-script format, errors that name the file and the field, atomic writes, and the journal a killed run resumes
+from (torn last line tolerated, torn middle line fatal, replay idempotent)."""
+
+from __future__ import annotations
+
+import json
+import re
+import os
+import stat
+
+import pytest
+
+from ao_resampling import results as results_mod
+from ao_resampling.results import (
+    SCHEMA_VERSION,
+    Baseline,
+    BaselineRun,
+    Decoding,
+    Journal,
+    JudgeFailure,
+    JudgeRecord,
+    Meta,
+    Response,
+    Results,
+    ResultsError,
+    ResultsStore,
+    SpreadMetrics,
+    Verdict,
+    atomic_write_text,
+    dump_results,
+    load_results_file,
+    results_json_schema,
+)
+from tests.support.results_factory import judge_record, make_results, to_v0_dict
+
+
+def _responses_event(run_id: str, texts: list[str]) -> dict:
+    decoding = Decoding(temperature=0.7, top_p=0.9, max_new_tokens=8, seed=0)
+    return {"type": "responses", "run_id": run_id,
+            "responses": [Response(sample_id=f"{run_id}__s{i:02d}", text=t, decoding=decoding).model_dump(mode="json")
+                          for i, t in enumerate(texts)]}
+
+
+def _judge_event(run_id: str, score: int) -> dict:
+    return {"type": "judge", "run_id": run_id,
+            "record": judge_record(score, call_id=f"judge__{run_id}").model_dump(mode="json")}
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A folder holding a 2 x 2 plan with no answers and no verdicts yet."""
+    plan = make_results([[None, None], [None, None]], answers=lambda t, q, c: ())
+    store = ResultsStore(tmp_path / "run")
+    store.write(plan)
+    return store
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Schema
+
+
+def test_json_schema_snapshot(data_regression):
+    schema = results_json_schema()
+    assert list(schema["properties"])[0] == "schema_version"
+    data_regression.check(schema)
+
+
+def test_round_trip_with_every_optional_field_set():
+    full = make_results([[7, "timeout"]], repeats=lambda t, q, c: [8, "invalid_json"],
+                        spread=lambda t, q, c: SpreadMetrics(embedding_model="m", embedding_mean_cosine=0.5,
+                                                             distinct_fraction=1.0, mean_jaccard=0.25))
+    decoding = Decoding(temperature=0.7, top_p=0.9, max_new_tokens=120, do_sample=True, seed=3, top_k=50)
+    for run in full.runs:
+        run.oracle_input_ids = [2, 105, 7]
+        run.placeholder_positions = [1]
+        run.responses = [Response(sample_id=f"{run.run_id}__s00", text="x", decoding=decoding, n_tokens=4,
+                                  finish_reason="eos")]
+        run.judge = run.judge.model_copy(update={"api": "chat", "answer_order": [1], "latency_s": 0.25,
+                                                 "created_at": "2025-01-01T00:00:00Z"})
+    full.meta = Meta(
+        tool_version="0.1.0", git_commit="abc", created_at="2025-01-01T00:00:00+00:00", updated_at="later",
+        model="m", oracle_lora="random", tokenizer="tok", num_layers=4, layer=2, injection_layer=1,
+        steering_coefficient=1.0, decoding=decoding, question_seed=0, decode_seed=0, judge_model="j", stand_in=True,
+        note="stand-in", config={"model": "m"}, extra_key_from_an_older_tool="kept",
+    )
+    full.baseline = Baseline(meta={"max_new_tokens": 240}, runs=[
+        BaselineRun(run_id="baseline__t1", target_id="t1", responses=full.runs[0].responses,
+                    judge=judge_record(6, call_id="judge__baseline__t1")),
+    ])
+    back = Results.model_validate(json.loads(dump_results(full)))
+    assert back == full
+    assert back.meta.extra_key_from_an_older_tool == "kept"
+    assert back.runs[0].responses[0].decoding.top_k == 50
+
+
+def test_a_judge_record_holds_exactly_one_outcome():
+    common = dict(judge_call_id="c", model="m", prompt="p")
+    with pytest.raises(ValueError, match="exactly one"):
+        JudgeRecord(**common)
+    with pytest.raises(ValueError, match="exactly one"):
+        JudgeRecord(**common, parsed=Verdict(similarity_1_to_10=5, rationale="r"),
+                    failure=JudgeFailure(reason="timeout", detail="d"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Older files and bad files
+
+
+def test_older_format_is_migrated(tmp_path):
+    data = to_v0_dict(make_results([[9, 4], [2, None]]))
+    data["runs"][1]["judge"]["parsed"] = None  # the old script stored an unparseable reply as parsed: null
+    assert "schema_version" not in data and "failure" not in data["runs"][0]["judge"]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(data))
+
+    loaded = load_results_file(path)
+
+    assert loaded.schema_version == SCHEMA_VERSION
+    assert [r.judge.score if r.judge else None for r in loaded.runs] == [9, None, 2, None]
+    unparsed = loaded.runs[1].judge
+    assert unparsed.parsed is None and unparsed.failure is not None
+    assert unparsed.failure.reason == "invalid_json"  # a recorded failure, never a score
+    assert loaded.runs[3].judge is None
+    # Once written back it is a current file, and reading it again changes nothing.
+    path.write_text(dump_results(loaded))
+    assert load_results_file(path) == loaded
+
+
+def test_newer_schema_version_is_refused(tmp_path):
+    data = make_results([[5]]).model_dump(mode="json")
+    data["schema_version"] = SCHEMA_VERSION + 1
+    path = tmp_path / "future.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ResultsError, match=rf"future\.json.*schema_version {SCHEMA_VERSION + 1} is newer"):
+        load_results_file(path)
+
+
+@pytest.mark.parametrize("version", [pytest.param("1", id="string"), pytest.param(None, id="null")])
+def test_non_integer_schema_version_is_a_results_error(tmp_path, version):
+    data = make_results([[5]]).model_dump(mode="json")
+    data["schema_version"] = version
+    path = tmp_path / "odd.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ResultsError, match=r"odd\.json.*schema_version must be an integer"):
+        load_results_file(path)
+
+
+@pytest.mark.parametrize("edit, where", [
+    pytest.param(lambda d: d["runs"][1]["responses"][2]["decoding"].update(temperature="hot"),
+                 "runs.1.responses.2.decoding.temperature", id="bad_temperature"),
+    pytest.param(lambda d: d["runs"][0]["judge"]["parsed"].update(similarity_1_to_10=11),
+                 "runs.0.judge.parsed.similarity_1_to_10", id="score_out_of_range"),
+    pytest.param(lambda d: d["targets"][0].pop("messages"), "targets.0.messages", id="missing_field"),
+    pytest.param(lambda d: d["runs"][0].update(colour="red"), "runs.0.colour", id="unknown_field"),
+])
+def test_bad_field_names_the_file_and_the_path(tmp_path, edit, where):
+    data = make_results([[5, 6]]).model_dump(mode="json")
+    edit(data)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ResultsError) as info:
+        load_results_file(path)
+    assert str(path) in str(info.value)
+    assert f"field '{where}'" in str(info.value)
+
+
+def test_not_json_names_the_file_and_line(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('{"schema_version": 1,\n "meta": ')
+    with pytest.raises(ResultsError, match=r"broken\.json: not valid JSON \(line 2"):
+        load_results_file(path)
+
+
+def test_runs_must_name_known_targets_and_questions(tmp_path):
+    data = make_results([[5]]).model_dump(mode="json")
+    data["runs"][0]["ao_question_id"] = "q_nowhere"
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ResultsError, match="q_nowhere"):
+        load_results_file(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Atomic writes
+
+
+@pytest.mark.parametrize("failing", ["os.replace", "os.fsync"])
+def test_atomic_write_leaves_the_old_file_when_interrupted(tmp_path, monkeypatch, failing):
+    path = tmp_path / "results.json"
+    path.write_text("old contents\n")
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(results_mod.os, failing.split(".")[1], boom)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_text(path, "new contents " * 10_000)
+    monkeypatch.undo()
+
+    assert path.read_text() == "old contents\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]  # no temp file left behind
+
+
+def test_results_file_is_not_private(tmp_path):
+    old = os.umask(0o022)
+    try:
+        store = ResultsStore(tmp_path)
+        store.write(make_results([[5]]))
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE(store.results_path.stat().st_mode)
+    assert mode != 0o600  # mkstemp's default, which would hide results from the rest of a team
+    assert mode == 0o644
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Journal
+
+
+def test_journal_replay_compact_and_idempotence(store):
+    store.journal.append(_responses_event("run__t1__q1", ["a", "b"]))
+    store.journal.append_many([_responses_event("run__t2__q2", ["c", "c"]), _judge_event("run__t1__q1", 7)])
+    store.journal.append(_responses_event("run__t1__q1", ["a2", "b2"]))  # a redone unit: the last one wins
+
+    loaded = store.load()
+    by_id = loaded.run_by_id()
+    assert [r.text for r in by_id["run__t1__q1"].responses] == ["a2", "b2"]
+    assert [r.text for r in by_id["run__t2__q2"].responses] == ["c", "c"]
+    assert by_id["run__t1__q1"].judge.score == 7
+    assert by_id["run__t1__q2"].responses == [] and by_id["run__t1__q2"].judge is None
+    assert store.load() == loaded  # reading twice is the same
+
+    journal_text = store.journal.path.read_text()
+    compacted = store.compact()
+    assert compacted == loaded
+    assert store.journals() == []
+    assert load_results_file(store.results_path) == loaded
+
+    # Killed after the write but before the journal was removed: replaying it over the folded file changes nothing.
+    store.journal.path.write_text(journal_text)
+    assert store.load() == loaded
+
+
+def test_torn_last_line_is_reported_and_skipped(store):
+    store.journal.append(_responses_event("run__t1__q1", ["a", "b"]))
+    torn = json.dumps(_responses_event("run__t2__q1", ["c", "d"]))[:40]
+    with open(store.journal.path, "a") as f:
+        f.write(torn)  # killed mid-write: no newline
+
+    with pytest.warns(UserWarning, match=rf"{re.escape(str(store.journal.path))}.*line 2 is incomplete"):
+        loaded = store.load()
+    assert [r.text for r in loaded.run_by_id()["run__t1__q1"].responses] == ["a", "b"]
+    assert loaded.run_by_id()["run__t2__q1"].responses == []
+
+
+def test_appending_after_a_torn_line_keeps_the_journal_readable(store):
+    """The resumed run appends after the fragment a kill left; that must not make the fragment a middle line."""
+    store.journal.append(_responses_event("run__t1__q1", ["a", "b"]))
+    with open(store.journal.path, "a") as f:
+        f.write('{"type":"responses","run_id":"run__t2')
+    store.journal.append(_responses_event("run__t2__q1", ["c", "d"]))
+
+    loaded = store.load()
+    assert [r.text for r in loaded.run_by_id()["run__t2__q1"].responses] == ["c", "d"]
+    assert [r.text for r in loaded.run_by_id()["run__t1__q1"].responses] == ["a", "b"]
+
+
+def test_complete_last_event_without_its_newline_is_kept_on_append(store):
+    with open(store.journal.path, "w") as f:
+        f.write(json.dumps(_responses_event("run__t1__q1", ["a", "b"])))  # killed just before the newline
+    store.journal.append(_responses_event("run__t2__q1", ["c", "d"]))
+    loaded = store.load()
+    assert [r.text for r in loaded.run_by_id()["run__t1__q1"].responses] == ["a", "b"]
+    assert [r.text for r in loaded.run_by_id()["run__t2__q1"].responses] == ["c", "d"]
+
+
+def test_torn_middle_line_is_an_error(store):
+    good = json.dumps(_responses_event("run__t1__q1", ["a", "b"]))
+    store.journal.path.write_text(good + "\n" + good[:30] + "\n" + good + "\n")
+    with pytest.raises(ResultsError, match=rf"{re.escape(str(store.journal.path))}: line 2 is not valid JSON"):
+        store.load()
+
+
+def test_event_for_an_unknown_run_is_an_error(store):
+    store.journal.append(_responses_event("run__t9__q9", ["a"]))
+    with pytest.raises(ResultsError, match=rf"{re.escape(str(store.journal.path))}.*run__t9__q9.*not in the plan"):
+        store.load()
+
+
+def test_malformed_event_names_the_journal(store):
+    store.journal.append({"type": "responses", "run_id": "run__t1__q1", "responses": [{"text": "no id"}]})
+    with pytest.raises(ResultsError, match=rf"{re.escape(str(store.journal.path))}: event 1"):
+        store.load()
+
+
+def test_rank_journals_are_all_replayed(store):
+    Journal(store.folder / "journal.rank0.jsonl").append(_responses_event("run__t1__q1", ["a"]))
+    Journal(store.folder / "journal.rank1.jsonl").append(_responses_event("run__t2__q2", ["b"]))
+    by_id = store.load().run_by_id()
+    assert by_id["run__t1__q1"].responses[0].text == "a"
+    assert by_id["run__t2__q2"].responses[0].text == "b"
