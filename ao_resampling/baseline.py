@@ -497,8 +497,6 @@ def baseline_summary(results: Results) -> dict[str, Any] | None:
     first = next((resp for r in baseline.runs for resp in r.responses), None)
     ao_j, base_j = ao_judge_means(results), baseline_judge_scores(baseline)
     ao_e, base_e = ao_embedding_means(results), baseline_embedding_similarities(baseline)
-    if emb_view.skipped:
-        ao_e, base_e = {}, {}
     ids = list(dict.fromkeys([t.id for t in results.targets] + [r.target_id for r in baseline.runs]))
     return {
         **_comparison_block(judge_view),

@@ -219,7 +219,8 @@ def report(
         if baseline_file is not None:  # matched to the AO runs by target id, in memory only
             baseline = with_spreads(load_baseline_file(baseline_file), embedding_model=config.embedding_model)
         out_dir = out or store.folder / "report"
-        write_report(loaded, out_dir, seed=config.bootstrap_seed, n_boot=config.bootstrap_resamples, baseline=baseline)
+        write_report(loaded, out_dir, seed=config.bootstrap_seed, n_boot=config.bootstrap_resamples,
+                     baseline=baseline)
     except ResultsError as e:
         _fail(str(e))
         return

@@ -271,7 +271,7 @@ class RunReport:
 
 def run_experiment(config: ExperimentConfig, out_dir: Path, *, judge: bool | None = None, progress: bool = True,
                    judge_client=None, log: Callable[[str], None] = print) -> RunReport:
-    """prepare -> generate -> (baseline) -> judge -> analyse, each doing only what is missing.
+    """prepare -> (baseline) -> generate -> judge -> analyse, each doing only what is missing.
 
     Under torchrun every rank samples a share of the runs (distributed.py); rank 0 alone plans, merges the journals,
     judges and analyses, and the other ranks return after generation.
@@ -301,6 +301,15 @@ def run_experiment(config: ExperimentConfig, out_dir: Path, *, judge: bool | Non
         store, _ = prepare(config, out_dir, tokenizer=oracle.tokenizer) if here.is_main else (None, None)
     report.stage_seconds["prepare"] = time.perf_counter() - t
 
+    if config.baseline and here.is_main:
+        from ao_resampling.baseline import baseline_stage
+
+        # Before the AO generation: decoding merges the LoRA into the weights and back, which is exact only up to
+        # rounding, and the target model must be sampled with its own weights. Other ranks wait at the next step.
+        t = time.perf_counter()
+        baseline_stage(store, config, oracle=oracle, judge=judge, judge_client=judge_client, progress=progress)
+        report.stage_seconds["baseline"] = time.perf_counter() - t
+
     t = time.perf_counter()
     if here.is_distributed:
         sampled = distributed.generate_shard(Path(out_dir), config, here, oracle=oracle, progress=progress)
@@ -311,15 +320,8 @@ def run_experiment(config: ExperimentConfig, out_dir: Path, *, judge: bool | Non
             return report
     else:
         generate(store, config, oracle=oracle, progress=progress)
-    results = store.compact()  # under torchrun: every rank's journal, merged in plan order
+    store.compact()  # under torchrun: every rank's journal, merged in plan order
     report.stage_seconds["generate"] = time.perf_counter() - t
-
-    if config.baseline:
-        from ao_resampling.baseline import baseline_stage
-
-        t = time.perf_counter()
-        baseline_stage(store, config, oracle=oracle, judge=judge, judge_client=judge_client, progress=progress)
-        report.stage_seconds["baseline"] = time.perf_counter() - t
 
     if judge:
         from ao_resampling.judge import judge_stage

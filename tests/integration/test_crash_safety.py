@@ -99,7 +99,10 @@ def journal_events(folder: Path) -> list[dict]:
     """The complete events journaled so far (a torn last line is skipped, as the loader does)."""
     events = []
     for path in sorted(folder.glob("journal*.jsonl")):
-        lines = path.read_text().split("\n")
+        try:
+            lines = path.read_text().split("\n")
+        except FileNotFoundError:  # folded into results.json (compacted) since the glob
+            continue
         for line in lines[:-1]:  # the last element is "" or a line still being written
             if line.strip():
                 events.append(json.loads(line))

@@ -50,10 +50,11 @@ def server():
 
 def tiny_config(server: FakeOpenAIServer, **overrides):
     # Random weights give a nearly flat next-token distribution, whose 0.9 nucleus spans most of the 262k vocabulary
-    # (the sampler's slow exact path, ~1 s a step here). A tiny top_p keeps the nucleus at ~100 tokens: still random
-    # answers, different per sample, decoded on the fast path.
+    # (the sampler's slow exact path, ~1 s a step here). A tiny top_p keeps the nucleus to a few tokens: decoded on
+    # the fast path, and with 3 tokens per answer some samples of a run repeat and some do not, so the fake judge's
+    # scores differ between runs (a verdict stored under the wrong run would show).
     settings = dict(model="synthetic:tiny", oracle_lora="random", dtype="float32", device="cpu", num_targets=3,
-                    num_questions=2, samples_per_query=3, max_new_tokens=6, top_p=0.0005, judge_api="chat",
+                    num_questions=2, samples_per_query=3, max_new_tokens=3, top_p=2e-5, judge_api="chat",
                     judge_base_url=server.base_url, bootstrap_resamples=200)
     return build_config(preset="experiment", overrides={**settings, **overrides})
 
@@ -105,6 +106,7 @@ def test_full_run_output_is_complete_and_consistent(chat_run):
     assert sum(summary["judge"]["histogram"].values()) == summary["n_judged"]
     histogram = {int(k): v for k, v in summary["judge"]["histogram"].items() if v}
     scores = [r.judge.score for r in results.runs]
+    assert len(set(scores)) > 1, f"seeded answers should give runs different scores, got {scores}"
     assert histogram == {s: scores.count(s) for s in set(scores)}
     assert summary["judge"]["mean"] == pytest.approx(sum(scores) / len(scores))
     assert (report.report_dir / "report.md").read_text().strip()

@@ -91,7 +91,7 @@ def _text_of(content: Any) -> str:
 
 def expected_score(answers: list[str]) -> int:
     """The default behaviour's score: 10 when all answers are identical, one less per extra distinct answer."""
-    return max(1, 10 - (len(set(answers)) - 1))
+    return min(10, max(1, 10 - (len(set(answers)) - 1)))  # prompts without <answer> blocks (baseline) score 10
 
 
 def deterministic_verdict(request: RecordedRequest) -> Reply:

@@ -205,7 +205,7 @@ def test_bad_targets_file_exits_2_naming_file_and_field(tmp_path, targets, field
     assert not (tmp_path / "plan" / "results.json").exists()
 
 
-def test_set_fills_any_field_and_beats_nothing_unset(tmp_path):
+def test_set_reaches_fields_that_also_have_flags(tmp_path):
     out = tmp_path / "plan"
     result = invoke(*PREPARE_TINY, "--set", "num_targets=3", "--set", "question_seed=5", "--set", "num_questions=2",
                     "--set", "temperature=0.3", "--out", out)
@@ -257,3 +257,25 @@ def test_prepare_refuses_a_folder_made_with_other_settings(tmp_path):
     assert result.exit_code == 2
     assert "decode_seed: 0 -> 7" in result.output
     assert (out / "results.json").read_text() == before
+
+
+def _with_meta_config(data: dict, **extra) -> dict:
+    data["meta"]["config"].update(extra)  # as a newer (or older) tool version might have written it
+    return data
+
+
+@pytest.mark.parametrize("damage, message", [
+    pytest.param(lambda text: text[: len(text) // 2], "not valid JSON", id="truncated_results"),
+    pytest.param(lambda text: json.dumps(_with_meta_config(json.loads(text), colour="red")),
+                 "meta.config is not a config this version understands", id="foreign_meta_config"),
+])
+def test_prepare_on_a_damaged_folder_exits_2_naming_it(tmp_path, damage, message):
+    out = tmp_path / "plan"
+    assert invoke(*PREPARE_TINY, "--num-targets", "1", "--num-questions", "1", "--out", out).exit_code == 0
+    path = out / "results.json"
+    damaged = damage(path.read_text())
+    assert damaged != path.read_text()
+    path.write_text(damaged)
+    result = invoke(*PREPARE_TINY, "--num-targets", "1", "--num-questions", "1", "--out", out)
+    assert result.exit_code == 2
+    assert str(path) in result.output and message in result.output
