@@ -31,11 +31,11 @@ from tqdm.auto import tqdm
 
 from ao_resampling.config import ExperimentConfig
 from ao_resampling.judge import (
-    RATIONALE_KEY, SCORE_KEY, _escape, _unescape, judge_call_id, judge_prompt, make_client,
+    RATIONALE_KEY, SCORE_KEY, _escape, judge_call_id, judge_prompt, make_client, numbered_blocks,
 )
 from ao_resampling.metrics import (
     NO_EMBEDDING, Encoder, compute_spreads, embedding_similarities, group_means, group_values, judge_scores,
-    load_embedder, needs_spread, spearman,
+    load_embedder, needs_spread, pearson, spearman,
 )
 from ao_resampling.results import (
     Baseline, Decoding, JudgeRecord, Results, ResultsError, ResultsStore, TargetMessage,
@@ -110,10 +110,7 @@ Reply with JSON only (no markdown, no other text), exactly this object:
 
 def responses_in_prompt(prompt: str) -> list[str]:
     """The replies a prompt from ``build_baseline_prompt`` shows, in order (the inverse tests and fakes use)."""
-    found = [(int(i), _unescape(text)) for i, text in _RESPONSE_RE.findall(prompt)]
-    if [i for i, _ in found] != list(range(1, len(found) + 1)):
-        raise ValueError(f"response blocks are not numbered 1..{len(found)}: {[i for i, _ in found]}")
-    return [text for _, text in found]
+    return numbered_blocks(prompt, _RESPONSE_RE, "response")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -361,18 +358,6 @@ def _migrate_run(run: Any) -> Any:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Analysis (pure)
-
-
-def pearson(x: Sequence[float], y: Sequence[float]) -> tuple[float | None, float | None]:
-    """Pearson r and its p-value; (None, None) below 3 pairs or when either side is constant."""
-    from scipy.stats import pearsonr
-
-    x_arr, y_arr = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if x_arr.size < 3 or np.ptp(x_arr) == 0 or np.ptp(y_arr) == 0:
-        return None, None
-    res = pearsonr(x_arr, y_arr)
-    r, p = float(res.statistic), float(res.pvalue)
-    return (r if np.isfinite(r) else None), (p if np.isfinite(p) else None)
 
 
 @dataclass(frozen=True)

@@ -117,9 +117,14 @@ Reply with JSON only (no markdown, no other text), exactly this object:
 
 def answers_in_prompt(prompt: str) -> list[str]:
     """The answers a prompt from ``build_prompt`` shows, in order (the inverse the fake server and tests use)."""
-    found = [(int(i), _unescape(text)) for i, text in _ANSWER_RE.findall(prompt)]
+    return numbered_blocks(prompt, _ANSWER_RE, "answer")
+
+
+def numbered_blocks(prompt: str, pattern: re.Pattern[str], what: str) -> list[str]:
+    """The unescaped texts of ``<what id="k">`` blocks, which must be numbered 1..n in order."""
+    found = [(int(i), _unescape(text)) for i, text in pattern.findall(prompt)]
     if [i for i, _ in found] != list(range(1, len(found) + 1)):
-        raise ValueError(f"answer blocks are not numbered 1..{len(found)}: {[i for i, _ in found]}")
+        raise ValueError(f"{what} blocks are not numbered 1..{len(found)}: {[i for i, _ in found]}")
     return [text for _, text in found]
 
 

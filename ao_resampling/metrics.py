@@ -312,12 +312,23 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> tuple[float | None, floa
     """Spearman rank correlation and its p-value; (None, None) below 3 pairs or when either side is constant."""
     from scipy.stats import spearmanr
 
+    return _correlation(spearmanr, x, y)
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> tuple[float | None, float | None]:
+    """Pearson r and its p-value; (None, None) below 3 pairs or when either side is constant."""
+    from scipy.stats import pearsonr
+
+    return _correlation(pearsonr, x, y)
+
+
+def _correlation(test, x: Sequence[float], y: Sequence[float]) -> tuple[float | None, float | None]:
     x_arr, y_arr = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     if x_arr.size < 3 or np.ptp(x_arr) == 0 or np.ptp(y_arr) == 0:
         return None, None
-    res = spearmanr(x_arr, y_arr)
-    rho, p = float(res.statistic), float(res.pvalue)
-    return (rho if np.isfinite(rho) else None), (p if np.isfinite(p) else None)
+    res = test(x_arr, y_arr)
+    r, p = float(res.statistic), float(res.pvalue)
+    return (r if np.isfinite(r) else None), (p if np.isfinite(p) else None)
 
 
 def judge_embedding_pairs(runs: Sequence[Run]) -> tuple[list[int], list[float]]:
