@@ -205,6 +205,17 @@ def generate(store: ResultsStore, config: ExperimentConfig, *, oracle: models.Lo
     return len(todo)
 
 
+def needs_model(results: Results, config: ExperimentConfig) -> bool:
+    """Whether any AO answer, or any target-model baseline reply, is still missing."""
+    if pending_runs(results, config.samples_per_query):
+        return True
+    if not config.baseline:
+        return False
+    sampled = {r.target_id for r in (results.baseline.runs if results.baseline else [])
+               if len(r.responses) >= config.samples_per_query}
+    return any(t.id not in sampled for t in results.targets)
+
+
 def load_oracle(config: ExperimentConfig) -> models.LoadedOracle:
     return models.load_oracle(model=config.model, tokenizer=config.tokenizer, oracle_lora=config.oracle_lora,
                               dtype=config.dtype, device=config.device, device_map=config.device_map,
@@ -292,14 +303,17 @@ def run_experiment(config: ExperimentConfig, out_dir: Path, *, judge: bool | Non
         log(report.notes[-1])
 
     t = time.perf_counter()
-    with distributed.together(here, "loading the model"):
-        oracle = load_oracle(config)
-    report.stage_seconds["load"] = time.perf_counter() - t
+    with distributed.together(here, "writing the plan"):  # one plan (question sample, run ids), by rank 0 alone
+        # Before the model: a folder made with other settings is refused in seconds, not after loading 27B.
+        store, _ = prepare(config, out_dir) if here.is_main else (None, None)
+    report.stage_seconds["prepare"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    with distributed.together(here, "writing the plan"):  # one plan (question sample, run ids), by rank 0 alone
-        store, _ = prepare(config, out_dir, tokenizer=oracle.tokenizer) if here.is_main else (None, None)
-    report.stage_seconds["prepare"] = time.perf_counter() - t
+    oracle = None
+    if here.is_distributed or needs_model(store.load(), config):  # a resumed judge/report stage needs no weights
+        with distributed.together(here, "loading the model"):
+            oracle = load_oracle(config)
+    report.stage_seconds["load"] = time.perf_counter() - t
 
     if config.baseline and here.is_main:
         from ao_resampling.baseline import baseline_stage

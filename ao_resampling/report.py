@@ -270,6 +270,11 @@ def setup_section(ctx: ReportContext) -> str:
 
 def judge_distribution_section(ctx: ReportContext) -> str:
     judge, n = ctx.summary["judge"], ctx.summary["n_judged"]
+    if n == 0:  # an empty score table says nothing; point at the judge-free view and how to judge
+        return ("## Judge score distribution\n\n"
+                f"{judge_counts(ctx.results.runs).note()}: no LLM judge score yet (`ao-resampling judge RUN_FOLDER` "
+                "adds them, with OPENAI_API_KEY or a judge base URL). The judge-free view below has the embedding "
+                "and lexical spread of every run.")
     lines = ["## Judge score distribution", "",
              f"{judge_counts(ctx.results.runs).note()}. Mean {_num(judge['mean'])} (95% bootstrap CI "
              f"{_ci(judge['mean_ci95'])}), median {_num(judge['median'], 'g')}, std {_num(judge['std'])}, "

@@ -114,21 +114,25 @@ def test_full_run_output_is_complete_and_consistent(chat_run):
         assert (report.report_dir / name).stat().st_size > 0, name
 
 
-def test_rerun_does_no_new_work(chat_run, server):
+def test_rerun_does_no_new_work(chat_run, server, monkeypatch):
     config, out, _, _ = chat_run
     before = load_results_file(out / "results.json")
     n_requests = len(server.requests)
+    loads = []
+    monkeypatch.setattr(pipeline, "load_oracle", lambda cfg: loads.append(cfg) or pytest.fail("model loaded"))
 
     report = run(config, out)
 
+    assert loads == [], "nothing left to generate, so no weights are loaded"
     assert len(server.requests) == n_requests
     assert runs_json(load_results_file(out / "results.json")) == runs_json(before)
     assert report.n_runs == 6 and report.n_samples == 18
 
 
-def test_changed_settings_against_the_same_folder_are_refused(chat_run, server):
+def test_changed_settings_against_the_same_folder_are_refused(chat_run, server, monkeypatch):
     config, out, _, _ = chat_run
     before = (out / "results.json").read_text()
+    monkeypatch.setattr(pipeline, "load_oracle", lambda cfg: pytest.fail("refused only after loading the model"))
     changed = tiny_config(server, decode_seed=1, temperature=0.5, batch_rows=2)  # batch_rows is only plumbing
     with pytest.raises(pipeline.PipelineError) as info:
         run(changed, out)

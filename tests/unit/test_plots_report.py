@@ -239,6 +239,14 @@ def test_report_warns_about_stand_in(tmp_path):
 def test_report_on_an_unjudged_file(tmp_path):
     text = write_report(make_results([[None, None]]), tmp_path, n_boot=100).report_md.read_text()
     assert "2 of 2 runs are not judged yet" in text and "No target has a judged run yet." in text
+    judge_part = text.split("## Judge score distribution")[1].split("\n## ")[0]
+    assert "no LLM judge score yet" in judge_part and "ao-resampling judge" in judge_part
+    assert "| score | runs | share |" not in judge_part, "an all-empty score table is left out"
+
+
+def test_report_with_one_judged_run_keeps_the_score_table(tmp_path):
+    text = write_report(make_results([[7, None]]), tmp_path, n_boot=100).report_md.read_text()
+    assert "| score | runs | share |" in text and "| 7 | 1 | 100.0% |" in text
 
 
 def test_older_format_file_goes_through_write_report(tmp_path, mixed):
