@@ -16,7 +16,6 @@ where undefined), the largest gaps either way, and which targets only one side h
 from __future__ import annotations
 
 import html
-import json
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -39,7 +38,7 @@ from ao_resampling.metrics import (
 )
 from ao_resampling.results import (
     Baseline, Decoding, JudgeRecord, Results, ResultsError, ResultsStore, TargetMessage,
-    load_results_file,
+    load_results_file, read_json_file,
 )
 
 if TYPE_CHECKING:
@@ -236,7 +235,7 @@ def sample_baseline(store: ResultsStore, config: ExperimentConfig, *, oracle: Lo
     BatchedSampler(oracle.model, oracle.tokenizer, injection_layer=oracle.injection_layer,
                    coefficient=config.steering_coefficient, params=params, max_rows=config.batch_rows,
                    max_tokens=config.batch_tokens, use_adapter=False, merge_lora=config.merge_lora,
-                   ).run(queries, on_batch=journal, progress=progress)
+                   ).run(queries, on_batch=journal, progress=progress, desc="target-model samples")
     results = store.load()
     order = {t.id: i for i, t in enumerate(results.targets)}  # batches finish longest prompt first; store plan order
     results.baseline.runs.sort(key=lambda r: (order.get(r.target_id, len(order)), r.target_id))
@@ -315,12 +314,7 @@ def load_baseline_file(path: Path) -> Baseline:
     """``{"meta", "targets", "runs": [{"run_id", "target_id", "responses", "judge"}]}`` (or a results.json holding a
     baseline section) -> ``Baseline``. Errors name the file and the field."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except OSError as e:
-        raise ResultsError(f"{path}: cannot read: {e}") from e
-    except json.JSONDecodeError as e:
-        raise ResultsError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from e
+    data = read_json_file(path)
     if not isinstance(data, dict):
         raise ResultsError(f"{path}: expected a JSON object with 'runs' (a baseline file), got a {type(data).__name__}")
     if "ao_questions" in data:  # a whole results file: take its baseline section

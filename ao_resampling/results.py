@@ -271,14 +271,19 @@ def dump_results(results: Results) -> str:
     return json.dumps(results.model_dump(mode="json"), indent=1, ensure_ascii=False) + "\n"
 
 
-def load_results_file(path: Path) -> Results:
-    """Read one results file (current or older format) without its journal."""
+def read_json_file(path: Path) -> Any:
+    """Parsed JSON, or a ResultsError naming the file (and the line and column of a syntax error)."""
     try:
-        data = json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text())
     except OSError as e:
         raise ResultsError(f"{path}: cannot read: {e}") from e
     except json.JSONDecodeError as e:
         raise ResultsError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from e
+
+
+def load_results_file(path: Path) -> Results:
+    """Read one results file (current or older format) without its journal."""
+    data = read_json_file(path)
     try:
         return Results.model_validate(data)
     except ValidationError as e:

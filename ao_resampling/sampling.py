@@ -188,12 +188,12 @@ class BatchedSampler:
         self.pad_id = tokenizer.pad_token_id
 
     def run(self, queries: Sequence[Query], *, on_batch: Callable[[dict[str, list[Sample]]], None] | None = None,
-            progress: bool = True) -> dict[str, list[Sample]]:
+            progress: bool = True, desc: str = "AO samples") -> dict[str, list[Sample]]:
         """Sample every query; ``on_batch`` gets each finished batch (the caller journals it)."""
         batches = plan_batches(queries, max_new_tokens=self.params.max_new_tokens, max_rows=self.max_rows,
                                max_tokens=self.max_tokens)
         out: dict[str, list[Sample]] = {}
-        bar = tqdm(total=sum(q.n for q in queries), desc="AO samples", unit="sample", disable=not progress)
+        bar = tqdm(total=sum(q.n for q in queries), desc=desc, unit="sample", disable=not progress)
         with self._merged():
             for batch in batches:
                 done = self.generate([queries[i] for i in batch])
