@@ -24,15 +24,10 @@ from ao_resampling.hooks import (
 from ao_resampling.models import decoder_layers, layer_at_percent, num_layers
 from ao_resampling.oracle import build_oracle_query
 
+from tests.support.conversations import CONVERSATIONS
+
 INJECTION_LAYER = 1
 
-CONVERSATIONS = [
-    [{"role": "user", "content": "hi"}],
-    [{"role": "system", "content": "You are a pirate. Always talk like one."},
-     {"role": "user", "content": "What's the weather like today, and should I take an umbrella?"}],
-    [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
-     {"role": "user", "content": "Another one?"}],
-]
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,8 @@ from ao_resampling.sampling import (
 )
 
 INJECTION_LAYER = 1
+from tests.support.conversations import CONVERSATIONS
+
 READ_LAYER = 2  # int(4 layers * 0.5): the tiny model's 50% layer, named in the oracle prompt
 COEFFICIENT = 1.0
 ORIGINAL_SELECT_ROWS = sampling._select_rows
@@ -40,13 +42,6 @@ CACHES = pytest.mark.parametrize("static_cache", [pytest.param(True, id="static_
 COMPACTION = pytest.mark.parametrize("compact", [pytest.param(True, id="compact"),
                                              pytest.param(False, id="no_compact")])
 
-CONVERSATIONS = [
-    [{"role": "user", "content": "hi"}],
-    [{"role": "system", "content": "You are a pirate. Always talk like one."},
-     {"role": "user", "content": "What's the weather like today, and should I take an umbrella?"}],
-    [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
-     {"role": "user", "content": "Another one?"}],
-]
 QUESTIONS = [
     "What is the persona?",
     "Is the user asking about the weather, and if so, in which city and on which day of the week?",
