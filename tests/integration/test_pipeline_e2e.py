@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -172,9 +171,6 @@ def test_no_judge_then_judge_over_the_responses_api(server, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 # The demo: `ao-resampling run` with no arguments, which is also the run on real Gemma 3 270M
 
-DEMO_LIMIT = {"num_targets": 1, "num_questions": 2, "samples_per_query": 2, "max_new_tokens": 8}
-
-
 def _run_demo(tmp_path, monkeypatch) -> Results:
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["run"], catch_exceptions=False)
@@ -186,27 +182,22 @@ def _run_demo(tmp_path, monkeypatch) -> Results:
     results = load_results_file(folder / "results.json")
     assert results.meta.model == "gemma3-270m-gguf" and results.meta.oracle_lora == "random" and results.meta.stand_in
     assert (results.meta.num_layers, results.meta.layer) == (18, 9)
+    texts = []
     for run_ in results.runs:
         assert run_.judge is None and run_.spread is not None
         assert len(run_.responses) == config_mod.DEMO["samples_per_query"]
-        for response in run_.responses:  # real weights: real text, even through a random LoRA
-            assert response.text.strip(), response
+        for response in run_.responses:
             assert response.n_tokens and response.finish_reason in ("eos", "length")
+            texts.append(response.text)
+    # Real weights give real text, even through a random LoRA; some samples do degenerate into " \n" repeats,
+    # which strip to nothing, so this asks for most answers, not all.
+    assert sum(bool(t.strip()) for t in texts) >= 0.75 * len(texts), texts
+    assert sum(len(t.split()) >= 3 for t in texts) >= 0.5 * len(texts), texts
     return results
 
 
 @pytest.mark.slow
 def test_demo_with_no_arguments_on_real_gemma3_270m(tmp_path, monkeypatch):
-    """The demo's own code path on a smaller grid (the full preset takes ~1-2 min on 2 CPU cores)."""
-    for key, value in DEMO_LIMIT.items():
-        monkeypatch.setitem(config_mod.DEMO, key, value)
-    results = _run_demo(tmp_path, monkeypatch)
-    assert len(results.runs) == 2
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("AO_TEST_FULL_DEMO"),
-                    reason="the full demo preset takes ~1-2 min on a 2-core CPU; set AO_TEST_FULL_DEMO=1 to run it")
-def test_full_demo_preset_with_no_arguments(tmp_path, monkeypatch):
+    """The demo exactly as a user gets it (about 30 s on 2 idle CPU cores)."""
     results = _run_demo(tmp_path, monkeypatch)
     assert len(results.runs) == config_mod.DEMO["num_targets"] * config_mod.DEMO["num_questions"]
