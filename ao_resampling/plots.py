@@ -77,7 +77,7 @@ def _mean_line(ax: Axes, values: Sequence[float], fmt: str) -> None:
     if len(values):
         mean = float(np.mean(values))
         ax.axvline(mean, color="black", linestyle="--", linewidth=1, label=f"mean {mean:{fmt}}")
-        ax.legend(loc="upper left", frameon=False)
+        ax.legend(loc="best", framealpha=0.9)  # "best" keeps it off the tallest bars
 
 
 # ---------------------------------------------------------------------------------------------------------------------
