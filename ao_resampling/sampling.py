@@ -227,7 +227,7 @@ class BatchedSampler:
         stop_S = torch.tensor(self.stop_ids, device=device)
 
         with self._adapter():
-            with self._injection(queries, L, device):
+            with injection_for_rows(self.model, queries, L, device, self.injection_layer, self.coefficient):
                 out = self.model(input_ids=ids_QL, attention_mask=mask_QL,
                                  position_ids=position_ids_from_mask(mask_QL), past_key_values=self._prefill_cache(),
                                  use_cache=True, logits_to_keep=1)
@@ -269,15 +269,6 @@ class BatchedSampler:
 
     def _adapter(self):
         return contextlib.nullcontext() if self.use_adapter else adapter_disabled(self.model)
-
-    def _injection(self, queries: Sequence[Query], L: int, device: torch.device):
-        if all(q.vectors_KD is None for q in queries):
-            return contextlib.nullcontext()
-        if any(q.vectors_KD is None for q in queries):
-            raise ValueError("a batch mixes queries with and without injected vectors")
-        vectors_QKD = torch.stack([q.vectors_KD for q in queries]).to(device)
-        positions_QK = torch.tensor([[L - len(q.input_ids) + p for p in q.positions_K] for q in queries], device=device)
-        return injecting(self.model, self.injection_layer, vectors_QKD, positions_QK, self.coefficient)
 
     def _prefill_cache(self):
         from transformers import DynamicCache
@@ -324,6 +315,19 @@ class BatchedSampler:
         return out
 
 
+def injection_for_rows(model: nn.Module, row_queries: Sequence[Query], L: int, device: torch.device, layer: int,
+                       coefficient: float):
+    """The prefill injection for a left-padded batch whose row b answers ``row_queries[b]`` (padded length L)."""
+    if all(q.vectors_KD is None for q in row_queries):
+        return contextlib.nullcontext()
+    if any(q.vectors_KD is None for q in row_queries):
+        raise ValueError("a batch mixes queries with and without injected vectors")
+    vectors_BKD = torch.stack([q.vectors_KD for q in row_queries]).to(device)
+    positions_BK = torch.tensor([[L - len(q.input_ids) + p for p in q.positions_K] for q in row_queries],
+                                device=device)  # each row's positions shifted by its left padding
+    return injecting(model, layer, vectors_BKD, positions_BK, coefficient)
+
+
 def make_sample(tokenizer, token_ids: list[int], stop_ids: Sequence[int]) -> Sample:
     ended = bool(token_ids) and token_ids[-1] in stop_ids
     text = tokenizer.decode(token_ids, skip_special_tokens=True).strip()
@@ -351,7 +355,7 @@ def _rows(cache_BHLD: torch.Tensor, rows_B: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def sample_hf_batched(model: nn.Module, tokenizer, queries: Sequence[Query], *, injection_layer: int,
-                      coefficient: float, params: DecodeParams, seed_offset: int = 0) -> dict[str, list[Sample]]:
+                      coefficient: float, params: DecodeParams) -> dict[str, list[Sample]]:
     """All rows of all queries through one ``generate`` call (each sample its own padded row)."""
     device = model_device(model)
     stop_ids = stop_token_ids(tokenizer)
@@ -359,13 +363,8 @@ def sample_hf_batched(model: nn.Module, tokenizer, queries: Sequence[Query], *, 
     ids_BL, mask_BL = left_pad([q.input_ids for q, _ in rows], tokenizer.pad_token_id, device)
     L = ids_BL.shape[1]
     kwargs = _generate_kwargs(params, stop_ids, tokenizer.pad_token_id)
-    torch.manual_seed(batch_seed(params.seed + seed_offset, [q.key for q in queries]))
-    context = contextlib.nullcontext()
-    if rows and rows[0][0].vectors_KD is not None:
-        vectors_BKD = torch.stack([q.vectors_KD for q, _ in rows]).to(device)
-        positions_BK = torch.tensor([[L - len(q.input_ids) + p for p in q.positions_K] for q, _ in rows], device=device)
-        context = injecting(model, injection_layer, vectors_BKD, positions_BK, coefficient)
-    with context:
+    torch.manual_seed(batch_seed(params.seed, [q.key for q in queries]))
+    with injection_for_rows(model, [q for q, _ in rows], L, device, injection_layer, coefficient):
         out_BT = model.generate(input_ids=ids_BL, attention_mask=mask_BL, **kwargs)
     out: dict[str, list[Sample]] = {q.key: [] for q in queries}
     for (q, _), generated in zip(rows, out_BT[:, L:].tolist()):
