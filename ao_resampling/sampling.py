@@ -6,9 +6,10 @@ its own decode loop over the model's forward:
 - each query's prompt is prefilled *once*, with the injection hook attached, and its KV cache is repeated for its n
   samples (the n samples share one prompt, so prefilling it n times would be wasted work);
 - decoding then runs without any hook (decode steps are untouched by construction) on a static KV cache when the
-  whole sequence fits every sliding window, else on HF's dynamic cache;
+  whole sequence fits every sliding window, else on HF's dynamic cache; on the static cache, attention reads the
+  grouped KV heads in place and only the filled part of the cache (attention.py);
 - top-p is exact but avoids sorting the whole 262k vocabulary: the top candidates are sorted, and only a row whose
-  nucleus is not inside them falls back to a full sort;
+  nucleus is not inside them falls back to a full sort (of the model's bf16 logits: half the bytes of float32);
 - rows that finished (EOS / <end_of_turn>) are dropped from the batch once they are half of it.
 
 ``sample_sequential`` (one ``generate`` call per sample, as the original single-script experiment did) and
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ao_resampling.attention import decode_attention
 from ao_resampling.hooks import injecting, left_pad, position_ids_from_mask
 from ao_resampling.models import adapter_disabled, model_device, stop_token_ids
 
@@ -107,51 +109,46 @@ def sample_next_tokens(logits_BV: torch.Tensor, *, temperature: float, top_p: fl
     """One token per row: greedy at temperature 0, else temperature + exact top-p + a categorical draw.
 
     Rows whose nucleus lies inside the top ``candidates`` tokens (a trained model, nearly always) are decided there.
-    Other rows (flat distributions, e.g. random weights) get the exact nucleus threshold by bisection over the logit
-    value, a handful of passes over the vocabulary instead of a 262k-wide sort. Either way the kept set is HF's
-    TopPLogitsWarper's, except that tokens tied *exactly* at the boundary are all kept (HF keeps the ones its sort
-    happened to put first).
+    Other rows (flat distributions, e.g. random weights) sort their whole row once (``nucleus_threshold``). Either
+    way the kept set is HF's TopPLogitsWarper's, except that tokens tied *exactly* at the boundary are all kept (HF
+    keeps the ones its sort happened to put first).
     """
     if temperature == 0:
         return logits_BV.argmax(-1)
-    logits_BV = logits_BV.float() / temperature
+    scaled_BV = logits_BV.float() / temperature
     k = min(candidates, logits_BV.shape[-1])
-    top_logits_BK, top_ids_BK = logits_BV.topk(k, dim=-1)  # sorted, descending
-    log_z_B1 = logits_BV.logsumexp(-1, keepdim=True)
-    top_probs_BK = (top_logits_BK - log_z_B1).exp()
+    top_scaled_BK, top_ids_BK = scaled_BV.topk(k, dim=-1)  # sorted, descending
+    log_z_B1 = scaled_BV.logsumexp(-1, keepdim=True)
+    top_probs_BK = (top_scaled_BK - log_z_B1).exp()
     tokens_B = top_ids_BK.gather(-1, _draw(top_probs_BK * top_p_keep_mask(top_probs_BK, top_p), generator))
     tokens_B = tokens_B.squeeze(-1)
     short_B = top_probs_BK.sum(-1) < top_p  # the nucleus reaches past the candidates
     if short_B.any():
         rows = short_B.nonzero().squeeze(-1)
-        tokens_B[rows] = _draw_full_nucleus(logits_BV[rows], log_z_B1[rows], top_logits_BK[rows, -1:], top_p,
-                                            generator)
+        threshold_B1 = nucleus_threshold(logits_BV[rows], log_z_B1[rows], temperature=temperature, top_p=top_p)
+        probs_BV = (scaled_BV[rows] - log_z_B1[rows]).exp() * (logits_BV[rows] >= threshold_B1)
+        tokens_B[rows] = _draw(probs_BV, generator).squeeze(-1)
     return tokens_B
 
 
-def nucleus_threshold(logits_BV: torch.Tensor, log_z_B1: torch.Tensor, below_B1: torch.Tensor, top_p: float,
-                      iters: int = 40) -> torch.Tensor:
-    """Per row, the smallest kept logit of the top-p nucleus: the largest t with mass(logits >= t) >= top_p.
+def nucleus_threshold(logits_BV: torch.Tensor, log_z_B1: torch.Tensor, *, temperature: float, top_p: float,
+                      rows_per_sort: int = 128) -> torch.Tensor:
+    """Per row, the smallest logit the top-p nucleus keeps: the nucleus is exactly ``logits_BV >= threshold``.
 
-    Invariant: mass(>= lo) >= top_p > mass(>= hi). ``below_B1`` (the last candidate's logit) is a valid hi. After
-    ``iters`` halvings the interval is narrower than one float32 step at these magnitudes, so {logits >= lo} is
-    exactly the nucleus.
+    The logits are sorted in their own dtype (bf16 from a bf16 model): dividing by the temperature keeps their order,
+    so the order, and hence the nucleus, is the same as that of the scaled float32 logits HF's warper sorts.
+    ``log_z_B1`` is the logsumexp of ``logits.float() / temperature``. Rows are sorted a chunk at a time, which bounds
+    the sort's temporary memory (indices are int64: four times a bf16 row).
     """
-    probs_BV = (logits_BV - log_z_B1).exp()
-    lo_B1 = logits_BV.min(-1, keepdim=True).values
-    hi_B1 = below_B1.clone()
-    for _ in range(iters):
-        mid_B1 = (lo_B1 + hi_B1) / 2
-        enough_B1 = (probs_BV * (logits_BV >= mid_B1)).sum(-1, keepdim=True) >= top_p
-        lo_B1 = torch.where(enough_B1, mid_B1, lo_B1)
-        hi_B1 = torch.where(enough_B1, hi_B1, mid_B1)
-    return lo_B1
-
-
-def _draw_full_nucleus(logits_BV, log_z_B1, below_B1, top_p, generator) -> torch.Tensor:
-    threshold_B1 = nucleus_threshold(logits_BV, log_z_B1, below_B1, top_p)
-    probs_BV = (logits_BV - log_z_B1).exp() * (logits_BV >= threshold_B1)
-    return _draw(probs_BV, generator).squeeze(-1)
+    thresholds = []
+    for start in range(0, logits_BV.shape[0], rows_per_sort):
+        sorted_BV = logits_BV[start:start + rows_per_sort].sort(dim=-1, descending=True).values
+        probs_BV = (sorted_BV.float() / temperature - log_z_B1[start:start + rows_per_sort]).exp()
+        # HF's rule on the sorted row: keep a token iff the mass strictly above it is < top_p. The inclusive cumsum
+        # is monotone, so the kept tokens are the prefix up to the first one whose inclusive mass reaches top_p.
+        n_keep_B1 = ((probs_BV.cumsum(-1) < top_p).sum(-1, keepdim=True) + 1).clamp(max=probs_BV.shape[-1])
+        thresholds.append(sorted_BV.gather(-1, n_keep_B1 - 1))
+    return torch.cat(thresholds)
 
 
 def _draw(weights_BK: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -172,7 +169,8 @@ def batch_seed(seed: int, keys: Sequence[str]) -> int:
 class BatchedSampler:
     def __init__(self, model: nn.Module, tokenizer, *, injection_layer: int, coefficient: float,
                  params: DecodeParams, max_rows: int = 512, max_tokens: int = 131_072, use_adapter: bool = True,
-                 compact_finished: bool = True, static_cache: bool = True, merge_lora: bool = False):
+                 compact_finished: bool = True, static_cache: bool = True, merge_lora: bool = False,
+                 attention: Literal["gqa", "hf"] = "gqa"):
         self.model = model
         self.tokenizer = tokenizer
         self.injection_layer = injection_layer
@@ -184,6 +182,7 @@ class BatchedSampler:
         self.compact_finished = compact_finished
         self.static_cache = static_cache
         self.merge_lora = merge_lora
+        self.attention = attention  # "hf": the model's own attention (SDPA, repeat_kv) on decode steps too
         self.stop_ids = stop_token_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id
 
@@ -222,48 +221,59 @@ class BatchedSampler:
         device = model_device(self.model)
         generator = torch.Generator(device=device).manual_seed(batch_seed(p.seed, [q.key for q in queries]))
         ids_QL, mask_QL = left_pad([q.input_ids for q in queries], self.pad_id, device)
-        Q, L = ids_QL.shape
+        L = ids_QL.shape[1]
         n_Q = torch.tensor([q.n for q in queries], device=device)
-        stop_S = torch.tensor(self.stop_ids, device=device)
 
         with self._adapter():
             with injection_for_rows(self.model, queries, L, device, self.injection_layer, self.coefficient):
                 out = self.model(input_ids=ids_QL, attention_mask=mask_QL,
                                  position_ids=position_ids_from_mask(mask_QL), past_key_values=self._prefill_cache(),
                                  use_cache=True, logits_to_keep=1)
-            cache = self._expand(out.past_key_values, n_Q, L + p.max_new_tokens)
-
-            # Decode state lives on the device; the host looks at it only every SYNC_EVERY steps.
-            B = int(n_Q.sum())
-            tokens_BT = torch.full((B, p.max_new_tokens), self.pad_id, dtype=torch.long, device=device)
-            done_B = torch.zeros(B, dtype=torch.bool, device=device)
-            alive_A = torch.arange(B, device=device)  # the original row of each row still in the batch
-            mask_AT = mask_QL.repeat_interleave(n_Q, dim=0)
-            next_pos_A = position_ids_from_mask(mask_AT)[:, -1] + 1
-            logits_AV = out.logits[:, -1].to(device).repeat_interleave(n_Q, dim=0)
-            for step in range(p.max_new_tokens):
-                tokens_A = sample_next_tokens(self._suppress_stop(logits_AV, step), temperature=p.temperature,
-                                              top_p=p.top_p, generator=generator)
-                tokens_BT[alive_A, step] = torch.where(done_B[alive_A], self.pad_id, tokens_A)
-                done_B[alive_A] |= torch.isin(tokens_A, stop_S)
-                if step == p.max_new_tokens - 1:
-                    break
-                if (step + 1) % SYNC_EVERY == 0:
-                    n_done_alive = int(done_B[alive_A].sum())
-                    if n_done_alive == alive_A.shape[0]:
-                        break
-                    if self.compact_finished and n_done_alive * 2 >= alive_A.shape[0]:
-                        keep = (~done_B[alive_A]).nonzero().squeeze(-1)
-                        cache = _select_rows(cache, keep)
-                        alive_A, tokens_A, mask_AT, next_pos_A = (
-                            t[keep] for t in (alive_A, tokens_A, mask_AT, next_pos_A))
-                mask_AT = torch.cat([mask_AT, mask_AT.new_ones(mask_AT.shape[0], 1)], dim=1)
-                out = self.model(input_ids=tokens_A[:, None], attention_mask=mask_AT,
-                                 position_ids=next_pos_A[:, None], past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
-                logits_AV = out.logits[:, -1].to(device)  # the head may sit on another GPU under device_map="auto"
-                next_pos_A = next_pos_A + 1
+            cache, static = self._expand(out.past_key_values, n_Q, L + p.max_new_tokens)
+            logits_BV = out.logits[:, -1].to(device).repeat_interleave(n_Q, dim=0)
+            gqa = self.attention == "gqa" and static
+            with decode_attention(self.model) if gqa else contextlib.nullcontext():
+                tokens_BT = self._decode(cache, logits_BV, mask_QL.bool().repeat_interleave(n_Q, dim=0), gqa,
+                                         generator)
         return self._collect(queries, n_Q, tokens_BT.tolist())
+
+    def _decode(self, cache, logits_AV: torch.Tensor, mask_AT: torch.Tensor, mask_4d: bool,
+                generator: torch.Generator) -> torch.Tensor:
+        """The decode loop from the prompt's last logits; returns every row's tokens, padded after a stop."""
+        p = self.params
+        device = logits_AV.device
+        stop_S = torch.tensor(self.stop_ids, device=device)
+        # Decode state lives on the device; the host looks at it only every SYNC_EVERY steps.
+        B = logits_AV.shape[0]
+        tokens_BT = torch.full((B, p.max_new_tokens), self.pad_id, dtype=torch.long, device=device)
+        done_B = torch.zeros(B, dtype=torch.bool, device=device)
+        alive_A = torch.arange(B, device=device)  # the original row of each row still in the batch
+        next_pos_A = position_ids_from_mask(mask_AT)[:, -1] + 1
+        for step in range(p.max_new_tokens):
+            tokens_A = sample_next_tokens(self._suppress_stop(logits_AV, step), temperature=p.temperature,
+                                          top_p=p.top_p, generator=generator)
+            tokens_BT[alive_A, step] = torch.where(done_B[alive_A], self.pad_id, tokens_A)
+            done_B[alive_A] |= torch.isin(tokens_A, stop_S)
+            if step == p.max_new_tokens - 1:
+                break
+            if (step + 1) % SYNC_EVERY == 0:
+                n_done_alive = int(done_B[alive_A].sum())
+                if n_done_alive == alive_A.shape[0]:
+                    break
+                if self.compact_finished and n_done_alive * 2 >= alive_A.shape[0]:
+                    keep = (~done_B[alive_A]).nonzero().squeeze(-1)
+                    cache = _select_rows(cache, keep)
+                    alive_A, tokens_A, mask_AT, next_pos_A = (
+                        t[keep] for t in (alive_A, tokens_A, mask_AT, next_pos_A))
+            mask_AT = torch.cat([mask_AT, mask_AT.new_ones(mask_AT.shape[0], 1)], dim=1)
+            # gqa_attention takes the mask 4-D, as long as the sequence so far: the filled part of the static cache.
+            out = self.model(input_ids=tokens_A[:, None],
+                             attention_mask=mask_AT[:, None, None, :] if mask_4d else mask_AT,
+                             position_ids=next_pos_A[:, None], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            logits_AV = out.logits[:, -1].to(device)  # the head may sit on another GPU under device_map="auto"
+            next_pos_A = next_pos_A + 1
+        return tokens_BT
 
     # -- pieces of generate ------------------------------------------------------------------------------------------
 
@@ -280,14 +290,15 @@ class BatchedSampler:
         return base.config.get_text_config(decoder=True)
 
     def _expand(self, prefill_cache, n_Q: torch.Tensor, total_len: int):
-        """Repeat each query's prompt KV for its n samples, into a static cache when every window holds it all."""
+        """Repeat each query's prompt KV for its n samples, into a static cache when every window holds it all.
+        Returns the cache and whether it is the static one."""
         config = self._text_config()
         window = getattr(config, "sliding_window", None) or total_len
         rows_B = torch.arange(n_Q.shape[0], device=n_Q.device).repeat_interleave(n_Q)  # query of each sample row
         if not self.static_cache or total_len > window:
             for layer in prefill_cache.layers:
                 layer.keys, layer.values = _rows(layer.keys, rows_B), _rows(layer.values, rows_B)
-            return prefill_cache
+            return prefill_cache, False
         from transformers import StaticCache
 
         static = StaticCache(config=config, max_cache_len=total_len)
@@ -295,7 +306,7 @@ class BatchedSampler:
         for i, layer in enumerate(prefill_cache.layers):
             keys, values = _rows(layer.keys, rows_B), _rows(layer.values, rows_B)
             static.update(keys, values, i, cache_kwargs={"cache_position": torch.arange(L, device=keys.device)})
-        return static
+        return static, True
 
     def _suppress_stop(self, logits_BV: torch.Tensor, step: int) -> torch.Tensor:
         if step >= self.params.min_new_tokens:

@@ -24,6 +24,15 @@ from ao_resampling.oracle import build_oracle_query
 from ao_resampling.sampling import BatchedSampler, DecodeParams, Query, sample_hf_batched, sample_sequential
 
 
+# Batched-sampler variants: each is one set of BatchedSampler options, named for the lever it changes.
+VARIANTS = {
+    "merged": dict(merge_lora=True),  # the pipeline's default: LoRA merged, static cache, gqa_attention
+    "merged_hf_attention": dict(merge_lora=True, attention="hf"),  # the model's own SDPA + repeat_kv on decode
+    "unmerged": dict(merge_lora=False),  # LoRA kept as adapter modules while decoding
+    "dynamic": dict(merge_lora=True, static_cache=False),  # HF's growing cache (and so its own attention)
+}
+
+
 @dataclass
 class Row:
     variant: str
@@ -84,7 +93,8 @@ def main() -> None:
     ap.add_argument("--tokens-per-row", type=int, default=200, help="max_tokens = max_rows x this")
     ap.add_argument("--sequential-samples", type=int, default=3)
     ap.add_argument("--hf-rows", type=int, default=0, help="rows for one plain HF generate batch (0 = skip)")
-    ap.add_argument("--variants", default="static,dynamic", help="batched variants: static, dynamic, merged")
+    ap.add_argument("--variants", default="merged,merged_hf_attention",
+                    help=f"batched variants, comma-separated: {', '.join(VARIANTS)}")
     ap.add_argument("--full", action="store_true", help="also the whole stage (num_targets x num_questions queries)")
     ap.add_argument("--profile", action="store_true", help="torch.profiler table of a few decode steps")
     ap.add_argument("--json", type=Path, default=None)
@@ -133,8 +143,7 @@ def main() -> None:
     for variant in args.variants.split(","):
         for budget in (int(b) for b in args.budgets.split(",")):
             sampler = BatchedSampler(model, tokenizer, injection_layer=1, coefficient=1.0, params=params,
-                                     max_rows=budget, max_tokens=budget * args.tokens_per_row,
-                                     static_cache=variant != "dynamic", merge_lora=variant == "merged")
+                                     max_rows=budget, max_tokens=budget * args.tokens_per_row, **VARIANTS[variant])
             s, peak, _ = timed(lambda: sampler.run(subset, progress=False), device)
             record(f"batched {variant}, max_rows {budget}", len(subset) * args.samples, s, peak)
             if best is None or rows[-1].samples_per_s > best[0]:
@@ -145,23 +154,22 @@ def main() -> None:
 
         _, variant, budget = best
         sampler = BatchedSampler(model, tokenizer, injection_layer=1, coefficient=1.0,
-                                 params=DecodeParams(0.7, 0.9, 16, 0, min_new_tokens=16), max_rows=budget,
-                                 max_tokens=budget * args.tokens_per_row, static_cache=variant != "dynamic",
-                                 merge_lora=variant == "merged")
+                                 params=DecodeParams(0.7, 0.9, 32, 0, min_new_tokens=32), max_rows=budget,
+                                 max_tokens=budget * args.tokens_per_row, **VARIANTS[variant])
         chunk = queries[: budget // args.samples]
-        sampler.run(chunk, progress=False)  # warm-up
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with profile(activities=activities) as prof:
-            s, _, _ = timed(lambda: sampler.run(chunk, progress=False), device)
+        with sampler._merged():  # merged once, outside the profile: a real run merges once per stage
+            sampler.generate(chunk)  # warm-up
+            with profile(activities=activities) as prof:
+                s, _, _ = timed(lambda: sampler.generate(chunk), device)
         sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        print(f"\nprofile: {variant}, {len(chunk) * args.samples} rows x 16 steps in {s:.2f}s")
+        print(f"\nprofile: {variant}, {len(chunk) * args.samples} rows x 32 steps in {s:.2f}s")
         print(prof.key_averages().table(sort_by=sort_by, row_limit=18, max_name_column_width=60))
 
     if args.full and best:
         _, variant, budget = best
         sampler = BatchedSampler(model, tokenizer, injection_layer=1, coefficient=1.0, params=params, max_rows=budget,
-                                 max_tokens=budget * args.tokens_per_row,
-                                 static_cache=variant != "dynamic", merge_lora=variant == "merged")
+                                 max_tokens=budget * args.tokens_per_row, **VARIANTS[variant])
         s, peak, _ = timed(lambda: sampler.run(queries, progress=False), device)
         record(f"FULL STAGE: batched {variant}, max_rows {budget}", len(queries) * args.samples, s, peak)
 

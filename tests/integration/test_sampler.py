@@ -15,6 +15,7 @@ import dataclasses
 import pytest
 import torch
 
+import ao_resampling.attention as attention
 import ao_resampling.sampling as sampling
 from ao_resampling.encoding import encode_target
 from ao_resampling.hooks import capture_activations, injecting, left_pad, position_ids_from_mask
@@ -31,9 +32,9 @@ from ao_resampling.sampling import (
     sample_sequential,
 )
 
-INJECTION_LAYER = 1
 from tests.support.conversations import CONVERSATIONS
 
+INJECTION_LAYER = 1
 READ_LAYER = 2  # int(4 layers * 0.5): the tiny model's 50% layer, named in the oracle prompt
 COEFFICIENT = 1.0
 ORIGINAL_SELECT_ROWS = sampling._select_rows
@@ -41,6 +42,8 @@ CACHES = pytest.mark.parametrize("static_cache", [pytest.param(True, id="static_
                                                   pytest.param(False, id="dynamic_cache")])
 COMPACTION = pytest.mark.parametrize("compact", [pytest.param(True, id="compact"),
                                              pytest.param(False, id="no_compact")])
+ATTENTION = pytest.mark.parametrize("attention", [pytest.param("gqa", id="gqa_attention"),
+                                                  pytest.param("hf", id="hf_attention")])
 
 QUESTIONS = [
     "What is the persona?",
@@ -163,25 +166,49 @@ def test_changing_one_rows_vector_leaves_the_other_rows_bit_identical(tiny_oracl
 
 @CACHES
 @COMPACTION
+@ATTENTION
 def test_fast_path_equals_plain_generate(tiny_oracle, gemma_tokenizer, queries, greedy_reference, static_cache,
-                                         compact):
+                                         compact, attention):
     result = fast(tiny_oracle, gemma_tokenizer, queries, greedy(), static_cache=static_cache,
-                  compact_finished=compact)
+                  compact_finished=compact, attention=attention)
     assert tokens(result) == greedy_reference
     assert all(s.finish_reason == "length" and s.n_tokens == 8 for v in result.values() for s in v)
 
 
+def test_static_cache_decode_steps_run_through_gqa_attention(tiny_oracle, gemma_tokenizer, queries, monkeypatch):
+    """The fast attention is really used on decode steps (and only there), and the model gets its own back after."""
+    calls, original = [], attention.gqa_attention
+
+    def spy(module, query_BHQD, key_BKSD, value_BKSD, attention_mask, **kwargs):
+        calls.append((query_BHQD.shape[2], attention_mask.shape[-1], key_BKSD.shape[2]))
+        return original(module, query_BHQD, key_BKSD, value_BKSD, attention_mask, **kwargs)
+
+    monkeypatch.setattr(attention, "gqa_attention", spy)
+    before = tiny_oracle.config._attn_implementation
+    fast(tiny_oracle, gemma_tokenizer, queries[:1], greedy(max_new_tokens=4))
+
+    prompt_len = len(queries[0].input_ids)
+    n_layers = num_layers(tiny_oracle)
+    # 3 decode steps (the 4th token comes from the last step's logits), one call per layer each, query length 1,
+    # and each step's mask as long as the sequence so far, cut out of the 4 + prompt long static cache.
+    assert [(q, s) for q, s, _ in calls] == [(1, prompt_len + 1 + step) for step in range(3) for _ in range(n_layers)]
+    assert {k for _, _, k in calls} == {prompt_len + 4}
+    assert tiny_oracle.config._attn_implementation == before
+
+
 @CACHES
 @COMPACTION
+@ATTENTION
 def test_fast_path_equals_plain_generate_with_early_stops(tiny_oracle, queries, early_eos, static_cache, compact,
-                                                          monkeypatch):
+                                                          attention, monkeypatch):
     compactions = []
     monkeypatch.setattr(sampling, "SYNC_EVERY", 1)  # look for finished rows after every step
     monkeypatch.setattr(sampling, "_select_rows",
                         lambda cache, keep: compactions.append(keep.tolist()) or ORIGINAL_SELECT_ROWS(cache, keep))
     two = queries[:2]  # q0's two rows stop at step 2: half the batch, so it is compacted then
 
-    result = fast(tiny_oracle, early_eos, two, greedy(), static_cache=static_cache, compact_finished=compact)
+    result = fast(tiny_oracle, early_eos, two, greedy(), static_cache=static_cache, compact_finished=compact,
+                  attention=attention)
 
     assert tokens(result) == tokens(plain(tiny_oracle, early_eos, two, greedy()))
     assert [len(keep) for keep in compactions] == ([2] if compact else []), "q1's two rows are kept, once"

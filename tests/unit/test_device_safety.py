@@ -74,8 +74,9 @@ def test_expand_repeats_prompt_rows_on_each_layers_device(static_cache):
                              static_cache=static_cache)
 
     with OneDevicePerOp():
-        expanded = sampler._expand(cache, torch.tensor([3, 1]), total_len=8)  # query 0 three samples, query 1 one
+        expanded, static = sampler._expand(cache, torch.tensor([3, 1]), total_len=8)  # q0: 3 samples, q1: 1
 
+    assert static == static_cache
     for i, layer in enumerate(expanded.layers):
         assert layer.keys.device == (CPU if i % 2 == 0 else OTHER) and layer.keys.shape[0] == 4
     assert expanded.layers[0].keys[:, 0, 0, 0].tolist() == [0.0, 0.0, 0.0, 1.0]

@@ -194,12 +194,29 @@ def test_same_generator_seed_same_tokens(candidates):
 
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), V=st.integers(2, 5000), top_p=st.floats(0.05, 0.99),
-       scale=st.sampled_from([0.01, 0.5, 3.0]))
-def test_bisection_nucleus_equals_the_sorted_nucleus(seed, V, top_p, scale):
-    """The no-sort path keeps exactly the tokens HF's sort-based warper keeps (no ties in random float32 logits)."""
+       scale=st.sampled_from([0.01, 0.5, 3.0]), temperature=st.sampled_from([0.7, 1.0]))
+def test_full_nucleus_threshold_equals_hf_keep_set(seed, V, top_p, scale, temperature):
+    """The fallback path keeps exactly the tokens HF's warper keeps (no ties in random float32 logits)."""
     logits_BV = torch.randn(3, V, generator=torch.Generator().manual_seed(seed)) * scale
-    log_z_B1 = logits_BV.logsumexp(-1, keepdim=True)
-    below_B1 = logits_BV.max(-1, keepdim=True).values + 1.0  # any value above every logit is a valid start
-    threshold_B1 = nucleus_threshold(logits_BV, log_z_B1, below_B1, top_p)
-    hf_keep_BV = TopPLogitsWarper(top_p)(None, logits_BV.clone()) > float("-inf")
+    scaled_BV = logits_BV / temperature
+    assume(margin_to_boundary(scaled_BV, top_p) > 1e-5)
+    threshold_B1 = nucleus_threshold(logits_BV, scaled_BV.logsumexp(-1, keepdim=True), temperature=temperature,
+                                     top_p=top_p, rows_per_sort=2)  # 2 rows a sort: the chunking is exercised too
+    hf_keep_BV = TopPLogitsWarper(top_p)(None, scaled_BV.clone()) > float("-inf")
     assert torch.equal(logits_BV >= threshold_B1, hf_keep_BV)
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.9])
+def test_full_nucleus_threshold_on_bf16_logits_keeps_the_float32_nucleus(top_p):
+    """A bf16 model's logits are sorted as bf16; the kept set is the one of their float32 scaled values."""
+    logits_BV = (torch.randn(4, 3000, generator=torch.Generator().manual_seed(5)) * 2).bfloat16()
+    scaled_BV = logits_BV.float() / 0.7
+    threshold_B1 = nucleus_threshold(logits_BV, scaled_BV.logsumexp(-1, keepdim=True), temperature=0.7, top_p=top_p)
+    assert threshold_B1.dtype == torch.bfloat16
+    kept_BV = logits_BV >= threshold_B1
+    exact_BV = torch.stack([exact_nucleus_distribution(row, 0.7, top_p) > 0 for row in logits_BV.float()])
+    # bf16 logits tie often; HF keeps some of a tied group at the boundary, this keeps all of it. Away from the
+    # boundary value the two sets agree, and each kept set reaches top_p.
+    boundary_BV = logits_BV == threshold_B1
+    assert torch.equal(kept_BV & ~boundary_BV, exact_BV & ~boundary_BV)
+    assert ((scaled_BV.softmax(-1) * kept_BV).sum(-1) >= top_p - 1e-6).all()
