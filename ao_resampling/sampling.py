@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ao_resampling.attention import decode_attention
+from ao_resampling.decode_step import PlainDecodeStep, StaticDecodeStep
 from ao_resampling.hooks import injecting, left_pad, position_ids_from_mask
 from ao_resampling.models import adapter_disabled, model_device, stop_token_ids
 
@@ -170,7 +171,7 @@ class BatchedSampler:
     def __init__(self, model: nn.Module, tokenizer, *, injection_layer: int, coefficient: float,
                  params: DecodeParams, max_rows: int = 512, max_tokens: int = 131_072, use_adapter: bool = True,
                  compact_finished: bool = True, static_cache: bool = True, merge_lora: bool = False,
-                 attention: Literal["gqa", "hf"] = "gqa"):
+                 attention: Literal["gqa", "hf"] = "gqa", cuda_graphs: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.injection_layer = injection_layer
@@ -183,6 +184,7 @@ class BatchedSampler:
         self.static_cache = static_cache
         self.merge_lora = merge_lora
         self.attention = attention  # "hf": the model's own attention (SDPA, repeat_kv) on decode steps too
+        self.cuda_graphs = cuda_graphs  # only with attention="gqa" on a static cache (decode_step.py)
         self.stop_ids = stop_token_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id
 
@@ -231,13 +233,17 @@ class BatchedSampler:
                                  use_cache=True, logits_to_keep=1)
             cache, static = self._expand(out.past_key_values, n_Q, L + p.max_new_tokens)
             logits_BV = out.logits[:, -1].to(device).repeat_interleave(n_Q, dim=0)
-            gqa = self.attention == "gqa" and static
-            with decode_attention(self.model) if gqa else contextlib.nullcontext():
-                tokens_BT = self._decode(cache, logits_BV, mask_QL.bool().repeat_interleave(n_Q, dim=0), gqa,
+            mask_AL = mask_QL.bool().repeat_interleave(n_Q, dim=0)
+            if self.attention == "gqa" and static:
+                step = StaticDecodeStep(self.model, cache, mask_AL, L + p.max_new_tokens, graphs=self.cuda_graphs)
+                with decode_attention(self.model):
+                    tokens_BT = self._decode(step, logits_BV, mask_AL, L, generator)
+            else:
+                tokens_BT = self._decode(PlainDecodeStep(self.model, cache, mask_AL), logits_BV, mask_AL, L,
                                          generator)
         return self._collect(queries, n_Q, tokens_BT.tolist())
 
-    def _decode(self, cache, logits_AV: torch.Tensor, mask_AT: torch.Tensor, mask_4d: bool,
+    def _decode(self, step, logits_AV: torch.Tensor, mask_AL: torch.Tensor, L: int,
                 generator: torch.Generator) -> torch.Tensor:
         """The decode loop from the prompt's last logits; returns every row's tokens, padded after a stop."""
         p = self.params
@@ -248,30 +254,24 @@ class BatchedSampler:
         tokens_BT = torch.full((B, p.max_new_tokens), self.pad_id, dtype=torch.long, device=device)
         done_B = torch.zeros(B, dtype=torch.bool, device=device)
         alive_A = torch.arange(B, device=device)  # the original row of each row still in the batch
-        next_pos_A = position_ids_from_mask(mask_AT)[:, -1] + 1
-        for step in range(p.max_new_tokens):
-            tokens_A = sample_next_tokens(self._suppress_stop(logits_AV, step), temperature=p.temperature,
+        next_pos_A = position_ids_from_mask(mask_AL)[:, -1] + 1
+        for i in range(p.max_new_tokens):
+            tokens_A = sample_next_tokens(self._suppress_stop(logits_AV, i), temperature=p.temperature,
                                           top_p=p.top_p, generator=generator)
-            tokens_BT[alive_A, step] = torch.where(done_B[alive_A], self.pad_id, tokens_A)
+            tokens_BT[alive_A, i] = torch.where(done_B[alive_A], self.pad_id, tokens_A)
             done_B[alive_A] |= torch.isin(tokens_A, stop_S)
-            if step == p.max_new_tokens - 1:
+            if i == p.max_new_tokens - 1:
                 break
-            if (step + 1) % SYNC_EVERY == 0:
+            if (i + 1) % SYNC_EVERY == 0:
                 n_done_alive = int(done_B[alive_A].sum())
                 if n_done_alive == alive_A.shape[0]:
                     break
                 if self.compact_finished and n_done_alive * 2 >= alive_A.shape[0]:
                     keep = (~done_B[alive_A]).nonzero().squeeze(-1)
-                    cache = _select_rows(cache, keep)
-                    alive_A, tokens_A, mask_AT, next_pos_A = (
-                        t[keep] for t in (alive_A, tokens_A, mask_AT, next_pos_A))
-            mask_AT = torch.cat([mask_AT, mask_AT.new_ones(mask_AT.shape[0], 1)], dim=1)
-            # gqa_attention takes the mask 4-D, as long as the sequence so far: the filled part of the static cache.
-            out = self.model(input_ids=tokens_A[:, None],
-                             attention_mask=mask_AT[:, None, None, :] if mask_4d else mask_AT,
-                             position_ids=next_pos_A[:, None], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            logits_AV = out.logits[:, -1].to(device)  # the head may sit on another GPU under device_map="auto"
+                    step.select(keep, _select_rows)
+                    alive_A, tokens_A, next_pos_A = (t[keep] for t in (alive_A, tokens_A, next_pos_A))
+            # the head may sit on another GPU under device_map="auto"
+            logits_AV = step(tokens_A, next_pos_A, length=L + i + 1).to(device)
             next_pos_A = next_pos_A + 1
         return tokens_BT
 

@@ -26,7 +26,8 @@ from ao_resampling.sampling import BatchedSampler, DecodeParams, Query, sample_h
 
 # Batched-sampler variants: each is one set of BatchedSampler options, named for the lever it changes.
 VARIANTS = {
-    "merged": dict(merge_lora=True),  # the pipeline's default: LoRA merged, static cache, gqa_attention
+    "merged": dict(merge_lora=True),  # the pipeline's default: LoRA merged, static cache, gqa_attention, CUDA graphs
+    "merged_no_graphs": dict(merge_lora=True, cuda_graphs=False),  # the same, every decode step launched from Python
     "merged_hf_attention": dict(merge_lora=True, attention="hf"),  # the model's own SDPA + repeat_kv on decode
     "unmerged": dict(merge_lora=False),  # LoRA kept as adapter modules while decoding
     "dynamic": dict(merge_lora=True, static_cache=False),  # HF's growing cache (and so its own attention)
@@ -63,6 +64,34 @@ def build_queries(tokenizer, model, layer: int, targets, questions, n_queries: i
     return queries
 
 
+def check_greedy(model, tokenizer, queries: list[Query], max_new_tokens: int) -> None:
+    """Greedy answers, one per query: the fast path with and without CUDA graphs, and plain HF ``generate``."""
+    one = [Query(q.key, q.input_ids, 1, q.vectors_KD, q.positions_K) for q in queries]
+    params = DecodeParams(temperature=0, top_p=0.9, max_new_tokens=max_new_tokens, seed=0,
+                          min_new_tokens=max_new_tokens)
+
+    def fast(**kwargs):
+        sampler = BatchedSampler(model, tokenizer, injection_layer=1, coefficient=1.0, params=params,
+                                 merge_lora=True, **kwargs)
+        return {k: v[0].token_ids for k, v in sampler.run(one, progress=False).items()}
+
+    graphs, eager = fast(), fast(cuda_graphs=False)
+    hf_attention = fast(attention="hf", cuda_graphs=False)
+    plain = {k: v[0].token_ids for k, v in sample_hf_batched(model, tokenizer, one, injection_layer=1,
+                                                             coefficient=1.0, params=params).items()}
+
+    def agreement(a: dict, b: dict) -> str:
+        same_rows = sum(a[k] == b[k] for k in a)
+        prefix = [next((i for i, (x, y) in enumerate(zip(a[k], b[k])) if x != y), len(a[k])) for k in a]
+        return f"{same_rows}/{len(a)} answers identical, first difference at token {min(prefix)} at the earliest"
+
+    print(f"greedy check, {len(one)} queries x {max_new_tokens} tokens:")
+    print(f"  CUDA graphs vs eager decode steps:          {agreement(graphs, eager)}")
+    print(f"  gqa vs HF attention (both fast path):       {agreement(eager, hf_attention)}")
+    print(f"  fast path (HF attention) vs HF generate:    {agreement(hf_attention, plain)}")
+    print(f"  fast path (default) vs HF generate:         {agreement(graphs, plain)}", flush=True)
+
+
 def timed(fn, device) -> tuple[float, float, object]:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -97,6 +126,8 @@ def main() -> None:
                     help=f"batched variants, comma-separated: {', '.join(VARIANTS)}")
     ap.add_argument("--full", action="store_true", help="also the whole stage (num_targets x num_questions queries)")
     ap.add_argument("--profile", action="store_true", help="torch.profiler table of a few decode steps")
+    ap.add_argument("--check", type=int, default=0,
+                    help="first compare greedy answers to this many queries: graphs vs none, fast path vs HF generate")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
@@ -137,6 +168,9 @@ def main() -> None:
         s, peak, _ = timed(lambda: sample_hf_batched(model, tokenizer, chunk, injection_layer=1, coefficient=1.0,
                                                      params=params), device)
         record(f"HF generate, {len(chunk) * args.samples} rows", len(chunk) * args.samples, s, peak)
+
+    if args.check:
+        check_greedy(model, tokenizer, queries[: args.check], args.max_new_tokens)
 
     subset = queries[: args.queries]
     best = None

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import ao_resampling.attention as attention
+import ao_resampling.decode_step as decode_step
 import ao_resampling.sampling as sampling
 from ao_resampling.encoding import encode_target
 from ao_resampling.hooks import capture_activations, injecting, left_pad, position_ids_from_mask
@@ -176,7 +177,8 @@ def test_fast_path_equals_plain_generate(tiny_oracle, gemma_tokenizer, queries, 
 
 
 def test_static_cache_decode_steps_run_through_gqa_attention(tiny_oracle, gemma_tokenizer, queries, monkeypatch):
-    """The fast attention is really used on decode steps (and only there), and the model gets its own back after."""
+    """The fast attention is really used on decode steps (and only there), each step reading the cache cut to the
+    sequence so far rounded up to BUCKET positions, and the model gets its own attention back after."""
     calls, original = [], attention.gqa_attention
 
     def spy(module, query_BHQD, key_BKSD, value_BKSD, attention_mask, **kwargs):
@@ -184,16 +186,25 @@ def test_static_cache_decode_steps_run_through_gqa_attention(tiny_oracle, gemma_
         return original(module, query_BHQD, key_BKSD, value_BKSD, attention_mask, **kwargs)
 
     monkeypatch.setattr(attention, "gqa_attention", spy)
+    monkeypatch.setattr(decode_step, "BUCKET", 4)
     before = tiny_oracle.config._attn_implementation
-    fast(tiny_oracle, gemma_tokenizer, queries[:1], greedy(max_new_tokens=4))
+    fast(tiny_oracle, gemma_tokenizer, queries[:1], greedy(max_new_tokens=9))
 
-    prompt_len = len(queries[0].input_ids)
+    L, total = len(queries[0].input_ids), len(queries[0].input_ids) + 9
     n_layers = num_layers(tiny_oracle)
-    # 3 decode steps (the 4th token comes from the last step's logits), one call per layer each, query length 1,
-    # and each step's mask as long as the sequence so far, cut out of the 4 + prompt long static cache.
-    assert [(q, s) for q, s, _ in calls] == [(1, prompt_len + 1 + step) for step in range(3) for _ in range(n_layers)]
-    assert {k for _, _, k in calls} == {prompt_len + 4}
+    # 8 decode steps (the 9th token comes from the last step's logits), one call per layer each, query length 1.
+    cuts = [min(-(-(L + 1 + i) // 4) * 4, total) for i in range(8)]
+    assert [(q, s) for q, s, _ in calls] == [(1, cut) for cut in cuts for _ in range(n_layers)]
+    assert len(set(cuts)) >= 2, "the steps cross a bucket boundary"
+    assert {k for _, _, k in calls} == {total}, "the static cache is allocated once, for the whole answer"
     assert tiny_oracle.config._attn_implementation == before
+
+
+@pytest.mark.parametrize("bucket", [1, 3, 32])
+def test_fast_path_equals_plain_generate_for_any_bucket(tiny_oracle, gemma_tokenizer, queries, greedy_reference,
+                                                        bucket, monkeypatch):
+    monkeypatch.setattr(decode_step, "BUCKET", bucket)
+    assert tokens(fast(tiny_oracle, gemma_tokenizer, queries, greedy())) == greedy_reference
 
 
 @CACHES

@@ -1,0 +1,97 @@
+"""One decode forward (this step's tokens -> next logits) over the batch's KV cache, as cheaply as the cache allows.
+
+``StaticDecodeStep`` is the fast one, for a static cache read by ``gqa_attention`` (attention.py):
+
+- the attention mask is one preallocated (rows x cache length) buffer; each step sets the new position and passes a
+  4-D view of it cut to the sequence so far, rounded up to a multiple of ``BUCKET`` positions (the cache past the
+  sequence is empty and masked out), so attention reads only the filled part of the cache;
+- on CUDA, each (rows, cut length) gets a CUDA graph of the whole model forward, captured right after its first
+  step ran eagerly (which is that step's real work and the warm-up capture needs) and replayed for the next ones.
+  A 27B forward at batch 760 is ~3000 kernel launches, ~50 ms of Python and launch work a step that would otherwise
+  leave the GPU waiting. The cache writes its new position through a device-side counter, so a replay writes where
+  an eager step would. Dropping finished rows (``select``) makes new tensors, so it drops the graphs too.
+
+On CPU the same step runs eagerly (same buffers, same cut lengths), which is what the CPU tests exercise.
+``PlainDecodeStep`` is the reference: a 2-D mask grown each step, for the model's own attention or a dynamic cache.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+BUCKET = 32  # cut lengths are multiples of this: ~4 CUDA graphs for a 40-token prompt + 120 new tokens
+
+
+class PlainDecodeStep:
+    def __init__(self, model: nn.Module, cache, mask_AL: torch.Tensor):
+        self.model, self.cache, self.mask_AT = model, cache, mask_AL
+
+    def __call__(self, tokens_A: torch.Tensor, positions_A: torch.Tensor, length: int) -> torch.Tensor:
+        self.mask_AT = torch.cat([self.mask_AT, self.mask_AT.new_ones(self.mask_AT.shape[0], 1)], dim=1)
+        out = self.model(input_ids=tokens_A[:, None], attention_mask=self.mask_AT, position_ids=positions_A[:, None],
+                         past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        return out.logits[:, -1]
+
+    def select(self, keep_A: torch.Tensor, select_cache) -> None:
+        self.cache = select_cache(self.cache, keep_A)
+        self.mask_AT = self.mask_AT[keep_A]
+
+
+class StaticDecodeStep:
+    def __init__(self, model: nn.Module, cache, mask_AL: torch.Tensor, total_len: int, *, graphs: bool):
+        A, L = mask_AL.shape
+        self.model, self.cache, self.total_len = model, cache, total_len
+        self.use_graphs = graphs and mask_AL.device.type == "cuda"
+        self.mask_AS = torch.zeros(A, total_len, dtype=torch.bool, device=mask_AL.device)
+        self.mask_AS[:, :L] = mask_AL
+        self.tokens_A1 = torch.zeros(A, 1, dtype=torch.long, device=mask_AL.device)
+        self.positions_A1 = torch.zeros_like(self.tokens_A1)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None  # one memory pool for the graphs
+
+    def cut_length(self, length: int) -> int:
+        return min(-(-length // BUCKET) * BUCKET, self.total_len)
+
+    def __call__(self, tokens_A: torch.Tensor, positions_A: torch.Tensor, length: int) -> torch.Tensor:
+        """``length``: the sequence length once this step's token is in the cache (it goes to ``length - 1``)."""
+        self.mask_AS[:, length - 1] = True
+        self.tokens_A1.copy_(tokens_A[:, None])
+        self.positions_A1.copy_(positions_A[:, None])
+        cut = self.cut_length(length)
+        if not self.use_graphs:
+            return self._forward(cut)
+        if cut in self.graphs:
+            graph, logits_AV = self.graphs[cut]
+            graph.replay()
+            return logits_AV
+        return self._run_then_capture(cut)
+
+    def _forward(self, cut: int) -> torch.Tensor:
+        out = self.model(input_ids=self.tokens_A1, attention_mask=self.mask_AS[:, None, None, :cut],
+                         position_ids=self.positions_A1, past_key_values=self.cache, use_cache=True)
+        return out.logits[:, -1]
+
+    def _run_then_capture(self, cut: int) -> torch.Tensor:
+        logits_AV = self._forward(cut)  # this step's real work, and the warm-up capture needs
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                graph_logits_AV = self._forward(cut)  # recorded, not run: the next step at this cut replays it
+        except RuntimeError as e:  # a forward that syncs with the host cannot be captured: stay eager
+            warnings.warn(f"decoding without CUDA graphs: this model's forward could not be captured ({e})",
+                          stacklevel=2)
+            self.use_graphs = False
+            return logits_AV
+        self.graphs[cut] = (graph, graph_logits_AV)
+        return logits_AV
+
+    def select(self, keep_A: torch.Tensor, select_cache) -> None:
+        self.cache = select_cache(self.cache, keep_A)
+        self.mask_AS = self.mask_AS[keep_A]
+        self.tokens_A1 = self.tokens_A1[keep_A]
+        self.positions_A1 = self.positions_A1[keep_A]
+        self.graphs.clear()  # they read the old tensors
