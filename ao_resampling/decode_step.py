@@ -52,6 +52,16 @@ class StaticDecodeStep:
         self.positions_A1 = torch.zeros_like(self.tokens_A1)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None  # one memory pool for the graphs
+        self.rows_dropped = False
+
+    @property
+    def rows(self) -> int:
+        return self.mask_AS.shape[0]
+
+    def restart(self, mask_AL: torch.Tensor) -> None:
+        """A new batch of the same shape in the same (refilled) cache: the captured graphs stay valid."""
+        self.mask_AS.zero_()
+        self.mask_AS[:, :mask_AL.shape[1]] = mask_AL
 
     def cut_length(self, length: int) -> int:
         return min(-(-length // BUCKET) * BUCKET, self.total_len)
@@ -95,3 +105,4 @@ class StaticDecodeStep:
         self.tokens_A1 = self.tokens_A1[keep_A]
         self.positions_A1 = self.positions_A1[keep_A]
         self.graphs.clear()  # they read the old tensors
+        self.rows_dropped = True

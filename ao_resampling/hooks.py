@@ -100,10 +100,10 @@ def make_capture_hook(store: dict[str, torch.Tensor]) -> Hook:
     return hook
 
 
-def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token id lists into (input_ids_BL, attention_mask_BL)."""
-    L = max(len(s) for s in sequences)
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu",
+             length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token id lists into (input_ids_BL, attention_mask_BL), to the longest or to ``length``."""
+    L = max([len(s) for s in sequences] + [length or 0])
     ids_BL = torch.full((len(sequences), L), pad_id, dtype=torch.long)
     mask_BL = torch.zeros((len(sequences), L), dtype=torch.long)
     for b, seq in enumerate(sequences):

@@ -72,28 +72,41 @@ class Sample:
 # Pure pieces
 
 
-def plan_batches(queries: Sequence[Query], *, max_new_tokens: int, max_rows: int, max_tokens: int) -> list[list[int]]:
+def plan_batches(queries: Sequence[Query], *, max_new_tokens: int, max_rows: int, max_tokens: int,
+                 pad_to: int | None = None) -> list[list[int]]:
     """Group query indices into batches: rows (sum of n) <= max_rows, rows x padded length <= max_tokens.
 
-    Queries are taken longest prompt first, so a batch's members have similar lengths and little padding.
-    A single query larger than the budget still gets a batch of its own.
+    Queries are taken longest prompt first, so a batch's members have similar lengths and little padding. The rows
+    are spread evenly: as few batches as filling each to max_rows gives, but of similar size, rather than full ones
+    and a small last one that would run all its decode steps at a fraction of the GPU. ``pad_to``: every batch is
+    padded to this prompt length (the token budget counts it). A single query over budget gets a batch of its own.
     """
     order = sorted(range(len(queries)), key=lambda i: (-len(queries[i].input_ids), queries[i].key))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    rows = 0
-    longest = 0
-    for i in order:
-        q = queries[i]
-        new_rows, new_longest = rows + q.n, max(longest, len(q.input_ids))
-        if current and (new_rows > max_rows or new_rows * (new_longest + max_new_tokens) > max_tokens):
-            batches.append(current)
-            current, new_rows, new_longest = [], q.n, len(q.input_ids)
-        current.append(i)
-        rows, longest = new_rows, new_longest
-    if current:
-        batches.append(current)
-    return batches
+
+    def pack(row_limit: int) -> list[list[int]]:
+        batches: list[list[int]] = []
+        current: list[int] = []
+        rows, longest = 0, pad_to or 0
+        for i in order:
+            q = queries[i]
+            new_rows, new_longest = rows + q.n, max(longest, len(q.input_ids))
+            if current and (new_rows > row_limit or new_rows * (new_longest + max_new_tokens) > max_tokens):
+                batches.append(current)
+                current, new_rows, new_longest = [], q.n, max(pad_to or 0, len(q.input_ids))
+            current.append(i)
+            rows, longest = new_rows, new_longest
+        return batches + [current] if current else batches
+
+    full = pack(max_rows)
+    if len(full) < 2:
+        return full
+    # The smallest row limit that still needs no more batches (bisection; the count only grows as the limit falls).
+    lo, hi = min(-(-sum(q.n for q in queries) // len(full)), max_rows), max_rows
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if len(pack(mid)) <= len(full) else (mid + 1, hi)
+    balanced = pack(lo)
+    return balanced if len(balanced) <= len(full) else full
 
 
 def top_p_keep_mask(sorted_probs_BK: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -185,24 +198,31 @@ class BatchedSampler:
         self.merge_lora = merge_lora
         self.attention = attention  # "hf": the model's own attention (SDPA, repeat_kv) on decode steps too
         self.cuda_graphs = cuda_graphs  # only with attention="gqa" on a static cache (decode_step.py)
+        self._kept: StaticDecodeStep | None = None  # the last batch's static cache + graphs, for the next batch
         self.stop_ids = stop_token_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id
 
     def run(self, queries: Sequence[Query], *, on_batch: Callable[[dict[str, list[Sample]]], None] | None = None,
             progress: bool = True, desc: str = "AO samples") -> dict[str, list[Sample]]:
         """Sample every query; ``on_batch`` gets each finished batch (the caller journals it)."""
+        # One prompt length for every batch: batches of equal row counts then share one static cache and its CUDA
+        # graphs (captured in the first batch, replayed in all). The extra left padding is masked out.
+        pad_to = max((len(q.input_ids) for q in queries), default=0)
         batches = plan_batches(queries, max_new_tokens=self.params.max_new_tokens, max_rows=self.max_rows,
-                               max_tokens=self.max_tokens)
+                               max_tokens=self.max_tokens, pad_to=pad_to)
         out: dict[str, list[Sample]] = {}
         bar = tqdm(total=sum(q.n for q in queries), desc=desc, unit="sample", disable=not progress)
-        with self._merged():
-            for batch in batches:
-                done = self.generate([queries[i] for i in batch])
-                out.update(done)
-                if on_batch:
-                    on_batch(done)
-                bar.update(sum(len(v) for v in done.values()))
-        bar.close()
+        try:
+            with self._merged():
+                for batch in batches:
+                    done = self.generate([queries[i] for i in batch], pad_to=pad_to)
+                    out.update(done)
+                    if on_batch:
+                        on_batch(done)
+                    bar.update(sum(len(v) for v in done.values()))
+        finally:
+            self._kept = None  # the static cache is most of the GPU's memory: give it back with the stage
+            bar.close()
         return out
 
     @contextlib.contextmanager
@@ -218,11 +238,11 @@ class BatchedSampler:
             self.model.unmerge_adapter()
 
     @torch.inference_mode()
-    def generate(self, queries: Sequence[Query]) -> dict[str, list[Sample]]:
+    def generate(self, queries: Sequence[Query], pad_to: int | None = None) -> dict[str, list[Sample]]:
         p = self.params
         device = model_device(self.model)
         generator = torch.Generator(device=device).manual_seed(batch_seed(p.seed, [q.key for q in queries]))
-        ids_QL, mask_QL = left_pad([q.input_ids for q in queries], self.pad_id, device)
+        ids_QL, mask_QL = left_pad([q.input_ids for q in queries], self.pad_id, device, length=pad_to)
         L = ids_QL.shape[1]
         n_Q = torch.tensor([q.n for q in queries], device=device)
 
@@ -235,9 +255,11 @@ class BatchedSampler:
             logits_BV = out.logits[:, -1].to(device).repeat_interleave(n_Q, dim=0)
             mask_AL = mask_QL.bool().repeat_interleave(n_Q, dim=0)
             if self.attention == "gqa" and static:
-                step = StaticDecodeStep(self.model, cache, mask_AL, L + p.max_new_tokens, graphs=self.cuda_graphs)
+                step = self._static_step(cache, mask_AL, L + p.max_new_tokens)
                 with decode_attention(self.model):
                     tokens_BT = self._decode(step, logits_BV, mask_AL, L, generator)
+                # Kept for the next batch of this shape, unless finished rows were dropped (a smaller cache then).
+                self._kept = None if step.rows_dropped else step
             else:
                 tokens_BT = self._decode(PlainDecodeStep(self.model, cache, mask_AL), logits_BV, mask_AL, L,
                                          generator)
@@ -280,6 +302,12 @@ class BatchedSampler:
     def _adapter(self):
         return contextlib.nullcontext() if self.use_adapter else adapter_disabled(self.model)
 
+    def _static_step(self, cache, mask_AL: torch.Tensor, total_len: int) -> StaticDecodeStep:
+        if self._kept is not None and self._kept.cache is cache:
+            self._kept.restart(mask_AL)
+            return self._kept
+        return StaticDecodeStep(self.model, cache, mask_AL, total_len, graphs=self.cuda_graphs)
+
     def _prefill_cache(self):
         from transformers import DynamicCache
 
@@ -301,7 +329,12 @@ class BatchedSampler:
             return prefill_cache, False
         from transformers import StaticCache
 
-        static = StaticCache(config=config, max_cache_len=total_len)
+        if self._kept is not None and (self._kept.total_len, self._kept.rows) == (total_len, len(rows_B)):
+            static = self._kept.cache  # the last batch's, same shape: refilled in place, so its graphs stay valid
+            static.reset()
+        else:
+            self._kept = None  # free the old cache before a new one takes its place
+            static = StaticCache(config=config, max_cache_len=total_len)
         L = prefill_cache.get_seq_length()
         for i, layer in enumerate(prefill_cache.layers):
             keys, values = _rows(layer.keys, rows_B), _rows(layer.values, rows_B)

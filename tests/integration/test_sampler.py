@@ -39,6 +39,7 @@ INJECTION_LAYER = 1
 READ_LAYER = 2  # int(4 layers * 0.5): the tiny model's 50% layer, named in the oracle prompt
 COEFFICIENT = 1.0
 ORIGINAL_SELECT_ROWS = sampling._select_rows
+ORIGINAL_STEP_INIT = decode_step.StaticDecodeStep.__init__
 CACHES = pytest.mark.parametrize("static_cache", [pytest.param(True, id="static_cache"),
                                                   pytest.param(False, id="dynamic_cache")])
 COMPACTION = pytest.mark.parametrize("compact", [pytest.param(True, id="compact"),
@@ -198,6 +199,20 @@ def test_static_cache_decode_steps_run_through_gqa_attention(tiny_oracle, gemma_
     assert len(set(cuts)) >= 2, "the steps cross a bucket boundary"
     assert {k for _, _, k in calls} == {total}, "the static cache is allocated once, for the whole answer"
     assert tiny_oracle.config._attn_implementation == before
+
+
+def test_batches_of_one_shape_share_one_static_cache(tiny_oracle, gemma_tokenizer, queries, greedy_reference,
+                                                      monkeypatch):
+    """Three batches of two rows: one static cache (and on CUDA its graphs), refilled for each, same answers."""
+    built = []
+    monkeypatch.setattr(decode_step.StaticDecodeStep, "__init__",
+                        lambda self, *a, **k: built.append(1) or ORIGINAL_STEP_INIT(self, *a, **k))
+    one_each = [dataclasses.replace(q, n=2) for q in queries]
+
+    result = fast(tiny_oracle, gemma_tokenizer, one_each, greedy(), max_rows=2)
+
+    assert tokens(result) == {k: v[:2] for k, v in greedy_reference.items()}
+    assert len(built) == 1
 
 
 @pytest.mark.parametrize("bucket", [1, 3, 32])

@@ -52,6 +52,35 @@ def test_plan_batches_with_room_for_everything_is_one_batch(specs):
     assert len(batches) == (1 if queries else 0)
 
 
+@settings(max_examples=50, deadline=None)
+@given(n_queries=st.integers(1, 200), n=st.integers(1, 12), max_rows=st.integers(12, 300),
+       lengths=st.lists(st.integers(1, 60), min_size=1, max_size=5))
+def test_plan_batches_uses_as_few_batches_as_the_row_budget_allows(n_queries, n, max_rows, lengths):
+    """Every query asks for the same n (as in the experiment): no more batches than filling each one would give,
+    all of one size but the last, and the last not much smaller."""
+    queries = queries_from([(lengths[i % len(lengths)], n) for i in range(n_queries)])
+    per_batch = max_rows // n
+
+    batches = plan_batches(queries, max_new_tokens=10, max_rows=max_rows, max_tokens=10**9)
+
+    assert len(batches) == -(-n_queries // per_batch)
+    sizes = [len(b) for b in batches]
+    assert len(set(sizes[:-1])) <= 1, sizes
+    assert sizes[-1] >= sizes[0] - len(batches) + 1, sizes  # the last is short by less than one query a batch
+
+
+def test_plan_batches_spreads_the_experiment_evenly():
+    """1000 queries x 10 samples under 768 rows: 14 batches of 720 and 640 rows, not 13 x 760 and one of 120."""
+    batches = plan_batches(queries_from([(40, 10)] * 1000), max_new_tokens=120, max_rows=768, max_tokens=10**9)
+    assert [len(b) * 10 for b in batches] == [720] * 13 + [640]
+
+
+def test_plan_batches_counts_pad_to_in_the_token_budget():
+    queries = queries_from([(10, 2)] * 4)
+    assert len(plan_batches(queries, max_new_tokens=10, max_rows=100, max_tokens=8 * 20)) == 1
+    assert len(plan_batches(queries, max_new_tokens=10, max_rows=100, max_tokens=8 * 20, pad_to=30)) == 2
+
+
 def test_plan_batches_oversized_query_sits_alone():
     queries = queries_from([(10, 2), (50, 100), (10, 2)])  # q001 alone exceeds both budgets
     batches = plan_batches(queries, max_new_tokens=5, max_rows=8, max_tokens=1000)
