@@ -32,7 +32,7 @@ from ao_resampling.sampling import BatchedSampler, DecodeParams, Query, Sample, 
 STAND_IN_NOTE = (
     "STAND-IN: {why}. These numbers exercise the pipeline; they say nothing about the real Activation Oracle."
 )
-CAPTURE_BATCH = 8
+CAPTURE_BATCH = 32  # targets are short; a few passes over half the model, not one per handful
 
 
 class PipelineError(RuntimeError):

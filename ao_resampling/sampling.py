@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from ao_resampling.attention import decode_attention
 from ao_resampling.decode_step import PlainDecodeStep, StaticDecodeStep
 from ao_resampling.hooks import injecting, left_pad, position_ids_from_mask
+from ao_resampling.norms import cached_norm_scales
 from ao_resampling.models import adapter_disabled, model_device, stop_token_ids
 
 TOP_P_CANDIDATES = 256
@@ -213,15 +214,17 @@ class BatchedSampler:
         out: dict[str, list[Sample]] = {}
         bar = tqdm(total=sum(q.n for q in queries), desc=desc, unit="sample", disable=not progress)
         try:
-            with self._merged():
+            # The norms' cached scales outlive every CUDA graph captured here (self._kept is dropped first).
+            with self._merged(), cached_norm_scales(self.model):
                 for batch in batches:
                     done = self.generate([queries[i] for i in batch], pad_to=pad_to)
                     out.update(done)
                     if on_batch:
                         on_batch(done)
                     bar.update(sum(len(v) for v in done.values()))
+                self._kept = None  # the static cache is most of the GPU's memory: give it back with the stage
         finally:
-            self._kept = None  # the static cache is most of the GPU's memory: give it back with the stage
+            self._kept = None
             bar.close()
         return out
 

@@ -21,6 +21,7 @@ from ao_resampling import data, models
 from ao_resampling.encoding import encode_target
 from ao_resampling.hooks import capture_activations
 from ao_resampling.oracle import build_oracle_query
+from ao_resampling.pipeline import CAPTURE_BATCH
 from ao_resampling.sampling import BatchedSampler, DecodeParams, Query, sample_hf_batched, sample_sequential
 
 
@@ -48,8 +49,8 @@ class Row:
 def build_queries(tokenizer, model, layer: int, targets, questions, n_queries: int, n: int) -> list[Query]:
     encoded = [encode_target(tokenizer, [m.model_dump() for m in t.messages], target_id=t.id) for t in targets]
     acts = []
-    for start in range(0, len(encoded), 8):
-        chunk = encoded[start:start + 8]
+    for start in range(0, len(encoded), CAPTURE_BATCH):
+        chunk = encoded[start:start + CAPTURE_BATCH]
         acts.append(capture_activations(model, [e.input_ids for e in chunk], [e.assistant_start_idx for e in chunk],
                                         layer, tokenizer.pad_token_id))
     acts_TD = torch.cat(acts)

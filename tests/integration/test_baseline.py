@@ -183,11 +183,11 @@ def test_resume_after_a_kill_samples_only_the_missing_targets(planned, loaded, m
     real_generate = BatchedSampler.generate
     sampled_keys: list[str] = []
 
-    def killed_after_first_batch(self, queries):
+    def killed_after_first_batch(self, queries, **kwargs):
         if sampled_keys:
             raise KeyboardInterrupt("killed")
         sampled_keys.extend(q.key for q in queries)
-        return real_generate(self, queries)
+        return real_generate(self, queries, **kwargs)
 
     monkeypatch.setattr(BatchedSampler, "generate", killed_after_first_batch)
     with pytest.raises(KeyboardInterrupt):
@@ -202,9 +202,9 @@ def test_resume_after_a_kill_samples_only_the_missing_targets(planned, loaded, m
 
     resumed: list[str] = []
 
-    def recording(self, queries):
+    def recording(self, queries, **kwargs):
         resumed.extend(q.key for q in queries)
-        return real_generate(self, queries)
+        return real_generate(self, queries, **kwargs)
 
     monkeypatch.setattr(BatchedSampler, "generate", recording)
     report = baseline_stage(planned, config, oracle=loaded, judge=False, progress=False)
