@@ -17,19 +17,9 @@ import torch
 import torch.nn.functional as F
 from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm, repeat_kv
 
+from cuda_timing import cuda_ms  # bench/, beside this script
+
 from ao_resampling.attention import gqa_attention
-
-
-def cuda_ms(fn, repeats: int = 20) -> float:
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
 
 
 def main() -> None:
@@ -65,7 +55,7 @@ def main() -> None:
     for name, fn in [("gqa_attention (batched matmuls)", lambda: gqa_attention(module, q, k_cache, v_cache, mask,
                                                                                  scaling=D**-0.5)),
                      ("SDPA enable_gqa=True", sdpa_gqa), ("HF: repeat_kv + SDPA", hf_repeat_kv)]:
-        ms = cuda_ms(fn)
+        ms = cuda_ms(fn, 20)
         print(f"  {name:<36} {ms:7.3f} ms  {kv_bytes / ms / 1e6:7.0f} GB/s   x62 layers: {62 * ms:6.1f} ms")
 
     hf_norm = Gemma3RMSNorm(5376).to("cuda")

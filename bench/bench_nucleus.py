@@ -14,6 +14,8 @@ import argparse
 
 import torch
 
+from cuda_timing import cuda_ms  # bench/, beside this script
+
 from ao_resampling.sampling import nucleus_threshold, sample_next_tokens
 
 
@@ -27,18 +29,6 @@ def bisection_threshold(scaled_BV: torch.Tensor, log_z_B1: torch.Tensor, top_p: 
         lo_B1 = torch.where(enough_B1, mid_B1, lo_B1)
         hi_B1 = torch.where(enough_B1, hi_B1, mid_B1)
     return lo_B1
-
-
-def cuda_ms(fn, repeats: int = 10) -> float:
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
 
 
 def main() -> None:
@@ -61,9 +51,13 @@ def main() -> None:
     sort_bf16 = nucleus_threshold(flat_BV, log_z_B1, temperature=T, top_p=p)
     sort_fp32 = nucleus_threshold(scaled_BV, log_z_B1, temperature=1.0, top_p=p)
     bisect = bisection_threshold(scaled_BV, log_z_B1, p)
-    same = torch.equal(flat_BV >= sort_bf16, scaled_BV >= sort_fp32) and torch.equal(flat_BV >= sort_bf16,
-                                                                                     scaled_BV >= bisect)
-    print(f"{args.rows} rows x {args.vocab} vocab; the three fallbacks keep the same tokens: {same}")
+    kept_BV = flat_BV >= sort_bf16
+    rows_fp32 = (kept_BV != (scaled_BV >= sort_fp32)).any(-1).sum().item()
+    rows_bisect = (kept_BV != (scaled_BV >= bisect)).any(-1).sum().item()
+    # bf16 logits tie in groups of hundreds; a group whose cumulative mass lands within float rounding of top_p can
+    # be kept by one summation order and not by another, so a few rows may differ between methods on a GPU.
+    print(f"{args.rows} rows x {args.vocab} vocab; rows whose kept set differs from the bf16 sort's: "
+          f"float32 sort {rows_fp32}, bisection {rows_bisect}")
     for name, fn in [
         ("fallback: sort bf16 logits (nucleus_threshold)", lambda: nucleus_threshold(flat_BV, log_z_B1,
                                                                                       temperature=T, top_p=p)),
