@@ -11,7 +11,8 @@
   leave the GPU waiting. The cache writes its new position through a device-side counter, so a replay writes where
   an eager step would. Dropping finished rows (``select``) makes new tensors, so it drops the graphs too.
 
-On CPU the same step runs eagerly (same buffers, same cut lengths), which is what the CPU tests exercise.
+On CPU, and for a model spread over several GPUs, the same step runs eagerly (same buffers, same cut lengths);
+that is what the CPU tests exercise.
 ``PlainDecodeStep`` is the reference: a 2-D mask grown each step, for the model's own attention or a dynamic cache.
 """
 
@@ -23,6 +24,12 @@ import torch
 from torch import nn
 
 BUCKET = 32  # cut lengths are multiples of this: ~4 CUDA graphs for a 40-token prompt + 120 new tokens
+
+
+def on_one_device(model: nn.Module) -> bool:
+    """A graph is captured on one device's stream: work a device_map="auto" model sends to another GPU would run
+    outside it, at capture time, and then never again. Such a model decodes eagerly."""
+    return len({p.device for p in model.parameters()}) == 1
 
 
 class PlainDecodeStep:
@@ -45,7 +52,7 @@ class StaticDecodeStep:
     def __init__(self, model: nn.Module, cache, mask_AL: torch.Tensor, total_len: int, *, graphs: bool):
         A, L = mask_AL.shape
         self.model, self.cache, self.total_len = model, cache, total_len
-        self.use_graphs = graphs and mask_AL.device.type == "cuda"
+        self.use_graphs = graphs and mask_AL.device.type == "cuda" and on_one_device(model)
         self.mask_AS = torch.zeros(A, total_len, dtype=torch.bool, device=mask_AL.device)
         self.mask_AS[:, :L] = mask_AL
         self.tokens_A1 = torch.zeros(A, 1, dtype=torch.long, device=mask_AL.device)

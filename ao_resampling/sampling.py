@@ -7,7 +7,9 @@ its own decode loop over the model's forward:
   samples (the n samples share one prompt, so prefilling it n times would be wasted work);
 - decoding then runs without any hook (decode steps are untouched by construction) on a static KV cache when the
   whole sequence fits every sliding window, else on HF's dynamic cache; on the static cache, attention reads the
-  grouped KV heads in place and only the filled part of the cache (attention.py);
+  grouped KV heads in place and only the filled part of the cache (attention.py), and each step is a CUDA graph
+  replay (decode_step.py); batches of one shape share the cache and its graphs, and the norms' scales are computed
+  once a stage (norms.py);
 - top-p is exact but avoids sorting the whole 262k vocabulary: the top candidates are sorted, and only a row whose
   nucleus is not inside them falls back to a full sort (of the model's bf16 logits: half the bytes of float32);
 - rows that finished (EOS / <end_of_turn>) are dropped from the batch once they are half of it.

@@ -102,3 +102,12 @@ def test_inputs_go_to_the_embeddings_device():
             return self.embed
 
     assert model_device(Split()) == OTHER
+
+
+def test_cuda_graphs_only_for_a_model_on_one_device():
+    from ao_resampling.decode_step import on_one_device
+
+    one = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    assert on_one_device(one)
+    one[1].to("meta")  # as a device_map="auto" model has its layers on several GPUs
+    assert not on_one_device(one)
