@@ -27,7 +27,8 @@ from ao_resampling.oracle import build_oracle_query
 from ao_resampling.results import (
     AOQuestion, Decoding, Meta, Response, Results, ResultsStore, Run, TargetRecord, run_id_for, sha256_of_ids,
 )
-from ao_resampling.sampling import BatchedSampler, DecodeParams, Query, Sample, sample_sequential
+from ao_resampling.reference import sample_sequential
+from ao_resampling.sampling import BatchedSampler, DecodeParams, Query, Sample
 
 STAND_IN_NOTE = (
     "STAND-IN: {why}. These numbers exercise the pipeline; they say nothing about the real Activation Oracle."

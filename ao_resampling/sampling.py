@@ -14,8 +14,7 @@ its own decode loop over the model's forward:
   nucleus is not inside them falls back to a full sort (of the model's bf16 logits: half the bytes of float32);
 - rows that finished (EOS / <end_of_turn>) are dropped from the batch once they are half of it.
 
-``sample_sequential`` (one ``generate`` call per sample, as the original single-script experiment did) and
-``sample_hf_batched`` (plain HF ``generate`` on padded rows) are the reference paths benchmarks and tests compare to.
+The reference paths benchmarks and tests compare it to are in reference.py.
 """
 
 from __future__ import annotations
@@ -33,8 +32,8 @@ from tqdm.auto import tqdm
 from ao_resampling.attention import decode_attention
 from ao_resampling.decode_step import PlainDecodeStep, StaticDecodeStep
 from ao_resampling.hooks import injecting, left_pad, position_ids_from_mask
-from ao_resampling.norms import cached_norm_scales
 from ao_resampling.models import adapter_disabled, model_device, stop_token_ids
+from ao_resampling.norms import cached_norm_scales
 
 TOP_P_CANDIDATES = 256
 SYNC_EVERY = 8  # decode steps between host checks for finished rows
@@ -358,7 +357,7 @@ class BatchedSampler:
         out: dict[str, list[Sample]] = {}
         row = 0
         for q, n in zip(queries, n_Q.tolist()):
-            out[q.key] = [make_sample(self.tokenizer, _until_stop(tokens[r], self.stop_ids, self.pad_id),
+            out[q.key] = [make_sample(self.tokenizer, until_stop(tokens[r], self.stop_ids, self.pad_id),
                                       self.stop_ids) for r in range(row, row + n)]
             row += n
         return out
@@ -398,55 +397,7 @@ def _rows(cache_BHLD: torch.Tensor, rows_B: torch.Tensor) -> torch.Tensor:
     return cache_BHLD.index_select(0, rows_B.to(cache_BHLD.device))
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Reference paths: plain HF generate
-
-
-@torch.inference_mode()
-def sample_hf_batched(model: nn.Module, tokenizer, queries: Sequence[Query], *, injection_layer: int,
-                      coefficient: float, params: DecodeParams) -> dict[str, list[Sample]]:
-    """All rows of all queries through one ``generate`` call (each sample its own padded row)."""
-    device = model_device(model)
-    stop_ids = stop_token_ids(tokenizer)
-    rows = [(q, i) for q in queries for i in range(q.n)]
-    ids_BL, mask_BL = left_pad([q.input_ids for q, _ in rows], tokenizer.pad_token_id, device)
-    L = ids_BL.shape[1]
-    kwargs = _generate_kwargs(params, stop_ids, tokenizer.pad_token_id)
-    torch.manual_seed(batch_seed(params.seed, [q.key for q in queries]))
-    with injection_for_rows(model, [q for q, _ in rows], L, device, injection_layer, coefficient):
-        out_BT = model.generate(input_ids=ids_BL, attention_mask=mask_BL, **kwargs)
-    out: dict[str, list[Sample]] = {q.key: [] for q in queries}
-    for (q, _), generated in zip(rows, out_BT[:, L:].tolist()):
-        out[q.key].append(make_sample(tokenizer, _until_stop(generated, stop_ids, tokenizer.pad_token_id), stop_ids))
-    return out
-
-
-def sample_sequential(model: nn.Module, tokenizer, queries: Sequence[Query], *, injection_layer: int,
-                      coefficient: float, params: DecodeParams, progress: bool = False) -> dict[str, list[Sample]]:
-    """One ``generate`` call per sample, as the original experiment did: the slow baseline for benchmarks."""
-    out: dict[str, list[Sample]] = {}
-    bar = tqdm(total=sum(q.n for q in queries), desc="AO samples (sequential)", disable=not progress)
-    for q in queries:
-        out[q.key] = []
-        for i in range(q.n):
-            single = Query(key=f"{q.key}#{i}", input_ids=q.input_ids, n=1, vectors_KD=q.vectors_KD,
-                           positions_K=q.positions_K)
-            out[q.key] += sample_hf_batched(model, tokenizer, [single], injection_layer=injection_layer,
-                                            coefficient=coefficient, params=params)[single.key]
-            bar.update(1)
-    bar.close()
-    return out
-
-
-def _generate_kwargs(params: DecodeParams, stop_ids: list[int], pad_id: int) -> dict:
-    kwargs = dict(max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens or None,
-                  eos_token_id=stop_ids, pad_token_id=pad_id)
-    if params.temperature == 0:
-        return kwargs | dict(do_sample=False, top_p=None, top_k=None, temperature=None)
-    return kwargs | dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=None)
-
-
-def _until_stop(generated: list[int], stop_ids: Sequence[int], pad_id: int) -> list[int]:
+def until_stop(generated: list[int], stop_ids: Sequence[int], pad_id: int) -> list[int]:
     """A row's tokens up to and including its first stop token. ``generate`` pads only rows that already stopped,
     so the padding always follows a stop token; a row that never stopped keeps every token, trailing <pad> too."""
     tokens = []

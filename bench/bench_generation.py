@@ -22,7 +22,8 @@ from ao_resampling.encoding import encode_target
 from ao_resampling.hooks import capture_activations
 from ao_resampling.oracle import build_oracle_query
 from ao_resampling.pipeline import CAPTURE_BATCH
-from ao_resampling.sampling import BatchedSampler, DecodeParams, Query, sample_hf_batched, sample_sequential
+from ao_resampling.reference import sample_hf_batched, sample_sequential
+from ao_resampling.sampling import BatchedSampler, DecodeParams, Query
 
 
 # Batched-sampler variants: each is one set of BatchedSampler options, named for the lever it changes.

@@ -168,6 +168,20 @@ def test_no_judge_then_judge_over_the_responses_api(server, tmp_path):
         assert r.judge.api == "responses" and r.judge.score == expected_score(list(answers(r)))
 
 
+def test_sequential_sampler_gives_the_batched_samplers_greedy_answers(server, tmp_path):
+    """``sampler = "sequential"`` (one HF generate call per sample, the original experiment's way) through the
+    whole pipeline: greedily, every answer is the fast sampler's."""
+    greedy = dict(num_targets=2, samples_per_query=2, max_new_tokens=5, temperature=0.0)
+    batched = run(tiny_config(server, **greedy), tmp_path / "batched", judge=False)
+    sequential = run(tiny_config(server, sampler="sequential", **greedy), tmp_path / "sequential", judge=False)
+
+    fast, slow = (load_results_file(r.out_dir / "results.json") for r in (batched, sequential))
+    assert [r.run_id for r in fast.runs] == [r.run_id for r in slow.runs]
+    assert [[x.n_tokens for x in r.responses] for r in slow.runs] == [[5, 5]] * 4
+    assert [answers(r) for r in slow.runs] == [answers(r) for r in fast.runs]
+    assert sum(bool(text) for r in fast.runs for text in answers(r)) >= 4, "compared on real text, not blanks"
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The demo: `ao-resampling run` with no arguments, which is also the run on real Gemma 3 270M
 

@@ -22,16 +22,8 @@ from ao_resampling.encoding import encode_target
 from ao_resampling.hooks import capture_activations, injecting, left_pad, position_ids_from_mask
 from ao_resampling.models import layer_at_percent, num_layers, stop_token_ids
 from ao_resampling.oracle import build_oracle_query
-from ao_resampling.sampling import (
-    BatchedSampler,
-    DecodeParams,
-    Query,
-    Sample,
-    _until_stop,
-    make_sample,
-    sample_hf_batched,
-    sample_sequential,
-)
+from ao_resampling.reference import sample_hf_batched, sample_sequential
+from ao_resampling.sampling import BatchedSampler, DecodeParams, Query, Sample, make_sample, until_stop
 
 from tests.support.conversations import CONVERSATIONS
 
@@ -333,7 +325,7 @@ def test_make_sample_finish_reason_and_text(gemma_tokenizer):
     ],
 )
 def test_until_stop(generated, expected):
-    assert _until_stop(generated, [1, 106], pad_id=0) == expected
+    assert until_stop(generated, [1, 106], pad_id=0) == expected
 
 
 def test_sample_sequential_returns_n_samples_per_query(tiny_oracle, gemma_tokenizer, queries):

@@ -1,0 +1,64 @@
+"""The reference paths the fast sampler is measured and tested against: plain Hugging Face ``generate``.
+
+``sample_sequential`` is one ``generate`` call per sample, as the original single-script experiment did (and the
+pipeline's ``sampler = "sequential"``); ``sample_hf_batched`` puts every sample of every query in one padded
+``generate`` batch. Both inject the same way as the fast path (``injection_for_rows``) and cut answers the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ao_resampling.hooks import left_pad
+from ao_resampling.models import model_device, stop_token_ids
+from ao_resampling.sampling import (
+    DecodeParams, Query, Sample, batch_seed, injection_for_rows, make_sample, until_stop,
+)
+
+
+@torch.inference_mode()
+def sample_hf_batched(model: nn.Module, tokenizer, queries: Sequence[Query], *, injection_layer: int,
+                      coefficient: float, params: DecodeParams) -> dict[str, list[Sample]]:
+    """All rows of all queries through one ``generate`` call (each sample its own padded row)."""
+    device = model_device(model)
+    stop_ids = stop_token_ids(tokenizer)
+    rows = [(q, i) for q in queries for i in range(q.n)]
+    ids_BL, mask_BL = left_pad([q.input_ids for q, _ in rows], tokenizer.pad_token_id, device)
+    L = ids_BL.shape[1]
+    kwargs = _generate_kwargs(params, stop_ids, tokenizer.pad_token_id)
+    torch.manual_seed(batch_seed(params.seed, [q.key for q in queries]))
+    with injection_for_rows(model, [q for q, _ in rows], L, device, injection_layer, coefficient):
+        out_BT = model.generate(input_ids=ids_BL, attention_mask=mask_BL, **kwargs)
+    out: dict[str, list[Sample]] = {q.key: [] for q in queries}
+    for (q, _), generated in zip(rows, out_BT[:, L:].tolist()):
+        out[q.key].append(make_sample(tokenizer, until_stop(generated, stop_ids, tokenizer.pad_token_id), stop_ids))
+    return out
+
+
+def sample_sequential(model: nn.Module, tokenizer, queries: Sequence[Query], *, injection_layer: int,
+                      coefficient: float, params: DecodeParams, progress: bool = False) -> dict[str, list[Sample]]:
+    """One ``generate`` call per sample, as the original experiment did: the slow baseline for benchmarks."""
+    out: dict[str, list[Sample]] = {}
+    bar = tqdm(total=sum(q.n for q in queries), desc="AO samples (sequential)", disable=not progress)
+    for q in queries:
+        out[q.key] = []
+        for i in range(q.n):
+            single = Query(key=f"{q.key}#{i}", input_ids=q.input_ids, n=1, vectors_KD=q.vectors_KD,
+                           positions_K=q.positions_K)
+            out[q.key] += sample_hf_batched(model, tokenizer, [single], injection_layer=injection_layer,
+                                            coefficient=coefficient, params=params)[single.key]
+            bar.update(1)
+    bar.close()
+    return out
+
+
+def _generate_kwargs(params: DecodeParams, stop_ids: list[int], pad_id: int) -> dict:
+    kwargs = dict(max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens or None,
+                  eos_token_id=stop_ids, pad_token_id=pad_id)
+    if params.temperature == 0:
+        return kwargs | dict(do_sample=False, top_p=None, top_k=None, temperature=None)
+    return kwargs | dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=None)
