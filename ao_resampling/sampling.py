@@ -141,8 +141,9 @@ def sample_next_tokens(logits_BV: torch.Tensor, *, temperature: float, top_p: fl
     short_B = top_probs_BK.sum(-1) < top_p  # the nucleus reaches past the candidates
     if short_B.any():
         rows = short_B.nonzero().squeeze(-1)
-        threshold_B1 = nucleus_threshold(logits_BV[rows], log_z_B1[rows], temperature=temperature, top_p=top_p)
-        probs_BV = (scaled_BV[rows] - log_z_B1[rows]).exp() * (logits_BV[rows] >= threshold_B1)
+        short_logits_BV, short_log_z_B1 = logits_BV[rows], log_z_B1[rows]
+        threshold_B1 = nucleus_threshold(short_logits_BV, short_log_z_B1, temperature=temperature, top_p=top_p)
+        probs_BV = (scaled_BV[rows] - short_log_z_B1).exp() * (short_logits_BV >= threshold_B1)
         tokens_B[rows] = _draw(probs_BV, generator).squeeze(-1)
     return tokens_B
 
