@@ -50,12 +50,11 @@ class PlainDecodeStep:
 
 class StaticDecodeStep:
     def __init__(self, model: nn.Module, cache, mask_AL: torch.Tensor, total_len: int, *, graphs: bool):
-        A, L = mask_AL.shape
         self.model, self.cache, self.total_len = model, cache, total_len
         self.use_graphs = graphs and mask_AL.device.type == "cuda" and on_one_device(model)
-        self.mask_AS = torch.zeros(A, total_len, dtype=torch.bool, device=mask_AL.device)
-        self.mask_AS[:, :L] = mask_AL
-        self.tokens_A1 = torch.zeros(A, 1, dtype=torch.long, device=mask_AL.device)
+        self.mask_AS = torch.empty(mask_AL.shape[0], total_len, dtype=torch.bool, device=mask_AL.device)
+        self.restart(mask_AL)
+        self.tokens_A1 = torch.zeros(self.rows, 1, dtype=torch.long, device=mask_AL.device)
         self.positions_A1 = torch.zeros_like(self.tokens_A1)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None  # one memory pool for the graphs
@@ -66,7 +65,8 @@ class StaticDecodeStep:
         return self.mask_AS.shape[0]
 
     def restart(self, mask_AL: torch.Tensor) -> None:
-        """A new batch of the same shape in the same (refilled) cache: the captured graphs stay valid."""
+        """The prompt's mask, nothing after it. Also a new batch of the same shape in the same (refilled) cache:
+        the captured graphs stay valid."""
         self.mask_AS.zero_()
         self.mask_AS[:, :mask_AL.shape[1]] = mask_AL
 

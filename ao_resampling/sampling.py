@@ -214,20 +214,19 @@ class BatchedSampler:
         batches = plan_batches(queries, max_new_tokens=self.params.max_new_tokens, max_rows=self.max_rows,
                                max_tokens=self.max_tokens, pad_to=pad_to)
         out: dict[str, list[Sample]] = {}
-        bar = tqdm(total=sum(q.n for q in queries), desc=desc, unit="sample", disable=not progress)
-        try:
-            # The norms' cached scales outlive every CUDA graph captured here (self._kept is dropped first).
-            with self._merged(), cached_norm_scales(self.model):
+        with (tqdm(total=sum(q.n for q in queries), desc=desc, unit="sample", disable=not progress) as bar,
+              self._merged(), cached_norm_scales(self.model)):
+            try:
                 for batch in batches:
                     done = self.generate([queries[i] for i in batch], pad_to=pad_to)
                     out.update(done)
                     if on_batch:
                         on_batch(done)
                     bar.update(sum(len(v) for v in done.values()))
-                self._kept = None  # the static cache is most of the GPU's memory: give it back with the stage
-        finally:
-            self._kept = None
-            bar.close()
+            finally:
+                # Dropped inside the blocks, whatever happened: the CUDA graphs read the merged weights and the
+                # cached norm scales, and the static cache is most of the GPU's memory.
+                self._kept = None
         return out
 
     @contextlib.contextmanager
@@ -328,17 +327,18 @@ class BatchedSampler:
         config = self._text_config()
         window = getattr(config, "sliding_window", None) or total_len
         rows_B = torch.arange(n_Q.shape[0], device=n_Q.device).repeat_interleave(n_Q)  # query of each sample row
+        if self._kept is not None and (self._kept.total_len, self._kept.rows) != (total_len, len(rows_B)):
+            self._kept = None  # another shape: free the last batch's cache before a new one takes its place
         if not self.static_cache or total_len > window:
             for layer in prefill_cache.layers:
                 layer.keys, layer.values = _rows(layer.keys, rows_B), _rows(layer.values, rows_B)
             return prefill_cache, False
         from transformers import StaticCache
 
-        if self._kept is not None and (self._kept.total_len, self._kept.rows) == (total_len, len(rows_B)):
+        if self._kept is not None:
             static = self._kept.cache  # the last batch's, same shape: refilled in place, so its graphs stay valid
             static.reset()
         else:
-            self._kept = None  # free the old cache before a new one takes its place
             static = StaticCache(config=config, max_cache_len=total_len)
         L = prefill_cache.get_seq_length()
         for i, layer in enumerate(prefill_cache.layers):
