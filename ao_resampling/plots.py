@@ -80,6 +80,19 @@ def _mean_line(ax: Axes, values: Sequence[float], fmt: str) -> None:
         ax.legend(loc="best", framealpha=0.9)  # "best" keeps it off the tallest bars
 
 
+def _histogram(values: Sequence[float], *, bins, color: str, mean_fmt: str, xlabel: str, ylabel: str,
+               title: str) -> tuple[Figure, Axes]:
+    fig = new_figure(7, 4.2)
+    ax = fig.add_subplot()
+    ax.hist(values, bins=bins, color=color, edgecolor="white")
+    _mean_line(ax, values, mean_fmt)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(title)
+    return fig, ax
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Judge view
 
@@ -105,16 +118,12 @@ def judge_score_histogram(results: Results) -> Figure:
 def target_mean_histogram(results: Results) -> Figure:
     """B: per-target mean judge score over that target's judged questions."""
     means = list(group_means(group_values(results, judge_scores(results.runs), "target")).values())
-    fig = new_figure(7, 4.2)
-    ax = fig.add_subplot()
-    ax.hist(means, bins=np.arange(1.0, 10.01, 0.5), color=BAR_COLOR, edgecolor="white")
-    _mean_line(ax, means, ".2f")
+    fig, ax = _histogram(means, bins=np.arange(1.0, 10.01, 0.5), color=BAR_COLOR, mean_fmt=".2f",
+                         xlabel="mean judge score of the target (over its questions)", ylabel="targets",
+                         title=f"Per-target mean judge score ({len(means)} targets)\n"
+                               f"{judge_counts(results.runs).note()}")
     ax.set_xticks(list(SCORES))
     ax.set_xlim(0.8, 10.2)
-    ax.set_xlabel("mean judge score of the target (over its questions)")
-    ax.set_ylabel("targets")
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title(f"Per-target mean judge score ({len(means)} targets)\n{judge_counts(results.runs).note()}")
     return fig
 
 
@@ -199,14 +208,9 @@ def embedding_histogram(results: Results) -> Figure:
     """A (embedding): mean pairwise cosine of each run's answers, bins over [min, 1]."""
     sims = embedding_similarities(results.runs)
     values = list(sims.values())
-    fig = new_figure(7, 4.2)
-    ax = fig.add_subplot()
-    ax.hist(values, bins=_continuous_bins(values), color=EMB_COLOR, edgecolor="white")
-    _mean_line(ax, values, ".3f")
-    ax.set_xlabel(EMBEDDING_AXIS)
-    ax.set_ylabel("runs")
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title(f"Embedding similarity of all runs ({_embedding_model(results)})\n{_embedding_note(results, sims)}")
+    fig, _ = _histogram(values, bins=_continuous_bins(values), color=EMB_COLOR, mean_fmt=".3f", xlabel=EMBEDDING_AXIS,
+                        ylabel="runs", title=f"Embedding similarity of all runs ({_embedding_model(results)})\n"
+                                         f"{_embedding_note(results, sims)}")
     return fig
 
 
@@ -214,14 +218,10 @@ def embedding_target_mean_histogram(results: Results) -> Figure:
     """B (embedding): per-target mean of the runs' embedding similarity."""
     sims = embedding_similarities(results.runs)
     means = list(group_means(group_values(results, sims, "target")).values())
-    fig = new_figure(7, 4.2)
-    ax = fig.add_subplot()
-    ax.hist(means, bins=_continuous_bins(means, n_bins=20), color=EMB_COLOR, edgecolor="white")
-    _mean_line(ax, means, ".3f")
-    ax.set_xlabel("mean embedding similarity of the target (over its questions)")
-    ax.set_ylabel("targets")
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title(f"Per-target mean embedding similarity ({len(means)} targets)\n{_embedding_note(results, sims)}")
+    fig, _ = _histogram(means, bins=_continuous_bins(means, n_bins=20), color=EMB_COLOR, mean_fmt=".3f",
+                        xlabel="mean embedding similarity of the target (over its questions)", ylabel="targets",
+                        title=f"Per-target mean embedding similarity ({len(means)} targets)\n"
+                              f"{_embedding_note(results, sims)}")
     return fig
 
 
