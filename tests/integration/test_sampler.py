@@ -4,8 +4,8 @@ The fast path (``BatchedSampler``: one prefill per query, KV repeated for its n 
 dropped) must give, greedily, token for token what plain HF ``generate`` gives, and each query in a padded batch
 must get exactly what it would get alone. The tiny model's answers are noise, which is fine: only tokens are compared.
 
-The random model almost never emits a stop token, so tests that need early stops use ``EosAs``: the real tokenizer
-with its EOS id replaced by a token the model does emit.
+The random model almost never emits a stop token, so tests that need early stops name the eos ids in
+``DecodeParams.eos_token_ids``: a token the model does emit.
 """
 
 from __future__ import annotations
@@ -68,16 +68,6 @@ def plain(model, tokenizer, queries, params) -> dict[str, list[Sample]]:
                              params=params)
 
 
-class EosAs:
-    """The real tokenizer, except that ``eos_token_id`` is a token chosen by the test."""
-
-    def __init__(self, tokenizer, eos_token_id: int):
-        self._tokenizer, self.eos_token_id = tokenizer, eos_token_id
-
-    def __getattr__(self, name):
-        return getattr(self._tokenizer, name)
-
-
 @pytest.fixture(scope="module")
 def acts_BD(tiny_oracle, gemma_tokenizer):
     encoded = [encode_target(gemma_tokenizer, m) for m in CONVERSATIONS]
@@ -110,12 +100,12 @@ def greedy_reference(tiny_oracle, gemma_tokenizer, queries):
 
 
 @pytest.fixture(scope="module")
-def early_eos(tiny_oracle, gemma_tokenizer, queries, greedy_reference):
-    """A tokenizer whose EOS is what q0 greedily emits at step 2 and q1 never emits: q0 stops early, q1 runs on."""
+def early_eos(tiny_oracle, gemma_tokenizer, queries, greedy_reference) -> int:
+    """An eos id that q0 greedily emits at step 2 and q1 never emits: q0 stops early, q1 runs on."""
     q0, q1 = greedy_reference["q0"][0], greedy_reference["q1"][0]
     eos = q0[2]
     assert eos not in q0[:2] and eos not in q1, "pick another step: the random model repeats itself here"
-    return EosAs(gemma_tokenizer, eos)
+    return eos
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -217,18 +207,19 @@ def test_fast_path_equals_plain_generate_for_any_bucket(tiny_oracle, gemma_token
 @CACHES
 @COMPACTION
 @ATTENTION
-def test_fast_path_equals_plain_generate_with_early_stops(tiny_oracle, queries, early_eos, static_cache, compact,
-                                                          attention, monkeypatch):
+def test_fast_path_equals_plain_generate_with_early_stops(tiny_oracle, gemma_tokenizer, queries, early_eos,
+                                                          static_cache, compact, attention, monkeypatch):
     compactions = []
     monkeypatch.setattr(sampling, "SYNC_EVERY", 1)  # look for finished rows after every step
     monkeypatch.setattr(sampling, "_select_rows",
                         lambda cache, keep: compactions.append(keep.tolist()) or ORIGINAL_SELECT_ROWS(cache, keep))
     two = queries[:2]  # q0's two rows stop at step 2: half the batch, so it is compacted then
 
-    result = fast(tiny_oracle, early_eos, two, greedy(), static_cache=static_cache, compact_finished=compact,
+    params = greedy(eos_token_ids=(early_eos,))
+    result = fast(tiny_oracle, gemma_tokenizer, two, params, static_cache=static_cache, compact_finished=compact,
                   attention=attention)
 
-    assert tokens(result) == tokens(plain(tiny_oracle, early_eos, two, greedy()))
+    assert tokens(result) == tokens(plain(tiny_oracle, gemma_tokenizer, two, params))
     assert [len(keep) for keep in compactions] == ([2] if compact else []), "q1's two rows are kept, once"
     assert [s.finish_reason for s in result["q0"]] == ["eos", "eos"] and result["q0"][0].n_tokens == 3
     assert [s.finish_reason for s in result["q1"]] == ["length", "length"] and result["q1"][0].n_tokens == 8
@@ -290,14 +281,36 @@ def test_the_injected_vector_changes_the_answer(tiny_oracle, gemma_tokenizer, ac
     assert result["q0"] != greedy_reference["q0"]
 
 
-def test_min_new_tokens_forces_full_length(tiny_oracle, queries, early_eos):
-    params = greedy(min_new_tokens=8)
-    result = fast(tiny_oracle, early_eos, queries[:2], params)
+def test_min_new_tokens_forces_full_length(tiny_oracle, gemma_tokenizer, queries, early_eos):
+    params = greedy(min_new_tokens=8, eos_token_ids=(early_eos,))
+    result = fast(tiny_oracle, gemma_tokenizer, queries[:2], params)
     for samples in result.values():
         for s in samples:
             assert s.n_tokens == 8 and s.finish_reason == "length"
-            assert early_eos.eos_token_id not in s.token_ids
-    assert tokens(result) == tokens(plain(tiny_oracle, early_eos, queries[:2], params))
+            assert early_eos not in s.token_ids
+    assert tokens(result) == tokens(plain(tiny_oracle, gemma_tokenizer, queries[:2], params))
+
+
+@CACHES
+def test_a_second_compaction_of_finished_rows_equals_plain_generate(tiny_oracle, gemma_tokenizer, acts_BD,
+                                                                     greedy_reference, static_cache, monkeypatch):
+    """q0 (4 rows) stops at step 1: half the batch, dropped; q1 (2 rows) stops at step 3: half of the rest, dropped
+    again; q2 runs to the end."""
+    monkeypatch.setattr(sampling, "SYNC_EVERY", 1)
+    compactions = []
+    monkeypatch.setattr(sampling, "_select_rows",
+                        lambda cache, keep: compactions.append(keep.tolist()) or ORIGINAL_SELECT_ROWS(cache, keep))
+    g0, g1, g2 = (greedy_reference[k][0] for k in ("q0", "q1", "q2"))
+    eos = (g0[1], g1[3])
+    assert not set(eos) & set(g0[:1] + g1[:3] + g2), "pick other steps: the random model repeats itself here"
+    four_two_two = [dataclasses.replace(q, n=n) for q, n in zip(make_queries(gemma_tokenizer, acts_BD), (4, 2, 2))]
+    params = greedy(eos_token_ids=eos)
+
+    result = fast(tiny_oracle, gemma_tokenizer, four_two_two, params, static_cache=static_cache)
+
+    assert tokens(result) == tokens(plain(tiny_oracle, gemma_tokenizer, four_two_two, params))
+    assert [len(keep) for keep in compactions] == [4, 2]
+    assert [s.n_tokens for k in ("q0", "q1", "q2") for s in result[k]] == [2] * 4 + [4] * 2 + [8] * 2
 
 
 def test_make_sample_finish_reason_and_text(gemma_tokenizer):

@@ -249,3 +249,85 @@ def test_full_nucleus_threshold_on_bf16_logits_keeps_the_float32_nucleus(top_p):
     boundary_BV = logits_BV == threshold_B1
     assert torch.equal(kept_BV & ~boundary_BV, exact_BV & ~boundary_BV)
     assert ((scaled_BV.softmax(-1) * kept_BV).sum(-1) >= top_p - 1e-6).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The decode loop's early-stop paths, on a scripted decode step (no model)
+
+V_FAKE, STOP, WORD, PAD = 8, 1, 5, 0
+
+
+class ScriptedStep:
+    """A decode step whose original row r emits STOP at step ``stop_at[r]`` and WORD otherwise (as one-hot logits);
+    it tracks which original rows are still in the batch through ``select``, as the real steps do."""
+
+    def __init__(self, stop_at: list[int]):
+        self.stop_at, self.rows = stop_at, list(range(len(stop_at)))
+        self.selects: list[list[int]] = []
+
+    def logits(self, step: int) -> torch.Tensor:
+        logits_AV = torch.full((len(self.rows), V_FAKE), -10.0)
+        logits_AV[:, WORD] = 5.0  # the runner-up when STOP leads (and is suppressed before min_new_tokens)
+        for a, r in enumerate(self.rows):
+            logits_AV[a, STOP] = 10.0 if self.stop_at[r] == step else -10.0
+        return logits_AV
+
+    def __call__(self, tokens_A: torch.Tensor, positions_A: torch.Tensor, length: int) -> torch.Tensor:
+        assert tokens_A.shape[0] == positions_A.shape[0] == len(self.rows)
+        return self.logits(length - self.prompt_len)
+
+    def select(self, keep_A: torch.Tensor, select_cache) -> None:
+        assert keep_A.max() < len(self.rows), "kept rows must index the rows still in the batch"
+        self.selects.append([self.rows[a] for a in keep_A.tolist()])
+        self.rows = [self.rows[a] for a in keep_A.tolist()]
+
+
+def scripted_sampler(max_new_tokens: int, min_new_tokens: int = 0, **params):
+    from types import SimpleNamespace
+
+    from ao_resampling.sampling import BatchedSampler, DecodeParams
+
+    tokenizer = SimpleNamespace(eos_token_id=STOP, unk_token_id=3, pad_token_id=PAD,
+                                convert_tokens_to_ids=lambda token: 3)
+    return BatchedSampler(SimpleNamespace(generation_config=None), tokenizer, injection_layer=1, coefficient=1.0,
+                          params=DecodeParams(temperature=0, top_p=0.9, max_new_tokens=max_new_tokens,
+                                              min_new_tokens=min_new_tokens, **params))
+
+
+def run_scripted(stop_at: list[int], max_new_tokens: int, min_new_tokens: int = 0):
+    step, prompt_len = ScriptedStep(stop_at), 4
+    step.prompt_len = prompt_len
+    mask_AL = torch.ones(len(stop_at), prompt_len, dtype=torch.bool)
+    tokens_BT = scripted_sampler(max_new_tokens, min_new_tokens)._decode(step, step.logits(0), mask_AL, prompt_len,
+                                                                         torch.Generator().manual_seed(0))
+    return step, tokens_BT
+
+
+def expected_row(stop: int, max_new_tokens: int, min_new_tokens: int = 0) -> list[int]:
+    if stop < min_new_tokens or stop >= max_new_tokens:  # suppressed (or never reached): WORD to the end
+        return [WORD] * max_new_tokens
+    return [WORD] * stop + [STOP] + [PAD] * (max_new_tokens - stop - 1)
+
+
+def test_finished_rows_are_compacted_again_and_again(monkeypatch):
+    import ao_resampling.sampling as sampling
+
+    monkeypatch.setattr(sampling, "SYNC_EVERY", 1)
+    stop_at = [1, 1, 1, 1, 3, 3, 5, 99]  # half finish, then half of the rest, then half again
+    step, tokens_BT = run_scripted(stop_at, max_new_tokens=10)
+
+    assert step.selects == [[4, 5, 6, 7], [6, 7], [7]]
+    assert tokens_BT.tolist() == [expected_row(s, 10) for s in stop_at]
+
+
+def test_a_stop_token_at_step_zero_ends_the_answer_there(monkeypatch):
+    import ao_resampling.sampling as sampling
+
+    monkeypatch.setattr(sampling, "SYNC_EVERY", 1)
+    stop_at = [0, 0, 2, 99]
+    _, tokens_BT = run_scripted(stop_at, max_new_tokens=6, min_new_tokens=0)
+    assert tokens_BT.tolist() == [expected_row(s, 6) for s in stop_at]
+    assert sampling.until_stop(tokens_BT[0].tolist(), [STOP], PAD) == [STOP]  # an answer of one token, the stop
+
+    _, suppressed_BT = run_scripted(stop_at, max_new_tokens=6, min_new_tokens=1)  # min_new_tokens < max_new_tokens
+    assert suppressed_BT.tolist() == [expected_row(s, 6, min_new_tokens=1) for s in stop_at]
