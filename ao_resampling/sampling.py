@@ -156,7 +156,8 @@ def sampling_weights(logits_BV: torch.Tensor, *, temperature: float, top_p: floa
     top_ids_BK, weights_BK, short_B, scaled_BV = _candidate_weights(logits_BV, temperature, top_p, top_k, candidates)
     weights_BV = torch.zeros_like(scaled_BV).scatter(-1, top_ids_BK, weights_BK)
     rows = short_B.nonzero().squeeze(-1)
-    weights_BV[rows] = _full_row_weights(logits_BV[rows], scaled_BV[rows], temperature, top_p, top_k)
+    if rows.numel():
+        weights_BV[rows] = _full_row_weights(logits_BV[rows], scaled_BV[rows], temperature, top_p, top_k)
     return weights_BV / weights_BV.sum(-1, keepdim=True)
 
 

@@ -379,3 +379,78 @@ def test_gemma270m_end_to_end(gemma270m_oracle, gemma_tokenizer, shared_data):
     for samples in result.values():
         assert len(samples) == 2
         assert all(s.text and 2 <= s.n_tokens <= 16 for s in samples), [s.text for s in samples]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Decoding = HF generate's: the model's generation_config merged with the run's settings
+
+
+def hf_warped_probs(model, input_ids_BL: torch.Tensor, logits_BV: torch.Tensor, **generate_kwargs) -> torch.Tensor:
+    """What HF generate samples from: its own merge of generate's kwargs over model.generation_config and its
+    defaults, its own logits processors, softmax."""
+    from transformers import LogitsProcessorList
+
+    config, _ = model._prepare_generation_config(None, **generate_kwargs)
+    processors = model._get_logits_processor(generation_config=config, input_ids_seq_length=input_ids_BL.shape[1],
+                                             encoder_input_ids=input_ids_BL, prefix_allowed_tokens_fn=None,
+                                             logits_processor=LogitsProcessorList(), device=logits_BV.device,
+                                             model_kwargs={})
+    return processors(input_ids_BL, logits_BV.float()).softmax(-1)
+
+
+def decode_steps_logits(model, queries, steps: int):
+    """(input_ids, next-token logits) at each of ``steps`` greedy steps, for each query alone (no padding)."""
+    out = []
+    for q in queries:
+        ids_1L = torch.tensor([q.input_ids])
+        for _ in range(steps):
+            logits_1V = model(input_ids=ids_1L).logits[:, -1]
+            out.append((ids_1L, logits_1V))
+            ids_1L = torch.cat([ids_1L, logits_1V.argmax(-1, keepdim=True)], dim=1)
+    return out
+
+
+def boundary_margin(scaled_V: torch.Tensor, tokens_V: torch.Tensor, top_p: float) -> float:
+    """How far the 'mass above' of the given tokens is from top_p (0 when there are none)."""
+    if not tokens_V.any():
+        return 0.0
+    probs_V = scaled_V.double().softmax(-1)
+    above_V = torch.stack([probs_V[probs_V > probs_V[t]].sum() for t in tokens_V.nonzero().squeeze(-1)])
+    return (above_V - top_p).abs().max().item()
+
+
+@pytest.mark.parametrize("model_top_k,run_top_k", [(1, None), (64, None), (None, None), (64, 0), (64, 7)],
+                         ids=["model_k1", "model_k64", "model_none_hf_default", "run_k0_off", "run_k7"])
+def test_each_steps_kept_set_and_probabilities_are_hf_generates(tiny_oracle, gemma_tokenizer, queries, model_top_k,
+                                                                run_top_k, monkeypatch):
+    from ao_resampling.sampling import effective_sampling, sampling_weights
+
+    base = tiny_oracle.get_base_model()
+    monkeypatch.setattr(base.generation_config, "top_k", model_top_k)
+    monkeypatch.setattr(base.generation_config, "top_p", 0.95)  # the model's; the run's 0.9 wins, as in HF
+    params = DecodeParams(temperature=0.7, top_p=0.9, max_new_tokens=4, top_k=run_top_k)
+    sampling = effective_sampling(tiny_oracle, gemma_tokenizer, params)
+    run_kwargs = dict(do_sample=True, temperature=0.7, top_p=0.9) | ({} if run_top_k is None else {"top_k": run_top_k})
+
+    with torch.inference_mode():
+        for ids_1L, logits_1V in decode_steps_logits(base, queries[:2], steps=3):
+            ours_1V = sampling_weights(logits_1V, temperature=0.7, top_p=0.9, top_k=sampling.top_k)
+            hf_1V = hf_warped_probs(base, ids_1L, logits_1V, **run_kwargs)
+            differ_V = ((ours_1V > 0) ^ (hf_1V > 0))[0]
+            if sampling.top_k:
+                assert not differ_V.any(), "kept token sets differ"
+            else:  # 262k near-flat probabilities: only float rounding of the cumulative mass may move the boundary
+                assert boundary_margin(logits_1V[0] / 0.7, differ_V, 0.9) < 1e-4, "kept token sets differ"
+            torch.testing.assert_close(ours_1V[0, ~differ_V], hf_1V[0, ~differ_V], rtol=1e-4, atol=1e-8)
+    expected_k = {None: 50 if model_top_k is None else model_top_k}.get(run_top_k, run_top_k)
+    assert sampling.top_k == expected_k
+
+
+def test_top_k_1_in_the_generation_config_makes_every_sample_the_same(tiny_oracle, gemma_tokenizer, queries,
+                                                                      monkeypatch):
+    """The issue's reproduction: HF generate with top_k 1 gives n identical answers; so must the sampler."""
+    monkeypatch.setattr(tiny_oracle.get_base_model().generation_config, "top_k", 1)
+    four = [dataclasses.replace(q, n=4) for q in queries[:2]]
+    result = tokens(fast(tiny_oracle, gemma_tokenizer, four, sampled(max_new_tokens=6)))
+    assert all(len({tuple(t) for t in rows}) == 1 for rows in result.values()), result
+    assert result == tokens(plain(tiny_oracle, gemma_tokenizer, four, sampled(max_new_tokens=6)))
