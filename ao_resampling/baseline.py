@@ -225,7 +225,7 @@ def sample_baseline(store: ResultsStore, config: ExperimentConfig, *, oracle: Lo
     queries = [Query(key=baseline_run_id(t), input_ids=tuple(ids), n=config.samples_per_query)
                for t, ids in todo.items()]
     params = DecodeParams(temperature=config.temperature, top_p=config.top_p,
-                          max_new_tokens=config.baseline_max_new_tokens, seed=config.decode_seed)
+                          max_new_tokens=config.baseline_max_new_tokens, seed=config.decode_seed, top_k=config.top_k)
 
     def journal(batch) -> None:
         store.journal.append_many([{"type": "baseline_responses", "run_id": run_id, "target_id": target_of[run_id],

@@ -39,6 +39,7 @@ Dtype = Annotated[Optional[str], typer.Option(help="bfloat16, float16, float32")
 MaxNew = Annotated[Optional[int], typer.Option(help="max new tokens per AO answer")]
 Temperature = Annotated[Optional[float], typer.Option()]
 TopP = Annotated[Optional[float], typer.Option()]
+TopK = Annotated[Optional[int], typer.Option(help="top-k (default: the model's generation_config; 0 = off)")]
 BatchRows = Annotated[Optional[int], typer.Option(help="most rows decoded at once")]
 JudgeModel = Annotated[Optional[str], typer.Option(help="judge model (default gpt-5-mini)")]
 JudgeApi = Annotated[Optional[str], typer.Option(help="'responses' (OpenAI) or 'chat' (local servers)")]
@@ -92,6 +93,7 @@ def run(
     questions_variable: QuestionsVar = None, num_targets: NumTargets = None, num_questions: NumQuestions = None,
     samples: Samples = None, device: Device = None, device_map: DeviceMap = None, dtype: Dtype = None,
     max_new_tokens: MaxNew = None, temperature: Temperature = None, top_p: TopP = None,
+    top_k: TopK = None,
     batch_rows: BatchRows = None, judge_model: JudgeModel = None, judge_api: JudgeApi = None,
     judge_base_url: JudgeBaseUrl = None, judge_concurrency: JudgeConcurrency = None,
     judge_repeats: JudgeRepeats = None, repeat_fraction: RepeatFraction = None, baseline: Baseline = None,
@@ -106,7 +108,7 @@ def run(
         preset, config_file, set_, model=model, tokenizer=tokenizer, oracle_lora=oracle_lora, targets=targets,
         questions=questions, questions_variable=questions_variable, num_targets=num_targets,
         num_questions=num_questions, samples_per_query=samples, device=device, device_map=device_map, dtype=dtype,
-        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_rows=batch_rows,
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, batch_rows=batch_rows,
         judge_model=judge_model, judge_api=judge_api, judge_base_url=judge_base_url,
         judge_concurrency=judge_concurrency, judge_repeats=judge_repeats, judge_repeat_fraction=repeat_fraction,
         baseline=baseline, baseline_max_new_tokens=baseline_max_new_tokens, embedding_model=embedding_model,

@@ -56,6 +56,8 @@ class ExperimentConfig(BaseModel):
     samples_per_query: int = Field(10, ge=1)
     temperature: float = Field(0.7, ge=0.0)
     top_p: float = Field(0.9, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0, description="None = the model's generation_config (as HF generate: else "
+                              "HF's default, 50); 0 = off")
     max_new_tokens: int = Field(120, ge=1)
     decode_seed: int = 0
     batch_rows: int = Field(512, ge=1, description="most rows (query x sample) decoded together")

@@ -22,13 +22,14 @@ from pydantic import ValidationError
 from ao_resampling import data, models
 from ao_resampling.config import ExperimentConfig, diff_settings
 from ao_resampling.encoding import encode_target, require_chat_template
+from ao_resampling.generation_settings import Sampling
 from ao_resampling.hooks import capture_activations
 from ao_resampling.oracle import build_oracle_query
 from ao_resampling.results import (
     AOQuestion, Decoding, Meta, Response, Results, ResultsStore, Run, TargetRecord, run_id_for, sha256_of_ids,
 )
 from ao_resampling.reference import sample_sequential
-from ao_resampling.sampling import BatchedSampler, DecodeParams, Query, Sample
+from ao_resampling.sampling import BatchedSampler, DecodeParams, Query, Sample, effective_sampling
 
 STAND_IN_NOTE = (
     "STAND-IN: {why}. These numbers exercise the pipeline; they say nothing about the real Activation Oracle."
@@ -128,9 +129,12 @@ def build_plan(config: ExperimentConfig, tokenizer) -> tuple[Results, list[PlanR
     return results, table
 
 
-def decoding(config: ExperimentConfig) -> Decoding:
+def decoding(config: ExperimentConfig, sampling: Sampling | None = None) -> Decoding:
+    """The run's decoding; with ``sampling`` (known once the model is loaded), the effective top_k and eos ids."""
     return Decoding(temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
-                    do_sample=config.temperature > 0, seed=config.decode_seed)
+                    do_sample=config.temperature > 0, seed=config.decode_seed,
+                    top_k=config.top_k if sampling is None else sampling.top_k,
+                    eos_token_ids=None if sampling is None else list(sampling.eos_token_ids))
 
 
 def prepare(config: ExperimentConfig, out_dir: Path, tokenizer=None) -> tuple[ResultsStore, list[PlanRow]]:
@@ -186,8 +190,8 @@ def generate(store: ResultsStore, config: ExperimentConfig, *, oracle: models.Lo
     queries = [Query(key=r.run_id, input_ids=tuple(r.oracle_input_ids), n=config.samples_per_query,
                      vectors_KD=acts[r.target_id][None], positions_K=tuple(r.placeholder_positions)) for r in todo]
     params = DecodeParams(temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
-                          seed=config.decode_seed)
-    decode = decoding(config)
+                          seed=config.decode_seed, top_k=config.top_k)
+    decode = decoding(config, effective_sampling(oracle.model, oracle.tokenizer, params))
 
     def journal(batch: dict[str, list[Sample]]) -> None:
         store.journal.append_many([{"type": "responses", "run_id": run_id,
