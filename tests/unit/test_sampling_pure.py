@@ -331,3 +331,30 @@ def test_a_stop_token_at_step_zero_ends_the_answer_there(monkeypatch):
 
     _, suppressed_BT = run_scripted(stop_at, max_new_tokens=6, min_new_tokens=1)  # min_new_tokens < max_new_tokens
     assert suppressed_BT.tolist() == [expected_row(s, 6, min_new_tokens=1) for s in stop_at]
+
+
+@pytest.mark.parametrize("gap", [-1e-4, -1e-6, 0.0, 1e-6, 1e-4], ids=lambda g: f"candidates_mass_top_p{g:+g}")
+def test_a_nucleus_at_the_candidate_fallback_boundary_is_hfs(gap):
+    """The top ``candidates`` tokens hold top_p + gap of the mass: just inside, on, or just outside the candidates
+    (the sampler's two paths meet there). The kept set must be HF's TopPLogitsWarper's either way."""
+    from ao_resampling.sampling import sampling_weights
+
+    top_p, candidates, V = 0.9, 8, 64
+    probs_V = torch.empty(V, dtype=torch.float64)
+    probs_V[:candidates] = torch.linspace(0.2, 0.05, candidates)
+    probs_V[:candidates] *= (top_p + gap) / probs_V[:candidates].sum()
+    probs_V[candidates:] = (1 - probs_V[:candidates].sum()) * torch.linspace(0.1, 0.001, V - candidates).softmax(0)
+    logits_1V = probs_V.log().float()[None]
+    ours_1V = sampling_weights(logits_1V, temperature=1.0, top_p=top_p, candidates=candidates)
+    hf_1V = TopPLogitsWarper(top_p)(None, logits_1V.clone()).softmax(-1)
+    if abs(gap) > 1e-5:  # away from float rounding: the exact rule decides, candidates only or one more token
+        assert torch.equal(ours_1V > 0, hf_1V > 0)
+        assert int((ours_1V > 0).sum()) == (candidates if gap > 0 else candidates + 1)
+    else:  # within rounding of top_p: either answer is HF's up to its own float noise, never a third one
+        assert int((ours_1V > 0).sum()) in (candidates, candidates + 1)
+        assert torch.equal((ours_1V > 0)[0, :candidates], torch.ones(candidates, dtype=torch.bool))
+    torch.testing.assert_close(ours_1V.sum(), torch.tensor(1.0))
+    g = torch.Generator().manual_seed(0)
+    drawn = sample_next_tokens(logits_1V.expand(2000, V), temperature=1.0, top_p=top_p, generator=g,
+                               candidates=candidates)
+    assert (ours_1V[0, drawn] > 0).all(), "a token outside the kept set was drawn"
