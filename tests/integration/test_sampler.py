@@ -454,3 +454,36 @@ def test_top_k_1_in_the_generation_config_makes_every_sample_the_same(tiny_oracl
     result = tokens(fast(tiny_oracle, gemma_tokenizer, four, sampled(max_new_tokens=6)))
     assert all(len({tuple(t) for t in rows}) == 1 for rows in result.values()), result
     assert result == tokens(plain(tiny_oracle, gemma_tokenizer, four, sampled(max_new_tokens=6)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A stand-in whose answers end at EOS on their own (standins.py)
+
+
+@pytest.fixture(scope="module")
+def ending_oracle(gemma_tokenizer):
+    """A fresh tiny oracle whose <end_of_turn> is drawn ~5% of steps at T=0.7 under its own decoding."""
+    from ao_resampling.models import attach_oracle, load_model
+    from ao_resampling.sampling import effective_sampling
+    from ao_resampling.standins import end_answers_at_rate
+
+    model = attach_oracle(load_model("synthetic:tiny", dtype="float32", device="cpu"), "random", seed=0)
+    end_answers_at_rate(model, effective_sampling(model, gemma_tokenizer, sampled()), rate=0.05)
+    return model
+
+
+def test_a_stand_in_in_eos_mode_ends_answers_at_varied_lengths(ending_oracle, gemma_tokenizer, queries):
+    eight = [dataclasses.replace(q, n=8) for q in queries]
+    result = fast(ending_oracle, gemma_tokenizer, eight, sampled(max_new_tokens=60))
+    samples = [s for v in result.values() for s in v]
+    lengths = [s.n_tokens for s in samples]
+    assert sum(s.finish_reason == "eos" for s in samples) >= len(samples) // 2, lengths
+    assert all(s.token_ids[-1] == 106 for s in samples if s.finish_reason == "eos")
+    assert len(set(lengths)) >= 6 and min(lengths) < 15, lengths  # spread out, not one forced length
+
+
+def test_a_stand_in_in_eos_mode_still_decodes_as_plain_generate(ending_oracle, gemma_tokenizer, queries):
+    """Greedily the bias may or may not win a step; whatever it does, the fast path and HF generate agree."""
+    params = greedy(40)
+    assert tokens(fast(ending_oracle, gemma_tokenizer, queries, params)) == \
+        tokens(plain(ending_oracle, gemma_tokenizer, queries, params))
