@@ -20,7 +20,7 @@ import torch
 from pydantic import ValidationError
 
 from ao_resampling import data, models
-from ao_resampling.config import ExperimentConfig, diff_settings
+from ao_resampling.config import ExperimentConfig, describe_problems, diff_settings
 from ao_resampling.encoding import encode_target, require_chat_template
 from ao_resampling.hooks import capture_activations
 from ao_resampling.oracle import build_oracle_query
@@ -145,7 +145,7 @@ def prepare(config: ExperimentConfig, out_dir: Path, tokenizer=None) -> tuple[Re
                 if existing.meta.config else {}
         except ValidationError as e:  # made by another version of this tool: not something to resume blindly
             raise PipelineError(f"{store.results_path}: its meta.config is not a config this version understands "
-                                f"({e.error_count()} problem(s)); use another --out folder") from e
+                                f"({describe_problems(e)}); use another --out folder") from e
         differences = diff_settings(old, config.settings_that_change_results())
         if differences:
             raise PipelineError(
