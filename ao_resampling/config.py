@@ -114,7 +114,10 @@ class ExperimentConfig(BaseModel):
             "judge_max_retries", "judge_concurrency", "judge_api", "sampler", "merge_lora", "bootstrap_resamples",
             "embedding_model", "bootstrap_seed", "baseline", "judge_repeats", "judge_repeat_fraction",
         }
-        return {k: v for k, v in self.model_dump(mode="json").items() if k not in plumbing}
+        # targets/questions are paths: a resume compares the plan's content instead (plan_check.py), so the same file
+        # named relative or absolute is accepted and an edited file under the same name is not.
+        content_bound = {"targets", "questions"}
+        return {k: v for k, v in self.model_dump(mode="json").items() if k not in plumbing | content_bound}
 
 
 DEMO: dict[str, Any] = {

@@ -24,6 +24,7 @@ from ao_resampling.config import ExperimentConfig, describe_problems, diff_setti
 from ao_resampling.encoding import encode_target, require_chat_template
 from ao_resampling.hooks import capture_activations
 from ao_resampling.oracle import build_oracle_query
+from ao_resampling.plan_check import plan_differences
 from ao_resampling.results import (
     AOQuestion, Decoding, Meta, Response, Results, ResultsStore, Run, TargetRecord, run_id_for, sha256_of_ids,
 )
@@ -152,8 +153,13 @@ def prepare(config: ExperimentConfig, out_dir: Path, tokenizer=None) -> tuple[Re
                 f"{store.results_path} was made with other settings; refusing to mix them. Differences:\n  "
                 + "\n  ".join(differences) + "\nUse another --out folder, or the original settings to continue."
             )
-        if [r.run_id for r in existing.runs] != [r.run_id for r in plan.runs]:
-            raise PipelineError(f"{store.results_path}: its runs differ from the plan (targets or questions changed)")
+        changes = plan_differences(existing, plan)
+        if changes:
+            raise PipelineError(
+                f"{store.results_path} was planned from other targets/questions than the ones given now; refusing to "
+                "mix their answers. Changes:\n  " + "\n  ".join(changes)
+                + "\nUse another --out folder, or the original inputs to continue."
+            )
     else:
         store.write(plan)
     return store, table

@@ -278,6 +278,46 @@ def test_prepare_refuses_a_folder_made_with_other_settings(tmp_path):
     assert (out / "results.json").read_text() == before
 
 
+TWO_TARGETS = [{"id": "a", "messages": [{"role": "user", "content": "Hello there"}]},
+               {"id": "b", "messages": [{"role": "user", "content": "How are you?"}]}]
+
+
+def test_prepare_refuses_a_folder_planned_from_edited_targets(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("t.json").write_text(json.dumps(TWO_TARGETS))
+    args = [*PREPARE_TINY, "--targets", "t.json", "--num-targets", "2", "--num-questions", "2", "--out", "plan"]
+    assert invoke(*args).exit_code == 0
+    before = Path("plan/results.json").read_text()
+
+    # The same file named by its absolute path is the same plan: accepted, nothing rewritten.
+    absolute = [*PREPARE_TINY, "--targets", tmp_path / "t.json", "--num-targets", "2", "--num-questions", "2",
+                "--out", tmp_path / "plan"]
+    result = invoke(*absolute)
+    assert result.exit_code == 0, result.output
+    assert Path("plan/results.json").read_text() == before
+
+    edited = json.loads(json.dumps(TWO_TARGETS))
+    edited[1]["messages"][0]["content"] = "Edited under the same file name"
+    Path("t.json").write_text(json.dumps(edited))
+    result = invoke(*args)
+    assert result.exit_code == 2
+    assert "targets whose messages changed: b\n" in result.output
+    assert Path("plan/results.json").read_text() == before
+
+
+def test_prepare_refuses_a_folder_planned_from_an_edited_question_pool(tmp_path):
+    pool = [f"Question {i}: what does the assistant think?" for i in range(5)]
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps(pool))
+    args = [*PREPARE_TINY, "--questions", path, "--num-targets", "1", "--num-questions", "5", "--out", tmp_path / "p"]
+    assert invoke(*args).exit_code == 0
+    pool[3] = "Question 3, reworded after the plan was written?"
+    path.write_text(json.dumps(pool))
+    result = invoke(*args)
+    assert result.exit_code == 2
+    assert "questions whose text changed: aoq_03\n" in result.output
+
+
 def _with_meta_config(data: dict, **extra) -> dict:
     data["meta"]["config"].update(extra)  # as a newer (or older) tool version might have written it
     return data
