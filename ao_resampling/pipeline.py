@@ -24,7 +24,7 @@ from ao_resampling.config import ExperimentConfig, describe_problems, diff_setti
 from ao_resampling.encoding import encode_target, require_chat_template
 from ao_resampling.hooks import capture_activations
 from ao_resampling.oracle import build_oracle_query
-from ao_resampling.plan_check import plan_differences
+from ao_resampling.plan_check import context_overflows, plan_differences
 from ao_resampling.results import (
     AOQuestion, Decoding, Meta, Response, Results, ResultsStore, Run, TargetRecord, run_id_for, sha256_of_ids,
 )
@@ -112,6 +112,7 @@ def build_plan(config: ExperimentConfig, tokenizer) -> tuple[Results, list[PlanR
                 context_input_ids=enc.input_ids, context_input_ids_sha256=sha256_of_ids(enc.input_ids),
                 oracle_input_ids=oq.input_ids, placeholder_positions=oq.placeholder_positions,
             ))
+    check_context_window(config, runs)
     version, commit = code_version()
     why = stand_in_reason(config)
     meta = Meta(
@@ -127,6 +128,18 @@ def build_plan(config: ExperimentConfig, tokenizer) -> tuple[Results, list[PlanR
         targets=[TargetRecord(id=t.id, messages=[m.model_dump() for m in t.messages]) for t in targets], runs=runs,
     )
     return results, table
+
+
+def check_context_window(config: ExperimentConfig, runs: list[Run]) -> None:
+    """Refuse, before any weights are loaded, a target or oracle prompt longer than the model's context window."""
+    limit = models.model_context_length(config.model)
+    overflows = context_overflows(runs, limit=limit, max_new_tokens=config.max_new_tokens,
+                                  baseline_new_tokens=config.baseline_max_new_tokens if config.baseline else None)
+    if overflows:
+        raise PipelineError(
+            f"model {config.model!r} takes at most {limit} positions (max_position_embeddings); these do not fit:\n  "
+            + "\n  ".join(overflows) + "\nShorten or drop those targets, or lower max_new_tokens."
+        )
 
 
 def decoding(config: ExperimentConfig) -> Decoding:

@@ -8,6 +8,7 @@ file under the same path is not.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from ao_resampling.results import Results, Run
@@ -52,3 +53,28 @@ def _tokens(run: Run) -> tuple:
 def _ids(ids: list[str]) -> str:
     shown = ", ".join(ids[:SHOWN_IDS])
     return shown + (f" and {len(ids) - SHOWN_IDS} more" if len(ids) > SHOWN_IDS else "")
+
+
+def context_overflows(
+    runs: Iterable[Run], *, limit: int, max_new_tokens: int, baseline_new_tokens: int | None
+) -> list[str]:
+    """One line per target or oracle prompt that would not fit the model's context window (empty: all fit).
+
+    Targets are read in one forward pass (plus ``baseline_new_tokens`` when the target model itself is sampled);
+    an oracle prompt grows by up to ``max_new_tokens`` while its answer is decoded.
+    """
+    lines: list[str] = []
+    seen_targets, seen_questions = set(), set()  # each target / oracle prompt is checked once, not once per run
+    for run in runs:
+        if run.target_id not in seen_targets:
+            seen_targets.add(run.target_id)
+            extra = baseline_new_tokens or 0
+            if len(run.context_input_ids) + extra > limit:
+                plus = f" + baseline_max_new_tokens {extra}" if extra else ""
+                lines.append(f"target {run.target_id}: {len(run.context_input_ids)} tokens{plus} > {limit}")
+        if run.oracle_input_ids is not None and run.ao_question_id not in seen_questions:
+            seen_questions.add(run.ao_question_id)
+            if len(run.oracle_input_ids) + max_new_tokens > limit:
+                lines.append(f"oracle prompt of question {run.ao_question_id} (e.g. {run.run_id}): "
+                             f"{len(run.oracle_input_ids)} tokens + max_new_tokens {max_new_tokens} > {limit}")
+    return lines

@@ -318,6 +318,23 @@ def test_prepare_refuses_a_folder_planned_from_an_edited_question_pool(tmp_path)
     assert "questions whose text changed: aoq_03\n" in result.output
 
 
+@pytest.mark.parametrize("args, message", [
+    pytest.param(["--set", "max_new_tokens=5000"],
+                 r"oracle prompt of question aoq_\d+ \(e\.g\. run__\S+\): \d+ tokens \+ max_new_tokens 5000 > 4096",
+                 id="oracle_prompt_plus_answer"),
+    pytest.param(["--targets", "LONG"], r"target long: \d{4} tokens > 4096", id="long_target"),
+])
+def test_prepare_refuses_what_does_not_fit_the_context_window(tmp_path, args, message):
+    long = [*TWO_TARGETS[:1], {"id": "long", "messages": [{"role": "user", "content": "word " * 4200}]}]
+    (tmp_path / "long.json").write_text(json.dumps(long))
+    args = [tmp_path / "long.json" if a == "LONG" else a for a in args]
+    result = invoke(*PREPARE_TINY, "--num-targets", "2", "--num-questions", "1", *args, "--out", tmp_path / "p")
+    assert result.exit_code == 2
+    assert "model 'synthetic:tiny' takes at most 4096 positions" in result.output
+    assert re.search(message, result.output), result.output
+    assert not (tmp_path / "p" / "results.json").exists()
+
+
 def _with_meta_config(data: dict, **extra) -> dict:
     data["meta"]["config"].update(extra)  # as a newer (or older) tool version might have written it
     return data

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ao_resampling.plan_check import SHOWN_IDS, plan_differences
+from ao_resampling.plan_check import SHOWN_IDS, context_overflows, plan_differences
 from ao_resampling.results import TargetMessage
 from tests.support.results_factory import make_results
 
@@ -45,3 +45,34 @@ def test_long_id_lists_are_shortened():
     [line] = plan_differences(old, new)
     shown = ", ".join(f"t{i}" for i in range(1, SHOWN_IDS + 1))
     assert line == f"targets whose messages changed: {shown} and 3 more"
+
+
+def _runs_with_lengths(context: dict[str, int], oracle: dict[str, int]) -> list:
+    results = make_results([[None] * len(oracle)] * len(context))
+    for run in results.runs:
+        t, q = int(run.target_id[1:]) - 1, int(run.ao_question_id[1:]) - 1
+        run.context_input_ids = list(range(list(context.values())[t]))
+        run.oracle_input_ids = list(range(list(oracle.values())[q]))
+    return results.runs
+
+
+def test_everything_that_fits_passes_including_the_exact_limit():
+    runs = _runs_with_lengths({"t1": 100, "t2": 90}, {"q1": 40, "q2": 50})
+    assert context_overflows(runs, limit=100, max_new_tokens=50, baseline_new_tokens=None) == []
+    assert context_overflows(runs, limit=100, max_new_tokens=50, baseline_new_tokens=0) == []
+
+
+def test_each_target_and_oracle_prompt_too_long_is_named_once_with_its_lengths():
+    runs = _runs_with_lengths({"t1": 101, "t2": 90, "t3": 400}, {"q1": 40, "q2": 51})
+    assert context_overflows(runs, limit=100, max_new_tokens=50, baseline_new_tokens=None) == [
+        "target t1: 101 tokens > 100",
+        "oracle prompt of question q2 (e.g. run__t1__q2): 51 tokens + max_new_tokens 50 > 100",
+        "target t3: 400 tokens > 100",
+    ]
+
+
+def test_the_baseline_reply_counts_against_the_target():
+    runs = _runs_with_lengths({"t1": 60, "t2": 30}, {"q1": 10})
+    assert context_overflows(runs, limit=100, max_new_tokens=5, baseline_new_tokens=50) == [
+        "target t1: 60 tokens + baseline_max_new_tokens 50 > 100",
+    ]
