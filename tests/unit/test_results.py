@@ -188,7 +188,8 @@ def _with_oracle_ids(d: dict) -> None:
 
 @pytest.mark.parametrize("edit, message", [
     pytest.param(lambda d: d["runs"][0].update(context_input_ids_sha256="not-a-hash"),
-                 "field 'context_input_ids_sha256': expected 64 lower-case hex digits, got 'not-a-hash'", id="not_a_hash"),
+                 "field 'context_input_ids_sha256': expected 64 lower-case hex digits, got 'not-a-hash'",
+                 id="not_a_hash"),
     pytest.param(lambda d: d["runs"][0]["context_input_ids"].__setitem__(1, 9999),
                  "field 'context_input_ids_sha256': does not match 'context_input_ids'", id="ids_changed_under_hash"),
     pytest.param(lambda d: d["runs"][0].update(assistant_start_idx=999),
