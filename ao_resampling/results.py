@@ -206,7 +206,9 @@ class Results(_Model):
     def _ids_consistent(self) -> "Results":
         run_ids = [r.run_id for r in self.runs]
         if len(set(run_ids)) != len(run_ids):
-            raise ValueError("duplicate run_id in 'runs'")
+            first = next(i for i, run_id in enumerate(run_ids) if run_id in run_ids[:i])
+            raise ValueError(f"duplicate run_id in 'runs': runs[{first}] ({run_ids[first]}) is also "
+                             f"runs[{run_ids.index(run_ids[first])}]")
         target_ids = {t.id for t in self.targets}
         question_ids = {q.id for q in self.ao_questions}
         for i, run in enumerate(self.runs):

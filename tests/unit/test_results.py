@@ -223,7 +223,8 @@ def test_duplicate_run_id_is_refused(tmp_path):
     data["runs"][1] = dict(data["runs"][0])
     path = tmp_path / "r.json"
     path.write_text(json.dumps(data))
-    with pytest.raises(ResultsError, match=r"r\.json: .*duplicate run_id"):
+    with pytest.raises(ResultsError, match=r"r\.json: .*duplicate run_id in 'runs': runs\[1\] \(run__t1__q1\) is "
+                                           r"also runs\[0\]"):
         load_results_file(path)
 
 
