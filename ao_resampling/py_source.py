@@ -189,8 +189,9 @@ def _follow_effects(statement: ast.stmt, text: str, bindings: _Bindings) -> None
             _rebind(bindings, node.id, _refuse(node, text, "`del`"))
         elif block:
             for name in _names_bound_by(node):
-                what = f"a binding inside {block} block (line {statement.lineno}), which the reader does not run,"
-                _rebind(bindings, name, _refuse(node, text, what))
+                why = (f"{name!r} is bound inside {block} block (line {statement.lineno}), which the reader does not "
+                       f"run; {_SUPPORTED} followed")
+                _rebind(bindings, name, _Unsupported(node.lineno, why))
 
 
 def _names_bound_by(node: ast.AST) -> list[str]:
