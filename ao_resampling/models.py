@@ -307,3 +307,18 @@ def check_lora_resolvable(spec: str) -> None:
         PeftConfig.from_pretrained(spec)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot resolve oracle LoRA {spec!r} (hub id or local directory): {e}") from e
+
+
+def model_context_length(spec: str) -> int:
+    """The most positions the model takes (its text config's max_position_embeddings), from the config alone, so a
+    too-long target is refused before minutes of loading weights rather than by a huge allocation mid-run."""
+    if spec.startswith(SYNTHETIC_PREFIX):
+        return synthetic_config(spec.removeprefix(SYNTHETIC_PREFIX)).max_position_embeddings
+    from transformers import AutoConfig
+
+    path = _converted_gemma3_270m() / "model" if spec == GGUF_SPEC else spec
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read the config of model {spec!r}: {e}") from e
+    return config.get_text_config(decoder=True).max_position_embeddings

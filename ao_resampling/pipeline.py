@@ -20,11 +20,12 @@ import torch
 from pydantic import ValidationError
 
 from ao_resampling import data, models
-from ao_resampling.config import ExperimentConfig, diff_settings
+from ao_resampling.config import ExperimentConfig, describe_problems, diff_settings
 from ao_resampling.encoding import encode_target, require_chat_template
 from ao_resampling.generation_settings import Sampling
 from ao_resampling.hooks import capture_activations
 from ao_resampling.oracle import build_oracle_query
+from ao_resampling.plan_check import context_overflows, plan_differences
 from ao_resampling.results import (
     AOQuestion, Decoding, Meta, Response, Results, ResultsStore, Run, TargetRecord, run_id_for, sha256_of_ids,
 )
@@ -112,6 +113,7 @@ def build_plan(config: ExperimentConfig, tokenizer) -> tuple[Results, list[PlanR
                 context_input_ids=enc.input_ids, context_input_ids_sha256=sha256_of_ids(enc.input_ids),
                 oracle_input_ids=oq.input_ids, placeholder_positions=oq.placeholder_positions,
             ))
+    check_context_window(config, runs)
     version, commit = code_version()
     why = stand_in_reason(config)
     meta = Meta(
@@ -127,6 +129,18 @@ def build_plan(config: ExperimentConfig, tokenizer) -> tuple[Results, list[PlanR
         targets=[TargetRecord(id=t.id, messages=[m.model_dump() for m in t.messages]) for t in targets], runs=runs,
     )
     return results, table
+
+
+def check_context_window(config: ExperimentConfig, runs: list[Run]) -> None:
+    """Refuse, before any weights are loaded, a target or oracle prompt longer than the model's context window."""
+    limit = models.model_context_length(config.model)
+    overflows = context_overflows(runs, limit=limit, max_new_tokens=config.max_new_tokens,
+                                  baseline_new_tokens=config.baseline_max_new_tokens if config.baseline else None)
+    if overflows:
+        raise PipelineError(
+            f"model {config.model!r} takes at most {limit} positions (max_position_embeddings); these do not fit:\n  "
+            + "\n  ".join(overflows) + "\nShorten or drop those targets, or lower max_new_tokens."
+        )
 
 
 def decoding(config: ExperimentConfig, sampling: Sampling | None = None) -> Decoding:
@@ -149,15 +163,20 @@ def prepare(config: ExperimentConfig, out_dir: Path, tokenizer=None) -> tuple[Re
                 if existing.meta.config else {}
         except ValidationError as e:  # made by another version of this tool: not something to resume blindly
             raise PipelineError(f"{store.results_path}: its meta.config is not a config this version understands "
-                                f"({e.error_count()} problem(s)); use another --out folder") from e
+                                f"({describe_problems(e)}); use another --out folder") from e
         differences = diff_settings(old, config.settings_that_change_results())
         if differences:
             raise PipelineError(
                 f"{store.results_path} was made with other settings; refusing to mix them. Differences:\n  "
                 + "\n  ".join(differences) + "\nUse another --out folder, or the original settings to continue."
             )
-        if [r.run_id for r in existing.runs] != [r.run_id for r in plan.runs]:
-            raise PipelineError(f"{store.results_path}: its runs differ from the plan (targets or questions changed)")
+        changes = plan_differences(existing, plan)
+        if changes:
+            raise PipelineError(
+                f"{store.results_path} was planned from other targets/questions than the ones given now; refusing to "
+                "mix their answers. Changes:\n  " + "\n  ".join(changes)
+                + "\nUse another --out folder, or the original inputs to continue."
+            )
     else:
         store.write(plan)
     return store, table

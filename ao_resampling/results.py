@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Iterable, Iterator
@@ -209,7 +210,9 @@ class Results(_Model):
     def _ids_consistent(self) -> "Results":
         run_ids = [r.run_id for r in self.runs]
         if len(set(run_ids)) != len(run_ids):
-            raise ValueError("duplicate run_id in 'runs'")
+            first = next(i for i, run_id in enumerate(run_ids) if run_id in run_ids[:i])
+            raise ValueError(f"duplicate run_id in 'runs': runs[{first}] ({run_ids[first]}) is also "
+                             f"runs[{run_ids.index(run_ids[first])}]")
         target_ids = {t.id for t in self.targets}
         question_ids = {q.id for q in self.ao_questions}
         for i, run in enumerate(self.runs):
@@ -246,7 +249,49 @@ def run_id_for(target_id: str, question_id: str) -> str:
 
 
 def sha256_of_ids(ids: Iterable[int]) -> str:
+    """Hex sha256 of the ids as compact JSON (``[2,105,...]``); pinned by a test, since files in the wild hold it."""
     return hashlib.sha256(json.dumps(list(ids), separators=(",", ":")).encode()).hexdigest()
+
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def run_integrity_problems(run: Run) -> list[str]:
+    """What is wrong with a run's token ids and the indices into them (empty when nothing is).
+
+    A hand-edited or damaged file must not reach the model: an index past the end reads another token's activation
+    (or crashes mid-run), and ids changed under their old hash mean the answers belong to a different context.
+    """
+    problems = []
+    stored, ids = run.context_input_ids_sha256, run.context_input_ids
+    if not _SHA256_HEX.fullmatch(stored):
+        problems.append(f"field 'context_input_ids_sha256': expected 64 lower-case hex digits, got {stored!r}")
+    elif stored != sha256_of_ids(ids):
+        problems.append("field 'context_input_ids_sha256': does not match 'context_input_ids' (the ids were changed "
+                        "after they were hashed)")
+    if not 0 <= run.assistant_start_idx < len(ids):
+        problems.append(f"field 'assistant_start_idx': {run.assistant_start_idx} is outside the "
+                        f"{len(ids)} context_input_ids")
+    problems += _outside("context_positions", run.context_positions, len(ids), "context_input_ids")
+    if run.placeholder_positions is not None and run.oracle_input_ids is None:
+        problems.append("field 'placeholder_positions': set, but 'oracle_input_ids' is missing")
+    elif run.placeholder_positions is not None:
+        problems += _outside("placeholder_positions", run.placeholder_positions, len(run.oracle_input_ids),
+                             "oracle_input_ids")
+    return problems
+
+
+def _outside(name: str, positions: list[int], length: int, of: str) -> list[str]:
+    bad = [p for p in positions if not 0 <= p < length]
+    return [f"field '{name}': {bad} outside the {length} {of}"] if bad else []
+
+
+def check_integrity(results: Results, source: Path | str) -> None:
+    """Raise a ResultsError naming the file, the run and the field of the first run whose ids do not hold together."""
+    for i, run in enumerate(results.runs):
+        problems = run_integrity_problems(run)
+        if problems:
+            raise ResultsError(f"{source}: runs[{i}] ({run.run_id}): " + "; ".join(problems))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -289,11 +334,13 @@ def load_results_file(path: Path) -> Results:
     """Read one results file (current or older format) without its journal."""
     data = read_json_file(path)
     try:
-        return Results.model_validate(data)
+        results = Results.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "<top level>"
         raise ResultsError(f"{path}: field '{where}': {first['msg']} ({e.error_count()} problem(s) in all)") from e
+    check_integrity(results, path)
+    return results
 
 
 class Journal:

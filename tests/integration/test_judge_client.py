@@ -30,7 +30,7 @@ from ao_resampling.judge import (
     selected_for_repeats,
 )
 from ao_resampling.results import (
-    AOQuestion, Decoding, Journal, Meta, Response, Results, ResultsStore, Run, TargetRecord,
+    AOQuestion, Decoding, Journal, Meta, Response, Results, ResultsStore, Run, TargetRecord, sha256_of_ids,
 )
 from tests.support.openai_server import FakeOpenAIServer, Reply, expected_score
 
@@ -238,12 +238,15 @@ def test_malformed_server_reply_is_an_api_error(openai_server, api, body, detail
 # The stage
 
 
+CONTEXT_IDS = [2, 10, 11, 12, 13]
+
+
 def make_store(tmp_path: Path, answer_sets: list[list[str]]) -> ResultsStore:
     """One run per answer set (target t{i}, question q1); an empty set is a run whose answers are not sampled yet."""
     decoding = Decoding(temperature=0.7, top_p=0.9, max_new_tokens=32, seed=0)
     runs = [
         Run(run_id=f"run__t{i}__q1", target_id=f"t{i}", ao_question_id="q1", assistant_start_idx=3,
-            context_positions=[3, 4], context_input_ids=[2, 10, 11, 12, 13], context_input_ids_sha256="0" * 64,
+            context_positions=[3, 4], context_input_ids=CONTEXT_IDS, context_input_ids_sha256=sha256_of_ids(CONTEXT_IDS),
             responses=[Response(sample_id=f"run__t{i}__q1__s{k}", text=a, decoding=decoding)
                        for k, a in enumerate(answers)])
         for i, answers in enumerate(answer_sets)
