@@ -28,6 +28,7 @@ import numpy as np
 from pydantic import ValidationError
 from tqdm.auto import tqdm
 
+from ao_resampling.errors import AOResamplingError
 from ao_resampling.config import ExperimentConfig
 from ao_resampling.judge import (
     RATIONALE_KEY, SCORE_KEY, _escape, judge_call_id, judge_prompt, make_client, numbered_blocks,
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
 N_GAPS = 5  # targets listed on each side of the largest-gap tables
 
 
-class BaselineError(RuntimeError):
+class BaselineError(AOResamplingError, RuntimeError):
     """A baseline stage that cannot go ahead as asked; the message says what to change."""
 
 

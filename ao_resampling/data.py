@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
+from ao_resampling.errors import AOResamplingError
 
 ROLES = ("system", "user", "assistant")
 _TARGET_KEYS = ("id", "messages")
@@ -27,7 +28,7 @@ _MESSAGE_KEYS = ("role", "content")
 _SUPPORTED = "only string literals, lists/tuples, names bound earlier and + are"
 
 
-class DataError(ValueError):
+class DataError(AOResamplingError, ValueError):
     """Bad input data. The message names the file, the item (index and id) and the field, and what was expected."""
 
 

@@ -27,13 +27,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ao_resampling.errors import AOResamplingError
+
 GGUF_SPEC = "gemma3-270m-gguf"
 SYNTHETIC_PREFIX = "synthetic:"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(AOResamplingError, RuntimeError):
     """A model, tokenizer or adapter spec that cannot be loaded; the message says what was tried."""
 
 
