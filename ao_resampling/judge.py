@@ -243,6 +243,9 @@ def _call(client: Any, *, model: str, api: str, prompt: str) -> _Reply:
 def _parsed(raw: Any, read: Any, api: str) -> _Reply:
     try:
         return read(raw.parse())
+    except _BadStatus as e:
+        e.body = raw.text
+        raise
     except (ValueError, AttributeError, TypeError, KeyError) as e:
         raise _Malformed(raw.text, f"the server's reply is not a well-formed {api} object: {type(e).__name__}: {e}") \
             from e
@@ -288,6 +291,8 @@ def _chat_reply(resp: Any) -> _Reply:
 class _BadStatus(Exception):
     """A Responses object whose status is 'failed' or 'cancelled': the API's failure, not the model's reply."""
 
+    body: str | None = None
+
 
 def _scrub(text: str | None, secret: str | None) -> str | None:
     if text is None or not secret:
@@ -300,6 +305,8 @@ def _describe(e: Exception) -> tuple[str | None, str]:
     if isinstance(e, openai.APIStatusError):
         body = e.response.text if e.response is not None else None
         return body, f"{type(e).__name__} (HTTP {e.status_code}, after any SDK retries): {e}"
+    if isinstance(e, _BadStatus):
+        return e.body, str(e)
     return None, f"{type(e).__name__}: {e}"
 
 

@@ -222,6 +222,7 @@ def test_no_server_is_an_api_error():
         pytest.param("responses", "<html>502 Bad Gateway</html>", "not a well-formed", id="responses_not_json"),
         pytest.param("chat", "<html>502 Bad Gateway</html>", "not a well-formed", id="chat_not_json"),
         pytest.param("chat", [1, 2], "not a well-formed", id="chat_json_array"),
+        pytest.param("responses", '{"id": "resp_1", "object": "resp', "not a well-formed", id="truncated_json"),
         pytest.param("responses", {"id": "resp_1", "object": "response", "status": "failed", "output": [],
                                    "error": {"code": "server_error", "message": "boom"}},
                      "status 'failed': boom", id="responses_status_failed"),
@@ -232,6 +233,8 @@ def test_malformed_server_reply_is_an_api_error(openai_server, api, body, detail
     record = call(openai_server, api=api)
     assert record.failure.reason == "api_error" and detail_part in record.failure.detail
     assert record.parsed is None and record.prompt
+    # The body as the server sent it, so a broken proxy's page can be read afterwards.
+    assert record.raw_output == (body if isinstance(body, str) else json.dumps(body))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
