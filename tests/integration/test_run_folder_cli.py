@@ -330,3 +330,21 @@ def test_only_the_tools_own_journals_are_replayed_and_deleted(tmp_path):
     assert [r.judge.score for r in load_results_file(folder / RESULTS_NAME).runs] == [9, 5]
     assert sorted(p.name for p in folder.glob("journal*")) == ["journal.backup.jsonl"]
     assert backup.read_text() == mine
+
+
+def test_under_torchrun_a_busy_folder_stops_every_rank_before_any_work(tmp_path):
+    # Rank 0 alone takes the lock (the others write only rank journals, in step with it); that two ranks can run at
+    # all is what tests/integration/test_distributed.py shows. Here the folder is held, so the whole group stops.
+    from ao_resampling.lock import folder_lock
+
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+               f"--master-port={free_port()}", "-m", "ao_resampling", "run", "--preset", "experiment",
+               "--model", "synthetic:tiny", "--oracle-lora", "random", "--dtype", "float32", "--device", "cpu",
+               "--num-targets", "2", "--num-questions", "1", "--samples", "2", "--max-new-tokens", "4", "--no-judge",
+               "--embedding-model", "none", "--quiet", "--out", str(out)]
+    with folder_lock(out, command="the test's own hold"):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=180, env=cli_env())
+    assert done.returncode != 0
+    assert f"is in use by pid {os.getpid()} (the test's own hold" in done.stdout + done.stderr
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # no plan, no journal: nothing was done
