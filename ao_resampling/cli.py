@@ -24,7 +24,7 @@ import typer
 
 from ao_resampling.config import ConfigError, ExperimentConfig, build_config
 from ao_resampling.errors import EXIT_CALLS_FAILED, EXIT_INTERRUPTED, AOResamplingError
-from ao_resampling.lock import folder_lock
+from ao_resampling.lock import folder_lock, require_folder
 from ao_resampling.results import RESULTS_NAME, is_redacted_url
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
@@ -147,7 +147,8 @@ def run(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_rows=batch_rows,
         judge_model=judge_model, judge_api=judge_api, judge_base_url=judge_base_url,
         judge_concurrency=judge_concurrency, judge_repeats=judge_repeats, judge_repeat_fraction=repeat_fraction,
-        judge_timeout_s=judge_timeout_s, judge_max_retries=judge_max_retries, baseline=baseline, baseline_max_new_tokens=baseline_max_new_tokens, embedding_model=embedding_model,
+        judge_timeout_s=judge_timeout_s, judge_max_retries=judge_max_retries, baseline=baseline,
+        baseline_max_new_tokens=baseline_max_new_tokens, embedding_model=embedding_model,
     )
     if gpus and gpus > 1 and "WORLD_SIZE" not in os.environ:  # not yet under torchrun: become it
         from ao_resampling import distributed
@@ -262,6 +263,7 @@ def report(
         if baseline_file is not None:  # matched to the AO runs by target id, in memory only
             baseline = with_spreads(load_baseline_file(baseline_file), embedding_model=config.embedding_model)
         out_dir = out or store.folder / "report"
+        require_folder(out_dir)
         write_report(loaded, out_dir, seed=config.bootstrap_seed, n_boot=config.bootstrap_resamples,
                      baseline=baseline)
     typer.echo(f"report: {out_dir / 'report.md'}")

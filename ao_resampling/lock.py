@@ -44,7 +44,8 @@ def holder_description(text: str) -> str:
         return "another process (it has not said which yet)"
 
 
-def _prepare_folder(folder: Path) -> None:
+def require_folder(folder: Path) -> None:
+    """Make ``folder`` if needed, or say clearly that its path is a file (a traceback would not)."""
     if folder.exists() and not folder.is_dir():
         raise NotAFolderError(f"{folder} is a file, not a run folder; give --out (or the results path) a folder")
     try:
@@ -57,7 +58,7 @@ def _prepare_folder(folder: Path) -> None:
 def folder_lock(folder: Path, command: str | None = None) -> Iterator[None]:
     """Hold ``folder``'s lock for the block, or raise FolderBusyError naming the holder. Not re-entrant."""
     folder = Path(folder)
-    _prepare_folder(folder)
+    require_folder(folder)
     path = folder / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # close-on-exec: an exec'd torchrun does not inherit it
     try:

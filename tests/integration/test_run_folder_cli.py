@@ -348,3 +348,13 @@ def test_under_torchrun_a_busy_folder_stops_every_rank_before_any_work(tmp_path)
     assert done.returncode != 0
     assert f"is in use by pid {os.getpid()} (the test's own hold" in done.stdout + done.stderr
     assert sorted(p.name for p in out.iterdir()) == [".lock"]  # no plan, no journal: nothing was done
+
+
+def test_report_out_pointing_at_a_file_is_an_error_not_a_traceback(tmp_path):
+    folder = write_folder(tmp_path / "run", 1, embedding_model="none")
+    not_a_folder = tmp_path / "report.txt"
+    not_a_folder.write_text("mine")
+    result = invoke("report", str(folder), "--out", str(not_a_folder), "--quiet")
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert f"error: {not_a_folder} is a file, not a run folder" in result.output
+    assert isinstance(result.exception, SystemExit) and not_a_folder.read_text() == "mine"
