@@ -572,43 +572,56 @@ def _run_jobs(
             answer_order=list(job.answer_order) if job.answer_order is not None else None,
         )
 
-    def keep(future: Future) -> None:
-        # Journaled from this thread only, as each call lands: a kill loses just the calls in flight. Popped only
-        # once written, so a Ctrl-C in the middle of the write leaves it to _finish_in_flight to write again.
-        job, record = futures[future], future.result()
+    def keep(job: JudgeJob, record: JudgeRecord) -> None:
         store.journal.append({"type": job.event, "run_id": job.run_id, "record": record.model_dump(mode="json")})
-        del futures[future]
         report.add(record, repeat=job.event == "judge_repeat")
-        if record.failure is not None:
-            bar.set_postfix(failed=report.n_calls_failed)
+
+    run_calls(jobs, call, keep, concurrency=config.judge_concurrency, desc="judge", progress=progress, log=log,
+              resume=f"ao-resampling judge {store.folder}")
+
+
+def run_calls(jobs: Sequence[Any], call: Callable[[Any], JudgeRecord], keep: Callable[[Any, JudgeRecord], None], *,
+              concurrency: int, desc: str, progress: bool, log: Callable[[str], None], resume: str) -> None:
+    """``call`` every job, ``concurrency`` at a time, and ``keep`` (journal) each record from this thread as it lands,
+    so a kill loses only the calls in flight. On Ctrl-C nothing new is sent, the calls in flight are still kept
+    (they are paid for), and KeyboardInterrupt goes on up."""
+    executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=desc.replace(" ", "-"))
+    bar = tqdm(total=len(jobs), desc=desc, unit="call", disable=not progress)
+    futures: dict[Future, Any] = {}
+    n_failed = 0
+
+    def land(future: Future) -> None:
+        nonlocal n_failed
+        record = future.result()
+        keep(futures[future], record)
+        del futures[future]  # only once kept: a Ctrl-C during keep() leaves it to be kept again (replay-safe)
+        n_failed += record.failure is not None
+        if n_failed:
+            bar.set_postfix(failed=n_failed)
         bar.update(1)
 
-    executor = ThreadPoolExecutor(max_workers=config.judge_concurrency, thread_name_prefix="judge")
-    bar = tqdm(total=len(jobs), desc="judge", unit="call", disable=not progress)
-    futures: dict[Future, JudgeJob] = {}
     try:
         futures.update({executor.submit(call, job): job for job in jobs})
         for future in as_completed(list(futures)):
-            keep(future)
+            land(future)
     except KeyboardInterrupt:
-        _finish_in_flight(futures, keep, log, sent=report.n_sent + report.n_repeats_sent, folder=store.folder)
+        _finish_in_flight(futures, land, log, kept=len(jobs) - len(futures), what=desc, resume=resume)
         raise
     finally:
         bar.close()
         executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _finish_in_flight(futures: dict[Future, JudgeJob], keep: Callable[[Future], None],
-                      log: Callable[[str], None], *, sent: int, folder: Path) -> None:
-    """On Ctrl-C: send nothing new, but journal the replies of the calls already sent (they are paid for)."""
+def _finish_in_flight(futures: dict[Future, Any], land: Callable[[Future], None], log: Callable[[str], None], *,
+                      kept: int, what: str, resume: str) -> None:
+    """On Ctrl-C: send nothing new, but keep the replies of the calls already sent."""
     in_flight = [f for f in futures if not f.cancel()]  # cancel() fails only for calls already running or done
-    log(f"\njudge: interrupted. {sent} verdict(s) already journaled; waiting for the {len(in_flight)} call(s) in "
+    log(f"\n{what}: interrupted. {kept} reply(ies) already journaled; waiting for the {len(in_flight)} call(s) in "
         "flight so their replies are kept (Ctrl-C again to give them up).")
     try:
         for future in as_completed(in_flight):
-            keep(future)
+            land(future)
     except KeyboardInterrupt:
-        log(f"judge: gave up waiting; {len(futures)} call(s) not journaled will be sent again by a re-run.")
+        log(f"{what}: gave up waiting; the {len(futures)} call(s) not journaled are sent again by a re-run.")
         return
-    log(f"judge: kept {len(in_flight)} more; {len(futures)} call(s) never sent. "
-        f"Re-run `ao-resampling judge {folder}` to judge the rest.")
+    log(f"{what}: kept {len(in_flight)} more; {len(futures)} call(s) never sent. Re-run `{resume}` to do the rest.")

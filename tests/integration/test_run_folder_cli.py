@@ -358,3 +358,34 @@ def test_report_out_pointing_at_a_file_is_an_error_not_a_traceback(tmp_path):
     assert result.exit_code == EXIT_USAGE, result.output
     assert f"error: {not_a_folder} is a file, not a run folder" in result.output
     assert isinstance(result.exception, SystemExit) and not_a_folder.read_text() == "mine"
+
+
+def test_ctrl_c_during_the_baseline_judge_keeps_the_replies_that_arrive(tmp_path, openai_server):
+    from ao_resampling.baseline import judge_baseline
+    from ao_resampling.config import ExperimentConfig
+    from ao_resampling.results import Journal
+    from tests.support.baseline_factory import baseline_of
+
+    class CtrlCOnFirstWrite(Journal):  # SIGINT lands in the main thread, which is the one that journals
+        hit = False
+
+        def append(self, event: dict) -> None:
+            if not self.hit:
+                self.hit = True
+                raise KeyboardInterrupt
+            super().append(event)
+
+    folder = write_folder(tmp_path / "run", 5)
+    results = load_results_file(folder / RESULTS_NAME)
+    results.baseline = baseline_of({f"t{i}": None for i in range(1, 6)})
+    (folder / RESULTS_NAME).write_text(dump_results(results))
+    store = ResultsStore(folder)
+    store.journal = CtrlCOnFirstWrite(store.journal.path)
+    openai_server.delay_s = 0.3
+    config = ExperimentConfig(judge_base_url=openai_server.base_url, judge_api="chat", judge_concurrency=2)
+    with pytest.raises(KeyboardInterrupt):
+        judge_baseline(store, config, progress=False)
+    n_sent = len(openai_server.requests)
+    assert 2 <= n_sent < 5  # the calls queued behind those in flight were never sent
+    judged = [r.judge is not None for r in ResultsStore(folder).load().baseline.runs]
+    assert sum(judged) == n_sent  # every reply that came back is kept, the one the Ctrl-C hit included
