@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ao_resampling.errors import AOResamplingError
+
 REAL_MODEL = "google/gemma-3-27b-it"
 REAL_ORACLE_LORA = "adamkarvonen/checkpoints_latentqa_cls_past_lens_gemma-3-27b-it"
 RANDOM_LORA = "random"  # a seeded random LoRA with nonzero B: plumbing tests and demos, never an oracle
@@ -25,7 +27,7 @@ Dtype = Literal["bfloat16", "float16", "float32"]
 JudgeApi = Literal["responses", "chat"]
 
 
-class ConfigError(ValueError):
+class ConfigError(AOResamplingError, ValueError):
     """A config file or flag value that cannot be used; the message names the source and the field."""
 
 

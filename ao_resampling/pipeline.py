@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
+from ao_resampling.errors import AOResamplingError
 from ao_resampling import data, models
 from ao_resampling.config import ExperimentConfig, describe_problems, diff_settings
 from ao_resampling.encoding import encode_target, require_chat_template
@@ -38,7 +39,7 @@ STAND_IN_NOTE = (
 CAPTURE_BATCH = 32  # targets are short; a few passes over half the model, not one per handful
 
 
-class PipelineError(RuntimeError):
+class PipelineError(AOResamplingError, RuntimeError):
     """A pre-flight check or a resume that cannot go ahead; the message says what to change."""
 
 

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import tempfile
+import urllib.parse
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -26,9 +27,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ao_resampling.errors import AOResamplingError
+
 SCHEMA_VERSION = 1
 RESULTS_NAME = "results.json"
 JOURNAL_GLOB = "journal*.jsonl"
+# The only journals the tool reads and deletes: its own (``journal.jsonl``, ``journal.rank{r}.jsonl`` per torchrun
+# rank). A user's ``journal.backup.jsonl`` beside them is neither replayed nor removed.
+TOOL_JOURNAL_RE = re.compile(r"journal(\.rank(0|[1-9][0-9]*))?\.jsonl")
+REDACTED = "REDACTED"
 
 FailureReason = Literal[
     "api_error", "timeout", "empty_output", "incomplete", "refusal", "invalid_json", "schema_mismatch",
@@ -37,7 +44,7 @@ FailureReason = Literal[
 FinishReason = Literal["eos", "length"]
 
 
-class ResultsError(ValueError):
+class ResultsError(AOResamplingError, ValueError):
     """A results file that cannot be read as this tool's format; the message names the file and the place."""
 
 
@@ -90,6 +97,8 @@ class JudgeRecord(_Model):
     answer_order: list[int] | None = Field(None, description="1-based order the answers were shown in")
     latency_s: float | None = None
     created_at: str | None = None
+    previous_failures: list[JudgeRecord] = Field(
+        default_factory=list, description="earlier failed calls for the same judge_call_id, oldest first")
 
     @model_validator(mode="after")
     def _one_outcome(self) -> "JudgeRecord":
@@ -317,7 +326,34 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def dump_results(results: Results) -> str:
-    return json.dumps(results.model_dump(mode="json"), indent=1, ensure_ascii=False) + "\n"
+    data = results.model_dump(mode="json")
+    config = data["meta"].get("config")
+    if isinstance(config, dict) and isinstance(config.get("judge_base_url"), str):
+        # Used for the calls as given; only what is written loses its credentials.
+        config["judge_base_url"] = redact_url(config["judge_base_url"])
+    return json.dumps(data, indent=1, ensure_ascii=False) + "\n"
+
+
+_SECRET_PARAM_RE = re.compile(r"key|token|secret|password|passwd|sig|auth", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """``url`` without credentials: user:password in it and the values of key/token/secret-like query parameters."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # not a URL at all: it may be anything, so keep none of it
+        return REDACTED
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = f"{REDACTED}@{netloc.rsplit('@', 1)[1]}"
+    query = urllib.parse.urlencode(
+        [(k, REDACTED if _SECRET_PARAM_RE.search(k) else v)
+         for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)], safe=REDACTED)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query if parts.query else ""))
+
+
+def is_redacted_url(url: str | None) -> bool:
+    return isinstance(url, str) and REDACTED in url
 
 
 def read_json_file(path: Path) -> Any:
@@ -415,10 +451,12 @@ def apply_event(results: Results, event: dict[str, Any], runs: dict[str, Run]) -
     if kind == "responses":
         run.responses = [Response.model_validate(r) for r in event["responses"]]
     elif kind == "judge":
-        run.judge = JudgeRecord.model_validate(event["record"])
+        run.judge = supersede(run.judge, JudgeRecord.model_validate(event["record"]))
     elif kind == "judge_repeat":
         record = JudgeRecord.model_validate(event["record"])
-        run.judge_repeats = [r for r in run.judge_repeats if r.judge_call_id != record.judge_call_id] + [record]
+        old = next((r for r in run.judge_repeats if r.judge_call_id == record.judge_call_id), None)
+        run.judge_repeats = [r for r in run.judge_repeats if r.judge_call_id != record.judge_call_id] + [
+            supersede(old, record)]
     elif kind == "spread":
         run.spread = SpreadMetrics.model_validate(event["spread"])
     else:
@@ -440,7 +478,24 @@ def _apply_baseline_event(results: Results, event: dict[str, Any]) -> None:
     elif event["type"] == "baseline_spread":
         run.spread = SpreadMetrics.model_validate(event["spread"])
     else:
-        run.judge = JudgeRecord.model_validate(event["record"])
+        run.judge = supersede(run.judge, JudgeRecord.model_validate(event["record"]))
+
+
+def supersede(old: JudgeRecord | None, new: JudgeRecord) -> JudgeRecord:
+    """``new`` in place of ``old``, keeping every earlier failure (a retried call's history is not thrown away).
+
+    Replaying an event that was already folded in must change nothing, so the very same call again keeps ``old``.
+    """
+    if old is None:
+        return new
+    if _without_history(old) == _without_history(new):
+        return old
+    carried = old.previous_failures + ([_without_history(old)] if old.failure is not None else [])
+    return new.model_copy(update={"previous_failures": carried + new.previous_failures})
+
+
+def _without_history(record: JudgeRecord) -> JudgeRecord:
+    return record.model_copy(update={"previous_failures": []})
 
 
 class ResultsStore:
@@ -455,7 +510,8 @@ class ResultsStore:
         return self.results_path.exists()
 
     def journals(self) -> list[Path]:
-        return sorted(self.folder.glob(JOURNAL_GLOB))
+        """The tool's own journals in this folder (``TOOL_JOURNAL_RE``); nothing else is replayed or deleted."""
+        return sorted(p for p in self.folder.glob(JOURNAL_GLOB) if TOOL_JOURNAL_RE.fullmatch(p.name))
 
     def load(self) -> Results:
         """The last written file with every journal replayed over it."""
