@@ -145,6 +145,39 @@ def run(
 
 
 @app.command()
+def sweep(
+    vary: Annotated[Optional[list[str]], typer.Option(
+        "--vary", help="field=v1,v2,... (repeatable; the grid of all combinations), e.g. temperature=0.3,0.7")] = None,
+    conditions: Annotated[Optional[Path], typer.Option(help="TOML file of [[condition]] tables, instead of --vary")] = None,
+    preset: Preset = "demo", config_file: ConfigFile = None, out: Out = None, model: Model = None,
+    oracle_lora: Lora = None, device: Device = None, dtype: Dtype = None, num_targets: NumTargets = None,
+    num_questions: NumQuestions = None, samples: Samples = None, embedding_model: EmbeddingModel = None,
+    no_judge: NoJudge = False, set_: Set = None, quiet: Quiet = False,
+) -> None:
+    """The experiment over a grid of settings (temperature, top_p, layer_percent, position_rule, ...), the model
+    loaded once; each condition is an ordinary run folder. With no --vary/--conditions: a tiny demo sweep on CPU."""
+    from ao_resampling import pipeline, sweep as sweeps
+
+    base = _config(preset, config_file, set_, model=model, oracle_lora=oracle_lora, device=device, dtype=dtype,
+                   num_targets=num_targets, num_questions=num_questions, samples_per_query=samples,
+                   embedding_model=embedding_model)
+    try:
+        if conditions is not None and vary:
+            raise sweeps.SweepError("give --vary or --conditions, not both")
+        overrides = (sweeps.load_conditions_toml(conditions) if conditions is not None
+                     else sweeps.grid([sweeps.parse_vary(v) for v in vary or sweeps.DEMO_VARY]))
+        planned = sweeps.plan_conditions(base, overrides)
+        out_dir = out or sweeps.default_out_dir(base, planned, preset)
+        outcome = sweeps.run_sweep(base, planned, out_dir, judge=not no_judge and base.judge and preset != "demo",
+                                   progress=not quiet, log=typer.echo)
+    except (sweeps.SweepError, pipeline.PipelineError, ConfigError, ResultsError) as e:
+        _fail(str(e))
+        return
+    typer.echo(f"\n{len(planned)} conditions in {out_dir} (model loaded {outcome.model_loads} time(s))")
+    typer.echo(f"sweep report: {outcome.report_dir / 'sweep_report.md'}")
+
+
+@app.command()
 def prepare(
     preset: Preset = "demo", config_file: ConfigFile = None, out: Out = None, model: Model = None,
     tokenizer: Tokenizer = None, oracle_lora: Lora = None, targets: Targets = None, questions: Questions = None,
