@@ -110,3 +110,81 @@ def test_sweep_loads_the_model_once_with_each_conditions_layers(tmp_path):
     summary = json.loads((tmp_path / "report" / "sweep_summary.json").read_text())
     assert summary["varied"] == ["layer_percent", "position_rule"]
     assert summary["metrics"]["distinct_fraction"]["paired"][0]["n_pairs"] == 6
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The CLI, killed once and resumed
+
+CANARY = " [kept from before the kill]"
+
+
+def sweep_command(out: Path, samples: int = 2) -> list[str]:
+    return [sys.executable, "-m", "ao_resampling", "sweep", "--preset", "experiment", "--model", "synthetic:tiny",
+            "--oracle-lora", "random", "--dtype", "float32", "--device", "cpu", "--num-targets", "2",
+            "--num-questions", "2", "--samples", str(samples), "--set", "max_new_tokens=3", "--set", "top_p=2e-5",
+            "--set", "batch_rows=2", "--set", "bootstrap_resamples=200", "--embedding-model", "none", "--no-judge",
+            "--vary", "temperature=0.5,1.0", "--vary", "position_rule=assistant_start,window:2",
+            "--out", str(out), "--quiet"]
+
+
+def spawn(args: list[str], log: Path) -> subprocess.Popen:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MPLBACKEND="Agg", OMP_NUM_THREADS="1")
+    env.pop("OPENAI_API_KEY", None)
+    env.pop("OPENAI_BASE_URL", None)
+    return subprocess.Popen(args, cwd=Path(__file__).resolve().parents[2], env=env, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT)
+
+
+def test_cli_sweep_2x2_killed_once_and_resumed(tmp_path):
+    out = tmp_path / "sweep"
+    log = tmp_path / "first.log"
+    proc = spawn(sweep_command(out), log)
+    manifest_path = out / "sweep.json"
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:  # kill once the first condition is done and the second has begun
+        assert proc.poll() is None, f"the sweep ended before it could be killed:\n{log.read_text()[-3000:]}"
+        if manifest_path.exists():
+            names = [c["name"] for c in json.loads(manifest_path.read_text())["conditions"]]
+            second = out / names[1]
+            if (second / "results.json").exists():
+                break
+        time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail(f"the second condition never started within {WAIT_S} s:\n{log.read_text()[-3000:]}")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (out / "report").exists()  # killed before the end
+
+    # Mark the first condition's answers: a resume that redid them would drop the mark.
+    first = ResultsStore(out / names[0])
+    done = first.load()
+    assert all(len(r.responses) == 2 for r in done.runs)
+    for run in done.runs:
+        for response in run.responses:
+            response.text += CANARY
+    first.compact(done)
+
+    resumed = spawn(sweep_command(out), tmp_path / "second.log")
+    assert resumed.wait(timeout=WAIT_S) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    text = (tmp_path / "second.log").read_text()
+    assert "model loaded 1 time(s)" in text
+    for name in names:
+        results = ResultsStore(out / name).load()
+        assert len(results.runs) == 4 and all(len(r.responses) == 2 for r in results.runs), name
+        assert len({r.run_id for r in results.runs}) == 4
+        marked = all(resp.text.endswith(CANARY) for r in results.runs for resp in r.responses)
+        assert marked == (name == names[0]), name
+        k = 2 if "window" in name else 1
+        assert all(len(r.context_positions) == k == len(r.placeholder_positions) for r in results.runs)
+    summary = json.loads((out / "report" / "sweep_summary.json").read_text())
+    assert [c["present"] for c in summary["conditions"]] == [True] * 4
+    assert len(summary["metrics"]["distinct_fraction"]["paired"]) == 6  # 4 conditions: 6 pairs
+    assert {p.name for p in (out / "report").glob("*.png")} == {"sweep_lines.png", "sweep_heatmap.png"}
+
+    # Other settings on the same folder: refused, naming what differs, nothing touched.
+    refused = subprocess.run(sweep_command(out, samples=3), capture_output=True, text=True, timeout=WAIT_S,
+                             cwd=Path(__file__).resolve().parents[2],
+                             env=dict(os.environ, HF_HUB_OFFLINE="1", MPLBACKEND="Agg"))
+    assert refused.returncode == 2
+    assert "samples_per_query: 2 -> 3" in refused.stderr and "refusing to mix" in refused.stderr
