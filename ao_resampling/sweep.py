@@ -16,6 +16,7 @@ import dataclasses
 import itertools
 import json
 import re
+import time
 import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -195,6 +196,7 @@ class SweepOutcome:
     out_dir: Path
     reports: dict[str, pipeline.RunReport]
     model_loads: int
+    load_s: float = 0.0
     report_dir: Path | None = None
 
 
@@ -214,11 +216,15 @@ def run_sweep(base: ExperimentConfig, conditions: Sequence[Condition], out_dir: 
         log(f"[sweep {i}/{len(conditions)}] {c.name}")
         store, _ = pipeline.prepare(c.config, folder)  # a folder of other settings is refused here, before loading
         if oracle is None and pipeline.needs_model(store.load(), c.config):
+            t = time.perf_counter()
             oracle = load(base)
             outcome.model_loads += 1
-        outcome.reports[c.name] = pipeline.run_experiment(
+            outcome.load_s = time.perf_counter() - t
+        report = outcome.reports[c.name] = pipeline.run_experiment(
             c.config, folder, judge=judge, progress=progress, judge_client=judge_client, log=log,
             oracle=oracle_for(oracle, c.config) if oracle is not None else None)
+        timings = ", ".join(f"{k} {v:.1f}s" for k, v in report.stage_seconds.items())
+        log(f"[sweep {i}/{len(conditions)}] done: {timings}")
     from ao_resampling.sweep_report import write_sweep_report
 
     outcome.report_dir = write_sweep_report(Path(out_dir), seed=base.bootstrap_seed, n_boot=base.bootstrap_resamples)

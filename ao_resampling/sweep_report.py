@@ -171,8 +171,9 @@ def heatmap(summary: Mapping[str, Any], settings: Mapping[str, Any]) -> Figure:
                 grid_YX[ys.index(setting_of(c, y_field, settings)), xs.index(setting_of(c, x_field, settings))] = s["mean"]
         image = ax.imshow(grid_YX, cmap="viridis", aspect="auto")
         for (r, k), v in np.ndenumerate(grid_YX):
-            if not np.isnan(v):
-                ax.text(k, r, f"{v:.2f}", ha="center", va="center", fontsize=8, color="white")
+            if not np.isnan(v):  # dark text on viridis' bright (upper) half, white on its dark half
+                bright = image.norm(v) > 0.6
+                ax.text(k, r, f"{v:.2f}", ha="center", va="center", fontsize=8, color="black" if bright else "white")
         ax.set_xticks(range(len(xs)), [str(x) for x in xs])
         ax.set_yticks(range(len(ys)), [str(y) for y in ys])
         ax.set_xlabel(x_field)
