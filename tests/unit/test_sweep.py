@@ -150,3 +150,47 @@ def test_metric_block_lists_every_pair_and_each_condition():
     assert block["per_condition"]["c1"]["mean"] == pytest.approx(11 / 4)
     assert block["per_condition"]["c2"]["mean"] == pytest.approx(18 / 4)
     assert block["paired"][1]["mean_diff"] == 0.0 and block["paired"][1]["n_pairs"] == 4
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Figures: what is drawn is the summary's numbers
+
+
+def _summary(varied, conditions, means):
+    per = {c["name"]: {"n": 3, "mean": m, "ci95": [m - 0.1, m + 0.1]} for c, m in zip(conditions, means)}
+    return {"varied": varied, "stand_in": True, "metrics": {"embedding_similarity": {"per_condition": per}},
+            "conditions": [{**c, "present": True} for c in conditions]}
+
+
+def test_line_plot_draws_each_condition_mean_at_its_setting():
+    from ao_resampling.sweep_report import line_plot
+
+    conds = [{"name": f"t{t}", "overrides": {"temperature": t}} for t in (1.0, 0.3, 0.7)]
+    fig = line_plot(_summary(["temperature"], conds, [0.2, 0.6, 0.4]), {})
+    (ax,) = fig.axes
+    (line,) = ax.get_lines()
+    assert list(line.get_xdata()) == [0.3, 0.7, 1.0] and list(line.get_ydata()) == [0.6, 0.4, 0.2]
+    assert len(ax.collections) == 1  # the CI band
+
+
+def test_line_plot_rules_on_a_categorical_axis_one_line_per_second_setting():
+    from ao_resampling.sweep_report import line_plot
+
+    conds = [{"name": f"{r}-{t}", "overrides": {"position_rule": r, "temperature": t}}
+             for r in ("assistant_start", "window:3") for t in (0.3, 1.0)]
+    fig = line_plot(_summary(["position_rule", "temperature"], conds, [0.5, 0.2, 0.6, 0.1]), {})
+    (ax,) = fig.axes
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["assistant_start", "window:3"]
+    lines = {ln.get_label(): list(ln.get_ydata()) for ln in ax.get_lines()}
+    assert lines == {"temperature=0.3": [0.5, 0.6], "temperature=1.0": [0.2, 0.1]}
+
+
+def test_heatmap_cells_are_the_condition_means():
+    from ao_resampling.sweep_report import heatmap
+
+    conds = [{"name": f"{t}-{lp}", "overrides": {"temperature": t, "layer_percent": lp}}
+             for t in (0.3, 1.0) for lp in (25, 50, 75)]
+    means = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    fig = heatmap(_summary(["temperature", "layer_percent"], conds, means), {})
+    image = fig.axes[0].get_images()[0]
+    assert np.allclose(image.get_array(), [[0.1, 0.4], [0.2, 0.5], [0.3, 0.6]])  # layer_percent down, T across
