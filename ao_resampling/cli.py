@@ -144,6 +144,22 @@ def run(
         typer.secho(note, fg="yellow")
 
 
+def _sweep_judges(config: ExperimentConfig, preset: str, no_judge: bool) -> bool:
+    """As ``run``: the demo judges only when the user has given it a way to."""
+    from ao_resampling.judge import JudgeConfigError, check_judge_access
+
+    if no_judge or not config.judge:
+        return False
+    try:
+        check_judge_access(config)
+    except JudgeConfigError:
+        if preset != "demo":
+            return True  # the pre-flight check names what is missing
+        typer.echo("demo: no OPENAI_API_KEY or judge base URL set, so the LLM judge is skipped.")
+        return False
+    return True
+
+
 @app.command()
 def sweep(
     vary: Annotated[Optional[list[str]], typer.Option(
@@ -168,7 +184,7 @@ def sweep(
                      else sweeps.grid([sweeps.parse_vary(v) for v in vary or sweeps.DEMO_VARY]))
         planned = sweeps.plan_conditions(base, overrides)
         out_dir = out or sweeps.default_out_dir(base, planned, preset)
-        outcome = sweeps.run_sweep(base, planned, out_dir, judge=not no_judge and base.judge and preset != "demo",
+        outcome = sweeps.run_sweep(base, planned, out_dir, judge=_sweep_judges(base, preset, no_judge),
                                    progress=not quiet, log=typer.echo)
     except (sweeps.SweepError, pipeline.PipelineError, ConfigError, ResultsError) as e:
         _fail(str(e))

@@ -25,6 +25,7 @@ from ao_resampling.models import LoadedOracle
 from ao_resampling.oracle import placeholder_token_id
 from ao_resampling.results import ResultsStore, load_results_file
 from ao_resampling.sweep import plan_conditions, run_sweep
+from tests.support.openai_server import FakeOpenAIServer
 
 WAIT_S = 240
 
@@ -97,9 +98,10 @@ def test_sweep_loads_the_model_once_with_each_conditions_layers(tmp_path):
         loads.append(config)
         return pipeline.load_oracle(config)
 
-    base = tiny()
-    planned = plan_conditions(base, [{"layer_percent": 25, "position_rule": "window:2"}, {"layer_percent": 75}])
-    outcome = run_sweep(base, planned, tmp_path, judge=False, progress=False, log=lambda _: None, load=load)
+    with FakeOpenAIServer() as server:
+        base = tiny(judge_api="chat", judge_base_url=server.base_url)
+        planned = plan_conditions(base, [{"layer_percent": 25, "position_rule": "window:2"}, {"layer_percent": 75}])
+        outcome = run_sweep(base, planned, tmp_path, judge=True, progress=False, log=lambda _: None, load=load)
     assert len(loads) == 1 and outcome.model_loads == 1
     first, second = (load_results_file(tmp_path / c.name / "results.json") for c in planned)
     assert (first.meta.layer, second.meta.layer) == (1, 3)  # 4 layers: int(4 * .25), int(4 * .75)
@@ -110,6 +112,14 @@ def test_sweep_loads_the_model_once_with_each_conditions_layers(tmp_path):
     summary = json.loads((tmp_path / "report" / "sweep_summary.json").read_text())
     assert summary["varied"] == ["layer_percent", "position_rule"]
     assert summary["metrics"]["distinct_fraction"]["paired"][0]["n_pairs"] == 6
+    judged = summary["metrics"]["judge_score"]
+    for c, results in zip(planned, (first, second)):  # independent: the verdicts stored in each run folder
+        scores = [r.judge.parsed.similarity_1_to_10 for r in results.runs]
+        assert judged["per_condition"][c.name]["mean"] == pytest.approx(sum(scores) / len(scores))
+    diffs = [b.judge.parsed.similarity_1_to_10 - a.judge.parsed.similarity_1_to_10
+             for a, b in zip(first.runs, second.runs)]  # same plan order: same (target, question)
+    assert judged["paired"][0]["mean_diff"] == pytest.approx(sum(diffs) / len(diffs))
+    assert "## judge_score" in (tmp_path / "report" / "sweep_report.md").read_text()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
