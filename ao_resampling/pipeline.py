@@ -185,7 +185,8 @@ def generate(store: ResultsStore, config: ExperimentConfig, *, oracle: models.Lo
         return 0
     oracle = oracle or load_oracle(config)
     if oracle.read_layer != results.meta.layer:
-        raise PipelineError(f"the model has its 50% layer at {oracle.read_layer}, the plan says {results.meta.layer}")
+        raise PipelineError(f"the model reads layer {oracle.read_layer} ({config.layer_percent}%), the plan says "
+                            f"{results.meta.layer}")
     acts = capture_targets(oracle, {r.target_id: r for r in todo}.values())
     queries = [Query(key=r.run_id, input_ids=tuple(r.oracle_input_ids), n=config.samples_per_query,
                      vectors_KD=acts[r.target_id], positions_K=tuple(r.placeholder_positions)) for r in todo]
