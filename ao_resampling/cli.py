@@ -163,20 +163,23 @@ def _sweep_judges(config: ExperimentConfig, preset: str, no_judge: bool) -> bool
 @app.command()
 def sweep(
     vary: Annotated[Optional[list[str]], typer.Option(
-        "--vary", help="field=v1,v2,... (repeatable; the grid of all combinations), e.g. temperature=0.3,0.7")] = None,
-    conditions: Annotated[Optional[Path], typer.Option(help="TOML file of [[condition]] tables, instead of --vary")] = None,
+        "--vary", help="field=v1,v2,... (repeatable; the grid of all combinations), e.g. temperature=0.3,0.7",
+    )] = None,
+    conditions: Annotated[Optional[Path], typer.Option(
+        help="TOML file: one 'condition' table per condition (an array of tables), instead of --vary")] = None,
     preset: Preset = "demo", config_file: ConfigFile = None, out: Out = None, model: Model = None,
-    oracle_lora: Lora = None, device: Device = None, dtype: Dtype = None, num_targets: NumTargets = None,
-    num_questions: NumQuestions = None, samples: Samples = None, embedding_model: EmbeddingModel = None,
-    no_judge: NoJudge = False, set_: Set = None, quiet: Quiet = False,
+    tokenizer: Tokenizer = None, oracle_lora: Lora = None, targets: Targets = None, questions: Questions = None,
+    device: Device = None, dtype: Dtype = None, num_targets: NumTargets = None, num_questions: NumQuestions = None,
+    samples: Samples = None, embedding_model: EmbeddingModel = None, no_judge: NoJudge = False, set_: Set = None,
+    quiet: Quiet = False,
 ) -> None:
     """The experiment over a grid of settings (temperature, top_p, layer_percent, position_rule, ...), the model
     loaded once; each condition is an ordinary run folder. With no --vary/--conditions: a tiny demo sweep on CPU."""
     from ao_resampling import pipeline, sweep as sweeps
 
-    base = _config(preset, config_file, set_, model=model, oracle_lora=oracle_lora, device=device, dtype=dtype,
-                   num_targets=num_targets, num_questions=num_questions, samples_per_query=samples,
-                   embedding_model=embedding_model)
+    base = _config(preset, config_file, set_, model=model, tokenizer=tokenizer, oracle_lora=oracle_lora,
+                   targets=targets, questions=questions, device=device, dtype=dtype, num_targets=num_targets,
+                   num_questions=num_questions, samples_per_query=samples, embedding_model=embedding_model)
     try:
         if conditions is not None and vary:
             raise sweeps.SweepError("give --vary or --conditions, not both")

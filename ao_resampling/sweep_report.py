@@ -168,7 +168,8 @@ def heatmap(summary: Mapping[str, Any], settings: Mapping[str, Any]) -> Figure:
         for c in conditions:
             s = stats.get(c["name"])
             if s and s["mean"] is not None:
-                grid_YX[ys.index(setting_of(c, y_field, settings)), xs.index(setting_of(c, x_field, settings))] = s["mean"]
+                row, col = ys.index(setting_of(c, y_field, settings)), xs.index(setting_of(c, x_field, settings))
+                grid_YX[row, col] = s["mean"]
         image = ax.imshow(grid_YX, cmap="viridis", aspect="auto")
         for (r, k), v in np.ndenumerate(grid_YX):
             if not np.isnan(v):  # dark text on viridis' bright (upper) half, white on its dark half

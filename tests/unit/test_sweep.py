@@ -47,7 +47,8 @@ def test_grid_is_every_combination_first_field_slowest():
 
 def test_toml_conditions(tmp_path):
     path = tmp_path / "c.toml"
-    path.write_text('[[condition]]\ntemperature = 0.3\n\n[[condition]]\ntemperature = 1.0\nposition_rule = "window:2"\n')
+    path.write_text('[[condition]]\ntemperature = 0.3\n\n'
+                    '[[condition]]\ntemperature = 1.0\nposition_rule = "window:2"\n')
     assert load_conditions_toml(path) == [{"temperature": 0.3}, {"temperature": 1.0, "position_rule": "window:2"}]
     path.write_text('[[condition]]\ntemperatur = 0.3\n')
     with pytest.raises(SweepError, match=r"c.toml: condition 1: 'temperatur' is not a setting"):
