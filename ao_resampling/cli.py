@@ -190,6 +190,58 @@ def run(
         _exit_if_calls_failed(out_dir, failed_calls(ResultsStore(out_dir).load()), "the same command")
 
 
+def _sweep_judges(config: ExperimentConfig, preset: str, no_judge: bool) -> bool:
+    """As ``run``: the demo judges only when the user has given it a way to."""
+    from ao_resampling.judge import JudgeConfigError, check_judge_access
+
+    if no_judge or not config.judge:
+        return False
+    try:
+        check_judge_access(config)
+    except JudgeConfigError:
+        if preset != "demo":
+            return True  # the pre-flight check names what is missing
+        typer.echo("demo: no OPENAI_API_KEY or judge base URL set, so the LLM judge is skipped.")
+        return False
+    return True
+
+
+@app.command()
+def sweep(
+    vary: Annotated[Optional[list[str]], typer.Option(
+        "--vary", help="field=v1,v2,... (repeatable; the grid of all combinations), e.g. temperature=0.3,0.7",
+    )] = None,
+    conditions: Annotated[Optional[Path], typer.Option(
+        help="TOML file: one 'condition' table per condition (an array of tables), instead of --vary")] = None,
+    preset: Preset = "demo", config_file: ConfigFile = None, out: Out = None, model: Model = None,
+    tokenizer: Tokenizer = None, oracle_lora: Lora = None, targets: Targets = None, questions: Questions = None,
+    device: Device = None, dtype: Dtype = None, num_targets: NumTargets = None, num_questions: NumQuestions = None,
+    samples: Samples = None, embedding_model: EmbeddingModel = None, no_judge: NoJudge = False, set_: Set = None,
+    quiet: Quiet = False,
+) -> None:
+    """The experiment over a grid of settings (temperature, top_p, layer_percent, position_rule, ...), the model
+    loaded once; each condition is an ordinary run folder. With no --vary/--conditions: a tiny demo sweep on CPU."""
+    from ao_resampling import pipeline, sweep as sweeps
+
+    base = _config(preset, config_file, set_, model=model, tokenizer=tokenizer, oracle_lora=oracle_lora,
+                   targets=targets, questions=questions, device=device, dtype=dtype, num_targets=num_targets,
+                   num_questions=num_questions, samples_per_query=samples, embedding_model=embedding_model)
+    try:
+        if conditions is not None and vary:
+            raise sweeps.SweepError("give --vary or --conditions, not both")
+        overrides = (sweeps.load_conditions_toml(conditions) if conditions is not None
+                     else sweeps.grid([sweeps.parse_vary(v) for v in vary or sweeps.DEMO_VARY]))
+        planned = sweeps.plan_conditions(base, overrides)
+        out_dir = out or sweeps.default_out_dir(base, planned, preset)
+        outcome = sweeps.run_sweep(base, planned, out_dir, judge=_sweep_judges(base, preset, no_judge),
+                                   progress=not quiet, log=typer.echo)
+    except (sweeps.SweepError, pipeline.PipelineError, ConfigError, ResultsError) as e:
+        _fail(str(e))
+        return
+    typer.echo(f"\n{len(planned)} conditions in {out_dir} (model loaded {outcome.model_loads} time(s))")
+    typer.echo(f"sweep report: {outcome.report_dir / 'sweep_report.md'}")
+
+
 @app.command()
 @guarded
 def prepare(

@@ -46,6 +46,8 @@ class ExperimentConfig(BaseModel):
     layer_percent: int = Field(50, ge=0, le=100)
     injection_layer: int = Field(1, ge=0)
     steering_coefficient: float = 1.0
+    position_rule: str = Field("assistant_start", description="assistant_start | last_user_token | window:K "
+                               "(positions.py): which target tokens are read, one oracle placeholder each")
 
     # Data
     targets: Path | None = Field(None, description="JSON targets file; None = the built-in examples")
@@ -105,6 +107,16 @@ class ExperimentConfig(BaseModel):
                 f"use oracle_lora = {RANDOM_LORA!r}"
             )
         return self
+
+    @field_validator("position_rule")
+    @classmethod
+    def _known_position_rule(cls, value: str) -> str:
+        from ao_resampling.positions import PositionError, parse_rule
+
+        try:
+            return str(parse_rule(value))  # one spelling per rule, so resumes compare equal
+        except PositionError as e:
+            raise ValueError(str(e)) from e
 
     @property
     def is_stand_in(self) -> bool:

@@ -118,16 +118,21 @@ def position_ids_from_mask(mask_BL: torch.Tensor) -> torch.Tensor:
     return (mask_BL.long().cumsum(-1) - 1).clamp(min=0)
 
 
-@torch.inference_mode()
 def capture_activations(model: nn.Module, sequences: Sequence[Sequence[int]], positions: Sequence[int], layer: int,
                         pad_id: int) -> torch.Tensor:
-    """Residual output of decoder ``layer`` at one position per sequence, with any adapter disabled -> acts_BD.
+    """Residual output of decoder ``layer`` at one position per sequence, with any adapter disabled -> acts_BD."""
+    return capture_activations_at(model, sequences, [[p] for p in positions], layer, pad_id)[:, 0]
 
-    ``positions`` index the unpadded sequences; they are shifted by each row's left padding here.
+
+@torch.inference_mode()
+def capture_activations_at(model: nn.Module, sequences: Sequence[Sequence[int]], positions_BK: Sequence[Sequence[int]],
+                           layer: int, pad_id: int) -> torch.Tensor:
+    """Residual output of decoder ``layer`` at K positions per sequence (one pass), adapter disabled -> acts_BKD.
+
+    ``positions_BK`` index the unpadded sequences; they are shifted by each row's left padding here.
     """
     device = model_device(model)
     ids_BL, mask_BL = left_pad(sequences, pad_id, device)
-    pad_B = ids_BL.shape[1] - torch.tensor([len(s) for s in sequences], device=device)
     store: dict[str, torch.Tensor] = {}
     with adapter_disabled(model), attached(decoder_layers(model)[layer], make_capture_hook(store)):
         try:
@@ -138,5 +143,7 @@ def capture_activations(model: nn.Module, sequences: Sequence[Sequence[int]], po
     if "resid_BLD" not in store:
         raise RuntimeError(f"layer {layer} was never reached during capture")
     resid_BLD = store["resid_BLD"]  # on the read layer's device: not the first one when device_map spreads the model
-    rows_B = torch.arange(len(sequences), device=resid_BLD.device)
-    return resid_BLD[rows_B, torch.as_tensor(list(positions), device=resid_BLD.device) + pad_B.to(resid_BLD.device)]
+    pad_B = ids_BL.shape[1] - torch.tensor([len(s) for s in sequences], device=resid_BLD.device)
+    positions_BK_t = torch.as_tensor([list(p) for p in positions_BK], device=resid_BLD.device) + pad_B[:, None]
+    rows_BK = torch.arange(len(sequences), device=resid_BLD.device)[:, None].expand_as(positions_BK_t)
+    return resid_BLD[rows_BK, positions_BK_t]

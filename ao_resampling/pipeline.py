@@ -24,9 +24,10 @@ from ao_resampling import data, models
 from ao_resampling.config import ExperimentConfig, describe_problems, diff_settings
 from ao_resampling.encoding import encode_target, require_chat_template
 from ao_resampling.generation_settings import Sampling
-from ao_resampling.hooks import capture_activations
+from ao_resampling.hooks import capture_activations_at
 from ao_resampling.oracle import build_oracle_query
 from ao_resampling.plan_check import context_overflows, plan_differences
+from ao_resampling.positions import landmarks_of, parse_rule, resolve
 from ao_resampling.results import (
     AOQuestion, Decoding, Meta, Response, Results, ResultsStore, Run, TargetRecord, run_id_for, sha256_of_ids,
 )
@@ -98,19 +99,22 @@ def build_plan(config: ExperimentConfig, tokenizer) -> tuple[Results, list[PlanR
     require_chat_template(tokenizer, where=f"tokenizer {config.tokenizer or config.model!r}")
     n_layers = models.model_num_layers(config.model)
     layer = models.layer_at_percent(n_layers, config.layer_percent)
-    oracle_queries = {q.id: build_oracle_query(tokenizer, layer=layer, question=q.text, question_id=q.id)
-                      for q in questions}
+    rule = parse_rule(config.position_rule)
+    oracle_queries = {q.id: build_oracle_query(tokenizer, layer=layer, question=q.text, question_id=q.id,
+                                               num_positions=rule.k) for q in questions}
 
     runs, table = [], []
     for target in targets:
-        enc = encode_target(tokenizer, [m.model_dump() for m in target.messages], target_id=target.id)
+        messages = [m.model_dump() for m in target.messages]
+        enc = encode_target(tokenizer, messages, target_id=target.id)
+        read = resolve(rule, landmarks_of(tokenizer, messages, enc, rule, target_id=target.id), target_id=target.id)
         table.append(PlanRow(target.id, len(enc.input_ids), enc.assistant_start_idx,
                              tokenizer.convert_ids_to_tokens(enc.input_ids[enc.assistant_start_idx])))
         for q in questions:
             oq = oracle_queries[q.id]
             runs.append(Run(
                 run_id=run_id_for(target.id, q.id), target_id=target.id, ao_question_id=q.id,
-                assistant_start_idx=enc.assistant_start_idx, context_positions=enc.context_positions,
+                assistant_start_idx=enc.assistant_start_idx, context_positions=read, position_rule=str(rule),
                 context_input_ids=enc.input_ids, context_input_ids_sha256=sha256_of_ids(enc.input_ids),
                 oracle_input_ids=oq.input_ids, placeholder_positions=oq.placeholder_positions,
             ))
@@ -205,10 +209,11 @@ def generate(store: ResultsStore, config: ExperimentConfig, *, oracle: models.Lo
         return 0
     oracle = oracle or load_oracle(config)
     if oracle.read_layer != results.meta.layer:
-        raise PipelineError(f"the model has its 50% layer at {oracle.read_layer}, the plan says {results.meta.layer}")
+        raise PipelineError(f"the model reads layer {oracle.read_layer} ({config.layer_percent}%), the plan says "
+                            f"{results.meta.layer}")
     acts = capture_targets(oracle, {r.target_id: r for r in todo}.values())
     queries = [Query(key=r.run_id, input_ids=tuple(r.oracle_input_ids), n=config.samples_per_query,
-                     vectors_KD=acts[r.target_id][None], positions_K=tuple(r.placeholder_positions)) for r in todo]
+                     vectors_KD=acts[r.target_id], positions_K=tuple(r.placeholder_positions)) for r in todo]
     params = DecodeParams(temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
                           seed=config.decode_seed, top_k=config.top_k)
     decode = decoding(config, effective_sampling(oracle.model, oracle.tokenizer, params))
@@ -248,15 +253,19 @@ def load_oracle(config: ExperimentConfig) -> models.LoadedOracle:
 
 
 def capture_targets(oracle: models.LoadedOracle, runs) -> dict[str, torch.Tensor]:
-    """The base model's residual (adapter off) at each target's assistant_start_idx -> {target_id: acts_D}."""
+    """The base model's residual (adapter off) at each target's read positions -> {target_id: acts_KD}.
+
+    The K positions of a run (its ``context_positions``, resolved from the position rule) are read in one pass;
+    vector k goes to placeholder k. Every run of a plan shares K, so a chunk is one rectangular batch.
+    """
     runs = list(runs)
     acts: dict[str, torch.Tensor] = {}
     for start in range(0, len(runs), CAPTURE_BATCH):
         chunk = runs[start:start + CAPTURE_BATCH]
-        acts_BD = capture_activations(oracle.model, [r.context_input_ids for r in chunk],
-                                      [r.assistant_start_idx for r in chunk], oracle.read_layer,
-                                      oracle.tokenizer.pad_token_id)
-        acts.update({r.target_id: a for r, a in zip(chunk, acts_BD)})
+        acts_BKD = capture_activations_at(oracle.model, [r.context_input_ids for r in chunk],
+                                          [r.context_positions for r in chunk], oracle.read_layer,
+                                          oracle.tokenizer.pad_token_id)
+        acts.update({r.target_id: a for r, a in zip(chunk, acts_BKD)})
     return acts
 
 
@@ -306,8 +315,11 @@ class RunReport:
 
 
 def run_experiment(config: ExperimentConfig, out_dir: Path, *, judge: bool | None = None, progress: bool = True,
-                   judge_client=None, log: Callable[[str], None] = print) -> RunReport:
+                   judge_client=None, log: Callable[[str], None] = print,
+                   oracle: models.LoadedOracle | None = None) -> RunReport:
     """prepare -> (baseline) -> generate -> judge -> analyse, each doing only what is missing.
+
+    ``oracle``: an already loaded model (a sweep loads it once for all its conditions); None loads it when needed.
 
     Under torchrun every rank samples a share of the runs (distributed.py); rank 0 alone plans, merges the journals,
     judges and analyses, and the other ranks return after generation.
@@ -334,8 +346,7 @@ def run_experiment(config: ExperimentConfig, out_dir: Path, *, judge: bool | Non
     report.stage_seconds["prepare"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    oracle = None
-    if here.is_distributed or needs_model(store.load(), config):  # a resumed judge/report stage needs no weights
+    if oracle is None and (here.is_distributed or needs_model(store.load(), config)):  # a resume may need none
         with distributed.together(here, "loading the model"):
             oracle = load_oracle(config)
     report.stage_seconds["load"] = time.perf_counter() - t

@@ -125,7 +125,9 @@ class Run(_Model):
     target_id: str
     ao_question_id: str
     assistant_start_idx: int
-    context_positions: list[int]
+    context_positions: list[int] = Field(description="token indices read from the context, in injection order "
+                                         "(the resolved position_rule; one per placeholder)")
+    position_rule: str = "assistant_start"
     context_input_ids: list[int]
     context_input_ids_sha256: str
     oracle_input_ids: list[int] | None = None
@@ -205,7 +207,9 @@ class Results(_Model):
     @classmethod
     def _migrate(cls, data: Any) -> Any:
         if isinstance(data, dict) and "schema_version" not in data:
-            return _migrate_v0(data)
+            return _add_position_rule(_migrate_v0(data))
+        if isinstance(data, dict):
+            data = _add_position_rule(data)
         version = data.get("schema_version") if isinstance(data, dict) else SCHEMA_VERSION
         if type(version) is not int:  # a string or null would otherwise crash the comparison below with a TypeError
             raise ValueError(f"schema_version must be an integer, got {version!r}")
@@ -251,6 +255,15 @@ def _migrate_v0(data: dict[str, Any]) -> dict[str, Any]:
         runs.append(run)
     data["runs"] = runs
     return data
+
+
+def _add_position_rule(data: dict[str, Any]) -> dict[str, Any]:
+    """Files made before read-position rules read every run at assistant_start_idx (their context_positions)."""
+    runs = data.get("runs")
+    if not isinstance(runs, list) or all(not isinstance(r, dict) or "position_rule" in r for r in runs):
+        return data
+    return dict(data, runs=[dict(r, position_rule="assistant_start") if isinstance(r, dict) and "position_rule"
+                            not in r else r for r in runs])
 
 
 def run_id_for(target_id: str, question_id: str) -> str:

@@ -1,0 +1,102 @@
+"""Which tokens of a target conversation the activations are read from: the read-position rules.
+
+A rule names token indices of the encoded target (with the generation prompt, as the base model reads it):
+
+- ``assistant_start``: the ``<start_of_turn>`` that opens the model's turn (``assistant_start_idx``), the default;
+- ``last_user_token``: the last token of the last user message's content (before ``<end_of_turn>``);
+- ``window:K``: the K tokens ending at ``assistant_start`` (inclusive), read in order and injected at K placeholders
+  of the oracle prompt (``" ?" * K``), vector k at placeholder k, as the AO prompt format allows.
+
+``parse_rule`` and ``resolve`` are pure; ``landmarks_of`` needs only a tokenizer (no model), like oracle.py.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ao_resampling.encoding import EncodedTarget, render, tokenize
+
+DEFAULT_RULE = "assistant_start"
+RULE_FORMS = "'assistant_start', 'last_user_token' or 'window:K' (K a whole number >= 1)"
+_WINDOW = re.compile(r"window:([0-9]+)")
+
+
+class PositionError(ValueError):
+    """A rule that cannot be parsed, or that names tokens outside a target's context."""
+
+
+@dataclass(frozen=True)
+class PositionRule:
+    kind: str  # "assistant_start" | "last_user_token" | "window"
+    k: int = 1  # how many tokens (and oracle placeholders): 1 except for window:K
+
+    def __str__(self) -> str:
+        return f"window:{self.k}" if self.kind == "window" else self.kind
+
+
+@dataclass(frozen=True)
+class Landmarks:
+    """The token indices a rule can refer to, in one encoded target of ``n_tokens`` tokens."""
+
+    n_tokens: int
+    assistant_start_idx: int
+    last_user_token_idx: int | None = None  # only worked out when a rule needs it
+
+
+def parse_rule(text: str) -> PositionRule:
+    text = str(text).strip()
+    if text in ("assistant_start", "last_user_token"):
+        return PositionRule(text)
+    match = _WINDOW.fullmatch(text)
+    if match and int(match.group(1)) >= 1:
+        return PositionRule("window", int(match.group(1)))
+    raise PositionError(f"read position rule {text!r}: expected {RULE_FORMS}")
+
+
+def resolve(rule: PositionRule, marks: Landmarks, *, target_id: str = "<target>") -> list[int]:
+    """The token indices ``rule`` reads in one target, in injection order; every one inside the context."""
+    if rule.kind == "assistant_start":
+        indices = [marks.assistant_start_idx]
+    elif rule.kind == "last_user_token":
+        if marks.last_user_token_idx is None:
+            raise PositionError(f"target {target_id!r}: its last user token was not located")
+        indices = [marks.last_user_token_idx]
+    else:
+        indices = list(range(marks.assistant_start_idx - rule.k + 1, marks.assistant_start_idx + 1))
+    if indices[0] < 0 or indices[-1] >= marks.n_tokens:
+        raise PositionError(f"target {target_id!r}: rule {rule} reads tokens {indices[0]}..{indices[-1]}, outside "
+                            f"its {marks.n_tokens} tokens; use a smaller window")
+    return indices
+
+
+def last_user_token_index(tokenizer: Any, messages: Sequence[dict[str, str]], input_ids: Sequence[int], *,
+                          target_id: str = "<target>") -> int:
+    """Index of the last token of the last user message's content in ``input_ids`` (the encoding with the prompt).
+
+    The rendered text up to the end of that content, tokenized alone, must be an exact prefix of the ids (as in
+    oracle.py): then its last token is the one wanted, whatever the template puts around the content.
+    """
+    users = [m for m in messages if m["role"] == "user"]
+    if not users or not users[-1]["content"].strip():
+        raise PositionError(f"target {target_id!r}: no user message with content, so no last user token")
+    text = render(tokenizer, messages, add_generation_prompt=True)
+    content = users[-1]["content"].rstrip()  # the template trims the content's end
+    end = text.rfind(content)
+    if end < 0:
+        raise PositionError(f"target {target_id!r}: the last user message is not found in the rendered template")
+    head = tokenize(tokenizer, text[: end + len(content)])
+    if list(input_ids[: len(head)]) != head:
+        raise PositionError(f"target {target_id!r}: the tokens up to the last user token are not a prefix of the "
+                            "encoding (the tokenizer merges across the end of the user message)")
+    return len(head) - 1
+
+
+def landmarks_of(tokenizer: Any, messages: Sequence[dict[str, str]], enc: EncodedTarget, rule: PositionRule, *,
+                 target_id: str = "<target>") -> Landmarks:
+    """The landmarks ``rule`` needs (the last user token is located only when asked for: it costs a tokenization)."""
+    last_user = (last_user_token_index(tokenizer, messages, enc.input_ids, target_id=target_id)
+                 if rule.kind == "last_user_token" else None)
+    return Landmarks(len(enc.input_ids), enc.assistant_start_idx, last_user)

@@ -1,0 +1,247 @@
+"""Sweeps: the experiment repeated over a grid (or a list) of settings, with the model loaded once.
+
+A condition is a set of ``ExperimentConfig`` overrides (``temperature=0.3``, ``layer_percent=25``,
+``position_rule=window:3`` ...) applied over one base config; each condition is an ordinary run folder under the
+sweep folder (so ``judge``, ``report`` and ``baseline`` work on it unchanged), and ``sweep.json`` (the manifest) lists
+the conditions, their folders and the base settings. Re-running the same command continues: every run folder does
+only its missing work, and a sweep folder made with other settings or other conditions is refused, naming them.
+
+The settings that decide which weights are loaded (``LOAD_FIELDS``) cannot vary within a sweep: the one loaded model
+serves every condition, with the read and injection layers of each (``oracle_for``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import re
+import time
+import tomllib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from ao_resampling import models, pipeline
+from ao_resampling.config import ExperimentConfig, diff_settings
+from ao_resampling.results import ResultsStore, atomic_write_text, read_json_file
+
+MANIFEST_NAME = "sweep.json"
+MANIFEST_VERSION = 1
+LOAD_FIELDS = ("model", "tokenizer", "oracle_lora", "dtype", "device", "device_map")
+# `ao-resampling sweep` with no arguments: 2 x 2 on the demo preset (Gemma 3 270M on CPU), so both figures show.
+DEMO_VARY = ["temperature=0.3,1.0", "position_rule=assistant_start,window:3"]
+
+
+class SweepError(ValueError):
+    """A sweep that cannot be planned or continued; the message names the condition, field or file."""
+
+
+@dataclass(frozen=True)
+class Condition:
+    name: str  # also its run folder's name under the sweep folder
+    overrides: dict[str, Any]
+    config: ExperimentConfig
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Which conditions (pure)
+
+
+def parse_value(text: str) -> Any:
+    """Like ``--set``: JSON when it parses (0.7, 25, true), else the bare string (window:3)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text.strip()
+
+
+def check_field(name: str, *, where: str) -> None:
+    if name not in ExperimentConfig.model_fields:
+        raise SweepError(f"{where}: {name!r} is not a setting (ExperimentConfig field); expected one of "
+                         + ", ".join(sorted(ExperimentConfig.model_fields)))
+    if name in LOAD_FIELDS:
+        raise SweepError(f"{where}: {name!r} decides which weights are loaded; a sweep loads one model, so it "
+                         "cannot vary (run one sweep per model)")
+
+
+def parse_vary(item: str) -> tuple[str, list[Any]]:
+    """``"temperature=0.3,0.7"`` -> ``("temperature", [0.3, 0.7])``."""
+    name, sep, values = item.partition("=")
+    name = name.strip()
+    if not sep or not name or not values.strip():
+        raise SweepError(f"--vary {item!r}: expected field=v1,v2,...")
+    check_field(name, where=f"--vary {item!r}")
+    parsed = [parse_value(v) for v in values.split(",") if v.strip()]
+    if len(set(map(json.dumps, parsed))) != len(parsed):
+        raise SweepError(f"--vary {item!r}: a value is given twice")
+    return name, parsed
+
+
+def grid(varies: Sequence[tuple[str, list[Any]]]) -> list[dict[str, Any]]:
+    """Every combination, the first field varying slowest (the order the conditions run and are listed in)."""
+    names = [n for n, _ in varies]
+    if len(set(names)) != len(names):
+        raise SweepError(f"--vary names a field twice: {names}")
+    return [dict(zip(names, combo)) for combo in itertools.product(*(values for _, values in varies))]
+
+
+def load_conditions_toml(path: Path) -> list[dict[str, Any]]:
+    """A TOML file of ``[[condition]]`` tables, each a set of setting overrides."""
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except OSError as e:
+        raise SweepError(f"{path}: cannot read: {e}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise SweepError(f"{path}: not valid TOML: {e}") from e
+    conditions = data.get("condition")
+    if not isinstance(conditions, list) or not conditions or not all(isinstance(c, dict) for c in conditions):
+        raise SweepError(f"{path}: expected one or more [[condition]] tables of settings")
+    for i, condition in enumerate(conditions):
+        for name in condition:
+            check_field(name, where=f"{path}: condition {i + 1}")
+    return conditions
+
+
+def condition_name(overrides: dict[str, Any]) -> str:
+    """A folder name that says the settings: ``temperature=0.3__position_rule=window-3``."""
+    if not overrides:
+        return "base"
+    parts = [f"{k}={v}" for k, v in overrides.items()]
+    return re.sub(r"[^A-Za-z0-9._=-]+", "-", "__".join(parts))
+
+
+def plan_conditions(base: ExperimentConfig, overrides: Sequence[dict[str, Any]]) -> list[Condition]:
+    """Each condition's full config, validated up front: no condition fails after the others have run."""
+    out, names = [], set()
+    for i, o in enumerate(overrides):
+        name = condition_name(o)
+        if name in names:
+            raise SweepError(f"condition {i + 1} ({name}) is given twice")
+        names.add(name)
+        try:
+            config = ExperimentConfig(**{**base.model_dump(), **o})
+        except ValidationError as e:
+            problems = "; ".join(f"field '{'.'.join(map(str, err['loc'])) or '<config>'}': {err['msg']}"
+                                 for err in e.errors())
+            raise SweepError(f"condition {name}: {problems}") from e
+        out.append(Condition(name, dict(o), config))
+    return out
+
+
+def varied_fields(conditions: Sequence[Condition]) -> list[str]:
+    """The fields whose value differs between conditions, in the order they are first named."""
+    names = list(dict.fromkeys(k for c in conditions for k in c.overrides))
+    return [n for n in names if len({json.dumps(c.config.model_dump(mode="json")[n]) for c in conditions}) > 1]
+
+
+def manifest(base: ExperimentConfig, conditions: Sequence[Condition]) -> dict[str, Any]:
+    return {
+        "manifest_version": MANIFEST_VERSION,
+        "settings": base.settings_that_change_results(),
+        "varied": varied_fields(conditions),
+        "conditions": [{"name": c.name, "overrides": c.overrides, "folder": c.name} for c in conditions],
+    }
+
+
+def manifest_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Why a sweep folder cannot be continued with a new plan: other base settings or other conditions."""
+    lines = diff_settings(old.get("settings", {}), new["settings"])
+    old_c = [(c["name"], c["overrides"]) for c in old.get("conditions", [])]
+    new_c = [(c["name"], c["overrides"]) for c in new["conditions"]]
+    if old_c != new_c:
+        lines.append(f"conditions: {[n for n, _ in old_c]} -> {[n for n, _ in new_c]}")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Running it
+
+
+def default_out_dir(base: ExperimentConfig, conditions: Sequence[Condition], preset: str) -> Path:
+    if preset == "demo":
+        return Path("artifacts") / "demo-sweep"
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", base.model.split("/")[-1])
+    return Path("artifacts") / "sweeps" / f"{slug}__{'-'.join(varied_fields(conditions)) or 'conditions'}"
+
+
+def open_sweep(out_dir: Path, base: ExperimentConfig, conditions: Sequence[Condition]) -> dict[str, Any]:
+    """Write the manifest, or check that the folder's manifest is this sweep's (refusing mixed settings)."""
+    path = Path(out_dir) / MANIFEST_NAME
+    new = json.loads(json.dumps(manifest(base, conditions)))  # as it reads back from disk
+    if path.exists():
+        old = read_json_file(path)
+        differences = manifest_differences(old if isinstance(old, dict) else {}, new)
+        if differences:
+            raise SweepError(f"{path} was made for another sweep; refusing to mix them. Differences:\n  "
+                             + "\n  ".join(differences) + "\nUse another --out folder, or the original settings.")
+        return old
+    atomic_write_text(path, json.dumps(new, indent=1) + "\n")
+    return new
+
+
+def oracle_for(oracle: models.LoadedOracle, config: ExperimentConfig) -> models.LoadedOracle:
+    """The one loaded model with this condition's read and injection layers (the weights are shared, not copied)."""
+    if not 0 <= config.injection_layer < oracle.num_layers:
+        raise SweepError(f"injection_layer {config.injection_layer} is outside the model's {oracle.num_layers} layers")
+    return dataclasses.replace(oracle, read_layer=models.layer_at_percent(oracle.num_layers, config.layer_percent),
+                               injection_layer=config.injection_layer)
+
+
+@dataclass
+class SweepOutcome:
+    out_dir: Path
+    reports: dict[str, pipeline.RunReport]
+    model_loads: int
+    load_s: float = 0.0
+    report_dir: Path | None = None
+
+
+def run_sweep(base: ExperimentConfig, conditions: Sequence[Condition], out_dir: Path, *, judge: bool,
+              progress: bool = True, judge_client=None, log: Callable[[str], None] = print,
+              load: Callable[[ExperimentConfig], models.LoadedOracle] = pipeline.load_oracle) -> SweepOutcome:
+    """Every condition's run in order, the model loaded at most once (and only if some answer is missing)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SweepError("a sweep runs in one process; use `ao-resampling run --gpus N` per condition instead")
+    open_sweep(out_dir, base, conditions)
+    outcome = SweepOutcome(Path(out_dir), {}, 0)
+    oracle = None
+    for i, c in enumerate(conditions, start=1):
+        folder = Path(out_dir) / c.name
+        log(f"[sweep {i}/{len(conditions)}] {c.name}")
+        store, _ = pipeline.prepare(c.config, folder)  # a folder of other settings is refused here, before loading
+        if oracle is None and pipeline.needs_model(store.load(), c.config):
+            t = time.perf_counter()
+            oracle = load(base)
+            outcome.model_loads += 1
+            outcome.load_s = time.perf_counter() - t
+        report = outcome.reports[c.name] = pipeline.run_experiment(
+            c.config, folder, judge=judge, progress=progress, judge_client=judge_client, log=log,
+            oracle=oracle_for(oracle, c.config) if oracle is not None else None)
+        timings = ", ".join(f"{k} {v:.1f}s" for k, v in report.stage_seconds.items())
+        log(f"[sweep {i}/{len(conditions)}] done: {timings}")
+    from ao_resampling.sweep_report import write_sweep_report
+
+    outcome.report_dir = write_sweep_report(Path(out_dir), seed=base.bootstrap_seed, n_boot=base.bootstrap_resamples)
+    return outcome
+
+
+def load_condition_results(out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The manifest and each condition's results (journal replayed), for the sweep report."""
+    path = Path(out_dir) / MANIFEST_NAME
+    if not path.exists():
+        raise SweepError(f"{path} does not exist: not a sweep folder")
+    man = read_json_file(path)
+    if not isinstance(man, dict) or not isinstance(man.get("conditions"), list):
+        raise SweepError(f"{path}: field 'conditions': expected a list of conditions")
+    results = {}
+    for c in man["conditions"]:
+        store = ResultsStore(Path(out_dir) / c["folder"])
+        if store.exists():  # a condition not started yet is reported as missing, not an error
+            results[c["name"]] = store.load()
+    return man, results

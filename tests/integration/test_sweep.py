@@ -1,0 +1,229 @@
+"""Sweeps on real token ids and the tiny model: where the position rules land in a real Gemma 3 encoding, K positions
+captured in one pass and injected at K placeholders, one model load for a sweep whose read layer varies, and a 2x2
+sweep through the CLI killed once (SIGKILL, a real subprocess) and resumed to the end, then refused with other
+settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ao_resampling import models, pipeline
+from ao_resampling.config import build_config
+from ao_resampling.hooks import capture_activations_at
+from ao_resampling.models import LoadedOracle
+from ao_resampling.oracle import placeholder_token_id
+from ao_resampling.results import ResultsStore, load_results_file
+from ao_resampling.sweep import plan_conditions, run_sweep
+from tests.support.openai_server import FakeOpenAIServer
+
+WAIT_S = 240
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shared_tokenizer(gemma_tokenizer):
+    real = models.load_tokenizer
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("OPENAI_API_KEY", raising=False)
+        mp.delenv("OPENAI_BASE_URL", raising=False)
+        mp.setattr(models, "load_tokenizer", lambda spec: gemma_tokenizer if spec.startswith("synthetic:")
+                   or spec == "gemma3-270m-gguf" else real(spec))
+        yield
+
+
+def tiny(**overrides):
+    settings_ = dict(model="synthetic:tiny", oracle_lora="random", dtype="float32", device="cpu", num_targets=3,
+                     num_questions=2, samples_per_query=2, max_new_tokens=3, top_p=2e-5, judge=False,
+                     embedding_model="none", bootstrap_resamples=200)
+    return build_config(preset="experiment", overrides={**settings_, **overrides})
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(k=st.integers(1, 8))
+def test_window_rule_plans_k_placeholders_and_k_read_positions(gemma_tokenizer, k):
+    plan, _ = pipeline.build_plan(tiny(position_rule=f"window:{k}"), gemma_tokenizer)
+    ph = placeholder_token_id(gemma_tokenizer)
+    for run in plan.runs:
+        assert run.position_rule == f"window:{k}"
+        assert run.context_positions == list(range(run.assistant_start_idx - k + 1, run.assistant_start_idx + 1))
+        assert len(run.placeholder_positions) == k
+        assert [run.oracle_input_ids[p] for p in run.placeholder_positions] == [ph] * k
+        assert gemma_tokenizer.decode(run.oracle_input_ids).count(" ?") == k
+
+
+def test_last_user_token_is_the_end_of_the_user_message(gemma_tokenizer):
+    plan, _ = pipeline.build_plan(tiny(position_rule="last_user_token"), gemma_tokenizer)
+    targets = {t.id: t for t in plan.targets}
+    for run in plan.runs:
+        (i,) = run.context_positions
+        ids = run.context_input_ids
+        assert gemma_tokenizer.convert_ids_to_tokens(ids[i + 1:i + 2]) == ["<end_of_turn>"]
+        user = [m.content for m in targets[run.target_id].messages if m.role == "user"][-1]
+        assert gemma_tokenizer.decode(ids[:i + 1]).endswith(user.rstrip())
+        assert i < run.assistant_start_idx
+
+
+def test_capture_reads_k_positions_in_one_pass_as_a_full_forward_sees_them(tiny_oracle, gemma_tokenizer):
+    plan, _ = pipeline.build_plan(tiny(position_rule="window:3"), gemma_tokenizer)
+    runs = list({r.target_id: r for r in plan.runs}.values())
+    layer = 2
+    oracle = LoadedOracle(tiny_oracle, gemma_tokenizer, 4, layer, 1)
+    acts = pipeline.capture_targets(oracle, runs)
+    for run in runs:  # independent: each target alone, every hidden state, no padding, adapter off
+        with models.adapter_disabled(tiny_oracle), torch.inference_mode():
+            hidden = tiny_oracle(input_ids=torch.tensor([run.context_input_ids]), output_hidden_states=True)
+        expected_KD = hidden.hidden_states[layer + 1][0, run.context_positions]
+        assert acts[run.target_id].shape == (3, expected_KD.shape[-1])
+        torch.testing.assert_close(acts[run.target_id], expected_KD, rtol=0, atol=1e-5)
+    # one position per row through the same function is the old single-position capture
+    one = capture_activations_at(tiny_oracle, [runs[0].context_input_ids], [[runs[0].assistant_start_idx]], layer,
+                                 gemma_tokenizer.pad_token_id)
+    torch.testing.assert_close(one[0, 0], acts[runs[0].target_id][-1], rtol=0, atol=1e-5)
+
+
+def test_sweep_loads_the_model_once_with_each_conditions_layers(tmp_path):
+    loads = []
+
+    def load(config):
+        loads.append(config)
+        return pipeline.load_oracle(config)
+
+    with FakeOpenAIServer() as server:
+        base = tiny(judge_api="chat", judge_base_url=server.base_url)
+        planned = plan_conditions(base, [{"layer_percent": 25, "position_rule": "window:2"}, {"layer_percent": 75}])
+        outcome = run_sweep(base, planned, tmp_path, judge=True, progress=False, log=lambda _: None, load=load)
+    assert len(loads) == 1 and outcome.model_loads == 1
+    first, second = (load_results_file(tmp_path / c.name / "results.json") for c in planned)
+    assert (first.meta.layer, second.meta.layer) == (1, 3)  # 4 layers: int(4 * .25), int(4 * .75)
+    assert all(len(r.responses) == 2 and len(r.placeholder_positions) == 2 for r in first.runs)
+    assert all(len(r.responses) == 2 and r.position_rule == "assistant_start" for r in second.runs)
+    again = run_sweep(base, planned, tmp_path, judge=False, progress=False, log=lambda _: None, load=load)
+    assert again.model_loads == 0 and len(loads) == 1  # nothing missing: no weights read
+    summary = json.loads((tmp_path / "report" / "sweep_summary.json").read_text())
+    assert summary["varied"] == ["layer_percent", "position_rule"]
+    assert summary["metrics"]["distinct_fraction"]["paired"][0]["n_pairs"] == 6
+    judged = summary["metrics"]["judge_score"]
+    for c, results in zip(planned, (first, second)):  # independent: the verdicts stored in each run folder
+        scores = [r.judge.parsed.similarity_1_to_10 for r in results.runs]
+        assert judged["per_condition"][c.name]["mean"] == pytest.approx(sum(scores) / len(scores))
+    diffs = [b.judge.parsed.similarity_1_to_10 - a.judge.parsed.similarity_1_to_10
+             for a, b in zip(first.runs, second.runs)]  # same plan order: same (target, question)
+    assert judged["paired"][0]["mean_diff"] == pytest.approx(sum(diffs) / len(diffs))
+    assert "## judge_score" in (tmp_path / "report" / "sweep_report.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The CLI, killed once and resumed
+
+CANARY = " [kept from before the kill]"
+
+
+def sweep_command(out: Path, samples: int = 2) -> list[str]:
+    return [sys.executable, "-m", "ao_resampling", "sweep", "--preset", "experiment", "--model", "synthetic:tiny",
+            "--oracle-lora", "random", "--dtype", "float32", "--device", "cpu", "--num-targets", "2",
+            "--num-questions", "2", "--samples", str(samples), "--set", "max_new_tokens=3", "--set", "top_p=2e-5",
+            "--set", "batch_rows=2", "--set", "bootstrap_resamples=200", "--embedding-model", "none", "--no-judge",
+            "--vary", "temperature=0.5,1.0", "--vary", "position_rule=assistant_start,window:2",
+            "--out", str(out), "--quiet"]
+
+
+def spawn(args: list[str], log: Path) -> subprocess.Popen:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MPLBACKEND="Agg", OMP_NUM_THREADS="1")
+    env.pop("OPENAI_API_KEY", None)
+    env.pop("OPENAI_BASE_URL", None)
+    return subprocess.Popen(args, cwd=Path(__file__).resolve().parents[2], env=env, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT)
+
+
+def test_cli_sweep_2x2_killed_once_and_resumed(tmp_path):
+    out = tmp_path / "sweep"
+    log = tmp_path / "first.log"
+    proc = spawn(sweep_command(out), log)
+    manifest_path = out / "sweep.json"
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:  # kill once the first condition is done and the second has begun
+        assert proc.poll() is None, f"the sweep ended before it could be killed:\n{log.read_text()[-3000:]}"
+        if manifest_path.exists():
+            names = [c["name"] for c in json.loads(manifest_path.read_text())["conditions"]]
+            second = out / names[1]
+            if (second / "results.json").exists():
+                break
+        time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail(f"the second condition never started within {WAIT_S} s:\n{log.read_text()[-3000:]}")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (out / "report").exists()  # killed before the end
+
+    # Mark the first condition's answers: a resume that redid them would drop the mark.
+    first = ResultsStore(out / names[0])
+    done = first.load()
+    assert all(len(r.responses) == 2 for r in done.runs)
+    for run in done.runs:
+        for response in run.responses:
+            response.text += CANARY
+    first.compact(done)
+
+    resumed = spawn(sweep_command(out), tmp_path / "second.log")
+    assert resumed.wait(timeout=WAIT_S) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    text = (tmp_path / "second.log").read_text()
+    assert "model loaded 1 time(s)" in text
+    for name in names:
+        results = ResultsStore(out / name).load()
+        assert len(results.runs) == 4 and all(len(r.responses) == 2 for r in results.runs), name
+        assert len({r.run_id for r in results.runs}) == 4
+        marked = all(resp.text.endswith(CANARY) for r in results.runs for resp in r.responses)
+        assert marked == (name == names[0]), name
+        k = 2 if "window" in name else 1
+        assert all(len(r.context_positions) == k == len(r.placeholder_positions) for r in results.runs)
+    summary = json.loads((out / "report" / "sweep_summary.json").read_text())
+    assert [c["present"] for c in summary["conditions"]] == [True] * 4
+    assert len(summary["metrics"]["distinct_fraction"]["paired"]) == 6  # 4 conditions: 6 pairs
+    assert {p.name for p in (out / "report").glob("*.png")} == {"sweep_lines.png", "sweep_heatmap.png"}
+
+    # Other settings on the same folder: refused, naming what differs, nothing touched.
+    refused = subprocess.run(sweep_command(out, samples=3), capture_output=True, text=True, timeout=WAIT_S,
+                             cwd=Path(__file__).resolve().parents[2],
+                             env=dict(os.environ, HF_HUB_OFFLINE="1", MPLBACKEND="Agg"))
+    assert refused.returncode == 2
+    assert "samples_per_query: 2 -> 3" in refused.stderr and "refusing to mix" in refused.stderr
+
+
+def test_window_queries_k_vectors_fast_path_equals_plain_generate(tiny_oracle, gemma_tokenizer):
+    """window:3 end to end through generation: 3 captured vectors at 3 placeholders, the batched sampler's greedy
+    answers token for token those of plain HF generate with the same injection; and the vectors are used (others give
+    other answers)."""
+    from ao_resampling.reference import sample_hf_batched
+    from ao_resampling.sampling import BatchedSampler, DecodeParams, Query
+
+    plan, _ = pipeline.build_plan(tiny(position_rule="window:3", num_questions=3), gemma_tokenizer)
+    oracle = LoadedOracle(tiny_oracle, gemma_tokenizer, 4, 2, 1)
+    acts = pipeline.capture_targets(oracle, plan.runs)
+    runs = [plan.runs[0], plan.runs[4], plan.runs[8]]  # three targets, three questions: padded, mixed lengths
+
+    def queries(scale: float) -> list[Query]:
+        return [Query(key=r.run_id, input_ids=tuple(r.oracle_input_ids), n=1,
+                      positions_K=tuple(r.placeholder_positions),
+                      vectors_KD=acts[r.target_id] * torch.tensor([[scale], [1.0], [-scale]])) for r in runs]
+
+    params = DecodeParams(temperature=0, top_p=0.9, max_new_tokens=8)
+    fast = BatchedSampler(tiny_oracle, gemma_tokenizer, injection_layer=1, coefficient=1.0, params=params
+                          ).run(queries(1.0), progress=False)
+    plain = sample_hf_batched(tiny_oracle, gemma_tokenizer, queries(1.0), injection_layer=1, coefficient=1.0,
+                              params=params)
+    assert {k: [s.token_ids for s in v] for k, v in fast.items()} == {k: [s.token_ids for s in v]
+                                                                      for k, v in plain.items()}
+    flipped = BatchedSampler(tiny_oracle, gemma_tokenizer, injection_layer=1, coefficient=1.0, params=params
+                             ).run(queries(-1.0), progress=False)  # vectors 1 and 3 reversed: the direction matters
+    assert any(fast[k][0].token_ids != flipped[k][0].token_ids for k in fast)
