@@ -37,8 +37,10 @@ def command(out: Path, server: FakeOpenAIServer) -> list[str]:
         "--oracle-lora", "random", "--dtype", "float32", "--device", "cpu",
         "--num-targets", str(N_TARGETS), "--num-questions", str(N_QUESTIONS), "--samples", str(N_SAMPLES),
         # One query per batch (several journal writes to be killed between); a tiny top_p keeps the random model's
-        # flat nucleus on the sampler's fast path, so each batch takes a fraction of a second.
-        "--batch-rows", str(N_SAMPLES), "--max-new-tokens", "16", "--top-p", "0.0005",
+        # flat nucleus on the sampler's fast path, so each batch takes a fraction of a second. Top-k off: under the
+        # model's generation_config top-k, a tiny top_p would leave one token (greedy), and the tiny model's greedy
+        # answers barely depend on the target, so runs could not be told apart by their answers.
+        "--batch-rows", str(N_SAMPLES), "--max-new-tokens", "16", "--top-p", "0.0005", "--top-k", "0",
         "--judge-api", "chat", "--judge-base-url", server.base_url, "--judge-concurrency", "2",
         "--embedding-model", "none", "--out", str(out), "--quiet",
     ]
