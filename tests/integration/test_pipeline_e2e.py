@@ -51,9 +51,10 @@ def tiny_config(server: FakeOpenAIServer, **overrides):
     # Random weights give a nearly flat next-token distribution, whose 0.9 nucleus spans most of the 262k vocabulary
     # (the sampler's slow exact path, ~1 s a step here). A tiny top_p keeps the nucleus to a few tokens: decoded on
     # the fast path, and with 3 tokens per answer some samples of a run repeat and some do not, so the fake judge's
-    # scores differ between runs (a verdict stored under the wrong run would show).
+    # scores differ between runs (a verdict stored under the wrong run would show). Top-k off: the model's
+    # generation_config top-k would leave that tiny nucleus one token wide (greedy: every score 10).
     settings = dict(model="synthetic:tiny", oracle_lora="random", dtype="float32", device="cpu", num_targets=3,
-                    num_questions=2, samples_per_query=3, max_new_tokens=3, top_p=2e-5, judge_api="chat",
+                    num_questions=2, samples_per_query=3, max_new_tokens=3, top_p=2e-5, top_k=0, judge_api="chat",
                     judge_base_url=server.base_url, bootstrap_resamples=200)
     return build_config(preset="experiment", overrides={**settings, **overrides})
 
