@@ -168,8 +168,8 @@ def default_out_dir(base: ExperimentConfig, conditions: Sequence[Condition], pre
     return Path("artifacts") / "sweeps" / f"{slug}__{'-'.join(varied_fields(conditions)) or 'conditions'}"
 
 
-def open_sweep(out_dir: Path, base: ExperimentConfig, conditions: Sequence[Condition]) -> dict[str, Any]:
-    """Write the manifest, or check that the folder's manifest is this sweep's (refusing mixed settings)."""
+def check_sweep_folder(out_dir: Path, base: ExperimentConfig, conditions: Sequence[Condition]) -> dict[str, Any]:
+    """This sweep's manifest; if the folder has one already, it must be the same sweep (refusing mixed settings)."""
     path = Path(out_dir) / MANIFEST_NAME
     new = json.loads(json.dumps(manifest(base, conditions)))  # as it reads back from disk
     if path.exists():
@@ -178,8 +178,6 @@ def open_sweep(out_dir: Path, base: ExperimentConfig, conditions: Sequence[Condi
         if differences:
             raise SweepError(f"{path} was made for another sweep; refusing to mix them. Differences:\n  "
                              + "\n  ".join(differences) + "\nUse another --out folder, or the original settings.")
-        return old
-    atomic_write_text(path, json.dumps(new, indent=1) + "\n")
     return new
 
 
@@ -200,6 +198,24 @@ class SweepOutcome:
     report_dir: Path | None = None
 
 
+def prepare_all(conditions: Sequence[Condition], out_dir: Path) -> dict[str, ResultsStore]:
+    """Every condition's plan written (or checked against its folder) before any runs: a window too long for a
+    target, or a run folder made with other settings, stops the sweep before minutes of work, naming the condition."""
+    from ao_resampling.data import DataError
+    from ao_resampling.encoding import EncodingError
+    from ao_resampling.oracle import OracleQueryError
+    from ao_resampling.positions import PositionError
+
+    tokenizer = models.load_tokenizer(conditions[0].config.tokenizer or conditions[0].config.model)
+    stores = {}
+    for c in conditions:
+        try:
+            stores[c.name], _ = pipeline.prepare(c.config, Path(out_dir) / c.name, tokenizer=tokenizer)
+        except (DataError, EncodingError, OracleQueryError, PositionError, pipeline.PipelineError) as e:
+            raise SweepError(f"condition {c.name}: {e}") from e
+    return stores
+
+
 def run_sweep(base: ExperimentConfig, conditions: Sequence[Condition], out_dir: Path, *, judge: bool,
               progress: bool = True, judge_client=None, log: Callable[[str], None] = print,
               load: Callable[[ExperimentConfig], models.LoadedOracle] = pipeline.load_oracle) -> SweepOutcome:
@@ -208,14 +224,17 @@ def run_sweep(base: ExperimentConfig, conditions: Sequence[Condition], out_dir: 
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SweepError("a sweep runs in one process; use `ao-resampling run --gpus N` per condition instead")
-    open_sweep(out_dir, base, conditions)
+    pipeline.preflight(base, judge=judge)  # data, weights, CUDA, judge: once, before any condition runs
+    new_manifest = check_sweep_folder(out_dir, base, conditions)
+    stores = prepare_all(conditions, Path(out_dir))
+    # Written once every plan is: a sweep refused half-way leaves no manifest that would refuse its corrected rerun.
+    atomic_write_text(Path(out_dir) / MANIFEST_NAME, json.dumps(new_manifest, indent=1) + "\n")
     outcome = SweepOutcome(Path(out_dir), {}, 0)
     oracle = None
     for i, c in enumerate(conditions, start=1):
         folder = Path(out_dir) / c.name
         log(f"[sweep {i}/{len(conditions)}] {c.name}")
-        store, _ = pipeline.prepare(c.config, folder)  # a folder of other settings is refused here, before loading
-        if oracle is None and pipeline.needs_model(store.load(), c.config):
+        if oracle is None and pipeline.needs_model(stores[c.name].load(), c.config):
             t = time.perf_counter()
             oracle = load(base)
             outcome.model_loads += 1
