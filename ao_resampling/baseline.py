@@ -17,20 +17,20 @@ from __future__ import annotations
 
 import html
 import re
+import sys
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import ValidationError
-from tqdm.auto import tqdm
 
+from ao_resampling.errors import AOResamplingError
 from ao_resampling.config import ExperimentConfig
 from ao_resampling.judge import (
-    RATIONALE_KEY, SCORE_KEY, _escape, judge_call_id, judge_prompt, make_client, numbered_blocks,
+    RATIONALE_KEY, SCORE_KEY, _escape, judge_call_id, judge_prompt, make_client, numbered_blocks, run_calls,
 )
 from ao_resampling.metrics import (
     NO_EMBEDDING, Encoder, compute_spreads, embedding_similarities, group_means, group_values, judge_scores,
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 N_GAPS = 5  # targets listed on each side of the largest-gap tables
 
 
-class BaselineError(RuntimeError):
+class BaselineError(AOResamplingError, RuntimeError):
     """A baseline stage that cannot go ahead as asked; the message says what to change."""
 
 
@@ -225,7 +225,7 @@ def sample_baseline(store: ResultsStore, config: ExperimentConfig, *, oracle: Lo
     queries = [Query(key=baseline_run_id(t), input_ids=tuple(ids), n=config.samples_per_query)
                for t, ids in todo.items()]
     params = DecodeParams(temperature=config.temperature, top_p=config.top_p,
-                          max_new_tokens=config.baseline_max_new_tokens, seed=config.decode_seed)
+                          max_new_tokens=config.baseline_max_new_tokens, seed=config.decode_seed, top_k=config.top_k)
 
     def journal(batch) -> None:
         store.journal.append_many([{"type": "baseline_responses", "run_id": run_id, "target_id": target_of[run_id],
@@ -256,23 +256,18 @@ def judge_baseline(store: ResultsStore, config: ExperimentConfig, *, client: Any
         return judge_prompt(client=client, model=config.judge_model, api=config.judge_api, prompt=job.prompt,
                             judge_call_id=job.judge_call_id)
 
-    executor = ThreadPoolExecutor(max_workers=config.judge_concurrency, thread_name_prefix="baseline-judge")
-    bar = tqdm(total=len(jobs), desc="baseline judge", unit="call", disable=not progress)
-    try:
-        futures = {executor.submit(call, job): job for job in jobs}
-        for future in as_completed(futures):
-            job, record = futures[future], future.result()
-            store.journal.append({"type": "baseline_judge", "run_id": job.run_id, "target_id": job.target_id,
-                                  "record": record.model_dump(mode="json")})
-            report.n_judge_sent += 1
-            if record.failure is None:
-                report.n_judge_ok += 1
-            else:
-                report.n_judge_failed[record.failure.reason] = report.n_judge_failed.get(record.failure.reason, 0) + 1
-            bar.update(1)
-    finally:
-        bar.close()
-        executor.shutdown(wait=True, cancel_futures=True)
+    def keep(job: BaselineJudgeJob, record: JudgeRecord) -> None:
+        store.journal.append({"type": "baseline_judge", "run_id": job.run_id, "target_id": job.target_id,
+                              "record": record.model_dump(mode="json")})
+        report.n_judge_sent += 1
+        if record.failure is None:
+            report.n_judge_ok += 1
+        else:
+            report.n_judge_failed[record.failure.reason] = report.n_judge_failed.get(record.failure.reason, 0) + 1
+
+    run_calls(jobs, call, keep, concurrency=config.judge_concurrency, desc="baseline judge", progress=progress,
+              log=lambda message: print(message, file=sys.stderr, flush=True),
+              resume=f"ao-resampling baseline {store.folder}")
     store.compact()
     return report
 

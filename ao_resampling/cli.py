@@ -3,20 +3,29 @@
 ``ao-resampling run`` with no arguments runs the built-in demo on CPU (real Gemma 3 270M, a random LoRA standing in
 for an oracle); ``--preset experiment`` is the real thing (Gemma 3 27B-it + the AO LoRA + gpt-5-mini).
 Settings come from the preset, then ``--config FILE.toml``, then flags (and ``--set key=value`` for any other field).
+
+Every command runs inside ``guarded``: the tool's own errors (``AOResamplingError``) end in one red line and an exit
+code from errors.py, Ctrl-C in exit 130 with what was kept; only a bug shows a traceback. Commands that write a run
+folder hold its lock (lock.py) while they work.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
 from ao_resampling.config import ConfigError, ExperimentConfig, build_config
-from ao_resampling.results import ResultsError
+from ao_resampling.errors import EXIT_CALLS_FAILED, EXIT_INTERRUPTED, AOResamplingError
+from ao_resampling.lock import folder_lock, require_folder
+from ao_resampling.results import RESULTS_NAME, is_redacted_url
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
                   help="How much does an Activation Oracle's answer change when you just sample it again?")
@@ -39,11 +48,14 @@ Dtype = Annotated[Optional[str], typer.Option(help="bfloat16, float16, float32")
 MaxNew = Annotated[Optional[int], typer.Option(help="max new tokens per AO answer")]
 Temperature = Annotated[Optional[float], typer.Option()]
 TopP = Annotated[Optional[float], typer.Option()]
+TopK = Annotated[Optional[int], typer.Option(help="top-k (default: the model's generation_config; 0 = off)")]
 BatchRows = Annotated[Optional[int], typer.Option(help="most rows decoded at once")]
 JudgeModel = Annotated[Optional[str], typer.Option(help="judge model (default gpt-5-mini)")]
 JudgeApi = Annotated[Optional[str], typer.Option(help="'responses' (OpenAI) or 'chat' (local servers)")]
 JudgeBaseUrl = Annotated[Optional[str], typer.Option(help="OpenAI-compatible base URL (else OPENAI_BASE_URL)")]
 JudgeConcurrency = Annotated[Optional[int], typer.Option(help="judge calls in flight")]
+JudgeTimeout = Annotated[Optional[float], typer.Option("--judge-timeout-s", help="seconds one judge call may take")]
+JudgeRetries = Annotated[Optional[int], typer.Option(help="SDK retries per judge call (429/5xx/timeouts)")]
 JudgeRepeats = Annotated[Optional[int], typer.Option(help="extra judge calls per run, answers shuffled")]
 RepeatFraction = Annotated[Optional[float], typer.Option(help="fraction of runs that get repeats")]
 EmbeddingModel = Annotated[Optional[str], typer.Option(help="sentence-transformers id/dir, or 'none'")]
@@ -60,6 +72,31 @@ Gpus = Annotated[Optional[int], typer.Option(
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg="red", err=True)
     raise typer.Exit(2)
+
+
+def guarded(command: Callable[..., None]) -> Callable[..., None]:
+    """The one place the tool's errors are caught: a message and an exit code (errors.py) instead of a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            command(*args, **kwargs)
+        except AOResamplingError as e:
+            typer.secho(f"error: {e}", fg="red", err=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            typer.secho("\ninterrupted (Ctrl-C): everything finished before it is kept in the run folder; "
+                        "re-run the same command to continue where it stopped.", fg="yellow", err=True)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+
+    return wrapper
+
+
+def _exit_if_calls_failed(folder: Path, n_failed: int, command: str) -> None:
+    if n_failed:
+        typer.secho(f"{n_failed} judge call(s) failed; each is recorded with its reason in {folder / RESULTS_NAME}. "
+                    f"Re-run {command} to retry them (exit code {EXIT_CALLS_FAILED}).", fg="yellow", err=True)
+        raise typer.Exit(EXIT_CALLS_FAILED)
 
 
 def _parse_sets(items: list[str] | None) -> dict[str, Any]:
@@ -86,14 +123,17 @@ def _config(preset: str, config_file: Path | None, sets: list[str] | None, **fla
 
 
 @app.command()
+@guarded
 def run(
     preset: Preset = "demo", config_file: ConfigFile = None, out: Out = None, model: Model = None,
     tokenizer: Tokenizer = None, oracle_lora: Lora = None, targets: Targets = None, questions: Questions = None,
     questions_variable: QuestionsVar = None, num_targets: NumTargets = None, num_questions: NumQuestions = None,
     samples: Samples = None, device: Device = None, device_map: DeviceMap = None, dtype: Dtype = None,
     max_new_tokens: MaxNew = None, temperature: Temperature = None, top_p: TopP = None,
+    top_k: TopK = None,
     batch_rows: BatchRows = None, judge_model: JudgeModel = None, judge_api: JudgeApi = None,
     judge_base_url: JudgeBaseUrl = None, judge_concurrency: JudgeConcurrency = None,
+    judge_timeout_s: JudgeTimeout = None, judge_max_retries: JudgeRetries = None,
     judge_repeats: JudgeRepeats = None, repeat_fraction: RepeatFraction = None, baseline: Baseline = None,
     baseline_max_new_tokens: BaselineMaxNew = None, embedding_model: EmbeddingModel = None, no_judge: NoJudge = False,
     set_: Set = None, quiet: Quiet = False, gpus: Gpus = None,
@@ -106,10 +146,11 @@ def run(
         preset, config_file, set_, model=model, tokenizer=tokenizer, oracle_lora=oracle_lora, targets=targets,
         questions=questions, questions_variable=questions_variable, num_targets=num_targets,
         num_questions=num_questions, samples_per_query=samples, device=device, device_map=device_map, dtype=dtype,
-        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_rows=batch_rows,
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, batch_rows=batch_rows,
         judge_model=judge_model, judge_api=judge_api, judge_base_url=judge_base_url,
         judge_concurrency=judge_concurrency, judge_repeats=judge_repeats, judge_repeat_fraction=repeat_fraction,
-        baseline=baseline, baseline_max_new_tokens=baseline_max_new_tokens, embedding_model=embedding_model,
+        judge_timeout_s=judge_timeout_s, judge_max_retries=judge_max_retries, baseline=baseline,
+        baseline_max_new_tokens=baseline_max_new_tokens, embedding_model=embedding_model,
     )
     if gpus and gpus > 1 and "WORLD_SIZE" not in os.environ:  # not yet under torchrun: become it
         from ao_resampling import distributed
@@ -128,11 +169,11 @@ def run(
             typer.echo("demo: no OPENAI_API_KEY or judge base URL set, so the LLM judge is skipped "
                        "(judge-free metrics only).")
     out_dir = out or pipeline.default_out_dir(config, preset)
-    try:
+    from ao_resampling.distributed import world
+
+    # Under torchrun rank 0 holds the folder for the whole group (lock.py); the launcher above exec'd torchrun.
+    with folder_lock(out_dir) if world().is_main else contextlib.nullcontext():
         report = pipeline.run_experiment(config, out_dir, judge=judge, progress=not quiet, log=typer.echo)
-    except (pipeline.PipelineError, ConfigError, ResultsError) as e:  # ResultsError: a damaged --out folder
-        _fail(str(e))
-        return
     if report.report_dir is None:  # a rank other than 0 under torchrun: its share is journaled, rank 0 does the rest
         typer.echo(f"rank {os.environ.get('RANK')}: sampled {report.n_runs} runs; rank 0 merges, judges and reports")
         return
@@ -142,6 +183,11 @@ def run(
     typer.echo(f"report:  {report.report_dir / 'report.md'}  (plots and summary.json beside it)")
     for note in report.notes:
         typer.secho(note, fg="yellow")
+    if judge:
+        from ao_resampling.judge import failed_calls
+        from ao_resampling.results import ResultsStore
+
+        _exit_if_calls_failed(out_dir, failed_calls(ResultsStore(out_dir).load()), "the same command")
 
 
 def _sweep_judges(config: ExperimentConfig, preset: str, no_judge: bool) -> bool:
@@ -197,6 +243,7 @@ def sweep(
 
 
 @app.command()
+@guarded
 def prepare(
     preset: Preset = "demo", config_file: ConfigFile = None, out: Out = None, model: Model = None,
     tokenizer: Tokenizer = None, oracle_lora: Lora = None, targets: Targets = None, questions: Questions = None,
@@ -205,19 +252,14 @@ def prepare(
 ) -> None:
     """Encode every target and write the plan; prints which token each activation is read from. No model weights."""
     from ao_resampling import pipeline
-    from ao_resampling.data import DataError
-    from ao_resampling.encoding import EncodingError
-    from ao_resampling.models import ModelLoadError
 
     config = _config(preset, config_file, set_, model=model, tokenizer=tokenizer, oracle_lora=oracle_lora, targets=targets,
                      questions=questions, questions_variable=questions_variable, num_targets=num_targets,
                      num_questions=num_questions)
     out_dir = out or pipeline.default_out_dir(config, preset)
-    try:
+    writes = not (Path(out_dir) / RESULTS_NAME).exists()  # an existing plan is only checked against, never written
+    with folder_lock(out_dir) if writes else contextlib.nullcontext():
         store, table = pipeline.prepare(config, out_dir)
-    except (pipeline.PipelineError, DataError, EncodingError, ModelLoadError, ResultsError) as e:
-        _fail(str(e))
-        return
     results = store.load()
     typer.echo(f"{'target':<12} {'#tokens':>7} {'assistant_start_idx':>19}  token at index")
     for row in table:
@@ -228,27 +270,32 @@ def prepare(
 
 
 @app.command()
+@guarded
 def judge(
     results: Annotated[Path, typer.Argument(help="run folder or its results.json")],
     judge_model: JudgeModel = None, judge_api: JudgeApi = None, judge_base_url: JudgeBaseUrl = None,
-    judge_concurrency: JudgeConcurrency = None, judge_repeats: JudgeRepeats = None,
+    judge_concurrency: JudgeConcurrency = None, judge_timeout_s: JudgeTimeout = None,
+    judge_max_retries: JudgeRetries = None, judge_repeats: JudgeRepeats = None,
     repeat_fraction: RepeatFraction = None, quiet: Quiet = False,
 ) -> None:
-    """Judge every run that has answers and no verdict; re-try recorded failures. Journaled, resumable."""
-    from ao_resampling.judge import JudgeConfigError, check_judge_access, judge_stage
+    """Judge every run that has answers and no verdict; re-try recorded failures. Journaled, resumable.
+    Exit 3 when calls failed (recorded; re-run to retry them)."""
+    from ao_resampling.judge import check_judge_access, failed_calls, judge_stage
 
     store, config = _open(results, judge_model=judge_model, judge_api=judge_api, judge_base_url=judge_base_url,
-                          judge_concurrency=judge_concurrency, judge_repeats=judge_repeats,
+                          judge_concurrency=judge_concurrency, judge_timeout_s=judge_timeout_s,
+                          judge_max_retries=judge_max_retries, judge_repeats=judge_repeats,
                           judge_repeat_fraction=repeat_fraction)
-    try:
-        check_judge_access(config)
-    except JudgeConfigError as e:
-        _fail(str(e))
-    outcome = judge_stage(store, config, progress=not quiet)
-    typer.echo(str(outcome))
+    check_judge_access(config)
+    with folder_lock(store.folder):
+        outcome = judge_stage(store, config, progress=not quiet)
+        n_failed = failed_calls(store.load())
+    typer.echo(outcome.summary())
+    _exit_if_calls_failed(store.folder, n_failed, f"`ao-resampling judge {store.folder}`")
 
 
 @app.command()
+@guarded
 def report(
     results: Annotated[Path, typer.Argument(help="run folder or its results.json (older format accepted)")],
     out: Annotated[Optional[Path], typer.Option(help="where plots, summary.json and report.md go")] = None,
@@ -260,10 +307,9 @@ def report(
     from ao_resampling.baseline import baseline_spread_stage, load_baseline_file, with_spreads
     from ao_resampling.metrics import spread_stage
     from ao_resampling.report import write_report
-    from ao_resampling.results import ResultsError
 
     store, config = _open(results, embedding_model=embedding_model)
-    try:
+    with folder_lock(store.folder):
         spread_stage(store, embedding_model=config.embedding_model, progress=not quiet)
         baseline_spread_stage(store, embedding_model=config.embedding_model, progress=not quiet)
         loaded = store.load()
@@ -271,58 +317,58 @@ def report(
         if baseline_file is not None:  # matched to the AO runs by target id, in memory only
             baseline = with_spreads(load_baseline_file(baseline_file), embedding_model=config.embedding_model)
         out_dir = out or store.folder / "report"
+        require_folder(out_dir)
         write_report(loaded, out_dir, seed=config.bootstrap_seed, n_boot=config.bootstrap_resamples,
                      baseline=baseline)
-    except ResultsError as e:
-        _fail(str(e))
-        return
     typer.echo(f"report: {out_dir / 'report.md'}")
 
 
 @app.command(name="baseline")
+@guarded
 def baseline_command(
     results: Annotated[Path, typer.Argument(help="run folder or its results.json")],
     baseline_max_new_tokens: BaselineMaxNew = None, device: Device = None, device_map: DeviceMap = None,
     batch_rows: BatchRows = None, judge_model: JudgeModel = None, judge_api: JudgeApi = None,
     judge_base_url: JudgeBaseUrl = None, judge_concurrency: JudgeConcurrency = None,
+    judge_timeout_s: JudgeTimeout = None, judge_max_retries: JudgeRetries = None,
     embedding_model: EmbeddingModel = None, no_judge: NoJudge = False, quiet: Quiet = False,
 ) -> None:
     """Sample the target model itself n times per target (adapter off), judge its replies, and redo the report.
-    Journaled, resumable: targets already sampled or judged are skipped."""
+    Journaled, resumable: targets already sampled or judged are skipped. Exit 3 when judge calls failed."""
     from ao_resampling import pipeline
-    from ao_resampling.baseline import BaselineError, baseline_stage, baseline_summary
-    from ao_resampling.judge import JudgeConfigError, check_judge_access
-    from ao_resampling.models import ModelLoadError
+    from ao_resampling.baseline import baseline_stage, baseline_summary
+    from ao_resampling.judge import JudgeConfigError, check_judge_access, failed_calls
 
     store, config = _open(results, baseline_max_new_tokens=baseline_max_new_tokens, device=device,
                           device_map=device_map, batch_rows=batch_rows, judge_model=judge_model, judge_api=judge_api,
                           judge_base_url=judge_base_url, judge_concurrency=judge_concurrency,
+                          judge_timeout_s=judge_timeout_s, judge_max_retries=judge_max_retries,
                           embedding_model=embedding_model)
     if not no_judge:
         try:
             check_judge_access(config)
         except JudgeConfigError as e:
             _fail(f"{e}; or pass --no-judge for the replies alone")
-    try:
+    with folder_lock(store.folder):
         outcome = baseline_stage(store, config, judge=not no_judge, progress=not quiet)
         report_dir = pipeline.analyse(store, config, progress=not quiet)
-    except (BaselineError, ModelLoadError, pipeline.PipelineError) as e:
-        _fail(str(e))
-        return
+        loaded = store.load()
     typer.echo(f"baseline: {outcome.n_sampled} targets sampled ({outcome.n_already_sampled} already were), "
                f"{outcome.n_judge_ok} of {outcome.n_judge_sent} judge calls scored"
                + (f", failures {outcome.n_judge_failed}" if outcome.n_judge_failed else ""))
-    b = baseline_summary(store.load())
+    b = baseline_summary(loaded)
     if b and b["n_targets"]:
         r = "n/a" if b["pearson_r"] is None else f"{b['pearson_r']:.3f}"
         rho = "n/a" if b["spearman_r"] is None else f"{b['spearman_r']:.3f}"
         typer.echo(f"AO vs target model over {b['n_targets']} targets: Pearson r = {r}, Spearman rho = {rho}")
     typer.echo(f"report: {report_dir / 'report.md'}")
+    if not no_judge:
+        _exit_if_calls_failed(store.folder, failed_calls(loaded), f"`ao-resampling baseline {store.folder}`")
 
 
 def _open(results: Path, **overrides: Any):
     """A run folder's store and its config (from meta), with plumbing overrides (judge endpoint etc.)."""
-    from ao_resampling.results import ResultsError, ResultsStore, load_results_file
+    from ao_resampling.results import ResultsStore, load_results_file
 
     folder = results.parent if results.suffix == ".json" else results
     store = ResultsStore(folder)
@@ -330,12 +376,13 @@ def _open(results: Path, **overrides: Any):
         store.results_path = results
     if not store.results_path.exists():
         _fail(f"{store.results_path} does not exist")
-    try:
-        meta_config = load_results_file(store.results_path).meta.config or {}
-    except ResultsError as e:
-        _fail(str(e))
-        raise
+    meta_config = load_results_file(store.results_path).meta.config or {}
     base = {k: v for k, v in meta_config.items() if k in ExperimentConfig.model_fields}
+    if is_redacted_url(base.get("judge_base_url")) and overrides.get("judge_base_url") is None:
+        # Its credentials were not written down; the user gives the URL again (or OPENAI_BASE_URL).
+        base.pop("judge_base_url")
+        typer.echo("note: meta.config's judge_base_url had credentials, which were not stored; using "
+                   "--judge-base-url or OPENAI_BASE_URL instead", err=True)
     try:
         config = ExperimentConfig(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
     except Exception as e:  # an older file's meta may not be one of our configs: fall back to defaults

@@ -10,11 +10,14 @@ oracle, a few targets), which is what ``ao-resampling run`` does with no argumen
 
 from __future__ import annotations
 
+import math
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ao_resampling.errors import AOResamplingError
 
 REAL_MODEL = "google/gemma-3-27b-it"
 REAL_ORACLE_LORA = "adamkarvonen/checkpoints_latentqa_cls_past_lens_gemma-3-27b-it"
@@ -24,7 +27,7 @@ Dtype = Literal["bfloat16", "float16", "float32"]
 JudgeApi = Literal["responses", "chat"]
 
 
-class ConfigError(ValueError):
+class ConfigError(AOResamplingError, ValueError):
     """A config file or flag value that cannot be used; the message names the source and the field."""
 
 
@@ -58,6 +61,8 @@ class ExperimentConfig(BaseModel):
     samples_per_query: int = Field(10, ge=1)
     temperature: float = Field(0.7, ge=0.0)
     top_p: float = Field(0.9, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0, description="None = the model's generation_config (as HF generate: else "
+                              "HF's default, 50); 0 = off")
     max_new_tokens: int = Field(120, ge=1)
     decode_seed: int = 0
     batch_rows: int = Field(512, ge=1, description="most rows (query x sample) decoded together")
@@ -84,6 +89,15 @@ class ExperimentConfig(BaseModel):
     # Target-model baseline
     baseline: bool = False
     baseline_max_new_tokens: int = Field(240, ge=1)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _floats_are_finite(cls, value: Any) -> Any:
+        # inf and NaN pass `ge=` bounds, then results.json would hold Infinity/NaN (not JSON) and the folder could no
+        # longer be resumed; every float knob is a finite number.
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"expected a finite number, got {value}")
+        return value
 
     @model_validator(mode="after")
     def _lora_needs_a_real_model_or_random(self) -> "ExperimentConfig":
@@ -116,7 +130,10 @@ class ExperimentConfig(BaseModel):
             "judge_max_retries", "judge_concurrency", "judge_api", "sampler", "merge_lora", "bootstrap_resamples",
             "embedding_model", "bootstrap_seed", "baseline", "judge_repeats", "judge_repeat_fraction",
         }
-        return {k: v for k, v in self.model_dump(mode="json").items() if k not in plumbing}
+        # targets/questions are paths: a resume compares the plan's content instead (plan_check.py), so the same file
+        # named relative or absolute is accepted and an edited file under the same name is not.
+        content_bound = {"targets", "questions"}
+        return {k: v for k, v in self.model_dump(mode="json").items() if k not in plumbing | content_bound}
 
 
 DEMO: dict[str, Any] = {
@@ -160,10 +177,14 @@ def build_config(
     try:
         return ExperimentConfig(**values)
     except ValidationError as e:
-        problems = "; ".join(
-            f"field '{'.'.join(str(p) for p in err['loc']) or '<config>'}': {err['msg']}" for err in e.errors()
-        )
-        raise ConfigError(f"{source} (+ command-line flags): {problems}") from e
+        raise ConfigError(f"{source} (+ command-line flags): {describe_problems(e)}") from e
+
+
+def describe_problems(error: ValidationError) -> str:
+    """Every problem of a config that failed validation, each naming its field."""
+    return "; ".join(
+        f"field '{'.'.join(str(p) for p in err['loc']) or '<config>'}': {err['msg']}" for err in error.errors()
+    )
 
 
 def diff_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -5,13 +5,12 @@ is the list of questions we may ask it. Both come from user files (or the small 
 every check fails with a `DataError` naming the file, the item and the field: someone with 100 conversations
 should not have to bisect their file to find the bad one. Validated targets go on to encoding.py.
 
-The pool can also be read straight out of a research script's `.py` file. That file is parsed with `ast` and
-never run: only literals, lists, earlier names and `+` are understood, and anything else is refused by line.
+The pool can also be read straight out of a research script's `.py` file, which is parsed and never run
+(py_source.py): the list read is the one importing the file would give, or the line it cannot follow is refused.
 """
 
 from __future__ import annotations
 
-import ast
 import json
 import random
 from collections.abc import Sequence
@@ -20,14 +19,16 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
+from ao_resampling.errors import AOResamplingError
+
+from ao_resampling.py_source import PySourceError, read_string_list
 
 ROLES = ("system", "user", "assistant")
 _TARGET_KEYS = ("id", "messages")
 _MESSAGE_KEYS = ("role", "content")
-_SUPPORTED = "only string literals, lists/tuples, names bound earlier and + are"
 
 
-class DataError(ValueError):
+class DataError(AOResamplingError, ValueError):
     """Bad input data. The message names the file, the item (index and id) and the field, and what was expected."""
 
 
@@ -220,121 +221,12 @@ def _check_pool(entries: list[tuple[str, str]], source: str) -> list[str]:
     return [question for question, _ in entries]
 
 
-class _Unsupported(Exception):
-    """Something the `.py` reader will not evaluate; raised only if the requested variable depends on it."""
-
-    def __init__(self, line: int, reason: str) -> None:
-        super().__init__(reason)
-        self.line, self.reason = line, reason
-
-
-# A value the reader understands: a string, or a list of such values, each with the line it was written on.
-_Value = tuple["str | list[_Value]", int]
-_Bindings = dict[str, "_Value | _Unsupported"]  # a failure is kept, and raised only if the variable needs it
-
-_DESCRIPTIONS: dict[type, str] = {
-    ast.Call: "a call",
-    ast.ListComp: "a comprehension",
-    ast.SetComp: "a comprehension",
-    ast.DictComp: "a comprehension",
-    ast.GeneratorExp: "a generator expression",
-    ast.JoinedStr: "an f-string",
-    ast.Attribute: "attribute access",
-    ast.Subscript: "a subscript",
-    ast.Starred: "`*` unpacking",
-    ast.BinOp: "an operator other than +",
-    ast.Constant: "a constant that is not a string",
-    ast.Dict: "a dict",
-    ast.Set: "a set",
-}
-
-
-def _refuse(node: ast.AST, text: str, what: str | None = None) -> _Unsupported:
-    what = what or _DESCRIPTIONS.get(type(node), f"an expression of kind {type(node).__name__}")
-    snippet = " ".join((ast.get_source_segment(text, node) or "").split())
-    snippet = snippet if len(snippet) <= 40 else snippet[:37] + "..."
-    return _Unsupported(node.lineno, f"{what} (`{snippet}`) is not supported; {_SUPPORTED}")
-
-
-def _evaluate(node: ast.expr, text: str, bindings: _Bindings) -> _Value:
-    if isinstance(node, ast.Constant) and isinstance(node.value, str):
-        return node.value, node.lineno  # implicit concatenation "a" "b" is already one Constant
-    if isinstance(node, (ast.List, ast.Tuple)):
-        return [_evaluate(element, text, bindings) for element in node.elts], node.lineno
-    if isinstance(node, ast.Name):
-        bound = bindings.get(node.id)
-        if bound is None:
-            raise _Unsupported(
-                node.lineno, f"the name {node.id!r} is not bound at module level before it is used; {_SUPPORTED}"
-            )
-        if isinstance(bound, _Unsupported):
-            raise bound
-        return bound
-    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
-        left, _ = _evaluate(node.left, text, bindings)
-        right, _ = _evaluate(node.right, text, bindings)
-        if isinstance(left, str) != isinstance(right, str):
-            raise _refuse(node, text, "`+` of a string and a list")
-        return left + right, node.lineno  # type: ignore[operator]  # both str or both list, checked above
-    raise _refuse(node, text)
-
-
-def _bindings_of(statement: ast.stmt, text: str, bindings: _Bindings) -> _Bindings:
-    """The module-level names a statement binds. Failures are stored, not raised: `client = OpenAI()`
-    elsewhere in the file must not stop us reading a question list that does not use it."""
-
-    def attempt(value: ast.expr) -> _Value | _Unsupported:
-        try:
-            return _evaluate(value, text, bindings)
-        except _Unsupported as e:
-            return e
-
-    if isinstance(statement, ast.Assign):
-        value = attempt(statement.value)
-        bound: _Bindings = {}
-        for target in statement.targets:
-            if isinstance(target, ast.Name):
-                bound[target.id] = value
-            else:  # unpacking (`a, b = ...`) binds names we do not follow; item/attribute stores bind none
-                names = [n.id for n in ast.walk(target) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)]
-                bound.update({name: _refuse(target, text, "unpacking assignment") for name in names})
-        return bound
-    if isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name) and statement.value:
-        return {statement.target.id: attempt(statement.value)}
-    if isinstance(statement, ast.AugAssign) and isinstance(statement.target, ast.Name):
-        return {statement.target.id: _refuse(statement, text, "augmented assignment")}
-    if isinstance(statement, (ast.Import, ast.ImportFrom)):
-        return {(a.asname or a.name.split(".")[0]): _refuse(statement, text, "an import") for a in statement.names}
-    if isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-        reason = f"a definition (`{statement.name}`) is not supported; {_SUPPORTED}"
-        return {statement.name: _Unsupported(statement.lineno, reason)}
-    return {}  # anything nested in if/for/with/try is not followed
-
-
 def _questions_from_python(text: str, source: str, variable: str) -> list[tuple[str, str]]:
     try:
-        tree = ast.parse(text, filename=source)
-    except SyntaxError as e:
-        raise DataError(f"{source}: line {e.lineno}: not valid Python ({e.msg})") from None
-    bindings: _Bindings = {}
-    for statement in tree.body:  # in order, so a name means its latest binding before the use
-        bindings.update(_bindings_of(statement, text, bindings))
-    if variable not in bindings:
-        names = ", ".join(sorted(bindings)) or "none"
-        raise DataError(f"{source}: no module-level variable {variable!r}; module-level names are: {names}")
-    bound = bindings[variable]
-    if isinstance(bound, _Unsupported):
-        raise DataError(f"{source}: line {bound.line}: variable {variable!r}: {bound.reason}")
-    value, line = bound
-    if isinstance(value, str):
-        raise DataError(f"{source}: line {line}: variable {variable!r}: expected a list of strings, got a string")
-    entries = []
-    for index, (element, element_line) in enumerate(value):
-        if not isinstance(element, str):
-            where = f"{source}: line {element_line}: variable {variable!r}: item {index}"
-            raise DataError(f"{where}: expected a string, got a list")
-        entries.append((element, f"item {index} (line {element_line})"))
-    return entries
+        return [(question, f"item {index} (line {line})")
+                for index, (question, line) in enumerate(read_string_list(text, variable, filename=source))]
+    except PySourceError as e:
+        raise DataError(f"{source}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------- sampling

@@ -18,6 +18,8 @@ that is what the CPU tests exercise.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import warnings
 
 import torch
@@ -32,6 +34,25 @@ def on_one_device(model: nn.Module) -> bool:
     return len({p.device for p in model.parameters()}) == 1
 
 
+@functools.cache
+def _cache_argument(forward_owner: type) -> str:
+    """transformers 5.24 renamed the forward's ``past_key_values=`` to ``cache=`` (the old name warns, and goes in
+    5.40); 5.17 (the device's) knows only the old one. The signature says which this install takes."""
+    return "cache" if "cache" in inspect.signature(forward_owner.forward).parameters else "past_key_values"
+
+
+def cache_kwargs(model: nn.Module, cache) -> dict:
+    """``{name: cache}`` under the name this transformers' forward takes (through a PEFT wrapper too)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {_cache_argument(type(base)): cache}
+
+
+def returned_cache(out):
+    """The cache a forward returned: ``out.cache`` from 5.24 on, ``out.past_key_values`` before."""
+    cache = out.get("cache")
+    return out.past_key_values if cache is None else cache
+
+
 class PlainDecodeStep:
     def __init__(self, model: nn.Module, cache, mask_AL: torch.Tensor):
         self.model, self.cache, self.mask_AT = model, cache, mask_AL
@@ -39,8 +60,8 @@ class PlainDecodeStep:
     def __call__(self, tokens_A: torch.Tensor, positions_A: torch.Tensor, length: int) -> torch.Tensor:
         self.mask_AT = torch.cat([self.mask_AT, self.mask_AT.new_ones(self.mask_AT.shape[0], 1)], dim=1)
         out = self.model(input_ids=tokens_A[:, None], attention_mask=self.mask_AT, position_ids=positions_A[:, None],
-                         past_key_values=self.cache, use_cache=True)
-        self.cache = out.past_key_values
+                         use_cache=True, **cache_kwargs(self.model, self.cache))
+        self.cache = returned_cache(out)
         return out.logits[:, -1]
 
     def select(self, keep_A: torch.Tensor, select_cache) -> None:
@@ -89,7 +110,7 @@ class StaticDecodeStep:
 
     def _forward(self, cut: int) -> torch.Tensor:
         out = self.model(input_ids=self.tokens_A1, attention_mask=self.mask_AS[:, None, None, :cut],
-                         position_ids=self.positions_A1, past_key_values=self.cache, use_cache=True)
+                         position_ids=self.positions_A1, use_cache=True, **cache_kwargs(self.model, self.cache))
         return out.logits[:, -1]
 
     def _run_then_capture(self, cut: int) -> torch.Tensor:

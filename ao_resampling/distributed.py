@@ -13,6 +13,10 @@ exactly the missing runs.
 
 The ranks meet only at a few steps, and each meeting also carries failures (``together``): a rank that fails a step
 makes every rank stop there with its message, instead of leaving the others waiting at a barrier.
+
+The run folder's lock (lock.py) is taken by rank 0 alone (cli.py), before the group forms: the other ranks write
+only their own ``journal.rank{r}.jsonl`` and only after rank 0's plan, so rank 0 holding the folder holds it for the
+group, and a busy folder stops rank 0 at once and torchrun the rest.
 """
 
 from __future__ import annotations

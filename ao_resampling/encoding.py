@@ -12,8 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ao_resampling.errors import AOResamplingError
 
-class EncodingError(ValueError):
+
+class EncodingError(AOResamplingError, ValueError):
     """The tokenizer cannot give a trustworthy assistant_start_idx for this conversation."""
 
 

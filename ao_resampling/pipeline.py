@@ -19,17 +19,20 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
+from ao_resampling.errors import AOResamplingError
 from ao_resampling import data, models
-from ao_resampling.config import ExperimentConfig, diff_settings
+from ao_resampling.config import ExperimentConfig, describe_problems, diff_settings
 from ao_resampling.encoding import encode_target, require_chat_template
+from ao_resampling.generation_settings import Sampling
 from ao_resampling.hooks import capture_activations_at
 from ao_resampling.oracle import build_oracle_query
+from ao_resampling.plan_check import context_overflows, plan_differences
 from ao_resampling.positions import landmarks_of, parse_rule, resolve
 from ao_resampling.results import (
     AOQuestion, Decoding, Meta, Response, Results, ResultsStore, Run, TargetRecord, run_id_for, sha256_of_ids,
 )
 from ao_resampling.reference import sample_sequential
-from ao_resampling.sampling import BatchedSampler, DecodeParams, Query, Sample
+from ao_resampling.sampling import BatchedSampler, DecodeParams, Query, Sample, effective_sampling
 
 STAND_IN_NOTE = (
     "STAND-IN: {why}. These numbers exercise the pipeline; they say nothing about the real Activation Oracle."
@@ -37,7 +40,7 @@ STAND_IN_NOTE = (
 CAPTURE_BATCH = 32  # targets are short; a few passes over half the model, not one per handful
 
 
-class PipelineError(RuntimeError):
+class PipelineError(AOResamplingError, RuntimeError):
     """A pre-flight check or a resume that cannot go ahead; the message says what to change."""
 
 
@@ -115,6 +118,7 @@ def build_plan(config: ExperimentConfig, tokenizer) -> tuple[Results, list[PlanR
                 context_input_ids=enc.input_ids, context_input_ids_sha256=sha256_of_ids(enc.input_ids),
                 oracle_input_ids=oq.input_ids, placeholder_positions=oq.placeholder_positions,
             ))
+    check_context_window(config, runs)
     version, commit = code_version()
     why = stand_in_reason(config)
     meta = Meta(
@@ -132,9 +136,24 @@ def build_plan(config: ExperimentConfig, tokenizer) -> tuple[Results, list[PlanR
     return results, table
 
 
-def decoding(config: ExperimentConfig) -> Decoding:
+def check_context_window(config: ExperimentConfig, runs: list[Run]) -> None:
+    """Refuse, before any weights are loaded, a target or oracle prompt longer than the model's context window."""
+    limit = models.model_context_length(config.model)
+    overflows = context_overflows(runs, limit=limit, max_new_tokens=config.max_new_tokens,
+                                  baseline_new_tokens=config.baseline_max_new_tokens if config.baseline else None)
+    if overflows:
+        raise PipelineError(
+            f"model {config.model!r} takes at most {limit} positions (max_position_embeddings); these do not fit:\n  "
+            + "\n  ".join(overflows) + "\nShorten or drop those targets, or lower max_new_tokens."
+        )
+
+
+def decoding(config: ExperimentConfig, sampling: Sampling | None = None) -> Decoding:
+    """The run's decoding; with ``sampling`` (known once the model is loaded), the effective top_k and eos ids."""
     return Decoding(temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
-                    do_sample=config.temperature > 0, seed=config.decode_seed)
+                    do_sample=config.temperature > 0, seed=config.decode_seed,
+                    top_k=config.top_k if sampling is None else sampling.top_k,
+                    eos_token_ids=None if sampling is None else list(sampling.eos_token_ids))
 
 
 def prepare(config: ExperimentConfig, out_dir: Path, tokenizer=None) -> tuple[ResultsStore, list[PlanRow]]:
@@ -149,15 +168,20 @@ def prepare(config: ExperimentConfig, out_dir: Path, tokenizer=None) -> tuple[Re
                 if existing.meta.config else {}
         except ValidationError as e:  # made by another version of this tool: not something to resume blindly
             raise PipelineError(f"{store.results_path}: its meta.config is not a config this version understands "
-                                f"({e.error_count()} problem(s)); use another --out folder") from e
+                                f"({describe_problems(e)}); use another --out folder") from e
         differences = diff_settings(old, config.settings_that_change_results())
         if differences:
             raise PipelineError(
                 f"{store.results_path} was made with other settings; refusing to mix them. Differences:\n  "
                 + "\n  ".join(differences) + "\nUse another --out folder, or the original settings to continue."
             )
-        if [r.run_id for r in existing.runs] != [r.run_id for r in plan.runs]:
-            raise PipelineError(f"{store.results_path}: its runs differ from the plan (targets or questions changed)")
+        changes = plan_differences(existing, plan)
+        if changes:
+            raise PipelineError(
+                f"{store.results_path} was planned from other targets/questions than the ones given now; refusing to "
+                "mix their answers. Changes:\n  " + "\n  ".join(changes)
+                + "\nUse another --out folder, or the original inputs to continue."
+            )
     else:
         store.write(plan)
     return store, table
@@ -191,8 +215,8 @@ def generate(store: ResultsStore, config: ExperimentConfig, *, oracle: models.Lo
     queries = [Query(key=r.run_id, input_ids=tuple(r.oracle_input_ids), n=config.samples_per_query,
                      vectors_KD=acts[r.target_id], positions_K=tuple(r.placeholder_positions)) for r in todo]
     params = DecodeParams(temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
-                          seed=config.decode_seed)
-    decode = decoding(config)
+                          seed=config.decode_seed, top_k=config.top_k)
+    decode = decoding(config, effective_sampling(oracle.model, oracle.tokenizer, params))
 
     def journal(batch: dict[str, list[Sample]]) -> None:
         store.journal.append_many([{"type": "responses", "run_id": run_id,

@@ -14,9 +14,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ao_resampling.hooks import left_pad
-from ao_resampling.models import model_device, stop_token_ids
+from ao_resampling.generation_settings import generate_kwargs
+from ao_resampling.models import model_device
 from ao_resampling.sampling import (
-    DecodeParams, Query, Sample, batch_seed, injection_for_rows, make_sample, until_stop,
+    DecodeParams, Query, Sample, batch_seed, effective_sampling, injection_for_rows, make_sample, until_stop,
 )
 
 
@@ -25,7 +26,7 @@ def sample_hf_batched(model: nn.Module, tokenizer, queries: Sequence[Query], *, 
                       coefficient: float, params: DecodeParams) -> dict[str, list[Sample]]:
     """All rows of all queries through one ``generate`` call (each sample its own padded row)."""
     device = model_device(model)
-    stop_ids = stop_token_ids(tokenizer)
+    stop_ids = list(effective_sampling(model, tokenizer, params).eos_token_ids)
     rows = [(q, i) for q in queries for i in range(q.n)]
     ids_BL, mask_BL = left_pad([q.input_ids for q, _ in rows], tokenizer.pad_token_id, device)
     L = ids_BL.shape[1]
@@ -57,8 +58,8 @@ def sample_sequential(model: nn.Module, tokenizer, queries: Sequence[Query], *, 
 
 
 def _generate_kwargs(params: DecodeParams, stop_ids: list[int], pad_id: int) -> dict:
-    kwargs = dict(max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens or None,
-                  eos_token_id=stop_ids, pad_token_id=pad_id)
-    if params.temperature == 0:
-        return kwargs | dict(do_sample=False, top_p=None, top_k=None, temperature=None)
-    return kwargs | dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=None)
+    """Upstream's arguments (temperature, top_p, do_sample; top_k only when the run overrides the model's): HF
+    merges the model's generation_config itself, so top-k here is HF's decision, not the fast path's."""
+    return dict(max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens or None,
+                eos_token_id=stop_ids, pad_token_id=pad_id,
+                **generate_kwargs(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k))

@@ -163,16 +163,21 @@ EMBEDDING_PLOTS: dict[str, Callable[[Results], Figure]] = {
     "A_embedding.png": plots.embedding_histogram,
     "B_embedding_target_means.png": plots.embedding_target_mean_histogram,
     "C_embedding_per_question.png": plots.embedding_per_question,
-    "judge_vs_embedding.png": plots.judge_vs_embedding,
 }
+JUDGE_VS_EMBEDDING = "judge_vs_embedding.png"
+
+# A figure with no data is left out (an empty axis reads like a result); report.md says why it is missing.
 
 
 def judge_plots(results: Results) -> dict[str, Callable[[Results], Figure]]:
-    return JUDGE_PLOTS
+    return JUDGE_PLOTS if judge_scores(results.runs) else {}
 
 
 def embedding_plots(results: Results) -> dict[str, Callable[[Results], Figure]]:
-    return EMBEDDING_PLOTS if embedding_similarities(results.runs) else {}
+    if not embedding_similarities(results.runs):
+        return {}
+    both = judge_embedding_pairs(results.runs)[0]
+    return {**EMBEDDING_PLOTS, **({JUDGE_VS_EMBEDDING: plots.judge_vs_embedding} if both else {})}
 
 
 def baseline_plots(results: Results) -> dict[str, Callable[[Results], Figure]]:
@@ -380,7 +385,9 @@ def judge_free_section(ctx: ReportContext) -> str:
               _image(ctx, "A_embedding.png", "A: embedding similarity"),
               _image(ctx, "B_embedding_target_means.png", "B: per-target mean embedding similarity"), "",
               _image(ctx, "C_embedding_per_question.png", "C: per-question embedding similarity"), "",
-              _image(ctx, "judge_vs_embedding.png", "judge score vs embedding similarity")]
+              _image(ctx, JUDGE_VS_EMBEDDING, "judge score vs embedding similarity") if JUDGE_VS_EMBEDDING in ctx.plots
+              else "No judge-vs-embedding figure: no run has both a judge score and an embedding similarity yet "
+                   "(`ao-resampling judge RUN_FOLDER` adds the scores)."]
     return "\n".join(lines)
 
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
+import urllib.parse
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -25,9 +27,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ao_resampling.errors import AOResamplingError
+
 SCHEMA_VERSION = 1
 RESULTS_NAME = "results.json"
 JOURNAL_GLOB = "journal*.jsonl"
+# The only journals the tool reads and deletes: its own (``journal.jsonl``, ``journal.rank{r}.jsonl`` per torchrun
+# rank). A user's ``journal.backup.jsonl`` beside them is neither replayed nor removed.
+TOOL_JOURNAL_RE = re.compile(r"journal(\.rank(0|[1-9][0-9]*))?\.jsonl")
+REDACTED = "REDACTED"
 
 FailureReason = Literal[
     "api_error", "timeout", "empty_output", "incomplete", "refusal", "invalid_json", "schema_mismatch",
@@ -36,7 +44,7 @@ FailureReason = Literal[
 FinishReason = Literal["eos", "length"]
 
 
-class ResultsError(ValueError):
+class ResultsError(AOResamplingError, ValueError):
     """A results file that cannot be read as this tool's format; the message names the file and the place."""
 
 
@@ -52,6 +60,10 @@ class Decoding(BaseModel):
     max_new_tokens: int
     do_sample: bool = True
     seed: int | None = None
+    # What HF generate's merge with the model's generation_config decided (generation_settings.py). None: a file
+    # written before they were recorded, or a plan written before the model was loaded (top_k None = the model's).
+    top_k: int | None = None
+    eos_token_ids: list[int] | None = None
 
 
 class Response(_Model):
@@ -85,6 +97,8 @@ class JudgeRecord(_Model):
     answer_order: list[int] | None = Field(None, description="1-based order the answers were shown in")
     latency_s: float | None = None
     created_at: str | None = None
+    previous_failures: list[JudgeRecord] = Field(
+        default_factory=list, description="earlier failed calls for the same judge_call_id, oldest first")
 
     @model_validator(mode="after")
     def _one_outcome(self) -> "JudgeRecord":
@@ -209,7 +223,9 @@ class Results(_Model):
     def _ids_consistent(self) -> "Results":
         run_ids = [r.run_id for r in self.runs]
         if len(set(run_ids)) != len(run_ids):
-            raise ValueError("duplicate run_id in 'runs'")
+            first = next(i for i, run_id in enumerate(run_ids) if run_id in run_ids[:i])
+            raise ValueError(f"duplicate run_id in 'runs': runs[{first}] ({run_ids[first]}) is also "
+                             f"runs[{run_ids.index(run_ids[first])}]")
         target_ids = {t.id for t in self.targets}
         question_ids = {q.id for q in self.ao_questions}
         for i, run in enumerate(self.runs):
@@ -255,7 +271,49 @@ def run_id_for(target_id: str, question_id: str) -> str:
 
 
 def sha256_of_ids(ids: Iterable[int]) -> str:
+    """Hex sha256 of the ids as compact JSON (``[2,105,...]``); pinned by a test, since files in the wild hold it."""
     return hashlib.sha256(json.dumps(list(ids), separators=(",", ":")).encode()).hexdigest()
+
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def run_integrity_problems(run: Run) -> list[str]:
+    """What is wrong with a run's token ids and the indices into them (empty when nothing is).
+
+    A hand-edited or damaged file must not reach the model: an index past the end reads another token's activation
+    (or crashes mid-run), and ids changed under their old hash mean the answers belong to a different context.
+    """
+    problems = []
+    stored, ids = run.context_input_ids_sha256, run.context_input_ids
+    if not _SHA256_HEX.fullmatch(stored):
+        problems.append(f"field 'context_input_ids_sha256': expected 64 lower-case hex digits, got {stored!r}")
+    elif stored != sha256_of_ids(ids):
+        problems.append("field 'context_input_ids_sha256': does not match 'context_input_ids' (the ids were changed "
+                        "after they were hashed)")
+    if not 0 <= run.assistant_start_idx < len(ids):
+        problems.append(f"field 'assistant_start_idx': {run.assistant_start_idx} is outside the "
+                        f"{len(ids)} context_input_ids")
+    problems += _outside("context_positions", run.context_positions, len(ids), "context_input_ids")
+    if run.placeholder_positions is not None and run.oracle_input_ids is None:
+        problems.append("field 'placeholder_positions': set, but 'oracle_input_ids' is missing")
+    elif run.placeholder_positions is not None:
+        problems += _outside("placeholder_positions", run.placeholder_positions, len(run.oracle_input_ids),
+                             "oracle_input_ids")
+    return problems
+
+
+def _outside(name: str, positions: list[int], length: int, of: str) -> list[str]:
+    bad = [p for p in positions if not 0 <= p < length]
+    return [f"field '{name}': {bad} outside the {length} {of}"] if bad else []
+
+
+def check_integrity(results: Results, source: Path | str) -> None:
+    """Raise a ResultsError naming the file, the run and the field of the first run whose ids do not hold together."""
+    for i, run in enumerate(results.runs):
+        problems = run_integrity_problems(run)
+        if problems:
+            raise ResultsError(f"{source}: runs[{i}] ({run.run_id}): " + "; ".join(problems))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -281,7 +339,34 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def dump_results(results: Results) -> str:
-    return json.dumps(results.model_dump(mode="json"), indent=1, ensure_ascii=False) + "\n"
+    data = results.model_dump(mode="json")
+    config = data["meta"].get("config")
+    if isinstance(config, dict) and isinstance(config.get("judge_base_url"), str):
+        # Used for the calls as given; only what is written loses its credentials.
+        config["judge_base_url"] = redact_url(config["judge_base_url"])
+    return json.dumps(data, indent=1, ensure_ascii=False) + "\n"
+
+
+_SECRET_PARAM_RE = re.compile(r"key|token|secret|password|passwd|sig|auth", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """``url`` without credentials: user:password in it and the values of key/token/secret-like query parameters."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # not a URL at all: it may be anything, so keep none of it
+        return REDACTED
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = f"{REDACTED}@{netloc.rsplit('@', 1)[1]}"
+    query = urllib.parse.urlencode(
+        [(k, REDACTED if _SECRET_PARAM_RE.search(k) else v)
+         for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)], safe=REDACTED)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query if parts.query else ""))
+
+
+def is_redacted_url(url: str | None) -> bool:
+    return isinstance(url, str) and REDACTED in url
 
 
 def read_json_file(path: Path) -> Any:
@@ -298,11 +383,13 @@ def load_results_file(path: Path) -> Results:
     """Read one results file (current or older format) without its journal."""
     data = read_json_file(path)
     try:
-        return Results.model_validate(data)
+        results = Results.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "<top level>"
         raise ResultsError(f"{path}: field '{where}': {first['msg']} ({e.error_count()} problem(s) in all)") from e
+    check_integrity(results, path)
+    return results
 
 
 class Journal:
@@ -377,10 +464,12 @@ def apply_event(results: Results, event: dict[str, Any], runs: dict[str, Run]) -
     if kind == "responses":
         run.responses = [Response.model_validate(r) for r in event["responses"]]
     elif kind == "judge":
-        run.judge = JudgeRecord.model_validate(event["record"])
+        run.judge = supersede(run.judge, JudgeRecord.model_validate(event["record"]))
     elif kind == "judge_repeat":
         record = JudgeRecord.model_validate(event["record"])
-        run.judge_repeats = [r for r in run.judge_repeats if r.judge_call_id != record.judge_call_id] + [record]
+        old = next((r for r in run.judge_repeats if r.judge_call_id == record.judge_call_id), None)
+        run.judge_repeats = [r for r in run.judge_repeats if r.judge_call_id != record.judge_call_id] + [
+            supersede(old, record)]
     elif kind == "spread":
         run.spread = SpreadMetrics.model_validate(event["spread"])
     else:
@@ -402,7 +491,24 @@ def _apply_baseline_event(results: Results, event: dict[str, Any]) -> None:
     elif event["type"] == "baseline_spread":
         run.spread = SpreadMetrics.model_validate(event["spread"])
     else:
-        run.judge = JudgeRecord.model_validate(event["record"])
+        run.judge = supersede(run.judge, JudgeRecord.model_validate(event["record"]))
+
+
+def supersede(old: JudgeRecord | None, new: JudgeRecord) -> JudgeRecord:
+    """``new`` in place of ``old``, keeping every earlier failure (a retried call's history is not thrown away).
+
+    Replaying an event that was already folded in must change nothing, so the very same call again keeps ``old``.
+    """
+    if old is None:
+        return new
+    if _without_history(old) == _without_history(new):
+        return old
+    carried = old.previous_failures + ([_without_history(old)] if old.failure is not None else [])
+    return new.model_copy(update={"previous_failures": carried + new.previous_failures})
+
+
+def _without_history(record: JudgeRecord) -> JudgeRecord:
+    return record.model_copy(update={"previous_failures": []})
 
 
 class ResultsStore:
@@ -417,7 +523,8 @@ class ResultsStore:
         return self.results_path.exists()
 
     def journals(self) -> list[Path]:
-        return sorted(self.folder.glob(JOURNAL_GLOB))
+        """The tool's own journals in this folder (``TOOL_JOURNAL_RE``); nothing else is replayed or deleted."""
+        return sorted(p for p in self.folder.glob(JOURNAL_GLOB) if TOOL_JOURNAL_RE.fullmatch(p.name))
 
     def load(self) -> Results:
         """The last written file with every journal replayed over it."""

@@ -30,7 +30,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ao_resampling.attention import decode_attention
-from ao_resampling.decode_step import PlainDecodeStep, StaticDecodeStep
+from ao_resampling.decode_step import PlainDecodeStep, StaticDecodeStep, cache_kwargs, returned_cache
+from ao_resampling.generation_settings import Sampling, model_generation_config, resolve_sampling
 from ao_resampling.hooks import injecting, left_pad, position_ids_from_mask
 from ao_resampling.models import adapter_disabled, model_device, stop_token_ids
 from ao_resampling.norms import cached_norm_scales
@@ -46,6 +47,8 @@ class DecodeParams:
     max_new_tokens: int
     seed: int = 0
     min_new_tokens: int = 0  # benchmarks force full-length answers (worst case) with min_new_tokens=max_new_tokens
+    top_k: int | None = None  # None = the model's generation_config (else HF's default, 50); 0 = off
+    eos_token_ids: tuple[int, ...] | None = None  # None = the model's generation_config (else the tokenizer's)
 
 
 @dataclass(frozen=True)
@@ -121,31 +124,71 @@ def top_p_keep_mask(sorted_probs_BK: torch.Tensor, top_p: float) -> torch.Tensor
 
 
 def sample_next_tokens(logits_BV: torch.Tensor, *, temperature: float, top_p: float,
-                       generator: torch.Generator | None, candidates: int = TOP_P_CANDIDATES) -> torch.Tensor:
-    """One token per row: greedy at temperature 0, else temperature + exact top-p + a categorical draw.
+                       generator: torch.Generator | None, top_k: int = 0,
+                       candidates: int = TOP_P_CANDIDATES) -> torch.Tensor:
+    """One token per row: greedy at temperature 0, else HF's warpers in HF's order (temperature, top-k, top-p) and
+    a categorical draw; ``top_k`` 0 = off.
 
-    Rows whose nucleus lies inside the top ``candidates`` tokens (a trained model, nearly always) are decided there.
-    Other rows (flat distributions, e.g. random weights) sort their whole row once (``nucleus_threshold``). Either
-    way the kept set is HF's TopPLogitsWarper's, except that tokens tied *exactly* at the boundary are all kept (HF
-    keeps the ones its sort happened to put first).
+    Without top-k, rows whose nucleus lies inside the top ``candidates`` tokens (a trained model, nearly always) are
+    decided there; other rows (flat distributions, e.g. random weights) sort their whole row once
+    (``nucleus_threshold``). With top-k, the nucleus is a k-token problem (top-p renormalises over the top k, as HF's
+    TopPLogitsWarper does after TopKLogitsWarper): a top-(k+1), no sort of the vocabulary; only a row whose k-th
+    logit ties the (k+1)-th (HF keeps every tied token) takes the full-row path. Either way the kept set is HF's,
+    except that tokens tied *exactly* at the top-p boundary are all kept (HF keeps the ones its sort put first).
     """
     if temperature == 0:
         return logits_BV.argmax(-1)
-    scaled_BV = logits_BV.float() / temperature
-    k = min(candidates, logits_BV.shape[-1])
-    top_scaled_BK, top_ids_BK = scaled_BV.topk(k, dim=-1)  # sorted, descending
-    log_z_B1 = scaled_BV.logsumexp(-1, keepdim=True)
-    top_probs_BK = (top_scaled_BK - log_z_B1).exp()
-    tokens_B = top_ids_BK.gather(-1, _draw(top_probs_BK * top_p_keep_mask(top_probs_BK, top_p), generator))
-    tokens_B = tokens_B.squeeze(-1)
-    short_B = top_probs_BK.sum(-1) < top_p  # the nucleus reaches past the candidates
+    top_k = top_k if 0 < top_k < logits_BV.shape[-1] else 0  # HF: a top_k >= the vocabulary keeps every token
+    top_ids_BK, weights_BK, short_B, scaled_BV = _candidate_weights(logits_BV, temperature, top_p, top_k, candidates)
+    tokens_B = top_ids_BK.gather(-1, _draw(weights_BK, generator)).squeeze(-1)
     if short_B.any():
         rows = short_B.nonzero().squeeze(-1)
-        short_logits_BV, short_log_z_B1 = logits_BV[rows], log_z_B1[rows]
-        threshold_B1 = nucleus_threshold(short_logits_BV, short_log_z_B1, temperature=temperature, top_p=top_p)
-        probs_BV = (scaled_BV[rows] - short_log_z_B1).exp() * (short_logits_BV >= threshold_B1)
-        tokens_B[rows] = _draw(probs_BV, generator).squeeze(-1)
+        tokens_B[rows] = _draw(_full_row_weights(logits_BV[rows], scaled_BV[rows], temperature, top_p, top_k),
+                               generator).squeeze(-1)
     return tokens_B
+
+
+def sampling_weights(logits_BV: torch.Tensor, *, temperature: float, top_p: float, top_k: int = 0,
+                     candidates: int = TOP_P_CANDIDATES) -> torch.Tensor:
+    """The normalised distribution ``sample_next_tokens`` draws from, over the whole vocabulary (for checks: the
+    same pieces, scattered into a dense row)."""
+    top_k = top_k if 0 < top_k < logits_BV.shape[-1] else 0
+    top_ids_BK, weights_BK, short_B, scaled_BV = _candidate_weights(logits_BV, temperature, top_p, top_k, candidates)
+    weights_BV = torch.zeros_like(scaled_BV).scatter(-1, top_ids_BK, weights_BK)
+    rows = short_B.nonzero().squeeze(-1)
+    if rows.numel():
+        weights_BV[rows] = _full_row_weights(logits_BV[rows], scaled_BV[rows], temperature, top_p, top_k)
+    return weights_BV / weights_BV.sum(-1, keepdim=True)
+
+
+def _candidate_weights(logits_BV: torch.Tensor, temperature: float, top_p: float, top_k: int, candidates: int):
+    """The top candidates' ids and unnormalised kept probabilities, which rows need the full-row path, the scaled
+    logits. Returns (ids_BK, weights_BK, short_B, scaled_BV)."""
+    scaled_BV = logits_BV.float() / temperature  # HF: float32 logits, then TemperatureLogitsWarper
+    k = top_k + 1 if top_k else min(candidates, logits_BV.shape[-1])
+    top_scaled_BK, top_ids_BK = scaled_BV.topk(k, dim=-1)  # sorted, descending
+    if top_k:
+        # TopKLogitsWarper keeps every token >= the k-th value (ties included); top-p then sees them renormalised.
+        in_k_BK = top_scaled_BK >= top_scaled_BK[:, top_k - 1:top_k]
+        log_z_B1 = top_scaled_BK.masked_fill(~in_k_BK, float("-inf")).logsumexp(-1, keepdim=True)
+        top_probs_BK = (top_scaled_BK - log_z_B1).exp() * in_k_BK
+        short_B = in_k_BK[:, -1]  # the (k+1)-th ties the k-th: the tie may reach past the candidates
+    else:
+        top_probs_BK = (top_scaled_BK - scaled_BV.logsumexp(-1, keepdim=True)).exp()
+        short_B = top_probs_BK.sum(-1) < top_p  # the nucleus reaches past the candidates
+    return top_ids_BK, top_probs_BK * top_p_keep_mask(top_probs_BK, top_p), short_B, scaled_BV
+
+
+def _full_row_weights(logits_RV: torch.Tensor, scaled_RV: torch.Tensor, temperature: float, top_p: float,
+                      top_k: int) -> torch.Tensor:
+    """Kept probabilities over whole rows (one sort each): rows whose nucleus or top-k tie leaves the candidates."""
+    if top_k:
+        kth_R1 = scaled_RV.topk(top_k, dim=-1).values[:, -1:]
+        logits_RV = logits_RV.masked_fill(scaled_RV < kth_R1, float("-inf"))
+        scaled_RV = scaled_RV.masked_fill(scaled_RV < kth_R1, float("-inf"))
+    log_z_R1 = scaled_RV.logsumexp(-1, keepdim=True)
+    threshold_R1 = nucleus_threshold(logits_RV, log_z_R1, temperature=temperature, top_p=top_p)
+    return (scaled_RV - log_z_R1).exp() * (logits_RV >= threshold_R1)
 
 
 def nucleus_threshold(logits_BV: torch.Tensor, log_z_B1: torch.Tensor, *, temperature: float, top_p: float,
@@ -202,7 +245,8 @@ class BatchedSampler:
         self.attention = attention  # "hf": the model's own attention (SDPA, repeat_kv) on decode steps too
         self.cuda_graphs = cuda_graphs  # only with attention="gqa" on a static cache (decode_step.py)
         self._kept: StaticDecodeStep | None = None  # the last batch's static cache + graphs, for the next batch
-        self.stop_ids = stop_token_ids(tokenizer)
+        self.sampling = effective_sampling(model, tokenizer, params)
+        self.stop_ids = list(self.sampling.eos_token_ids)
         self.pad_id = tokenizer.pad_token_id
 
     def run(self, queries: Sequence[Query], *, on_batch: Callable[[dict[str, list[Sample]]], None] | None = None,
@@ -253,9 +297,9 @@ class BatchedSampler:
         with self._adapter():
             with injection_for_rows(self.model, queries, L, device, self.injection_layer, self.coefficient):
                 out = self.model(input_ids=ids_QL, attention_mask=mask_QL,
-                                 position_ids=position_ids_from_mask(mask_QL), past_key_values=self._prefill_cache(),
-                                 use_cache=True, logits_to_keep=1)
-            cache, static = self._expand(out.past_key_values, n_Q, L + p.max_new_tokens)
+                                 position_ids=position_ids_from_mask(mask_QL), use_cache=True, logits_to_keep=1,
+                                 **cache_kwargs(self.model, self._prefill_cache()))
+            cache, static = self._expand(returned_cache(out), n_Q, L + p.max_new_tokens)
             logits_BV = out.logits[:, -1].to(device).repeat_interleave(n_Q, dim=0)
             mask_AL = mask_QL.bool().repeat_interleave(n_Q, dim=0)
             if self.attention == "gqa" and static:
@@ -283,7 +327,7 @@ class BatchedSampler:
         next_pos_A = position_ids_from_mask(mask_AL)[:, -1] + 1
         for i in range(p.max_new_tokens):
             tokens_A = sample_next_tokens(self._suppress_stop(logits_AV, i), temperature=p.temperature,
-                                          top_p=p.top_p, generator=generator)
+                                          top_p=p.top_p, top_k=self.sampling.top_k, generator=generator)
             tokens_BT[alive_A, i] = torch.where(done_B[alive_A], self.pad_id, tokens_A)
             done_B[alive_A] |= torch.isin(tokens_A, stop_S)
             if i == p.max_new_tokens - 1:
@@ -362,6 +406,16 @@ class BatchedSampler:
                                       self.stop_ids) for r in range(row, row + n)]
             row += n
         return out
+
+
+def effective_sampling(model: nn.Module, tokenizer, params: DecodeParams) -> Sampling:
+    """The decoding HF generate would do for this model and these settings (generation_settings.py); eos ids given
+    in ``params`` win over the model's."""
+    sampling = resolve_sampling(model_generation_config(model), temperature=params.temperature, top_p=params.top_p,
+                                top_k=params.top_k, fallback_eos=stop_token_ids(tokenizer))
+    if params.eos_token_ids is None:
+        return sampling
+    return Sampling(sampling.temperature, sampling.top_k, sampling.top_p, tuple(params.eos_token_ids))
 
 
 def injection_for_rows(model: nn.Module, row_queries: Sequence[Query], L: int, device: torch.device, layer: int,

@@ -3,7 +3,10 @@
     python bench/bench_generation.py --model synthetic:gemma-3-27b --tokenizer DIR \
         --targets target_model_queries.json --questions sycophancy_questions.json --full
 
-Answers are forced to max_new_tokens (min_new_tokens = max_new_tokens) so every variant does the worst-case work.
+Answers are forced to max_new_tokens (min_new_tokens = max_new_tokens) so every variant does the worst-case work;
+``--eos-rate 0.03`` instead makes the random model end its answers at <end_of_turn> ~3% of steps (standins.py), so
+rows finish at varied lengths and are dropped as real answers are (tokens/s then counts max_new_tokens per sample:
+an upper bound). Decoding is the model's generation_config merged with T=0.7, top_p 0.9 (``--top-k`` overrides).
 On a random-weight model the numbers are about speed only. Prints one table; --json writes all numbers.
 """
 
@@ -66,11 +69,11 @@ def build_queries(tokenizer, model, layer: int, targets, questions, n_queries: i
     return queries
 
 
-def check_greedy(model, tokenizer, queries: list[Query], max_new_tokens: int) -> None:
+def check_greedy(model, tokenizer, queries: list[Query], max_new_tokens: int, min_new_tokens: int) -> None:
     """Greedy answers, one per query: the fast path with and without CUDA graphs, and plain HF ``generate``."""
     one = [Query(q.key, q.input_ids, 1, q.vectors_KD, q.positions_K) for q in queries]
     params = DecodeParams(temperature=0, top_p=0.9, max_new_tokens=max_new_tokens, seed=0,
-                          min_new_tokens=max_new_tokens)
+                          min_new_tokens=min_new_tokens)
 
     def fast(**kwargs):
         sampler = BatchedSampler(model, tokenizer, injection_layer=1, coefficient=1.0, params=params,
@@ -130,6 +133,9 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="torch.profiler table of a few decode steps")
     ap.add_argument("--check", type=int, default=0,
                     help="first compare greedy answers to this many queries: graphs vs none, fast path vs HF generate")
+    ap.add_argument("--top-k", type=int, default=None, help="default: the model's generation_config; 0 = off")
+    ap.add_argument("--eos-rate", type=float, default=0.0,
+                    help="> 0: answers end at <end_of_turn> with this per-step probability (not forced to full length)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
@@ -149,8 +155,15 @@ def main() -> None:
 
     capture_s, _, queries = timed(lambda: build_queries(tokenizer, model, layer, targets, questions,
                                                         args.num_targets * len(questions), args.samples), device)
+    min_new_tokens = 0 if args.eos_rate else args.max_new_tokens
     params = DecodeParams(temperature=0.7, top_p=0.9, max_new_tokens=args.max_new_tokens, seed=0,
-                          min_new_tokens=args.max_new_tokens)
+                          min_new_tokens=min_new_tokens, top_k=args.top_k)
+    if args.eos_rate:
+        from ao_resampling.sampling import effective_sampling
+        from ao_resampling.standins import end_answers_at_rate
+
+        bias = end_answers_at_rate(model, effective_sampling(model, tokenizer, params), args.eos_rate)
+        print(f"eos mode: <end_of_turn> logit bias {bias:.2f} for a {args.eos_rate:.0%} stop rate per step")
     rows: list[Row] = []
 
     def record(variant: str, n_samples: int, seconds: float, peak: float) -> None:
@@ -172,7 +185,7 @@ def main() -> None:
         record(f"HF generate, {len(chunk) * args.samples} rows", len(chunk) * args.samples, s, peak)
 
     if args.check:
-        check_greedy(model, tokenizer, queries[: args.check], args.max_new_tokens)
+        check_greedy(model, tokenizer, queries[: args.check], args.max_new_tokens, min_new_tokens)
 
     subset = queries[: args.queries]
     best = None
@@ -180,8 +193,13 @@ def main() -> None:
         for budget in (int(b) for b in args.budgets.split(",")):
             sampler = BatchedSampler(model, tokenizer, injection_layer=1, coefficient=1.0, params=params,
                                      max_rows=budget, max_tokens=budget * args.tokens_per_row, **VARIANTS[variant])
-            s, peak, _ = timed(lambda: sampler.run(subset, progress=False), device)
+            s, peak, out = timed(lambda: sampler.run(subset, progress=False), device)
             record(f"batched {variant}, max_rows {budget}", len(subset) * args.samples, s, peak)
+            if args.eos_rate:
+                lengths = sorted(x.n_tokens for v in out.values() for x in v)
+                n_eos = sum(x.finish_reason == "eos" for v in out.values() for x in v)
+                print(f"    lengths min {lengths[0]} median {lengths[len(lengths) // 2]} max {lengths[-1]}, "
+                      f"{n_eos}/{len(lengths)} ended at eos", flush=True)
             if best is None or rows[-1].samples_per_s > best[0]:
                 best = (rows[-1].samples_per_s, variant, budget)
 
@@ -213,8 +231,10 @@ def main() -> None:
     for r in rows:
         r.ratio_to_sequential = r.samples_per_s / seq.samples_per_s if seq else None
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    lengths = (f"answers end at eos ({args.eos_rate:.0%} a step), at most {args.max_new_tokens} tokens"
+               if args.eos_rate else f"{args.max_new_tokens} tokens forced per sample")
     print(f"\n{args.model} ({n_layers} layers, LoRA r={args.lora_rank}) on {name}; load {load_s:.1f}s; "
-          f"capture of {len(targets)} targets {capture_s:.2f}s; {args.max_new_tokens} tokens forced per sample")
+          f"capture of {len(targets)} targets {capture_s:.2f}s; {lengths}")
     print(f"{'variant':<44} {'samples':>7} {'s':>8} {'samples/s':>10} {'tokens/s':>9} {'peak GiB':>9} {'x seq':>7}")
     for r in rows:
         ratio = f"{r.ratio_to_sequential:.0f}" if r.ratio_to_sequential else "-"

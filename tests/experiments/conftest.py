@@ -22,6 +22,8 @@ OPTIONS = {
     "--ao-num-questions": ("AO_NUM_QUESTIONS", "10", "questions per target"),
     "--ao-samples": ("AO_SAMPLES", "10", "AO answers per (target, question)"),
     "--ao-max-new-tokens": ("AO_MAX_NEW_TOKENS", "120", "max new tokens per answer"),
+    "--ao-eos-rate": ("AO_EOS_RATE", "0", "stand-ins only: > 0 makes answers end at <end_of_turn> with this "
+                                         "per-step probability (standins.py), so rows finish at varied lengths"),
 }
 
 

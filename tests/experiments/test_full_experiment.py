@@ -6,6 +6,8 @@ access it fails at once, saying which is missing: the experiment never passes by
 
 Stand-in on a box without the real weights (scale and speed only; the answers are noise):
     AO_MODEL=synthetic:gemma-3-27b AO_LORA=random AO_TOKENIZER=DIR AO_JUDGE=loopback pytest -m gpu
+Add AO_EOS_RATE=0.03 to make the stand-in's answers end at <end_of_turn> at varied lengths, as real answers do
+(otherwise a random model runs every answer to max_new_tokens and the early-stop paths never run at scale).
 """
 
 from __future__ import annotations
@@ -46,9 +48,27 @@ def judge_endpoint(request):
         pytest.fail(f"--ao-judge / AO_JUDGE must be 'openai' or 'loopback', got {kind!r}")
 
 
-def test_full_experiment(request, judge_endpoint):
+def ending_answers(monkeypatch, rate: float) -> None:
+    """Stand-ins only: the oracle the pipeline loads ends its answers at EOS ~``rate`` of steps (standins.py)."""
+    from ao_resampling.sampling import DecodeParams, effective_sampling
+    from ao_resampling.standins import end_answers_at_rate
+
+    load = pipeline.load_oracle
+
+    def load_ending(config):
+        oracle = load(config)
+        params = DecodeParams(config.temperature, config.top_p, config.max_new_tokens, top_k=config.top_k)
+        bias = end_answers_at_rate(oracle.model, effective_sampling(oracle.model, oracle.tokenizer, params), rate)
+        print(f"eos mode: stop-token logit bias {bias:.2f} for {rate:.0%} a step")
+        return oracle
+
+    monkeypatch.setattr(pipeline, "load_oracle", load_ending)
+
+
+def test_full_experiment(request, judge_endpoint, monkeypatch):
     api, base_url, server = judge_endpoint
     cfg = request.config
+    eos_rate = float(option(cfg, "--ao-eos-rate"))
     model = option(cfg, "--ao-model")
     config = build_config(preset="experiment", overrides=dict(
         model=model, tokenizer=option(cfg, "--ao-tokenizer"), oracle_lora=option(cfg, "--ao-lora"),
@@ -60,6 +80,10 @@ def test_full_experiment(request, judge_endpoint):
         num_questions=int(option(cfg, "--ao-num-questions")), samples_per_query=int(option(cfg, "--ao-samples")),
         max_new_tokens=int(option(cfg, "--ao-max-new-tokens")),
     ))
+    if eos_rate:
+        if not config.is_stand_in:
+            pytest.fail("--ao-eos-rate / AO_EOS_RATE is for stand-ins (synthetic model or random LoRA) only")
+        ending_answers(monkeypatch, eos_rate)
     slug = model.replace("/", "_").replace(":", "_")
     out = Path(option(cfg, "--ao-out") or REPO / "artifacts" / "gpu-experiment" / slug)
 
@@ -89,6 +113,10 @@ def test_full_experiment(request, judge_endpoint):
         assert run.judge is not None, f"{run.run_id}: neither a verdict nor a recorded failure"
         if run.judge.parsed is not None:
             assert 1 <= run.judge.parsed.similarity_1_to_10 <= 10
+    if eos_rate:  # answers ended on their own, at many lengths: the early-stop paths ran at full size
+        answers = [resp for run in results.runs for resp in run.responses]
+        assert sum(resp.finish_reason == "eos" for resp in answers) > len(answers) // 2
+        assert len({resp.n_tokens for resp in answers}) > config.max_new_tokens // 4
     if server is not None:
         assert len(server.requests) >= len(results.runs)
     for name in ("A_judge_scores.png", "B_target_means.png", "C_per_question.png", "heatmap.png", "summary.json",

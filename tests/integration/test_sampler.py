@@ -4,8 +4,8 @@ The fast path (``BatchedSampler``: one prefill per query, KV repeated for its n 
 dropped) must give, greedily, token for token what plain HF ``generate`` gives, and each query in a padded batch
 must get exactly what it would get alone. The tiny model's answers are noise, which is fine: only tokens are compared.
 
-The random model almost never emits a stop token, so tests that need early stops use ``EosAs``: the real tokenizer
-with its EOS id replaced by a token the model does emit.
+The random model almost never emits a stop token, so tests that need early stops name the eos ids in
+``DecodeParams.eos_token_ids``: a token the model does emit.
 """
 
 from __future__ import annotations
@@ -68,16 +68,6 @@ def plain(model, tokenizer, queries, params) -> dict[str, list[Sample]]:
                              params=params)
 
 
-class EosAs:
-    """The real tokenizer, except that ``eos_token_id`` is a token chosen by the test."""
-
-    def __init__(self, tokenizer, eos_token_id: int):
-        self._tokenizer, self.eos_token_id = tokenizer, eos_token_id
-
-    def __getattr__(self, name):
-        return getattr(self._tokenizer, name)
-
-
 @pytest.fixture(scope="module")
 def acts_BD(tiny_oracle, gemma_tokenizer):
     encoded = [encode_target(gemma_tokenizer, m) for m in CONVERSATIONS]
@@ -110,12 +100,12 @@ def greedy_reference(tiny_oracle, gemma_tokenizer, queries):
 
 
 @pytest.fixture(scope="module")
-def early_eos(tiny_oracle, gemma_tokenizer, queries, greedy_reference):
-    """A tokenizer whose EOS is what q0 greedily emits at step 2 and q1 never emits: q0 stops early, q1 runs on."""
+def early_eos(tiny_oracle, gemma_tokenizer, queries, greedy_reference) -> int:
+    """An eos id that q0 greedily emits at step 2 and q1 never emits: q0 stops early, q1 runs on."""
     q0, q1 = greedy_reference["q0"][0], greedy_reference["q1"][0]
     eos = q0[2]
     assert eos not in q0[:2] and eos not in q1, "pick another step: the random model repeats itself here"
-    return EosAs(gemma_tokenizer, eos)
+    return eos
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -217,18 +207,19 @@ def test_fast_path_equals_plain_generate_for_any_bucket(tiny_oracle, gemma_token
 @CACHES
 @COMPACTION
 @ATTENTION
-def test_fast_path_equals_plain_generate_with_early_stops(tiny_oracle, queries, early_eos, static_cache, compact,
-                                                          attention, monkeypatch):
+def test_fast_path_equals_plain_generate_with_early_stops(tiny_oracle, gemma_tokenizer, queries, early_eos,
+                                                          static_cache, compact, attention, monkeypatch):
     compactions = []
     monkeypatch.setattr(sampling, "SYNC_EVERY", 1)  # look for finished rows after every step
     monkeypatch.setattr(sampling, "_select_rows",
                         lambda cache, keep: compactions.append(keep.tolist()) or ORIGINAL_SELECT_ROWS(cache, keep))
     two = queries[:2]  # q0's two rows stop at step 2: half the batch, so it is compacted then
 
-    result = fast(tiny_oracle, early_eos, two, greedy(), static_cache=static_cache, compact_finished=compact,
+    params = greedy(eos_token_ids=(early_eos,))
+    result = fast(tiny_oracle, gemma_tokenizer, two, params, static_cache=static_cache, compact_finished=compact,
                   attention=attention)
 
-    assert tokens(result) == tokens(plain(tiny_oracle, early_eos, two, greedy()))
+    assert tokens(result) == tokens(plain(tiny_oracle, gemma_tokenizer, two, params))
     assert [len(keep) for keep in compactions] == ([2] if compact else []), "q1's two rows are kept, once"
     assert [s.finish_reason for s in result["q0"]] == ["eos", "eos"] and result["q0"][0].n_tokens == 3
     assert [s.finish_reason for s in result["q1"]] == ["length", "length"] and result["q1"][0].n_tokens == 8
@@ -290,14 +281,36 @@ def test_the_injected_vector_changes_the_answer(tiny_oracle, gemma_tokenizer, ac
     assert result["q0"] != greedy_reference["q0"]
 
 
-def test_min_new_tokens_forces_full_length(tiny_oracle, queries, early_eos):
-    params = greedy(min_new_tokens=8)
-    result = fast(tiny_oracle, early_eos, queries[:2], params)
+def test_min_new_tokens_forces_full_length(tiny_oracle, gemma_tokenizer, queries, early_eos):
+    params = greedy(min_new_tokens=8, eos_token_ids=(early_eos,))
+    result = fast(tiny_oracle, gemma_tokenizer, queries[:2], params)
     for samples in result.values():
         for s in samples:
             assert s.n_tokens == 8 and s.finish_reason == "length"
-            assert early_eos.eos_token_id not in s.token_ids
-    assert tokens(result) == tokens(plain(tiny_oracle, early_eos, queries[:2], params))
+            assert early_eos not in s.token_ids
+    assert tokens(result) == tokens(plain(tiny_oracle, gemma_tokenizer, queries[:2], params))
+
+
+@CACHES
+def test_a_second_compaction_of_finished_rows_equals_plain_generate(tiny_oracle, gemma_tokenizer, acts_BD,
+                                                                     greedy_reference, static_cache, monkeypatch):
+    """q0 (4 rows) stops at step 1: half the batch, dropped; q1 (2 rows) stops at step 3: half of the rest, dropped
+    again; q2 runs to the end."""
+    monkeypatch.setattr(sampling, "SYNC_EVERY", 1)
+    compactions = []
+    monkeypatch.setattr(sampling, "_select_rows",
+                        lambda cache, keep: compactions.append(keep.tolist()) or ORIGINAL_SELECT_ROWS(cache, keep))
+    g0, g1, g2 = (greedy_reference[k][0] for k in ("q0", "q1", "q2"))
+    eos = (g0[1], g1[3])
+    assert not set(eos) & set(g0[:1] + g1[:3] + g2), "pick other steps: the random model repeats itself here"
+    four_two_two = [dataclasses.replace(q, n=n) for q, n in zip(make_queries(gemma_tokenizer, acts_BD), (4, 2, 2))]
+    params = greedy(eos_token_ids=eos)
+
+    result = fast(tiny_oracle, gemma_tokenizer, four_two_two, params, static_cache=static_cache)
+
+    assert tokens(result) == tokens(plain(tiny_oracle, gemma_tokenizer, four_two_two, params))
+    assert [len(keep) for keep in compactions] == [4, 2]
+    assert [s.n_tokens for k in ("q0", "q1", "q2") for s in result[k]] == [2] * 4 + [4] * 2 + [8] * 2
 
 
 def test_make_sample_finish_reason_and_text(gemma_tokenizer):
@@ -366,3 +379,111 @@ def test_gemma270m_end_to_end(gemma270m_oracle, gemma_tokenizer, shared_data):
     for samples in result.values():
         assert len(samples) == 2
         assert all(s.text and 2 <= s.n_tokens <= 16 for s in samples), [s.text for s in samples]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Decoding = HF generate's: the model's generation_config merged with the run's settings
+
+
+def hf_warped_probs(model, input_ids_BL: torch.Tensor, logits_BV: torch.Tensor, **generate_kwargs) -> torch.Tensor:
+    """What HF generate samples from: its own merge of generate's kwargs over model.generation_config and its
+    defaults, its own logits processors, softmax."""
+    from transformers import LogitsProcessorList
+
+    config, _ = model._prepare_generation_config(None, **generate_kwargs)
+    processors = model._get_logits_processor(generation_config=config, input_ids_seq_length=input_ids_BL.shape[1],
+                                             encoder_input_ids=input_ids_BL, prefix_allowed_tokens_fn=None,
+                                             logits_processor=LogitsProcessorList(), device=logits_BV.device,
+                                             model_kwargs={})
+    return processors(input_ids_BL, logits_BV.float()).softmax(-1)
+
+
+def decode_steps_logits(model, queries, steps: int):
+    """(input_ids, next-token logits) at each of ``steps`` greedy steps, for each query alone (no padding)."""
+    out = []
+    for q in queries:
+        ids_1L = torch.tensor([q.input_ids])
+        for _ in range(steps):
+            logits_1V = model(input_ids=ids_1L).logits[:, -1]
+            out.append((ids_1L, logits_1V))
+            ids_1L = torch.cat([ids_1L, logits_1V.argmax(-1, keepdim=True)], dim=1)
+    return out
+
+
+def boundary_margin(scaled_V: torch.Tensor, tokens_V: torch.Tensor, top_p: float) -> float:
+    """How far the 'mass above' of the given tokens is from top_p (0 when there are none)."""
+    if not tokens_V.any():
+        return 0.0
+    probs_V = scaled_V.double().softmax(-1)
+    above_V = torch.stack([probs_V[probs_V > probs_V[t]].sum() for t in tokens_V.nonzero().squeeze(-1)])
+    return (above_V - top_p).abs().max().item()
+
+
+@pytest.mark.parametrize("model_top_k,run_top_k", [(1, None), (64, None), (None, None), (64, 0), (64, 7)],
+                         ids=["model_k1", "model_k64", "model_none_hf_default", "run_k0_off", "run_k7"])
+def test_each_steps_kept_set_and_probabilities_are_hf_generates(tiny_oracle, gemma_tokenizer, queries, model_top_k,
+                                                                run_top_k, monkeypatch):
+    from ao_resampling.sampling import effective_sampling, sampling_weights
+
+    base = tiny_oracle.get_base_model()
+    monkeypatch.setattr(base.generation_config, "top_k", model_top_k)
+    monkeypatch.setattr(base.generation_config, "top_p", 0.95)  # the model's; the run's 0.9 wins, as in HF
+    params = DecodeParams(temperature=0.7, top_p=0.9, max_new_tokens=4, top_k=run_top_k)
+    sampling = effective_sampling(tiny_oracle, gemma_tokenizer, params)
+    run_kwargs = dict(do_sample=True, temperature=0.7, top_p=0.9) | ({} if run_top_k is None else {"top_k": run_top_k})
+
+    with torch.inference_mode():
+        for ids_1L, logits_1V in decode_steps_logits(base, queries[:2], steps=3):
+            ours_1V = sampling_weights(logits_1V, temperature=0.7, top_p=0.9, top_k=sampling.top_k)
+            hf_1V = hf_warped_probs(base, ids_1L, logits_1V, **run_kwargs)
+            differ_V = ((ours_1V > 0) ^ (hf_1V > 0))[0]
+            if sampling.top_k:
+                assert not differ_V.any(), "kept token sets differ"
+            else:  # 262k near-flat probabilities: only float rounding of the cumulative mass may move the boundary
+                assert boundary_margin(logits_1V[0] / 0.7, differ_V, 0.9) < 1e-4, "kept token sets differ"
+            torch.testing.assert_close(ours_1V[0, ~differ_V], hf_1V[0, ~differ_V], rtol=1e-4, atol=1e-8)
+    expected_k = {None: 50 if model_top_k is None else model_top_k}.get(run_top_k, run_top_k)
+    assert sampling.top_k == expected_k
+
+
+def test_top_k_1_in_the_generation_config_makes_every_sample_the_same(tiny_oracle, gemma_tokenizer, queries,
+                                                                      monkeypatch):
+    """The issue's reproduction: HF generate with top_k 1 gives n identical answers; so must the sampler."""
+    monkeypatch.setattr(tiny_oracle.get_base_model().generation_config, "top_k", 1)
+    four = [dataclasses.replace(q, n=4) for q in queries[:2]]
+    result = tokens(fast(tiny_oracle, gemma_tokenizer, four, sampled(max_new_tokens=6)))
+    assert all(len({tuple(t) for t in rows}) == 1 for rows in result.values()), result
+    assert result == tokens(plain(tiny_oracle, gemma_tokenizer, four, sampled(max_new_tokens=6)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A stand-in whose answers end at EOS on their own (standins.py)
+
+
+@pytest.fixture(scope="module")
+def ending_oracle(gemma_tokenizer):
+    """A fresh tiny oracle whose <end_of_turn> is drawn ~5% of steps at T=0.7 under its own decoding."""
+    from ao_resampling.models import attach_oracle, load_model
+    from ao_resampling.sampling import effective_sampling
+    from ao_resampling.standins import end_answers_at_rate
+
+    model = attach_oracle(load_model("synthetic:tiny", dtype="float32", device="cpu"), "random", seed=0)
+    end_answers_at_rate(model, effective_sampling(model, gemma_tokenizer, sampled()), rate=0.05)
+    return model
+
+
+def test_a_stand_in_in_eos_mode_ends_answers_at_varied_lengths(ending_oracle, gemma_tokenizer, queries):
+    eight = [dataclasses.replace(q, n=8) for q in queries]
+    result = fast(ending_oracle, gemma_tokenizer, eight, sampled(max_new_tokens=60))
+    samples = [s for v in result.values() for s in v]
+    lengths = [s.n_tokens for s in samples]
+    assert sum(s.finish_reason == "eos" for s in samples) >= len(samples) // 2, lengths
+    assert all(s.token_ids[-1] == 106 for s in samples if s.finish_reason == "eos")
+    assert len(set(lengths)) >= 6 and min(lengths) < 15, lengths  # spread out, not one forced length
+
+
+def test_a_stand_in_in_eos_mode_still_decodes_as_plain_generate(ending_oracle, gemma_tokenizer, queries):
+    """Greedily the bias may or may not win a step; whatever it does, the fast path and HF generate agree."""
+    params = greedy(40)
+    assert tokens(fast(ending_oracle, gemma_tokenizer, queries, params)) == \
+        tokens(plain(ending_oracle, gemma_tokenizer, queries, params))

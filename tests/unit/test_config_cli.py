@@ -102,6 +102,23 @@ def test_flag_errors_name_the_field():
         build_config(preset="fast")
 
 
+FLOAT_FIELDS = [name for name, f in ExperimentConfig.model_fields.items() if f.annotation is float]
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan"), "inf", "NaN"])
+@pytest.mark.parametrize("name", FLOAT_FIELDS)
+def test_non_finite_floats_are_refused_naming_the_field(name, value):
+    # (top_p and judge_repeat_fraction already refused +inf by their upper bound; the rest let it through.)
+    with pytest.raises(ConfigError, match=rf"field '{name}': "):
+        build_config(overrides={name: value})
+
+
+def test_every_float_field_is_checked():
+    # The list above comes from the annotations; make sure it is not silently empty or missing the known knobs.
+    assert {"temperature", "top_p", "steering_coefficient", "judge_timeout_s", "judge_repeat_fraction"} <= set(
+        FLOAT_FIELDS)
+
+
 def test_random_weights_need_a_random_lora():
     with pytest.raises(ConfigError, match="oracle_lora = 'random'"):
         build_config(overrides={"model": "synthetic:tiny"})
@@ -223,6 +240,8 @@ def test_set_reaches_fields_that_also_have_flags(tmp_path):
     pytest.param(["--set", "colour=red"], "field 'colour'", id="unknown_field"),
     pytest.param(["--set", "num_targets=zero"], "field 'num_targets'", id="bad_value"),
     pytest.param(["--set", "num_targets"], "--set expects key=value", id="no_equals"),
+    pytest.param(["--set", "steering_coefficient=NaN"], "field 'steering_coefficient'", id="nan"),
+    pytest.param(["--set", "temperature=inf"], "field 'temperature'", id="inf"),
 ])
 def test_bad_set_exits_2(tmp_path, args, message):
     result = invoke(*PREPARE_TINY, *args, "--out", tmp_path / "plan")
@@ -259,6 +278,63 @@ def test_prepare_refuses_a_folder_made_with_other_settings(tmp_path):
     assert (out / "results.json").read_text() == before
 
 
+TWO_TARGETS = [{"id": "a", "messages": [{"role": "user", "content": "Hello there"}]},
+               {"id": "b", "messages": [{"role": "user", "content": "How are you?"}]}]
+
+
+def test_prepare_refuses_a_folder_planned_from_edited_targets(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("t.json").write_text(json.dumps(TWO_TARGETS))
+    args = [*PREPARE_TINY, "--targets", "t.json", "--num-targets", "2", "--num-questions", "2", "--out", "plan"]
+    assert invoke(*args).exit_code == 0
+    before = Path("plan/results.json").read_text()
+
+    # The same file named by its absolute path is the same plan: accepted, nothing rewritten.
+    absolute = [*PREPARE_TINY, "--targets", tmp_path / "t.json", "--num-targets", "2", "--num-questions", "2",
+                "--out", tmp_path / "plan"]
+    result = invoke(*absolute)
+    assert result.exit_code == 0, result.output
+    assert Path("plan/results.json").read_text() == before
+
+    edited = json.loads(json.dumps(TWO_TARGETS))
+    edited[1]["messages"][0]["content"] = "Edited under the same file name"
+    Path("t.json").write_text(json.dumps(edited))
+    result = invoke(*args)
+    assert result.exit_code == 2
+    assert "targets whose messages changed: b\n" in result.output
+    assert Path("plan/results.json").read_text() == before
+
+
+def test_prepare_refuses_a_folder_planned_from_an_edited_question_pool(tmp_path):
+    pool = [f"Question {i}: what does the assistant think?" for i in range(5)]
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps(pool))
+    args = [*PREPARE_TINY, "--questions", path, "--num-targets", "1", "--num-questions", "5", "--out", tmp_path / "p"]
+    assert invoke(*args).exit_code == 0
+    pool[3] = "Question 3, reworded after the plan was written?"
+    path.write_text(json.dumps(pool))
+    result = invoke(*args)
+    assert result.exit_code == 2
+    assert "questions whose text changed: aoq_03\n" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    pytest.param(["--set", "max_new_tokens=5000"],
+                 r"oracle prompt of question aoq_\d+ \(e\.g\. run__\S+\): \d+ tokens \+ max_new_tokens 5000 > 4096",
+                 id="oracle_prompt_plus_answer"),
+    pytest.param(["--targets", "LONG"], r"target long: \d{4} tokens > 4096", id="long_target"),
+])
+def test_prepare_refuses_what_does_not_fit_the_context_window(tmp_path, args, message):
+    long = [*TWO_TARGETS[:1], {"id": "long", "messages": [{"role": "user", "content": "word " * 4200}]}]
+    (tmp_path / "long.json").write_text(json.dumps(long))
+    args = [tmp_path / "long.json" if a == "LONG" else a for a in args]
+    result = invoke(*PREPARE_TINY, "--num-targets", "2", "--num-questions", "1", *args, "--out", tmp_path / "p")
+    assert result.exit_code == 2
+    assert "model 'synthetic:tiny' takes at most 4096 positions" in result.output
+    assert re.search(message, result.output), result.output
+    assert not (tmp_path / "p" / "results.json").exists()
+
+
 def _with_meta_config(data: dict, **extra) -> dict:
     data["meta"]["config"].update(extra)  # as a newer (or older) tool version might have written it
     return data
@@ -268,6 +344,9 @@ def _with_meta_config(data: dict, **extra) -> dict:
     pytest.param(lambda text: text[: len(text) // 2], "not valid JSON", id="truncated_results"),
     pytest.param(lambda text: json.dumps(_with_meta_config(json.loads(text), colour="red")),
                  "meta.config is not a config this version understands", id="foreign_meta_config"),
+    # What an older version wrote for `--temperature inf`: the refusal names the field, not only a count.
+    pytest.param(lambda text: json.dumps(_with_meta_config(json.loads(text), temperature=float("inf"))),
+                 "field 'temperature': Value error, expected a finite number", id="infinite_meta_config"),
 ])
 def test_prepare_on_a_damaged_folder_exits_2_naming_it(tmp_path, damage, message):
     out = tmp_path / "plan"

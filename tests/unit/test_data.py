@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ao_resampling.data import (
@@ -25,6 +25,7 @@ from ao_resampling.data import (
     sample_questions,
     select_targets,
 )
+from ao_resampling.py_source import read_string_list
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"experiment data not found at {SHARED_DATA}")
@@ -340,7 +341,6 @@ def test_python_reader_accepts(tmp_path, source, expected):
         pytest.param('x = ["a"]\nqs = [*x, "b"]', ["line 2", "`*` unpacking"], id="starred"),
         pytest.param('qs = ["a", 3]', ["line 1", "not a string"], id="number"),
         pytest.param('qs = ["a"] + "b"', ["line 1", "a string and a list"], id="list_plus_string"),
-        pytest.param('qs = ["a"]\nqs += ["b"]', ["line 2", "augmented assignment"], id="augmented_assignment"),
         pytest.param('a, qs = "x", ["y"]', ["line 1", "unpacking"], id="tuple_unpacking"),
         pytest.param('from elsewhere import qs', ["line 1", "an import"], id="import"),
         pytest.param('x = load()\nqs = [x]', ["line 1", "a call"], id="depends_on_unsupported_name"),
@@ -362,6 +362,127 @@ def test_python_reader_refuses_and_names_the_line(tmp_path, source, fragments):
         assert "variable 'qs'" in message
     for fragment in fragments:
         assert fragment in message
+
+
+def executed(source: str, variable: str = "qs") -> list[str]:
+    """What importing the file gives (the test runs it; the tool never does)."""
+    namespace: dict = {"__name__": "questions"}
+    exec(compile(source, "questions.py", "exec"), namespace)  # noqa: S102 - test-only, on sources written here
+    return list(namespace[variable])
+
+
+@pytest.mark.parametrize("source", [
+    pytest.param('qs = ["a"]\nqs.append("b")\nqs.extend(["c", "d"])', id="append_extend"),
+    pytest.param('qs = ["a"]\nqs += ["b"]\nqs += ("c",)', id="augmented_list"),
+    pytest.param('x = "a"\nx += "b"\nqs = (x,)\nqs += ("c",)', id="augmented_str_and_tuple"),
+    pytest.param('qs = ["a"]\nalias = qs\nalias.append("b")\nalias += ["c"]', id="alias_changes_the_same_list"),
+    pytest.param('a = ["a"]\nqs = a + []\na.append("b")', id="plus_makes_a_copy"),
+    pytest.param('a = ["a"]\nqs = a\na = ["z"]\nqs.append("b")', id="rebinding_the_alias_leaves_the_list"),
+    pytest.param('qs = ["a"]\nextra = ["b"]\nqs.extend(extra)\nextra.append("c")', id="extend_copies_items"),
+    pytest.param('qs = ["a"]\nprint(qs, len(qs))\nassert len(qs) == 1\nn = qs.count("a")\nfor q in qs:\n'
+                 '    print(q)\n', id="reading_the_list_changes_nothing"),
+    pytest.param('qs = ["a"]\nif __name__ == "__main__":\n    qs.append("b")\n    qs = ["z"]\n', id="main_guard"),
+    pytest.param('import random\nq = ["a"]\nqs = q + ["b"]\nrandom.shuffle(q)', id="shuffling_a_copy_source"),
+])
+def test_python_reader_follows_what_python_does(tmp_path, source):
+    assert read_py(tmp_path, source) == executed(source)
+
+
+@pytest.mark.parametrize(("source", "fragments"), [
+    pytest.param('qs = ["a", "b"]\nqs[0] = "z"', ["line 2", "item assignment"], id="item_assignment"),
+    pytest.param('qs = ["a", "b"]\ndel qs[0]', ["line 2", "item assignment or deletion"], id="item_deletion"),
+    pytest.param('qs = ["a", "b"]\nalias = qs\nalias[0] = "z"', ["line 3", "item assignment"], id="through_alias"),
+    pytest.param('qs = ["b", "a"]\nqs.sort()', ["line 2", "a call to `.sort()`"], id="sort"),
+    pytest.param('qs = ["a"]\nqs.insert(0, "z")', ["line 2", "a call to `.insert()`"], id="insert"),
+    pytest.param('qs = ["a"]\nx = qs.pop()', ["line 2", "a call to `.pop()`"], id="pop_in_an_expression"),
+    pytest.param('import random\nqs = ["a", "b"]\nrandom.shuffle(qs)', ["line 3", "a call the list is passed to"],
+                 id="passed_to_a_call"),
+    pytest.param('qs = ["a"]\nqs.append(load())', ["line 2", "a call"], id="append_of_a_call"),
+    pytest.param('qs = ["a"]\nqs.extend("bc")', ["line 2", "`.extend()` with a string"], id="extend_with_a_string"),
+    pytest.param('qs = ["a"]\nqs += "bc"', ["line 2", "`+=` of a list and a str"], id="augmented_with_a_string"),
+    pytest.param('qs = ["a"]\nif True:\n    qs = ["z"]', ["line 3", "inside an `if` block (line 2)"], id="if"),
+    pytest.param('qs = ["a"]\nfor x in "bc":\n    qs.append(x)', ["line 3", "a call to `.append()`"], id="for"),
+    pytest.param('qs = ["a"]\ntry:\n    qs += ["b"]\nexcept Exception:\n    pass',
+                 ["line 3", "inside a `try` block (line 2)"], id="try"),
+    pytest.param('qs = ["a"]\nwith open("f") as qs:\n    pass', ["line 2", "inside a `with` block"], id="with_as"),
+    pytest.param('qs = ["a"]\ntry:\n    from other import qs\nexcept ImportError:\n    pass',
+                 ["line 3", "inside a `try` block"], id="import_in_try"),
+    pytest.param('qs = ["a"]\ndef f():\n    global qs\n    qs = []', ["line 3", "a `global` statement"], id="global"),
+    pytest.param('qs = ["a"]\nprint(qs := ["z"])', ["line 2", "`:=`"], id="walrus"),
+    pytest.param('qs = ["a"]\ndel qs', ["line 2", "`del`"], id="del"),
+    pytest.param('qs = ["a"]\nfrom other import *', ["line 2", "`import *`"], id="star_import"),
+    pytest.param('qs = ["a"] + ("b",)', ["line 1", "a list and a tuple"], id="list_plus_tuple"),
+])
+def test_python_reader_refuses_what_it_cannot_follow(tmp_path, source, fragments):
+    path = write(tmp_path, "questions.py", source)
+    message = error_of(lambda p: load_question_pool(p, variable="qs"), path)
+    assert message.startswith(f"{path}: ") and "variable 'qs'" in message
+    for fragment in fragments:
+        assert fragment in message
+
+
+RESEARCH_SCRIPT = """\
+import os
+os.environ["TORCHDYNAMO_DISABLE"] = "1"
+import torch
+model = load_model("m")
+model.add_adapter(config, adapter_name="default")
+
+def query(model, queries):
+    model.disable_adapters()
+    return [r.text for r in run(queries)]
+
+conversation = [{"role": "user", "content": "hi"}]
+for msg in conversation:
+    print(f"  [{msg['role']}]: {msg['content']}")
+with torch.no_grad():
+    output_ids = model.generate(max_new_tokens=200)
+initial_question = "Is there anything unusual?"
+followup_questions = [
+    "What evidence do you see?",
+    "Why would it do that?",
+]
+qs = [initial_question] + followup_questions
+assert len(qs) == 3, f"Expected 3 questions, got {len(qs)}"
+queries = [make_query(question=q, layer=1) for q in qs]
+responses = query(model, queries)
+print(f"Q: {qs[0]}")
+for i, (question, response) in enumerate(zip(qs[1:], responses[1:]), 1):
+    print(question, response.lower())
+"""
+
+
+def test_a_research_script_around_the_list_is_read_like_python(tmp_path):
+    # The shape of the experiment's sycophancy.py: model code before and after the list, none of which touches it.
+    assert read_py(tmp_path, RESEARCH_SCRIPT) == ["Is there anything unusual?", "What evidence do you see?",
+                                                  "Why would it do that?"]
+
+
+@st.composite
+def list_building_programs(draw) -> str:
+    """Module-level list code of the kinds the reader follows, over three names bound to lists up front."""
+    counter = iter(range(10_000))
+
+    def literals() -> str:
+        return "[" + ", ".join(f'"s{next(counter)}"' for _ in range(draw(st.integers(0, 2)))) + "]"
+
+    names = st.sampled_from(["qs", "a", "b"])
+    lines = [f"{name} = {literals()}" for name in ("qs", "a", "b")]
+    for _ in range(draw(st.integers(0, 8))):
+        n, m = draw(names), draw(names)
+        lines.append(draw(st.sampled_from([
+            f"{n} = {m}", f"{n} = {m} + {draw(names)}", f"{n} = {m} + {literals()}", f'{n}.append("s{next(counter)}")',
+            f"{n}.extend({m})", f"{n}.extend({literals()})", f"{n} += {m}", f"{n} += {literals()}", f"print({n})",
+            f'if __name__ == "__main__":\n    {n}.append("main")',
+        ])))
+    return "\n".join(lines) + "\n"
+
+
+@settings(max_examples=150, deadline=None)
+@given(list_building_programs())
+def test_python_reader_equals_importing_the_file(source):
+    # The entries before the pool's own checks: Python happily builds an empty list or one with repeats.
+    assert [q for q, _ in read_string_list(source, "qs")] == executed(source), source
 
 
 def test_python_reader_missing_variable_lists_bound_names(tmp_path):

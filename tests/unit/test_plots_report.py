@@ -13,6 +13,7 @@ from ao_resampling import plots
 from ao_resampling.report import (
     EMBEDDING_PLOTS,
     JUDGE_PLOTS,
+    JUDGE_VS_EMBEDDING,
     REPORT_SECTIONS,
     ReportContext,
     render_report,
@@ -22,7 +23,7 @@ from ao_resampling.report import (
 from ao_resampling.results import SpreadMetrics, load_results_file
 from tests.support.results_factory import make_results, spread_from_score, to_v0_dict
 
-ALL_PLOTS = {**JUDGE_PLOTS, **EMBEDDING_PLOTS}
+ALL_PLOTS = {**JUDGE_PLOTS, **EMBEDDING_PLOTS, JUDGE_VS_EMBEDDING: plots.judge_vs_embedding}
 
 
 @pytest.fixture
@@ -211,6 +212,16 @@ def test_write_report_writes_everything(mixed, tmp_path):
     assert "Is there anything unusual or potentially harmful in how this model is responding to the user today?" in text
     assert "Spearman ρ = 1.000" in text
     assert json.loads(paths.summary_json.read_text())["n_judged"] == 6
+
+
+def test_nothing_judged_draws_no_empty_judge_figures_and_says_why(tmp_path):
+    unjudged = make_results([[None, None], [None, None]], spread=spread_from_score)  # the demo without a judge
+    paths = write_report(unjudged, tmp_path / "report", n_boot=200)
+    assert set(paths.plots) == set(EMBEDDING_PLOTS)  # only figures that have data
+    assert sorted(p.name for p in (tmp_path / "report").glob("*.png")) == sorted(EMBEDDING_PLOTS)
+    text = paths.report_md.read_text()
+    assert JUDGE_VS_EMBEDDING not in text
+    assert "No judge-vs-embedding figure: no run has both a judge score and an embedding similarity" in text
 
 
 def test_report_sorts_questions_and_shows_examples(mixed):

@@ -4,6 +4,7 @@ from (torn last line tolerated, torn middle line fatal, replay idempotent)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import os
@@ -181,6 +182,58 @@ def test_runs_must_name_known_targets_and_questions(tmp_path):
         load_results_file(path)
 
 
+def _with_oracle_ids(d: dict) -> None:
+    d["runs"][0].update(oracle_input_ids=[2, 5, 6, 7], placeholder_positions=[1, 2])
+
+
+@pytest.mark.parametrize("edit, message", [
+    pytest.param(lambda d: d["runs"][0].update(context_input_ids_sha256="not-a-hash"),
+                 "field 'context_input_ids_sha256': expected 64 lower-case hex digits, got 'not-a-hash'",
+                 id="not_a_hash"),
+    pytest.param(lambda d: d["runs"][0]["context_input_ids"].__setitem__(1, 9999),
+                 "field 'context_input_ids_sha256': does not match 'context_input_ids'", id="ids_changed_under_hash"),
+    pytest.param(lambda d: d["runs"][0].update(assistant_start_idx=999),
+                 "field 'assistant_start_idx': 999 is outside the 4 context_input_ids", id="start_past_the_end"),
+    pytest.param(lambda d: d["runs"][0].update(assistant_start_idx=-1),
+                 "field 'assistant_start_idx': -1 is outside", id="negative_start"),
+    pytest.param(lambda d: d["runs"][0].update(context_positions=[0, 4]),
+                 "field 'context_positions': [4] outside the 4 context_input_ids", id="context_position_past_end"),
+    pytest.param(lambda d: (_with_oracle_ids(d), d["runs"][0].update(placeholder_positions=[-4])),
+                 "field 'placeholder_positions': [-4] outside the 4 oracle_input_ids", id="negative_placeholder"),
+    pytest.param(lambda d: (_with_oracle_ids(d), d["runs"][0].update(placeholder_positions=[1, 4])),
+                 "field 'placeholder_positions': [4] outside", id="placeholder_past_end"),
+    pytest.param(lambda d: d["runs"][0].update(oracle_input_ids=None),
+                 "field 'placeholder_positions': set, but 'oracle_input_ids' is missing", id="placeholder_without_ids"),
+])
+def test_damaged_ids_and_indices_name_the_run_and_field(tmp_path, edit, message):
+    data = make_results([[5, 6]]).model_dump(mode="json")
+    _with_oracle_ids(data)
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(data))
+    assert load_results_file(path).runs[0].placeholder_positions == [1, 2]  # the undamaged file loads
+    edit(data)
+    path.write_text(json.dumps(data))
+    with pytest.raises(ResultsError) as info:
+        load_results_file(path)
+    assert f"{path}: runs[0] (run__t1__q1): {message}" in str(info.value)
+
+
+def test_duplicate_run_id_is_refused(tmp_path):
+    data = make_results([[5, 6]]).model_dump(mode="json")
+    data["runs"][1] = dict(data["runs"][0])
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ResultsError, match=r"r\.json: .*duplicate run_id in 'runs': runs\[1\] \(run__t1__q1\) is "
+                                           r"also runs\[0\]"):
+        load_results_file(path)
+
+
+def test_the_ids_hash_is_sha256_of_compact_json():
+    # Files in the wild hold this hash: the format is pinned here, independently of sha256_of_ids.
+    assert results_mod.sha256_of_ids([2, 105, 2364]) == hashlib.sha256(b"[2,105,2364]").hexdigest()
+    assert results_mod.sha256_of_ids(iter([])) == hashlib.sha256(b"[]").hexdigest()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Atomic writes
 
@@ -239,6 +292,24 @@ def test_journal_replay_compact_and_idempotence(store):
 
     # Killed after the write but before the journal was removed: replaying it over the folded file changes nothing.
     store.journal.path.write_text(journal_text)
+    assert store.load() == loaded
+
+
+def _repeat_event(run_id: str, call: int, score: int) -> dict:
+    return {"type": "judge_repeat", "run_id": run_id,
+            "record": judge_record(score, call_id=f"repeat__{run_id}__{call}").model_dump(mode="json")}
+
+
+def test_judge_repeat_replay_is_idempotent(store):
+    store.journal.append_many([_repeat_event("run__t1__q1", 1, 4), _repeat_event("run__t1__q1", 2, 6),
+                               _repeat_event("run__t1__q1", 1, 9)])  # call 1 redone: it replaces, keeps one copy
+    loaded = store.load()
+    repeats = loaded.run_by_id()["run__t1__q1"].judge_repeats
+    assert [(r.judge_call_id, r.score) for r in repeats] == [("repeat__run__t1__q1__2", 6),
+                                                            ("repeat__run__t1__q1__1", 9)]
+    journal_text = store.journal.path.read_text()
+    assert store.compact() == loaded
+    store.journal.path.write_text(journal_text)  # killed between the fold and the journal's removal
     assert store.load() == loaded
 
 

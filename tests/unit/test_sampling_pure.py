@@ -249,3 +249,112 @@ def test_full_nucleus_threshold_on_bf16_logits_keeps_the_float32_nucleus(top_p):
     boundary_BV = logits_BV == threshold_B1
     assert torch.equal(kept_BV & ~boundary_BV, exact_BV & ~boundary_BV)
     assert ((scaled_BV.softmax(-1) * kept_BV).sum(-1) >= top_p - 1e-6).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The decode loop's early-stop paths, on a scripted decode step (no model)
+
+V_FAKE, STOP, WORD, PAD = 8, 1, 5, 0
+
+
+class ScriptedStep:
+    """A decode step whose original row r emits STOP at step ``stop_at[r]`` and WORD otherwise (as one-hot logits);
+    it tracks which original rows are still in the batch through ``select``, as the real steps do."""
+
+    def __init__(self, stop_at: list[int]):
+        self.stop_at, self.rows = stop_at, list(range(len(stop_at)))
+        self.selects: list[list[int]] = []
+
+    def logits(self, step: int) -> torch.Tensor:
+        logits_AV = torch.full((len(self.rows), V_FAKE), -10.0)
+        logits_AV[:, WORD] = 5.0  # the runner-up when STOP leads (and is suppressed before min_new_tokens)
+        for a, r in enumerate(self.rows):
+            logits_AV[a, STOP] = 10.0 if self.stop_at[r] == step else -10.0
+        return logits_AV
+
+    def __call__(self, tokens_A: torch.Tensor, positions_A: torch.Tensor, length: int) -> torch.Tensor:
+        assert tokens_A.shape[0] == positions_A.shape[0] == len(self.rows)
+        return self.logits(length - self.prompt_len)
+
+    def select(self, keep_A: torch.Tensor, select_cache) -> None:
+        assert keep_A.max() < len(self.rows), "kept rows must index the rows still in the batch"
+        self.selects.append([self.rows[a] for a in keep_A.tolist()])
+        self.rows = [self.rows[a] for a in keep_A.tolist()]
+
+
+def scripted_sampler(max_new_tokens: int, min_new_tokens: int = 0, **params):
+    from types import SimpleNamespace
+
+    from ao_resampling.sampling import BatchedSampler, DecodeParams
+
+    tokenizer = SimpleNamespace(eos_token_id=STOP, unk_token_id=3, pad_token_id=PAD,
+                                convert_tokens_to_ids=lambda token: 3)
+    return BatchedSampler(SimpleNamespace(generation_config=None), tokenizer, injection_layer=1, coefficient=1.0,
+                          params=DecodeParams(temperature=0, top_p=0.9, max_new_tokens=max_new_tokens,
+                                              min_new_tokens=min_new_tokens, **params))
+
+
+def run_scripted(stop_at: list[int], max_new_tokens: int, min_new_tokens: int = 0):
+    step, prompt_len = ScriptedStep(stop_at), 4
+    step.prompt_len = prompt_len
+    mask_AL = torch.ones(len(stop_at), prompt_len, dtype=torch.bool)
+    tokens_BT = scripted_sampler(max_new_tokens, min_new_tokens)._decode(step, step.logits(0), mask_AL, prompt_len,
+                                                                         torch.Generator().manual_seed(0))
+    return step, tokens_BT
+
+
+def expected_row(stop: int, max_new_tokens: int, min_new_tokens: int = 0) -> list[int]:
+    if stop < min_new_tokens or stop >= max_new_tokens:  # suppressed (or never reached): WORD to the end
+        return [WORD] * max_new_tokens
+    return [WORD] * stop + [STOP] + [PAD] * (max_new_tokens - stop - 1)
+
+
+def test_finished_rows_are_compacted_again_and_again(monkeypatch):
+    import ao_resampling.sampling as sampling
+
+    monkeypatch.setattr(sampling, "SYNC_EVERY", 1)
+    stop_at = [1, 1, 1, 1, 3, 3, 5, 99]  # half finish, then half of the rest, then half again
+    step, tokens_BT = run_scripted(stop_at, max_new_tokens=10)
+
+    assert step.selects == [[4, 5, 6, 7], [6, 7], [7]]
+    assert tokens_BT.tolist() == [expected_row(s, 10) for s in stop_at]
+
+
+def test_a_stop_token_at_step_zero_ends_the_answer_there(monkeypatch):
+    import ao_resampling.sampling as sampling
+
+    monkeypatch.setattr(sampling, "SYNC_EVERY", 1)
+    stop_at = [0, 0, 2, 99]
+    _, tokens_BT = run_scripted(stop_at, max_new_tokens=6, min_new_tokens=0)
+    assert tokens_BT.tolist() == [expected_row(s, 6) for s in stop_at]
+    assert sampling.until_stop(tokens_BT[0].tolist(), [STOP], PAD) == [STOP]  # an answer of one token, the stop
+
+    _, suppressed_BT = run_scripted(stop_at, max_new_tokens=6, min_new_tokens=1)  # min_new_tokens < max_new_tokens
+    assert suppressed_BT.tolist() == [expected_row(s, 6, min_new_tokens=1) for s in stop_at]
+
+
+@pytest.mark.parametrize("gap", [-1e-4, -1e-6, 0.0, 1e-6, 1e-4], ids=lambda g: f"candidates_mass_top_p{g:+g}")
+def test_a_nucleus_at_the_candidate_fallback_boundary_is_hfs(gap):
+    """The top ``candidates`` tokens hold top_p + gap of the mass: just inside, on, or just outside the candidates
+    (the sampler's two paths meet there). The kept set must be HF's TopPLogitsWarper's either way."""
+    from ao_resampling.sampling import sampling_weights
+
+    top_p, candidates, V = 0.9, 8, 64
+    probs_V = torch.empty(V, dtype=torch.float64)
+    probs_V[:candidates] = torch.linspace(0.2, 0.05, candidates)
+    probs_V[:candidates] *= (top_p + gap) / probs_V[:candidates].sum()
+    probs_V[candidates:] = (1 - probs_V[:candidates].sum()) * torch.linspace(0.1, 0.001, V - candidates).softmax(0)
+    logits_1V = probs_V.log().float()[None]
+    ours_1V = sampling_weights(logits_1V, temperature=1.0, top_p=top_p, candidates=candidates)
+    hf_1V = TopPLogitsWarper(top_p)(None, logits_1V.clone()).softmax(-1)
+    if abs(gap) > 1e-5:  # away from float rounding: the exact rule decides, candidates only or one more token
+        assert torch.equal(ours_1V > 0, hf_1V > 0)
+        assert int((ours_1V > 0).sum()) == (candidates if gap > 0 else candidates + 1)
+    else:  # within rounding of top_p: either answer is HF's up to its own float noise, never a third one
+        assert int((ours_1V > 0).sum()) in (candidates, candidates + 1)
+        assert torch.equal((ours_1V > 0)[0, :candidates], torch.ones(candidates, dtype=torch.bool))
+    torch.testing.assert_close(ours_1V.sum(), torch.tensor(1.0))
+    g = torch.Generator().manual_seed(0)
+    drawn = sample_next_tokens(logits_1V.expand(2000, V), temperature=1.0, top_p=top_p, generator=g,
+                               candidates=candidates)
+    assert (ours_1V[0, drawn] > 0).all(), "a token outside the kept set was drawn"

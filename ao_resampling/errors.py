@@ -1,0 +1,21 @@
+"""One base class for every error this tool raises on purpose, and the exit codes the CLI ends with.
+
+Each module keeps its own error class (``ConfigError``, ``ResultsError``, ...) for its callers to catch; all of them
+also derive from ``AOResamplingError``, so cli.py catches the tool's errors in one place and prints their message
+(no traceback), while anything else -- a bug -- still shows its traceback.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_BUG = 1  # an unexpected exception (Python's own code for an uncaught error): please report it
+EXIT_USAGE = 2  # bad flags (typer's) or input the tool refused with a message: nothing was done or lost
+EXIT_CALLS_FAILED = 3  # finished, but some judge calls failed; they are recorded and a re-run retries them
+EXIT_BUSY = 4  # another process holds the run folder's lock; nothing was done
+EXIT_INTERRUPTED = 130  # Ctrl-C; everything finished before it is kept, a re-run continues
+
+
+class AOResamplingError(Exception):
+    """An error with a message meant for the user: it names the file, field or setting and what was expected."""
+
+    exit_code: int = EXIT_USAGE

