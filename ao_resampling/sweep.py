@@ -12,6 +12,7 @@ serves every condition, with the read and injection layers of each (``oracle_for
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -27,6 +28,8 @@ from pydantic import ValidationError
 
 from ao_resampling import models, pipeline
 from ao_resampling.config import ExperimentConfig, diff_settings
+from ao_resampling.errors import AOResamplingError
+from ao_resampling.lock import folder_lock
 from ao_resampling.results import ResultsStore, atomic_write_text, read_json_file
 
 MANIFEST_NAME = "sweep.json"
@@ -36,7 +39,7 @@ LOAD_FIELDS = ("model", "tokenizer", "oracle_lora", "dtype", "device", "device_m
 DEMO_VARY = ["temperature=0.3,1.0", "position_rule=assistant_start,window:3"]
 
 
-class SweepError(ValueError):
+class SweepError(AOResamplingError, ValueError):
     """A sweep that cannot be planned or continued; the message names the condition, field or file."""
 
 
@@ -201,17 +204,12 @@ class SweepOutcome:
 def prepare_all(conditions: Sequence[Condition], out_dir: Path) -> dict[str, ResultsStore]:
     """Every condition's plan written (or checked against its folder) before any runs: a window too long for a
     target, or a run folder made with other settings, stops the sweep before minutes of work, naming the condition."""
-    from ao_resampling.data import DataError
-    from ao_resampling.encoding import EncodingError
-    from ao_resampling.oracle import OracleQueryError
-    from ao_resampling.positions import PositionError
-
     tokenizer = models.load_tokenizer(conditions[0].config.tokenizer or conditions[0].config.model)
     stores = {}
     for c in conditions:
         try:
             stores[c.name], _ = pipeline.prepare(c.config, Path(out_dir) / c.name, tokenizer=tokenizer)
-        except (DataError, EncodingError, OracleQueryError, PositionError, pipeline.PipelineError) as e:
+        except AOResamplingError as e:  # data, encoding, position rule, or a run folder of other settings
             raise SweepError(f"condition {c.name}: {e}") from e
     return stores
 
@@ -226,6 +224,16 @@ def run_sweep(base: ExperimentConfig, conditions: Sequence[Condition], out_dir: 
         raise SweepError("a sweep runs in one process; use `ao-resampling run --gpus N` per condition instead")
     pipeline.preflight(base, judge=judge)  # data, weights, CUDA, judge: once, before any condition runs
     new_manifest = check_sweep_folder(out_dir, base, conditions)
+    with contextlib.ExitStack() as locks:  # each condition's folder is held like `run` holds its --out
+        for c in conditions:
+            locks.enter_context(folder_lock(Path(out_dir) / c.name))
+        return _run_locked(base, conditions, Path(out_dir), new_manifest, judge=judge, progress=progress,
+                           judge_client=judge_client, log=log, load=load)
+
+
+def _run_locked(base: ExperimentConfig, conditions: Sequence[Condition], out_dir: Path, new_manifest: dict[str, Any],
+                *, judge: bool, progress: bool, judge_client, log: Callable[[str], None],
+                load: Callable[[ExperimentConfig], models.LoadedOracle]) -> SweepOutcome:
     stores = prepare_all(conditions, Path(out_dir))
     # Written once every plan is: a sweep refused half-way leaves no manifest that would refuse its corrected rerun.
     atomic_write_text(Path(out_dir) / MANIFEST_NAME, json.dumps(new_manifest, indent=1) + "\n")
