@@ -226,3 +226,15 @@ def test_window_queries_k_vectors_fast_path_equals_plain_generate(tiny_oracle, g
     flipped = BatchedSampler(tiny_oracle, gemma_tokenizer, injection_layer=1, coefficient=1.0, params=params
                              ).run(queries(-1.0), progress=False)  # vectors 1 and 3 reversed: the direction matters
     assert any(fast[k][0].token_ids != flipped[k][0].token_ids for k in fast)
+
+
+def test_a_condition_folder_in_use_stops_the_sweep_before_any_work(tmp_path):
+    from ao_resampling.lock import FolderBusyError, folder_lock
+
+    base = tiny()
+    planned = plan_conditions(base, [{"temperature": 0.5}, {"temperature": 1.0}])
+    with folder_lock(tmp_path / planned[1].name, command="ao-resampling judge (another process)"):
+        with pytest.raises(FolderBusyError, match="in use by .*ao-resampling judge"):
+            run_sweep(base, planned, tmp_path, judge=False, progress=False, log=lambda _: None,
+                      load=lambda _: pytest.fail("no model may be loaded"))
+    assert not (tmp_path / "sweep.json").exists() and not (tmp_path / planned[0].name / "results.json").exists()
