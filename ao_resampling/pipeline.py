@@ -342,7 +342,8 @@ def run_experiment(config: ExperimentConfig, out_dir: Path, *, judge: bool | Non
     t = time.perf_counter()
     with distributed.together(here, "writing the plan"):  # one plan (question sample, run ids), by rank 0 alone
         # Before the model: a folder made with other settings is refused in seconds, not after loading 27B.
-        store, _ = prepare(config, out_dir) if here.is_main else (None, None)
+        tokenizer = oracle.tokenizer if oracle is not None else None  # a sweep's: not loaded again per condition
+        store, _ = prepare(config, out_dir, tokenizer=tokenizer) if here.is_main else (None, None)
     report.stage_seconds["prepare"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -18,13 +18,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from ao_resampling.encoding import EncodedTarget, render, tokenize
+from ao_resampling.errors import AOResamplingError
 
 DEFAULT_RULE = "assistant_start"
 RULE_FORMS = "'assistant_start', 'last_user_token' or 'window:K' (K a whole number >= 1)"
 _WINDOW = re.compile(r"window:([0-9]+)")
 
 
-class PositionError(ValueError):
+class PositionError(AOResamplingError, ValueError):
     """A rule that cannot be parsed, or that names tokens outside a target's context."""
 
 

@@ -12,6 +12,7 @@ serves every condition, with the read and injection layers of each (``oracle_for
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -27,6 +28,8 @@ from pydantic import ValidationError
 
 from ao_resampling import models, pipeline
 from ao_resampling.config import ExperimentConfig, diff_settings
+from ao_resampling.errors import AOResamplingError
+from ao_resampling.lock import folder_lock
 from ao_resampling.results import ResultsStore, atomic_write_text, read_json_file
 
 MANIFEST_NAME = "sweep.json"
@@ -36,7 +39,7 @@ LOAD_FIELDS = ("model", "tokenizer", "oracle_lora", "dtype", "device", "device_m
 DEMO_VARY = ["temperature=0.3,1.0", "position_rule=assistant_start,window:3"]
 
 
-class SweepError(ValueError):
+class SweepError(AOResamplingError, ValueError):
     """A sweep that cannot be planned or continued; the message names the condition, field or file."""
 
 
@@ -168,8 +171,8 @@ def default_out_dir(base: ExperimentConfig, conditions: Sequence[Condition], pre
     return Path("artifacts") / "sweeps" / f"{slug}__{'-'.join(varied_fields(conditions)) or 'conditions'}"
 
 
-def open_sweep(out_dir: Path, base: ExperimentConfig, conditions: Sequence[Condition]) -> dict[str, Any]:
-    """Write the manifest, or check that the folder's manifest is this sweep's (refusing mixed settings)."""
+def check_sweep_folder(out_dir: Path, base: ExperimentConfig, conditions: Sequence[Condition]) -> dict[str, Any]:
+    """This sweep's manifest; if the folder has one already, it must be the same sweep (refusing mixed settings)."""
     path = Path(out_dir) / MANIFEST_NAME
     new = json.loads(json.dumps(manifest(base, conditions)))  # as it reads back from disk
     if path.exists():
@@ -178,8 +181,6 @@ def open_sweep(out_dir: Path, base: ExperimentConfig, conditions: Sequence[Condi
         if differences:
             raise SweepError(f"{path} was made for another sweep; refusing to mix them. Differences:\n  "
                              + "\n  ".join(differences) + "\nUse another --out folder, or the original settings.")
-        return old
-    atomic_write_text(path, json.dumps(new, indent=1) + "\n")
     return new
 
 
@@ -200,6 +201,19 @@ class SweepOutcome:
     report_dir: Path | None = None
 
 
+def prepare_all(conditions: Sequence[Condition], out_dir: Path) -> dict[str, ResultsStore]:
+    """Every condition's plan written (or checked against its folder) before any runs: a window too long for a
+    target, or a run folder made with other settings, stops the sweep before minutes of work, naming the condition."""
+    tokenizer = models.load_tokenizer(conditions[0].config.tokenizer or conditions[0].config.model)
+    stores = {}
+    for c in conditions:
+        try:
+            stores[c.name], _ = pipeline.prepare(c.config, Path(out_dir) / c.name, tokenizer=tokenizer)
+        except AOResamplingError as e:  # data, encoding, position rule, or a run folder of other settings
+            raise SweepError(f"condition {c.name}: {e}") from e
+    return stores
+
+
 def run_sweep(base: ExperimentConfig, conditions: Sequence[Condition], out_dir: Path, *, judge: bool,
               progress: bool = True, judge_client=None, log: Callable[[str], None] = print,
               load: Callable[[ExperimentConfig], models.LoadedOracle] = pipeline.load_oracle) -> SweepOutcome:
@@ -208,14 +222,27 @@ def run_sweep(base: ExperimentConfig, conditions: Sequence[Condition], out_dir: 
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SweepError("a sweep runs in one process; use `ao-resampling run --gpus N` per condition instead")
-    open_sweep(out_dir, base, conditions)
+    pipeline.preflight(base, judge=judge)  # data, weights, CUDA, judge: once, before any condition runs
+    new_manifest = check_sweep_folder(out_dir, base, conditions)
+    with contextlib.ExitStack() as locks:  # each condition's folder is held like `run` holds its --out
+        for c in conditions:
+            locks.enter_context(folder_lock(Path(out_dir) / c.name))
+        return _run_locked(base, conditions, Path(out_dir), new_manifest, judge=judge, progress=progress,
+                           judge_client=judge_client, log=log, load=load)
+
+
+def _run_locked(base: ExperimentConfig, conditions: Sequence[Condition], out_dir: Path, new_manifest: dict[str, Any],
+                *, judge: bool, progress: bool, judge_client, log: Callable[[str], None],
+                load: Callable[[ExperimentConfig], models.LoadedOracle]) -> SweepOutcome:
+    stores = prepare_all(conditions, Path(out_dir))
+    # Written once every plan is: a sweep refused half-way leaves no manifest that would refuse its corrected rerun.
+    atomic_write_text(Path(out_dir) / MANIFEST_NAME, json.dumps(new_manifest, indent=1) + "\n")
     outcome = SweepOutcome(Path(out_dir), {}, 0)
     oracle = None
     for i, c in enumerate(conditions, start=1):
         folder = Path(out_dir) / c.name
         log(f"[sweep {i}/{len(conditions)}] {c.name}")
-        store, _ = pipeline.prepare(c.config, folder)  # a folder of other settings is refused here, before loading
-        if oracle is None and pipeline.needs_model(store.load(), c.config):
+        if oracle is None and pipeline.needs_model(stores[c.name].load(), c.config):
             t = time.perf_counter()
             oracle = load(base)
             outcome.model_loads += 1

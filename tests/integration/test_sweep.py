@@ -151,14 +151,13 @@ def test_cli_sweep_2x2_killed_once_and_resumed(tmp_path):
     proc = spawn(sweep_command(out), log)
     manifest_path = out / "sweep.json"
     deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:  # kill once the first condition is done and the second has begun
+    while time.monotonic() < deadline:  # kill once the first condition is done and a later one is generating
         assert proc.poll() is None, f"the sweep ended before it could be killed:\n{log.read_text()[-3000:]}"
-        if manifest_path.exists():
+        if manifest_path.exists():  # written once every condition's plan is
             names = [c["name"] for c in json.loads(manifest_path.read_text())["conditions"]]
-            second = out / names[1]
-            if (second / "results.json").exists():
+            if any((out / name / "journal.jsonl").exists() for name in names[1:]):
                 break
-        time.sleep(0.05)
+        time.sleep(0.02)
     else:
         proc.kill()
         pytest.fail(f"the second condition never started within {WAIT_S} s:\n{log.read_text()[-3000:]}")
@@ -227,3 +226,15 @@ def test_window_queries_k_vectors_fast_path_equals_plain_generate(tiny_oracle, g
     flipped = BatchedSampler(tiny_oracle, gemma_tokenizer, injection_layer=1, coefficient=1.0, params=params
                              ).run(queries(-1.0), progress=False)  # vectors 1 and 3 reversed: the direction matters
     assert any(fast[k][0].token_ids != flipped[k][0].token_ids for k in fast)
+
+
+def test_a_condition_folder_in_use_stops_the_sweep_before_any_work(tmp_path):
+    from ao_resampling.lock import FolderBusyError, folder_lock
+
+    base = tiny()
+    planned = plan_conditions(base, [{"temperature": 0.5}, {"temperature": 1.0}])
+    with folder_lock(tmp_path / planned[1].name, command="ao-resampling judge (another process)"):
+        with pytest.raises(FolderBusyError, match="in use by .*ao-resampling judge"):
+            run_sweep(base, planned, tmp_path, judge=False, progress=False, log=lambda _: None,
+                      load=lambda _: pytest.fail("no model may be loaded"))
+    assert not (tmp_path / "sweep.json").exists() and not (tmp_path / planned[0].name / "results.json").exists()

@@ -20,8 +20,9 @@ def test_parse_vary_reads_numbers_and_rules():
     assert parse_vary("temperature=0.3,0.7,1") == ("temperature", [0.3, 0.7, 1])
     assert parse_vary("position_rule=assistant_start,window:3") == ("position_rule", ["assistant_start", "window:3"])
     assert parse_vary("layer_percent=25, 50") == ("layer_percent", [25, 50])
-    # Any setting by name (top_k too, once ExperimentConfig has it): nothing is special-cased per field.
+    # Any setting by name: nothing is special-cased per field.
     assert parse_vary("steering_coefficient=0.5,2") == ("steering_coefficient", [0.5, 2])
+    assert parse_vary("top_k=0,40") == ("top_k", [0, 40])
 
 
 @pytest.mark.parametrize("item, message", [
@@ -69,6 +70,7 @@ def test_plan_conditions_validates_every_condition_before_any_runs():
     with pytest.raises(SweepError, match=r"condition position_rule=window-0: field 'position_rule'"):
         plan_conditions(base, [{"position_rule": "window:0"}])
     assert condition_name({"position_rule": "window:3"}) == "position_rule=window-3"
+    assert [c.config.top_k for c in plan_conditions(base, [{"top_k": 0}, {"top_k": 40}])] == [0, 40]
 
 
 def test_manifest_differences_name_settings_and_conditions():
