@@ -37,6 +37,10 @@ from ao_resampling.config import build_config
 MULTIMODAL_SPEC = "synthetic:tiny-multimodal"  # the tiny Gemma3ForConditionalGeneration stand-in (issue 17, point 2)
 
 
+# Per model: targets x questions and answer length. Real 270M weights cost ~2 s a token on this CPU, so fewer.
+GRID = {"synthetic:tiny": (3, 2, 10), "gemma3-270m-gguf": (2, 2, 8), MULTIMODAL_SPEC: (3, 2, 10)}
+
+
 def _model_specs() -> list:
     specs = [pytest.param("synthetic:tiny", id="tiny"),
              pytest.param("gemma3-270m-gguf", id="gemma3-270m", marks=pytest.mark.slow)]
@@ -59,11 +63,12 @@ class PipelineRun:
 @pytest.fixture(scope="module", params=_model_specs())
 def pipeline_run(request, shared_data, tmp_path_factory) -> PipelineRun:
     spec = request.param
+    num_targets, num_questions, max_new_tokens = GRID[spec]
     config = build_config(preset="experiment", overrides=dict(
         model=spec, oracle_lora="random", dtype="float32", device="cpu",
         targets=shared_data / "target_model_queries.json", questions=shared_data / "sycophancy_questions.json",
-        num_targets=3, num_questions=2, samples_per_query=2, max_new_tokens=10, temperature=0.0,
-        judge=False, embedding_model="none", bootstrap_resamples=100,
+        num_targets=num_targets, num_questions=num_questions, samples_per_query=2, max_new_tokens=max_new_tokens,
+        temperature=0.0, judge=False, embedding_model="none", bootstrap_resamples=100,
     ))
     seen: dict = {"acts": {}}
     real_load, real_capture = pipeline.load_oracle, pipeline.capture_targets
@@ -131,7 +136,7 @@ def base_activation(model, ids: list[int], *, layer: int, position: int) -> torc
     """hidden_states[0] is the embeddings, hidden_states[i + 1] the output of decoder layer i (the final norm only
     touches the last entry, and the read layer is the middle one)."""
     with model.disable_adapter():
-        hidden = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+        hidden = model(input_ids=torch.tensor([ids]), output_hidden_states=True, logits_to_keep=1).hidden_states
     assert layer + 1 < len(hidden) - 1, "the read layer must not be the last (its hidden state is normed)"
     return hidden[layer + 1][0, position]
 
@@ -172,7 +177,7 @@ def greedy_answer(model, tokenizer, prompt_ids: list[int], *, positions: list[in
 
 
 def runs(r: PipelineRun) -> list[dict]:
-    assert len(r.results["runs"]) == 3 * 2
+    assert len(r.results["runs"]) == r.config.num_targets * r.config.num_questions
     return r.results["runs"]
 
 
@@ -212,9 +217,10 @@ def test_activation_is_the_base_models_hidden_state_at_the_read_layer_and_assist
         start = len(chat_ids(gemma_tokenizer, messages, generation_prompt=False))
         expected_D = base_activation(model, ids, layer=layer, position=start)
         # The pipeline reads a left-padded batch before its decode merged and unmerged the LoRA: equal up to float32
-        # rounding, where a neighbouring token or layer differs by O(1).
-        torch.testing.assert_close(pipeline_run.acts[target_id].float(), expected_D.float(), rtol=1e-4, atol=1e-4,
-                                   msg=lambda m: f"target {target_id}: {m}")
+        # rounding (~5e-7 of the norm, measured), where a neighbouring token or layer differs by O(1) of it.
+        got_D = pipeline_run.acts[target_id].float()
+        error = float((got_D - expected_D.float()).norm() / expected_D.float().norm())
+        assert got_D.shape == expected_D.shape and error < 1e-5, f"target {target_id}: relative error {error:.2e}"
 
 
 def test_oracle_prompt_names_the_read_layer_and_its_placeholders_are_where_stored(pipeline_run, gemma_tokenizer):
