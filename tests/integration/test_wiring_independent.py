@@ -193,7 +193,12 @@ def question_of(r: PipelineRun, question_id: str) -> str:
 # The checks
 
 
-def test_context_ids_and_assistant_start_are_the_chat_templates(pipeline_run, gemma_tokenizer):
+def test_context_ids_and_assistant_start_are_the_chat_templates(pipeline_run, gemma_tokenizer, shared_data):
+    # What the recomputation starts from: the input files' first targets and questions from its pool, as stored.
+    source = json.loads((shared_data / "target_model_queries.json").read_text())[: pipeline_run.config.num_targets]
+    assert [{"id": t["id"], "messages": t["messages"]} for t in source] == pipeline_run.results["targets"]
+    pool = json.loads((shared_data / "sycophancy_questions.json").read_text())
+    assert all(q["text"] in pool for q in pipeline_run.results["ao_questions"])
     for run in runs(pipeline_run):
         messages = messages_of(pipeline_run, run["target_id"])
         with_prompt = chat_ids(gemma_tokenizer, messages, generation_prompt=True)
