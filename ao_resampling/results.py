@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from ao_resampling.errors import AOResamplingError
 
@@ -64,6 +64,13 @@ class Decoding(BaseModel):
     # written before they were recorded, or a plan written before the model was loaded (top_k None = the model's).
     top_k: int | None = None
     eos_token_ids: list[int] | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_unknown_effective_fields(self, handler):
+        # Unset, they are left out: a decoding written without them dumps as it did before they existed, so the
+        # settings a resumed stage compares (baseline meta, the plan's meta) still match an older file's.
+        data = handler(self)
+        return {k: v for k, v in data.items() if not (k in ("top_k", "eos_token_ids") and v is None)}
 
 
 class Response(_Model):

@@ -487,3 +487,16 @@ def test_a_stand_in_in_eos_mode_still_decodes_as_plain_generate(ending_oracle, g
     params = greedy(40)
     assert tokens(fast(ending_oracle, gemma_tokenizer, queries, params)) == \
         tokens(plain(ending_oracle, gemma_tokenizer, queries, params))
+
+
+def test_decoding_passes_the_cache_under_the_name_this_transformers_takes(tiny_oracle, gemma_tokenizer, queries):
+    """transformers 5.24 renamed the forward's past_key_values= to cache= (the old name warns, and goes in 5.40);
+    5.17 knows only the old one. Neither the fast path nor the reference may use a deprecated name."""
+    import warnings
+
+    for static_cache in (True, False):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fast(tiny_oracle, gemma_tokenizer, queries[:1], greedy(3), static_cache=static_cache)
+            plain(tiny_oracle, gemma_tokenizer, queries[:1], greedy(3))
+        assert not [w for w in caught if "past_key_values" in str(w.message)], [str(w.message) for w in caught]

@@ -71,3 +71,10 @@ def test_top_k_cli_flag_reaches_the_config(monkeypatch):
     monkeypatch.setattr(pipeline, "run_experiment", lambda config, *a, **k: seen.setdefault("config", config) and 1 / 0)
     CliRunner().invoke(cli.app, ["run", "--top-k", "7", "--no-judge", "--out", "/nonexistent/x"])
     assert seen["config"].top_k == 7
+
+
+def test_a_decoding_without_the_effective_fields_dumps_as_before():
+    """Resumed stages compare dumped decodings (baseline meta): an unset top_k / eos must not make them differ."""
+    before = {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 240, "do_sample": True, "seed": 0}
+    assert Decoding(**before).model_dump(mode="json") == before
+    assert Decoding(**before, top_k=64).model_dump(mode="json") == before | {"top_k": 64}
