@@ -34,7 +34,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def gemma_tokenizer():
     """The real Gemma 3 tokenizer (from the GGUF package) with Gemma 3's chat template, left padding."""
-    from ao_resampling.models import load_tokenizer
+    from ao_resampling.engine.models import load_tokenizer
 
     return load_tokenizer("gemma3-270m-gguf")
 
@@ -42,7 +42,7 @@ def gemma_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_model():
     """A 4-layer random-weight Gemma 3 (float32, CPU) sharing the real tokenizer's vocabulary."""
-    from ao_resampling.models import load_model
+    from ao_resampling.engine.models import load_model
 
     return load_model("synthetic:tiny", dtype="float32", device="cpu")
 
@@ -50,7 +50,7 @@ def tiny_model():
 @pytest.fixture(scope="session")
 def tiny_oracle():
     """The tiny model wrapped with a seeded random LoRA (nonzero B), standing in for an oracle."""
-    from ao_resampling.models import attach_oracle, load_model
+    from ao_resampling.engine.models import attach_oracle, load_model
 
     return attach_oracle(load_model("synthetic:tiny", dtype="float32", device="cpu"), "random", seed=0)
 
@@ -58,6 +58,6 @@ def tiny_oracle():
 @pytest.fixture(scope="session")
 def gemma270m_oracle():
     """Real Gemma 3 270M (float32, CPU) with a random LoRA: real weights, not a trained oracle."""
-    from ao_resampling.models import attach_oracle, load_model
+    from ao_resampling.engine.models import attach_oracle, load_model
 
     return attach_oracle(load_model("gemma3-270m-gguf", dtype="float32", device="cpu"), "random", seed=0)

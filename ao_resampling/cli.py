@@ -140,7 +140,7 @@ def run(
 ) -> None:
     """The whole experiment: prepare -> generate -> judge -> analyse (resumable: re-run on the same --out)."""
     from ao_resampling import pipeline
-    from ao_resampling.judge import check_judge_access, JudgeConfigError
+    from ao_resampling.stages.judge import check_judge_access, JudgeConfigError
 
     config = _config(
         preset, config_file, set_, model=model, tokenizer=tokenizer, oracle_lora=oracle_lora, targets=targets,
@@ -153,7 +153,7 @@ def run(
         baseline_max_new_tokens=baseline_max_new_tokens, embedding_model=embedding_model,
     )
     if gpus and gpus > 1 and "WORLD_SIZE" not in os.environ:  # not yet under torchrun: become it
-        from ao_resampling import distributed
+        from ao_resampling.engine import distributed
 
         try:
             distributed.check_launch(config, gpus)
@@ -169,7 +169,7 @@ def run(
             typer.echo("demo: no OPENAI_API_KEY or judge base URL set, so the LLM judge is skipped "
                        "(judge-free metrics only).")
     out_dir = out or pipeline.default_out_dir(config, preset)
-    from ao_resampling.distributed import world
+    from ao_resampling.engine.distributed import world
 
     # Under torchrun rank 0 holds the folder for the whole group (lock.py); the launcher above exec'd torchrun.
     with folder_lock(out_dir) if world().is_main else contextlib.nullcontext():
@@ -184,7 +184,7 @@ def run(
     for note in report.notes:
         typer.secho(note, fg="yellow")
     if judge:
-        from ao_resampling.judge import failed_calls
+        from ao_resampling.stages.judge import failed_calls
         from ao_resampling.results import ResultsStore
 
         _exit_if_calls_failed(out_dir, failed_calls(ResultsStore(out_dir).load()), "the same command")
@@ -192,7 +192,7 @@ def run(
 
 def _sweep_judges(config: ExperimentConfig, preset: str, no_judge: bool) -> bool:
     """As ``run``: the demo judges only when the user has given it a way to."""
-    from ao_resampling.judge import JudgeConfigError, check_judge_access
+    from ao_resampling.stages.judge import JudgeConfigError, check_judge_access
 
     if no_judge or not config.judge:
         return False
@@ -278,7 +278,7 @@ def judge(
 ) -> None:
     """Judge every run that has answers and no verdict; re-try recorded failures. Journaled, resumable.
     Exit 3 when calls failed (recorded; re-run to retry them)."""
-    from ao_resampling.judge import check_judge_access, failed_calls, judge_stage
+    from ao_resampling.stages.judge import check_judge_access, failed_calls, judge_stage
 
     store, config = _open(results, judge_model=judge_model, judge_api=judge_api, judge_base_url=judge_base_url,
                           judge_concurrency=judge_concurrency, judge_timeout_s=judge_timeout_s,
@@ -302,9 +302,9 @@ def report(
     quiet: Quiet = False,
 ) -> None:
     """Plots A/B/C + heatmap, summary.json and report.md; works on partly judged files."""
-    from ao_resampling.baseline import baseline_spread_stage, load_baseline_file, with_spreads
-    from ao_resampling.metrics import spread_stage
-    from ao_resampling.report import write_report
+    from ao_resampling.stages.baseline import baseline_spread_stage, load_baseline_file, with_spreads
+    from ao_resampling.stages.spread import spread_stage
+    from ao_resampling.analysis.report import write_report
 
     store, config = _open(results, embedding_model=embedding_model)
     with folder_lock(store.folder):
@@ -334,8 +334,8 @@ def baseline_command(
     """Sample the target model itself n times per target (adapter off), judge its replies, and redo the report.
     Journaled, resumable: targets already sampled or judged are skipped. Exit 3 when judge calls failed."""
     from ao_resampling import pipeline
-    from ao_resampling.baseline import baseline_stage, baseline_summary
-    from ao_resampling.judge import JudgeConfigError, check_judge_access, failed_calls
+    from ao_resampling.stages.baseline import baseline_stage, baseline_summary
+    from ao_resampling.stages.judge import JudgeConfigError, check_judge_access, failed_calls
 
     store, config = _open(results, baseline_max_new_tokens=baseline_max_new_tokens, device=device,
                           device_map=device_map, batch_rows=batch_rows, judge_model=judge_model, judge_api=judge_api,

@@ -111,7 +111,7 @@ class ExperimentConfig(BaseModel):
     @field_validator("position_rule")
     @classmethod
     def _known_position_rule(cls, value: str) -> str:
-        from ao_resampling.positions import PositionError, parse_rule
+        from ao_resampling.inputs.positions import PositionError, parse_rule
 
         try:
             return str(parse_rule(value))  # one spelling per rule, so resumes compare equal

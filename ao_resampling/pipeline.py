@@ -20,19 +20,20 @@ import torch
 from pydantic import ValidationError
 
 from ao_resampling.errors import AOResamplingError
-from ao_resampling import data, models
+from ao_resampling.inputs import data
+from ao_resampling.engine import models
 from ao_resampling.config import ExperimentConfig, describe_problems, diff_settings
-from ao_resampling.encoding import encode_target, require_chat_template
-from ao_resampling.generation_settings import Sampling
-from ao_resampling.hooks import capture_activations_at
-from ao_resampling.oracle import build_oracle_query
-from ao_resampling.plan_check import context_overflows, plan_differences
-from ao_resampling.positions import landmarks_of, parse_rule, resolve
+from ao_resampling.inputs.encoding import encode_target, require_chat_template
+from ao_resampling.engine.generation_settings import Sampling
+from ao_resampling.engine.hooks import capture_activations_at
+from ao_resampling.inputs.oracle import build_oracle_query
+from ao_resampling.inputs.plan_check import context_overflows, plan_differences
+from ao_resampling.inputs.positions import landmarks_of, parse_rule, resolve
 from ao_resampling.results import (
     AOQuestion, Decoding, Meta, Response, Results, ResultsStore, Run, TargetRecord, run_id_for, sha256_of_ids,
 )
-from ao_resampling.reference import sample_sequential
-from ao_resampling.sampling import BatchedSampler, DecodeParams, Query, Sample, effective_sampling
+from ao_resampling.engine.reference import sample_sequential
+from ao_resampling.engine.sampling import BatchedSampler, DecodeParams, Query, Sample, effective_sampling
 
 STAND_IN_NOTE = (
     "STAND-IN: {why}. These numbers exercise the pipeline; they say nothing about the real Activation Oracle."
@@ -293,7 +294,7 @@ def preflight(config: ExperimentConfig, *, judge: bool) -> None:
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         problems.append(f"device {config.device!r} asked for, but CUDA is not available here (use --device cpu)")
     if judge:
-        from ao_resampling.judge import JudgeConfigError, check_judge_access
+        from ao_resampling.stages.judge import JudgeConfigError, check_judge_access
 
         try:
             check_judge_access(config)
@@ -324,7 +325,7 @@ def run_experiment(config: ExperimentConfig, out_dir: Path, *, judge: bool | Non
     Under torchrun every rank samples a share of the runs (distributed.py); rank 0 alone plans, merges the journals,
     judges and analyses, and the other ranks return after generation.
     """
-    from ao_resampling import distributed
+    from ao_resampling.engine import distributed
 
     judge = config.judge if judge is None else judge
     here = distributed.start(config)  # a world of one unless torchrun started several ranks
@@ -353,7 +354,7 @@ def run_experiment(config: ExperimentConfig, out_dir: Path, *, judge: bool | Non
     report.stage_seconds["load"] = time.perf_counter() - t
 
     if config.baseline and here.is_main:
-        from ao_resampling.baseline import baseline_stage
+        from ao_resampling.stages.baseline import baseline_stage
 
         # Before the AO generation: decoding merges the LoRA into the weights and back, which is exact only up to
         # rounding, and the target model must be sampled with its own weights. Other ranks wait at the next step.
@@ -375,7 +376,7 @@ def run_experiment(config: ExperimentConfig, out_dir: Path, *, judge: bool | Non
     report.stage_seconds["generate"] = time.perf_counter() - t
 
     if judge:
-        from ao_resampling.judge import judge_stage
+        from ao_resampling.stages.judge import judge_stage
 
         t = time.perf_counter()
         judge_stage(store, config, client=judge_client, progress=progress)
@@ -394,8 +395,8 @@ def run_experiment(config: ExperimentConfig, out_dir: Path, *, judge: bool | Non
 
 def analyse(store: ResultsStore, config: ExperimentConfig, *, out_dir: Path | None = None,
             progress: bool = True) -> Path:
-    from ao_resampling.metrics import spread_stage
-    from ao_resampling.report import write_report
+    from ao_resampling.stages.spread import spread_stage
+    from ao_resampling.analysis.report import write_report
 
     spread_stage(store, embedding_model=config.embedding_model, progress=progress)
     results = store.load()

@@ -26,7 +26,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ao_resampling import models, pipeline
+from ao_resampling import pipeline
+from ao_resampling.engine import models
 from ao_resampling.config import ExperimentConfig, diff_settings
 from ao_resampling.errors import AOResamplingError
 from ao_resampling.lock import folder_lock
@@ -252,7 +253,7 @@ def _run_locked(base: ExperimentConfig, conditions: Sequence[Condition], out_dir
             oracle=oracle_for(oracle, c.config) if oracle is not None else None)
         timings = ", ".join(f"{k} {v:.1f}s" for k, v in report.stage_seconds.items())
         log(f"[sweep {i}/{len(conditions)}] done: {timings}")
-    from ao_resampling.sweep_report import write_sweep_report
+    from ao_resampling.analysis.sweep_report import write_sweep_report
 
     outcome.report_dir = write_sweep_report(Path(out_dir), seed=base.bootstrap_seed, n_boot=base.bootstrap_resamples)
     return outcome

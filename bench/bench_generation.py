@@ -20,13 +20,14 @@ from pathlib import Path
 
 import torch
 
-from ao_resampling import data, models
-from ao_resampling.encoding import encode_target
-from ao_resampling.hooks import capture_activations
-from ao_resampling.oracle import build_oracle_query
+from ao_resampling.inputs import data
+from ao_resampling.engine import models
+from ao_resampling.inputs.encoding import encode_target
+from ao_resampling.engine.hooks import capture_activations
+from ao_resampling.inputs.oracle import build_oracle_query
 from ao_resampling.pipeline import CAPTURE_BATCH
-from ao_resampling.reference import sample_hf_batched, sample_sequential
-from ao_resampling.sampling import BatchedSampler, DecodeParams, Query
+from ao_resampling.engine.reference import sample_hf_batched, sample_sequential
+from ao_resampling.engine.sampling import BatchedSampler, DecodeParams, Query
 
 
 # Batched-sampler variants: each is one set of BatchedSampler options, named for the lever it changes.
@@ -159,8 +160,8 @@ def main() -> None:
     params = DecodeParams(temperature=0.7, top_p=0.9, max_new_tokens=args.max_new_tokens, seed=0,
                           min_new_tokens=min_new_tokens, top_k=args.top_k)
     if args.eos_rate:
-        from ao_resampling.sampling import effective_sampling
-        from ao_resampling.standins import end_answers_at_rate
+        from ao_resampling.engine.sampling import effective_sampling
+        from ao_resampling.engine.standins import end_answers_at_rate
 
         bias = end_answers_at_rate(model, effective_sampling(model, tokenizer, params), args.eos_rate)
         print(f"eos mode: <end_of_turn> logit bias {bias:.2f} for a {args.eos_rate:.0%} stop rate per step")

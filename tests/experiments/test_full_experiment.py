@@ -50,8 +50,8 @@ def judge_endpoint(request):
 
 def ending_answers(monkeypatch, rate: float) -> None:
     """Stand-ins only: the oracle the pipeline loads ends its answers at EOS ~``rate`` of steps (standins.py)."""
-    from ao_resampling.sampling import DecodeParams, effective_sampling
-    from ao_resampling.standins import end_answers_at_rate
+    from ao_resampling.engine.sampling import DecodeParams, effective_sampling
+    from ao_resampling.engine.standins import end_answers_at_rate
 
     load = pipeline.load_oracle
 

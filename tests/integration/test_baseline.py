@@ -14,14 +14,15 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from ao_resampling import models, pipeline
-from ao_resampling.baseline import (
+from ao_resampling import pipeline
+from ao_resampling.engine import models
+from ao_resampling.stages.baseline import (
     BaselineError, baseline_run_id, baseline_stage, responses_in_prompt, sample_baseline,
 )
 from ao_resampling.cli import app
 from ao_resampling.config import ExperimentConfig
 from ao_resampling.results import ResultsStore, dump_results
-from ao_resampling.sampling import BatchedSampler, DecodeParams, Query
+from ao_resampling.engine.sampling import BatchedSampler, DecodeParams, Query
 from tests.support.baseline_factory import earlier_format
 from tests.support.openai_server import FakeOpenAIServer, Reply, expected_score
 from tests.support.results_factory import FakeEncoder, make_results

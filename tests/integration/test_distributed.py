@@ -133,7 +133,7 @@ def test_a_rerun_after_a_rank_died_finishes_exactly_the_missing_runs(one_process
 
 FAILING_STEP = """
 import sys
-from ao_resampling import distributed
+from ao_resampling.engine import distributed
 from ao_resampling.config import ExperimentConfig
 from ao_resampling.pipeline import PipelineError
 

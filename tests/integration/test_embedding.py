@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ao_resampling.metrics import (
+from ao_resampling.stages.spread import (
     DEFAULT_EMBEDDING_MODEL,
     compute_spreads,
     embed_unique,
@@ -14,7 +14,7 @@ from ao_resampling.metrics import (
     mean_pairwise_cosine,
     spread_stage,
 )
-from ao_resampling.models import ModelLoadError
+from ao_resampling.engine.models import ModelLoadError
 from ao_resampling.results import ResultsStore
 from tests.support.results_factory import make_results, make_run
 

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-from ao_resampling.encoding import EncodingError, encode_target
+from ao_resampling.inputs.encoding import EncodingError, encode_target
 
 
 @pytest.fixture(scope="module")

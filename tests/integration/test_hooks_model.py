@@ -12,8 +12,8 @@ import copy
 import pytest
 import torch
 
-from ao_resampling.encoding import encode_target
-from ao_resampling.hooks import (
+from ao_resampling.inputs.encoding import encode_target
+from ao_resampling.engine.hooks import (
     attached,
     capture_activations,
     inject,
@@ -21,8 +21,8 @@ from ao_resampling.hooks import (
     left_pad,
     position_ids_from_mask,
 )
-from ao_resampling.models import decoder_layers, layer_at_percent, num_layers
-from ao_resampling.oracle import build_oracle_query
+from ao_resampling.engine.models import decoder_layers, layer_at_percent, num_layers
+from ao_resampling.inputs.oracle import build_oracle_query
 
 from tests.support.conversations import CONVERSATIONS
 

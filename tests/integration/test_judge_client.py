@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from ao_resampling.config import ExperimentConfig
-from ao_resampling.judge import (
+from ao_resampling.stages.judge import (
     VERDICT_JSON_SCHEMA,
     JudgeConfigError,
     build_prompt,

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ao_resampling.oracle import (
+from ao_resampling.inputs.oracle import (
     PLACEHOLDER,
     OracleQueryError,
     build_oracle_query,
@@ -96,7 +96,7 @@ def test_zero_positions_is_refused(gemma_tokenizer):
 
 
 def test_tokenizer_without_chat_template_is_refused():
-    from ao_resampling.encoding import EncodingError
+    from ao_resampling.inputs.encoding import EncodingError
 
     class NoTemplate:
         chat_template = None

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from ao_resampling import models
+from ao_resampling.engine import models
 from ao_resampling.cli import app
 from ao_resampling.errors import EXIT_BUSY, EXIT_CALLS_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
 from ao_resampling.results import RESULTS_NAME, ResultsStore, dump_results, load_results_file
@@ -310,7 +310,7 @@ def test_run_with_failed_judge_calls_exits_3(tmp_path):
 
 
 def test_only_the_tools_own_journals_are_replayed_and_deleted(tmp_path):
-    from ao_resampling.distributed import rank_journal_name
+    from ao_resampling.engine.distributed import rank_journal_name
     from tests.support.results_factory import judge_record
 
     def verdict(run_id: str, score: int) -> dict:
@@ -361,7 +361,7 @@ def test_report_out_pointing_at_a_file_is_an_error_not_a_traceback(tmp_path):
 
 
 def test_ctrl_c_during_the_baseline_judge_keeps_the_replies_that_arrive(tmp_path, openai_server):
-    from ao_resampling.baseline import judge_baseline
+    from ao_resampling.stages.baseline import judge_baseline
     from ao_resampling.config import ExperimentConfig
     from ao_resampling.results import Journal
     from tests.support.baseline_factory import baseline_of

@@ -15,15 +15,15 @@ import dataclasses
 import pytest
 import torch
 
-import ao_resampling.attention as attention
-import ao_resampling.decode_step as decode_step
-import ao_resampling.sampling as sampling
-from ao_resampling.encoding import encode_target
-from ao_resampling.hooks import capture_activations, injecting, left_pad, position_ids_from_mask
-from ao_resampling.models import layer_at_percent, num_layers, stop_token_ids
-from ao_resampling.oracle import build_oracle_query
-from ao_resampling.reference import sample_hf_batched, sample_sequential
-from ao_resampling.sampling import BatchedSampler, DecodeParams, Query, Sample, make_sample, until_stop
+import ao_resampling.engine.attention as attention
+import ao_resampling.engine.decode_step as decode_step
+import ao_resampling.engine.sampling as sampling
+from ao_resampling.inputs.encoding import encode_target
+from ao_resampling.engine.hooks import capture_activations, injecting, left_pad, position_ids_from_mask
+from ao_resampling.engine.models import layer_at_percent, num_layers, stop_token_ids
+from ao_resampling.inputs.oracle import build_oracle_query
+from ao_resampling.engine.reference import sample_hf_batched, sample_sequential
+from ao_resampling.engine.sampling import BatchedSampler, DecodeParams, Query, Sample, make_sample, until_stop
 
 from tests.support.conversations import CONVERSATIONS
 
@@ -423,7 +423,7 @@ def boundary_margin(scaled_V: torch.Tensor, tokens_V: torch.Tensor, top_p: float
                          ids=["model_k1", "model_k64", "model_none_hf_default", "run_k0_off", "run_k7"])
 def test_each_steps_kept_set_and_probabilities_are_hf_generates(tiny_oracle, gemma_tokenizer, queries, model_top_k,
                                                                 run_top_k, monkeypatch):
-    from ao_resampling.sampling import effective_sampling, sampling_weights
+    from ao_resampling.engine.sampling import effective_sampling, sampling_weights
 
     base = tiny_oracle.get_base_model()
     monkeypatch.setattr(base.generation_config, "top_k", model_top_k)
@@ -463,9 +463,9 @@ def test_top_k_1_in_the_generation_config_makes_every_sample_the_same(tiny_oracl
 @pytest.fixture(scope="module")
 def ending_oracle(gemma_tokenizer):
     """A fresh tiny oracle whose <end_of_turn> is drawn ~5% of steps at T=0.7 under its own decoding."""
-    from ao_resampling.models import attach_oracle, load_model
-    from ao_resampling.sampling import effective_sampling
-    from ao_resampling.standins import end_answers_at_rate
+    from ao_resampling.engine.models import attach_oracle, load_model
+    from ao_resampling.engine.sampling import effective_sampling
+    from ao_resampling.engine.standins import end_answers_at_rate
 
     model = attach_oracle(load_model("synthetic:tiny", dtype="float32", device="cpu"), "random", seed=0)
     end_answers_at_rate(model, effective_sampling(model, gemma_tokenizer, sampled()), rate=0.05)

@@ -18,11 +18,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ao_resampling import models, pipeline
+from ao_resampling import pipeline
+from ao_resampling.engine import models
 from ao_resampling.config import build_config
-from ao_resampling.hooks import capture_activations_at
-from ao_resampling.models import LoadedOracle
-from ao_resampling.oracle import placeholder_token_id
+from ao_resampling.engine.hooks import capture_activations_at
+from ao_resampling.engine.models import LoadedOracle
+from ao_resampling.inputs.oracle import placeholder_token_id
 from ao_resampling.results import ResultsStore, load_results_file
 from ao_resampling.sweep import plan_conditions, run_sweep
 from tests.support.openai_server import FakeOpenAIServer
@@ -203,8 +204,8 @@ def test_window_queries_k_vectors_fast_path_equals_plain_generate(tiny_oracle, g
     """window:3 end to end through generation: 3 captured vectors at 3 placeholders, the batched sampler's greedy
     answers token for token those of plain HF generate with the same injection; and the vectors are used (others give
     other answers)."""
-    from ao_resampling.reference import sample_hf_batched
-    from ao_resampling.sampling import BatchedSampler, DecodeParams, Query
+    from ao_resampling.engine.reference import sample_hf_batched
+    from ao_resampling.engine.sampling import BatchedSampler, DecodeParams, Query
 
     plan, _ = pipeline.build_plan(tiny(position_rule="window:3", num_questions=3), gemma_tokenizer)
     oracle = LoadedOracle(tiny_oracle, gemma_tokenizer, 4, 2, 1)

@@ -31,7 +31,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from ao_resampling import models, pipeline
+from ao_resampling import pipeline
+from ao_resampling.engine import models
 from ao_resampling.config import build_config
 
 MULTIMODAL_SPEC = "synthetic:tiny-multimodal"  # the tiny Gemma3ForConditionalGeneration stand-in (issue 17, point 2)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ao_resampling.metrics import normalize_answer
+from ao_resampling.stages.spread import normalize_answer
 from ao_resampling.results import (
     AOQuestion,
     Decoding,

@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from ao_resampling import plots
-from ao_resampling.baseline import (
+from ao_resampling.analysis import plots
+from ao_resampling.stages.baseline import (
     baseline_summary,
     build_baseline_prompt,
     compare,
@@ -20,8 +20,8 @@ from ao_resampling.baseline import (
     pearson,
     responses_in_prompt,
 )
-from ao_resampling.judge import RATIONALE_KEY, SCORE_KEY, parse_verdict
-from ao_resampling.report import write_report
+from ao_resampling.stages.judge import RATIONALE_KEY, SCORE_KEY, parse_verdict
+from ao_resampling.analysis.report import write_report
 from ao_resampling.results import Baseline, Results, ResultsError, SpreadMetrics, dump_results
 from tests.support.baseline_factory import baseline_of, earlier_format
 from tests.support.results_factory import make_results

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from ao_resampling import models
+from ao_resampling.engine import models
 from ao_resampling.cli import app
 from ao_resampling.config import (
     DEMO,

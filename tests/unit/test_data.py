@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ao_resampling.data import (
+from ao_resampling.inputs.data import (
     DataError,
     Question,
     Target,
@@ -25,7 +25,7 @@ from ao_resampling.data import (
     sample_questions,
     select_targets,
 )
-from ao_resampling.py_source import read_string_list
+from ao_resampling.inputs.py_source import read_string_list
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"experiment data not found at {SHARED_DATA}")

@@ -15,9 +15,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from ao_resampling.hooks import inject
-from ao_resampling.models import model_device, synthetic_config
-from ao_resampling.sampling import BatchedSampler, DecodeParams, _select_rows
+from ao_resampling.engine.hooks import inject
+from ao_resampling.engine.models import model_device, synthetic_config
+from ao_resampling.engine.sampling import BatchedSampler, DecodeParams, _select_rows
 
 CPU, OTHER = torch.device("cpu"), torch.device("meta")
 
@@ -105,7 +105,7 @@ def test_inputs_go_to_the_embeddings_device():
 
 
 def test_cuda_graphs_only_for_a_model_on_one_device():
-    from ao_resampling.decode_step import on_one_device
+    from ao_resampling.engine.decode_step import on_one_device
 
     one = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
     assert on_one_device(one)

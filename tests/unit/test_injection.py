@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ao_resampling.hooks import inject
+from ao_resampling.engine.hooks import inject
 
 
 def random_case(seed: int, B: int, L: int, D: int, K: int, dtype: torch.dtype = torch.float32):

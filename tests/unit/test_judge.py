@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ao_resampling.judge import (
+from ao_resampling.stages.judge import (
     VERDICT_JSON_SCHEMA,
     JudgeOutputError,
     answers_in_prompt,

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from ao_resampling.metrics import (
+from ao_resampling.stages.spread import (
     bootstrap_mean_ci,
     compute_spreads,
     describe,

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from transformers import Gemma3TextConfig, Gemma3ForCausalLM
 from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 
-from ao_resampling.norms import cached_norm_scales
+from ao_resampling.engine.norms import cached_norm_scales
 
 
 @settings(max_examples=30, deadline=None)

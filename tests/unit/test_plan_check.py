@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ao_resampling.plan_check import SHOWN_IDS, context_overflows, plan_differences
+from ao_resampling.inputs.plan_check import SHOWN_IDS, context_overflows, plan_differences
 from ao_resampling.results import TargetMessage
 from tests.support.results_factory import make_results
 

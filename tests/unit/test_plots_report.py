@@ -9,8 +9,8 @@ import math
 import pytest
 from matplotlib.figure import Figure
 
-from ao_resampling import plots
-from ao_resampling.report import (
+from ao_resampling.analysis import plots
+from ao_resampling.analysis.report import (
     EMBEDDING_PLOTS,
     JUDGE_PLOTS,
     JUDGE_VS_EMBEDDING,

@@ -8,9 +8,9 @@ import json
 import pytest
 
 from ao_resampling.config import ExperimentConfig
-from ao_resampling.distributed import rank_journal_name
+from ao_resampling.engine.distributed import rank_journal_name
 from ao_resampling.errors import AOResamplingError
-from ao_resampling.judge import JudgeStageReport, failed_calls, with_judge_settings
+from ao_resampling.stages.judge import JudgeStageReport, failed_calls, with_judge_settings
 from ao_resampling.lock import holder_description
 from ao_resampling.results import (
     TOOL_JOURNAL_RE, JudgeRecord, Results, dump_results, redact_url, supersede,
@@ -110,7 +110,13 @@ def test_judge_summary_is_readable_and_failed_calls_counts_latest_failures():
 
 
 def test_every_tool_error_is_one_catchable_class():
-    from ao_resampling import baseline, config, data, encoding, judge, lock, models, oracle, pipeline, results
+    from ao_resampling import config, lock, pipeline, results
+    from ao_resampling.stages import baseline
+    from ao_resampling.inputs import data
+    from ao_resampling.inputs import encoding
+    from ao_resampling.stages import judge
+    from ao_resampling.engine import models
+    from ao_resampling.inputs import oracle
 
     for error in (config.ConfigError, results.ResultsError, models.ModelLoadError, pipeline.PipelineError,
                   judge.JudgeConfigError, encoding.EncodingError, data.DataError, oracle.OracleQueryError,

@@ -13,7 +13,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from transformers.generation.logits_process import TopPLogitsWarper
 
-from ao_resampling.sampling import Query, nucleus_threshold, plan_batches, sample_next_tokens, top_p_keep_mask
+from ao_resampling.engine.sampling import Query, nucleus_threshold, plan_batches, sample_next_tokens, top_p_keep_mask
 
 # ---------------------------------------------------------------------------------------------------------------------
 # plan_batches
@@ -285,7 +285,7 @@ class ScriptedStep:
 def scripted_sampler(max_new_tokens: int, min_new_tokens: int = 0, **params):
     from types import SimpleNamespace
 
-    from ao_resampling.sampling import BatchedSampler, DecodeParams
+    from ao_resampling.engine.sampling import BatchedSampler, DecodeParams
 
     tokenizer = SimpleNamespace(eos_token_id=STOP, unk_token_id=3, pad_token_id=PAD,
                                 convert_tokens_to_ids=lambda token: 3)
@@ -310,7 +310,7 @@ def expected_row(stop: int, max_new_tokens: int, min_new_tokens: int = 0) -> lis
 
 
 def test_finished_rows_are_compacted_again_and_again(monkeypatch):
-    import ao_resampling.sampling as sampling
+    import ao_resampling.engine.sampling as sampling
 
     monkeypatch.setattr(sampling, "SYNC_EVERY", 1)
     stop_at = [1, 1, 1, 1, 3, 3, 5, 99]  # half finish, then half of the rest, then half again
@@ -321,7 +321,7 @@ def test_finished_rows_are_compacted_again_and_again(monkeypatch):
 
 
 def test_a_stop_token_at_step_zero_ends_the_answer_there(monkeypatch):
-    import ao_resampling.sampling as sampling
+    import ao_resampling.engine.sampling as sampling
 
     monkeypatch.setattr(sampling, "SYNC_EVERY", 1)
     stop_at = [0, 0, 2, 99]
@@ -337,7 +337,7 @@ def test_a_stop_token_at_step_zero_ends_the_answer_there(monkeypatch):
 def test_a_nucleus_at_the_candidate_fallback_boundary_is_hfs(gap):
     """The top ``candidates`` tokens hold top_p + gap of the mass: just inside, on, or just outside the candidates
     (the sampler's two paths meet there). The kept set must be HF's TopPLogitsWarper's either way."""
-    from ao_resampling.sampling import sampling_weights
+    from ao_resampling.engine.sampling import sampling_weights
 
     top_p, candidates, V = 0.9, 8, 64
     probs_V = torch.empty(V, dtype=torch.float64)

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 from ao_resampling.config import build_config
-from ao_resampling.metrics import rng_for
-from ao_resampling.models import LoadedOracle
+from ao_resampling.stages.spread import rng_for
+from ao_resampling.engine.models import LoadedOracle
 from ao_resampling.sweep import (
     SweepError, condition_name, grid, load_conditions_toml, manifest, manifest_differences, oracle_for,
     parse_vary, plan_conditions, varied_fields,
 )
-from ao_resampling.sweep_report import metric_block, movers, paired_difference
+from ao_resampling.analysis.sweep_report import metric_block, movers, paired_difference
 
 
 def test_parse_vary_reads_numbers_and_rules():
@@ -166,7 +166,7 @@ def _summary(varied, conditions, means):
 
 
 def test_line_plot_draws_each_condition_mean_at_its_setting():
-    from ao_resampling.sweep_report import line_plot
+    from ao_resampling.analysis.sweep_report import line_plot
 
     conds = [{"name": f"t{t}", "overrides": {"temperature": t}} for t in (1.0, 0.3, 0.7)]
     fig = line_plot(_summary(["temperature"], conds, [0.2, 0.6, 0.4]), {})
@@ -177,7 +177,7 @@ def test_line_plot_draws_each_condition_mean_at_its_setting():
 
 
 def test_line_plot_rules_on_a_categorical_axis_one_line_per_second_setting():
-    from ao_resampling.sweep_report import line_plot
+    from ao_resampling.analysis.sweep_report import line_plot
 
     conds = [{"name": f"{r}-{t}", "overrides": {"position_rule": r, "temperature": t}}
              for r in ("assistant_start", "window:3") for t in (0.3, 1.0)]
@@ -189,7 +189,7 @@ def test_line_plot_rules_on_a_categorical_axis_one_line_per_second_setting():
 
 
 def test_heatmap_cells_are_the_condition_means():
-    from ao_resampling.sweep_report import heatmap
+    from ao_resampling.analysis.sweep_report import heatmap
 
     conds = [{"name": f"{t}-{lp}", "overrides": {"temperature": t, "layer_percent": lp}}
              for t in (0.3, 1.0) for lp in (25, 50, 75)]

@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from ao_resampling import pipeline
 from ao_resampling.config import ExperimentConfig
-from ao_resampling.models import LoadedOracle
+from ao_resampling.engine.models import LoadedOracle
 from ao_resampling.results import ResultsStore, Run
 
 # The longest one rank waits for the others at one step: the slowest shard's generation, or rank 0's plan. A dead

@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ao_resampling.encoding import EncodedTarget, render, tokenize
 from ao_resampling.errors import AOResamplingError
+from ao_resampling.inputs.encoding import EncodedTarget, render, tokenize
 
 DEFAULT_RULE = "assistant_start"
 RULE_FORMS = "'assistant_start', 'last_user_token' or 'window:K' (K a whole number >= 1)"

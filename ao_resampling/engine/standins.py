@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ao_resampling.generation_settings import Sampling
-from ao_resampling.sampling import sampling_weights
+from ao_resampling.engine.generation_settings import Sampling
+from ao_resampling.engine.sampling import sampling_weights
 
 CALIBRATION_SEED = 0
 

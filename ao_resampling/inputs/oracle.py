@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ao_resampling.errors import AOResamplingError
-from ao_resampling.encoding import render, require_chat_template, tokenize
+from ao_resampling.inputs.encoding import render, require_chat_template, tokenize
 
 PLACEHOLDER = " ?"
 

@@ -17,9 +17,9 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from ao_resampling import plots
-from ao_resampling.baseline import baseline_summary, embedding_comparison, judge_comparison
-from ao_resampling.metrics import (
+from ao_resampling.analysis import plots
+from ao_resampling.stages.baseline import baseline_summary, embedding_comparison, judge_comparison
+from ao_resampling.stages.spread import (
     describe,
     embedding_similarities,
     group_values,

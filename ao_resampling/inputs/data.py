@@ -21,7 +21,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 from ao_resampling.errors import AOResamplingError
 
-from ao_resampling.py_source import PySourceError, read_string_list
+from ao_resampling.inputs.py_source import PySourceError, read_string_list
 
 ROLES = ("system", "user", "assistant")
 _TARGET_KEYS = ("id", "messages")

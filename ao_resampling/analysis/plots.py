@@ -22,8 +22,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from ao_resampling.baseline import Comparison, embedding_comparison, judge_comparison
-from ao_resampling.metrics import (
+from ao_resampling.stages.baseline import Comparison, embedding_comparison, judge_comparison
+from ao_resampling.stages.spread import (
     SCORES,
     embedding_similarities,
     group_means,

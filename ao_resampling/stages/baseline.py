@@ -29,10 +29,10 @@ from pydantic import ValidationError
 
 from ao_resampling.errors import AOResamplingError
 from ao_resampling.config import ExperimentConfig
-from ao_resampling.judge import (
+from ao_resampling.stages.judge import (
     RATIONALE_KEY, SCORE_KEY, _escape, judge_call_id, judge_prompt, make_client, numbered_blocks, run_calls,
 )
-from ao_resampling.metrics import (
+from ao_resampling.stages.spread import (
     NO_EMBEDDING, Encoder, compute_spreads, embedding_similarities, group_means, group_values, judge_scores,
     load_embedder, needs_spread, pearson, spearman,
 )
@@ -42,7 +42,7 @@ from ao_resampling.results import (
 )
 
 if TYPE_CHECKING:
-    from ao_resampling.models import LoadedOracle
+    from ao_resampling.engine.models import LoadedOracle
 
 N_GAPS = 5  # targets listed on each side of the largest-gap tables
 
@@ -211,7 +211,7 @@ def sample_baseline(store: ResultsStore, config: ExperimentConfig, *, oracle: Lo
     """n replies of the base model per target still missing them; returns (targets sampled, targets already done)."""
     # report.py imports this module for the analysis; the sampler (torch) is needed only here.
     from ao_resampling.pipeline import load_oracle, to_responses
-    from ao_resampling.sampling import BatchedSampler, DecodeParams, Query
+    from ao_resampling.engine.sampling import BatchedSampler, DecodeParams, Query
 
     results = store.load()
     check_resumable(results, config)

@@ -1,0 +1,1 @@
+"""Results in, statistics, figures and reports out. Pure: never imports a stage or the engine."""

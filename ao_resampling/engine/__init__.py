@@ -1,0 +1,1 @@
+"""Torch machinery: loading models, hooks, the batched sampler and its kernels, sharding. No files, no stages."""

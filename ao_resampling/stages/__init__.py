@@ -1,0 +1,1 @@
+"""The experiment's stages, each load -> work -> journal: plan, generate, judge, spread, baseline."""

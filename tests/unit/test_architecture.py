@@ -1,0 +1,118 @@
+"""The package's layers, read from the source: no import circle, and imports only point down.
+
+Every ``import`` counts, also one inside a function: an import moved into a function to dodge a circle is still
+the circle. The layers (README, "Layout"):
+
+    cli -> pipeline -> stages -> engine -> inputs -> foundation (config, errors, results, store)
+                    -> analysis -------------------^
+
+``analysis`` (results in, figures out) never imports a stage or the engine; the engine never imports a stage or
+the pipeline; ``inputs`` are pure (no engine, no stage).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[2] / "ao_resampling"
+
+# layer -> the layers it may import (itself included)
+ALLOWED = {
+    "foundation": {"foundation"},
+    "inputs": {"foundation", "inputs"},
+    "engine": {"foundation", "inputs", "engine"},
+    "analysis": {"foundation", "inputs", "analysis"},
+    "stages": {"foundation", "inputs", "engine", "stages"},
+    "pipeline": {"foundation", "inputs", "engine", "stages", "analysis", "pipeline"},
+    "cli": {"foundation", "inputs", "engine", "stages", "analysis", "pipeline", "cli"},
+}
+LAYER_FOLDERS = ("inputs", "engine", "stages", "analysis")
+TOP_LEVEL = {"cli": "cli", "__main__": "cli", "pipeline": "pipeline", "sweep": "pipeline"}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def layer_of(module: str) -> str:
+    """ao_resampling.engine.models -> engine; top-level modules are the foundation unless named in TOP_LEVEL."""
+    parts = module.split(".")[1:]
+    if not parts:
+        return "foundation"
+    if parts[0] in LAYER_FOLDERS:
+        return parts[0]
+    return TOP_LEVEL.get(parts[0], "foundation")
+
+
+def imports_of(path: Path, known: set[str]) -> set[str]:
+    """Package modules imported anywhere in the file (``from ao_resampling.x import y`` counts y if it is a module)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("ao_resampling"))
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ao_resampling"):
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in known)
+    return {m for m in found if m in known}
+
+
+@pytest.fixture(scope="module")
+def graph() -> dict[str, set[str]]:
+    files = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    known = set(files)
+    # Importing a package runs its __init__, which may import nothing of ours: keep packages out of the edges.
+    packages = {m for m, p in files.items() if p.name == "__init__.py"}
+    return {m: imports_of(p, known) - packages - {m} for m, p in files.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1 = on the stack, 2 = done
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_find_cycle_finds_one_and_only_one():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_no_import_circle(graph):
+    assert find_cycle(graph) is None, f"import circle: {' -> '.join(find_cycle(graph))}"
+
+
+def test_imports_point_down(graph):
+    upward = [f"{m} ({layer_of(m)}) imports {d} ({layer_of(d)})"
+              for m, deps in sorted(graph.items()) for d in sorted(deps)
+              if layer_of(d) not in ALLOWED[layer_of(m)]]
+    assert not upward, "imports against the layers:\n" + "\n".join(upward)
+
+
+def test_layers_are_folders():
+    for layer in LAYER_FOLDERS:
+        assert (PACKAGE / layer / "__init__.py").exists(), f"ao_resampling/{layer}/ is a layer of the README's layout"
+
+
+def test_the_walker_sees_function_level_imports(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text("def f():\n    from ao_resampling.pipeline import x\n")
+    assert imports_of(source, {"ao_resampling.pipeline"}) == {"ao_resampling.pipeline"}
