@@ -61,3 +61,20 @@ def gemma270m_oracle():
     from ao_resampling.models import attach_oracle, load_model
 
     return attach_oracle(load_model("gemma3-270m-gguf", dtype="float32", device="cpu"), "random", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_multimodal_model():
+    """A 4-layer random Gemma3ForConditionalGeneration (vision tower included, float32, CPU): the class and module
+    tree google/gemma-3-27b-it loads as, at toy size."""
+    from ao_resampling.models import load_model
+
+    return load_model("synthetic:tiny-multimodal", dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_multimodal_oracle():
+    """The tiny multimodal model with a seeded random LoRA."""
+    from ao_resampling.models import attach_oracle, load_model
+
+    return attach_oracle(load_model("synthetic:tiny-multimodal", dtype="float32", device="cpu"), "random", seed=0)
