@@ -61,3 +61,26 @@ def gemma270m_oracle():
     from ao_resampling.engine.models import attach_oracle, load_model
 
     return attach_oracle(load_model("gemma3-270m-gguf", dtype="float32", device="cpu"), "random", seed=0)
+
+
+# Seed of the multimodal stand-in's weights. With seed 0 its 8 greedy tokens happen not to depend on the injected
+# vector at all (random weights: a flat model that repeats one token), which leaves the injection untested.
+TINY_MULTIMODAL_SEED = 6
+
+
+@pytest.fixture(scope="session")
+def tiny_multimodal_model():
+    """A 4-layer random Gemma3ForConditionalGeneration (vision tower included, float32, CPU): the class and module
+    tree google/gemma-3-27b-it loads as, at toy size."""
+    from ao_resampling.engine.models import load_model
+
+    return load_model("synthetic:tiny-multimodal", dtype="float32", device="cpu", seed=TINY_MULTIMODAL_SEED)
+
+
+@pytest.fixture(scope="session")
+def tiny_multimodal_oracle():
+    """The tiny multimodal model with a seeded random LoRA."""
+    from ao_resampling.engine.models import attach_oracle, load_model
+
+    model = load_model("synthetic:tiny-multimodal", dtype="float32", device="cpu", seed=TINY_MULTIMODAL_SEED)
+    return attach_oracle(model, "random", seed=0)

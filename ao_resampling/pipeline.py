@@ -198,7 +198,8 @@ def pending_runs(results: Results, n: int) -> list[Run]:
 
 def to_responses(run_id: str, samples: list[Sample], decode: Decoding) -> list[dict]:
     return [Response(sample_id=f"{run_id}__s{i:02d}", text=s.text, decoding=decode, n_tokens=s.n_tokens,
-                     finish_reason=s.finish_reason).model_dump(mode="json") for i, s in enumerate(samples)]
+                     finish_reason=s.finish_reason, text_stripped=False).model_dump(mode="json")
+            for i, s in enumerate(samples)]
 
 
 def generate(store: ResultsStore, config: ExperimentConfig, *, oracle: models.LoadedOracle | None = None,

@@ -74,11 +74,30 @@ class Decoding(BaseModel):
 
 
 class Response(_Model):
+    """One answer. ``text`` is the answer as decoded (what the reference stored and its judge saw)."""
+
     sample_id: str
     text: str
     decoding: Decoding
     n_tokens: int | None = None
     finish_reason: FinishReason | None = None
+    text_stripped: bool = Field(False, description="text was .strip()ped when stored (files written before the "
+                                                   "answers were kept as decoded)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _migrate(cls, data: Any) -> Any:
+        return mark_stripped_text(data) if isinstance(data, dict) else data
+
+    @property
+    def stripped(self) -> str:
+        return self.text.strip()
+
+
+def mark_stripped_text(response: dict[str, Any]) -> dict[str, Any]:
+    """A response without ``text_stripped`` comes from a file (or journal) written before the field existed, when
+    every answer was stored stripped; everything written since records the field."""
+    return response if "text_stripped" in response else dict(response, text_stripped=True)
 
 
 class Verdict(_Model):

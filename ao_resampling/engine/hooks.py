@@ -28,8 +28,9 @@ def inject(resid_BLD: torch.Tensor, vectors_BKD: torch.Tensor, positions_BK: tor
            coefficient: float) -> torch.Tensor:
     """Return a copy of ``resid_BLD`` with ``normalize(v) * ||h[p]|| * coefficient`` added at each position.
 
-    Row b gets its own K vectors at its own K positions. The arithmetic is done in float32 and cast back, so a bf16
-    model adds the same vector a float32 one would (up to the final rounding).
+    Row b gets its own K vectors at its own K positions. The arithmetic is the published AO hook's (nl_probes
+    ``get_hf_activation_steering_hook``), dtype for dtype: v normalised in its own dtype, ||h|| in the residual's, the
+    steering vector cast to the residual's dtype and added there. In bf16 that is what the oracle was run with.
     """
     B, K = positions_BK.shape
     if (vectors_BKD.ndim != 3 or vectors_BKD.shape[:2] != (B, K) or resid_BLD.shape[0] != B
@@ -40,11 +41,11 @@ def inject(resid_BLD: torch.Tensor, vectors_BKD: torch.Tensor, positions_BK: tor
         )
     rows_BK = torch.arange(B, device=resid_BLD.device).unsqueeze(1).expand(B, K)
     positions_BK = positions_BK.to(resid_BLD.device)
-    h_BKD = resid_BLD[rows_BK, positions_BK].float()
-    direction_BKD = nn.functional.normalize(vectors_BKD.to(resid_BLD.device).float(), dim=-1)
-    steered_BKD = h_BKD + direction_BKD * h_BKD.norm(dim=-1, keepdim=True) * coefficient
+    h_BKD = resid_BLD[rows_BK, positions_BK]
+    direction_BKD = nn.functional.normalize(vectors_BKD.to(resid_BLD.device), dim=-1)
+    steering_BKD = (direction_BKD * h_BKD.norm(dim=-1, keepdim=True) * coefficient).to(resid_BLD.dtype)
     out_BLD = resid_BLD.clone()
-    out_BLD[rows_BK, positions_BK] = steered_BKD.to(resid_BLD.dtype)
+    out_BLD[rows_BK, positions_BK] = h_BKD + steering_BKD
     return out_BLD
 
 

