@@ -84,8 +84,12 @@ def stop_token_ids(tokenizer) -> list[int]:
 
 
 def _converted_gemma3_270m() -> Path:
-    """Convert the packaged GGUF once (tokenizer ~20 s, weights ~40 s) into an HF folder in the cache."""
-    out = cache_dir() / "gemma3-270m"
+    """Convert the packaged GGUF once (tokenizer ~20 s, weights ~40 s) into an HF folder in the cache.
+
+    The GGUF carries neither a chat template nor a generation_config: both are supplied as Gemma 3 instruct
+    checkpoints ship them (the folder name changes whenever what is written here does, so a stale one is not reused).
+    """
+    out = cache_dir() / "gemma3-270m-it"
     if (out / "tokenizer" / "tokenizer_config.json").exists() and (out / "model" / "config.json").exists():
         return out
     try:
@@ -96,7 +100,7 @@ def _converted_gemma3_270m() -> Path:
         ) from e
     import sys
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     # A minute of silence on first use looks like a hang: say what is happening (stderr, so stdout stays parseable).
     print(f"ao-resampling: first use of {GGUF_SPEC}: converting the packaged GGUF into {out} (about a minute, "
@@ -113,6 +117,8 @@ def _converted_gemma3_270m() -> Path:
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
+        # Without it <end_of_turn> would not stop an answer (the GGUF's own config stops at <eos> only).
+        model.generation_config = GenerationConfig(**GEMMA3_GENERATION_CONFIG)
         model.save_pretrained(staging / "model")
         if out.exists():  # another process won the race
             return out
@@ -404,7 +410,7 @@ def load_oracle(*, model: str, tokenizer: str | None, oracle_lora: str, dtype: s
 def model_num_layers(spec: str) -> int:
     """Decoder depth from the config alone (the oracle prompt names the read layer before the model is loaded)."""
     if spec.startswith(SYNTHETIC_PREFIX):
-        return synthetic_config(spec.removeprefix(SYNTHETIC_PREFIX)).get_text_config(decoder=True).num_hidden_layers
+        return _synthetic_text_config(spec).num_hidden_layers
     from transformers import AutoConfig
 
     path = _converted_gemma3_270m() / "model" if spec == GGUF_SPEC else spec
@@ -443,11 +449,15 @@ def check_lora_resolvable(spec: str) -> None:
         raise ModelLoadError(f"cannot resolve oracle LoRA {spec!r} (hub id or local directory): {e}") from e
 
 
+def _synthetic_text_config(spec: str):
+    return synthetic_config(spec.removeprefix(SYNTHETIC_PREFIX)).get_text_config(decoder=True)
+
+
 def model_context_length(spec: str) -> int:
     """The most positions the model takes (its text config's max_position_embeddings), from the config alone, so a
     too-long target is refused before minutes of loading weights rather than by a huge allocation mid-run."""
     if spec.startswith(SYNTHETIC_PREFIX):
-        return synthetic_config(spec.removeprefix(SYNTHETIC_PREFIX)).max_position_embeddings
+        return _synthetic_text_config(spec).max_position_embeddings
     from transformers import AutoConfig
 
     path = _converted_gemma3_270m() / "model" if spec == GGUF_SPEC else spec

@@ -19,7 +19,7 @@ def test_a_multimodal_config_gives_its_text_models_window(tmp_path):
 
 def test_the_converted_270m_and_the_synthetic_shapes():
     length = models.model_context_length("gemma3-270m-gguf")  # converts the GGUF first on a fresh machine
-    converted = json.loads((models.cache_dir() / "gemma3-270m" / "model" / "config.json").read_text())
+    converted = json.loads((models._converted_gemma3_270m() / "model" / "config.json").read_text())
     assert length == converted["max_position_embeddings"]
     assert models.model_context_length("synthetic:tiny") == 4096
     assert models.model_context_length("synthetic:gemma-3-27b") == 131_072  # google/gemma-3-27b-it's text_config
