@@ -24,7 +24,7 @@ from ao_resampling.inputs import data
 from ao_resampling.engine import models
 from ao_resampling.config import ExperimentConfig, describe_problems, diff_settings
 from ao_resampling.inputs.encoding import encode_target, require_chat_template
-from ao_resampling.engine.generation_settings import Sampling
+from ao_resampling.engine.generation_settings import Sampling, resolve_sampling
 from ao_resampling.engine.hooks import capture_activations_at
 from ao_resampling.inputs.oracle import build_oracle_query
 from ao_resampling.inputs.plan_check import context_overflows, plan_differences
@@ -126,7 +126,7 @@ def build_plan(config: ExperimentConfig, tokenizer) -> tuple[Results, list[PlanR
         tool_version=version, git_commit=commit, created_at=now(), updated_at=now(), model=config.model,
         oracle_lora=config.oracle_lora, tokenizer=config.tokenizer or config.model, num_layers=n_layers, layer=layer,
         injection_layer=config.injection_layer, steering_coefficient=config.steering_coefficient,
-        decoding=decoding(config), question_seed=config.question_seed, decode_seed=config.decode_seed,
+        decoding=decoding(config, planned_sampling(config, tokenizer)), question_seed=config.question_seed, decode_seed=config.decode_seed,
         judge_model=config.judge_model, stand_in=why is not None,
         note=STAND_IN_NOTE.format(why=why) if why else None, config=config.model_dump(mode="json"),
     )
@@ -147,6 +147,13 @@ def check_context_window(config: ExperimentConfig, runs: list[Run]) -> None:
             f"model {config.model!r} takes at most {limit} positions (max_position_embeddings); these do not fit:\n  "
             + "\n  ".join(overflows) + "\nShorten or drop those targets, or lower max_new_tokens."
         )
+
+
+def planned_sampling(config: ExperimentConfig, tokenizer) -> Sampling:
+    """The decoding HF generate will do, from the model's generation_config file (no weights): recorded in meta."""
+    return resolve_sampling(models.generation_config_of(config.model), temperature=config.temperature,
+                            top_p=config.top_p, top_k=config.top_k, fallback_eos=models.stop_token_ids(tokenizer),
+                            source=f"model {config.model!r}")
 
 
 def decoding(config: ExperimentConfig, sampling: Sampling | None = None) -> Decoding:
@@ -219,6 +226,10 @@ def generate(store: ResultsStore, config: ExperimentConfig, *, oracle: models.Lo
     params = DecodeParams(temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
                           seed=config.decode_seed, top_k=config.top_k)
     decode = decoding(config, effective_sampling(oracle.model, oracle.tokenizer, params))
+    planned = results.meta.decoding
+    if planned is not None and planned.top_k is not None and planned != decode:  # older plans did not record it
+        raise PipelineError(f"the loaded model decodes with {decode.model_dump()}, but the plan in "
+                            f"{store.results_path} recorded {planned.model_dump()} (its generation_config changed?)")
 
     def journal(batch: dict[str, list[Sample]]) -> None:
         store.journal.append_many([{"type": "responses", "run_id": run_id,

@@ -14,11 +14,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ao_resampling.errors import AOResamplingError
+
 # HF's global defaults for the fields this module reads (transformers 5.x, _get_default_generation_params).
 HF_DEFAULT_TOP_K = 50
 
 
-class UnsupportedGenerationConfig(ValueError):
+class UnsupportedGenerationConfig(AOResamplingError, ValueError):
     """The model's generation_config asks for a logits processor the sampler does not implement."""
 
 

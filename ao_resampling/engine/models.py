@@ -22,6 +22,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.resources import files
@@ -275,19 +276,30 @@ def attach_oracle(model: nn.Module, spec: str, seed: int = 0, rank: int = 8):
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if spec == "random":
-        peft_model = get_peft_model(
-            model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS, lora_dropout=0.0)
-        )
+        with _peft_quietly():
+            peft_model = get_peft_model(
+                model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS, lora_dropout=0.0)
+            )
         seed_lora_weights(peft_model, seed)
     else:
         try:
-            peft_model = PeftModel.from_pretrained(model, spec, is_trainable=False, autocast_adapter_dtype=False)
+            with _peft_quietly():
+                peft_model = PeftModel.from_pretrained(model, spec, is_trainable=False, autocast_adapter_dtype=False)
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"cannot load oracle LoRA {spec!r} (hub id or local directory): {e}") from e
         check_lora_loaded(spec, adapter_file_tensors(spec), adapter_tensors(peft_model))
         check_adapter_changes_logits(spec, peft_model)
     peft_model.eval().requires_grad_(False)
     return peft_model
+
+
+@contextlib.contextmanager
+def _peft_quietly() -> Iterator[None]:
+    """PEFT's own wrapper (0.21) calls transformers' deprecated ``is_gradient_checkpointing``: a FutureWarning about
+    PEFT's code, not ours, that every run would print. Only that one message is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def seed_lora_weights(peft_model: nn.Module, seed: int) -> None:
@@ -451,6 +463,25 @@ def check_lora_resolvable(spec: str) -> None:
 
 def _synthetic_text_config(spec: str):
     return synthetic_config(spec.removeprefix(SYNTHETIC_PREFIX)).get_text_config(decoder=True)
+
+
+def generation_config_of(spec: str):
+    """The model's generation_config from its files alone (no weights), as ``from_pretrained`` would set it: its
+    generation_config.json, else one derived from config.json. The plan records the decoding it implies."""
+    from transformers import AutoConfig, GenerationConfig
+
+    if spec.startswith(SYNTHETIC_PREFIX):
+        synthetic_config(spec.removeprefix(SYNTHETIC_PREFIX))  # unknown names fail here
+        return GenerationConfig(**GEMMA3_GENERATION_CONFIG)
+    path = str(_converted_gemma3_270m() / "model" if spec == GGUF_SPEC else spec)
+    try:
+        return GenerationConfig.from_pretrained(path)
+    except OSError:
+        pass
+    try:
+        return GenerationConfig.from_model_config(AutoConfig.from_pretrained(path))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read the generation_config of model {spec!r}: {e}") from e
 
 
 def model_context_length(spec: str) -> int:

@@ -227,3 +227,14 @@ def test_random_lora_is_bit_identical_in_two_processes():
     first, second = lora_digest(global_seed=1, lora_seed=0), lora_digest(global_seed=2, lora_seed=0)
     assert first == second
     assert lora_digest(global_seed=1, lora_seed=1) != first, "the LoRA seed does choose the adapter"
+
+
+def test_loading_an_oracle_warns_of_nothing_deprecated():
+    """transformers 5.x deprecations (past_key_values=, is_gradient_checkpointing via PEFT) must not reach users."""
+    import warnings
+
+    from ao_resampling.engine.models import attach_oracle, load_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        attach_oracle(load_model("synthetic:tiny", dtype="float32", device="cpu"), "random", seed=0)
