@@ -52,7 +52,9 @@ def tiny_oracle():
     """The tiny model wrapped with a seeded random LoRA (nonzero B), standing in for an oracle."""
     from ao_resampling.engine.models import attach_oracle, load_model
 
-    return attach_oracle(load_model("synthetic:tiny", dtype="float32", device="cpu"), "random", seed=0)
+    # LoRA seed 2: the tests need a greedy answer that depends on the injected vector and a token q0 emits only at
+    # step 2 (test_sampler.early_eos); a flat random model meets both only for some adapters, and seed 0 is not one.
+    return attach_oracle(load_model("synthetic:tiny", dtype="float32", device="cpu"), "random", seed=2)
 
 
 @pytest.fixture(scope="session")

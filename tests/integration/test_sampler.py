@@ -326,9 +326,9 @@ def test_make_sample_finish_reason_and_text(gemma_tokenizer):
     hello = gemma_tokenizer(" Hello there", add_special_tokens=False)["input_ids"]
 
     ended = make_sample(gemma_tokenizer, hello + [end_of_turn], stop_ids)
-    assert ended.finish_reason == "eos" and ended.text == "Hello there" and ended.n_tokens == len(hello) + 1
+    assert ended.finish_reason == "eos" and ended.text == " Hello there" and ended.n_tokens == len(hello) + 1
     cut = make_sample(gemma_tokenizer, hello, stop_ids)
-    assert cut.finish_reason == "length" and cut.text == "Hello there"
+    assert cut.finish_reason == "length" and cut.text == " Hello there"  # as decoded, not stripped
     assert make_sample(gemma_tokenizer, [], stop_ids).finish_reason == "length"
 
 
