@@ -207,6 +207,7 @@ def _sweep_judges(config: ExperimentConfig, preset: str, no_judge: bool) -> bool
 
 
 @app.command()
+@guarded
 def sweep(
     vary: Annotated[Optional[list[str]], typer.Option(
         "--vary", help="field=v1,v2,... (repeatable; the grid of all combinations), e.g. temperature=0.3,0.7",
@@ -221,23 +222,20 @@ def sweep(
 ) -> None:
     """The experiment over a grid of settings (temperature, top_p, layer_percent, position_rule, ...), the model
     loaded once; each condition is an ordinary run folder. With no --vary/--conditions: a tiny demo sweep on CPU."""
-    from ao_resampling import pipeline, sweep as sweeps
+    from ao_resampling import sweep as sweeps
 
     base = _config(preset, config_file, set_, model=model, tokenizer=tokenizer, oracle_lora=oracle_lora,
                    targets=targets, questions=questions, device=device, dtype=dtype, num_targets=num_targets,
                    num_questions=num_questions, samples_per_query=samples, embedding_model=embedding_model)
-    try:
-        if conditions is not None and vary:
-            raise sweeps.SweepError("give --vary or --conditions, not both")
-        overrides = (sweeps.load_conditions_toml(conditions) if conditions is not None
-                     else sweeps.grid([sweeps.parse_vary(v) for v in vary or sweeps.DEMO_VARY]))
-        planned = sweeps.plan_conditions(base, overrides)
-        out_dir = out or sweeps.default_out_dir(base, planned, preset)
+    if conditions is not None and vary:
+        raise sweeps.SweepError("give --vary or --conditions, not both")
+    overrides = (sweeps.load_conditions_toml(conditions) if conditions is not None
+                 else sweeps.grid([sweeps.parse_vary(v) for v in vary or sweeps.DEMO_VARY]))
+    planned = sweeps.plan_conditions(base, overrides)
+    out_dir = out or sweeps.default_out_dir(base, planned, preset)
+    with folder_lock(out_dir):  # one sweep per folder; its conditions' folders are written by it alone
         outcome = sweeps.run_sweep(base, planned, out_dir, judge=_sweep_judges(base, preset, no_judge),
                                    progress=not quiet, log=typer.echo)
-    except (sweeps.SweepError, pipeline.PipelineError, ConfigError, ResultsError) as e:
-        _fail(str(e))
-        return
     typer.echo(f"\n{len(planned)} conditions in {out_dir} (model loaded {outcome.model_loads} time(s))")
     typer.echo(f"sweep report: {outcome.report_dir / 'sweep_report.md'}")
 

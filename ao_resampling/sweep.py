@@ -27,6 +27,7 @@ from pydantic import ValidationError
 
 from ao_resampling import models, pipeline
 from ao_resampling.config import ExperimentConfig, diff_settings
+from ao_resampling.errors import AOResamplingError
 from ao_resampling.results import ResultsStore, atomic_write_text, read_json_file
 
 MANIFEST_NAME = "sweep.json"
@@ -36,7 +37,7 @@ LOAD_FIELDS = ("model", "tokenizer", "oracle_lora", "dtype", "device", "device_m
 DEMO_VARY = ["temperature=0.3,1.0", "position_rule=assistant_start,window:3"]
 
 
-class SweepError(ValueError):
+class SweepError(AOResamplingError, ValueError):
     """A sweep that cannot be planned or continued; the message names the condition, field or file."""
 
 
