@@ -389,3 +389,13 @@ def test_ctrl_c_during_the_baseline_judge_keeps_the_replies_that_arrive(tmp_path
     assert 2 <= n_sent < 5  # the calls queued behind those in flight were never sent
     judged = [r.judge is not None for r in ResultsStore(folder).load().baseline.runs]
     assert sum(judged) == n_sent  # every reply that came back is kept, the one the Ctrl-C hit included
+
+
+def test_sweep_errors_are_one_line_not_a_traceback(tmp_path):
+    conditions = tmp_path / "conditions.toml"
+    conditions.write_text("[[condition]]\ntemperature = 0.3\n")
+    result = invoke("sweep", "--vary", "temperature=0.3,0.7", "--conditions", str(conditions),
+                    "--out", str(tmp_path / "sweep"))
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert "error: give --vary or --conditions, not both" in result.output
+    assert isinstance(result.exception, SystemExit)
