@@ -290,9 +290,7 @@ class BatchedSampler:
             yield
         finally:
             self.model.unmerge_adapter()  # PEFT's bookkeeping: the layers are unmerged again
-            with torch.no_grad():
-                for param, original in originals:
-                    param.copy_(original)
+            restore_weights(originals)
 
     @torch.inference_mode()
     def generate(self, queries: Sequence[Query], pad_to: int | None = None) -> dict[str, list[Sample]]:
@@ -441,10 +439,32 @@ def injection_for_rows(model: nn.Module, row_queries: Sequence[Query], L: int, d
 
 
 def merged_weights_snapshot(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(parameter, copy on the host) for every base weight a LoRA merge writes into."""
-    return [(param, param.detach().to("cpu", copy=True))
-            for module in model.modules() if hasattr(module, "base_layer") and hasattr(module, "merge")
-            for param in module.base_layer.parameters(recurse=False)]
+    """(parameter, copy on the host) for every base weight a LoRA merge writes into.
+
+    The copies of a GPU model go to pinned memory with asynchronous copies (27B: ~53 GB each way at PCIe speed, a
+    few seconds; pageable copies took ~40 s a stage), reused by torch's pinned-memory cache from one stage to the next.
+    """
+    params = [param for module in model.modules() if hasattr(module, "base_layer") and hasattr(module, "merge")
+              for param in module.base_layer.parameters(recurse=False)]
+    pairs = []
+    for param in params:
+        host = torch.empty(param.shape, dtype=param.dtype, device="cpu", pin_memory=param.is_cuda)
+        pairs.append((param, host.copy_(param.detach(), non_blocking=param.is_cuda)))
+    _wait_for_copies(params)
+    return pairs
+
+
+def restore_weights(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Write the snapshot back, bit for bit."""
+    with torch.no_grad():
+        for param, host in pairs:
+            param.copy_(host, non_blocking=param.is_cuda)
+    _wait_for_copies([param for param, _ in pairs])
+
+
+def _wait_for_copies(params: list[torch.Tensor]) -> None:
+    for device in {p.device for p in params if p.is_cuda}:
+        torch.cuda.synchronize(device)
 
 
 def make_sample(tokenizer, token_ids: list[int], stop_ids: Sequence[int]) -> Sample:
