@@ -13,26 +13,25 @@ import stat
 import pytest
 
 from ao_resampling import results as results_mod
+from ao_resampling import store as store_mod
 from ao_resampling.results import (
     SCHEMA_VERSION,
     Baseline,
     BaselineRun,
     Decoding,
-    Journal,
     JudgeFailure,
     JudgeRecord,
     Meta,
     Response,
     Results,
     ResultsError,
-    ResultsStore,
     SpreadMetrics,
     Verdict,
-    atomic_write_text,
     dump_results,
     load_results_file,
     results_json_schema,
 )
+from ao_resampling.store import Journal, ResultsStore, atomic_write_text
 from tests.support.results_factory import judge_record, make_results, to_v0_dict
 
 
@@ -246,7 +245,7 @@ def test_atomic_write_leaves_the_old_file_when_interrupted(tmp_path, monkeypatch
     def boom(*args, **kwargs):
         raise KeyboardInterrupt("killed mid-write")
 
-    monkeypatch.setattr(results_mod.os, failing.split(".")[1], boom)
+    monkeypatch.setattr(store_mod.os, failing.split(".")[1], boom)
     with pytest.raises(KeyboardInterrupt):
         atomic_write_text(path, "new contents " * 10_000)
     monkeypatch.undo()
