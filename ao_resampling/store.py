@@ -33,9 +33,9 @@ import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ao_resampling.errors import EXIT_BUSY, AOResamplingError, describe_problems
 from ao_resampling.results import (
@@ -128,15 +128,11 @@ class BaselineSpreadEvent(_BaselineEvent):
     spread: SpreadMetrics
 
 
-JournalEvent = Annotated[
-    Union[ResponsesEvent, JudgeEvent, JudgeRepeatEvent, SpreadEvent, BaselineResponsesEvent, BaselineJudgeEvent,
-          BaselineSpreadEvent],
-    Field(discriminator="type"),
-]
-_EVENT_ADAPTER: TypeAdapter[JournalEvent] = TypeAdapter(JournalEvent)
-_EVENT_FIELDS = {m.model_fields["type"].default: set(m.model_fields) for m in (
-    ResponsesEvent, JudgeEvent, JudgeRepeatEvent, SpreadEvent, BaselineResponsesEvent, BaselineJudgeEvent,
-    BaselineSpreadEvent)}
+JournalEvent = Union[ResponsesEvent, JudgeEvent, JudgeRepeatEvent, SpreadEvent, BaselineResponsesEvent,
+                     BaselineJudgeEvent, BaselineSpreadEvent]
+# type -> model. Looked up by hand rather than through a discriminated union, whose errors would put the type in
+# front of every field ('spread.run_id' for a spread event's run_id).
+EVENT_MODELS: dict[str, type[JournalEvent]] = {m.model_fields["type"].default: m for m in JournalEvent.__args__}
 
 
 def responses_event(run_id: str, responses: Sequence[Response | Mapping[str, Any]]) -> ResponsesEvent:
@@ -174,8 +170,8 @@ def event_line(event: JournalEvent | Mapping[str, Any]) -> str:
 def migrate_event_v0(raw: dict[str, Any]) -> dict[str, Any]:
     """A line written before events had a version: the same keys, no ``v``. Replay then read only the keys it knew
     and ignored any other, so those are dropped here rather than refused."""
-    known = _EVENT_FIELDS.get(raw.get("type"))
-    return dict({k: v for k, v in raw.items() if known is None or k in known}, v=JOURNAL_VERSION)
+    model = EVENT_MODELS.get(raw.get("type"))
+    return dict({k: v for k, v in raw.items() if model is None or k in model.model_fields}, v=JOURNAL_VERSION)
 
 
 def parse_event(raw: Any) -> JournalEvent:
@@ -187,8 +183,12 @@ def parse_event(raw: Any) -> JournalEvent:
     elif type(raw["v"]) is not int or raw["v"] > JOURNAL_VERSION:
         raise ResultsError(f"field 'v': event version {raw['v']!r} is not one this tool reads (up to "
                            f"{JOURNAL_VERSION}); upgrade")
+    model = EVENT_MODELS.get(raw.get("type"))
+    if model is None:
+        raise ResultsError(f"field 'type': {raw.get('type')!r} is not an event type; expected one of "
+                           f"{sorted(EVENT_MODELS)}")
     try:
-        return _EVENT_ADAPTER.validate_python(raw)
+        return model.model_validate(raw)
     except ValidationError as e:
         raise ResultsError(f"event {raw.get('type')!r}: {describe_problems(e, limit=3)}") from e
 

@@ -165,6 +165,22 @@ def test_bad_field_names_the_file_and_the_path(tmp_path, edit, where):
     assert f"field '{where}'" in str(info.value)
 
 
+def test_several_bad_fields_are_all_named_with_the_count(tmp_path):
+    data = make_results([[5, 6]]).model_dump(mode="json")
+    data["runs"][0]["colour"] = "red"
+    data["runs"][1]["judge"]["parsed"]["similarity_1_to_10"] = 11
+    for run in data["runs"]:
+        run.pop("context_input_ids")
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ResultsError) as info:
+        load_results_file(path)
+    message = str(info.value)
+    # The first three of the four problems, each naming its field, then how many there are in all.
+    assert message.startswith(f"{path}: field 'runs.0.context_input_ids': Field required; field 'runs.0.colour': ")
+    assert "; field 'runs.1.context_input_ids': Field required (4 problems in all)" in message
+
+
 def test_not_json_names_the_file_and_line(tmp_path):
     path = tmp_path / "broken.json"
     path.write_text('{"schema_version": 1,\n "meta": ')
