@@ -1,23 +1,21 @@
 """A run folder on disk: atomic writes, the journal of typed events, ``ResultsStore``, and the folder's lock.
 
 Crash safety: a stage never rewrites ``results.json`` per query. It appends one JSON line per finished unit of work
-(a run's answers, a verdict, a spread) to a journal beside it and fsyncs; ``ResultsStore.load`` replays the journal
-over the last written file, and ``compact`` folds it in with an atomic write. A kill therefore loses at most the work
-in flight, and a torn last line (killed mid-write) is reported and skipped, never fatal. Events are idempotent (last
-one wins), so replaying a journal that was already folded in changes nothing.
+(answers, a verdict, a spread) to a journal beside it and fsyncs; ``ResultsStore.load`` replays the journal over the
+last written file, and ``compact`` folds it in with an atomic write. A kill loses at most the work in flight; a torn
+last line (killed mid-write) is reported and skipped, never fatal. Events are idempotent (last one wins), so replaying
+a journal that was already folded in changes nothing.
 
-The journal is a file format of its own, so its events are typed and versioned like ``results.json``: one pydantic
-model per event ``type``, each line carrying ``v`` (``JOURNAL_VERSION``), built only by the constructors below
-(``responses_event``, ``judge_event``, ...) and validated on replay, where a bad line is named by file and line.
-Lines written before events had a version (no ``v``) are read as version 0 and migrated (``migrate_event_v0``).
+The journal is a file format of its own, typed and versioned like ``results.json``: one pydantic model per event
+``type``, each line carrying ``v`` (``JOURNAL_VERSION``), built only by the constructors below (``responses_event``,
+``judge_event``, ...) and validated on replay, where a bad line is named by file and line. Lines written before events
+had a version (no ``v``) are migrated (``migrate_event_v0``).
 
-One writer per run folder: ``folder_lock`` holds an exclusive ``flock`` on ``<folder>/.lock`` while a command works.
-A second ``run``/``judge``/``baseline``/``report`` on the same folder would redo the same work (double GPU time,
-double judge spend) and the last write would win; instead it stops at once, naming the holder (pid, command, start
-time, which the holder writes into the lock file). The lock belongs to the open file, so the kernel releases it when
-the holder exits however it exits (kill -9 included): a crash never leaves a folder locked. The file itself stays.
-Under torchrun only rank 0 takes the lock (cli.py); the other ranks write only their own rank journals and meet rank 0
-at every step, so while rank 0 holds the folder, the whole group does.
+One writer per run folder: ``folder_lock`` holds an exclusive ``flock`` on ``<folder>/.lock`` while a command works,
+so a second ``run``/``judge``/``baseline``/``report`` stops at once naming the holder (pid, command, start time, which
+the holder writes into the file) instead of redoing the same GPU or judge work. The kernel releases the lock when the
+holder exits however it exits (kill -9 included). Under torchrun only rank 0 takes it (cli.py); the other ranks write
+only their own rank journals and meet rank 0 at every step, so while rank 0 holds the folder, the whole group does.
 """
 
 from __future__ import annotations
@@ -237,13 +235,12 @@ class Journal:
             return
 
     def read(self) -> Iterator[dict[str, Any]]:
-        """Events as JSON, in order. A torn *last* line is reported with a warning and skipped; a bad middle line
-        raises."""
-        for _, raw in self.lines():
-            yield raw
+        """Events as JSON, in order; see ``lines``."""
+        return (raw for _, raw in self.lines())
 
     def lines(self) -> Iterator[tuple[int, Any]]:
-        """(line number, parsed JSON) of every non-empty line, with ``read``'s handling of a torn last line."""
+        """(line number, JSON) of each non-empty line. A torn *last* line is reported with a warning and skipped; a bad
+        middle line raises."""
         if not self.path.exists():
             return
         lines = self.path.read_text().split("\n")

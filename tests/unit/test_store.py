@@ -1,19 +1,23 @@
-"""The journal's typed, versioned events (store.py): built by the constructors, read back as the same events, lines
+"""store.py: atomic writes, the journal a killed run resumes from (torn last line tolerated, torn middle line fatal,
+replay idempotent), and its typed, versioned events: built by the constructors, read back as the same events, lines
 written before events had a version still replayed, and a bad line named by its file and line."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 
 import pytest
 from pydantic import BaseModel, ValidationError
 
+from ao_resampling import store as store_mod
 from ao_resampling.errors import describe_problems
-from ao_resampling.results import Decoding, Response, ResultsError, SpreadMetrics
+from ao_resampling.results import Decoding, Response, ResultsError, SpreadMetrics, load_results_file
 from ao_resampling.store import (
-    JOURNAL_VERSION, Journal, ResultsStore, baseline_judge_event, baseline_responses_event, baseline_spread_event,
-    judge_event, responses_event, spread_event,
+    JOURNAL_VERSION, Journal, ResultsStore, atomic_write_text, baseline_judge_event, baseline_responses_event,
+    baseline_spread_event, judge_event, responses_event, spread_event,
 )
 from tests.support.results_factory import judge_record, make_results
 
@@ -24,12 +28,164 @@ ANSWERS = [Response(sample_id=f"{RUN}__s00", text="an answer — ünïcode", dec
 SPREAD = SpreadMetrics(embedding_model="none", distinct_fraction=0.5, mean_jaccard=0.25)
 
 
+def _responses_event(run_id: str, texts: list[str]) -> dict:
+    decoding = Decoding(temperature=0.7, top_p=0.9, max_new_tokens=8, seed=0)
+    return {"type": "responses", "run_id": run_id,
+            "responses": [Response(sample_id=f"{run_id}__s{i:02d}", text=t, decoding=decoding).model_dump(mode="json")
+                          for i, t in enumerate(texts)]}
+
+
+def _judge_event(run_id: str, score: int) -> dict:
+    return {"type": "judge", "run_id": run_id,
+            "record": judge_record(score, call_id=f"judge__{run_id}").model_dump(mode="json")}
+
+
 @pytest.fixture
 def store(tmp_path):
-    """A folder holding a 2 x 1 plan with no answers and no verdicts yet."""
+    """A folder holding a 2 x 2 plan with no answers and no verdicts yet."""
+    plan = make_results([[None, None], [None, None]], answers=lambda t, q, c: ())
     store = ResultsStore(tmp_path / "run")
-    store.write(make_results([[None], [None]], answers=lambda t, q, c: ()))
+    store.write(plan)
     return store
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Atomic writes
+
+
+@pytest.mark.parametrize("failing", ["os.replace", "os.fsync"])
+def test_atomic_write_leaves_the_old_file_when_interrupted(tmp_path, monkeypatch, failing):
+    path = tmp_path / "results.json"
+    path.write_text("old contents\n")
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(store_mod.os, failing.split(".")[1], boom)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_text(path, "new contents " * 10_000)
+    monkeypatch.undo()
+
+    assert path.read_text() == "old contents\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]  # no temp file left behind
+
+
+def test_results_file_is_not_private(tmp_path):
+    old = os.umask(0o022)
+    try:
+        store = ResultsStore(tmp_path)
+        store.write(make_results([[5]]))
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE(store.results_path.stat().st_mode)
+    assert mode != 0o600  # mkstemp's default, which would hide results from the rest of a team
+    assert mode == 0o644
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Journal
+
+
+def test_journal_replay_compact_and_idempotence(store):
+    store.journal.append(_responses_event("run__t1__q1", ["a", "b"]))
+    store.journal.append_many([_responses_event("run__t2__q2", ["c", "c"]), _judge_event("run__t1__q1", 7)])
+    store.journal.append(_responses_event("run__t1__q1", ["a2", "b2"]))  # a redone unit: the last one wins
+
+    loaded = store.load()
+    by_id = loaded.run_by_id()
+    assert [r.text for r in by_id["run__t1__q1"].responses] == ["a2", "b2"]
+    assert [r.text for r in by_id["run__t2__q2"].responses] == ["c", "c"]
+    assert by_id["run__t1__q1"].judge.score == 7
+    assert by_id["run__t1__q2"].responses == [] and by_id["run__t1__q2"].judge is None
+    assert store.load() == loaded  # reading twice is the same
+
+    journal_text = store.journal.path.read_text()
+    compacted = store.compact()
+    assert compacted == loaded
+    assert store.journals() == []
+    assert load_results_file(store.results_path) == loaded
+
+    # Killed after the write but before the journal was removed: replaying it over the folded file changes nothing.
+    store.journal.path.write_text(journal_text)
+    assert store.load() == loaded
+
+
+def _repeat_event(run_id: str, call: int, score: int) -> dict:
+    return {"type": "judge_repeat", "run_id": run_id,
+            "record": judge_record(score, call_id=f"repeat__{run_id}__{call}").model_dump(mode="json")}
+
+
+def test_judge_repeat_replay_is_idempotent(store):
+    store.journal.append_many([_repeat_event("run__t1__q1", 1, 4), _repeat_event("run__t1__q1", 2, 6),
+                               _repeat_event("run__t1__q1", 1, 9)])  # call 1 redone: it replaces, keeps one copy
+    loaded = store.load()
+    repeats = loaded.run_by_id()["run__t1__q1"].judge_repeats
+    assert [(r.judge_call_id, r.score) for r in repeats] == [("repeat__run__t1__q1__2", 6),
+                                                            ("repeat__run__t1__q1__1", 9)]
+    journal_text = store.journal.path.read_text()
+    assert store.compact() == loaded
+    store.journal.path.write_text(journal_text)  # killed between the fold and the journal's removal
+    assert store.load() == loaded
+
+
+def test_torn_last_line_is_reported_and_skipped(store):
+    store.journal.append(_responses_event("run__t1__q1", ["a", "b"]))
+    torn = json.dumps(_responses_event("run__t2__q1", ["c", "d"]))[:40]
+    with open(store.journal.path, "a") as f:
+        f.write(torn)  # killed mid-write: no newline
+
+    with pytest.warns(UserWarning, match=rf"{re.escape(str(store.journal.path))}.*line 2 is incomplete"):
+        loaded = store.load()
+    assert [r.text for r in loaded.run_by_id()["run__t1__q1"].responses] == ["a", "b"]
+    assert loaded.run_by_id()["run__t2__q1"].responses == []
+
+
+def test_appending_after_a_torn_line_keeps_the_journal_readable(store):
+    """The resumed run appends after the fragment a kill left; that must not make the fragment a middle line."""
+    store.journal.append(_responses_event("run__t1__q1", ["a", "b"]))
+    with open(store.journal.path, "a") as f:
+        f.write('{"type":"responses","run_id":"run__t2')
+    store.journal.append(_responses_event("run__t2__q1", ["c", "d"]))
+
+    loaded = store.load()
+    assert [r.text for r in loaded.run_by_id()["run__t2__q1"].responses] == ["c", "d"]
+    assert [r.text for r in loaded.run_by_id()["run__t1__q1"].responses] == ["a", "b"]
+
+
+def test_complete_last_event_without_its_newline_is_kept_on_append(store):
+    with open(store.journal.path, "w") as f:
+        f.write(json.dumps(_responses_event("run__t1__q1", ["a", "b"])))  # killed just before the newline
+    store.journal.append(_responses_event("run__t2__q1", ["c", "d"]))
+    loaded = store.load()
+    assert [r.text for r in loaded.run_by_id()["run__t1__q1"].responses] == ["a", "b"]
+    assert [r.text for r in loaded.run_by_id()["run__t2__q1"].responses] == ["c", "d"]
+
+
+def test_torn_middle_line_is_an_error(store):
+    good = json.dumps(_responses_event("run__t1__q1", ["a", "b"]))
+    store.journal.path.write_text(good + "\n" + good[:30] + "\n" + good + "\n")
+    with pytest.raises(ResultsError, match=rf"{re.escape(str(store.journal.path))}: line 2 is not valid JSON"):
+        store.load()
+
+
+def test_event_for_an_unknown_run_is_an_error(store):
+    store.journal.append(_responses_event("run__t9__q9", ["a"]))
+    with pytest.raises(ResultsError, match=rf"{re.escape(str(store.journal.path))}.*run__t9__q9.*not in the plan"):
+        store.load()
+
+
+def test_malformed_event_names_the_journal(store):
+    store.journal.append({"type": "responses", "run_id": "run__t1__q1", "responses": [{"text": "no id"}]})
+    with pytest.raises(ResultsError, match=rf"{re.escape(str(store.journal.path))}: event 1"):
+        store.load()
+
+
+def test_rank_journals_are_all_replayed(store):
+    Journal(store.folder / "journal.rank0.jsonl").append(_responses_event("run__t1__q1", ["a"]))
+    Journal(store.folder / "journal.rank1.jsonl").append(_responses_event("run__t2__q2", ["b"]))
+    by_id = store.load().run_by_id()
+    assert by_id["run__t1__q1"].responses[0].text == "a"
+    assert by_id["run__t2__q2"].responses[0].text == "b"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -72,7 +228,8 @@ def test_journal_lines_written_before_events_had_a_version_still_replay(store):
     store.journal.path.write_text("\n".join(old_lines) + "\n")
 
     results = store.load()
-    t1, t2 = results.runs
+    by_id = results.run_by_id()
+    t1, t2 = by_id["run__t1__q1"], by_id["run__t2__q1"]
     assert [r.text for r in t1.responses] == ["old"] and t1.responses[0].decoding.top_p == 0.9
     assert t1.judge.score == 9 and t1.judge.latency_s == 0.5
     assert t2.spread.distinct_fraction == 0.5 and t2.responses == []
