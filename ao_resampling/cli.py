@@ -6,7 +6,7 @@ Settings come from the preset, then ``--config FILE.toml``, then flags (and ``--
 
 Every command runs inside ``guarded``: the tool's own errors (``AOResamplingError``) end in one red line and an exit
 code from errors.py, Ctrl-C in exit 130 with what was kept; only a bug shows a traceback. Commands that write a run
-folder hold its lock (lock.py) while they work.
+folder hold its lock (store.py) while they work.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import typer
 
 from ao_resampling.config import ConfigError, ExperimentConfig, build_config
 from ao_resampling.errors import EXIT_CALLS_FAILED, EXIT_INTERRUPTED, AOResamplingError
-from ao_resampling.lock import folder_lock, require_folder
-from ao_resampling.results import RESULTS_NAME, is_redacted_url
+from ao_resampling.store import folder_lock, require_folder
+from ao_resampling.results import RESULTS_NAME, ResultsError, is_redacted_url
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
                   help="How much does an Activation Oracle's answer change when you just sample it again?")
@@ -171,7 +171,7 @@ def run(
     out_dir = out or pipeline.default_out_dir(config, preset)
     from ao_resampling.engine.distributed import world
 
-    # Under torchrun rank 0 holds the folder for the whole group (lock.py); the launcher above exec'd torchrun.
+    # Under torchrun rank 0 holds the folder for the whole group (store.py); the launcher above exec'd torchrun.
     with folder_lock(out_dir) if world().is_main else contextlib.nullcontext():
         report = pipeline.run_experiment(config, out_dir, judge=judge, progress=not quiet, log=typer.echo)
     if report.report_dir is None:  # a rank other than 0 under torchrun: its share is journaled, rank 0 does the rest
@@ -185,7 +185,7 @@ def run(
         typer.secho(note, fg="yellow")
     if judge:
         from ao_resampling.stages.judge import failed_calls
-        from ao_resampling.results import ResultsStore
+        from ao_resampling.store import ResultsStore
 
         _exit_if_calls_failed(out_dir, failed_calls(ResultsStore(out_dir).load()), "the same command")
 
@@ -302,7 +302,8 @@ def report(
     quiet: Quiet = False,
 ) -> None:
     """Plots A/B/C + heatmap, summary.json and report.md; works on partly judged files."""
-    from ao_resampling.stages.baseline import baseline_spread_stage, load_baseline_file, with_spreads
+    from ao_resampling.results import load_baseline_file
+    from ao_resampling.stages.baseline import baseline_spread_stage, with_spreads
     from ao_resampling.stages.spread import spread_stage
     from ao_resampling.analysis.report import write_report
 
@@ -366,7 +367,8 @@ def baseline_command(
 
 def _open(results: Path, **overrides: Any):
     """A run folder's store and its config (from meta), with plumbing overrides (judge endpoint etc.)."""
-    from ao_resampling.results import ResultsStore, load_results_file
+    from ao_resampling.results import load_results_file
+    from ao_resampling.store import ResultsStore
 
     folder = results.parent if results.suffix == ".json" else results
     store = ResultsStore(folder)

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ao_resampling.errors import AOResamplingError
+from ao_resampling.errors import AOResamplingError, describe_problems
 
 REAL_MODEL = "google/gemma-3-27b-it"
 REAL_ORACLE_LORA = "adamkarvonen/checkpoints_latentqa_cls_past_lens_gemma-3-27b-it"
@@ -177,14 +177,7 @@ def build_config(
     try:
         return ExperimentConfig(**values)
     except ValidationError as e:
-        raise ConfigError(f"{source} (+ command-line flags): {describe_problems(e)}") from e
-
-
-def describe_problems(error: ValidationError) -> str:
-    """Every problem of a config that failed validation, each naming its field."""
-    return "; ".join(
-        f"field '{'.'.join(str(p) for p in err['loc']) or '<config>'}': {err['msg']}" for err in error.errors()
-    )
+        raise ConfigError(f"{source} (+ command-line flags): {describe_problems(e, root='<config>')}") from e
 
 
 def diff_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

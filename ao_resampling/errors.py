@@ -2,10 +2,16 @@
 
 Each module keeps its own error class (``ConfigError``, ``ResultsError``, ...) for its callers to catch; all of them
 also derive from ``AOResamplingError``, so cli.py catches the tool's errors in one place and prints their message
-(no traceback), while anything else -- a bug -- still shows its traceback.
+(no traceback), while anything else -- a bug -- still shows its traceback. ``describe_problems`` is the one wording of
+a pydantic ValidationError in those messages (results files, baseline files, configs): every problem names its field.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 EXIT_OK = 0
 EXIT_BUG = 1  # an unexpected exception (Python's own code for an uncaught error): please report it
@@ -19,3 +25,13 @@ class AOResamplingError(Exception):
     """An error with a message meant for the user: it names the file, field or setting and what was expected."""
 
     exit_code: int = EXIT_USAGE
+
+
+def describe_problems(error: ValidationError, *, limit: int | None = None, root: str = "<top level>") -> str:
+    """A pydantic ValidationError as ``field 'a.0.b': problem; ...``, each problem naming its field (``root`` for the
+    object as a whole). With ``limit``, the first ``limit`` problems and how many there are in all: a damaged results
+    file can have thousands, and a message that long hides the first one. Callers put the file or source in front."""
+    problems = error.errors()
+    shown = "; ".join(f"field '{'.'.join(str(p) for p in err['loc']) or root}': {err['msg']}"
+                      for err in problems[:limit])
+    return shown if limit is None or len(problems) <= limit else f"{shown} ({len(problems)} problems in all)"

@@ -30,8 +30,9 @@ from ao_resampling.inputs.oracle import build_oracle_query
 from ao_resampling.inputs.plan_check import context_overflows, plan_differences
 from ao_resampling.inputs.positions import landmarks_of, parse_rule, resolve
 from ao_resampling.results import (
-    AOQuestion, Decoding, Meta, Response, Results, ResultsStore, Run, TargetRecord, run_id_for, sha256_of_ids,
+    AOQuestion, Decoding, Meta, Response, Results, Run, TargetRecord, run_id_for, sha256_of_ids,
 )
+from ao_resampling.store import ResultsStore, responses_event
 from ao_resampling.engine.reference import sample_sequential
 from ao_resampling.engine.sampling import BatchedSampler, DecodeParams, Query, Sample, effective_sampling
 
@@ -232,8 +233,7 @@ def generate(store: ResultsStore, config: ExperimentConfig, *, oracle: models.Lo
                             f"{store.results_path} recorded {planned.model_dump()} (its generation_config changed?)")
 
     def journal(batch: dict[str, list[Sample]]) -> None:
-        store.journal.append_many([{"type": "responses", "run_id": run_id,
-                                    "responses": to_responses(run_id, samples, decode)}
+        store.journal.append_many([responses_event(run_id, to_responses(run_id, samples, decode))
                                    for run_id, samples in batch.items()])
 
     if config.sampler == "sequential":

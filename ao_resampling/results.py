@@ -1,40 +1,31 @@
-"""The ``results.json`` schema, its journal, and the only code that writes them.
+"""The ``results.json`` schema, and the migrations of every older file format this tool reads.
 
 One file holds a whole experiment: ``meta``, the sampled ``ao_questions``, the ``targets``, and one ``run`` per
 (target, question) with its token ids, its 10 AO answers and the judge's verdict. ``schema_version`` comes first;
 files of the older single-script format (same keys, no ``schema_version``) are migrated in one ``mode="before"``
-validator, so analysis code only ever sees the current models.
+validator, so analysis code only ever sees the current models. A baseline saved on its own (``load_baseline_file``)
+is migrated record by record with the same functions: one migration per record type.
 
-Crash safety: a stage never rewrites ``results.json`` per query. It appends one JSON line per finished unit of work
-(a run's answers, a verdict) to a journal beside it and fsyncs; ``load`` replays the journal over the last written
-file, and ``compact`` folds it in with an atomic write. A kill therefore loses at most the work in flight, and a torn
-last line (killed mid-write) is reported and skipped, never fatal. Events are idempotent (last one wins), so
-replaying a journal that was already folded in changes nothing.
+Writing a run folder (atomic writes, the journal of finished work, the lock) is store.py's job.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 import urllib.parse
-import warnings
-from collections.abc import Iterable, Iterator
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
-from ao_resampling.errors import AOResamplingError
+from ao_resampling.errors import AOResamplingError, describe_problems
 
 SCHEMA_VERSION = 1
 RESULTS_NAME = "results.json"
-JOURNAL_GLOB = "journal*.jsonl"
-# The only journals the tool reads and deletes: its own (``journal.jsonl``, ``journal.rank{r}.jsonl`` per torchrun
-# rank). A user's ``journal.backup.jsonl`` beside them is neither replayed nor removed.
-TOOL_JOURNAL_RE = re.compile(r"journal(\.rank(0|[1-9][0-9]*))?\.jsonl")
 REDACTED = "REDACTED"
 
 FailureReason = Literal[
@@ -270,17 +261,20 @@ def _migrate_v0(data: dict[str, Any]) -> dict[str, Any]:
     data = dict(data)
     data["schema_version"] = SCHEMA_VERSION
     data.setdefault("meta", {})
-    runs = []
-    for run in data.get("runs", []):
-        run = dict(run)
-        judge = run.get("judge")
-        if isinstance(judge, dict) and judge.get("parsed") is None and judge.get("failure") is None:
-            judge = dict(judge, failure={"reason": "invalid_json", "detail": "older format: no parsed verdict"})
-            judge["parsed"] = None
-        run["judge"] = judge
-        runs.append(run)
-    data["runs"] = runs
+    data["runs"] = [migrate_run_judge_v0(run) for run in data.get("runs", [])]
     return data
+
+
+def migrate_run_judge_v0(run: Any) -> Any:
+    """A run (AO or baseline) whose judge record has the single-script shape: only 'parsed'. One without a verdict
+    becomes a failure, never a score."""
+    if not isinstance(run, dict) or not isinstance(run.get("judge"), dict):
+        return run
+    judge = run["judge"]
+    if judge.get("parsed") is None and judge.get("failure") is None:
+        failure = {"reason": "invalid_json", "detail": "older format: no parsed verdict"}
+        judge = dict(judge, parsed=None, failure=failure)
+    return dict(run, judge=judge)
 
 
 def _add_position_rule(data: dict[str, Any]) -> dict[str, Any]:
@@ -343,25 +337,7 @@ def check_integrity(results: Results, source: Path | str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Disk
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temp file in the same folder, fsync, rename: readers see the old file or the new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are meant to be shared like any output
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+# Reading and writing the format (store.py writes it to disk atomically)
 
 
 def dump_results(results: Results) -> str:
@@ -411,170 +387,35 @@ def load_results_file(path: Path) -> Results:
     try:
         results = Results.model_validate(data)
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "<top level>"
-        raise ResultsError(f"{path}: field '{where}': {first['msg']} ({e.error_count()} problem(s) in all)") from e
+        raise ResultsError(f"{path}: {describe_problems(e, limit=3)}") from e
     check_integrity(results, path)
     return results
 
 
-class Journal:
-    """Append-only JSON lines, one per finished unit of work; fsync'd so a kill loses only the unit in flight."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-
-    def append(self, event: dict[str, Any]) -> None:
-        self.append_many([event])
-
-    def append_many(self, events: list[dict[str, Any]]) -> None:
-        if not events:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        payload = "".join(json.dumps(e, ensure_ascii=False, separators=(",", ":")) + "\n" for e in events)
-        self._drop_torn_tail()
-        with open(self.path, "a") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-
-    def _drop_torn_tail(self) -> None:
-        # A kill mid-write leaves a last line without its newline. Appending after it would glue the next event onto
-        # the fragment and turn a tolerated torn *last* line into a fatal bad *middle* line, so cut it off first.
-        try:
-            with open(self.path, "rb+") as f:
-                data = f.read()
-                if not data or data.endswith(b"\n"):
-                    return
-                start = data.rfind(b"\n") + 1
-                try:  # killed between a complete event and its newline: keep the event
-                    json.loads(data[start:])
-                    f.write(b"\n")
-                except ValueError:
-                    f.truncate(start)
-                f.flush()
-                os.fsync(f.fileno())
-        except FileNotFoundError:
-            return
-
-    def read(self) -> Iterator[dict[str, Any]]:
-        """Events in order. A torn *last* line is reported with a warning and skipped; a bad middle line raises."""
-        if not self.path.exists():
-            return
-        lines = self.path.read_text().split("\n")
-        # A complete file ends with "\n", so the final element is "" unless the last write was torn.
-        for n, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as e:
-                if n == len(lines):
-                    warnings.warn(
-                        f"{self.path}: last line {n} is incomplete (killed mid-write?); its unit of work will be redone",
-                        stacklevel=2,
-                    )
-                    return
-                raise ResultsError(f"{self.path}: line {n} is not valid JSON: {e.msg}") from e
-
-
-def apply_event(results: Results, event: dict[str, Any], runs: dict[str, Run]) -> None:
-    """Fold one journal event into ``results`` (in place). Unknown run ids are an error: the journal is not ours."""
-    kind = event.get("type")
-    if kind in ("baseline_responses", "baseline_judge", "baseline_spread"):
-        _apply_baseline_event(results, event)
-        return
-    run = runs.get(event.get("run_id", ""))
-    if run is None:
-        raise ResultsError(f"journal event {kind!r} names run_id {event.get('run_id')!r}, which is not in the plan")
-    if kind == "responses":
-        run.responses = [Response.model_validate(r) for r in event["responses"]]
-    elif kind == "judge":
-        run.judge = supersede(run.judge, JudgeRecord.model_validate(event["record"]))
-    elif kind == "judge_repeat":
-        record = JudgeRecord.model_validate(event["record"])
-        old = next((r for r in run.judge_repeats if r.judge_call_id == record.judge_call_id), None)
-        run.judge_repeats = [r for r in run.judge_repeats if r.judge_call_id != record.judge_call_id] + [
-            supersede(old, record)]
-    elif kind == "spread":
-        run.spread = SpreadMetrics.model_validate(event["spread"])
-    else:
-        raise ResultsError(f"unknown journal event type {kind!r}")
-
-
-def _apply_baseline_event(results: Results, event: dict[str, Any]) -> None:
-    if results.baseline is None:
-        results.baseline = Baseline(meta=event.get("meta", {}))
-    by_id = {r.run_id: r for r in results.baseline.runs}
-    run = by_id.get(event["run_id"])
-    if run is None:
-        run = BaselineRun(run_id=event["run_id"], target_id=event["target_id"])
-        results.baseline.runs.append(run)
-    if event.get("meta"):
-        results.baseline.meta = event["meta"]
-    if event["type"] == "baseline_responses":
-        run.responses = [Response.model_validate(r) for r in event["responses"]]
-    elif event["type"] == "baseline_spread":
-        run.spread = SpreadMetrics.model_validate(event["spread"])
-    else:
-        run.judge = supersede(run.judge, JudgeRecord.model_validate(event["record"]))
-
-
-def supersede(old: JudgeRecord | None, new: JudgeRecord) -> JudgeRecord:
-    """``new`` in place of ``old``, keeping every earlier failure (a retried call's history is not thrown away).
-
-    Replaying an event that was already folded in must change nothing, so the very same call again keeps ``old``.
-    """
-    if old is None:
-        return new
-    if _without_history(old) == _without_history(new):
-        return old
-    carried = old.previous_failures + ([_without_history(old)] if old.failure is not None else [])
-    return new.model_copy(update={"previous_failures": carried + new.previous_failures})
-
-
-def _without_history(record: JudgeRecord) -> JudgeRecord:
-    return record.model_copy(update={"previous_failures": []})
-
-
-class ResultsStore:
-    """A run folder: ``results.json`` plus journals (``journal.jsonl``, or ``journal.rank{r}.jsonl`` per rank)."""
-
-    def __init__(self, folder: Path, journal_name: str = "journal.jsonl"):
-        self.folder = Path(folder)
-        self.results_path = self.folder / RESULTS_NAME
-        self.journal = Journal(self.folder / journal_name)
-
-    def exists(self) -> bool:
-        return self.results_path.exists()
-
-    def journals(self) -> list[Path]:
-        """The tool's own journals in this folder (``TOOL_JOURNAL_RE``); nothing else is replayed or deleted."""
-        return sorted(p for p in self.folder.glob(JOURNAL_GLOB) if TOOL_JOURNAL_RE.fullmatch(p.name))
-
-    def load(self) -> Results:
-        """The last written file with every journal replayed over it."""
-        results = load_results_file(self.results_path)
-        runs = results.run_by_id()
-        for path in self.journals():
-            for n, event in enumerate(Journal(path).read(), start=1):
-                try:
-                    apply_event(results, event, runs)
-                except (ResultsError, ValidationError, KeyError, TypeError, AttributeError) as e:
-                    detail = f"missing key {e}" if isinstance(e, KeyError) else str(e)
-                    raise ResultsError(f"{path}: event {n}: {detail}") from e
-        return results
-
-    def write(self, results: Results) -> None:
-        atomic_write_text(self.results_path, dump_results(results))
-
-    def compact(self, results: Results | None = None) -> Results:
-        """Fold every journal into results.json, then drop the journals (replay is idempotent if we die between)."""
-        results = results if results is not None else self.load()
-        self.write(results)
-        for path in self.journals():
-            path.unlink(missing_ok=True)
-        return results
+def load_baseline_file(path: Path) -> Baseline:
+    """``{"meta", "targets", "runs": [{"run_id", "target_id", "responses", "judge"}]}`` (or a results.json holding a
+    baseline section) -> ``Baseline``. Errors name the file and the field."""
+    path = Path(path)
+    data = read_json_file(path)
+    if not isinstance(data, dict):
+        raise ResultsError(f"{path}: expected a JSON object with 'runs' (a baseline file), got a {type(data).__name__}")
+    if "ao_questions" in data:  # a whole results file: take its baseline section
+        baseline = load_results_file(path).baseline
+        if baseline is None:
+            raise ResultsError(f"{path}: field 'baseline': this results file holds no baseline")
+        return baseline
+    if not isinstance(data.get("runs"), list):
+        raise ResultsError(f"{path}: field 'runs': missing or not a list (a baseline file has 'meta', 'targets' and "
+                           f"'runs')")
+    try:
+        baseline = Baseline.model_validate(dict(data, runs=[migrate_run_judge_v0(run) for run in data["runs"]]))
+    except ValidationError as e:
+        raise ResultsError(f"{path}: {describe_problems(e, limit=3)}") from e
+    seen = Counter(r.target_id for r in baseline.runs)
+    repeated = sorted(t for t, c in seen.items() if c > 1)
+    if repeated:
+        raise ResultsError(f"{path}: field 'runs': target_id(s) {repeated} appear in more than one run")
+    return baseline
 
 
 def results_json_schema() -> dict[str, Any]:

@@ -29,9 +29,9 @@ from pydantic import ValidationError
 from ao_resampling import pipeline
 from ao_resampling.engine import models
 from ao_resampling.config import ExperimentConfig, diff_settings
-from ao_resampling.errors import AOResamplingError
-from ao_resampling.lock import folder_lock
-from ao_resampling.results import ResultsStore, atomic_write_text, read_json_file
+from ao_resampling.errors import AOResamplingError, describe_problems
+from ao_resampling.results import read_json_file
+from ao_resampling.store import ResultsStore, atomic_write_text, folder_lock
 
 MANIFEST_NAME = "sweep.json"
 MANIFEST_VERSION = 1
@@ -129,9 +129,7 @@ def plan_conditions(base: ExperimentConfig, overrides: Sequence[dict[str, Any]])
         try:
             config = ExperimentConfig(**{**base.model_dump(), **o})
         except ValidationError as e:
-            problems = "; ".join(f"field '{'.'.join(map(str, err['loc'])) or '<config>'}': {err['msg']}"
-                                 for err in e.errors())
-            raise SweepError(f"condition {name}: {problems}") from e
+            raise SweepError(f"condition {name}: {describe_problems(e, root='<config>')}") from e
         out.append(Condition(name, dict(o), config))
     return out
 

@@ -32,7 +32,8 @@ from ao_resampling.stages.spread import (
     score_histogram,
     spearman,
 )
-from ao_resampling.results import Baseline, Results, Run, TargetRecord, atomic_write_text
+from ao_resampling.results import Baseline, Results, Run, TargetRecord
+from ao_resampling.store import atomic_write_text
 
 SUMMARY_NAME = "summary.json"
 REPORT_NAME = "report.md"

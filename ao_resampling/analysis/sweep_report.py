@@ -22,7 +22,8 @@ from matplotlib.figure import Figure
 from ao_resampling.stages.spread import describe, embedding_similarities, judge_scores, lexical_values, rng_for
 from ao_resampling.stages.spread import bootstrap_mean_ci
 from ao_resampling.analysis.plots import new_figure
-from ao_resampling.results import Results, atomic_write_text
+from ao_resampling.results import Results
+from ao_resampling.store import atomic_write_text
 
 Key = tuple[str, str]  # (target_id, question_id): what pairs runs across conditions
 METRICS: dict[str, tuple[str, Callable]] = {

@@ -14,7 +14,7 @@ exactly the missing runs.
 The ranks meet only at a few steps, and each meeting also carries failures (``together``): a rank that fails a step
 makes every rank stop there with its message, instead of leaving the others waiting at a barrier.
 
-The run folder's lock (lock.py) is taken by rank 0 alone (cli.py), before the group forms: the other ranks write
+The run folder's lock (store.py) is taken by rank 0 alone (cli.py), before the group forms: the other ranks write
 only their own ``journal.rank{r}.jsonl`` and only after rank 0's plan, so rank 0 holding the folder holds it for the
 group, and a busy folder stops rank 0 at once and torchrun the rest.
 """
@@ -35,7 +35,8 @@ import torch.distributed as dist
 from ao_resampling import pipeline
 from ao_resampling.config import ExperimentConfig
 from ao_resampling.engine.models import LoadedOracle
-from ao_resampling.results import ResultsStore, Run
+from ao_resampling.results import Run
+from ao_resampling.store import ResultsStore
 
 # The longest one rank waits for the others at one step: the slowest shard's generation, or rank 0's plan. A dead
 # rank never makes the others wait this long (torchrun stops the whole group when one worker fails).

@@ -10,7 +10,7 @@ is cached like the AO runs' (``baseline_spread_stage``). Everything lands in the
 The analysis is pure and reads only ``Results``: per target, the AO's mean similarity over its questions against the
 target model's own similarity, in the judge view and the embedding view, with Pearson and Spearman (None, never NaN,
 where undefined), the largest gaps either way, and which targets only one side has. report.py and plots.py show it.
-``load_baseline_file`` reads a baseline saved on its own in the earlier single-script format.
+A baseline saved on its own in the earlier single-script format is read by ``results.load_baseline_file``.
 """
 
 from __future__ import annotations
@@ -21,11 +21,9 @@ import sys
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from pydantic import ValidationError
 
 from ao_resampling.errors import AOResamplingError
 from ao_resampling.config import ExperimentConfig
@@ -36,9 +34,9 @@ from ao_resampling.stages.spread import (
     NO_EMBEDDING, Encoder, compute_spreads, embedding_similarities, group_means, group_values, judge_scores,
     load_embedder, needs_spread, pearson, spearman,
 )
-from ao_resampling.results import (
-    Baseline, Decoding, JudgeRecord, Results, ResultsError, ResultsStore, TargetMessage,
-    load_results_file, read_json_file,
+from ao_resampling.results import Baseline, Decoding, JudgeRecord, Results, TargetMessage
+from ao_resampling.store import (
+    ResultsStore, baseline_judge_event, baseline_responses_event, baseline_spread_event,
 )
 
 if TYPE_CHECKING:
@@ -228,8 +226,8 @@ def sample_baseline(store: ResultsStore, config: ExperimentConfig, *, oracle: Lo
                           max_new_tokens=config.baseline_max_new_tokens, seed=config.decode_seed, top_k=config.top_k)
 
     def journal(batch) -> None:
-        store.journal.append_many([{"type": "baseline_responses", "run_id": run_id, "target_id": target_of[run_id],
-                                    "responses": to_responses(run_id, samples, decode), "meta": meta}
+        store.journal.append_many([baseline_responses_event(run_id, target_of[run_id],
+                                                            to_responses(run_id, samples, decode), meta)
                                    for run_id, samples in batch.items()])
 
     BatchedSampler(oracle.model, oracle.tokenizer, injection_layer=oracle.injection_layer,
@@ -257,8 +255,7 @@ def judge_baseline(store: ResultsStore, config: ExperimentConfig, *, client: Any
                             judge_call_id=job.judge_call_id)
 
     def keep(job: BaselineJudgeJob, record: JudgeRecord) -> None:
-        store.journal.append({"type": "baseline_judge", "run_id": job.run_id, "target_id": job.target_id,
-                              "record": record.model_dump(mode="json")})
+        store.journal.append(baseline_judge_event(job.run_id, job.target_id, record))
         report.n_judge_sent += 1
         if record.failure is None:
             report.n_judge_ok += 1
@@ -283,8 +280,7 @@ def baseline_spread_stage(store: ResultsStore, *, embedding_model: str, encoder:
         encoder = load_embedder(embedding_model)
     spreads = compute_spreads(todo, encoder, embedding_model, progress=progress)
     target_of = {r.run_id: r.target_id for r in todo}
-    store.journal.append_many([{"type": "baseline_spread", "run_id": run_id, "target_id": target_of[run_id],
-                                "spread": s.model_dump(mode="json")} for run_id, s in spreads.items()])
+    store.journal.append_many([baseline_spread_event(run_id, target_of[run_id], s) for run_id, s in spreads.items()])
     store.compact()
     return len(spreads)
 
@@ -299,50 +295,6 @@ def with_spreads(baseline: Baseline, *, embedding_model: str, encoder: Encoder |
     spreads = compute_spreads(todo, encoder, embedding_model)
     runs = [r.model_copy(update={"spread": spreads[r.run_id]}) if r.run_id in spreads else r for r in baseline.runs]
     return baseline.model_copy(update={"runs": runs})
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# A baseline saved on its own (the earlier single-script format)
-
-
-def load_baseline_file(path: Path) -> Baseline:
-    """``{"meta", "targets", "runs": [{"run_id", "target_id", "responses", "judge"}]}`` (or a results.json holding a
-    baseline section) -> ``Baseline``. Errors name the file and the field."""
-    path = Path(path)
-    data = read_json_file(path)
-    if not isinstance(data, dict):
-        raise ResultsError(f"{path}: expected a JSON object with 'runs' (a baseline file), got a {type(data).__name__}")
-    if "ao_questions" in data:  # a whole results file: take its baseline section
-        baseline = load_results_file(path).baseline
-        if baseline is None:
-            raise ResultsError(f"{path}: field 'baseline': this results file holds no baseline")
-        return baseline
-    if not isinstance(data.get("runs"), list):
-        raise ResultsError(f"{path}: field 'runs': missing or not a list (a baseline file has 'meta', 'targets' and "
-                           f"'runs')")
-    data = dict(data, runs=[_migrate_run(run) for run in data["runs"]])
-    try:
-        baseline = Baseline.model_validate(data)
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "<top level>"
-        raise ResultsError(f"{path}: field '{where}': {first['msg']} ({e.error_count()} problem(s) in all)") from e
-    seen = Counter(r.target_id for r in baseline.runs)
-    repeated = sorted(t for t, c in seen.items() if c > 1)
-    if repeated:
-        raise ResultsError(f"{path}: field 'runs': target_id(s) {repeated} appear in more than one run")
-    return baseline
-
-
-def _migrate_run(run: Any) -> Any:
-    """Older judge records carry only 'parsed'; one without a verdict is a failure, never a score."""
-    if not isinstance(run, dict) or not isinstance(run.get("judge"), dict):
-        return run
-    judge = run["judge"]
-    if judge.get("parsed") is None and judge.get("failure") is None:
-        failure = {"reason": "invalid_json", "detail": "older format: no parsed verdict"}
-        judge = dict(judge, parsed=None, failure=failure)
-    return dict(run, judge=judge)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

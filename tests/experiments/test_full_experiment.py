@@ -20,7 +20,8 @@ import pytest
 
 from ao_resampling import pipeline
 from ao_resampling.config import build_config
-from ao_resampling.results import ResultsStore, load_results_file
+from ao_resampling.results import load_results_file
+from ao_resampling.store import ResultsStore
 from tests.experiments.conftest import option
 
 pytestmark = pytest.mark.gpu

@@ -21,7 +21,8 @@ from ao_resampling.stages.baseline import (
 )
 from ao_resampling.cli import app
 from ao_resampling.config import ExperimentConfig
-from ao_resampling.results import ResultsStore, dump_results
+from ao_resampling.results import dump_results
+from ao_resampling.store import ResultsStore
 from ao_resampling.engine.sampling import BatchedSampler, DecodeParams, Query
 from tests.support.baseline_factory import earlier_format
 from tests.support.openai_server import FakeOpenAIServer, Reply, expected_score

@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from ao_resampling.stages.judge import build_prompt
-from ao_resampling.results import ResultsStore, load_results_file
+from ao_resampling.results import load_results_file
+from ao_resampling.store import ResultsStore
 from tests.support.openai_server import FakeOpenAIServer, expected_score
 
 N_TARGETS, N_QUESTIONS, N_SAMPLES = 4, 3, 2

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from ao_resampling.results import ResultsStore
+from ao_resampling.store import ResultsStore
 
 SAMPLES = 2
 COMMAND = ["run", "--preset", "experiment", "--model", "synthetic:tiny", "--oracle-lora", "random",

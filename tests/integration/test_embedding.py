@@ -15,7 +15,7 @@ from ao_resampling.stages.spread import (
     spread_stage,
 )
 from ao_resampling.engine.models import ModelLoadError
-from ao_resampling.results import ResultsStore
+from ao_resampling.store import ResultsStore
 from tests.support.results_factory import make_results, make_run
 
 

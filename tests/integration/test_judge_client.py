@@ -29,9 +29,8 @@ from ao_resampling.stages.judge import (
     repeat_agreement,
     selected_for_repeats,
 )
-from ao_resampling.results import (
-    AOQuestion, Decoding, Journal, Meta, Response, Results, ResultsStore, Run, TargetRecord, sha256_of_ids,
-)
+from ao_resampling.results import AOQuestion, Decoding, Meta, Response, Results, Run, TargetRecord, sha256_of_ids
+from ao_resampling.store import Journal, ResultsStore
 from tests.support.openai_server import FakeOpenAIServer, Reply, expected_score
 
 QUESTION = "What is the user's emotional state?"

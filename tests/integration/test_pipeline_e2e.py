@@ -22,7 +22,8 @@ from ao_resampling.stages import metrics
 from ao_resampling.engine import models
 from ao_resampling.cli import app
 from ao_resampling.config import build_config
-from ao_resampling.results import Results, ResultsStore, load_results_file
+from ao_resampling.results import Results, load_results_file
+from ao_resampling.store import ResultsStore
 from tests.support.openai_server import FakeOpenAIServer, expected_score
 
 PLOTS = ("A_judge_scores.png", "B_target_means.png", "C_per_question.png", "heatmap.png", "A_embedding.png")

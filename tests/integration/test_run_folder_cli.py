@@ -22,7 +22,8 @@ from typer.testing import CliRunner
 from ao_resampling.engine import models
 from ao_resampling.cli import app
 from ao_resampling.errors import EXIT_BUSY, EXIT_CALLS_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
-from ao_resampling.results import RESULTS_NAME, ResultsStore, dump_results, load_results_file
+from ao_resampling.results import RESULTS_NAME, dump_results, load_results_file
+from ao_resampling.store import ResultsStore
 from tests.support.openai_server import FakeOpenAIServer, Reply
 from tests.support.results_factory import make_results
 
@@ -335,7 +336,7 @@ def test_only_the_tools_own_journals_are_replayed_and_deleted(tmp_path):
 def test_under_torchrun_a_busy_folder_stops_every_rank_before_any_work(tmp_path):
     # Rank 0 alone takes the lock (the others write only rank journals, in step with it); that two ranks can run at
     # all is what tests/integration/test_distributed.py shows. Here the folder is held, so the whole group stops.
-    from ao_resampling.lock import folder_lock
+    from ao_resampling.store import folder_lock
 
     out = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
@@ -363,7 +364,7 @@ def test_report_out_pointing_at_a_file_is_an_error_not_a_traceback(tmp_path):
 def test_ctrl_c_during_the_baseline_judge_keeps_the_replies_that_arrive(tmp_path, openai_server):
     from ao_resampling.stages.baseline import judge_baseline
     from ao_resampling.config import ExperimentConfig
-    from ao_resampling.results import Journal
+    from ao_resampling.store import Journal
     from tests.support.baseline_factory import baseline_of
 
     class CtrlCOnFirstWrite(Journal):  # SIGINT lands in the main thread, which is the one that journals

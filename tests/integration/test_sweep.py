@@ -24,7 +24,8 @@ from ao_resampling.config import build_config
 from ao_resampling.engine.hooks import capture_activations_at
 from ao_resampling.engine.models import LoadedOracle
 from ao_resampling.inputs.oracle import placeholder_token_id
-from ao_resampling.results import ResultsStore, load_results_file
+from ao_resampling.results import load_results_file
+from ao_resampling.store import ResultsStore
 from ao_resampling.sweep import plan_conditions, run_sweep
 from tests.support.openai_server import FakeOpenAIServer
 

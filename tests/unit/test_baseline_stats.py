@@ -16,13 +16,12 @@ from ao_resampling.stages.baseline import (
     compare,
     embedding_comparison,
     judge_comparison,
-    load_baseline_file,
     pearson,
     responses_in_prompt,
 )
 from ao_resampling.stages.judge import RATIONALE_KEY, SCORE_KEY, parse_verdict
 from ao_resampling.analysis.report import write_report
-from ao_resampling.results import Baseline, Results, ResultsError, SpreadMetrics, dump_results
+from ao_resampling.results import Baseline, Results, ResultsError, SpreadMetrics, dump_results, load_baseline_file
 from tests.support.baseline_factory import baseline_of, earlier_format
 from tests.support.results_factory import make_results
 

@@ -30,7 +30,7 @@ from ao_resampling.stages.spread import (
     spearman,
     spread_stage,
 )
-from ao_resampling.results import ResultsStore
+from ao_resampling.store import ResultsStore
 from tests.support.results_factory import FakeEncoder, make_results, make_run
 
 # ---------------------------------------------------------------------------------------------------------------------

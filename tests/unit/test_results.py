@@ -1,14 +1,11 @@
 """results.py: the versioned schema (snapshotted; regenerate with `pytest --force-regen`), migration of the older
-single-script format, errors that name the file and the field, atomic writes, and the journal a killed run resumes
-from (torn last line tolerated, torn middle line fatal, replay idempotent)."""
+single-script format, and errors that name the file and the field. Atomic writes and the journal: test_store.py."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import re
-import os
-import stat
 
 import pytest
 
@@ -18,43 +15,19 @@ from ao_resampling.results import (
     Baseline,
     BaselineRun,
     Decoding,
-    Journal,
     JudgeFailure,
     JudgeRecord,
     Meta,
     Response,
     Results,
     ResultsError,
-    ResultsStore,
     SpreadMetrics,
     Verdict,
-    atomic_write_text,
     dump_results,
     load_results_file,
     results_json_schema,
 )
 from tests.support.results_factory import judge_record, make_results, to_v0_dict
-
-
-def _responses_event(run_id: str, texts: list[str]) -> dict:
-    decoding = Decoding(temperature=0.7, top_p=0.9, max_new_tokens=8, seed=0)
-    return {"type": "responses", "run_id": run_id,
-            "responses": [Response(sample_id=f"{run_id}__s{i:02d}", text=t, decoding=decoding).model_dump(mode="json")
-                          for i, t in enumerate(texts)]}
-
-
-def _judge_event(run_id: str, score: int) -> dict:
-    return {"type": "judge", "run_id": run_id,
-            "record": judge_record(score, call_id=f"judge__{run_id}").model_dump(mode="json")}
-
-
-@pytest.fixture
-def store(tmp_path):
-    """A folder holding a 2 x 2 plan with no answers and no verdicts yet."""
-    plan = make_results([[None, None], [None, None]], answers=lambda t, q, c: ())
-    store = ResultsStore(tmp_path / "run")
-    store.write(plan)
-    return store
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -166,6 +139,22 @@ def test_bad_field_names_the_file_and_the_path(tmp_path, edit, where):
     assert f"field '{where}'" in str(info.value)
 
 
+def test_several_bad_fields_are_all_named_with_the_count(tmp_path):
+    data = make_results([[5, 6]]).model_dump(mode="json")
+    data["runs"][0]["colour"] = "red"
+    data["runs"][1]["judge"]["parsed"]["similarity_1_to_10"] = 11
+    for run in data["runs"]:
+        run.pop("context_input_ids")
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ResultsError) as info:
+        load_results_file(path)
+    message = str(info.value)
+    # The first three of the four problems, each naming its field, then how many there are in all.
+    assert message.startswith(f"{path}: field 'runs.0.context_input_ids': Field required; field 'runs.0.colour': ")
+    assert "; field 'runs.1.context_input_ids': Field required (4 problems in all)" in message
+
+
 def test_not_json_names_the_file_and_line(tmp_path):
     path = tmp_path / "broken.json"
     path.write_text('{"schema_version": 1,\n "meta": ')
@@ -232,142 +221,3 @@ def test_the_ids_hash_is_sha256_of_compact_json():
     # Files in the wild hold this hash: the format is pinned here, independently of sha256_of_ids.
     assert results_mod.sha256_of_ids([2, 105, 2364]) == hashlib.sha256(b"[2,105,2364]").hexdigest()
     assert results_mod.sha256_of_ids(iter([])) == hashlib.sha256(b"[]").hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Atomic writes
-
-
-@pytest.mark.parametrize("failing", ["os.replace", "os.fsync"])
-def test_atomic_write_leaves_the_old_file_when_interrupted(tmp_path, monkeypatch, failing):
-    path = tmp_path / "results.json"
-    path.write_text("old contents\n")
-
-    def boom(*args, **kwargs):
-        raise KeyboardInterrupt("killed mid-write")
-
-    monkeypatch.setattr(results_mod.os, failing.split(".")[1], boom)
-    with pytest.raises(KeyboardInterrupt):
-        atomic_write_text(path, "new contents " * 10_000)
-    monkeypatch.undo()
-
-    assert path.read_text() == "old contents\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]  # no temp file left behind
-
-
-def test_results_file_is_not_private(tmp_path):
-    old = os.umask(0o022)
-    try:
-        store = ResultsStore(tmp_path)
-        store.write(make_results([[5]]))
-    finally:
-        os.umask(old)
-    mode = stat.S_IMODE(store.results_path.stat().st_mode)
-    assert mode != 0o600  # mkstemp's default, which would hide results from the rest of a team
-    assert mode == 0o644
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Journal
-
-
-def test_journal_replay_compact_and_idempotence(store):
-    store.journal.append(_responses_event("run__t1__q1", ["a", "b"]))
-    store.journal.append_many([_responses_event("run__t2__q2", ["c", "c"]), _judge_event("run__t1__q1", 7)])
-    store.journal.append(_responses_event("run__t1__q1", ["a2", "b2"]))  # a redone unit: the last one wins
-
-    loaded = store.load()
-    by_id = loaded.run_by_id()
-    assert [r.text for r in by_id["run__t1__q1"].responses] == ["a2", "b2"]
-    assert [r.text for r in by_id["run__t2__q2"].responses] == ["c", "c"]
-    assert by_id["run__t1__q1"].judge.score == 7
-    assert by_id["run__t1__q2"].responses == [] and by_id["run__t1__q2"].judge is None
-    assert store.load() == loaded  # reading twice is the same
-
-    journal_text = store.journal.path.read_text()
-    compacted = store.compact()
-    assert compacted == loaded
-    assert store.journals() == []
-    assert load_results_file(store.results_path) == loaded
-
-    # Killed after the write but before the journal was removed: replaying it over the folded file changes nothing.
-    store.journal.path.write_text(journal_text)
-    assert store.load() == loaded
-
-
-def _repeat_event(run_id: str, call: int, score: int) -> dict:
-    return {"type": "judge_repeat", "run_id": run_id,
-            "record": judge_record(score, call_id=f"repeat__{run_id}__{call}").model_dump(mode="json")}
-
-
-def test_judge_repeat_replay_is_idempotent(store):
-    store.journal.append_many([_repeat_event("run__t1__q1", 1, 4), _repeat_event("run__t1__q1", 2, 6),
-                               _repeat_event("run__t1__q1", 1, 9)])  # call 1 redone: it replaces, keeps one copy
-    loaded = store.load()
-    repeats = loaded.run_by_id()["run__t1__q1"].judge_repeats
-    assert [(r.judge_call_id, r.score) for r in repeats] == [("repeat__run__t1__q1__2", 6),
-                                                            ("repeat__run__t1__q1__1", 9)]
-    journal_text = store.journal.path.read_text()
-    assert store.compact() == loaded
-    store.journal.path.write_text(journal_text)  # killed between the fold and the journal's removal
-    assert store.load() == loaded
-
-
-def test_torn_last_line_is_reported_and_skipped(store):
-    store.journal.append(_responses_event("run__t1__q1", ["a", "b"]))
-    torn = json.dumps(_responses_event("run__t2__q1", ["c", "d"]))[:40]
-    with open(store.journal.path, "a") as f:
-        f.write(torn)  # killed mid-write: no newline
-
-    with pytest.warns(UserWarning, match=rf"{re.escape(str(store.journal.path))}.*line 2 is incomplete"):
-        loaded = store.load()
-    assert [r.text for r in loaded.run_by_id()["run__t1__q1"].responses] == ["a", "b"]
-    assert loaded.run_by_id()["run__t2__q1"].responses == []
-
-
-def test_appending_after_a_torn_line_keeps_the_journal_readable(store):
-    """The resumed run appends after the fragment a kill left; that must not make the fragment a middle line."""
-    store.journal.append(_responses_event("run__t1__q1", ["a", "b"]))
-    with open(store.journal.path, "a") as f:
-        f.write('{"type":"responses","run_id":"run__t2')
-    store.journal.append(_responses_event("run__t2__q1", ["c", "d"]))
-
-    loaded = store.load()
-    assert [r.text for r in loaded.run_by_id()["run__t2__q1"].responses] == ["c", "d"]
-    assert [r.text for r in loaded.run_by_id()["run__t1__q1"].responses] == ["a", "b"]
-
-
-def test_complete_last_event_without_its_newline_is_kept_on_append(store):
-    with open(store.journal.path, "w") as f:
-        f.write(json.dumps(_responses_event("run__t1__q1", ["a", "b"])))  # killed just before the newline
-    store.journal.append(_responses_event("run__t2__q1", ["c", "d"]))
-    loaded = store.load()
-    assert [r.text for r in loaded.run_by_id()["run__t1__q1"].responses] == ["a", "b"]
-    assert [r.text for r in loaded.run_by_id()["run__t2__q1"].responses] == ["c", "d"]
-
-
-def test_torn_middle_line_is_an_error(store):
-    good = json.dumps(_responses_event("run__t1__q1", ["a", "b"]))
-    store.journal.path.write_text(good + "\n" + good[:30] + "\n" + good + "\n")
-    with pytest.raises(ResultsError, match=rf"{re.escape(str(store.journal.path))}: line 2 is not valid JSON"):
-        store.load()
-
-
-def test_event_for_an_unknown_run_is_an_error(store):
-    store.journal.append(_responses_event("run__t9__q9", ["a"]))
-    with pytest.raises(ResultsError, match=rf"{re.escape(str(store.journal.path))}.*run__t9__q9.*not in the plan"):
-        store.load()
-
-
-def test_malformed_event_names_the_journal(store):
-    store.journal.append({"type": "responses", "run_id": "run__t1__q1", "responses": [{"text": "no id"}]})
-    with pytest.raises(ResultsError, match=rf"{re.escape(str(store.journal.path))}: event 1"):
-        store.load()
-
-
-def test_rank_journals_are_all_replayed(store):
-    Journal(store.folder / "journal.rank0.jsonl").append(_responses_event("run__t1__q1", ["a"]))
-    Journal(store.folder / "journal.rank1.jsonl").append(_responses_event("run__t2__q2", ["b"]))
-    by_id = store.load().run_by_id()
-    assert by_id["run__t1__q1"].responses[0].text == "a"
-    assert by_id["run__t2__q2"].responses[0].text == "b"

@@ -11,10 +11,8 @@ from ao_resampling.config import ExperimentConfig
 from ao_resampling.engine.distributed import rank_journal_name
 from ao_resampling.errors import AOResamplingError
 from ao_resampling.stages.judge import JudgeStageReport, failed_calls, with_judge_settings
-from ao_resampling.lock import holder_description
-from ao_resampling.results import (
-    TOOL_JOURNAL_RE, JudgeRecord, Results, dump_results, redact_url, supersede,
-)
+from ao_resampling.results import JudgeRecord, Results, dump_results, redact_url
+from ao_resampling.store import TOOL_JOURNAL_RE, holder_description, supersede
 from tests.support.results_factory import judge_record, make_results, to_v0_dict
 
 
@@ -110,7 +108,7 @@ def test_judge_summary_is_readable_and_failed_calls_counts_latest_failures():
 
 
 def test_every_tool_error_is_one_catchable_class():
-    from ao_resampling import config, lock, pipeline, results
+    from ao_resampling import config, pipeline, results, store
     from ao_resampling.stages import baseline
     from ao_resampling.inputs import data
     from ao_resampling.inputs import encoding
@@ -120,5 +118,5 @@ def test_every_tool_error_is_one_catchable_class():
 
     for error in (config.ConfigError, results.ResultsError, models.ModelLoadError, pipeline.PipelineError,
                   judge.JudgeConfigError, encoding.EncodingError, data.DataError, oracle.OracleQueryError,
-                  baseline.BaselineError, lock.FolderBusyError, lock.NotAFolderError):
+                  baseline.BaselineError, store.FolderBusyError, store.NotAFolderError):
         assert issubclass(error, AOResamplingError), error

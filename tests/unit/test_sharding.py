@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ao_resampling.engine.distributed import World, backend_for, run_cost, shard_runs, torchrun_command
-from ao_resampling.results import Response, ResultsStore, Run, sha256_of_ids
+from ao_resampling.results import Response, Run, sha256_of_ids
+from ao_resampling.store import ResultsStore
 from tests.support.results_factory import DECODING, make_results
 
 SAMPLES, MAX_NEW = 10, 120

@@ -1,0 +1,429 @@
+"""A run folder on disk: atomic writes, the journal of typed events, ``ResultsStore``, and the folder's lock.
+
+Crash safety: a stage never rewrites ``results.json`` per query. It appends one JSON line per finished unit of work
+(answers, a verdict, a spread) to a journal beside it and fsyncs; ``ResultsStore.load`` replays the journal over the
+last written file, and ``compact`` folds it in with an atomic write. A kill loses at most the work in flight; a torn
+last line (killed mid-write) is reported and skipped, never fatal. Events are idempotent (last one wins), so replaying
+a journal that was already folded in changes nothing.
+
+The journal is a file format of its own, typed and versioned like ``results.json``: one pydantic model per event
+``type``, each line carrying ``v`` (``JOURNAL_VERSION``), built only by the constructors below (``responses_event``,
+``judge_event``, ...) and validated on replay, where a bad line is named by file and line. Lines written before events
+had a version (no ``v``) are migrated (``migrate_event_v0``).
+
+One writer per run folder: ``folder_lock`` holds an exclusive ``flock`` on ``<folder>/.lock`` while a command works,
+so a second ``run``/``judge``/``baseline``/``report`` stops at once naming the holder (pid, command, start time, which
+the holder writes into the file) instead of redoing the same GPU or judge work. The kernel releases the lock when the
+holder exits however it exits (kill -9 included). Under torchrun only rank 0 takes it (cli.py); the other ranks write
+only their own rank journals and meet rank 0 at every step, so while rank 0 holds the folder, the whole group does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import json
+import os
+import re
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ao_resampling.errors import EXIT_BUSY, AOResamplingError, describe_problems
+from ao_resampling.results import (
+    RESULTS_NAME, Baseline, BaselineRun, JudgeRecord, Response, Results, ResultsError, Run, SpreadMetrics,
+    dump_results, load_results_file,
+)
+
+JOURNAL_GLOB = "journal*.jsonl"
+# The only journals the tool reads and deletes: its own (``journal.jsonl``, ``journal.rank{r}.jsonl`` per torchrun
+# rank). A user's ``journal.backup.jsonl`` beside them is neither replayed nor removed.
+TOOL_JOURNAL_RE = re.compile(r"journal(\.rank(0|[1-9][0-9]*))?\.jsonl")
+JOURNAL_VERSION = 1
+LOCK_NAME = ".lock"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Atomic writes
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temp file in the same folder, fsync, rename: readers see the old file or the new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are meant to be shared like any output
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Journal events: one model per type, versioned
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    v: Literal[1] = JOURNAL_VERSION
+
+
+class ResponsesEvent(_Event):
+    type: Literal["responses"] = "responses"
+    run_id: str
+    responses: list[Response]
+
+
+class JudgeEvent(_Event):
+    type: Literal["judge"] = "judge"
+    run_id: str
+    record: JudgeRecord
+
+
+class JudgeRepeatEvent(_Event):
+    type: Literal["judge_repeat"] = "judge_repeat"
+    run_id: str
+    record: JudgeRecord
+
+
+class SpreadEvent(_Event):
+    type: Literal["spread"] = "spread"
+    run_id: str
+    spread: SpreadMetrics
+
+
+class _BaselineEvent(_Event):
+    run_id: str
+    target_id: str
+    meta: dict[str, Any] = {}  # the baseline's settings; set on the replies, where a new baseline starts
+
+
+class BaselineResponsesEvent(_BaselineEvent):
+    type: Literal["baseline_responses"] = "baseline_responses"
+    responses: list[Response]
+
+
+class BaselineJudgeEvent(_BaselineEvent):
+    type: Literal["baseline_judge"] = "baseline_judge"
+    record: JudgeRecord
+
+
+class BaselineSpreadEvent(_BaselineEvent):
+    type: Literal["baseline_spread"] = "baseline_spread"
+    spread: SpreadMetrics
+
+
+JournalEvent = Union[ResponsesEvent, JudgeEvent, JudgeRepeatEvent, SpreadEvent, BaselineResponsesEvent,
+                     BaselineJudgeEvent, BaselineSpreadEvent]
+# type -> model. Looked up by hand rather than through a discriminated union, whose errors would put the type in
+# front of every field ('spread.run_id' for a spread event's run_id).
+EVENT_MODELS: dict[str, type[JournalEvent]] = {m.model_fields["type"].default: m for m in JournalEvent.__args__}
+
+
+def responses_event(run_id: str, responses: Sequence[Response | Mapping[str, Any]]) -> ResponsesEvent:
+    return ResponsesEvent(run_id=run_id, responses=list(responses))
+
+
+def judge_event(run_id: str, record: JudgeRecord, *, repeat: bool = False) -> JudgeEvent | JudgeRepeatEvent:
+    """The verdict of a run's judge call, or (``repeat``) of one of its repeated calls with shuffled answers."""
+    return (JudgeRepeatEvent if repeat else JudgeEvent)(run_id=run_id, record=record)
+
+
+def spread_event(run_id: str, spread: SpreadMetrics) -> SpreadEvent:
+    return SpreadEvent(run_id=run_id, spread=spread)
+
+
+def baseline_responses_event(run_id: str, target_id: str, responses: Sequence[Response | Mapping[str, Any]],
+                             meta: Mapping[str, Any]) -> BaselineResponsesEvent:
+    return BaselineResponsesEvent(run_id=run_id, target_id=target_id, responses=list(responses), meta=dict(meta))
+
+
+def baseline_judge_event(run_id: str, target_id: str, record: JudgeRecord) -> BaselineJudgeEvent:
+    return BaselineJudgeEvent(run_id=run_id, target_id=target_id, record=record)
+
+
+def baseline_spread_event(run_id: str, target_id: str, spread: SpreadMetrics) -> BaselineSpreadEvent:
+    return BaselineSpreadEvent(run_id=run_id, target_id=target_id, spread=spread)
+
+
+def event_line(event: JournalEvent | Mapping[str, Any]) -> str:
+    """One journal line. A mapping is written as it is (a line in an older format, as tests write them)."""
+    data = event.model_dump(mode="json") if isinstance(event, BaseModel) else event
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
+def migrate_event_v0(raw: dict[str, Any]) -> dict[str, Any]:
+    """A line written before events had a version: the same keys, no ``v``. Replay then read only the keys it knew
+    and ignored any other, so those are dropped here rather than refused."""
+    model = EVENT_MODELS.get(raw.get("type"))
+    return dict({k: v for k, v in raw.items() if model is None or k in model.model_fields}, v=JOURNAL_VERSION)
+
+
+def parse_event(raw: Any) -> JournalEvent:
+    """A journal line's JSON as a typed event, or a ResultsError saying what is wrong with it."""
+    if not isinstance(raw, dict):
+        raise ResultsError(f"expected a JSON object (an event), got {type(raw).__name__}")
+    if "v" not in raw:
+        raw = migrate_event_v0(raw)
+    elif type(raw["v"]) is not int or raw["v"] > JOURNAL_VERSION:
+        raise ResultsError(f"field 'v': event version {raw['v']!r} is not one this tool reads (up to "
+                           f"{JOURNAL_VERSION}); upgrade")
+    model = EVENT_MODELS.get(raw.get("type"))
+    if model is None:
+        raise ResultsError(f"field 'type': {raw.get('type')!r} is not an event type; expected one of "
+                           f"{sorted(EVENT_MODELS)}")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise ResultsError(f"event {raw.get('type')!r}: {describe_problems(e, limit=3)}") from e
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The journal file
+
+
+class Journal:
+    """Append-only JSON lines, one per finished unit of work; fsync'd so a kill loses only the unit in flight."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def append(self, event: JournalEvent | Mapping[str, Any]) -> None:
+        self.append_many([event])
+
+    def append_many(self, events: Sequence[JournalEvent | Mapping[str, Any]]) -> None:
+        if not events:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        payload = "".join(event_line(e) for e in events)
+        self._drop_torn_tail()
+        with open(self.path, "a") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _drop_torn_tail(self) -> None:
+        # A kill mid-write leaves a last line without its newline. Appending after it would glue the next event onto
+        # the fragment and turn a tolerated torn *last* line into a fatal bad *middle* line, so cut it off first.
+        try:
+            with open(self.path, "rb+") as f:
+                data = f.read()
+                if not data or data.endswith(b"\n"):
+                    return
+                start = data.rfind(b"\n") + 1
+                try:  # killed between a complete event and its newline: keep the event
+                    json.loads(data[start:])
+                    f.write(b"\n")
+                except ValueError:
+                    f.truncate(start)
+                f.flush()
+                os.fsync(f.fileno())
+        except FileNotFoundError:
+            return
+
+    def read(self) -> Iterator[dict[str, Any]]:
+        """Events as JSON, in order; see ``lines``."""
+        return (raw for _, raw in self.lines())
+
+    def lines(self) -> Iterator[tuple[int, Any]]:
+        """(line number, JSON) of each non-empty line. A torn *last* line is reported with a warning and skipped; a bad
+        middle line raises."""
+        if not self.path.exists():
+            return
+        lines = self.path.read_text().split("\n")
+        # A complete file ends with "\n", so the final element is "" unless the last write was torn.
+        for n, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                if n == len(lines):
+                    warnings.warn(
+                        f"{self.path}: last line {n} is incomplete (killed mid-write?); its unit of work will be redone",
+                        stacklevel=3,
+                    )
+                    return
+                raise ResultsError(f"{self.path}: line {n} is not valid JSON: {e.msg}") from e
+
+    def events(self) -> Iterator[JournalEvent]:
+        """The typed events in order; a line that is not a valid event raises a ResultsError naming file and line."""
+        for k, (n, raw) in enumerate(self.lines(), start=1):
+            try:
+                yield parse_event(raw)
+            except ResultsError as e:
+                raise ResultsError(f"{self.path}: event {k} (line {n}): {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Replay
+
+
+def apply_event(results: Results, event: JournalEvent, runs: dict[str, Run]) -> None:
+    """Fold one journal event into ``results`` (in place). Unknown run ids are an error: the journal is not ours."""
+    if isinstance(event, (BaselineResponsesEvent, BaselineJudgeEvent, BaselineSpreadEvent)):
+        _apply_baseline_event(results, event)
+        return
+    run = runs.get(event.run_id)
+    if run is None:
+        raise ResultsError(f"journal event {event.type!r} names run_id {event.run_id!r}, which is not in the plan")
+    if isinstance(event, ResponsesEvent):
+        run.responses = list(event.responses)
+    elif isinstance(event, JudgeEvent):
+        run.judge = supersede(run.judge, event.record)
+    elif isinstance(event, JudgeRepeatEvent):
+        record = event.record
+        old = next((r for r in run.judge_repeats if r.judge_call_id == record.judge_call_id), None)
+        run.judge_repeats = [r for r in run.judge_repeats if r.judge_call_id != record.judge_call_id] + [
+            supersede(old, record)]
+    else:
+        run.spread = event.spread
+
+
+def _apply_baseline_event(
+    results: Results, event: BaselineResponsesEvent | BaselineJudgeEvent | BaselineSpreadEvent,
+) -> None:
+    if results.baseline is None:
+        results.baseline = Baseline(meta=event.meta)
+    run = next((r for r in results.baseline.runs if r.run_id == event.run_id), None)
+    if run is None:
+        run = BaselineRun(run_id=event.run_id, target_id=event.target_id)
+        results.baseline.runs.append(run)
+    if event.meta:
+        results.baseline.meta = event.meta
+    if isinstance(event, BaselineResponsesEvent):
+        run.responses = list(event.responses)
+    elif isinstance(event, BaselineSpreadEvent):
+        run.spread = event.spread
+    else:
+        run.judge = supersede(run.judge, event.record)
+
+
+def supersede(old: JudgeRecord | None, new: JudgeRecord) -> JudgeRecord:
+    """``new`` in place of ``old``, keeping every earlier failure (a retried call's history is not thrown away).
+
+    Replaying an event that was already folded in must change nothing, so the very same call again keeps ``old``.
+    """
+    if old is None:
+        return new
+    if _without_history(old) == _without_history(new):
+        return old
+    carried = old.previous_failures + ([_without_history(old)] if old.failure is not None else [])
+    return new.model_copy(update={"previous_failures": carried + new.previous_failures})
+
+
+def _without_history(record: JudgeRecord) -> JudgeRecord:
+    return record.model_copy(update={"previous_failures": []})
+
+
+class ResultsStore:
+    """A run folder: ``results.json`` plus journals (``journal.jsonl``, or ``journal.rank{r}.jsonl`` per rank)."""
+
+    def __init__(self, folder: Path, journal_name: str = "journal.jsonl"):
+        self.folder = Path(folder)
+        self.results_path = self.folder / RESULTS_NAME
+        self.journal = Journal(self.folder / journal_name)
+
+    def exists(self) -> bool:
+        return self.results_path.exists()
+
+    def journals(self) -> list[Path]:
+        """The tool's own journals in this folder (``TOOL_JOURNAL_RE``); nothing else is replayed or deleted."""
+        return sorted(p for p in self.folder.glob(JOURNAL_GLOB) if TOOL_JOURNAL_RE.fullmatch(p.name))
+
+    def load(self) -> Results:
+        """The last written file with every journal replayed over it."""
+        results = load_results_file(self.results_path)
+        runs = results.run_by_id()
+        for path in self.journals():
+            for k, event in enumerate(Journal(path).events(), start=1):
+                try:
+                    apply_event(results, event, runs)
+                except ResultsError as e:
+                    raise ResultsError(f"{path}: event {k}: {e}") from e
+        return results
+
+    def write(self, results: Results) -> None:
+        atomic_write_text(self.results_path, dump_results(results))
+
+    def compact(self, results: Results | None = None) -> Results:
+        """Fold every journal into results.json, then drop the journals (replay is idempotent if we die between)."""
+        results = results if results is not None else self.load()
+        self.write(results)
+        for path in self.journals():
+            path.unlink(missing_ok=True)
+        return results
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The run folder's lock
+
+
+class FolderBusyError(AOResamplingError):
+    """Another live process holds the run folder's lock."""
+
+    exit_code = EXIT_BUSY
+
+
+class NotAFolderError(AOResamplingError):
+    """The run folder's path exists and is not a folder (``--out`` pointing at a file)."""
+
+
+def holder_description(text: str) -> str:
+    """'pid 123 (ao-resampling judge ..., since ...)' from a lock file's JSON, or a fallback for anything else."""
+    try:
+        info = json.loads(text)
+        return f"pid {info['pid']} ({info['command']}, since {info['started_at']})"
+    except (ValueError, KeyError, TypeError):
+        return "another process (it has not said which yet)"
+
+
+def require_folder(folder: Path) -> None:
+    """Make ``folder`` if needed, or say clearly that its path is a file (a traceback would not)."""
+    if folder.exists() and not folder.is_dir():
+        raise NotAFolderError(f"{folder} is a file, not a run folder; give --out (or the results path) a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:  # a parent on the way is a file
+        raise NotAFolderError(f"cannot make the run folder {folder}: {e}") from e
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, command: str | None = None) -> Iterator[None]:
+    """Hold ``folder``'s lock for the block, or raise FolderBusyError naming the holder. Not re-entrant."""
+    folder = Path(folder)
+    require_folder(folder)
+    path = folder / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # close-on-exec: an exec'd torchrun does not inherit it
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = holder_description(os.pread(fd, 4096, 0).decode(errors="replace"))
+            raise FolderBusyError(
+                f"{folder} is in use by {holder}: one process at a time works on a run folder. Wait for it to "
+                f"finish (or stop it), then re-run; a killed holder releases the folder by itself."
+            ) from None
+        info = {"pid": os.getpid(), "command": command or " ".join(["ao-resampling", *sys.argv[1:]]),
+                "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)  # the holder is gone; the next reader must not name it
+    finally:
+        os.close(fd)  # releases the flock
