@@ -231,7 +231,7 @@ def test_window_queries_k_vectors_fast_path_equals_plain_generate(tiny_oracle, g
 
 
 def test_a_condition_folder_in_use_stops_the_sweep_before_any_work(tmp_path):
-    from ao_resampling.lock import FolderBusyError, folder_lock
+    from ao_resampling.store import FolderBusyError, folder_lock
 
     base = tiny()
     planned = plan_conditions(base, [{"temperature": 0.5}, {"temperature": 1.0}])
