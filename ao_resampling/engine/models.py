@@ -419,10 +419,10 @@ def load_oracle(*, model: str, tokenizer: str | None, oracle_lora: str, dtype: s
 # Cheap checks, before any weights are read
 
 
-def model_num_layers(spec: str) -> int:
-    """Decoder depth from the config alone (the oracle prompt names the read layer before the model is loaded)."""
+def model_text_config(spec: str):
+    """The decoder's config from the model's config.json alone (no weights): the text config of a multimodal one."""
     if spec.startswith(SYNTHETIC_PREFIX):
-        return _synthetic_text_config(spec).num_hidden_layers
+        return synthetic_config(spec.removeprefix(SYNTHETIC_PREFIX)).get_text_config(decoder=True)
     from transformers import AutoConfig
 
     path = _converted_gemma3_270m() / "model" if spec == GGUF_SPEC else spec
@@ -430,7 +430,12 @@ def model_num_layers(spec: str) -> int:
         config = AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot read the config of model {spec!r}: {e}") from e
-    return config.get_text_config(decoder=True).num_hidden_layers
+    return config.get_text_config(decoder=True)
+
+
+def model_num_layers(spec: str) -> int:
+    """Decoder depth from the config alone (the oracle prompt names the read layer before the model is loaded)."""
+    return model_text_config(spec).num_hidden_layers
 
 
 def check_resolvable(spec: str) -> None:
@@ -461,10 +466,6 @@ def check_lora_resolvable(spec: str) -> None:
         raise ModelLoadError(f"cannot resolve oracle LoRA {spec!r} (hub id or local directory): {e}") from e
 
 
-def _synthetic_text_config(spec: str):
-    return synthetic_config(spec.removeprefix(SYNTHETIC_PREFIX)).get_text_config(decoder=True)
-
-
 def generation_config_of(spec: str):
     """The model's generation_config from its files alone (no weights), as ``from_pretrained`` would set it: its
     generation_config.json, else one derived from config.json. The plan records the decoding it implies."""
@@ -487,13 +488,4 @@ def generation_config_of(spec: str):
 def model_context_length(spec: str) -> int:
     """The most positions the model takes (its text config's max_position_embeddings), from the config alone, so a
     too-long target is refused before minutes of loading weights rather than by a huge allocation mid-run."""
-    if spec.startswith(SYNTHETIC_PREFIX):
-        return _synthetic_text_config(spec).max_position_embeddings
-    from transformers import AutoConfig
-
-    path = _converted_gemma3_270m() / "model" if spec == GGUF_SPEC else spec
-    try:
-        config = AutoConfig.from_pretrained(str(path))
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot read the config of model {spec!r}: {e}") from e
-    return config.get_text_config(decoder=True).max_position_embeddings
+    return model_text_config(spec).max_position_embeddings

@@ -39,3 +39,26 @@ def option(config, name: str):
     env, default, _ = OPTIONS[name]
     value = config.getoption(name)
     return value if value is not None else os.environ.get(env, default)
+
+
+def experiment_config(request, api: str, base_url: str | None):
+    """The experiment these options describe (shared by the run and the sweep test)."""
+    from pathlib import Path
+
+    from ao_resampling.config import build_config
+
+    cfg = request.config
+
+    def data(name: str, file: str) -> Path:  # ../shared/data only when no file was named
+        return Path(option(cfg, name) or request.getfixturevalue("shared_data") / file)
+
+    return build_config(preset="experiment", overrides=dict(
+        model=option(cfg, "--ao-model"), tokenizer=option(cfg, "--ao-tokenizer"), oracle_lora=option(cfg, "--ao-lora"),
+        targets=data("--ao-targets", "target_model_queries.json"),
+        questions=data("--ao-questions", "sycophancy_questions.json"),
+        judge_api=api, judge_base_url=base_url, embedding_model=option(cfg, "--ao-embedding-model"),
+        batch_rows=int(option(cfg, "--ao-batch-rows")), device=option(cfg, "--ao-device"),
+        dtype=option(cfg, "--ao-dtype"), num_targets=int(option(cfg, "--ao-num-targets")),
+        num_questions=int(option(cfg, "--ao-num-questions")), samples_per_query=int(option(cfg, "--ao-samples")),
+        max_new_tokens=int(option(cfg, "--ao-max-new-tokens")),
+    ))

@@ -19,18 +19,13 @@ from pathlib import Path
 import pytest
 
 from ao_resampling import pipeline
-from ao_resampling.config import build_config
 from ao_resampling.results import load_results_file
 from ao_resampling.store import ResultsStore
-from tests.experiments.conftest import option
+from tests.experiments.conftest import experiment_config, option
 
 pytestmark = pytest.mark.gpu
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def shared(request) -> Path:
-    return request.getfixturevalue("shared_data")  # only needed when no targets/questions were named
 
 
 @pytest.fixture
@@ -71,16 +66,7 @@ def test_full_experiment(request, judge_endpoint, monkeypatch):
     cfg = request.config
     eos_rate = float(option(cfg, "--ao-eos-rate"))
     model = option(cfg, "--ao-model")
-    config = build_config(preset="experiment", overrides=dict(
-        model=model, tokenizer=option(cfg, "--ao-tokenizer"), oracle_lora=option(cfg, "--ao-lora"),
-        targets=Path(option(cfg, "--ao-targets") or shared(request) / "target_model_queries.json"),
-        questions=Path(option(cfg, "--ao-questions") or shared(request) / "sycophancy_questions.json"),
-        judge_api=api, judge_base_url=base_url, embedding_model=option(cfg, "--ao-embedding-model"),
-        batch_rows=int(option(cfg, "--ao-batch-rows")), device=option(cfg, "--ao-device"),
-        dtype=option(cfg, "--ao-dtype"), num_targets=int(option(cfg, "--ao-num-targets")),
-        num_questions=int(option(cfg, "--ao-num-questions")), samples_per_query=int(option(cfg, "--ao-samples")),
-        max_new_tokens=int(option(cfg, "--ao-max-new-tokens")),
-    ))
+    config = experiment_config(request, api, base_url)
     if eos_rate:
         if not config.is_stand_in:
             pytest.fail("--ao-eos-rate / AO_EOS_RATE is for stand-ins (synthetic model or random LoRA) only")

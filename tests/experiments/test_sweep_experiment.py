@@ -16,11 +16,10 @@ from pathlib import Path
 import pytest
 
 from ao_resampling import pipeline
-from ao_resampling.config import build_config
 from ao_resampling.results import load_results_file
 from ao_resampling.sweep import plan_conditions, run_sweep
-from tests.experiments.conftest import option
-from tests.experiments.test_full_experiment import judge_endpoint, shared  # noqa: F401  (a fixture, reused)
+from tests.experiments.conftest import experiment_config, option
+from tests.experiments.test_full_experiment import judge_endpoint  # noqa: F401  (a fixture, reused)
 
 pytestmark = pytest.mark.gpu
 
@@ -31,16 +30,7 @@ def test_temperature_sweep(request, judge_endpoint):  # noqa: F811
     api, base_url, _ = judge_endpoint
     cfg = request.config
     model = option(cfg, "--ao-model")
-    base = build_config(preset="experiment", overrides=dict(
-        model=model, tokenizer=option(cfg, "--ao-tokenizer"), oracle_lora=option(cfg, "--ao-lora"),
-        targets=Path(option(cfg, "--ao-targets") or shared(request) / "target_model_queries.json"),
-        questions=Path(option(cfg, "--ao-questions") or shared(request) / "sycophancy_questions.json"),
-        judge_api=api, judge_base_url=base_url, embedding_model=option(cfg, "--ao-embedding-model"),
-        batch_rows=int(option(cfg, "--ao-batch-rows")), device=option(cfg, "--ao-device"),
-        dtype=option(cfg, "--ao-dtype"), num_targets=int(option(cfg, "--ao-num-targets")),
-        num_questions=int(option(cfg, "--ao-num-questions")), samples_per_query=int(option(cfg, "--ao-samples")),
-        max_new_tokens=int(option(cfg, "--ao-max-new-tokens")),
-    ))
+    base = experiment_config(request, api, base_url)
     temperatures = [float(t) for t in os.environ.get("AO_SWEEP_TEMPERATURES", "0.3,0.7,1.0").split(",")]
     planned = plan_conditions(base, [{"temperature": t} for t in temperatures])
     out = REPO / "artifacts" / "gpu-sweep" / model.replace("/", "_").replace(":", "_")
