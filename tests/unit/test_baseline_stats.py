@@ -10,17 +10,10 @@ import numpy as np
 import pytest
 
 from ao_resampling.analysis import plots
-from ao_resampling.stages.baseline import (
-    baseline_summary,
-    build_baseline_prompt,
-    compare,
-    embedding_comparison,
-    judge_comparison,
-    load_baseline_file,
-    pearson,
-    responses_in_prompt,
-)
-from ao_resampling.stages.judge import RATIONALE_KEY, SCORE_KEY, parse_verdict
+from ao_resampling.analysis.comparison import baseline_summary, compare, embedding_comparison, judge_comparison
+from ao_resampling.analysis.stats import pearson
+from ao_resampling.stages.baseline import build_baseline_prompt, load_baseline_file, responses_in_prompt
+from ao_resampling.stages.judge_prompt import RATIONALE_KEY, SCORE_KEY, parse_verdict
 from ao_resampling.analysis.report import write_report
 from ao_resampling.results import Baseline, Results, ResultsError, SpreadMetrics, dump_results
 from tests.support.baseline_factory import baseline_of, earlier_format

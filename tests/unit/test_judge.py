@@ -14,7 +14,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ao_resampling.stages.judge import (
+from ao_resampling.analysis.stats import judge_repeat_agreement
+from ao_resampling.stages.judge_prompt import (
     VERDICT_JSON_SCHEMA,
     JudgeOutputError,
     answers_in_prompt,
@@ -22,7 +23,6 @@ from ao_resampling.stages.judge import (
     judge_call_id,
     parse_verdict,
     plan_judge_calls,
-    repeat_agreement,
     selected_for_repeats,
     shuffled_order,
 )
@@ -297,7 +297,7 @@ def test_judge_call_ids_are_stable():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# repeat_agreement
+# judge_repeat_agreement (analysis/stats.py: judge.repeat_agreement was a second copy of it)
 
 
 @pytest.mark.parametrize(
@@ -322,4 +322,4 @@ def test_judge_call_ids_are_stable():
     ],
 )
 def test_repeat_agreement(runs, expected):
-    assert repeat_agreement(runs) == expected
+    assert judge_repeat_agreement(runs) == expected

@@ -17,9 +17,9 @@ from ao_resampling.analysis.report import (
     REPORT_SECTIONS,
     ReportContext,
     render_report,
-    summarize,
     write_report,
 )
+from ao_resampling.analysis.summary import summarize
 from ao_resampling.results import SpreadMetrics, load_results_file
 from tests.support.results_factory import make_results, spread_from_score, to_v0_dict
 
