@@ -393,14 +393,23 @@ def run_experiment(config: ExperimentConfig, out_dir: Path, *, judge: bool | Non
 
 
 def analyse(store: ResultsStore, config: ExperimentConfig, *, out_dir: Path | None = None,
-            progress: bool = True) -> Path:
+            baseline_file: Path | None = None, progress: bool = True) -> Path:
+    """Spreads of the AO runs and the baseline, then the report folder: how `run`, `baseline` and `report` end.
+
+    ``baseline_file``: a target-model baseline saved on its own, matched to the AO runs by target id, in memory only.
+    """
+    from ao_resampling.stages.baseline import baseline_spread_stage, load_baseline_file, with_spreads
     from ao_resampling.stages.spread import spread_stage
     from ao_resampling.analysis.report import write_report
 
     spread_stage(store, embedding_model=config.embedding_model, progress=progress)
+    baseline_spread_stage(store, embedding_model=config.embedding_model, progress=progress)
+    baseline = None
+    if baseline_file is not None:
+        baseline = with_spreads(load_baseline_file(baseline_file), embedding_model=config.embedding_model)
     results = store.load()
     results.meta.updated_at = now()
     store.write(results)
     out_dir = out_dir or store.folder / "report"
-    write_report(results, out_dir, seed=config.bootstrap_seed, n_boot=config.bootstrap_resamples)
+    write_report(results, out_dir, seed=config.bootstrap_seed, n_boot=config.bootstrap_resamples, baseline=baseline)
     return out_dir
