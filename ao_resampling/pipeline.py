@@ -71,14 +71,6 @@ def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def stand_in_reason(config: ExperimentConfig) -> str | None:
-    if config.model.startswith("synthetic:"):
-        return f"{config.model} has random weights"
-    if config.oracle_lora == "random":
-        return "a random LoRA stands in for the trained oracle adapter"
-    return None
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # prepare
 
@@ -121,7 +113,7 @@ def build_plan(config: ExperimentConfig, tokenizer) -> tuple[Results, list[PlanR
             ))
     check_context_window(config, runs)
     version, commit = code_version()
-    why = stand_in_reason(config)
+    why = config.stand_in_reason()
     meta = Meta(
         tool_version=version, git_commit=commit, created_at=now(), updated_at=now(), model=config.model,
         oracle_lora=config.oracle_lora, tokenizer=config.tokenizer or config.model, num_layers=n_layers, layer=layer,
@@ -335,7 +327,7 @@ def run_experiment(config: ExperimentConfig, out_dir: Path, *, judge: bool | Non
     with distributed.together(here, "pre-flight checks"):
         preflight(config, judge=judge and here.is_main)
     report = RunReport(out_dir=Path(out_dir))
-    why = stand_in_reason(config)
+    why = config.stand_in_reason()
     if why:
         report.notes.append(STAND_IN_NOTE.format(why=why))
         log(report.notes[-1])
