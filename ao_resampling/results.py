@@ -244,17 +244,21 @@ def _migrate_v0(data: dict[str, Any]) -> dict[str, Any]:
     data = dict(data)
     data["schema_version"] = SCHEMA_VERSION
     data.setdefault("meta", {})
-    runs = []
-    for run in data.get("runs", []):
-        run = dict(run)
-        judge = run.get("judge")
-        if isinstance(judge, dict) and judge.get("parsed") is None and judge.get("failure") is None:
-            judge = dict(judge, failure={"reason": "invalid_json", "detail": "older format: no parsed verdict"})
-            judge["parsed"] = None
-        run["judge"] = judge
-        runs.append(run)
-    data["runs"] = runs
+    runs = data.get("runs", [])
+    data["runs"] = [migrate_v0_judge(run) for run in runs] if isinstance(runs, list) else runs
     return data
+
+
+def migrate_v0_judge(run: Any) -> Any:
+    """A single-script run (AO or baseline) whose judge record has only 'parsed': no verdict is a failure, never a
+    score."""
+    if not isinstance(run, dict) or not isinstance(run.get("judge"), dict):
+        return run
+    judge = run["judge"]
+    if judge.get("parsed") is None and judge.get("failure") is None:
+        failure = {"reason": "invalid_json", "detail": "older format: no parsed verdict"}
+        judge = dict(judge, parsed=None, failure=failure)
+    return dict(run, judge=judge)
 
 
 def _add_position_rule(data: dict[str, Any]) -> dict[str, Any]:
@@ -385,11 +389,16 @@ def load_results_file(path: Path) -> Results:
     try:
         results = Results.model_validate(data)
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "<top level>"
-        raise ResultsError(f"{path}: field '{where}': {first['msg']} ({e.error_count()} problem(s) in all)") from e
+        raise invalid_file(path, e) from e
     check_integrity(results, path)
     return results
+
+
+def invalid_file(path: Path, error: ValidationError) -> ResultsError:
+    """The error for a file that does not validate: the file, the first problem's field, how many problems."""
+    first = error.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "<top level>"
+    return ResultsError(f"{path}: field '{where}': {first['msg']} ({error.error_count()} problem(s) in all)")
 
 
 class Journal:

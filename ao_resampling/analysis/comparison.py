@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from ao_resampling.analysis.stats import embedding_similarities, group_means, group_values, judge_scores, pearson, spearman
+from ao_resampling.analysis.stats import (
+    embedding_similarities, group_means, group_values, judge_scores, pearson, spearman,
+)
 from ao_resampling.results import Baseline, Results
 
 N_GAPS = 5  # targets listed on each side of the largest-gap tables

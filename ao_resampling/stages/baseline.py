@@ -30,7 +30,7 @@ from ao_resampling.stages.judge_prompt import data_blocks, escape, judge_call_id
 from ao_resampling.stages.spread import Encoder, missing_spreads
 from ao_resampling.results import (
     Baseline, Decoding, JudgeRecord, Results, ResultsError, ResultsStore, TargetMessage,
-    load_results_file, read_json_file,
+    invalid_file, load_results_file, migrate_v0_judge, read_json_file,
 )
 
 if TYPE_CHECKING:
@@ -293,26 +293,13 @@ def load_baseline_file(path: Path) -> Baseline:
     if not isinstance(data.get("runs"), list):
         raise ResultsError(f"{path}: field 'runs': missing or not a list (a baseline file has 'meta', 'targets' and "
                            f"'runs')")
-    data = dict(data, runs=[_migrate_run(run) for run in data["runs"]])
+    data = dict(data, runs=[migrate_v0_judge(run) for run in data["runs"]])
     try:
         baseline = Baseline.model_validate(data)
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "<top level>"
-        raise ResultsError(f"{path}: field '{where}': {first['msg']} ({e.error_count()} problem(s) in all)") from e
+        raise invalid_file(path, e) from e
     seen = Counter(r.target_id for r in baseline.runs)
     repeated = sorted(t for t, c in seen.items() if c > 1)
     if repeated:
         raise ResultsError(f"{path}: field 'runs': target_id(s) {repeated} appear in more than one run")
     return baseline
-
-
-def _migrate_run(run: Any) -> Any:
-    """Older judge records carry only 'parsed'; one without a verdict is a failure, never a score."""
-    if not isinstance(run, dict) or not isinstance(run.get("judge"), dict):
-        return run
-    judge = run["judge"]
-    if judge.get("parsed") is None and judge.get("failure") is None:
-        failure = {"reason": "invalid_json", "detail": "older format: no parsed verdict"}
-        judge = dict(judge, parsed=None, failure=failure)
-    return dict(run, judge=judge)
