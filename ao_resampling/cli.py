@@ -327,7 +327,8 @@ def baseline_command(
     """Sample the target model itself n times per target (adapter off), judge its replies, and redo the report.
     Journaled, resumable: targets already sampled or judged are skipped. Exit 3 when judge calls failed."""
     from ao_resampling import pipeline
-    from ao_resampling.stages.baseline import baseline_stage, baseline_summary
+    from ao_resampling.analysis.comparison import baseline_summary
+    from ao_resampling.stages.baseline import baseline_stage
     from ao_resampling.stages.judge import JudgeConfigError, check_judge_access, failed_calls
 
     store, config = _open(results, baseline_max_new_tokens=baseline_max_new_tokens, device=device,
