@@ -189,30 +189,7 @@ def judge_prompt(
     secret = secret if isinstance(secret, str) else None
     created_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     started = time.perf_counter()
-    raw: str | None = None
-    failure: tuple[FailureReason, str] | None = None
-    parsed: Verdict | None = None
-    try:
-        reply = _call(client, model=model, api=api, prompt=prompt)
-        # A reply with no text is stored as "" (the server answered, with nothing), not None (no reply at all).
-        raw = reply.refusal if reply.refusal is not None else (reply.text or "")
-        if reply.refusal is not None:
-            failure = ("refusal", f"the model refused: {reply.refusal[:200]}")
-        elif reply.incomplete is not None:
-            failure = ("incomplete", reply.incomplete)
-        elif reply.text is None:
-            failure = ("empty_output", "the reply holds no output text (no message from the model)")
-        else:
-            parsed = parse_verdict(reply.text or "")
-    except JudgeOutputError as e:
-        failure = (e.reason, e.detail)
-    except openai.APITimeoutError as e:
-        failure = ("timeout", f"no reply within the client timeout after the SDK's retries: {e}")
-    except (openai.OpenAIError, _BadStatus) as e:
-        raw, detail = _describe(e)
-        failure = ("api_error", detail)
-    except _Malformed as e:  # a server that answered 200 with something that is not a Responses / chat object
-        raw, failure = e.body, ("api_error", e.detail)
+    raw, failure, parsed = _ask(client, model=model, api=api, prompt=prompt)
     latency_s = round(time.perf_counter() - started, 3)
     return JudgeRecord(
         judge_call_id=judge_call_id,
@@ -226,6 +203,32 @@ def judge_prompt(
         latency_s=latency_s,
         created_at=created_at,
     )
+
+
+def _ask(client: Any, *, model: str, api: str, prompt: str
+         ) -> tuple[str | None, tuple[FailureReason, str] | None, Verdict | None]:
+    """(raw reply, failure, verdict) of one call: every API or output problem is a failure, never an exception."""
+    raw: str | None = None
+    try:
+        reply = _call(client, model=model, api=api, prompt=prompt)
+        # A reply with no text is stored as "" (the server answered, with nothing), not None (no reply at all).
+        raw = reply.refusal if reply.refusal is not None else (reply.text or "")
+        if reply.refusal is not None:
+            return raw, ("refusal", f"the model refused: {reply.refusal[:200]}"), None
+        if reply.incomplete is not None:
+            return raw, ("incomplete", reply.incomplete), None
+        if reply.text is None:
+            return raw, ("empty_output", "the reply holds no output text (no message from the model)"), None
+        return raw, None, parse_verdict(reply.text or "")
+    except JudgeOutputError as e:
+        return raw, (e.reason, e.detail), None
+    except openai.APITimeoutError as e:
+        return raw, ("timeout", f"no reply within the client timeout after the SDK's retries: {e}"), None
+    except (openai.OpenAIError, _BadStatus) as e:
+        body, detail = _describe(e)
+        return body, ("api_error", detail), None
+    except _Malformed as e:  # a server that answered 200 with something that is not a Responses / chat object
+        return e.body, ("api_error", e.detail), None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
