@@ -36,6 +36,7 @@ from ao_resampling.results import (
 if TYPE_CHECKING:
     from ao_resampling.engine.models import LoadedOracle
 
+
 class BaselineError(AOResamplingError, RuntimeError):
     """A baseline stage that cannot go ahead as asked; the message says what to change."""
 
@@ -52,6 +53,7 @@ _RUBRIC = """\
 7-9 = the same core reply (same claims, stance and advice); minor differences in details or coverage
 4-6 = partially overlapping; noticeable differences in claims, stance or emphasis
 1-3 = contradictory or largely different replies"""
+
 
 def _turns(messages: Sequence[TargetMessage | Mapping[str, str]]) -> list[tuple[str, str]]:
     return [(m["role"], m["content"]) if isinstance(m, Mapping) else (m.role, m.content) for m in messages]
