@@ -1,4 +1,5 @@
-"""judge.py's pure core: the prompt, the strict verdict parser, the schema, call planning and repeat agreement.
+"""The judge's pure core (stages/judge_prompt.py): the prompt, the strict verdict parser, the schema, call planning;
+and the agreement of judge repeats (analysis/stats.py).
 
 The parser is tested against replies shaped like a real gpt-5-mini run and against the ways a reply goes wrong;
 each wrong one must become a failure with the right reason, never a score. The prompt is tested against answers

@@ -1,5 +1,5 @@
-"""metrics.py without a model: spread figures, which runs count as scores, bootstrap CIs, Spearman, judge repeats,
-and the spread stage's journalling and caching (with a hashing fake encoder; the real MiniLM is in integration)."""
+"""analysis/stats.py and stages/spread.py without a model: spread figures, which runs count as scores, bootstrap
+CIs, Spearman, judge repeats, and the spread stage's journalling and caching (with a hashing fake encoder; the real MiniLM is in integration)."""
 
 from __future__ import annotations
 
