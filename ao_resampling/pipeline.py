@@ -72,14 +72,6 @@ def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def stand_in_reason(config: ExperimentConfig) -> str | None:
-    if config.model.startswith("synthetic:"):
-        return f"{config.model} has random weights"
-    if config.oracle_lora == "random":
-        return "a random LoRA stands in for the trained oracle adapter"
-    return None
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # prepare
 
@@ -122,7 +114,7 @@ def build_plan(config: ExperimentConfig, tokenizer) -> tuple[Results, list[PlanR
             ))
     check_context_window(config, runs)
     version, commit = code_version()
-    why = stand_in_reason(config)
+    why = config.stand_in_reason()
     meta = Meta(
         tool_version=version, git_commit=commit, created_at=now(), updated_at=now(), model=config.model,
         oracle_lora=config.oracle_lora, tokenizer=config.tokenizer or config.model, num_layers=n_layers, layer=layer,
@@ -347,7 +339,7 @@ def run_experiment(config: ExperimentConfig, out_dir: Path, *, judge: bool | Non
     with distributed.together(here, "pre-flight checks"):
         preflight(config, judge=judge and here.is_main)
     report = RunReport(out_dir=Path(out_dir))
-    why = stand_in_reason(config)
+    why = config.stand_in_reason()
     if why:
         report.notes.append(STAND_IN_NOTE.format(why=why))
         log(report.notes[-1])
@@ -406,14 +398,24 @@ def run_experiment(config: ExperimentConfig, out_dir: Path, *, judge: bool | Non
 
 
 def analyse(store: ResultsStore, config: ExperimentConfig, *, out_dir: Path | None = None,
-            progress: bool = True) -> Path:
+            baseline_file: Path | None = None, progress: bool = True) -> Path:
+    """Spreads of the AO runs and the baseline, then the report folder: how `run`, `baseline` and `report` end.
+
+    ``baseline_file``: a target-model baseline saved on its own, matched to the AO runs by target id, in memory only.
+    """
+    from ao_resampling.results import load_baseline_file
+    from ao_resampling.stages.baseline import baseline_spread_stage, with_spreads
     from ao_resampling.stages.spread import spread_stage
     from ao_resampling.analysis.report import write_report
 
     spread_stage(store, embedding_model=config.embedding_model, progress=progress)
+    baseline_spread_stage(store, embedding_model=config.embedding_model, progress=progress)
+    baseline = None
+    if baseline_file is not None:
+        baseline = with_spreads(load_baseline_file(baseline_file), embedding_model=config.embedding_model)
     results = store.load()
     results.meta.updated_at = now()
     store.write(results)
     out_dir = out_dir or store.folder / "report"
-    write_report(results, out_dir, seed=config.bootstrap_seed, n_boot=config.bootstrap_resamples)
+    write_report(results, out_dir, seed=config.bootstrap_seed, n_boot=config.bootstrap_resamples, baseline=baseline)
     return out_dir

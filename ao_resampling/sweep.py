@@ -253,7 +253,8 @@ def _run_locked(base: ExperimentConfig, conditions: Sequence[Condition], out_dir
         log(f"[sweep {i}/{len(conditions)}] done: {timings}")
     from ao_resampling.analysis.sweep_report import write_sweep_report
 
-    outcome.report_dir = write_sweep_report(Path(out_dir), seed=base.bootstrap_seed, n_boot=base.bootstrap_resamples)
+    outcome.report_dir = write_sweep_report(Path(out_dir), *load_condition_results(Path(out_dir)),
+                                            seed=base.bootstrap_seed, n_boot=base.bootstrap_resamples)
     return outcome
 
 
