@@ -250,6 +250,7 @@ def prepare(
 ) -> None:
     """Encode every target and write the plan; prints which token each activation is read from. No model weights."""
     from ao_resampling import pipeline
+    from ao_resampling.stages.plan import prepare
 
     config = _config(preset, config_file, set_, model=model, tokenizer=tokenizer, oracle_lora=oracle_lora, targets=targets,
                      questions=questions, questions_variable=questions_variable, num_targets=num_targets,
@@ -257,7 +258,7 @@ def prepare(
     out_dir = out or pipeline.default_out_dir(config, preset)
     writes = not (Path(out_dir) / RESULTS_NAME).exists()  # an existing plan is only checked against, never written
     with folder_lock(out_dir) if writes else contextlib.nullcontext():
-        store, table = pipeline.prepare(config, out_dir)
+        store, table = prepare(config, out_dir)
     results = store.load()
     typer.echo(f"{'target':<12} {'#tokens':>7} {'assistant_start_idx':>19}  token at index")
     for row in table:

@@ -31,6 +31,7 @@ from ao_resampling.engine import models
 from ao_resampling.config import ExperimentConfig, diff_settings
 from ao_resampling.errors import AOResamplingError, describe_problems
 from ao_resampling.results import read_json_file
+from ao_resampling.stages.plan import prepare
 from ao_resampling.store import ResultsStore, atomic_write_text, folder_lock
 
 MANIFEST_NAME = "sweep.json"
@@ -207,7 +208,7 @@ def prepare_all(conditions: Sequence[Condition], out_dir: Path) -> dict[str, Res
     stores = {}
     for c in conditions:
         try:
-            stores[c.name], _ = pipeline.prepare(c.config, Path(out_dir) / c.name, tokenizer=tokenizer)
+            stores[c.name], _ = prepare(c.config, Path(out_dir) / c.name, tokenizer=tokenizer)
         except AOResamplingError as e:  # data, encoding, position rule, or a run folder of other settings
             raise SweepError(f"condition {c.name}: {e}") from e
     return stores

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from ao_resampling.errors import AOResamplingError
 from ao_resampling.config import ExperimentConfig
 from ao_resampling.engine.sampling import BatchedSampler, DecodeParams, Query
+from ao_resampling.stages.generate import load_oracle, to_responses
 from ao_resampling.stages.judge import judge_prompt, make_client, run_calls
 from ao_resampling.stages.judge_prompt import data_blocks, escape, judge_call_id, numbered_blocks, verdict_request
 from ao_resampling.stages.spread import Encoder, missing_spreads
@@ -186,9 +187,6 @@ def baseline_stage(store: ResultsStore, config: ExperimentConfig, *, oracle: Loa
 def sample_baseline(store: ResultsStore, config: ExperimentConfig, *, oracle: LoadedOracle | None = None,
                     progress: bool = True) -> tuple[int, int]:
     """n replies of the base model per target still missing them; returns (targets sampled, targets already done)."""
-    # TODO(issue 14): load_oracle and to_responses move out of pipeline (a later step); until then this reaches up.
-    from ao_resampling.pipeline import load_oracle, to_responses
-
     results = store.load()
     check_resumable(results, config)
     todo = contexts_to_sample(results, config.samples_per_query)

@@ -16,7 +16,7 @@ recipe, without ao_resampling's encoding / oracle / hooks / sampling helpers:
   ``injection_layer`` doing ``h[p] += normalize(v) * ||h[p]|| * c`` on the prompt pass only.
 
 results.json does not keep the activation, so the one the pipeline computed is observed by wrapping
-``pipeline.capture_targets`` (the wrapper returns its result unchanged); the answers, which depend on it, are
+``stages.generate.capture_targets`` (the wrapper returns its result unchanged); the answers, which depend on it, are
 compared too. The model object is the one the pipeline loaded (a random LoRA is not reproducible across loads).
 The spec list is the place to add another model class (a multimodal stand-in joins as soon as it exists).
 """
@@ -33,6 +33,7 @@ from torch.nn import functional as F
 
 from ao_resampling import pipeline
 from ao_resampling.engine import models
+from ao_resampling.stages import generate as generate_stage
 from ao_resampling.config import build_config
 
 MULTIMODAL_SPEC = "synthetic:tiny-multimodal"  # the tiny Gemma3ForConditionalGeneration stand-in (issue 17, point 2)
@@ -72,7 +73,7 @@ def pipeline_run(request, shared_data, tmp_path_factory) -> PipelineRun:
         temperature=0.0, judge=False, embedding_model="none", bootstrap_resamples=100,
     ))
     seen: dict = {"acts": {}}
-    real_load, real_capture = pipeline.load_oracle, pipeline.capture_targets
+    real_load, real_capture = pipeline.load_oracle, generate_stage.capture_targets
 
     def load_and_keep(cfg):
         seen["oracle"] = real_load(cfg)
@@ -88,7 +89,7 @@ def pipeline_run(request, shared_data, tmp_path_factory) -> PipelineRun:
         mp.delenv("OPENAI_API_KEY", raising=False)
         mp.delenv("OPENAI_BASE_URL", raising=False)
         mp.setattr(pipeline, "load_oracle", load_and_keep)
-        mp.setattr(pipeline, "capture_targets", capture_and_keep)
+        mp.setattr(generate_stage, "capture_targets", capture_and_keep)
         pipeline.run_experiment(config, out, judge=False, progress=False, log=lambda _: None)
     results = json.loads((Path(out) / "results.json").read_text())
     return PipelineRun(spec, config, results, seen["oracle"].model, seen["acts"])
