@@ -59,7 +59,7 @@ class PipelineRun:
     config: object  # the ExperimentConfig it ran with
     results: dict  # results.json as written, read as plain JSON
     model: torch.nn.Module  # the oracle the pipeline loaded (base + LoRA), after the run
-    acts: dict[str, torch.Tensor]  # target_id -> the activation the pipeline captured (acts_D)
+    acts: dict[str, torch.Tensor]  # target_id -> the activations the pipeline captured (acts_KD, K read positions)
 
 
 @pytest.fixture(scope="module", params=_model_specs())
@@ -225,9 +225,10 @@ def test_activation_is_the_base_models_hidden_state_at_the_read_layer_and_assist
         expected_D = base_activation(model, ids, layer=layer, position=start)
         # The pipeline reads a left-padded batch before its decode merged and unmerged the LoRA: equal up to float32
         # rounding (~5e-7 of the norm, measured), where a neighbouring token or layer differs by O(1) of it.
-        got_D = pipeline_run.acts[target_id].float()
-        error = float((got_D - expected_D.float()).norm() / expected_D.float().norm())
-        assert got_D.shape == expected_D.shape and error < 1e-5, f"target {target_id}: relative error {error:.2e}"
+        got_KD = pipeline_run.acts[target_id].float()  # the default rule reads one position: K = 1
+        assert got_KD.shape == (1, *expected_D.shape), f"target {target_id}: captured {tuple(got_KD.shape)}"
+        error = float((got_KD[0] - expected_D.float()).norm() / expected_D.float().norm())
+        assert error < 1e-5, f"target {target_id}: relative error {error:.2e}"
 
 
 def test_oracle_prompt_names_the_read_layer_and_its_placeholders_are_where_stored(pipeline_run, gemma_tokenizer):
