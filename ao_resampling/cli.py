@@ -250,6 +250,7 @@ def prepare(
 ) -> None:
     """Encode every target and write the plan; prints which token each activation is read from. No model weights."""
     from ao_resampling import pipeline
+    from ao_resampling.stages.plan import prepare
 
     config = _config(preset, config_file, set_, model=model, tokenizer=tokenizer, oracle_lora=oracle_lora, targets=targets,
                      questions=questions, questions_variable=questions_variable, num_targets=num_targets,
@@ -257,7 +258,7 @@ def prepare(
     out_dir = out or pipeline.default_out_dir(config, preset)
     writes = not (Path(out_dir) / RESULTS_NAME).exists()  # an existing plan is only checked against, never written
     with folder_lock(out_dir) if writes else contextlib.nullcontext():
-        store, table = pipeline.prepare(config, out_dir)
+        store, table = prepare(config, out_dir)
     results = store.load()
     typer.echo(f"{'target':<12} {'#tokens':>7} {'assistant_start_idx':>19}  token at index")
     for row in table:
@@ -302,23 +303,13 @@ def report(
     quiet: Quiet = False,
 ) -> None:
     """Plots A/B/C + heatmap, summary.json and report.md; works on partly judged files."""
-    from ao_resampling.results import load_baseline_file
-    from ao_resampling.stages.baseline import baseline_spread_stage, with_spreads
-    from ao_resampling.stages.spread import spread_stage
-    from ao_resampling.analysis.report import write_report
+    from ao_resampling import pipeline
 
     store, config = _open(results, embedding_model=embedding_model)
+    out_dir = out or store.folder / "report"
     with folder_lock(store.folder):
-        spread_stage(store, embedding_model=config.embedding_model, progress=not quiet)
-        baseline_spread_stage(store, embedding_model=config.embedding_model, progress=not quiet)
-        loaded = store.load()
-        baseline = None
-        if baseline_file is not None:  # matched to the AO runs by target id, in memory only
-            baseline = with_spreads(load_baseline_file(baseline_file), embedding_model=config.embedding_model)
-        out_dir = out or store.folder / "report"
-        require_folder(out_dir)
-        write_report(loaded, out_dir, seed=config.bootstrap_seed, n_boot=config.bootstrap_resamples,
-                     baseline=baseline)
+        require_folder(out_dir)  # before the spreads: a bad --out fails in a second, not after embedding
+        pipeline.analyse(store, config, out_dir=out_dir, baseline_file=baseline_file, progress=not quiet)
     typer.echo(f"report: {out_dir / 'report.md'}")
 
 
@@ -335,7 +326,8 @@ def baseline_command(
     """Sample the target model itself n times per target (adapter off), judge its replies, and redo the report.
     Journaled, resumable: targets already sampled or judged are skipped. Exit 3 when judge calls failed."""
     from ao_resampling import pipeline
-    from ao_resampling.stages.baseline import baseline_stage, baseline_summary
+    from ao_resampling.analysis.comparison import baseline_summary
+    from ao_resampling.stages.baseline import baseline_stage
     from ao_resampling.stages.judge import JudgeConfigError, check_judge_access, failed_calls
 
     store, config = _open(results, baseline_max_new_tokens=baseline_max_new_tokens, device=device,

@@ -11,7 +11,9 @@ oracle, a few targets), which is what ``ao-resampling run`` does with no argumen
 from __future__ import annotations
 
 import math
+import re
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +27,40 @@ RANDOM_LORA = "random"  # a seeded random LoRA with nonzero B: plumbing tests an
 
 Dtype = Literal["bfloat16", "float16", "float32"]
 JudgeApi = Literal["responses", "chat"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Read-position rules: the grammar of ``position_rule`` (inputs/positions.py resolves a rule in a target)
+
+DEFAULT_RULE = "assistant_start"
+RULE_FORMS = "'assistant_start', 'last_user_token' or 'window:K' (K a whole number >= 1)"
+_WINDOW = re.compile(r"window:([0-9]+)")
+
+
+class PositionError(AOResamplingError, ValueError):
+    """A rule that cannot be parsed, or that names tokens outside a target's context."""
+
+
+@dataclass(frozen=True)
+class PositionRule:
+    kind: str  # "assistant_start" | "last_user_token" | "window"
+    k: int = 1  # how many tokens (and oracle placeholders): 1 except for window:K
+
+    def __str__(self) -> str:
+        return f"window:{self.k}" if self.kind == "window" else self.kind
+
+
+def parse_rule(text: str) -> PositionRule:
+    text = str(text).strip()
+    if text in ("assistant_start", "last_user_token"):
+        return PositionRule(text)
+    match = _WINDOW.fullmatch(text)
+    if match and int(match.group(1)) >= 1:
+        return PositionRule("window", int(match.group(1)))
+    raise PositionError(f"read position rule {text!r}: expected {RULE_FORMS}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 class ConfigError(AOResamplingError, ValueError):
@@ -111,17 +147,18 @@ class ExperimentConfig(BaseModel):
     @field_validator("position_rule")
     @classmethod
     def _known_position_rule(cls, value: str) -> str:
-        from ao_resampling.inputs.positions import PositionError, parse_rule
-
         try:
             return str(parse_rule(value))  # one spelling per rule, so resumes compare equal
         except PositionError as e:
             raise ValueError(str(e)) from e
 
-    @property
-    def is_stand_in(self) -> bool:
-        """True when the numbers say nothing about the real oracle (random weights or a random LoRA)."""
-        return self.model.startswith("synthetic:") or self.oracle_lora == RANDOM_LORA
+    def stand_in_reason(self) -> str | None:
+        """Why this run's numbers say nothing about the real oracle (random weights or a random LoRA); None if real."""
+        if self.model.startswith("synthetic:"):
+            return f"{self.model} has random weights"
+        if self.oracle_lora == RANDOM_LORA:
+            return "a random LoRA stands in for the trained oracle adapter"
+        return None
 
     def settings_that_change_results(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run it continues (batching and judge plumbing may change)."""

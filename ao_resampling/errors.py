@@ -27,6 +27,13 @@ class AOResamplingError(Exception):
     exit_code: int = EXIT_USAGE
 
 
+class PipelineError(AOResamplingError, RuntimeError):
+    """A pre-flight check or a resume that cannot go ahead; the message says what to change.
+
+    Here, not in pipeline.py, because the stages and the engine (distributed.py) raise it too and import nothing
+    above them."""
+
+
 def describe_problems(error: ValidationError, *, limit: int | None = None, root: str = "<top level>") -> str:
     """A pydantic ValidationError as ``field 'a.0.b': problem; ...``, each problem naming its field (``root`` for the
     object as a whole). With ``limit``, the first ``limit`` problems and how many there are in all: a damaged results

@@ -261,7 +261,8 @@ def _migrate_v0(data: dict[str, Any]) -> dict[str, Any]:
     data = dict(data)
     data["schema_version"] = SCHEMA_VERSION
     data.setdefault("meta", {})
-    data["runs"] = [migrate_run_judge_v0(run) for run in data.get("runs", [])]
+    runs = data.get("runs", [])
+    data["runs"] = [migrate_run_judge_v0(run) for run in runs] if isinstance(runs, list) else runs
     return data
 
 

@@ -31,6 +31,7 @@ from ao_resampling.engine import models
 from ao_resampling.config import ExperimentConfig, diff_settings
 from ao_resampling.errors import AOResamplingError, describe_problems
 from ao_resampling.results import read_json_file
+from ao_resampling.stages.plan import prepare
 from ao_resampling.store import ResultsStore, atomic_write_text, folder_lock
 
 MANIFEST_NAME = "sweep.json"
@@ -207,7 +208,7 @@ def prepare_all(conditions: Sequence[Condition], out_dir: Path) -> dict[str, Res
     stores = {}
     for c in conditions:
         try:
-            stores[c.name], _ = pipeline.prepare(c.config, Path(out_dir) / c.name, tokenizer=tokenizer)
+            stores[c.name], _ = prepare(c.config, Path(out_dir) / c.name, tokenizer=tokenizer)
         except AOResamplingError as e:  # data, encoding, position rule, or a run folder of other settings
             raise SweepError(f"condition {c.name}: {e}") from e
     return stores
@@ -253,7 +254,8 @@ def _run_locked(base: ExperimentConfig, conditions: Sequence[Condition], out_dir
         log(f"[sweep {i}/{len(conditions)}] done: {timings}")
     from ao_resampling.analysis.sweep_report import write_sweep_report
 
-    outcome.report_dir = write_sweep_report(Path(out_dir), seed=base.bootstrap_seed, n_boot=base.bootstrap_resamples)
+    outcome.report_dir = write_sweep_report(Path(out_dir), *load_condition_results(Path(out_dir)),
+                                            seed=base.bootstrap_seed, n_boot=base.bootstrap_resamples)
     return outcome
 
 

@@ -25,7 +25,7 @@ from ao_resampling.engine import models
 from ao_resampling.inputs.encoding import encode_target
 from ao_resampling.engine.hooks import capture_activations
 from ao_resampling.inputs.oracle import build_oracle_query
-from ao_resampling.pipeline import CAPTURE_BATCH
+from ao_resampling.stages.generate import CAPTURE_BATCH
 from ao_resampling.engine.reference import sample_hf_batched, sample_sequential
 from ao_resampling.engine.sampling import BatchedSampler, DecodeParams, Query
 

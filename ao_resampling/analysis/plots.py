@@ -3,7 +3,7 @@
 Every function takes ``Results`` and returns a matplotlib ``Figure``; report.py decides the file names and saves
 them. Figures are built on the Agg canvas directly (no pyplot), so making hundreds of them leaks no global state and
 needs no display. A failed judge call or a run not judged yet is never a score: it is left out and counted in the
-title. The embedding figures use ``run.spread`` (cached by ``metrics.spread_stage``).
+title. The embedding figures use ``run.spread`` (cached by ``stages.spread.spread_stage``).
 
 A: distribution of per-run values; B: distribution of per-target means; C: per-question distribution across
 targets, questions sorted by mean; plus a target x question heatmap and judge score vs embedding similarity, and,
@@ -22,8 +22,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from ao_resampling.stages.baseline import Comparison, embedding_comparison, judge_comparison
-from ao_resampling.stages.spread import (
+from ao_resampling.analysis.comparison import Comparison, embedding_comparison, judge_comparison
+from ao_resampling.analysis.stats import (
     SCORES,
     embedding_similarities,
     group_means,

@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from ao_resampling.stages.spread import describe, embedding_similarities, judge_scores, lexical_values, rng_for
-from ao_resampling.stages.spread import bootstrap_mean_ci
+from ao_resampling.analysis.stats import (
+    bootstrap_mean_ci, describe, embedding_similarities, judge_scores, lexical_values, rng_for,
+)
 from ao_resampling.analysis.plots import new_figure
 from ao_resampling.results import Results
 from ao_resampling.store import atomic_write_text
@@ -227,11 +228,13 @@ def render_markdown(summary: Mapping[str, Any], figures: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def write_sweep_report(out_dir: Path, *, seed: int = 0, n_boot: int = 2000, dpi: int = 120) -> Path:
-    """``sweep_summary.json``, ``sweep_report.md`` and the figures, under ``<sweep>/report``."""
-    from ao_resampling.sweep import load_condition_results
+def write_sweep_report(out_dir: Path, manifest: Mapping[str, Any], results: Mapping[str, Results], *, seed: int = 0,
+                       n_boot: int = 2000, dpi: int = 120) -> Path:
+    """``sweep_summary.json``, ``sweep_report.md`` and the figures, under ``<sweep>/report``.
 
-    manifest, results = load_condition_results(out_dir)
+    ``manifest`` and ``results`` (condition name -> its results) as ``sweep.load_condition_results`` reads them: the
+    sweep folder's layout is the pipeline's business, the numbers this module's.
+    """
     summary = summarize_sweep(manifest, results, seed=seed, n_boot=n_boot)
     report_dir = Path(out_dir) / "report"
     report_dir.mkdir(parents=True, exist_ok=True)

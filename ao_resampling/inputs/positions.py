@@ -7,35 +7,19 @@ A rule names token indices of the encoded target (with the generation prompt, as
 - ``window:K``: the K tokens ending at ``assistant_start`` (inclusive), read in order and injected at K placeholders
   of the oracle prompt (``" ?" * K``), vector k at placeholder k, as the AO prompt format allows.
 
-``parse_rule`` and ``resolve`` are pure; ``landmarks_of`` needs only a tokenizer (no model), like oracle.py.
+``parse_rule`` (in config.py, which validates the rule; re-exported here) and ``resolve`` are pure; ``landmarks_of``
+needs only a tokenizer (no model), like oracle.py.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ao_resampling.errors import AOResamplingError
+# The rules' grammar lives with the config that validates it (the config layer imports nothing above it).
+from ao_resampling.config import PositionError, PositionRule, parse_rule  # noqa: F401  (parse_rule: re-exported)
 from ao_resampling.inputs.encoding import EncodedTarget, render, tokenize
-
-DEFAULT_RULE = "assistant_start"
-RULE_FORMS = "'assistant_start', 'last_user_token' or 'window:K' (K a whole number >= 1)"
-_WINDOW = re.compile(r"window:([0-9]+)")
-
-
-class PositionError(AOResamplingError, ValueError):
-    """A rule that cannot be parsed, or that names tokens outside a target's context."""
-
-
-@dataclass(frozen=True)
-class PositionRule:
-    kind: str  # "assistant_start" | "last_user_token" | "window"
-    k: int = 1  # how many tokens (and oracle placeholders): 1 except for window:K
-
-    def __str__(self) -> str:
-        return f"window:{self.k}" if self.kind == "window" else self.kind
 
 
 @dataclass(frozen=True)
@@ -45,16 +29,6 @@ class Landmarks:
     n_tokens: int
     assistant_start_idx: int
     last_user_token_idx: int | None = None  # only worked out when a rule needs it
-
-
-def parse_rule(text: str) -> PositionRule:
-    text = str(text).strip()
-    if text in ("assistant_start", "last_user_token"):
-        return PositionRule(text)
-    match = _WINDOW.fullmatch(text)
-    if match and int(match.group(1)) >= 1:
-        return PositionRule("window", int(match.group(1)))
-    raise PositionError(f"read position rule {text!r}: expected {RULE_FORMS}")
 
 
 def resolve(rule: PositionRule, marks: Landmarks, *, target_id: str = "<target>") -> list[int]:

@@ -68,7 +68,7 @@ def test_full_experiment(request, judge_endpoint, monkeypatch):
     model = option(cfg, "--ao-model")
     config = experiment_config(request, api, base_url)
     if eos_rate:
-        if not config.is_stand_in:
+        if config.stand_in_reason() is None:
             pytest.fail("--ao-eos-rate / AO_EOS_RATE is for stand-ins (synthetic model or random LoRA) only")
         ending_answers(monkeypatch, eos_rate)
     slug = model.replace("/", "_").replace(":", "_")

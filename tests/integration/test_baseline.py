@@ -16,6 +16,8 @@ from typer.testing import CliRunner
 
 from ao_resampling import pipeline
 from ao_resampling.engine import models
+from ao_resampling.stages import baseline as baseline_module
+from ao_resampling.stages.plan import prepare
 from ao_resampling.stages.baseline import (
     BaselineError, baseline_run_id, baseline_stage, responses_in_prompt, sample_baseline,
 )
@@ -67,7 +69,7 @@ def config_for(base_url: str = "http://127.0.0.1:9/v1", **overrides) -> Experime
 
 @pytest.fixture
 def planned(tmp_path, gemma_tokenizer) -> ResultsStore:
-    store, _ = pipeline.prepare(config_for(), tmp_path / "run", tokenizer=gemma_tokenizer)
+    store, _ = prepare(config_for(), tmp_path / "run", tokenizer=gemma_tokenizer)
     return store
 
 
@@ -75,7 +77,7 @@ def planned(tmp_path, gemma_tokenizer) -> ResultsStore:
 def sampled_folder(tmp_path_factory, gemma_tokenizer, loaded):
     """A planned folder whose baseline is sampled but not judged (copied by each test that starts from it)."""
     folder = tmp_path_factory.mktemp("sampled") / "run"
-    store, _ = pipeline.prepare(config_for(), folder, tokenizer=gemma_tokenizer)
+    store, _ = prepare(config_for(), folder, tokenizer=gemma_tokenizer)
     assert sample_baseline(store, config_for(), oracle=loaded, progress=False) == (3, 0)
     return folder
 
@@ -156,7 +158,7 @@ def test_judge_off_gives_replies_only_and_judging_later_samples_nothing(sampled,
     def no_model(*args, **kwargs):
         raise AssertionError("nothing is left to sample, so no model may be loaded")
 
-    monkeypatch.setattr(pipeline, "load_oracle", no_model)
+    monkeypatch.setattr(baseline_module, "load_oracle", no_model)  # the name sample_baseline loads with
     report = baseline_stage(sampled, config, judge=True, progress=False)
     assert (report.n_sampled, report.n_judge_ok) == (0, 3)
 
@@ -244,7 +246,7 @@ def test_cli_baseline_command(sampled_folder, tmp_path, loaded, server, monkeypa
     results = store.load()
     results.baseline.runs = results.baseline.runs[:2]  # one target still to sample
     store.write(results)
-    monkeypatch.setattr(pipeline, "load_oracle", lambda config: loaded)
+    monkeypatch.setattr(baseline_module, "load_oracle", lambda config: loaded)
     out = CliRunner().invoke(app, ["baseline", str(folder), "--judge-base-url", server.base_url,
                                    "--embedding-model", "none", "--quiet"])
     assert out.exit_code == 0, out.output

@@ -18,17 +18,9 @@ from pathlib import Path
 import pytest
 
 from ao_resampling.config import ExperimentConfig
-from ao_resampling.stages.judge import (
-    VERDICT_JSON_SCHEMA,
-    JudgeConfigError,
-    build_prompt,
-    check_judge_access,
-    judge_once,
-    judge_stage,
-    make_client,
-    repeat_agreement,
-    selected_for_repeats,
-)
+from ao_resampling.analysis.stats import judge_repeat_agreement
+from ao_resampling.stages.judge import JudgeConfigError, check_judge_access, judge_once, judge_stage, make_client
+from ao_resampling.stages.judge_prompt import VERDICT_JSON_SCHEMA, build_prompt, selected_for_repeats
 from ao_resampling.results import AOQuestion, Decoding, Meta, Response, Results, Run, TargetRecord, sha256_of_ids
 from ao_resampling.store import Journal, ResultsStore
 from tests.support.openai_server import FakeOpenAIServer, Reply, expected_score
@@ -362,7 +354,7 @@ def test_repeats_shuffle_answers_and_are_not_resent(openai_server, tmp_path):
             assert sorted(rep.answer_order) == list(range(1, len(answers) + 1))
             assert rep.prompt == build_prompt(question=QUESTION, answers=[answers[i - 1] for i in rep.answer_order])
     # The fake judge ignores order, so its "noise floor" is exactly zero.
-    assert repeat_agreement(runs) == {"n_pairs": 8, "exact_agreement_rate": 1.0, "mean_abs_delta": 0.0}
+    assert judge_repeat_agreement(runs) == {"n_pairs": 8, "exact_agreement_rate": 1.0, "mean_abs_delta": 0.0}
 
     openai_server.reset()
     again = judge_stage(store, config_for(openai_server, judge_repeats=2), progress=False)

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from ao_resampling import config as config_mod
 from ao_resampling import pipeline
-from ao_resampling.stages import metrics
+from ao_resampling.stages import spread
 from ao_resampling.engine import models
 from ao_resampling.cli import app
 from ao_resampling.config import build_config
@@ -40,7 +40,7 @@ def offline_judge_env_and_shared_loads(gemma_tokenizer):
         mp.setattr(models, "load_tokenizer",
                    lambda spec: gemma_tokenizer if spec.startswith("synthetic:") or spec == "gemma3-270m-gguf"
                    else real_tokenizer(spec))
-        mp.setattr(metrics, "load_embedder", functools.cache(metrics.load_embedder))
+        mp.setattr(spread, "load_embedder", functools.cache(spread.load_embedder))
         yield
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 
 from ao_resampling import pipeline
+from ao_resampling.errors import PipelineError
+from ao_resampling.stages.generate import generate, load_oracle
+from ao_resampling.stages.plan import prepare
 from ao_resampling.config import build_config
 from ao_resampling.results import load_results_file
 
@@ -28,8 +31,8 @@ def test_meta_and_every_response_record_the_effective_decoding(tmp_path, top_k, 
 
 def test_a_model_that_decodes_otherwise_than_planned_is_refused(tmp_path):
     config = tiny(tmp_path)
-    store, _ = pipeline.prepare(config, tmp_path / "run")
-    oracle = pipeline.load_oracle(config)
+    store, _ = prepare(config, tmp_path / "run")
+    oracle = load_oracle(config)
     oracle.model.get_base_model().generation_config.top_k = 3  # as if its generation_config.json had been edited
-    with pytest.raises(pipeline.PipelineError, match="'top_k': 3"):
-        pipeline.generate(store, config, oracle=oracle, progress=False)
+    with pytest.raises(PipelineError, match="'top_k': 3"):
+        generate(store, config, oracle=oracle, progress=False)

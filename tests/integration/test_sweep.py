@@ -25,6 +25,8 @@ from ao_resampling.engine.hooks import capture_activations_at
 from ao_resampling.engine.models import LoadedOracle
 from ao_resampling.inputs.oracle import placeholder_token_id
 from ao_resampling.results import load_results_file
+from ao_resampling.stages.generate import capture_targets
+from ao_resampling.stages.plan import build_plan
 from ao_resampling.store import ResultsStore
 from ao_resampling.sweep import plan_conditions, run_sweep
 from tests.support.openai_server import FakeOpenAIServer
@@ -53,7 +55,7 @@ def tiny(**overrides):
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(k=st.integers(1, 8))
 def test_window_rule_plans_k_placeholders_and_k_read_positions(gemma_tokenizer, k):
-    plan, _ = pipeline.build_plan(tiny(position_rule=f"window:{k}"), gemma_tokenizer)
+    plan, _ = build_plan(tiny(position_rule=f"window:{k}"), gemma_tokenizer)
     ph = placeholder_token_id(gemma_tokenizer)
     for run in plan.runs:
         assert run.position_rule == f"window:{k}"
@@ -64,7 +66,7 @@ def test_window_rule_plans_k_placeholders_and_k_read_positions(gemma_tokenizer, 
 
 
 def test_last_user_token_is_the_end_of_the_user_message(gemma_tokenizer):
-    plan, _ = pipeline.build_plan(tiny(position_rule="last_user_token"), gemma_tokenizer)
+    plan, _ = build_plan(tiny(position_rule="last_user_token"), gemma_tokenizer)
     targets = {t.id: t for t in plan.targets}
     for run in plan.runs:
         (i,) = run.context_positions
@@ -76,11 +78,11 @@ def test_last_user_token_is_the_end_of_the_user_message(gemma_tokenizer):
 
 
 def test_capture_reads_k_positions_in_one_pass_as_a_full_forward_sees_them(tiny_oracle, gemma_tokenizer):
-    plan, _ = pipeline.build_plan(tiny(position_rule="window:3"), gemma_tokenizer)
+    plan, _ = build_plan(tiny(position_rule="window:3"), gemma_tokenizer)
     runs = list({r.target_id: r for r in plan.runs}.values())
     layer = 2
     oracle = LoadedOracle(tiny_oracle, gemma_tokenizer, 4, layer, 1)
-    acts = pipeline.capture_targets(oracle, runs)
+    acts = capture_targets(oracle, runs)
     for run in runs:  # independent: each target alone, every hidden state, no padding, adapter off
         with models.adapter_disabled(tiny_oracle), torch.inference_mode():
             hidden = tiny_oracle(input_ids=torch.tensor([run.context_input_ids]), output_hidden_states=True)
@@ -208,9 +210,9 @@ def test_window_queries_k_vectors_fast_path_equals_plain_generate(tiny_oracle, g
     from ao_resampling.engine.reference import sample_hf_batched
     from ao_resampling.engine.sampling import BatchedSampler, DecodeParams, Query
 
-    plan, _ = pipeline.build_plan(tiny(position_rule="window:3", num_questions=3), gemma_tokenizer)
+    plan, _ = build_plan(tiny(position_rule="window:3", num_questions=3), gemma_tokenizer)
     oracle = LoadedOracle(tiny_oracle, gemma_tokenizer, 4, 2, 1)
-    acts = pipeline.capture_targets(oracle, plan.runs)
+    acts = capture_targets(oracle, plan.runs)
     runs = [plan.runs[0], plan.runs[4], plan.runs[8]]  # three targets, three questions: padded, mixed lengths
 
     def queries(scale: float) -> list[Query]:

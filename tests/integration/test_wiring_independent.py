@@ -16,7 +16,7 @@ recipe, without ao_resampling's encoding / oracle / hooks / sampling helpers:
   ``injection_layer`` doing ``h[p] += normalize(v) * ||h[p]|| * c`` on the prompt pass only.
 
 results.json does not keep the activation, so the one the pipeline computed is observed by wrapping
-``pipeline.capture_targets`` (the wrapper returns its result unchanged); the answers, which depend on it, are
+``stages.generate.capture_targets`` (the wrapper returns its result unchanged); the answers, which depend on it, are
 compared too. The model object is the one the pipeline loaded (a random LoRA is not reproducible across loads).
 The spec list is the place to add another model class (a multimodal stand-in joins as soon as it exists).
 """
@@ -33,6 +33,7 @@ from torch.nn import functional as F
 
 from ao_resampling import pipeline
 from ao_resampling.engine import models
+from ao_resampling.stages import generate as generate_stage
 from ao_resampling.config import build_config
 
 MULTIMODAL_SPEC = "synthetic:tiny-multimodal"  # the tiny Gemma3ForConditionalGeneration stand-in (issue 17, point 2)
@@ -58,7 +59,7 @@ class PipelineRun:
     config: object  # the ExperimentConfig it ran with
     results: dict  # results.json as written, read as plain JSON
     model: torch.nn.Module  # the oracle the pipeline loaded (base + LoRA), after the run
-    acts: dict[str, torch.Tensor]  # target_id -> the activation the pipeline captured (acts_D)
+    acts: dict[str, torch.Tensor]  # target_id -> the activations the pipeline captured (acts_KD, K read positions)
 
 
 @pytest.fixture(scope="module", params=_model_specs())
@@ -72,7 +73,7 @@ def pipeline_run(request, shared_data, tmp_path_factory) -> PipelineRun:
         temperature=0.0, judge=False, embedding_model="none", bootstrap_resamples=100,
     ))
     seen: dict = {"acts": {}}
-    real_load, real_capture = pipeline.load_oracle, pipeline.capture_targets
+    real_load, real_capture = pipeline.load_oracle, generate_stage.capture_targets
 
     def load_and_keep(cfg):
         seen["oracle"] = real_load(cfg)
@@ -88,7 +89,7 @@ def pipeline_run(request, shared_data, tmp_path_factory) -> PipelineRun:
         mp.delenv("OPENAI_API_KEY", raising=False)
         mp.delenv("OPENAI_BASE_URL", raising=False)
         mp.setattr(pipeline, "load_oracle", load_and_keep)
-        mp.setattr(pipeline, "capture_targets", capture_and_keep)
+        mp.setattr(generate_stage, "capture_targets", capture_and_keep)
         pipeline.run_experiment(config, out, judge=False, progress=False, log=lambda _: None)
     results = json.loads((Path(out) / "results.json").read_text())
     return PipelineRun(spec, config, results, seen["oracle"].model, seen["acts"])
@@ -224,9 +225,10 @@ def test_activation_is_the_base_models_hidden_state_at_the_read_layer_and_assist
         expected_D = base_activation(model, ids, layer=layer, position=start)
         # The pipeline reads a left-padded batch before its decode merged and unmerged the LoRA: equal up to float32
         # rounding (~5e-7 of the norm, measured), where a neighbouring token or layer differs by O(1) of it.
-        got_D = pipeline_run.acts[target_id].float()
-        error = float((got_D - expected_D.float()).norm() / expected_D.float().norm())
-        assert got_D.shape == expected_D.shape and error < 1e-5, f"target {target_id}: relative error {error:.2e}"
+        got_KD = pipeline_run.acts[target_id].float()  # the default rule reads one position: K = 1
+        assert got_KD.shape == (1, *expected_D.shape), f"target {target_id}: captured {tuple(got_KD.shape)}"
+        error = float((got_KD[0] - expected_D.float()).norm() / expected_D.float().norm())
+        assert error < 1e-5, f"target {target_id}: relative error {error:.2e}"
 
 
 def test_oracle_prompt_names_the_read_layer_and_its_placeholders_are_where_stored(pipeline_run, gemma_tokenizer):

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from ao_resampling.stages.judge import answers_in_prompt
+from ao_resampling.stages.judge_prompt import answers_in_prompt
 
 SECRET_HEADERS = {"authorization", "api-key", "x-api-key", "openai-api-key"}
 ENDPOINTS = {"/v1/responses": "responses", "/v1/chat/completions": "chat"}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ao_resampling.stages.spread import describe, rng_for
+from ao_resampling.analysis.stats import describe, rng_for
 
 
 @pytest.mark.parametrize("seed", [0, 1])

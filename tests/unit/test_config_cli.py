@@ -66,7 +66,7 @@ def test_precedence_preset_then_file_then_flags(tmp_path):
 def test_experiment_preset_is_the_real_experiment():
     config = build_config(preset="experiment")
     assert (config.model, config.num_targets, config.num_questions, config.samples_per_query) == (REAL_MODEL, 100, 10, 10)
-    assert not config.is_stand_in
+    assert config.stand_in_reason() is None
 
 
 def test_experiment_table_in_toml(tmp_path):
@@ -358,3 +358,14 @@ def test_prepare_on_a_damaged_folder_exits_2_naming_it(tmp_path, damage, message
     result = invoke(*PREPARE_TINY, "--num-targets", "1", "--num-questions", "1", "--out", out)
     assert result.exit_code == 2
     assert str(path) in result.output and message in result.output
+
+
+@pytest.mark.parametrize("overrides, why", [
+    pytest.param({"model": "synthetic:tiny", "oracle_lora": "random"}, "synthetic:tiny has random weights",
+                 id="random_weights"),
+    pytest.param({"oracle_lora": "random"}, "a random LoRA stands in for the trained oracle adapter", id="random_lora"),
+    pytest.param({}, None, id="the_real_oracle"),
+])
+def test_the_config_says_why_a_run_is_a_stand_in(overrides, why):
+    """One rule, on the config: results.json's meta.stand_in and note, and the run's warning, all come from it."""
+    assert ExperimentConfig(**overrides).stand_in_reason() == why

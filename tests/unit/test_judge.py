@@ -1,4 +1,5 @@
-"""judge.py's pure core: the prompt, the strict verdict parser, the schema, call planning and repeat agreement.
+"""The judge's pure core (stages/judge_prompt.py): the prompt, the strict verdict parser, the schema, call planning;
+and the agreement of judge repeats (analysis/stats.py).
 
 The parser is tested against replies shaped like a real gpt-5-mini run and against the ways a reply goes wrong;
 each wrong one must become a failure with the right reason, never a score. The prompt is tested against answers
@@ -14,7 +15,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ao_resampling.stages.judge import (
+from ao_resampling.analysis.stats import judge_repeat_agreement
+from ao_resampling.stages.judge_prompt import (
     VERDICT_JSON_SCHEMA,
     JudgeOutputError,
     answers_in_prompt,
@@ -22,7 +24,6 @@ from ao_resampling.stages.judge import (
     judge_call_id,
     parse_verdict,
     plan_judge_calls,
-    repeat_agreement,
     selected_for_repeats,
     shuffled_order,
 )
@@ -297,7 +298,7 @@ def test_judge_call_ids_are_stable():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# repeat_agreement
+# judge_repeat_agreement (analysis/stats.py: judge.repeat_agreement was a second copy of it)
 
 
 @pytest.mark.parametrize(
@@ -322,4 +323,4 @@ def test_judge_call_ids_are_stable():
     ],
 )
 def test_repeat_agreement(runs, expected):
-    assert repeat_agreement(runs) == expected
+    assert judge_repeat_agreement(runs) == expected

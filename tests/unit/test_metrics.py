@@ -1,5 +1,6 @@
-"""metrics.py without a model: spread figures, which runs count as scores, bootstrap CIs, Spearman, judge repeats,
-and the spread stage's journalling and caching (with a hashing fake encoder; the real MiniLM is in integration)."""
+"""analysis/stats.py and stages/spread.py without a model: spread figures, which runs count as scores, bootstrap
+CIs, Spearman, judge repeats, and the spread stage's journalling and caching (with a hashing fake encoder; the real
+MiniLM is in integration)."""
 
 from __future__ import annotations
 
@@ -12,22 +13,24 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from ao_resampling.stages.spread import (
+from ao_resampling.analysis.stats import (
     bootstrap_mean_ci,
-    compute_spreads,
     describe,
-    distinct_fraction,
     group_values,
     judge_counts,
     judge_repeat_agreement,
     judge_scores,
+    rng_for,
+    score_histogram,
+    spearman,
+)
+from ao_resampling.stages.spread import (
+    compute_spreads,
+    distinct_fraction,
     mean_jaccard,
     mean_pairwise_cosine,
     normalize_answer,
     resolve_embedding_model,
-    rng_for,
-    score_histogram,
-    spearman,
     spread_stage,
 )
 from ao_resampling.store import ResultsStore

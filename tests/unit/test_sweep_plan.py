@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ao_resampling.config import build_config
-from ao_resampling.stages.spread import rng_for
+from ao_resampling.analysis.stats import rng_for
 from ao_resampling.engine.models import LoadedOracle
 from ao_resampling.sweep import (
     SweepError, condition_name, grid, load_conditions_toml, manifest, manifest_differences, oracle_for,
