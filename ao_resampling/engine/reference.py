@@ -13,11 +13,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ao_resampling.engine.batching import batch_seed
 from ao_resampling.engine.hooks import left_pad
 from ao_resampling.engine.generation_settings import generate_kwargs
 from ao_resampling.engine.models import model_device
 from ao_resampling.engine.sampling import (
-    DecodeParams, Query, Sample, batch_seed, effective_sampling, injection_for_rows, make_sample, until_stop,
+    DecodeParams, Query, Sample, effective_sampling, injection_for_rows, make_sample, until_stop,
 )
 
 

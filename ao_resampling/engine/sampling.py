@@ -11,7 +11,8 @@ its own decode loop over the model's forward:
   replay (decode_step.py); batches of one shape share the cache and its graphs, and the norms' scales are computed
   once a stage (norms.py);
 - top-p is exact but avoids sorting the whole 262k vocabulary: the top candidates are sorted, and only a row whose
-  nucleus is not inside them falls back to a full sort (of the model's bf16 logits: half the bytes of float32);
+  nucleus is not inside them falls back to a full sort (nucleus.py);
+- batches are planned and seeded by pure functions (batching.py);
 - rows that finished (EOS / <end_of_turn>) are dropped from the batch once they are half of it.
 
 The reference paths benchmarks and tests compare it to are in reference.py.
@@ -20,7 +21,6 @@ The reference paths benchmarks and tests compare it to are in reference.py.
 from __future__ import annotations
 
 import contextlib
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -30,13 +30,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ao_resampling.engine.attention import decode_attention
+from ao_resampling.engine.batching import batch_seed, plan_batches
 from ao_resampling.engine.decode_step import PlainDecodeStep, StaticDecodeStep, cache_kwargs, returned_cache
 from ao_resampling.engine.generation_settings import Sampling, model_generation_config, resolve_sampling
 from ao_resampling.engine.hooks import injecting, left_pad, position_ids_from_mask
 from ao_resampling.engine.models import adapter_disabled, model_device, stop_token_ids
 from ao_resampling.engine.norms import cached_norm_scales
+from ao_resampling.engine.nucleus import sample_next_tokens
 
-TOP_P_CANDIDATES = 256
 SYNC_EVERY = 8  # decode steps between host checks for finished rows
 
 
@@ -71,155 +72,6 @@ class Sample:
     @property
     def n_tokens(self) -> int:
         return len(self.token_ids)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Pure pieces
-
-
-def plan_batches(queries: Sequence[Query], *, max_new_tokens: int, max_rows: int, max_tokens: int,
-                 pad_to: int | None = None) -> list[list[int]]:
-    """Group query indices into batches: rows (sum of n) <= max_rows, rows x padded length <= max_tokens.
-
-    Queries are taken longest prompt first, so a batch's members have similar lengths and little padding. The rows
-    are spread evenly: as few batches as filling each to max_rows gives, but of similar size, rather than full ones
-    and a small last one that would run all its decode steps at a fraction of the GPU. ``pad_to``: every batch is
-    padded to this prompt length (the token budget counts it). A single query over budget gets a batch of its own.
-    """
-    order = sorted(range(len(queries)), key=lambda i: (-len(queries[i].input_ids), queries[i].key))
-
-    def pack(row_limit: int) -> list[list[int]]:
-        batches: list[list[int]] = []
-        current: list[int] = []
-        rows, longest = 0, pad_to or 0
-        for i in order:
-            q = queries[i]
-            new_rows, new_longest = rows + q.n, max(longest, len(q.input_ids))
-            if current and (new_rows > row_limit or new_rows * (new_longest + max_new_tokens) > max_tokens):
-                batches.append(current)
-                current, new_rows, new_longest = [], q.n, max(pad_to or 0, len(q.input_ids))
-            current.append(i)
-            rows, longest = new_rows, new_longest
-        return batches + [current] if current else batches
-
-    full = pack(max_rows)
-    if len(full) < 2:
-        return full
-    # The smallest row limit that still needs no more batches (bisection; the count only grows as the limit falls).
-    lo, hi = min(-(-sum(q.n for q in queries) // len(full)), max_rows), max_rows
-    while lo < hi:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if len(pack(mid)) <= len(full) else (mid + 1, hi)
-    balanced = pack(lo)
-    return balanced if len(balanced) <= len(full) else full
-
-
-def top_p_keep_mask(sorted_probs_BK: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest prefix of descending probabilities whose mass reaches top_p (HF's TopPLogitsWarper rule:
-    a token is dropped iff the mass strictly above it already reaches top_p; the top token is always kept)."""
-    mass_above_BK = sorted_probs_BK.cumsum(-1) - sorted_probs_BK
-    keep_BK = mass_above_BK < top_p
-    keep_BK[:, 0] = True
-    return keep_BK
-
-
-def sample_next_tokens(logits_BV: torch.Tensor, *, temperature: float, top_p: float,
-                       generator: torch.Generator | None, top_k: int = 0,
-                       candidates: int = TOP_P_CANDIDATES) -> torch.Tensor:
-    """One token per row: greedy at temperature 0, else HF's warpers in HF's order (temperature, top-k, top-p) and
-    a categorical draw; ``top_k`` 0 = off.
-
-    Without top-k, rows whose nucleus lies inside the top ``candidates`` tokens (a trained model, nearly always) are
-    decided there; other rows (flat distributions, e.g. random weights) sort their whole row once
-    (``nucleus_threshold``). With top-k, the nucleus is a k-token problem (top-p renormalises over the top k, as HF's
-    TopPLogitsWarper does after TopKLogitsWarper): a top-(k+1), no sort of the vocabulary; only a row whose k-th
-    logit ties the (k+1)-th (HF keeps every tied token) takes the full-row path. Either way the kept set is HF's,
-    except that tokens tied *exactly* at the top-p boundary are all kept (HF keeps the ones its sort put first).
-    """
-    if temperature == 0:
-        return logits_BV.argmax(-1)
-    top_k = top_k if 0 < top_k < logits_BV.shape[-1] else 0  # HF: a top_k >= the vocabulary keeps every token
-    top_ids_BK, weights_BK, short_B, scaled_BV = _candidate_weights(logits_BV, temperature, top_p, top_k, candidates)
-    tokens_B = top_ids_BK.gather(-1, _draw(weights_BK, generator)).squeeze(-1)
-    if short_B.any():
-        rows = short_B.nonzero().squeeze(-1)
-        tokens_B[rows] = _draw(_full_row_weights(logits_BV[rows], scaled_BV[rows], temperature, top_p, top_k),
-                               generator).squeeze(-1)
-    return tokens_B
-
-
-def sampling_weights(logits_BV: torch.Tensor, *, temperature: float, top_p: float, top_k: int = 0,
-                     candidates: int = TOP_P_CANDIDATES) -> torch.Tensor:
-    """The normalised distribution ``sample_next_tokens`` draws from, over the whole vocabulary (for checks: the
-    same pieces, scattered into a dense row)."""
-    top_k = top_k if 0 < top_k < logits_BV.shape[-1] else 0
-    top_ids_BK, weights_BK, short_B, scaled_BV = _candidate_weights(logits_BV, temperature, top_p, top_k, candidates)
-    weights_BV = torch.zeros_like(scaled_BV).scatter(-1, top_ids_BK, weights_BK)
-    rows = short_B.nonzero().squeeze(-1)
-    if rows.numel():
-        weights_BV[rows] = _full_row_weights(logits_BV[rows], scaled_BV[rows], temperature, top_p, top_k)
-    return weights_BV / weights_BV.sum(-1, keepdim=True)
-
-
-def _candidate_weights(logits_BV: torch.Tensor, temperature: float, top_p: float, top_k: int, candidates: int):
-    """The top candidates' ids and unnormalised kept probabilities, which rows need the full-row path, the scaled
-    logits. Returns (ids_BK, weights_BK, short_B, scaled_BV)."""
-    scaled_BV = logits_BV.float() / temperature  # HF: float32 logits, then TemperatureLogitsWarper
-    k = top_k + 1 if top_k else min(candidates, logits_BV.shape[-1])
-    top_scaled_BK, top_ids_BK = scaled_BV.topk(k, dim=-1)  # sorted, descending
-    if top_k:
-        # TopKLogitsWarper keeps every token >= the k-th value (ties included); top-p then sees them renormalised.
-        in_k_BK = top_scaled_BK >= top_scaled_BK[:, top_k - 1:top_k]
-        log_z_B1 = top_scaled_BK.masked_fill(~in_k_BK, float("-inf")).logsumexp(-1, keepdim=True)
-        top_probs_BK = (top_scaled_BK - log_z_B1).exp() * in_k_BK
-        short_B = in_k_BK[:, -1]  # the (k+1)-th ties the k-th: the tie may reach past the candidates
-    else:
-        top_probs_BK = (top_scaled_BK - scaled_BV.logsumexp(-1, keepdim=True)).exp()
-        short_B = top_probs_BK.sum(-1) < top_p  # the nucleus reaches past the candidates
-    return top_ids_BK, top_probs_BK * top_p_keep_mask(top_probs_BK, top_p), short_B, scaled_BV
-
-
-def _full_row_weights(logits_RV: torch.Tensor, scaled_RV: torch.Tensor, temperature: float, top_p: float,
-                      top_k: int) -> torch.Tensor:
-    """Kept probabilities over whole rows (one sort each): rows whose nucleus or top-k tie leaves the candidates."""
-    if top_k:
-        kth_R1 = scaled_RV.topk(top_k, dim=-1).values[:, -1:]
-        logits_RV = logits_RV.masked_fill(scaled_RV < kth_R1, float("-inf"))
-        scaled_RV = scaled_RV.masked_fill(scaled_RV < kth_R1, float("-inf"))
-    log_z_R1 = scaled_RV.logsumexp(-1, keepdim=True)
-    threshold_R1 = nucleus_threshold(logits_RV, log_z_R1, temperature=temperature, top_p=top_p)
-    return (scaled_RV - log_z_R1).exp() * (logits_RV >= threshold_R1)
-
-
-def nucleus_threshold(logits_BV: torch.Tensor, log_z_B1: torch.Tensor, *, temperature: float, top_p: float,
-                      rows_per_sort: int = 128) -> torch.Tensor:
-    """Per row, the smallest logit the top-p nucleus keeps: the nucleus is exactly ``logits_BV >= threshold``.
-
-    The logits are sorted in their own dtype (bf16 from a bf16 model): dividing by the temperature keeps their order,
-    so the order, and hence the nucleus, is the same as that of the scaled float32 logits HF's warper sorts.
-    ``log_z_B1`` is the logsumexp of ``logits.float() / temperature``. Rows are sorted a chunk at a time, which bounds
-    the sort's temporary memory (indices are int64: four times a bf16 row).
-    """
-    thresholds = []
-    for start in range(0, logits_BV.shape[0], rows_per_sort):
-        sorted_BV = logits_BV[start:start + rows_per_sort].sort(dim=-1, descending=True).values
-        probs_BV = (sorted_BV.float() / temperature - log_z_B1[start:start + rows_per_sort]).exp()
-        # HF's rule on the sorted row: keep a token iff the mass strictly above it is < top_p. The inclusive cumsum
-        # is monotone, so the kept tokens are the prefix up to the first one whose inclusive mass reaches top_p.
-        n_keep_B1 = ((probs_BV.cumsum(-1) < top_p).sum(-1, keepdim=True) + 1).clamp(max=probs_BV.shape[-1])
-        thresholds.append(sorted_BV.gather(-1, n_keep_B1 - 1))
-    return torch.cat(thresholds)
-
-
-def _draw(weights_BK: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """A categorical draw per row, proportional to the (unnormalised) weights: argmax of w / Exp(1) noise."""
-    noise_BK = torch.empty_like(weights_BK).exponential_(generator=generator)
-    return (weights_BK / noise_BK).argmax(-1, keepdim=True)
-
-
-def batch_seed(seed: int, keys: Sequence[str]) -> int:
-    """The same batch of queries draws the same samples on a re-run; any other batch draws independently."""
-    return zlib.crc32(f"{seed}|{'|'.join(keys)}".encode())
 
 
 # ---------------------------------------------------------------------------------------------------------------------

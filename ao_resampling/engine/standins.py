@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ao_resampling.engine.generation_settings import Sampling
-from ao_resampling.engine.sampling import sampling_weights
+from ao_resampling.engine.nucleus import sampling_weights
 
 CALIBRATION_SEED = 0
 

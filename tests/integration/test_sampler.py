@@ -429,7 +429,8 @@ def boundary_margin(scaled_V: torch.Tensor, tokens_V: torch.Tensor, top_p: float
                          ids=["model_k1", "model_k64", "model_none_hf_default", "run_k0_off", "run_k7"])
 def test_each_steps_kept_set_and_probabilities_are_hf_generates(tiny_oracle, gemma_tokenizer, queries, model_top_k,
                                                                 run_top_k, monkeypatch):
-    from ao_resampling.engine.sampling import effective_sampling, sampling_weights
+    from ao_resampling.engine.nucleus import sampling_weights
+    from ao_resampling.engine.sampling import effective_sampling
 
     base = tiny_oracle.get_base_model()
     monkeypatch.setattr(base.generation_config, "top_k", model_top_k)

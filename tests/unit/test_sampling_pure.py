@@ -1,4 +1,5 @@
-"""The pure pieces of sampling.py: batch planning, the top-p keep rule, and the token sampler.
+"""The pure pieces of the sampler: batch planning (batching.py), the top-p keep rule and the token sampler
+(nucleus.py), and the decode loop's bookkeeping on a scripted model (sampling.py).
 
 The sampler's top-p avoids sorting the whole vocabulary; these tests check it is still *exactly* HF's nucleus
 sampling: the same keep-set as ``TopPLogitsWarper``, the same distribution over many seeded draws (on both the
@@ -13,7 +14,9 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from transformers.generation.logits_process import TopPLogitsWarper
 
-from ao_resampling.engine.sampling import Query, nucleus_threshold, plan_batches, sample_next_tokens, top_p_keep_mask
+from ao_resampling.engine.batching import plan_batches
+from ao_resampling.engine.nucleus import nucleus_threshold, sample_next_tokens, top_p_keep_mask
+from ao_resampling.engine.sampling import Query
 
 # ---------------------------------------------------------------------------------------------------------------------
 # plan_batches
@@ -337,7 +340,7 @@ def test_a_stop_token_at_step_zero_ends_the_answer_there(monkeypatch):
 def test_a_nucleus_at_the_candidate_fallback_boundary_is_hfs(gap):
     """The top ``candidates`` tokens hold top_p + gap of the mass: just inside, on, or just outside the candidates
     (the sampler's two paths meet there). The kept set must be HF's TopPLogitsWarper's either way."""
-    from ao_resampling.engine.sampling import sampling_weights
+    from ao_resampling.engine.nucleus import sampling_weights
 
     top_p, candidates, V = 0.9, 8, 64
     probs_V = torch.empty(V, dtype=torch.float64)

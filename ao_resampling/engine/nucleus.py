@@ -1,0 +1,124 @@
+"""Drawing the next token from logits the way Hugging Face's sampling warpers do, without sorting the vocabulary.
+
+HF's order is temperature, top-k, top-p, then a categorical draw. Sorting a 262k-token row for top-p at every
+decode step is most of the sampler's cost, so the top candidates are sorted instead, and only a row whose nucleus
+is not inside them falls back to a full sort (of the model's bf16 logits: half the bytes of float32). Pure torch,
+no model: ``BatchedSampler`` (sampling.py) calls ``sample_next_tokens`` once per decode step; ``sampling_weights``
+gives the same distribution densely, for checks and for calibrating the random stand-ins (standins.py).
+
+Shape letters:
+    B  rows of the batch (one per sample being drawn)
+    V  the vocabulary
+    C  candidates: the top tokens of a row, sorted descending (the top-k + 1, or TOP_P_CANDIDATES); the helpers
+       that take C (``top_p_keep_mask``, ``_draw``) take whole rows too (C = V)
+    R  the rows taking the full-row path (a subset of B)
+"""
+
+from __future__ import annotations
+
+import torch
+
+TOP_P_CANDIDATES = 256
+
+
+def top_p_keep_mask(sorted_probs_BC: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest prefix of descending probabilities whose mass reaches top_p (HF's TopPLogitsWarper rule:
+    a token is dropped iff the mass strictly above it already reaches top_p; the top token is always kept)."""
+    mass_above_BC = sorted_probs_BC.cumsum(-1) - sorted_probs_BC
+    keep_BC = mass_above_BC < top_p
+    keep_BC[:, 0] = True
+    return keep_BC
+
+
+def sample_next_tokens(logits_BV: torch.Tensor, *, temperature: float, top_p: float,
+                       generator: torch.Generator | None, top_k: int = 0,
+                       candidates: int = TOP_P_CANDIDATES) -> torch.Tensor:
+    """One token per row: greedy at temperature 0, else HF's warpers in HF's order (temperature, top-k, top-p) and
+    a categorical draw; ``top_k`` 0 = off.
+
+    Without top-k, rows whose nucleus lies inside the top ``candidates`` tokens (a trained model, nearly always) are
+    decided there; other rows (flat distributions, e.g. random weights) sort their whole row once
+    (``nucleus_threshold``). With top-k, the nucleus is a k-token problem (top-p renormalises over the top k, as HF's
+    TopPLogitsWarper does after TopKLogitsWarper): a top-(k+1), no sort of the vocabulary; only a row whose k-th
+    logit ties the (k+1)-th (HF keeps every tied token) takes the full-row path. Either way the kept set is HF's,
+    except that tokens tied *exactly* at the top-p boundary are all kept (HF keeps the ones its sort put first).
+    """
+    if temperature == 0:
+        return logits_BV.argmax(-1)
+    top_k = top_k if 0 < top_k < logits_BV.shape[-1] else 0  # HF: a top_k >= the vocabulary keeps every token
+    top_ids_BC, weights_BC, short_B, scaled_BV = _candidate_weights(logits_BV, temperature, top_p, top_k, candidates)
+    tokens_B = top_ids_BC.gather(-1, _draw(weights_BC, generator)).squeeze(-1)
+    if short_B.any():
+        rows_R = short_B.nonzero().squeeze(-1)
+        tokens_B[rows_R] = _draw(_full_row_weights(logits_BV[rows_R], scaled_BV[rows_R], temperature, top_p, top_k),
+                                 generator).squeeze(-1)
+    return tokens_B
+
+
+def sampling_weights(logits_BV: torch.Tensor, *, temperature: float, top_p: float, top_k: int = 0,
+                     candidates: int = TOP_P_CANDIDATES) -> torch.Tensor:
+    """The normalised distribution ``sample_next_tokens`` draws from, over the whole vocabulary (for checks: the
+    same pieces, scattered into a dense row)."""
+    top_k = top_k if 0 < top_k < logits_BV.shape[-1] else 0
+    top_ids_BC, weights_BC, short_B, scaled_BV = _candidate_weights(logits_BV, temperature, top_p, top_k, candidates)
+    weights_BV = torch.zeros_like(scaled_BV).scatter(-1, top_ids_BC, weights_BC)
+    rows_R = short_B.nonzero().squeeze(-1)
+    if rows_R.numel():
+        weights_BV[rows_R] = _full_row_weights(logits_BV[rows_R], scaled_BV[rows_R], temperature, top_p, top_k)
+    return weights_BV / weights_BV.sum(-1, keepdim=True)
+
+
+def _candidate_weights(logits_BV: torch.Tensor, temperature: float, top_p: float, top_k: int, candidates: int):
+    """The top candidates' ids and unnormalised kept probabilities, which rows need the full-row path, the scaled
+    logits. Returns (ids_BC, weights_BC, short_B, scaled_BV)."""
+    scaled_BV = logits_BV.float() / temperature  # HF: float32 logits, then TemperatureLogitsWarper
+    k = top_k + 1 if top_k else min(candidates, logits_BV.shape[-1])
+    top_scaled_BC, top_ids_BC = scaled_BV.topk(k, dim=-1)  # sorted, descending
+    if top_k:
+        # TopKLogitsWarper keeps every token >= the k-th value (ties included); top-p then sees them renormalised.
+        in_k_BC = top_scaled_BC >= top_scaled_BC[:, top_k - 1:top_k]
+        log_z_B1 = top_scaled_BC.masked_fill(~in_k_BC, float("-inf")).logsumexp(-1, keepdim=True)
+        top_probs_BC = (top_scaled_BC - log_z_B1).exp() * in_k_BC
+        short_B = in_k_BC[:, -1]  # the (k+1)-th ties the k-th: the tie may reach past the candidates
+    else:
+        top_probs_BC = (top_scaled_BC - scaled_BV.logsumexp(-1, keepdim=True)).exp()
+        short_B = top_probs_BC.sum(-1) < top_p  # the nucleus reaches past the candidates
+    return top_ids_BC, top_probs_BC * top_p_keep_mask(top_probs_BC, top_p), short_B, scaled_BV
+
+
+def _full_row_weights(logits_RV: torch.Tensor, scaled_RV: torch.Tensor, temperature: float, top_p: float,
+                      top_k: int) -> torch.Tensor:
+    """Kept probabilities over whole rows (one sort each): rows whose nucleus or top-k tie leaves the candidates."""
+    if top_k:
+        kth_R1 = scaled_RV.topk(top_k, dim=-1).values[:, -1:]
+        logits_RV = logits_RV.masked_fill(scaled_RV < kth_R1, float("-inf"))
+        scaled_RV = scaled_RV.masked_fill(scaled_RV < kth_R1, float("-inf"))
+    log_z_R1 = scaled_RV.logsumexp(-1, keepdim=True)
+    threshold_R1 = nucleus_threshold(logits_RV, log_z_R1, temperature=temperature, top_p=top_p)
+    return (scaled_RV - log_z_R1).exp() * (logits_RV >= threshold_R1)
+
+
+def nucleus_threshold(logits_BV: torch.Tensor, log_z_B1: torch.Tensor, *, temperature: float, top_p: float,
+                      rows_per_sort: int = 128) -> torch.Tensor:
+    """Per row, the smallest logit the top-p nucleus keeps: the nucleus is exactly ``logits_BV >= threshold``.
+
+    The logits are sorted in their own dtype (bf16 from a bf16 model): dividing by the temperature keeps their order,
+    so the order, and hence the nucleus, is the same as that of the scaled float32 logits HF's warper sorts.
+    ``log_z_B1`` is the logsumexp of ``logits.float() / temperature``. Rows are sorted a chunk at a time, which bounds
+    the sort's temporary memory (indices are int64: four times a bf16 row).
+    """
+    thresholds = []
+    for start in range(0, logits_BV.shape[0], rows_per_sort):
+        sorted_BV = logits_BV[start:start + rows_per_sort].sort(dim=-1, descending=True).values
+        probs_BV = (sorted_BV.float() / temperature - log_z_B1[start:start + rows_per_sort]).exp()
+        # HF's rule on the sorted row: keep a token iff the mass strictly above it is < top_p. The inclusive cumsum
+        # is monotone, so the kept tokens are the prefix up to the first one whose inclusive mass reaches top_p.
+        n_keep_B1 = ((probs_BV.cumsum(-1) < top_p).sum(-1, keepdim=True) + 1).clamp(max=probs_BV.shape[-1])
+        thresholds.append(sorted_BV.gather(-1, n_keep_B1 - 1))
+    return torch.cat(thresholds)
+
+
+def _draw(weights_BC: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """A categorical draw per row, proportional to the (unnormalised) weights: argmax of w / Exp(1) noise."""
+    noise_BC = torch.empty_like(weights_BC).exponential_(generator=generator)
+    return (weights_BC / noise_BC).argmax(-1, keepdim=True)
