@@ -10,7 +10,19 @@ sequence so far, and the keys and values are cut to that length (the rest of the
 
 The arithmetic is eager attention's (scores = q·k * scaling, masked, fp32 softmax, cast back, times v), in the same
 order; only the head bookkeeping differs. ``decode_attention(model)`` switches a model to it for a block of code.
+
+Shape letters:
+    B  rows of the batch
+    H  query heads
+    K  key/value heads (H is a multiple of K)
+    G  query heads per key/value head (H // K)
+    Q  query positions (1 on a decode step)
+    M  a KV head's queries folded together: (head within the group, query position), G * Q
+    S  key/value positions: the cache, or its filled part once cut to the mask
+    D  the head size
+    1  a broadcast dimension
 """
+
 
 from __future__ import annotations
 

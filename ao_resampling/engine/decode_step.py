@@ -14,6 +14,13 @@
 On CPU, and for a model spread over several GPUs, the same step runs eagerly (same buffers, same cut lengths);
 that is what the CPU tests exercise.
 ``PlainDecodeStep`` is the reference: a 2-D mask grown each step, for the model's own attention or a dynamic cache.
+
+Shape letters:
+    A  the rows still decoding (finished ones are dropped by ``select``)
+    L  the batch's padded prompt length
+    S  positions of the KV cache: the sequence so far (a dynamic cache), or all of the static cache
+    V  the vocabulary
+    1  one position: this step's token
 """
 
 from __future__ import annotations
@@ -55,18 +62,18 @@ def returned_cache(out):
 
 class PlainDecodeStep:
     def __init__(self, model: nn.Module, cache, mask_AL: torch.Tensor):
-        self.model, self.cache, self.mask_AT = model, cache, mask_AL
+        self.model, self.cache, self.mask_AS = model, cache, mask_AL
 
     def __call__(self, tokens_A: torch.Tensor, positions_A: torch.Tensor, length: int) -> torch.Tensor:
-        self.mask_AT = torch.cat([self.mask_AT, self.mask_AT.new_ones(self.mask_AT.shape[0], 1)], dim=1)
-        out = self.model(input_ids=tokens_A[:, None], attention_mask=self.mask_AT, position_ids=positions_A[:, None],
+        self.mask_AS = torch.cat([self.mask_AS, self.mask_AS.new_ones(self.mask_AS.shape[0], 1)], dim=1)
+        out = self.model(input_ids=tokens_A[:, None], attention_mask=self.mask_AS, position_ids=positions_A[:, None],
                          use_cache=True, **cache_kwargs(self.model, self.cache))
         self.cache = returned_cache(out)
         return out.logits[:, -1]
 
     def select(self, keep_A: torch.Tensor, select_cache) -> None:
         self.cache = select_cache(self.cache, keep_A)
-        self.mask_AT = self.mask_AT[keep_A]
+        self.mask_AS = self.mask_AS[keep_A]
 
 
 class StaticDecodeStep:

@@ -9,6 +9,12 @@ Two mechanisms, each built apart from being attached (TransformerLens style):
   never on a decode step, where the placeholders are already in the KV cache.
 
 ``attached`` registers a hook and always removes it, also when the forward raises.
+
+Shape letters:
+    B  rows of the batch (one sequence each)
+    L  the batch's padded sequence length
+    K  the positions of a row that are read or written (an oracle prompt's placeholders)
+    D  the model's hidden size
 """
 
 from __future__ import annotations
@@ -145,6 +151,6 @@ def capture_activations_at(model: nn.Module, sequences: Sequence[Sequence[int]],
         raise RuntimeError(f"layer {layer} was never reached during capture")
     resid_BLD = store["resid_BLD"]  # on the read layer's device: not the first one when device_map spreads the model
     pad_B = ids_BL.shape[1] - torch.tensor([len(s) for s in sequences], device=resid_BLD.device)
-    positions_BK_t = torch.as_tensor([list(p) for p in positions_BK], device=resid_BLD.device) + pad_B[:, None]
-    rows_BK = torch.arange(len(sequences), device=resid_BLD.device)[:, None].expand_as(positions_BK_t)
-    return resid_BLD[rows_BK, positions_BK_t]
+    padded_BK = torch.as_tensor([list(p) for p in positions_BK], device=resid_BLD.device) + pad_B[:, None]
+    rows_BK = torch.arange(len(sequences), device=resid_BLD.device)[:, None].expand_as(padded_BK)
+    return resid_BLD[rows_BK, padded_BK]

@@ -5,6 +5,9 @@
 for a block of code, a forward that does the same arithmetic in the same order with that scale computed up front, so
 its outputs are bit-for-bit those of the original. The block must outlive any CUDA graph captured inside it: a graph
 reads the cached scales from their memory.
+
+Shape letters:
+    D  the model's hidden size (a norm's input is any shape ending in D)
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from torch import nn
 
 
 def gemma_rms_norm(x: torch.Tensor, scale_D: torch.Tensor, eps: float) -> torch.Tensor:
-    """Gemma3RMSNorm.forward with ``scale_D = 1 + weight.float()`` given: float32 math, cast back at the end."""
+    """Gemma3RMSNorm.forward with ``scale_D = 1 + weight.float()`` given: float32 math, cast back at the end.
+    ``x``: any leading shape, D last."""
     x32 = x.float()
     out = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return (out * scale_D).type_as(x)

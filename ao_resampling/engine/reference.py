@@ -3,6 +3,13 @@
 ``sample_sequential`` is one ``generate`` call per sample, as the original single-script experiment did (and the
 pipeline's ``sampler = "sequential"``); ``sample_hf_batched`` puts every sample of every query in one padded
 ``generate`` batch. Both inject the same way as the fast path (``injection_for_rows``) and cut answers the same way.
+
+Shape letters:
+    B  rows of the ``generate`` batch: one per sample of each query
+    L  the batch's padded prompt length
+    T  new tokens, up to max_new_tokens
+    K  the placeholder positions of an oracle prompt (``Query.vectors_KD``, ``Query.positions_K``)
+    D  the model's hidden size
 """
 
 from __future__ import annotations
@@ -34,9 +41,9 @@ def sample_hf_batched(model: nn.Module, tokenizer, queries: Sequence[Query], *, 
     kwargs = _generate_kwargs(params, stop_ids, tokenizer.pad_token_id)
     torch.manual_seed(batch_seed(params.seed, [q.key for q in queries]))
     with injection_for_rows(model, [q for q, _ in rows], L, device, injection_layer, coefficient):
-        out_BT = model.generate(input_ids=ids_BL, attention_mask=mask_BL, **kwargs)
+        generated_BT = model.generate(input_ids=ids_BL, attention_mask=mask_BL, **kwargs)[:, L:]
     out: dict[str, list[Sample]] = {q.key: [] for q in queries}
-    for (q, _), generated in zip(rows, out_BT[:, L:].tolist()):
+    for (q, _), generated in zip(rows, generated_BT.tolist()):
         out[q.key].append(make_sample(tokenizer, until_stop(generated, stop_ids, tokenizer.pad_token_id), stop_ids))
     return out
 

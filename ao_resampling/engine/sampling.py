@@ -16,6 +16,21 @@ its own decode loop over the model's forward:
 - rows that finished (EOS / <end_of_turn>) are dropped from the batch once they are half of it.
 
 The reference paths benchmarks and tests compare it to are in reference.py.
+
+Shape letters:
+    Q  queries of a batch (one prompt each: the rows of its prefill)
+    B  sample rows of a batch: each query's row repeated n times
+    A  the rows still decoding (all of B until finished rows are dropped)
+    R  the rows of a prefill batch being injected (queries here; one per sample in reference.py)
+    L  the batch's padded prompt length
+    T  new tokens, up to max_new_tokens
+    S  positions of a KV cache
+    V  the vocabulary
+    K  the placeholder positions of an oracle prompt (where the vectors go)
+    D  the model's hidden size (the head size in a KV cache)
+    H  KV heads
+    E  stop (eos) token ids
+    N  rows picked out of a KV cache
 """
 
 from __future__ import annotations
@@ -160,35 +175,36 @@ class BatchedSampler:
                                  **cache_kwargs(self.model, self._prefill_cache()))
             cache, static = self._expand(returned_cache(out), n_Q, L + p.max_new_tokens)
             logits_BV = out.logits[:, -1].to(device).repeat_interleave(n_Q, dim=0)
-            mask_AL = mask_QL.bool().repeat_interleave(n_Q, dim=0)
+            mask_BL = mask_QL.bool().repeat_interleave(n_Q, dim=0)
             if self.attention == "gqa" and static:
-                step = self._static_step(cache, mask_AL, L + p.max_new_tokens)
+                step = self._static_step(cache, mask_BL, L + p.max_new_tokens)
                 with decode_attention(self.model):
-                    tokens_BT = self._decode(step, logits_BV, mask_AL, L, generator)
+                    tokens_BT = self._decode(step, logits_BV, mask_BL, L, generator)
                 # Kept for the next batch of this shape, unless finished rows were dropped (a smaller cache then).
                 self._kept = None if step.rows_dropped else step
             else:
-                tokens_BT = self._decode(PlainDecodeStep(self.model, cache, mask_AL), logits_BV, mask_AL, L,
+                tokens_BT = self._decode(PlainDecodeStep(self.model, cache, mask_BL), logits_BV, mask_BL, L,
                                          generator)
         return self._collect(queries, n_Q, tokens_BT.tolist())
 
-    def _decode(self, step, logits_AV: torch.Tensor, mask_AL: torch.Tensor, L: int,
+    def _decode(self, step, logits_BV: torch.Tensor, mask_BL: torch.Tensor, L: int,
                 generator: torch.Generator) -> torch.Tensor:
         """The decode loop from the prompt's last logits; returns every row's tokens, padded after a stop."""
         p = self.params
-        device = logits_AV.device
-        stop_S = torch.tensor(self.stop_ids, device=device)
+        device = logits_BV.device
+        stop_E = torch.tensor(self.stop_ids, device=device)
         # Decode state lives on the device; the host looks at it only every SYNC_EVERY steps.
-        B = logits_AV.shape[0]
+        B = logits_BV.shape[0]
+        logits_AV = logits_BV  # every row is alive before the first step
         tokens_BT = torch.full((B, p.max_new_tokens), self.pad_id, dtype=torch.long, device=device)
         done_B = torch.zeros(B, dtype=torch.bool, device=device)
         alive_A = torch.arange(B, device=device)  # the original row of each row still in the batch
-        next_pos_A = position_ids_from_mask(mask_AL)[:, -1] + 1
+        next_pos_A = position_ids_from_mask(mask_BL)[:, -1] + 1
         for i in range(p.max_new_tokens):
             tokens_A = sample_next_tokens(self._suppress_stop(logits_AV, i), temperature=p.temperature,
                                           top_p=p.top_p, top_k=self.sampling.top_k, generator=generator)
             tokens_BT[alive_A, i] = torch.where(done_B[alive_A], self.pad_id, tokens_A)
-            done_B[alive_A] |= torch.isin(tokens_A, stop_S)
+            done_B[alive_A] |= torch.isin(tokens_A, stop_E)
             if i == p.max_new_tokens - 1:
                 break
             if (i + 1) % SYNC_EVERY == 0:
@@ -196,9 +212,9 @@ class BatchedSampler:
                 if n_done_alive == alive_A.shape[0]:
                     break
                 if self.compact_finished and n_done_alive * 2 >= alive_A.shape[0]:
-                    keep = (~done_B[alive_A]).nonzero().squeeze(-1)
-                    step.select(keep, _select_rows)
-                    alive_A, tokens_A, next_pos_A = (t[keep] for t in (alive_A, tokens_A, next_pos_A))
+                    keep_N = (~done_B[alive_A]).nonzero().squeeze(-1)
+                    step.select(keep_N, _select_rows)
+                    alive_A, tokens_A, next_pos_A = (t[keep_N] for t in (alive_A, tokens_A, next_pos_A))
             # the head may sit on another GPU under device_map="auto"
             logits_AV = step(tokens_A, next_pos_A, length=L + i + 1).to(device)
             next_pos_A = next_pos_A + 1
@@ -209,11 +225,11 @@ class BatchedSampler:
     def _adapter(self):
         return contextlib.nullcontext() if self.use_adapter else adapter_disabled(self.model)
 
-    def _static_step(self, cache, mask_AL: torch.Tensor, total_len: int) -> StaticDecodeStep:
+    def _static_step(self, cache, mask_BL: torch.Tensor, total_len: int) -> StaticDecodeStep:
         if self._kept is not None and self._kept.cache is cache:
-            self._kept.restart(mask_AL)
+            self._kept.restart(mask_BL)
             return self._kept
-        return StaticDecodeStep(self.model, cache, mask_AL, total_len, graphs=self.cuda_graphs)
+        return StaticDecodeStep(self.model, cache, mask_BL, total_len, graphs=self.cuda_graphs)
 
     def _prefill_cache(self):
         from transformers import DynamicCache
@@ -249,12 +265,12 @@ class BatchedSampler:
             static.update(keys, values, i, cache_kwargs={"cache_position": torch.arange(L, device=keys.device)})
         return static, True
 
-    def _suppress_stop(self, logits_BV: torch.Tensor, step: int) -> torch.Tensor:
+    def _suppress_stop(self, logits_AV: torch.Tensor, step: int) -> torch.Tensor:
         if step >= self.params.min_new_tokens:
-            return logits_BV
-        logits_BV = logits_BV.clone()
-        logits_BV[:, self.stop_ids] = float("-inf")
-        return logits_BV
+            return logits_AV
+        logits_AV = logits_AV.clone()
+        logits_AV[:, self.stop_ids] = float("-inf")
+        return logits_AV
 
     def _collect(self, queries: Sequence[Query], n_Q: torch.Tensor, tokens: list[list[int]]
                  ) -> dict[str, list[Sample]]:
@@ -284,10 +300,10 @@ def injection_for_rows(model: nn.Module, row_queries: Sequence[Query], L: int, d
         return contextlib.nullcontext()
     if any(q.vectors_KD is None for q in row_queries):
         raise ValueError("a batch mixes queries with and without injected vectors")
-    vectors_BKD = torch.stack([q.vectors_KD for q in row_queries]).to(device)
-    positions_BK = torch.tensor([[L - len(q.input_ids) + p for p in q.positions_K] for q in row_queries],
+    vectors_RKD = torch.stack([q.vectors_KD for q in row_queries]).to(device)
+    positions_RK = torch.tensor([[L - len(q.input_ids) + p for p in q.positions_K] for q in row_queries],
                                 device=device)  # each row's positions shifted by its left padding
-    return injecting(model, layer, vectors_BKD, positions_BK, coefficient)
+    return injecting(model, layer, vectors_RKD, positions_RK, coefficient)
 
 
 def merged_weights_snapshot(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -326,19 +342,20 @@ def make_sample(tokenizer, token_ids: list[int], stop_ids: Sequence[int]) -> Sam
     return Sample(token_ids=list(token_ids), text=text, finish_reason="eos" if ended else "length")
 
 
-def _select_rows(cache, keep_B: torch.Tensor):
+def _select_rows(cache, keep_N: torch.Tensor):
     """Drop finished rows from a static or dynamic cache (in place); the next steps cost only the live rows."""
     for layer in cache.layers:
-        layer.keys = _rows(layer.keys, keep_B)
-        layer.values = _rows(layer.values, keep_B)
+        layer.keys = _rows(layer.keys, keep_N)
+        layer.values = _rows(layer.values, keep_N)
         if hasattr(layer, "batch_size"):
-            layer.batch_size = keep_B.shape[0]
+            layer.batch_size = keep_N.shape[0]
     return cache
 
 
-def _rows(cache_BHLD: torch.Tensor, rows_B: torch.Tensor) -> torch.Tensor:
+def _rows(cache_BHSD: torch.Tensor, rows_N: torch.Tensor) -> torch.Tensor:
+    """The cache's rows ``rows_N``, in that order (a row may repeat: a query's prompt KV for each of its samples)."""
     # Under device_map="auto" each decoder layer's cache lives on that layer's GPU: index it there.
-    return cache_BHLD.index_select(0, rows_B.to(cache_BHLD.device))
+    return cache_BHSD.index_select(0, rows_N.to(cache_BHSD.device))
 
 
 def until_stop(generated: list[int], stop_ids: Sequence[int], pad_id: int) -> list[int]:

@@ -7,6 +7,12 @@ the batch, again and again) never run. ``end_answers_at_rate`` gives the output 
 with a chosen probability per step: answer lengths then spread from a few tokens to max_new_tokens. The weights are
 untouched (the bias is a new parameter of the head, which keeps sharing the embedding's weight), so the fast path
 and HF ``generate`` see the same model.
+
+Shape letters:
+    N  decode steps observed (rows x steps of the calibration answers)
+    V  the vocabulary
+    B  rows of the calibration prompts
+    L  the calibration prompts' length
 """
 
 from __future__ import annotations
