@@ -110,7 +110,7 @@ def timed(fn, device) -> tuple[float, float, object]:
     return time.perf_counter() - t, peak, out
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="synthetic:gemma-3-27b")
     ap.add_argument("--tokenizer", default="gemma3-270m-gguf")
@@ -138,112 +138,143 @@ def main() -> None:
     ap.add_argument("--eos-rate", type=float, default=0.0,
                     help="> 0: answers end at <end_of_turn> with this per-step probability (not forced to full length)")
     ap.add_argument("--json", type=Path, default=None)
-    args = ap.parse_args()
+    return ap.parse_args()
 
-    device = torch.device(args.device)
-    t0 = time.perf_counter()
-    tokenizer = models.load_tokenizer(args.tokenizer)
-    base = models.load_model(args.model, dtype=args.dtype, device=args.device)
-    model = models.attach_oracle(base, "random", rank=args.lora_rank)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    load_s = time.perf_counter() - t0
-    n_layers = models.num_layers(model)
-    layer = models.layer_at_percent(n_layers, 50)
-    targets = data.select_targets(data.load_targets(args.targets), args.num_targets)
-    pool = data.load_question_pool(args.questions)
-    questions = data.sample_questions(pool, min(args.num_questions, len(pool)), 0)
 
-    capture_s, _, queries = timed(lambda: build_queries(tokenizer, model, layer, targets, questions,
-                                                        args.num_targets * len(questions), args.samples), device)
-    min_new_tokens = 0 if args.eos_rate else args.max_new_tokens
-    params = DecodeParams(temperature=0.7, top_p=0.9, max_new_tokens=args.max_new_tokens, seed=0,
-                          min_new_tokens=min_new_tokens, top_k=args.top_k)
-    if args.eos_rate:
+class Bench:
+    """One model, its queries and decoding, and the table of timed variants."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.device = torch.device(args.device)
+        t0 = time.perf_counter()
+        self.tokenizer = models.load_tokenizer(args.tokenizer)
+        base = models.load_model(args.model, dtype=args.dtype, device=args.device)
+        self.model = models.attach_oracle(base, "random", rank=args.lora_rank)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.load_s = time.perf_counter() - t0
+        self.n_layers = models.num_layers(self.model)
+        layer = models.layer_at_percent(self.n_layers, 50)
+        self.targets = data.select_targets(data.load_targets(args.targets), args.num_targets)
+        pool = data.load_question_pool(args.questions)
+        questions = data.sample_questions(pool, min(args.num_questions, len(pool)), 0)
+        self.capture_s, _, self.queries = timed(
+            lambda: build_queries(self.tokenizer, self.model, layer, self.targets, questions,
+                                  args.num_targets * len(questions), args.samples), self.device)
+        self.min_new_tokens = 0 if args.eos_rate else args.max_new_tokens
+        self.params = DecodeParams(temperature=0.7, top_p=0.9, max_new_tokens=args.max_new_tokens, seed=0,
+                                   min_new_tokens=self.min_new_tokens, top_k=args.top_k)
+        self.rows: list[Row] = []
+
+    def record(self, variant: str, n_samples: int, seconds: float, peak: float) -> None:
+        self.rows.append(Row(variant, n_samples, seconds, n_samples / seconds,
+                             n_samples * self.args.max_new_tokens / seconds, peak))
+        print(f"  {variant}: {n_samples} samples in {seconds:.1f}s", flush=True)
+
+    def sampler(self, variant: str, budget: int, params: DecodeParams | None = None) -> BatchedSampler:
+        return BatchedSampler(self.model, self.tokenizer, injection_layer=1, coefficient=1.0,
+                              params=params or self.params, max_rows=budget,
+                              max_tokens=budget * self.args.tokens_per_row, **VARIANTS[variant])
+
+    def end_answers(self) -> None:
         from ao_resampling.engine.sampling import effective_sampling
         from ao_resampling.engine.standins import end_answers_at_rate
 
-        bias = end_answers_at_rate(model, effective_sampling(model, tokenizer, params), args.eos_rate)
-        print(f"eos mode: <end_of_turn> logit bias {bias:.2f} for a {args.eos_rate:.0%} stop rate per step")
-    rows: list[Row] = []
+        rate = self.args.eos_rate
+        bias = end_answers_at_rate(self.model, effective_sampling(self.model, self.tokenizer, self.params), rate)
+        print(f"eos mode: <end_of_turn> logit bias {bias:.2f} for a {rate:.0%} stop rate per step")
 
-    def record(variant: str, n_samples: int, seconds: float, peak: float) -> None:
-        rows.append(Row(variant, n_samples, seconds, n_samples / seconds, n_samples * args.max_new_tokens / seconds,
-                        peak))
-        print(f"  {variant}: {n_samples} samples in {seconds:.1f}s", flush=True)
+    def references(self) -> None:
+        """The plain HF paths: one sample per generate call, and one padded generate batch."""
+        args, model, tokenizer = self.args, self.model, self.tokenizer
+        if args.sequential_samples:
+            one = [Query(q.key, q.input_ids, 1, q.vectors_KD, q.positions_K)
+                   for q in self.queries[: args.sequential_samples]]
+            sample_sequential(model, tokenizer, one[:1], injection_layer=1, coefficient=1.0,
+                              params=DecodeParams(0.7, 0.9, 4, 0))  # warm-up
+            s, peak, _ = timed(lambda: sample_sequential(model, tokenizer, one, injection_layer=1, coefficient=1.0,
+                                                         params=self.params), self.device)
+            self.record("sequential (1 sample / generate call)", len(one), s, peak)
+        if args.hf_rows:
+            chunk = self.queries[: max(1, args.hf_rows // args.samples)]
+            s, peak, _ = timed(lambda: sample_hf_batched(model, tokenizer, chunk, injection_layer=1, coefficient=1.0,
+                                                         params=self.params), self.device)
+            self.record(f"HF generate, {len(chunk) * args.samples} rows", len(chunk) * args.samples, s, peak)
 
-    if args.sequential_samples:
-        one = [Query(q.key, q.input_ids, 1, q.vectors_KD, q.positions_K) for q in queries[: args.sequential_samples]]
-        sample_sequential(model, tokenizer, one[:1], injection_layer=1, coefficient=1.0,
-                          params=DecodeParams(0.7, 0.9, 4, 0))  # warm-up
-        s, peak, _ = timed(lambda: sample_sequential(model, tokenizer, one, injection_layer=1, coefficient=1.0,
-                                                     params=params), device)
-        record("sequential (1 sample / generate call)", len(one), s, peak)
-    if args.hf_rows:
-        chunk = queries[: max(1, args.hf_rows // args.samples)]
-        s, peak, _ = timed(lambda: sample_hf_batched(model, tokenizer, chunk, injection_layer=1, coefficient=1.0,
-                                                     params=params), device)
-        record(f"HF generate, {len(chunk) * args.samples} rows", len(chunk) * args.samples, s, peak)
+    def variants(self) -> tuple[float, str, int] | None:
+        """Every batched variant at every row budget; returns the fastest as (samples/s, variant, budget)."""
+        args, subset, best = self.args, self.queries[: self.args.queries], None
+        for variant in args.variants.split(","):
+            for budget in (int(b) for b in args.budgets.split(",")):
+                sampler = self.sampler(variant, budget)
+                s, peak, out = timed(lambda: sampler.run(subset, progress=False), self.device)
+                self.record(f"batched {variant}, max_rows {budget}", len(subset) * args.samples, s, peak)
+                if args.eos_rate:
+                    lengths = sorted(x.n_tokens for v in out.values() for x in v)
+                    n_eos = sum(x.finish_reason == "eos" for v in out.values() for x in v)
+                    print(f"    lengths min {lengths[0]} median {lengths[len(lengths) // 2]} max {lengths[-1]}, "
+                          f"{n_eos}/{len(lengths)} ended at eos", flush=True)
+                if best is None or self.rows[-1].samples_per_s > best[0]:
+                    best = (self.rows[-1].samples_per_s, variant, budget)
+        return best
 
-    if args.check:
-        check_greedy(model, tokenizer, queries[: args.check], args.max_new_tokens, min_new_tokens)
-
-    subset = queries[: args.queries]
-    best = None
-    for variant in args.variants.split(","):
-        for budget in (int(b) for b in args.budgets.split(",")):
-            sampler = BatchedSampler(model, tokenizer, injection_layer=1, coefficient=1.0, params=params,
-                                     max_rows=budget, max_tokens=budget * args.tokens_per_row, **VARIANTS[variant])
-            s, peak, out = timed(lambda: sampler.run(subset, progress=False), device)
-            record(f"batched {variant}, max_rows {budget}", len(subset) * args.samples, s, peak)
-            if args.eos_rate:
-                lengths = sorted(x.n_tokens for v in out.values() for x in v)
-                n_eos = sum(x.finish_reason == "eos" for v in out.values() for x in v)
-                print(f"    lengths min {lengths[0]} median {lengths[len(lengths) // 2]} max {lengths[-1]}, "
-                      f"{n_eos}/{len(lengths)} ended at eos", flush=True)
-            if best is None or rows[-1].samples_per_s > best[0]:
-                best = (rows[-1].samples_per_s, variant, budget)
-
-    if args.profile and best:
+    def profile(self, variant: str, budget: int) -> None:
         from torch.profiler import ProfilerActivity, profile
 
-        _, variant, budget = best
-        sampler = BatchedSampler(model, tokenizer, injection_layer=1, coefficient=1.0,
-                                 params=DecodeParams(0.7, 0.9, 32, 0, min_new_tokens=32), max_rows=budget,
-                                 max_tokens=budget * args.tokens_per_row, **VARIANTS[variant])
-        chunk = queries[: budget // args.samples]
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        sampler = self.sampler(variant, budget, DecodeParams(0.7, 0.9, 32, 0, min_new_tokens=32))
+        chunk = self.queries[: budget // self.args.samples]
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
         with sampler._merged():  # merged once, outside the profile: a real run merges once per stage
             sampler.generate(chunk)  # warm-up
             with profile(activities=activities) as prof:
-                s, _, _ = timed(lambda: sampler.generate(chunk), device)
-        sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        print(f"\nprofile: {variant}, {len(chunk) * args.samples} rows x 32 steps in {s:.2f}s")
+                s, _, _ = timed(lambda: sampler.generate(chunk), self.device)
+        sort_by = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        print(f"\nprofile: {variant}, {len(chunk) * self.args.samples} rows x 32 steps in {s:.2f}s")
         print(prof.key_averages().table(sort_by=sort_by, row_limit=18, max_name_column_width=60))
 
-    if args.full and best:
-        _, variant, budget = best
-        sampler = BatchedSampler(model, tokenizer, injection_layer=1, coefficient=1.0, params=params, max_rows=budget,
-                                 max_tokens=budget * args.tokens_per_row, **VARIANTS[variant])
-        s, peak, _ = timed(lambda: sampler.run(queries, progress=False), device)
-        record(f"FULL STAGE: batched {variant}, max_rows {budget}", len(queries) * args.samples, s, peak)
+    def full_stage(self, variant: str, budget: int) -> None:
+        sampler = self.sampler(variant, budget)
+        s, peak, _ = timed(lambda: sampler.run(self.queries, progress=False), self.device)
+        self.record(f"FULL STAGE: batched {variant}, max_rows {budget}", len(self.queries) * self.args.samples, s,
+                    peak)
 
-    seq = next((r for r in rows if r.variant.startswith("sequential")), None)
-    for r in rows:
-        r.ratio_to_sequential = r.samples_per_s / seq.samples_per_s if seq else None
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    lengths = (f"answers end at eos ({args.eos_rate:.0%} a step), at most {args.max_new_tokens} tokens"
-               if args.eos_rate else f"{args.max_new_tokens} tokens forced per sample")
-    print(f"\n{args.model} ({n_layers} layers, LoRA r={args.lora_rank}) on {name}; load {load_s:.1f}s; "
-          f"capture of {len(targets)} targets {capture_s:.2f}s; {lengths}")
-    print(f"{'variant':<44} {'samples':>7} {'s':>8} {'samples/s':>10} {'tokens/s':>9} {'peak GiB':>9} {'x seq':>7}")
-    for r in rows:
-        ratio = f"{r.ratio_to_sequential:.0f}" if r.ratio_to_sequential else "-"
-        print(f"{r.variant:<44} {r.samples:>7} {r.seconds:>8.1f} {r.samples_per_s:>10.2f} {r.tokens_per_s:>9.0f} "
-              f"{r.peak_gib:>9.1f} {ratio:>7}")
-    if args.json:
-        args.json.write_text(json.dumps({"device": name, "model": args.model, "load_s": load_s,
-                                         "capture_s": capture_s, "rows": [asdict(r) for r in rows]}, indent=1))
+    def report(self) -> None:
+        args, rows = self.args, self.rows
+        seq = next((r for r in rows if r.variant.startswith("sequential")), None)
+        for r in rows:
+            r.ratio_to_sequential = r.samples_per_s / seq.samples_per_s if seq else None
+        name = torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu"
+        lengths = (f"answers end at eos ({args.eos_rate:.0%} a step), at most {args.max_new_tokens} tokens"
+                   if args.eos_rate else f"{args.max_new_tokens} tokens forced per sample")
+        print(f"\n{args.model} ({self.n_layers} layers, LoRA r={args.lora_rank}) on {name}; load {self.load_s:.1f}s; "
+              f"capture of {len(self.targets)} targets {self.capture_s:.2f}s; {lengths}")
+        print(f"{'variant':<44} {'samples':>7} {'s':>8} {'samples/s':>10} {'tokens/s':>9} {'peak GiB':>9} {'x seq':>7}")
+        for r in rows:
+            ratio = f"{r.ratio_to_sequential:.0f}" if r.ratio_to_sequential else "-"
+            print(f"{r.variant:<44} {r.samples:>7} {r.seconds:>8.1f} {r.samples_per_s:>10.2f} {r.tokens_per_s:>9.0f} "
+                  f"{r.peak_gib:>9.1f} {ratio:>7}")
+        if args.json:
+            args.json.write_text(json.dumps({"device": name, "model": args.model, "load_s": self.load_s,
+                                             "capture_s": self.capture_s, "rows": [asdict(r) for r in rows]},
+                                            indent=1))
+
+
+def main() -> None:
+    args = parse_args()
+    bench = Bench(args)
+    if args.eos_rate:
+        bench.end_answers()
+    bench.references()
+    if args.check:
+        check_greedy(bench.model, bench.tokenizer, bench.queries[: args.check], args.max_new_tokens,
+                     bench.min_new_tokens)
+    best = bench.variants()
+    if args.profile and best:
+        bench.profile(*best[1:])
+    if args.full and best:
+        bench.full_stage(*best[1:])
+    bench.report()
 
 
 if __name__ == "__main__":
