@@ -1,4 +1,4 @@
-"""What importing the analysis costs, in a fresh interpreter (a subprocess): no stage, engine, torch nor judge client."""
+"""What importing the analysis loads, in a fresh interpreter (a subprocess): no stage, engine, torch, judge client."""
 
 from __future__ import annotations
 
