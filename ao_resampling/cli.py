@@ -19,7 +19,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
@@ -27,6 +27,9 @@ from ao_resampling.config import ConfigError, ExperimentConfig, build_config
 from ao_resampling.errors import EXIT_CALLS_FAILED, EXIT_INTERRUPTED, AOResamplingError
 from ao_resampling.store import folder_lock, require_folder
 from ao_resampling.results import RESULTS_NAME, ResultsError, is_redacted_url
+
+if TYPE_CHECKING:  # pipeline imports torch: only the commands that run it load it
+    from ao_resampling.pipeline import RunReport
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
                   help="How much does an Activation Oracle's answer change when you just sample it again?")
@@ -204,6 +207,11 @@ def run(
     # Under torchrun rank 0 holds the folder for the whole group (store.py); the launcher above exec'd torchrun.
     with folder_lock(out_dir) if world().is_main else contextlib.nullcontext():
         report = pipeline.run_experiment(config, out_dir, judge=judge, progress=not quiet, log=typer.echo)
+    _tell_how_the_run_went(report, out_dir, judge=judge)
+
+
+def _tell_how_the_run_went(report: RunReport, out_dir: Path, *, judge: bool) -> None:
+    """``run``'s last lines: counts, timings, where things are, stand-in notes; exit 3 when judge calls failed."""
     if report.report_dir is None:  # a rank other than 0 under torchrun: its share is journaled, rank 0 does the rest
         typer.echo(f"rank {os.environ.get('RANK')}: sampled {report.n_runs} runs; rank 0 merges, judges and reports")
         return
