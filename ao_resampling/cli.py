@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import json
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
@@ -27,46 +28,81 @@ from ao_resampling.errors import EXIT_CALLS_FAILED, EXIT_INTERRUPTED, AOResampli
 from ao_resampling.store import folder_lock, require_folder
 from ao_resampling.results import RESULTS_NAME, ResultsError, is_redacted_url
 
+if TYPE_CHECKING:  # pipeline imports torch: only the commands that run it load it
+    from ao_resampling.pipeline import RunReport
+
 app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
                   help="How much does an Activation Oracle's answer change when you just sample it again?")
 
+
+def _setting(kind: Any, flag: str, help: str | None = None, **checks: Any) -> Any:
+    """The type of an optional flag: None when not given, so the preset's, the TOML file's or a --set value stands.
+
+    ``flag``: spelled out as the user types it (so it can be searched for); ``checks``: typer's, e.g. ``min=1``.
+    """
+    return Annotated[Optional[kind], typer.Option(flag, help=help, **checks)]
+
+
 Preset = Annotated[str, typer.Option(help="'demo' (CPU, Gemma 3 270M, random LoRA) or 'experiment' (the real run)")]
-ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="TOML file of ExperimentConfig fields")]
-Out = Annotated[Optional[Path], typer.Option(help="run folder (default: artifacts/<name>; re-use it to resume)")]
-Model = Annotated[Optional[str], typer.Option(help="HF id, local dir, gemma3-270m-gguf, synthetic:tiny|gemma-3-27b")]
-Tokenizer = Annotated[Optional[str], typer.Option(help="defaults to the model's")]
-Lora = Annotated[Optional[str], typer.Option("--oracle-lora", help="PEFT LoRA id/dir, or 'random'")]
-Targets = Annotated[Optional[Path], typer.Option(help="targets JSON (default: built-in examples)")]
-Questions = Annotated[Optional[Path], typer.Option(help="question pool: .json list, .txt lines, or .py list")]
-QuestionsVar = Annotated[Optional[str], typer.Option(help="list name inside a .py pool")]
-NumTargets = Annotated[Optional[int], typer.Option(help="take the first N targets")]
-NumQuestions = Annotated[Optional[int], typer.Option(help="questions sampled from the pool")]
-Samples = Annotated[Optional[int], typer.Option("--samples", help="AO answers per (target, question)")]
-Device = Annotated[Optional[str], typer.Option(help="cuda, cuda:1, cpu")]
-DeviceMap = Annotated[Optional[str], typer.Option(help="'auto' spreads one model over visible GPUs")]
-Dtype = Annotated[Optional[str], typer.Option(help="bfloat16, float16, float32")]
-MaxNew = Annotated[Optional[int], typer.Option(help="max new tokens per AO answer")]
-Temperature = Annotated[Optional[float], typer.Option()]
-TopP = Annotated[Optional[float], typer.Option()]
-TopK = Annotated[Optional[int], typer.Option(help="top-k (default: the model's generation_config; 0 = off)")]
-BatchRows = Annotated[Optional[int], typer.Option(help="most rows decoded at once")]
-JudgeModel = Annotated[Optional[str], typer.Option(help="judge model (default gpt-5-mini)")]
-JudgeApi = Annotated[Optional[str], typer.Option(help="'responses' (OpenAI) or 'chat' (local servers)")]
-JudgeBaseUrl = Annotated[Optional[str], typer.Option(help="OpenAI-compatible base URL (else OPENAI_BASE_URL)")]
-JudgeConcurrency = Annotated[Optional[int], typer.Option(help="judge calls in flight")]
-JudgeTimeout = Annotated[Optional[float], typer.Option("--judge-timeout-s", help="seconds one judge call may take")]
-JudgeRetries = Annotated[Optional[int], typer.Option(help="SDK retries per judge call (429/5xx/timeouts)")]
-JudgeRepeats = Annotated[Optional[int], typer.Option(help="extra judge calls per run, answers shuffled")]
-RepeatFraction = Annotated[Optional[float], typer.Option(help="fraction of runs that get repeats")]
-EmbeddingModel = Annotated[Optional[str], typer.Option(help="sentence-transformers id/dir, or 'none'")]
-Baseline = Annotated[Optional[bool], typer.Option("--baseline/--no-baseline", help="also sample the target model")]
-BaselineMaxNew = Annotated[Optional[int], typer.Option(help="max new tokens per target-model reply (baseline)")]
+ConfigFile = _setting(Path, "--config", "TOML file of ExperimentConfig fields")
+Out = _setting(Path, "--out", "run folder (default: artifacts/<name>; re-use it to resume)")
+Model = _setting(str, "--model", "HF id, local dir, gemma3-270m-gguf, synthetic:tiny|gemma-3-27b")
+Tokenizer = _setting(str, "--tokenizer", "defaults to the model's")
+Lora = _setting(str, "--oracle-lora", "PEFT LoRA id/dir, or 'random'")
+Targets = _setting(Path, "--targets", "targets JSON (default: built-in examples)")
+Questions = _setting(Path, "--questions", "question pool: .json list, .txt lines, or .py list")
+QuestionsVar = _setting(str, "--questions-variable", "list name inside a .py pool")
+NumTargets = _setting(int, "--num-targets", "take the first N targets")
+NumQuestions = _setting(int, "--num-questions", "questions sampled from the pool")
+Samples = _setting(int, "--samples", "AO answers per (target, question)")
+Device = _setting(str, "--device", "cuda, cuda:1, cpu")
+DeviceMap = _setting(str, "--device-map", "'auto' spreads one model over visible GPUs")
+Dtype = _setting(str, "--dtype", "bfloat16, float16, float32")
+MaxNew = _setting(int, "--max-new-tokens", "max new tokens per AO answer")
+Temperature = _setting(float, "--temperature")
+TopP = _setting(float, "--top-p")
+TopK = _setting(int, "--top-k", "top-k (default: the model's generation_config; 0 = off)")
+BatchRows = _setting(int, "--batch-rows", "most rows decoded at once")
+JudgeRepeats = _setting(int, "--judge-repeats", "extra judge calls per run, answers shuffled")
+RepeatFraction = _setting(float, "--repeat-fraction", "fraction of runs that get repeats")
+EmbeddingModel = _setting(str, "--embedding-model", "sentence-transformers id/dir, or 'none'")
+Baseline = _setting(bool, "--baseline/--no-baseline", "also sample the target model")
+BaselineMaxNew = _setting(int, "--baseline-max-new-tokens", "max new tokens per target-model reply (baseline)")
 NoJudge = Annotated[bool, typer.Option("--no-judge", help="generation + judge-free analysis only")]
-Set = Annotated[Optional[list[str]], typer.Option("--set", help="any config field: --set decode_seed=3")]
+Set = _setting(list[str], "--set", "any config field: --set decode_seed=3")
 Quiet = Annotated[bool, typer.Option("--quiet", help="no progress bars")]
-Gpus = Annotated[Optional[int], typer.Option(
-    "--gpus", min=1, help="spread generation over N GPUs, one rank each (relaunches itself under torchrun; "
-                          "with --device cpu, N CPU processes)")]
+# The judge endpoint's flags: the same six on `run`, `judge` and `baseline` (see _with_judge_flags).
+JUDGE_FLAGS = {
+    "judge_model": _setting(str, "--judge-model", "judge model (default gpt-5-mini)"),
+    "judge_api": _setting(str, "--judge-api", "'responses' (OpenAI) or 'chat' (local servers)"),
+    "judge_base_url": _setting(str, "--judge-base-url", "OpenAI-compatible base URL (else OPENAI_BASE_URL)"),
+    "judge_concurrency": _setting(int, "--judge-concurrency", "judge calls in flight"),
+    "judge_timeout_s": _setting(float, "--judge-timeout-s", "seconds one judge call may take"),
+    "judge_max_retries": _setting(int, "--judge-max-retries", "SDK retries per judge call (429/5xx/timeouts)"),
+}
+JudgeFlags = Optional[dict[str, Any]]  # never None in the command: _with_judge_flags fills it
+Gpus = _setting(int, "--gpus", "spread generation over N GPUs, one rank each (relaunches itself under torchrun; "
+                              "with --device cpu, N CPU processes)", min=1)
+
+
+def _with_judge_flags(command: Callable[..., None]) -> Callable[..., None]:
+    """Gives a command the JUDGE_FLAGS where its ``judge_flags`` parameter stands; it gets them as one dict.
+
+    typer reads a command's flags from its signature, so the wrapper shows the six parameters in its place.
+    """
+    signature = inspect.signature(command, eval_str=True)
+    params = list(signature.parameters.values())
+    at = [p.name for p in params].index("judge_flags")
+    flags = [inspect.Parameter(name, params[at].kind, default=None, annotation=annotation)
+             for name, annotation in JUDGE_FLAGS.items()]
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        command(*args, judge_flags={name: kwargs.pop(name) for name in JUDGE_FLAGS}, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=[*params[:at], *flags, *params[at + 1:]])
+    wrapper.__annotations__ = {p.name: p.annotation for p in wrapper.__signature__.parameters.values()}
+    return wrapper
 
 
 def _fail(message: str) -> None:
@@ -124,6 +160,7 @@ def _config(preset: str, config_file: Path | None, sets: list[str] | None, **fla
 
 @app.command()
 @guarded
+@_with_judge_flags
 def run(
     preset: Preset = "demo", config_file: ConfigFile = None, out: Out = None, model: Model = None,
     tokenizer: Tokenizer = None, oracle_lora: Lora = None, targets: Targets = None, questions: Questions = None,
@@ -131,9 +168,7 @@ def run(
     samples: Samples = None, device: Device = None, device_map: DeviceMap = None, dtype: Dtype = None,
     max_new_tokens: MaxNew = None, temperature: Temperature = None, top_p: TopP = None,
     top_k: TopK = None,
-    batch_rows: BatchRows = None, judge_model: JudgeModel = None, judge_api: JudgeApi = None,
-    judge_base_url: JudgeBaseUrl = None, judge_concurrency: JudgeConcurrency = None,
-    judge_timeout_s: JudgeTimeout = None, judge_max_retries: JudgeRetries = None,
+    batch_rows: BatchRows = None, judge_flags: JudgeFlags = None,
     judge_repeats: JudgeRepeats = None, repeat_fraction: RepeatFraction = None, baseline: Baseline = None,
     baseline_max_new_tokens: BaselineMaxNew = None, embedding_model: EmbeddingModel = None, no_judge: NoJudge = False,
     set_: Set = None, quiet: Quiet = False, gpus: Gpus = None,
@@ -147,10 +182,8 @@ def run(
         questions=questions, questions_variable=questions_variable, num_targets=num_targets,
         num_questions=num_questions, samples_per_query=samples, device=device, device_map=device_map, dtype=dtype,
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, batch_rows=batch_rows,
-        judge_model=judge_model, judge_api=judge_api, judge_base_url=judge_base_url,
-        judge_concurrency=judge_concurrency, judge_repeats=judge_repeats, judge_repeat_fraction=repeat_fraction,
-        judge_timeout_s=judge_timeout_s, judge_max_retries=judge_max_retries, baseline=baseline,
-        baseline_max_new_tokens=baseline_max_new_tokens, embedding_model=embedding_model,
+        judge_repeats=judge_repeats, judge_repeat_fraction=repeat_fraction, baseline=baseline,
+        baseline_max_new_tokens=baseline_max_new_tokens, embedding_model=embedding_model, **judge_flags,
     )
     if gpus and gpus > 1 and "WORLD_SIZE" not in os.environ:  # not yet under torchrun: become it
         from ao_resampling.engine import distributed
@@ -174,6 +207,11 @@ def run(
     # Under torchrun rank 0 holds the folder for the whole group (store.py); the launcher above exec'd torchrun.
     with folder_lock(out_dir) if world().is_main else contextlib.nullcontext():
         report = pipeline.run_experiment(config, out_dir, judge=judge, progress=not quiet, log=typer.echo)
+    _tell_how_the_run_went(report, out_dir, judge=judge)
+
+
+def _tell_how_the_run_went(report: RunReport, out_dir: Path, *, judge: bool) -> None:
+    """``run``'s last lines: counts, timings, where things are, stand-in notes; exit 3 when judge calls failed."""
     if report.report_dir is None:  # a rank other than 0 under torchrun: its share is journaled, rank 0 does the rest
         typer.echo(f"rank {os.environ.get('RANK')}: sampled {report.n_runs} runs; rank 0 merges, judges and reports")
         return
@@ -270,21 +308,17 @@ def prepare(
 
 @app.command()
 @guarded
+@_with_judge_flags
 def judge(
     results: Annotated[Path, typer.Argument(help="run folder or its results.json")],
-    judge_model: JudgeModel = None, judge_api: JudgeApi = None, judge_base_url: JudgeBaseUrl = None,
-    judge_concurrency: JudgeConcurrency = None, judge_timeout_s: JudgeTimeout = None,
-    judge_max_retries: JudgeRetries = None, judge_repeats: JudgeRepeats = None,
-    repeat_fraction: RepeatFraction = None, quiet: Quiet = False,
+    judge_flags: JudgeFlags = None, judge_repeats: JudgeRepeats = None, repeat_fraction: RepeatFraction = None,
+    quiet: Quiet = False,
 ) -> None:
     """Judge every run that has answers and no verdict; re-try recorded failures. Journaled, resumable.
     Exit 3 when calls failed (recorded; re-run to retry them)."""
     from ao_resampling.stages.judge import check_judge_access, failed_calls, judge_stage
 
-    store, config = _open(results, judge_model=judge_model, judge_api=judge_api, judge_base_url=judge_base_url,
-                          judge_concurrency=judge_concurrency, judge_timeout_s=judge_timeout_s,
-                          judge_max_retries=judge_max_retries, judge_repeats=judge_repeats,
-                          judge_repeat_fraction=repeat_fraction)
+    store, config = _open(results, judge_repeats=judge_repeats, judge_repeat_fraction=repeat_fraction, **judge_flags)
     check_judge_access(config)
     with folder_lock(store.folder):
         outcome = judge_stage(store, config, progress=not quiet)
@@ -315,13 +349,12 @@ def report(
 
 @app.command(name="baseline")
 @guarded
+@_with_judge_flags
 def baseline_command(
     results: Annotated[Path, typer.Argument(help="run folder or its results.json")],
     baseline_max_new_tokens: BaselineMaxNew = None, device: Device = None, device_map: DeviceMap = None,
-    batch_rows: BatchRows = None, judge_model: JudgeModel = None, judge_api: JudgeApi = None,
-    judge_base_url: JudgeBaseUrl = None, judge_concurrency: JudgeConcurrency = None,
-    judge_timeout_s: JudgeTimeout = None, judge_max_retries: JudgeRetries = None,
-    embedding_model: EmbeddingModel = None, no_judge: NoJudge = False, quiet: Quiet = False,
+    batch_rows: BatchRows = None, judge_flags: JudgeFlags = None, embedding_model: EmbeddingModel = None,
+    no_judge: NoJudge = False, quiet: Quiet = False,
 ) -> None:
     """Sample the target model itself n times per target (adapter off), judge its replies, and redo the report.
     Journaled, resumable: targets already sampled or judged are skipped. Exit 3 when judge calls failed."""
@@ -331,10 +364,7 @@ def baseline_command(
     from ao_resampling.stages.judge import JudgeConfigError, check_judge_access, failed_calls
 
     store, config = _open(results, baseline_max_new_tokens=baseline_max_new_tokens, device=device,
-                          device_map=device_map, batch_rows=batch_rows, judge_model=judge_model, judge_api=judge_api,
-                          judge_base_url=judge_base_url, judge_concurrency=judge_concurrency,
-                          judge_timeout_s=judge_timeout_s, judge_max_retries=judge_max_retries,
-                          embedding_model=embedding_model)
+                          device_map=device_map, batch_rows=batch_rows, embedding_model=embedding_model, **judge_flags)
     if not no_judge:
         try:
             check_judge_access(config)

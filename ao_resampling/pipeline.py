@@ -9,9 +9,10 @@ condition.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,57 +119,82 @@ def run_experiment(config: ExperimentConfig, out_dir: Path, *, judge: bool | Non
         report.notes.append(STAND_IN_NOTE.format(why=why))
         log(report.notes[-1])
 
-    t = time.perf_counter()
-    with distributed.together(here, "writing the plan"):  # one plan (question sample, run ids), by rank 0 alone
-        # Before the model: a folder made with other settings is refused in seconds, not after loading 27B.
-        tokenizer = oracle.tokenizer if oracle is not None else None  # a sweep's: not loaded again per condition
-        store, _ = prepare(config, out_dir, tokenizer=tokenizer) if here.is_main else (None, None)
-    report.stage_seconds["prepare"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    if oracle is None and (here.is_distributed or needs_model(store.load(), config)):  # a resume may need none
-        with distributed.together(here, "loading the model"):
-            oracle = load_oracle(config)
-    report.stage_seconds["load"] = time.perf_counter() - t
-
+    with _timed(report, "prepare"):
+        store = _write_plan(config, Path(out_dir), here, oracle)
+    with _timed(report, "load"):
+        oracle = _load_if_needed(config, store, here, oracle)
     if config.baseline and here.is_main:
         from ao_resampling.stages.baseline import baseline_stage
 
         # Before the AO generation: decoding merges the LoRA into the weights and back, which is exact only up to
         # rounding, and the target model must be sampled with its own weights. Other ranks wait at the next step.
-        t = time.perf_counter()
-        baseline_stage(store, config, oracle=oracle, judge=judge, judge_client=judge_client, progress=progress)
-        report.stage_seconds["baseline"] = time.perf_counter() - t
+        with _timed(report, "baseline"):
+            baseline_stage(store, config, oracle=oracle, judge=judge, judge_client=judge_client, progress=progress)
+    with _timed(report, "generate"):
+        sampled_here = _generate_stage(store, config, Path(out_dir), here, oracle=oracle, progress=progress)
+    if sampled_here is not None:  # a rank other than 0: its share is journaled, rank 0 does the rest
+        report.n_runs, report.n_samples = sampled_here, sampled_here * config.samples_per_query
+        return report
+    _judge_and_analyse(store, config, report, judge=judge, judge_client=judge_client, progress=progress)
+    return report
 
+
+@contextlib.contextmanager
+def _timed(report: RunReport, stage: str) -> Iterator[None]:
+    """Records the stage's wall time in the report (``run`` prints them), once the stage has finished."""
     t = time.perf_counter()
+    yield
+    report.stage_seconds[stage] = time.perf_counter() - t
+
+
+def _write_plan(config: ExperimentConfig, out_dir: Path, here: distributed.World,
+                oracle: models.LoadedOracle | None) -> ResultsStore | None:
+    """One plan (question sample, run ids), by rank 0 alone (the other ranks get None and wait for it).
+
+    Before the model: a folder made with other settings is refused in seconds, not after loading 27B.
+    """
+    with distributed.together(here, "writing the plan"):
+        tokenizer = oracle.tokenizer if oracle is not None else None  # a sweep's: not loaded again per condition
+        return prepare(config, out_dir, tokenizer=tokenizer)[0] if here.is_main else None
+
+
+def _load_if_needed(config: ExperimentConfig, store: ResultsStore | None, here: distributed.World,
+                    oracle: models.LoadedOracle | None) -> models.LoadedOracle | None:
+    """The given oracle, else a fresh one unless nothing is left to sample (a resume may need none)."""
+    if oracle is None and (here.is_distributed or needs_model(store.load(), config)):
+        with distributed.together(here, "loading the model"):
+            return load_oracle(config)  # a module global: tests patch pipeline.load_oracle
+    return oracle
+
+
+def _generate_stage(store: ResultsStore | None, config: ExperimentConfig, out_dir: Path, here: distributed.World, *,
+                    oracle: models.LoadedOracle | None, progress: bool) -> int | None:
+    """Samples the missing AO answers: the runs a rank other than 0 sampled (it is done then), else None."""
     if here.is_distributed:
-        sampled = generate_shard(Path(out_dir), config, here, oracle=oracle, progress=progress)
+        sampled = generate_shard(out_dir, config, here, oracle=oracle, progress=progress)
         distributed.stop()
         if not here.is_main:
-            report.stage_seconds["generate"] = time.perf_counter() - t
-            report.n_runs, report.n_samples = sampled, sampled * config.samples_per_query
-            return report
+            return sampled
     else:
         generate(store, config, oracle=oracle, progress=progress)
     store.compact()  # under torchrun: every rank's journal, merged in plan order
-    report.stage_seconds["generate"] = time.perf_counter() - t
+    return None
 
+
+def _judge_and_analyse(store: ResultsStore, config: ExperimentConfig, report: RunReport, *, judge: bool,
+                       judge_client, progress: bool) -> None:
+    """Rank 0's end of the run: verdicts, spreads and the report folder, then the counts ``run`` prints."""
     if judge:
         from ao_resampling.stages.judge import judge_stage
 
-        t = time.perf_counter()
-        judge_stage(store, config, client=judge_client, progress=progress)
-        report.stage_seconds["judge"] = time.perf_counter() - t
+        with _timed(report, "judge"):
+            judge_stage(store, config, client=judge_client, progress=progress)
         report.judged = True
-
-    t = time.perf_counter()
-    report.report_dir = analyse(store, config, progress=progress)
-    report.stage_seconds["analyse"] = time.perf_counter() - t
-
+    with _timed(report, "analyse"):
+        report.report_dir = analyse(store, config, progress=progress)
     results = store.load()
     report.n_runs = len(results.runs)
     report.n_samples = sum(len(r.responses) for r in results.runs)
-    return report
 
 
 def analyse(store: ResultsStore, config: ExperimentConfig, *, out_dir: Path | None = None,

@@ -1,0 +1,140 @@
+"""config.py: where each setting comes from (preset < TOML file < flags < nothing else), errors that name the file
+and the field, and which settings a resumed run must share. (The CLI's ``prepare`` on the real data:
+tests/integration/test_config_cli.py.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ao_resampling.config import (
+    DEMO,
+    REAL_MODEL,
+    ConfigError,
+    ExperimentConfig,
+    build_config,
+    diff_settings,
+)
+
+
+def write_toml(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# build_config
+
+
+def test_precedence_preset_then_file_then_flags(tmp_path):
+    toml = write_toml(tmp_path / "exp.toml", "num_targets = 7\nsamples_per_query = 3\ntemperature = 0.5\n")
+    config = build_config(preset="demo", config_file=toml, overrides={"samples_per_query": 5, "temperature": None})
+    assert config.model == DEMO["model"]  # preset, untouched by the file or the flags
+    assert config.max_new_tokens == DEMO["max_new_tokens"]
+    assert config.num_targets == 7  # the file beats the preset (4)
+    assert config.samples_per_query == 5  # a flag beats the file (3) and the preset (4)
+    assert config.temperature == 0.5  # a flag left unset (None) does not hide the file's value
+    assert config.question_seed == 0  # nobody set it: the model's default
+
+
+def test_experiment_preset_is_the_real_experiment():
+    config = build_config(preset="experiment")
+    assert (config.model, config.num_targets, config.num_questions, config.samples_per_query) == (REAL_MODEL, 100, 10, 10)
+    assert config.stand_in_reason() is None
+
+
+def test_experiment_table_in_toml(tmp_path):
+    toml = write_toml(tmp_path / "exp.toml", "[experiment]\nnum_questions = 2\ndecode_seed = 9\n")
+    config = build_config(config_file=toml)
+    assert (config.num_questions, config.decode_seed) == (2, 9)
+
+
+@pytest.mark.parametrize("text, message", [
+    pytest.param("num_targets = \n", "not valid TOML", id="not_toml"),
+    pytest.param("colour = 'red'\n", "field 'colour'", id="unknown_field"),
+    pytest.param("num_targets = 0\n", "field 'num_targets'", id="out_of_range"),
+    pytest.param("dtype = 'float8'\n", "field 'dtype'", id="bad_choice"),
+    pytest.param("temperature = 'warm'\n", "field 'temperature'", id="wrong_type"),
+])
+def test_config_file_errors_name_the_file_and_field(tmp_path, text, message):
+    toml = write_toml(tmp_path / "broken.toml", text)
+    with pytest.raises(ConfigError) as info:
+        build_config(config_file=toml)
+    assert str(toml) in str(info.value)
+    assert message in str(info.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"nowhere\.toml: cannot read config file"):
+        build_config(config_file=tmp_path / "nowhere.toml")
+
+
+def test_flag_errors_name_the_field():
+    with pytest.raises(ConfigError, match="field 'top_p'"):
+        build_config(overrides={"top_p": 0.0})
+    with pytest.raises(ConfigError, match="unknown preset 'fast'"):
+        build_config(preset="fast")
+
+
+FLOAT_FIELDS = [name for name, f in ExperimentConfig.model_fields.items() if f.annotation is float]
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan"), "inf", "NaN"])
+@pytest.mark.parametrize("name", FLOAT_FIELDS)
+def test_non_finite_floats_are_refused_naming_the_field(name, value):
+    # (top_p and judge_repeat_fraction already refused +inf by their upper bound; the rest let it through.)
+    with pytest.raises(ConfigError, match=rf"field '{name}': "):
+        build_config(overrides={name: value})
+
+
+def test_every_float_field_is_checked():
+    # The list above comes from the annotations; make sure it is not silently empty or missing the known knobs.
+    assert {"temperature", "top_p", "steering_coefficient", "judge_timeout_s", "judge_repeat_fraction"} <= set(
+        FLOAT_FIELDS)
+
+
+def test_random_weights_need_a_random_lora():
+    with pytest.raises(ConfigError, match="oracle_lora = 'random'"):
+        build_config(overrides={"model": "synthetic:tiny"})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Which settings a resumed run must share
+
+
+def test_plumbing_does_not_change_results_but_decoding_does():
+    base = ExperimentConfig()
+    plumbing = ExperimentConfig(device="cpu", batch_rows=3, batch_tokens=99, judge_concurrency=1, judge_api="chat",
+                                judge_base_url="http://127.0.0.1:1/v1", sampler="sequential", judge_repeats=2,
+                                embedding_model="none")
+    assert plumbing.settings_that_change_results() == base.settings_that_change_results()
+    assert diff_settings(base.settings_that_change_results(), plumbing.settings_that_change_results()) == []
+
+    changed = ExperimentConfig(temperature=0.3, decode_seed=4, num_questions=5)
+    assert diff_settings(base.settings_that_change_results(), changed.settings_that_change_results()) == [
+        "decode_seed: 0 -> 4", "num_questions: 10 -> 5", "temperature: 0.7 -> 0.3",
+    ]
+
+
+def test_settings_survive_the_trip_through_meta():
+    config = ExperimentConfig(model="synthetic:tiny", oracle_lora="random", targets=Path("t.json"))
+    stored = json.loads(json.dumps(config.model_dump(mode="json")))  # what results.json meta.config holds
+    again = ExperimentConfig.model_validate(stored)
+    assert diff_settings(config.settings_that_change_results(), again.settings_that_change_results()) == []
+
+
+def test_diff_settings_names_keys_on_one_side_only():
+    assert diff_settings({"a": 1}, {"a": 1, "b": 2}) == ["b: None -> 2"]
+
+
+@pytest.mark.parametrize("overrides, why", [
+    pytest.param({"model": "synthetic:tiny", "oracle_lora": "random"}, "synthetic:tiny has random weights",
+                 id="random_weights"),
+    pytest.param({"oracle_lora": "random"}, "a random LoRA stands in for the trained oracle adapter", id="random_lora"),
+    pytest.param({}, None, id="the_real_oracle"),
+])
+def test_the_config_says_why_a_run_is_a_stand_in(overrides, why):
+    """One rule, on the config: results.json's meta.stand_in and note, and the run's warning, all come from it."""
+    assert ExperimentConfig(**overrides).stand_in_reason() == why
