@@ -24,7 +24,8 @@ from ao_resampling.engine.sampling import BatchedSampler, DecodeParams, Query, S
 from ao_resampling.errors import PipelineError
 from ao_resampling.results import Decoding, Response, Results, Run
 from ao_resampling.stages.plan import decoding
-from ao_resampling.store import ResultsStore, responses_event
+from ao_resampling.events import responses_event
+from ao_resampling.store import ResultsStore
 
 CAPTURE_BATCH = 32  # targets are short; a few passes over half the model, not one per handful
 
