@@ -25,7 +25,8 @@ import typer
 from ao_resampling.config import ConfigError, ExperimentConfig, build_config
 from ao_resampling.errors import EXIT_CALLS_FAILED, EXIT_INTERRUPTED, AOResamplingError
 from ao_resampling.store import folder_lock, require_folder
-from ao_resampling.results import RESULTS_NAME, ResultsError, is_redacted_url
+from ao_resampling.redaction import is_redacted_url
+from ao_resampling.results import RESULTS_NAME, ResultsError
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
                   help="How much does an Activation Oracle's answer change when you just sample it again?")
