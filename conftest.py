@@ -50,7 +50,8 @@ def tiny_model():
 @pytest.fixture(scope="session")
 def tiny_oracle():
     """The tiny model wrapped with a seeded random LoRA (nonzero B), standing in for an oracle."""
-    from ao_resampling.engine.models import attach_oracle, load_model
+    from ao_resampling.engine.adapters import attach_oracle
+    from ao_resampling.engine.models import load_model
 
     # LoRA seed 2: the tests need a greedy answer that depends on the injected vector and a token q0 emits only at
     # step 2 (test_sampler.early_eos); a flat random model meets both only for some adapters, and seed 0 is not one.
@@ -60,7 +61,8 @@ def tiny_oracle():
 @pytest.fixture(scope="session")
 def gemma270m_oracle():
     """Real Gemma 3 270M (float32, CPU) with a random LoRA: real weights, not a trained oracle."""
-    from ao_resampling.engine.models import attach_oracle, load_model
+    from ao_resampling.engine.adapters import attach_oracle
+    from ao_resampling.engine.models import load_model
 
     return attach_oracle(load_model("gemma3-270m-gguf", dtype="float32", device="cpu"), "random", seed=0)
 
@@ -82,7 +84,8 @@ def tiny_multimodal_model():
 @pytest.fixture(scope="session")
 def tiny_multimodal_oracle():
     """The tiny multimodal model with a seeded random LoRA."""
-    from ao_resampling.engine.models import attach_oracle, load_model
+    from ao_resampling.engine.adapters import attach_oracle
+    from ao_resampling.engine.models import load_model
 
     model = load_model("synthetic:tiny-multimodal", dtype="float32", device="cpu", seed=TINY_MULTIMODAL_SEED)
     return attach_oracle(model, "random", seed=0)

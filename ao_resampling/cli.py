@@ -26,7 +26,8 @@ import typer
 from ao_resampling.config import ConfigError, ExperimentConfig, build_config
 from ao_resampling.errors import EXIT_CALLS_FAILED, EXIT_INTERRUPTED, AOResamplingError
 from ao_resampling.store import folder_lock, require_folder
-from ao_resampling.results import RESULTS_NAME, ResultsError, is_redacted_url
+from ao_resampling.redaction import is_redacted_url
+from ao_resampling.results import RESULTS_NAME, ResultsError
 
 if TYPE_CHECKING:  # pipeline imports torch: only the commands that run it load it
     from ao_resampling.pipeline import RunReport

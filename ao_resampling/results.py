@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import urllib.parse
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -23,10 +22,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from ao_resampling.errors import AOResamplingError, describe_problems
+from ao_resampling.redaction import redact_url
 
 SCHEMA_VERSION = 1
 RESULTS_NAME = "results.json"
-REDACTED = "REDACTED"
 
 FailureReason = Literal[
     "api_error", "timeout", "empty_output", "incomplete", "refusal", "invalid_json", "schema_mismatch",
@@ -70,8 +69,9 @@ class Response(_Model):
     sample_id: str
     text: str
     decoding: Decoding
-    n_tokens: int | None = None
-    finish_reason: FinishReason | None = None
+    n_tokens: int | None = Field(None, description="tokens generated, the stop token included")
+    finish_reason: FinishReason | None = Field(None, description="'eos': ended on a stop token; 'length': cut "
+                                                                 "at max_new_tokens")
     text_stripped: bool = Field(False, description="text was .strip()ped when stored (files written before the "
                                                    "answers were kept as decoded)")
 
@@ -348,28 +348,6 @@ def dump_results(results: Results) -> str:
         # Used for the calls as given; only what is written loses its credentials.
         config["judge_base_url"] = redact_url(config["judge_base_url"])
     return json.dumps(data, indent=1, ensure_ascii=False) + "\n"
-
-
-_SECRET_PARAM_RE = re.compile(r"key|token|secret|password|passwd|sig|auth", re.IGNORECASE)
-
-
-def redact_url(url: str) -> str:
-    """``url`` without credentials: user:password in it and the values of key/token/secret-like query parameters."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:  # not a URL at all: it may be anything, so keep none of it
-        return REDACTED
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = f"{REDACTED}@{netloc.rsplit('@', 1)[1]}"
-    query = urllib.parse.urlencode(
-        [(k, REDACTED if _SECRET_PARAM_RE.search(k) else v)
-         for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)], safe=REDACTED)
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query if parts.query else ""))
-
-
-def is_redacted_url(url: str | None) -> bool:
-    return isinstance(url, str) and REDACTED in url
 
 
 def read_json_file(path: Path) -> Any:

@@ -6,10 +6,8 @@ last written file, and ``compact`` folds it in with an atomic write. A kill lose
 last line (killed mid-write) is reported and skipped, never fatal. Events are idempotent (last one wins), so replaying
 a journal that was already folded in changes nothing.
 
-The journal is a file format of its own, typed and versioned like ``results.json``: one pydantic model per event
-``type``, each line carrying ``v`` (``JOURNAL_VERSION``), built only by the constructors below (``responses_event``,
-``judge_event``, ...) and validated on replay, where a bad line is named by file and line. Lines written before events
-had a version (no ``v``) are migrated (``migrate_event_v0``).
+The journal is a file format of its own, typed and versioned like ``results.json``: its events (models, constructors,
+parsing, the migration of unversioned lines) are in ``events.py``; replay here names a bad line by file and line.
 
 One writer per run folder: ``folder_lock`` holds an exclusive ``flock`` on ``<folder>/.lock`` while a command works,
 so a second ``run``/``judge``/``baseline``/``report`` stops at once naming the holder (pid, command, start time, which
@@ -31,21 +29,21 @@ import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
-
-from ao_resampling.errors import EXIT_BUSY, AOResamplingError, describe_problems
+from ao_resampling.errors import EXIT_BUSY, AOResamplingError
+from ao_resampling.events import (
+    BaselineJudgeEvent, BaselineResponsesEvent, BaselineSpreadEvent, JournalEvent, JudgeEvent, JudgeRepeatEvent,
+    ResponsesEvent, event_line, parse_event,
+)
 from ao_resampling.results import (
-    RESULTS_NAME, Baseline, BaselineRun, JudgeRecord, Response, Results, ResultsError, Run, SpreadMetrics,
-    dump_results, load_results_file,
+    RESULTS_NAME, Baseline, BaselineRun, JudgeRecord, Results, ResultsError, Run, dump_results, load_results_file,
 )
 
 JOURNAL_GLOB = "journal*.jsonl"
 # The only journals the tool reads and deletes: its own (``journal.jsonl``, ``journal.rank{r}.jsonl`` per torchrun
 # rank). A user's ``journal.backup.jsonl`` beside them is neither replayed nor removed.
 TOOL_JOURNAL_RE = re.compile(r"journal(\.rank(0|[1-9][0-9]*))?\.jsonl")
-JOURNAL_VERSION = 1
 LOCK_NAME = ".lock"
 
 
@@ -69,126 +67,6 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Journal events: one model per type, versioned
-
-
-class _Event(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    v: Literal[1] = JOURNAL_VERSION
-
-
-class ResponsesEvent(_Event):
-    type: Literal["responses"] = "responses"
-    run_id: str
-    responses: list[Response]
-
-
-class JudgeEvent(_Event):
-    type: Literal["judge"] = "judge"
-    run_id: str
-    record: JudgeRecord
-
-
-class JudgeRepeatEvent(_Event):
-    type: Literal["judge_repeat"] = "judge_repeat"
-    run_id: str
-    record: JudgeRecord
-
-
-class SpreadEvent(_Event):
-    type: Literal["spread"] = "spread"
-    run_id: str
-    spread: SpreadMetrics
-
-
-class _BaselineEvent(_Event):
-    run_id: str
-    target_id: str
-    meta: dict[str, Any] = {}  # the baseline's settings; set on the replies, where a new baseline starts
-
-
-class BaselineResponsesEvent(_BaselineEvent):
-    type: Literal["baseline_responses"] = "baseline_responses"
-    responses: list[Response]
-
-
-class BaselineJudgeEvent(_BaselineEvent):
-    type: Literal["baseline_judge"] = "baseline_judge"
-    record: JudgeRecord
-
-
-class BaselineSpreadEvent(_BaselineEvent):
-    type: Literal["baseline_spread"] = "baseline_spread"
-    spread: SpreadMetrics
-
-
-JournalEvent = Union[ResponsesEvent, JudgeEvent, JudgeRepeatEvent, SpreadEvent, BaselineResponsesEvent,
-                     BaselineJudgeEvent, BaselineSpreadEvent]
-# type -> model. Looked up by hand rather than through a discriminated union, whose errors would put the type in
-# front of every field ('spread.run_id' for a spread event's run_id).
-EVENT_MODELS: dict[str, type[JournalEvent]] = {m.model_fields["type"].default: m for m in JournalEvent.__args__}
-
-
-def responses_event(run_id: str, responses: Sequence[Response | Mapping[str, Any]]) -> ResponsesEvent:
-    return ResponsesEvent(run_id=run_id, responses=list(responses))
-
-
-def judge_event(run_id: str, record: JudgeRecord, *, repeat: bool = False) -> JudgeEvent | JudgeRepeatEvent:
-    """The verdict of a run's judge call, or (``repeat``) of one of its repeated calls with shuffled answers."""
-    return (JudgeRepeatEvent if repeat else JudgeEvent)(run_id=run_id, record=record)
-
-
-def spread_event(run_id: str, spread: SpreadMetrics) -> SpreadEvent:
-    return SpreadEvent(run_id=run_id, spread=spread)
-
-
-def baseline_responses_event(run_id: str, target_id: str, responses: Sequence[Response | Mapping[str, Any]],
-                             meta: Mapping[str, Any]) -> BaselineResponsesEvent:
-    return BaselineResponsesEvent(run_id=run_id, target_id=target_id, responses=list(responses), meta=dict(meta))
-
-
-def baseline_judge_event(run_id: str, target_id: str, record: JudgeRecord) -> BaselineJudgeEvent:
-    return BaselineJudgeEvent(run_id=run_id, target_id=target_id, record=record)
-
-
-def baseline_spread_event(run_id: str, target_id: str, spread: SpreadMetrics) -> BaselineSpreadEvent:
-    return BaselineSpreadEvent(run_id=run_id, target_id=target_id, spread=spread)
-
-
-def event_line(event: JournalEvent | Mapping[str, Any]) -> str:
-    """One journal line. A mapping is written as it is (a line in an older format, as tests write them)."""
-    data = event.model_dump(mode="json") if isinstance(event, BaseModel) else event
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":")) + "\n"
-
-
-def migrate_event_v0(raw: dict[str, Any]) -> dict[str, Any]:
-    """A line written before events had a version: the same keys, no ``v``. Replay then read only the keys it knew
-    and ignored any other, so those are dropped here rather than refused."""
-    model = EVENT_MODELS.get(raw.get("type"))
-    return dict({k: v for k, v in raw.items() if model is None or k in model.model_fields}, v=JOURNAL_VERSION)
-
-
-def parse_event(raw: Any) -> JournalEvent:
-    """A journal line's JSON as a typed event, or a ResultsError saying what is wrong with it."""
-    if not isinstance(raw, dict):
-        raise ResultsError(f"expected a JSON object (an event), got {type(raw).__name__}")
-    if "v" not in raw:
-        raw = migrate_event_v0(raw)
-    elif type(raw["v"]) is not int or raw["v"] > JOURNAL_VERSION:
-        raise ResultsError(f"field 'v': event version {raw['v']!r} is not one this tool reads (up to "
-                           f"{JOURNAL_VERSION}); upgrade")
-    model = EVENT_MODELS.get(raw.get("type"))
-    if model is None:
-        raise ResultsError(f"field 'type': {raw.get('type')!r} is not an event type; expected one of "
-                           f"{sorted(EVENT_MODELS)}")
-    try:
-        return model.model_validate(raw)
-    except ValidationError as e:
-        raise ResultsError(f"event {raw.get('type')!r}: {describe_problems(e, limit=3)}") from e
 
 
 # ---------------------------------------------------------------------------------------------------------------------

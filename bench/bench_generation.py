@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ao_resampling.inputs import data
-from ao_resampling.engine import models
+from ao_resampling.engine import adapters, models
 from ao_resampling.inputs.encoding import encode_target
 from ao_resampling.engine.hooks import capture_activations
 from ao_resampling.inputs.oracle import build_oracle_query
@@ -150,7 +150,7 @@ class Bench:
         t0 = time.perf_counter()
         self.tokenizer = models.load_tokenizer(args.tokenizer)
         base = models.load_model(args.model, dtype=args.dtype, device=args.device)
-        self.model = models.attach_oracle(base, "random", rank=args.lora_rank)
+        self.model = adapters.attach_oracle(base, "random", rank=args.lora_rank)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self.load_s = time.perf_counter() - t0

@@ -1,4 +1,4 @@
-"""The only place that loads tokenizers, models and adapters.
+"""The only place that loads tokenizers and models (the oracle's adapter: ``engine/adapters.py``).
 
 Specs a user can pass as ``--model`` / ``--tokenizer``:
 
@@ -10,20 +10,13 @@ Specs a user can pass as ``--model`` / ``--tokenizer``:
   generation_config, at full or toy size; ``synthetic:gemma-3-27b-text`` / ``synthetic:tiny``: text-only
   ``Gemma3ForCausalLM`` of the same text shapes. Built directly on the target device; the 27B shapes exist for speed
   and scale tests where the real weights cannot be had. Their answers are noise.
-
-Oracle adapters (``--oracle-lora``): a PEFT LoRA by hub id or local dir, or ``random`` (seeded, nonzero B) for
-plumbing tests and demos. Activations are read with the adapter disabled (``adapter_disabled``); AO answers are
-generated with it enabled.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -36,7 +29,6 @@ from ao_resampling.errors import AOResamplingError
 GGUF_SPEC = "gemma3-270m-gguf"
 SYNTHETIC_PREFIX = "synthetic:"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 class ModelLoadError(AOResamplingError, RuntimeError):
@@ -262,133 +254,6 @@ def model_device(model: nn.Module) -> torch.device:
     return weight.device if isinstance(weight, torch.Tensor) else next(model.parameters()).device
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Oracle adapter
-
-
-def attach_oracle(model: nn.Module, spec: str, seed: int = 0, rank: int = 8):
-    """Wrap ``model`` in a PeftModel holding the oracle LoRA ('random' = seeded random LoRA with nonzero B).
-
-    A real adapter loads whole or not at all: every tensor of its file must land in the model (PEFT only warns about
-    keys it cannot place, leaving those LoRA weights at their init) and enabling it must change the logits.
-    Its weights stay in the model's dtype, as transformers' ``load_adapter`` (the reference's loader) keeps them.
-    """
-    from peft import LoraConfig, PeftModel, get_peft_model
-
-    if spec == "random":
-        with _peft_quietly():
-            peft_model = get_peft_model(
-                model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS, lora_dropout=0.0)
-            )
-        seed_lora_weights(peft_model, seed)
-    else:
-        try:
-            with _peft_quietly():
-                peft_model = PeftModel.from_pretrained(model, spec, is_trainable=False, autocast_adapter_dtype=False)
-        except (OSError, ValueError) as e:
-            raise ModelLoadError(f"cannot load oracle LoRA {spec!r} (hub id or local directory): {e}") from e
-        check_lora_loaded(spec, adapter_file_tensors(spec), adapter_tensors(peft_model))
-        check_adapter_changes_logits(spec, peft_model)
-    peft_model.eval().requires_grad_(False)
-    return peft_model
-
-
-@contextlib.contextmanager
-def _peft_quietly() -> Iterator[None]:
-    """PEFT's own wrapper (0.21) calls transformers' deprecated ``is_gradient_checkpointing``: a FutureWarning about
-    PEFT's code, not ours, that every run would print. Only that one message is silenced."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        yield
-
-
-def seed_lora_weights(peft_model: nn.Module, seed: int) -> None:
-    """Every LoRA tensor drawn from one generator seeded with ``seed``, in name order: the same adapter in every
-    process (PEFT would draw lora_A from the global RNG, and a resumed demo would mix two adapters)."""
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    for name, param in sorted(peft_model.named_parameters(), key=lambda item: item[0]):
-        if "lora_A" in name:  # PEFT's kaiming-uniform range, U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-            values = (torch.rand(param.shape, generator=generator) * 2 - 1) * param.shape[-1] ** -0.5
-        elif "lora_B" in name:  # PEFT initialises B to zero (adapter = identity); make it do something
-            values = torch.randn(param.shape, generator=generator) * 0.02
-        else:
-            continue
-        param.data.copy_(values.to(param.dtype))
-
-
-def adapter_file_tensors(spec: str) -> dict[str, torch.Tensor]:
-    """The tensors of an adapter's weights file (local folder or hub id), by their names in the file."""
-    from safetensors.torch import load_file
-
-    folder = Path(spec)
-    if not folder.exists():
-        from huggingface_hub import snapshot_download
-
-        folder = Path(snapshot_download(spec, allow_patterns=["adapter_model.*", "adapter_config.json"]))
-    if (folder / "adapter_model.safetensors").exists():
-        return load_file(str(folder / "adapter_model.safetensors"))
-    if (folder / "adapter_model.bin").exists():
-        return torch.load(folder / "adapter_model.bin", map_location="cpu", weights_only=True)
-    raise ModelLoadError(f"oracle LoRA {spec!r}: no adapter_model.safetensors or adapter_model.bin in {folder}")
-
-
-def adapter_tensors(peft_model: nn.Module, adapter: str = "default") -> dict[str, torch.Tensor]:
-    """The model's tensors that belong to ``adapter`` (its LoRA A/B, any modules_to_save copies)."""
-    return {name: param for name, param in peft_model.named_parameters() if f".{adapter}." in f"{name}."}
-
-
-def unmatched_tensors(file_BX: dict[str, torch.Tensor], model_BX: dict[str, torch.Tensor]
-                      ) -> tuple[list[str], list[str]]:
-    """(file tensors found nowhere in the model, model tensors equal to no file tensor), matched by shape and value
-    (in the model's dtype), whatever the names: a loaded adapter holds exactly its file's tensors."""
-    import collections
-    import hashlib
-
-    def fingerprint(t: torch.Tensor, dtype: torch.dtype) -> tuple:
-        data = t.detach().to("cpu", dtype).contiguous().reshape(-1).view(torch.uint8)
-        return tuple(t.shape), hashlib.sha256(data.numpy().tobytes()).hexdigest()
-
-    dtype = next(iter(model_BX.values())).dtype if model_BX else torch.float32
-    in_model = collections.Counter(fingerprint(t, t.dtype) for t in model_BX.values())
-    in_file = collections.Counter(fingerprint(t, dtype) for t in file_BX.values())
-    unused, spare = in_file - in_model, in_model - in_file
-    file_unused = [n for n, t in file_BX.items() if unused[fingerprint(t, dtype)] > 0]
-    model_at_init = [n for n, t in model_BX.items() if spare[fingerprint(t, t.dtype)] > 0]
-    return file_unused, model_at_init
-
-
-def check_lora_loaded(spec: str, file_BX: dict[str, torch.Tensor], model_BX: dict[str, torch.Tensor]) -> None:
-    file_unused, model_at_init = unmatched_tensors(file_BX, model_BX)
-    if file_unused or model_at_init or not model_BX:
-        raise ModelLoadError(
-            f"oracle LoRA {spec!r} did not load whole ({len(file_BX)} tensors in the file, {len(model_BX)} in the "
-            f"model): {len(file_unused)} file tensor(s) unused, e.g. {file_unused[:3]}; {len(model_at_init)} model "
-            f"LoRA tensor(s) left at init, e.g. {model_at_init[:3]}. The key names in the adapter file do not match "
-            f"this model's module tree (a transformers version that renamed the Gemma 3 modules?)"
-        )
-
-
-@torch.inference_mode()
-def check_adapter_changes_logits(spec: str, peft_model: nn.Module) -> None:
-    ids_BL = torch.tensor([[2, 105, 2364, 107, 9259, 106]], device=model_device(peft_model))  # <bos>user turn
-    with_adapter = peft_model(input_ids=ids_BL).logits[0, -1]
-    with peft_model.disable_adapter():
-        without = peft_model(input_ids=ids_BL).logits[0, -1]
-    if torch.equal(with_adapter, without):
-        raise ModelLoadError(f"oracle LoRA {spec!r} loaded but changes nothing: the logits with and without it are "
-                             f"equal (an adapter saved at its init, or one whose layers are not in this model)")
-
-
-@contextlib.contextmanager
-def adapter_disabled(model: nn.Module) -> Iterator[None]:
-    """Base-model behaviour for activation capture and the target baseline; no-op for a plain model."""
-    if hasattr(model, "disable_adapter"):
-        with model.disable_adapter():
-            yield
-    else:
-        yield
-
-
 @dataclass(frozen=True)
 class LoadedOracle:
     """What the stages need: the oracle (base + LoRA), its tokenizer, and the AO layer conventions."""
@@ -402,17 +267,6 @@ class LoadedOracle:
     @property
     def device(self) -> torch.device:
         return model_device(self.model)
-
-
-def load_oracle(*, model: str, tokenizer: str | None, oracle_lora: str, dtype: str, device: str,
-                device_map: str | None = None, layer_percent: int = 50, injection_layer: int = 1) -> LoadedOracle:
-    tok = load_tokenizer(tokenizer or model)
-    base = load_model(model, dtype=dtype, device=device, device_map=device_map)
-    n = num_layers(base)
-    if not 0 <= injection_layer < n:
-        raise ModelLoadError(f"injection_layer {injection_layer} is outside the model's {n} layers")
-    oracle = attach_oracle(base, oracle_lora)
-    return LoadedOracle(oracle, tok, n, layer_at_percent(n, layer_percent), injection_layer)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

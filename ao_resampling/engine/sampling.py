@@ -49,7 +49,8 @@ from ao_resampling.engine.batching import batch_seed, plan_batches
 from ao_resampling.engine.decode_step import PlainDecodeStep, StaticDecodeStep, cache_kwargs, returned_cache
 from ao_resampling.engine.generation_settings import Sampling, model_generation_config, resolve_sampling
 from ao_resampling.engine.hooks import injecting, left_pad, position_ids_from_mask
-from ao_resampling.engine.models import adapter_disabled, model_device, stop_token_ids
+from ao_resampling.engine.adapters import adapter_disabled
+from ao_resampling.engine.models import model_device, stop_token_ids
 from ao_resampling.engine.norms import cached_norm_scales
 from ao_resampling.engine.nucleus import sample_next_tokens
 

@@ -26,9 +26,8 @@ from ao_resampling.stages.judge import judge_prompt, make_client, run_calls
 from ao_resampling.stages.judge_prompt import data_blocks, escape, judge_call_id, numbered_blocks, verdict_request
 from ao_resampling.stages.spread import Encoder, missing_spreads
 from ao_resampling.results import Baseline, Decoding, JudgeRecord, Results, TargetMessage
-from ao_resampling.store import (
-    ResultsStore, baseline_judge_event, baseline_responses_event, baseline_spread_event,
-)
+from ao_resampling.events import baseline_judge_event, baseline_responses_event, baseline_spread_event
+from ao_resampling.store import ResultsStore
 
 if TYPE_CHECKING:
     from ao_resampling.engine.models import LoadedOracle

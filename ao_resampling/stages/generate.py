@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ao_resampling.config import ExperimentConfig
-from ao_resampling.engine import models
+from ao_resampling.engine import adapters, models
 from ao_resampling.engine.distributed import World, rank_journal_name, shard_runs, together
 from ao_resampling.engine.hooks import capture_activations_at
 from ao_resampling.engine.reference import sample_sequential
@@ -24,7 +24,8 @@ from ao_resampling.engine.sampling import BatchedSampler, DecodeParams, Query, S
 from ao_resampling.errors import PipelineError
 from ao_resampling.results import Decoding, Response, Results, Run
 from ao_resampling.stages.plan import decoding
-from ao_resampling.store import ResultsStore, responses_event
+from ao_resampling.events import responses_event
+from ao_resampling.store import ResultsStore
 
 CAPTURE_BATCH = 32  # targets are short; a few passes over half the model, not one per handful
 
@@ -78,10 +79,10 @@ def generate(store: ResultsStore, config: ExperimentConfig, *, oracle: models.Lo
 
 
 def load_oracle(config: ExperimentConfig) -> models.LoadedOracle:
-    """The base model with the oracle adapter, as ``config`` names them (engine/models.py loads)."""
-    return models.load_oracle(model=config.model, tokenizer=config.tokenizer, oracle_lora=config.oracle_lora,
-                              dtype=config.dtype, device=config.device, device_map=config.device_map,
-                              layer_percent=config.layer_percent, injection_layer=config.injection_layer)
+    """The base model with the oracle adapter, as ``config`` names them (engine/adapters.py loads)."""
+    return adapters.load_oracle(model=config.model, tokenizer=config.tokenizer, oracle_lora=config.oracle_lora,
+                                dtype=config.dtype, device=config.device, device_map=config.device_map,
+                                layer_percent=config.layer_percent, injection_layer=config.injection_layer)
 
 
 def capture_targets(oracle: models.LoadedOracle, runs: Iterable[Run]) -> dict[str, torch.Tensor]:

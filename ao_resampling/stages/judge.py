@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 from ao_resampling.errors import AOResamplingError
 from ao_resampling.config import ExperimentConfig
 from ao_resampling.results import FailureReason, JudgeFailure, JudgeRecord, Results, Verdict
-from ao_resampling.store import ResultsStore, judge_event
+from ao_resampling.events import judge_event
+from ao_resampling.store import ResultsStore
 from ao_resampling.stages.judge_prompt import (
     SCHEMA_NAME, VERDICT_JSON_SCHEMA, JudgeJob, JudgeOutputError, build_prompt, parse_verdict, plan_judge_calls,
 )

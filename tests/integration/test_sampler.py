@@ -470,7 +470,8 @@ def test_top_k_1_in_the_generation_config_makes_every_sample_the_same(tiny_oracl
 @pytest.fixture(scope="module")
 def ending_oracle(gemma_tokenizer):
     """A fresh tiny oracle whose <end_of_turn> is drawn ~5% of steps at T=0.7 under its own decoding."""
-    from ao_resampling.engine.models import attach_oracle, load_model
+    from ao_resampling.engine.adapters import attach_oracle
+    from ao_resampling.engine.models import load_model
     from ao_resampling.engine.sampling import effective_sampling
     from ao_resampling.engine.standins import end_answers_at_rate
 

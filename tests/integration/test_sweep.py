@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ao_resampling import pipeline
-from ao_resampling.engine import models
+from ao_resampling.engine import adapters, models
 from ao_resampling.config import build_config
 from ao_resampling.engine.hooks import capture_activations_at
 from ao_resampling.engine.models import LoadedOracle
@@ -84,7 +84,7 @@ def test_capture_reads_k_positions_in_one_pass_as_a_full_forward_sees_them(tiny_
     oracle = LoadedOracle(tiny_oracle, gemma_tokenizer, 4, layer, 1)
     acts = capture_targets(oracle, runs)
     for run in runs:  # independent: each target alone, every hidden state, no padding, adapter off
-        with models.adapter_disabled(tiny_oracle), torch.inference_mode():
+        with adapters.adapter_disabled(tiny_oracle), torch.inference_mode():
             hidden = tiny_oracle(input_ids=torch.tensor([run.context_input_ids]), output_hidden_states=True)
         expected_KD = hidden.hidden_states[layer + 1][0, run.context_positions]
         assert acts[run.target_id].shape == (3, expected_KD.shape[-1])

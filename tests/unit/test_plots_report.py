@@ -10,10 +10,8 @@ import pytest
 from matplotlib.figure import Figure
 
 from ao_resampling.analysis import plots
+from ao_resampling.analysis.figures import EMBEDDING_PLOTS, JUDGE_PLOTS, JUDGE_VS_EMBEDDING
 from ao_resampling.analysis.report import (
-    EMBEDDING_PLOTS,
-    JUDGE_PLOTS,
-    JUDGE_VS_EMBEDDING,
     REPORT_SECTIONS,
     ReportContext,
     render_report,

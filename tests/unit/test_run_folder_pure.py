@@ -11,7 +11,8 @@ from ao_resampling.config import ExperimentConfig
 from ao_resampling.engine.distributed import rank_journal_name
 from ao_resampling.errors import AOResamplingError
 from ao_resampling.stages.judge import JudgeStageReport, failed_calls, with_judge_settings
-from ao_resampling.results import JudgeRecord, Results, dump_results, redact_url
+from ao_resampling.redaction import redact_url
+from ao_resampling.results import JudgeRecord, Results, dump_results
 from ao_resampling.store import TOOL_JOURNAL_RE, holder_description, supersede
 from tests.support.results_factory import judge_record, make_results, to_v0_dict
 

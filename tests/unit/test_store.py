@@ -15,10 +15,11 @@ from pydantic import BaseModel, ValidationError
 from ao_resampling import store as store_mod
 from ao_resampling.errors import describe_problems
 from ao_resampling.results import Decoding, Response, ResultsError, SpreadMetrics, load_results_file
-from ao_resampling.store import (
-    JOURNAL_VERSION, Journal, ResultsStore, atomic_write_text, baseline_judge_event, baseline_responses_event,
-    baseline_spread_event, judge_event, responses_event, spread_event,
+from ao_resampling.events import (
+    JOURNAL_VERSION, baseline_judge_event, baseline_responses_event, baseline_spread_event, judge_event,
+    responses_event, spread_event,
 )
+from ao_resampling.store import Journal, ResultsStore, atomic_write_text
 from tests.support.results_factory import judge_record, make_results
 
 RUN = "run__t1__q1"
