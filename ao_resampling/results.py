@@ -24,7 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serial
 from ao_resampling.errors import AOResamplingError, describe_problems
 from ao_resampling.redaction import redact_url
 
-SCHEMA_VERSION = 1
+# 2: runs record their read-position rule; answers are stored as decoded (``text_stripped`` marks older ones);
+#    decodings record the effective top_k and eos ids; judge records keep earlier failures. 1 -> 2 in _migrate_v1.
+SCHEMA_VERSION = 2
 RESULTS_NAME = "results.json"
 
 FailureReason = Literal[
@@ -223,18 +225,16 @@ class Results(_Model):
     @model_validator(mode="before")
     @classmethod
     def _migrate(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "schema_version" not in data:
-            return _add_position_rule(_migrate_v0(data))
-        if isinstance(data, dict):
-            data = _add_position_rule(data)
-        version = data.get("schema_version") if isinstance(data, dict) else SCHEMA_VERSION
+        if not isinstance(data, dict):
+            return data
+        if "schema_version" not in data:
+            data = _migrate_v0(data)
+        version = data["schema_version"]
         if type(version) is not int:  # a string or null would otherwise crash the comparison below with a TypeError
             raise ValueError(f"schema_version must be an integer, got {version!r}")
-        if isinstance(data, dict) and data.get("schema_version", SCHEMA_VERSION) > SCHEMA_VERSION:
-            raise ValueError(
-                f"schema_version {data['schema_version']} is newer than this tool's ({SCHEMA_VERSION}); upgrade"
-            )
-        return data
+        if version > SCHEMA_VERSION:
+            raise ValueError(f"schema_version {version} is newer than this tool's ({SCHEMA_VERSION}); upgrade")
+        return _migrate_v1(data) if version < 2 else data
 
     @model_validator(mode="after")
     def _ids_consistent(self) -> "Results":
@@ -259,7 +259,7 @@ class Results(_Model):
 def _migrate_v0(data: dict[str, Any]) -> dict[str, Any]:
     """The single-script format: same keys, no schema_version, a judge record with only 'parsed'."""
     data = dict(data)
-    data["schema_version"] = SCHEMA_VERSION
+    data["schema_version"] = 1
     data.setdefault("meta", {})
     runs = data.get("runs", [])
     data["runs"] = [migrate_run_judge_v0(run) for run in runs] if isinstance(runs, list) else runs
@@ -276,6 +276,12 @@ def migrate_run_judge_v0(run: Any) -> Any:
         failure = {"reason": "invalid_json", "detail": "older format: no parsed verdict"}
         judge = dict(judge, parsed=None, failure=failure)
     return dict(run, judge=judge)
+
+
+def _migrate_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 -> 2. Only the runs' position rule is added here; the responses' ``text_stripped`` is set where a
+    response is read (``mark_stripped_text``), since journal lines carry responses too."""
+    return dict(_add_position_rule(data), schema_version=2)
 
 
 def _add_position_rule(data: dict[str, Any]) -> dict[str, Any]:

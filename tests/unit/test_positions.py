@@ -88,9 +88,10 @@ def test_a_results_file_without_position_rules_loads_as_assistant_start():
     run = {"run_id": "run__t1__q1", "target_id": "t1", "ao_question_id": "q1", "assistant_start_idx": 5,
            "context_positions": [5], "context_input_ids": [2, 3, 4, 5, 6, 7], "context_input_ids_sha256": "0" * 64,
            "oracle_input_ids": [2, 9, 9], "placeholder_positions": [1]}
-    old = {"schema_version": SCHEMA_VERSION, "meta": {"model": "m"}, "ao_questions": [{"id": "q1", "text": "?"}],
+    old = {"schema_version": 1, "meta": {"model": "m"}, "ao_questions": [{"id": "q1", "text": "?"}],
            "targets": [{"id": "t1", "messages": [{"role": "user", "content": "hi"}]}], "runs": [run]}
-    for data in (old, {k: v for k, v in old.items() if k != "schema_version"}):  # today's files and the v0 format
+    for data in (old, {k: v for k, v in old.items() if k != "schema_version"}):  # version-1 files and the v0 format
         loaded = Results.model_validate(json.loads(json.dumps(data)))
         assert loaded.runs[0].position_rule == "assistant_start"
         assert loaded.runs[0].context_positions == [5]
+        assert loaded.schema_version == SCHEMA_VERSION == 2  # migrated, and written back as the current version

@@ -221,3 +221,18 @@ def test_the_ids_hash_is_sha256_of_compact_json():
     # Files in the wild hold this hash: the format is pinned here, independently of sha256_of_ids.
     assert results_mod.sha256_of_ids([2, 105, 2364]) == hashlib.sha256(b"[2,105,2364]").hexdigest()
     assert results_mod.sha256_of_ids(iter([])) == hashlib.sha256(b"[]").hexdigest()
+
+
+def test_a_version_1_file_is_migrated_to_version_2():
+    """Version 1 stored answers stripped and read every run at assistant_start: both are said once migrated."""
+    data = json.loads(dump_results(make_results([[9, 4], [2, None]])))
+    data["schema_version"] = 1
+    for run in data["runs"]:
+        run.pop("position_rule", None)
+        for response in run["responses"]:
+            response.pop("text_stripped", None)
+    loaded = Results.model_validate(data)
+    assert loaded.schema_version == 2
+    assert all(r.position_rule == "assistant_start" for r in loaded.runs)
+    assert all(resp.text_stripped for r in loaded.runs for resp in r.responses)
+    assert json.loads(dump_results(loaded))["schema_version"] == 2
