@@ -47,7 +47,8 @@ def _setting(kind: Any, flag: str, help: str | None = None, **checks: Any) -> An
 Preset = Annotated[str, typer.Option(help="'demo' (CPU, Gemma 3 270M, random LoRA) or 'experiment' (the real run)")]
 ConfigFile = _setting(Path, "--config", "TOML file of ExperimentConfig fields")
 Out = _setting(Path, "--out", "run folder (default: artifacts/<name>; re-use it to resume)")
-Model = _setting(str, "--model", "HF id, local dir, gemma3-270m-gguf, synthetic:NAME (tiny[-multimodal], gemma-3-27b[-text])")
+Model = _setting(str, "--model",
+                 "HF id, local dir, gemma3-270m-gguf, synthetic:NAME (tiny[-multimodal], gemma-3-27b[-text])")
 Tokenizer = _setting(str, "--tokenizer", "defaults to the model's")
 Lora = _setting(str, "--oracle-lora", "PEFT LoRA id/dir, or 'random'")
 Targets = _setting(Path, "--targets", "targets JSON (default: built-in examples)")
