@@ -138,15 +138,20 @@ def test_a_saved_adapter_loads_whole(saved, request):
     assert len(file_tensors) == sum("lora_" in n for n, _ in oracle.named_parameters()) > 0
 
 
+def save_renamed(folder, out, old: str, new: str) -> None:
+    """A copy of the adapter in ``folder`` saved to ``out`` with ``old`` replaced by ``new`` in every key."""
+    tensors = load_file(folder / "adapter_model.safetensors")
+    renamed = {k.replace(old, new): v for k, v in tensors.items()}
+    assert renamed.keys() != tensors.keys()
+    (out / "adapter_config.json").write_text((folder / "adapter_config.json").read_text())
+    save_file(renamed, out / "adapter_model.safetensors")
+
+
 def test_an_adapter_whose_keys_do_not_match_the_module_tree_is_refused(peft_saved, tmp_path):
     """Module names that are not in this model's tree (as after a rename across transformers versions): PEFT only
     warns and leaves those LoRA weights at their init, an oracle that is partly the base model."""
     folder, _ = peft_saved
-    tensors = load_file(folder / "adapter_model.safetensors")
-    renamed = {k.replace(".self_attn.", ".attention."): v for k, v in tensors.items()}
-    assert renamed.keys() != tensors.keys()
-    (tmp_path / "adapter_config.json").write_text((folder / "adapter_config.json").read_text())
-    save_file(renamed, tmp_path / "adapter_model.safetensors")
+    save_renamed(folder, tmp_path, ".self_attn.", ".attention.")
 
     with pytest.raises(ModelLoadError, match="did not load whole") as info:
         attach_oracle(tiny_multimodal(), str(tmp_path))
@@ -157,11 +162,7 @@ def test_the_older_multimodal_key_names_load_whole(peft_saved, tmp_path):
     """Adapters trained under transformers < 4.52 name the layers ``language_model.model.layers``; PEFT maps them
     onto today's ``model.language_model.layers``, and the check agrees that all of them landed."""
     folder, expected = peft_saved
-    tensors = load_file(folder / "adapter_model.safetensors")
-    renamed = {k.replace("model.language_model.layers", "language_model.model.layers"): v for k, v in tensors.items()}
-    assert renamed.keys() != tensors.keys()
-    (tmp_path / "adapter_config.json").write_text((folder / "adapter_config.json").read_text())
-    save_file(renamed, tmp_path / "adapter_model.safetensors")
+    save_renamed(folder, tmp_path, "model.language_model.layers", "language_model.model.layers")
     torch.testing.assert_close(last_logits(attach_oracle(tiny_multimodal(), str(tmp_path))), expected, rtol=0,
                                atol=1e-6)
 
