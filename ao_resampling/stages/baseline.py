@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 from ao_resampling.errors import AOResamplingError
 from ao_resampling.config import ExperimentConfig
-from ao_resampling.engine.sampling import BatchedSampler, DecodeParams, Query
-from ao_resampling.stages.generate import load_oracle, to_responses
+from ao_resampling.engine.sampling import Query, effective_sampling
+from ao_resampling.stages.generate import batched_sampler, decode_params, load_oracle, to_responses
 from ao_resampling.stages.judge import judge_prompt, make_client, run_calls
+from ao_resampling.stages.plan import decoding
 from ao_resampling.stages.judge_prompt import data_blocks, escape, judge_call_id, numbered_blocks, verdict_request
 from ao_resampling.stages.spread import Encoder, missing_spreads
 from ao_resampling.results import Baseline, Decoding, JudgeRecord, Results, TargetMessage
@@ -94,8 +95,8 @@ def responses_in_prompt(prompt: str) -> list[str]:
 
 
 def baseline_decoding(config: ExperimentConfig) -> Decoding:
-    return Decoding(temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.baseline_max_new_tokens,
-                    do_sample=config.temperature > 0, seed=config.decode_seed)
+    """The settings the baseline is resumed under (its meta); each reply records the effective decoding."""
+    return decoding(config, max_new_tokens=config.baseline_max_new_tokens)
 
 
 def baseline_meta(config: ExperimentConfig) -> dict[str, Any]:
@@ -193,22 +194,21 @@ def sample_baseline(store: ResultsStore, config: ExperimentConfig, *, oracle: Lo
     if not todo:
         return 0, n_done
     oracle = oracle or load_oracle(config)
-    decode, meta = baseline_decoding(config), baseline_meta(config)
+    params = decode_params(config, config.baseline_max_new_tokens)
+    decode = decoding(config, effective_sampling(oracle.model, oracle.tokenizer, params),
+                      max_new_tokens=config.baseline_max_new_tokens)
+    meta = baseline_meta(config)
     target_of = {baseline_run_id(t): t for t in todo}
     queries = [Query(key=baseline_run_id(t), input_ids=tuple(ids), n=config.samples_per_query)
                for t, ids in todo.items()]
-    params = DecodeParams(temperature=config.temperature, top_p=config.top_p,
-                          max_new_tokens=config.baseline_max_new_tokens, seed=config.decode_seed, top_k=config.top_k)
 
     def journal(batch) -> None:
         store.journal.append_many([baseline_responses_event(run_id, target_of[run_id],
                                                             to_responses(run_id, samples, decode), meta)
                                    for run_id, samples in batch.items()])
 
-    BatchedSampler(oracle.model, oracle.tokenizer, injection_layer=oracle.injection_layer,
-                   coefficient=config.steering_coefficient, params=params, max_rows=config.batch_rows,
-                   max_tokens=config.batch_tokens, use_adapter=False, merge_lora=config.merge_lora,
-                   ).run(queries, on_batch=journal, progress=progress, desc="target-model samples")
+    batched_sampler(oracle, config, params, use_adapter=False).run(queries, on_batch=journal, progress=progress,
+                                                                    desc="target-model samples")
     results = store.load()
     order = {t.id: i for i, t in enumerate(results.targets)}  # batches finish longest prompt first; store plan order
     results.baseline.runs.sort(key=lambda r: (order.get(r.target_id, len(order)), r.target_id))

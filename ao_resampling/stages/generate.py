@@ -54,8 +54,7 @@ def generate(store: ResultsStore, config: ExperimentConfig, *, oracle: models.Lo
     acts = capture_targets(oracle, {r.target_id: r for r in todo}.values())
     queries = [Query(key=r.run_id, input_ids=tuple(r.oracle_input_ids), n=config.samples_per_query,
                      vectors_KD=acts[r.target_id], positions_K=tuple(r.placeholder_positions)) for r in todo]
-    params = DecodeParams(temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
-                          seed=config.decode_seed, top_k=config.top_k)
+    params = decode_params(config)
     decode = decoding(config, effective_sampling(oracle.model, oracle.tokenizer, params))
     planned = results.meta.decoding
     if planned is not None and planned.top_k is not None and planned != decode:  # older plans did not record it
@@ -71,11 +70,23 @@ def generate(store: ResultsStore, config: ExperimentConfig, *, oracle: models.Lo
             journal(sample_sequential(oracle.model, oracle.tokenizer, [q], injection_layer=oracle.injection_layer,
                                       coefficient=config.steering_coefficient, params=params))
     else:
-        BatchedSampler(oracle.model, oracle.tokenizer, injection_layer=oracle.injection_layer,
-                       coefficient=config.steering_coefficient, params=params, max_rows=config.batch_rows,
-                       max_tokens=config.batch_tokens, merge_lora=config.merge_lora,
-                       ).run(queries, on_batch=journal, progress=progress)
+        batched_sampler(oracle, config, params).run(queries, on_batch=journal, progress=progress)
     return len(todo)
+
+
+def decode_params(config: ExperimentConfig, max_new_tokens: int | None = None) -> DecodeParams:
+    """The run's sampling settings for the sampler (the model's generation_config fills what they leave open)."""
+    return DecodeParams(temperature=config.temperature, top_p=config.top_p, seed=config.decode_seed,
+                        max_new_tokens=config.max_new_tokens if max_new_tokens is None else max_new_tokens,
+                        top_k=config.top_k)
+
+
+def batched_sampler(oracle: models.LoadedOracle, config: ExperimentConfig, params: DecodeParams, *,
+                    use_adapter: bool = True) -> BatchedSampler:
+    """The fast sampler with the run's batch budgets; ``use_adapter=False`` samples the base model (the baseline)."""
+    return BatchedSampler(oracle.model, oracle.tokenizer, injection_layer=oracle.injection_layer,
+                          coefficient=config.steering_coefficient, params=params, max_rows=config.batch_rows,
+                          max_tokens=config.batch_tokens, use_adapter=use_adapter, merge_lora=config.merge_lora)
 
 
 def load_oracle(config: ExperimentConfig) -> models.LoadedOracle:

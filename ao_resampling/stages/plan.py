@@ -126,9 +126,12 @@ def planned_sampling(config: ExperimentConfig, tokenizer) -> Sampling:
                             source=f"model {config.model!r}")
 
 
-def decoding(config: ExperimentConfig, sampling: Sampling | None = None) -> Decoding:
-    """The run's decoding; with ``sampling`` (known once the model is loaded), the effective top_k and eos ids."""
-    return Decoding(temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
+def decoding(config: ExperimentConfig, sampling: Sampling | None = None, *,
+             max_new_tokens: int | None = None) -> Decoding:
+    """The run's decoding; with ``sampling`` (known once the model is loaded), the effective top_k and eos ids.
+    ``max_new_tokens``: the target-model baseline's own length (default: the AO answers')."""
+    return Decoding(temperature=config.temperature, top_p=config.top_p,
+                    max_new_tokens=config.max_new_tokens if max_new_tokens is None else max_new_tokens,
                     do_sample=config.temperature > 0, seed=config.decode_seed,
                     top_k=config.top_k if sampling is None else sampling.top_k,
                     eos_token_ids=None if sampling is None else list(sampling.eos_token_ids))

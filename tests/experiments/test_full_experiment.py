@@ -46,15 +46,16 @@ def judge_endpoint(request):
 
 def ending_answers(monkeypatch, rate: float) -> None:
     """Stand-ins only: the oracle the pipeline loads ends its answers at EOS ~``rate`` of steps (standins.py)."""
-    from ao_resampling.engine.sampling import DecodeParams, effective_sampling
+    from ao_resampling.engine.sampling import effective_sampling
     from ao_resampling.engine.standins import end_answers_at_rate
+    from ao_resampling.stages.generate import decode_params
 
     load = pipeline.load_oracle
 
     def load_ending(config):
         oracle = load(config)
-        params = DecodeParams(config.temperature, config.top_p, config.max_new_tokens, top_k=config.top_k)
-        bias = end_answers_at_rate(oracle.model, effective_sampling(oracle.model, oracle.tokenizer, params), rate)
+        sampling = effective_sampling(oracle.model, oracle.tokenizer, decode_params(config))
+        bias = end_answers_at_rate(oracle.model, sampling, rate)
         print(f"eos mode: stop-token logit bias {bias:.2f} for {rate:.0%} a step")
         return oracle
 

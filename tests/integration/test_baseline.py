@@ -122,6 +122,8 @@ def test_baseline_stage_end_to_end(planned, loaded, server):
     for run in runs:
         assert [r.sample_id for r in run.responses] == [f"{run.run_id}__s{i:02d}" for i in range(N)]
         assert all(r.decoding.max_new_tokens == 8 and 0 < r.n_tokens <= 8 for r in run.responses)
+        # the decoding the replies were drawn with: the stand-in's generation_config top-k 64, its stop ids
+        assert all((r.decoding.top_k, r.decoding.eos_token_ids) == (64, [1, 106]) for r in run.responses)
         assert run.judge.score == expected_score([r.text for r in run.responses])
         assert run.judge.judge_call_id == f"judge__{run.run_id}" and run.judge.raw_output
         assert run.spread.embedding_model == "fake-encoder" and run.spread.embedding_mean_cosine is not None
