@@ -126,8 +126,8 @@ def run_experiment(config: ExperimentConfig, out_dir: Path, *, judge: bool | Non
     if config.baseline and here.is_main:
         from ao_resampling.stages.baseline import baseline_stage
 
-        # Before the AO generation: decoding merges the LoRA into the weights and back, which is exact only up to
-        # rounding, and the target model must be sampled with its own weights. Other ranks wait at the next step.
+        # The target model is sampled with the adapter off, on the base weights; the AO decode that follows merges
+        # the LoRA in and writes the original weights back afterwards. Other ranks wait at the next step.
         with _timed(report, "baseline"):
             baseline_stage(store, config, oracle=oracle, judge=judge, judge_client=judge_client, progress=progress)
     with _timed(report, "generate"):
