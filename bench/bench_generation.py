@@ -32,7 +32,8 @@ from ao_resampling.engine.sampling import BatchedSampler, DecodeParams, Query
 
 # Batched-sampler variants: each is one set of BatchedSampler options, named for the lever it changes.
 VARIANTS = {
-    "merged": dict(merge_lora=True),  # the pipeline's default: LoRA merged, static cache, gqa_attention, CUDA graphs
+    "merged": dict(merge_lora=True),  # LoRA merged, static cache, gqa_attention, CUDA graphs
+    "fused": dict(merge_lora=True, fused=True),  # the same with fused elementwise kernels (fused.py)
     "merged_no_graphs": dict(merge_lora=True, cuda_graphs=False),  # the same, every decode step launched from Python
     "merged_hf_attention": dict(merge_lora=True, attention="hf"),  # the model's own SDPA + repeat_kv on decode
     "unmerged": dict(merge_lora=False),  # LoRA kept as adapter modules while decoding
@@ -98,6 +99,18 @@ def check_greedy(model, tokenizer, queries: list[Query], max_new_tokens: int, mi
     print(f"  fast path (default) vs HF generate:         {agreement(graphs, plain)}", flush=True)
 
 
+def check_noise(bench: "Bench", n_queries: int) -> None:
+    """Per variant, max |d log-prob| vs HF at batch 1, next to HF at batch N vs batch 1 (engine/noise.py)."""
+    from ao_resampling.engine.noise import noise_check
+
+    one = [Query(q.key, q.input_ids, 1, q.vectors_KD, q.positions_K) for q in bench.queries[:n_queries]]
+    answers = bench.sampler("merged", 512).run(one, progress=False)  # the tokens fed: sampled answers, forced length
+    tokens_QT = torch.tensor([answers[q.key][0].token_ids for q in one])
+    print(f"noise criterion, {len(one)} queries x {tokens_QT.shape[1]} teacher-forced steps:")
+    for variant in bench.args.variants.split(","):
+        print(f"  {variant}: {noise_check(bench.sampler(variant, 512), one, tokens_QT).summary()}", flush=True)
+
+
 def timed(fn, device) -> tuple[float, float, object]:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -134,6 +147,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--profile", action="store_true", help="torch.profiler table of a few decode steps")
     ap.add_argument("--check", type=int, default=0,
                     help="first compare greedy answers to this many queries: graphs vs none, fast path vs HF generate")
+    ap.add_argument("--noise", type=int, default=0,
+                    help="teacher-force this many queries (max_new_tokens steps) through each variant and HF at batch "
+                         "1 and batch N: the numerical-noise criterion for fused kernels (engine/noise.py)")
     ap.add_argument("--top-k", type=int, default=None, help="default: the model's generation_config; 0 = off")
     ap.add_argument("--eos-rate", type=float, default=0.0,
                     help="> 0: answers end at <end_of_turn> with this per-step probability (not forced to full length)")
@@ -225,7 +241,7 @@ class Bench:
         sampler = self.sampler(variant, budget, DecodeParams(0.7, 0.9, 32, 0, min_new_tokens=32))
         chunk = self.queries[: budget // self.args.samples]
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
-        with sampler._merged():  # merged once, outside the profile: a real run merges once per stage
+        with sampler.stage():  # merged once, outside the profile: a real run merges once per stage
             sampler.generate(chunk)  # warm-up
             with profile(activities=activities) as prof:
                 s, _, _ = timed(lambda: sampler.generate(chunk), self.device)
@@ -269,6 +285,8 @@ def main() -> None:
     if args.check:
         check_greedy(bench.model, bench.tokenizer, bench.queries[: args.check], args.max_new_tokens,
                      bench.min_new_tokens)
+    if args.noise:
+        check_noise(bench, args.noise)
     best = bench.variants()
     if args.profile and best:
         bench.profile(*best[1:])

@@ -36,7 +36,7 @@ Shape letters:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from ao_resampling.engine.attention import decode_attention
 from ao_resampling.engine.batching import batch_seed, plan_batches
+from ao_resampling.engine.fused import FusedDecode
 from ao_resampling.engine.decode_step import PlainDecodeStep, StaticDecodeStep, cache_kwargs, returned_cache
 from ao_resampling.engine.generation_settings import Sampling, model_generation_config, resolve_sampling
 from ao_resampling.engine.hooks import injecting, left_pad, position_ids_from_mask
@@ -98,7 +99,7 @@ class BatchedSampler:
     def __init__(self, model: nn.Module, tokenizer, *, injection_layer: int, coefficient: float,
                  params: DecodeParams, max_rows: int = 512, max_tokens: int = 131_072, use_adapter: bool = True,
                  compact_finished: bool = True, static_cache: bool = True, merge_lora: bool = False,
-                 attention: Literal["gqa", "hf"] = "gqa", cuda_graphs: bool = True):
+                 attention: Literal["gqa", "hf"] = "gqa", cuda_graphs: bool = True, fused: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.injection_layer = injection_layer
@@ -112,6 +113,8 @@ class BatchedSampler:
         self.merge_lora = merge_lora
         self.attention = attention  # "hf": the model's own attention (SDPA, repeat_kv) on decode steps too
         self.cuda_graphs = cuda_graphs  # only with attention="gqa" on a static cache (decode_step.py)
+        self.fused = fused  # fused elementwise kernels on decode steps (fused.py; inside HF's noise, noise.py)
+        self._fused: FusedDecode | None = None  # built once a stage: its norm scales outlive the CUDA graphs
         self._kept: StaticDecodeStep | None = None  # the last batch's static cache + graphs, for the next batch
         self.sampling = effective_sampling(model, tokenizer, params)
         self.stop_ids = list(self.sampling.eos_token_ids)
@@ -126,20 +129,27 @@ class BatchedSampler:
         batches = plan_batches(queries, max_new_tokens=self.params.max_new_tokens, max_rows=self.max_rows,
                                max_tokens=self.max_tokens, pad_to=pad_to)
         out: dict[str, list[Sample]] = {}
-        with (tqdm(total=sum(q.n for q in queries), desc=desc, unit="sample", disable=not progress) as bar,
-              self._merged(), cached_norm_scales(self.model)):
+        with tqdm(total=sum(q.n for q in queries), desc=desc, unit="sample", disable=not progress) as bar, \
+                self.stage():
+            for batch in batches:
+                done = self.generate([queries[i] for i in batch], pad_to=pad_to)
+                out.update(done)
+                if on_batch:
+                    on_batch(done)
+                bar.update(sum(len(v) for v in done.values()))
+        return out
+
+    @contextlib.contextmanager
+    def stage(self) -> Iterator[None]:
+        """What every batch of a stage shares: the merged LoRA, the norms' cached scales, the fused kernels."""
+        with self._merged(), cached_norm_scales(self.model):
+            self._fused = FusedDecode(self.model) if self.fused else None
             try:
-                for batch in batches:
-                    done = self.generate([queries[i] for i in batch], pad_to=pad_to)
-                    out.update(done)
-                    if on_batch:
-                        on_batch(done)
-                    bar.update(sum(len(v) for v in done.values()))
+                yield
             finally:
                 # Dropped inside the blocks, whatever happened: the CUDA graphs read the merged weights and the
                 # cached norm scales, and the static cache is most of the GPU's memory.
-                self._kept = None
-        return out
+                self._kept = self._fused = None
 
     @contextlib.contextmanager
     def _merged(self):
@@ -165,28 +175,34 @@ class BatchedSampler:
         p = self.params
         device = model_device(self.model)
         generator = torch.Generator(device=device).manual_seed(batch_seed(p.seed, [q.key for q in queries]))
-        ids_QL, mask_QL = left_pad([q.input_ids for q in queries], self.pad_id, device, length=pad_to)
-        L = ids_QL.shape[1]
         n_Q = torch.tensor([q.n for q in queries], device=device)
-
         with self._adapter():
-            with injection_for_rows(self.model, queries, L, device, self.injection_layer, self.coefficient):
-                out = self.model(input_ids=ids_QL, attention_mask=mask_QL,
-                                 position_ids=position_ids_from_mask(mask_QL), use_cache=True, logits_to_keep=1,
-                                 **cache_kwargs(self.model, self._prefill_cache()))
-            cache, static = self._expand(returned_cache(out), n_Q, L + p.max_new_tokens)
-            logits_BV = out.logits[:, -1].to(device).repeat_interleave(n_Q, dim=0)
-            mask_BL = mask_QL.bool().repeat_interleave(n_Q, dim=0)
-            if self.attention == "gqa" and static:
-                step = self._static_step(cache, mask_BL, L + p.max_new_tokens)
-                with decode_attention(self.model):
-                    tokens_BT = self._decode(step, logits_BV, mask_BL, L, generator)
-                # Kept for the next batch of this shape, unless finished rows were dropped (a smaller cache then).
-                self._kept = None if step.rows_dropped else step
-            else:
-                tokens_BT = self._decode(PlainDecodeStep(self.model, cache, mask_BL), logits_BV, mask_BL, L,
-                                         generator)
+            step, logits_BV, mask_BL = self._prefill(queries, n_Q, pad_to)
+            with self._decoding(step):
+                tokens_BT = self._decode(step, logits_BV, mask_BL, mask_BL.shape[1], generator)
+            # Kept for the next batch of this shape, unless finished rows were dropped (a smaller cache then).
+            self._kept = step if isinstance(step, StaticDecodeStep) and not step.rows_dropped else None
         return self._collect(queries, n_Q, tokens_BT.tolist())
+
+    @torch.inference_mode()
+    def teacher_forced(self, queries: Sequence[Query], tokens_QT: torch.Tensor) -> torch.Tensor:
+        """Log-probs (float32) of this path's decode steps when row q is fed ``tokens_QT[q]`` instead of sampling:
+        row t of the result is the distribution the step after ``tokens_QT[:, :t]`` draws from (t = 0: the prompt's
+        last position). One row per query (``n`` ignored); the numerical-noise check of noise.py uses it."""
+        device = model_device(self.model)
+        n_Q = torch.ones(len(queries), dtype=torch.long, device=device)
+        tokens_QT = tokens_QT.to(device)
+        with self._adapter():
+            step, logits_QV, mask_QL = self._prefill(queries, n_Q, None)
+            L = mask_QL.shape[1]
+            next_pos_Q = position_ids_from_mask(mask_QL)[:, -1] + 1
+            logprobs = [logits_QV.float().log_softmax(-1)]
+            with self._decoding(step):
+                for i in range(tokens_QT.shape[1] - 1):
+                    logits_QV = step(tokens_QT[:, i], next_pos_Q + i, length=L + i + 1).to(device)
+                    logprobs.append(logits_QV.float().log_softmax(-1))
+            self._kept = None
+        return torch.stack(logprobs, dim=1)
 
     def _decode(self, step, logits_BV: torch.Tensor, mask_BL: torch.Tensor, L: int,
                 generator: torch.Generator) -> torch.Tensor:
@@ -222,6 +238,32 @@ class BatchedSampler:
         return tokens_BT
 
     # -- pieces of generate ------------------------------------------------------------------------------------------
+
+    def _prefill(self, queries: Sequence[Query], n_Q: torch.Tensor, pad_to: int | None):
+        """The prompt pass (injection on), its KV repeated for each query's samples, and the decode step over it.
+        Returns (step, the last prompt position's logits for every sample row, the rows' prompt mask)."""
+        device = n_Q.device
+        ids_QL, mask_QL = left_pad([q.input_ids for q in queries], self.pad_id, device, length=pad_to)
+        L = ids_QL.shape[1]
+        with injection_for_rows(self.model, queries, L, device, self.injection_layer, self.coefficient):
+            out = self.model(input_ids=ids_QL, attention_mask=mask_QL, position_ids=position_ids_from_mask(mask_QL),
+                             use_cache=True, logits_to_keep=1, **cache_kwargs(self.model, self._prefill_cache()))
+        cache, static = self._expand(returned_cache(out), n_Q, L + self.params.max_new_tokens)
+        logits_BV = out.logits[:, -1].to(device).repeat_interleave(n_Q, dim=0)
+        mask_BL = mask_QL.bool().repeat_interleave(n_Q, dim=0)
+        if self.attention == "gqa" and static:
+            return self._static_step(cache, mask_BL, L + self.params.max_new_tokens), logits_BV, mask_BL
+        return PlainDecodeStep(self.model, cache, mask_BL), logits_BV, mask_BL
+
+    @contextlib.contextmanager
+    def _decoding(self, step):
+        """The decode steps' swaps: ``gqa_attention`` on the static cache, the fused kernels when asked for."""
+        with contextlib.ExitStack() as stack:
+            if isinstance(step, StaticDecodeStep):
+                stack.enter_context(decode_attention(self.model))
+            if self._fused is not None:
+                stack.enter_context(self._fused.active())
+            yield
 
     def _adapter(self):
         return contextlib.nullcontext() if self.use_adapter else adapter_disabled(self.model)
