@@ -105,6 +105,9 @@ class ExperimentConfig(BaseModel):
     batch_tokens: int = Field(131_072, ge=1, description="most KV-cache tokens (rows x length) in one batch")
     sampler: Literal["batched", "sequential"] = "batched"
     merge_lora: bool = Field(True, description="fold the LoRA into the weights while decoding (faster, same math)")
+    fused_kernels: Literal["auto", "on", "off"] = Field(
+        "auto", description="fused elementwise kernels on decode steps (engine/fused.py; their deviation from HF's "
+                            "forward is inside HF's own batching noise, engine/noise.py); auto = on CUDA devices")
 
     # Judge
     judge: bool = True
@@ -160,11 +163,17 @@ class ExperimentConfig(BaseModel):
             return "a random LoRA stands in for the trained oracle adapter"
         return None
 
+    def use_fused_kernels(self) -> bool:
+        if self.fused_kernels == "auto":
+            return self.device.startswith("cuda") or self.device_map is not None
+        return self.fused_kernels == "on"
+
     def settings_that_change_results(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run it continues (batching and judge plumbing may change)."""
         plumbing = {
             "device", "device_map", "batch_rows", "batch_tokens", "judge", "judge_base_url", "judge_timeout_s",
-            "judge_max_retries", "judge_concurrency", "judge_api", "sampler", "merge_lora", "bootstrap_resamples",
+            "judge_max_retries", "judge_concurrency", "judge_api", "sampler", "merge_lora", "fused_kernels",
+            "bootstrap_resamples",
             "embedding_model", "bootstrap_seed", "baseline", "judge_repeats", "judge_repeat_fraction",
         }
         # targets/questions are paths: a resume compares the plan's content instead (plan_check.py), so the same file

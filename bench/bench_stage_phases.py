@@ -80,11 +80,41 @@ def profile_steps(bench: Bench, variant: str, budget: int, steps: int) -> None:
         print(f"  {e.self_device_time_total / 1e3:8.1f} ms {e.count:6d}x  [{kind_of(e.key)}] {e.key[:100]}")
 
 
+def host_copy_trials(gib: float = 4.0) -> None:
+    """Ways to get page-locked host memory for the weight copy, each timed on ``gib`` GiB (fresh memory each)."""
+    n = int(gib * 2**30)
+    src = torch.empty(n, dtype=torch.uint8, device="cuda")
+
+    def pinned_alloc():
+        return torch.empty(n, dtype=torch.uint8, pin_memory=True)
+
+    def touched_then_registered():
+        host = torch.empty(n, dtype=torch.uint8)
+        host.zero_()  # fault the pages in, on every core
+        torch.cuda.cudart().cudaHostRegister(host.data_ptr(), n, 0)
+        return host
+
+    def pageable_copy():
+        return src.cpu()
+
+    results: dict[str, float] = {}
+    for label, fn in [("pin_memory=True alloc", pinned_alloc), ("touch + cudaHostRegister", touched_then_registered),
+                      ("pageable device->host copy", pageable_copy)]:
+        out = timed(f"{label}, {gib:g} GiB", fn, results)
+        if label != "pageable device->host copy":
+            timed("  then device->host copy into it", lambda: out.copy_(src, non_blocking=True), results)
+        if label.startswith("touch"):
+            torch.cuda.cudart().cudaHostUnregister(out.data_ptr())
+        del out
+
+
 def main() -> None:
     args = parse_args()
     budget = int(args.budgets.split(",")[0])
     bench = Bench(args)
     print(f"load {bench.load_s:.1f} s, capture {bench.capture_s:.2f} s", flush=True)
+    if torch.cuda.is_available():
+        host_copy_trials()
     results: dict[str, float] = {}
     per_batch = budget // args.samples
     batches = [bench.queries[i:i + per_batch] for i in range(0, min(len(bench.queries), 3 * per_batch), per_batch)]

@@ -86,7 +86,8 @@ def batched_sampler(oracle: models.LoadedOracle, config: ExperimentConfig, param
     """The fast sampler with the run's batch budgets; ``use_adapter=False`` samples the base model (the baseline)."""
     return BatchedSampler(oracle.model, oracle.tokenizer, injection_layer=oracle.injection_layer,
                           coefficient=config.steering_coefficient, params=params, max_rows=config.batch_rows,
-                          max_tokens=config.batch_tokens, use_adapter=use_adapter, merge_lora=config.merge_lora)
+                          max_tokens=config.batch_tokens, use_adapter=use_adapter, merge_lora=config.merge_lora,
+                          fused=config.use_fused_kernels())
 
 
 def load_oracle(config: ExperimentConfig) -> models.LoadedOracle:
