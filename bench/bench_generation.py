@@ -82,7 +82,7 @@ def check_greedy(model, tokenizer, queries: list[Query], max_new_tokens: int, mi
                                  merge_lora=True, **kwargs)
         return {k: v[0].token_ids for k, v in sampler.run(one, progress=False).items()}
 
-    graphs, eager = fast(), fast(cuda_graphs=False)
+    graphs, eager, fused = fast(), fast(cuda_graphs=False), fast(fused=True)
     hf_attention = fast(attention="hf", cuda_graphs=False)
     plain = {k: v[0].token_ids for k, v in sample_hf_batched(model, tokenizer, one, injection_layer=1,
                                                              coefficient=1.0, params=params).items()}
@@ -96,7 +96,8 @@ def check_greedy(model, tokenizer, queries: list[Query], max_new_tokens: int, mi
     print(f"  CUDA graphs vs eager decode steps:          {agreement(graphs, eager)}")
     print(f"  gqa vs HF attention (both fast path):       {agreement(eager, hf_attention)}")
     print(f"  fast path (HF attention) vs HF generate:    {agreement(hf_attention, plain)}")
-    print(f"  fast path (default) vs HF generate:         {agreement(graphs, plain)}", flush=True)
+    print(f"  fast path (unfused) vs HF generate:         {agreement(graphs, plain)}")
+    print(f"  fast path (fused kernels) vs HF generate:   {agreement(fused, plain)}", flush=True)
 
 
 def check_noise(bench: "Bench", n_queries: int) -> None:

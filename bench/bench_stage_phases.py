@@ -18,7 +18,7 @@ from collections import defaultdict
 
 import torch
 
-from bench_generation import Bench, check_noise, parse_args
+from bench_generation import Bench, check_greedy, check_noise, parse_args
 from ao_resampling.engine.sampling import DecodeParams
 
 # Kernel kinds by name, first match wins (CUDA kernel names of torch 2.11 / cuBLAS on an H200).
@@ -138,6 +138,9 @@ def main() -> None:
             profile_steps(bench, variant, budget, steps=32)
     if args.noise:
         check_noise(bench, args.noise)
+    if args.check:
+        check_greedy(bench.model, bench.tokenizer, bench.queries[: args.check], args.max_new_tokens,
+                     bench.min_new_tokens)
 
 
 if __name__ == "__main__":
