@@ -154,6 +154,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--top-k", type=int, default=None, help="default: the model's generation_config; 0 = off")
     ap.add_argument("--eos-rate", type=float, default=0.0,
                     help="> 0: answers end at <end_of_turn> with this per-step probability (not forced to full length)")
+    ap.add_argument("--phase-batches", type=int, default=3, help="bench_stage_phases.py: batches timed per variant")
     ap.add_argument("--json", type=Path, default=None)
     return ap.parse_args()
 

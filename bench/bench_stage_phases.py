@@ -117,7 +117,7 @@ def main() -> None:
         host_copy_trials()
     results: dict[str, float] = {}
     per_batch = budget // args.samples
-    batches = [bench.queries[i:i + per_batch] for i in range(0, min(len(bench.queries), 3 * per_batch), per_batch)]
+    batches = [bench.queries[i:i + per_batch] for i in range(0, min(len(bench.queries), args.phase_batches * per_batch), per_batch)]
     pad_to = max(len(q.input_ids) for q in bench.queries)
     for variant in args.variants.split(","):
         sampler = bench.sampler(variant, budget)
@@ -134,7 +134,7 @@ def main() -> None:
             print(f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
             torch.cuda.reset_peak_memory_stats()
     if args.profile:
-        for variant in args.variants.split(","):
+        for variant in args.variants.split(",")[-1:]:
             profile_steps(bench, variant, budget, steps=32)
     if args.noise:
         check_noise(bench, args.noise)
