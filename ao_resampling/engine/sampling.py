@@ -36,6 +36,7 @@ Shape letters:
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -352,17 +353,50 @@ def injection_for_rows(model: nn.Module, row_queries: Sequence[Query], L: int, d
 def merged_weights_snapshot(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(parameter, copy on the host) for every base weight a LoRA merge writes into.
 
-    The copies of a GPU model go to pinned memory with asynchronous copies (27B: ~53 GB each way at PCIe speed, a
-    few seconds; pageable copies took ~40 s a stage), reused by torch's pinned-memory cache from one stage to the next.
+    The copies of a GPU model go, with asynchronous copies, into one page-locked host buffer (``page_locked_host``):
+    27B, ~51 GB each way at PCIe speed, seconds. Locking the pages is what costs: one ``pin_memory=True`` tensor per
+    weight took 38.9 s a stage on the H200 (torch's pinned allocator rounds each up to a power of two, ~60 GB, and
+    faults the pages in on one thread); pageable copies ~40 s. The buffer is kept for the next stage of the process.
     """
     params = [param for module in model.modules() if hasattr(module, "base_layer") and hasattr(module, "merge")
               for param in module.base_layer.parameters(recurse=False)]
-    pairs = []
+    cuda = any(param.is_cuda for param in params)
+    offsets, total = [], 0
     for param in params:
-        host = torch.empty(param.shape, dtype=param.dtype, device="cpu", pin_memory=param.is_cuda)
+        offsets.append(total)
+        total += -(-param.numel() * param.element_size() // 64) * 64  # 64-byte aligned slots
+    buffer = page_locked_host(total) if cuda else torch.empty(total, dtype=torch.uint8)
+    pairs = []
+    for param, offset in zip(params, offsets):
+        nbytes = param.numel() * param.element_size()
+        host = buffer[offset:offset + nbytes].view(param.dtype).view(param.shape)
         pairs.append((param, host.copy_(param.detach(), non_blocking=param.is_cuda)))
     _wait_for_copies(params)
     return pairs
+
+
+_HOST_BUFFER: list[torch.Tensor] = []  # the last page-locked buffer, reused while it is large enough
+
+
+def page_locked_host(nbytes: int) -> torch.Tensor:
+    """``nbytes`` of page-locked host memory (uint8), reused from one call to the next.
+
+    Ordinary memory whose pages every core faults in at once (``zero_`` runs on all threads), then registered with
+    CUDA in one call: half the time of ``pin_memory=True`` on the H200 (4 GiB: 1.04 s against 1.94 s), and exactly
+    the size asked for. Falls back to torch's pinned allocator if the registration is refused.
+    """
+    if _HOST_BUFFER and _HOST_BUFFER[0].numel() >= nbytes:
+        return _HOST_BUFFER[0]
+    _HOST_BUFFER.clear()  # the smaller one is freed (and unregistered) first
+    host = torch.empty(nbytes, dtype=torch.uint8)
+    host.zero_()
+    cudart = torch.cuda.cudart()
+    if int(cudart.cudaHostRegister(host.data_ptr(), nbytes, 0)) != 0:
+        host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    else:
+        weakref.finalize(host, cudart.cudaHostUnregister, host.data_ptr())
+    _HOST_BUFFER.append(host)
+    return host
 
 
 def restore_weights(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:

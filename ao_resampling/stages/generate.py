@@ -87,7 +87,7 @@ def batched_sampler(oracle: models.LoadedOracle, config: ExperimentConfig, param
     return BatchedSampler(oracle.model, oracle.tokenizer, injection_layer=oracle.injection_layer,
                           coefficient=config.steering_coefficient, params=params, max_rows=config.batch_rows,
                           max_tokens=config.batch_tokens, use_adapter=use_adapter, merge_lora=config.merge_lora,
-                          fused=config.use_fused_kernels())
+                          fused=config.fused_kernels)
 
 
 def load_oracle(config: ExperimentConfig) -> models.LoadedOracle:

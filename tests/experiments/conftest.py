@@ -22,7 +22,7 @@ OPTIONS = {
     "--ao-num-questions": ("AO_NUM_QUESTIONS", "10", "questions per target"),
     "--ao-samples": ("AO_SAMPLES", "10", "AO answers per (target, question)"),
     "--ao-max-new-tokens": ("AO_MAX_NEW_TOKENS", "120", "max new tokens per answer"),
-    "--ao-fused-kernels": ("AO_FUSED_KERNELS", "auto", "fused decode kernels: auto (on CUDA) / on / off"),
+    "--ao-fused-kernels": ("AO_FUSED_KERNELS", "0", "1: fused decode kernels (engine/fused.py)"),
     "--ao-eos-rate": ("AO_EOS_RATE", "0", "stand-ins only: > 0 makes answers end at <end_of_turn> with this "
                                          "per-step probability (standins.py), so rows finish at varied lengths"),
 }
@@ -61,5 +61,5 @@ def experiment_config(request, api: str, base_url: str | None):
         batch_rows=int(option(cfg, "--ao-batch-rows")), device=option(cfg, "--ao-device"),
         dtype=option(cfg, "--ao-dtype"), num_targets=int(option(cfg, "--ao-num-targets")),
         num_questions=int(option(cfg, "--ao-num-questions")), samples_per_query=int(option(cfg, "--ao-samples")),
-        max_new_tokens=int(option(cfg, "--ao-max-new-tokens")), fused_kernels=option(cfg, "--ao-fused-kernels"),
+        max_new_tokens=int(option(cfg, "--ao-max-new-tokens")), fused_kernels=option(cfg, "--ao-fused-kernels") == "1",
     ))

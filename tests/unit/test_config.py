@@ -108,7 +108,7 @@ def test_plumbing_does_not_change_results_but_decoding_does():
     base = ExperimentConfig()
     plumbing = ExperimentConfig(device="cpu", batch_rows=3, batch_tokens=99, judge_concurrency=1, judge_api="chat",
                                 judge_base_url="http://127.0.0.1:1/v1", sampler="sequential", judge_repeats=2,
-                                embedding_model="none", fused_kernels="off", merge_lora=False)
+                                embedding_model="none", fused_kernels=True, merge_lora=False)
     assert plumbing.settings_that_change_results() == base.settings_that_change_results()
     assert diff_settings(base.settings_that_change_results(), plumbing.settings_that_change_results()) == []
 
@@ -118,16 +118,9 @@ def test_plumbing_does_not_change_results_but_decoding_does():
     ]
 
 
-@pytest.mark.parametrize("setting,device,device_map,fused", [
-    ("auto", "cuda", None, True), ("auto", "cuda:1", None, True), ("auto", "cpu", None, False),
-    ("auto", "cpu", "auto", True), ("on", "cpu", None, True), ("off", "cuda", None, False),
-])
-def test_fused_kernels_auto_means_on_gpus(setting, device, device_map, fused):
-    config = ExperimentConfig(fused_kernels=setting, device=device, device_map=device_map)
-    assert config.use_fused_kernels() is fused
-
-
-def test_fused_kernels_setting_is_checked():
+def test_fused_kernels_are_off_unless_asked_for():
+    assert ExperimentConfig().fused_kernels is False
+    assert build_config(preset="demo", overrides={"fused_kernels": True}).fused_kernels is True
     with pytest.raises(ConfigError, match="fused_kernels"):
         build_config(preset="demo", overrides={"fused_kernels": "maybe"})
 
