@@ -9,7 +9,7 @@ gives the same distribution densely, for checks and for calibrating the random s
 Shape letters:
     B  rows of the batch (one per sample being drawn)
     V  the vocabulary
-    C  candidates: the top tokens of a row, sorted descending (the top-k + 1, or TOP_P_CANDIDATES); the helpers
+    C  candidates: the top tokens of a row, sorted descending (TOP_P_CANDIDATES, or top-k + 1 if more); the helpers
        that take C (``top_p_keep_mask``, ``_draw``) take whole rows too (C = V)
     R  the rows taking the full-row path (a subset of B)
 """
@@ -39,8 +39,8 @@ def sample_next_tokens(logits_BV: torch.Tensor, *, temperature: float, top_p: fl
     Without top-k, rows whose nucleus lies inside the top ``candidates`` tokens (a trained model, nearly always) are
     decided there; other rows (flat distributions, e.g. random weights) sort their whole row once
     (``nucleus_threshold``). With top-k, the nucleus is a k-token problem (top-p renormalises over the top k, as HF's
-    TopPLogitsWarper does after TopKLogitsWarper): a top-(k+1), no sort of the vocabulary; only a row whose k-th
-    logit ties the (k+1)-th (HF keeps every tied token) takes the full-row path. Either way the kept set is HF's,
+    TopPLogitsWarper does after TopKLogitsWarper): the top candidates, no sort of the vocabulary; only a row whose k-th
+    logit ties even the last candidate (HF keeps every tied token) takes the full-row path. Either way the kept set is HF's,
     except that tokens tied *exactly* at the top-p boundary are all kept (HF keeps the ones its sort put first).
     """
     if temperature == 0:
@@ -72,14 +72,16 @@ def _candidate_weights(logits_BV: torch.Tensor, temperature: float, top_p: float
     """The top candidates' ids and unnormalised kept probabilities, which rows need the full-row path, the scaled
     logits. Returns (ids_BC, weights_BC, short_B, scaled_BV)."""
     scaled_BV = logits_BV.float() / temperature  # HF: float32 logits, then TemperatureLogitsWarper
-    k = top_k + 1 if top_k else min(candidates, logits_BV.shape[-1])
+    # With top-k, candidates past the k-th hold the tokens tied with it (bf16 logits tie often: a random 27B model's
+    # rows sent ~1 row in 6 to the full sort when only the (k+1)-th was looked at, ~6 ms a step on the H200).
+    k = min(max(top_k + 1, candidates) if top_k else candidates, logits_BV.shape[-1])
     top_scaled_BC, top_ids_BC = scaled_BV.topk(k, dim=-1)  # sorted, descending
     if top_k:
         # TopKLogitsWarper keeps every token >= the k-th value (ties included); top-p then sees them renormalised.
         in_k_BC = top_scaled_BC >= top_scaled_BC[:, top_k - 1:top_k]
         log_z_B1 = top_scaled_BC.masked_fill(~in_k_BC, float("-inf")).logsumexp(-1, keepdim=True)
         top_probs_BC = (top_scaled_BC - log_z_B1).exp() * in_k_BC
-        short_B = in_k_BC[:, -1]  # the (k+1)-th ties the k-th: the tie may reach past the candidates
+        short_B = in_k_BC[:, -1]  # the last candidate ties the k-th: the tie may reach past the candidates
     else:
         top_probs_BC = (top_scaled_BC - scaled_BV.logsumexp(-1, keepdim=True)).exp()
         short_B = top_probs_BC.sum(-1) < top_p  # the nucleus reaches past the candidates

@@ -12,10 +12,11 @@ import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from transformers.generation.logits_process import TopPLogitsWarper
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from ao_resampling.engine.batching import plan_batches
-from ao_resampling.engine.nucleus import nucleus_threshold, sample_next_tokens, top_p_keep_mask
+from ao_resampling.engine import nucleus
+from ao_resampling.engine.nucleus import nucleus_threshold, sample_next_tokens, sampling_weights, top_p_keep_mask
 from ao_resampling.engine.sampling import Query
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -252,6 +253,26 @@ def test_full_nucleus_threshold_on_bf16_logits_keeps_the_float32_nucleus(top_p):
     boundary_BV = logits_BV == threshold_B1
     assert torch.equal(kept_BV & ~boundary_BV, exact_BV & ~boundary_BV)
     assert ((scaled_BV.softmax(-1) * kept_BV).sum(-1) >= top_p - 1e-6).all()
+
+
+@pytest.mark.parametrize("tied", [1, 12, 400], ids=["no_tie", "tie_inside_the_candidates", "tie_past_them"])
+def test_top_k_keeps_every_token_tied_at_the_kth_as_hf_does(tied, monkeypatch):
+    """Tokens tied with the k-th logit (bf16 logits tie often) are all kept, as TopKLogitsWarper keeps them, with HF's
+    probabilities; a tie group longer than the candidates takes the full-row path, a shorter one does not."""
+    top_k, V = 64, 5000
+    logits_1V = torch.linspace(30.0, -30.0, V)[None]  # distinct, descending
+    logits_1V[0, top_k - 1:top_k - 1 + tied] = logits_1V[0, top_k - 1]  # a tie group starting at the k-th
+    logits_1V = logits_1V[:, torch.randperm(V, generator=torch.Generator().manual_seed(0))]
+    full_rows = []
+    real_full_row_weights = nucleus._full_row_weights
+    monkeypatch.setattr(nucleus, "_full_row_weights", lambda logits, *a: full_rows.append(len(logits))
+                        or real_full_row_weights(logits, *a))
+
+    got_1V = sampling_weights(logits_1V, temperature=0.7, top_p=1.0, top_k=top_k)
+    warped_1V = TopKLogitsWarper(top_k)(None, TemperatureLogitsWarper(0.7)(None, logits_1V.clone()))
+    torch.testing.assert_close(got_1V, warped_1V.softmax(-1))
+    assert int((got_1V > 0).sum()) == top_k - 1 + tied
+    assert bool(full_rows) == (top_k - 1 + tied >= nucleus.TOP_P_CANDIDATES)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
