@@ -103,6 +103,10 @@ def test_full_experiment(request, judge_endpoint, monkeypatch):
             assert 1 <= run.judge.parsed.similarity_1_to_10 <= 10
     if eos_rate:  # answers ended on their own, at many lengths: the early-stop paths ran at full size
         answers = [resp for run in results.runs for resp in run.responses]
+        lengths = sorted(resp.n_tokens for resp in answers)
+        print(f"eos mode: {sum(r.finish_reason == 'eos' for r in answers)} of {len(answers)} answers ended at eos; "
+              f"lengths min {lengths[0]} median {lengths[len(lengths) // 2]} max {lengths[-1]}, "
+              f"{len(set(lengths))} distinct")
         assert sum(resp.finish_reason == "eos" for resp in answers) > len(answers) // 2
         assert len({resp.n_tokens for resp in answers}) > config.max_new_tokens // 4
     if server is not None:
