@@ -200,8 +200,8 @@ class Bench:
         from ao_resampling.engine.standins import end_answers_at_rate
 
         rate = self.args.eos_rate
-        bias = end_answers_at_rate(self.model, effective_sampling(self.model, self.tokenizer, self.params), rate)
-        print(f"eos mode: <end_of_turn> logit bias {bias:.2f} for a {rate:.0%} stop rate per step")
+        stop_id = end_answers_at_rate(self.model, effective_sampling(self.model, self.tokenizer, self.params), rate)
+        print(f"eos mode: token {stop_id} wins at {rate:.0%} of decode steps")
 
     def references(self) -> None:
         """The plain HF paths: one sample per generate call, and one padded generate batch."""

@@ -4,7 +4,7 @@ HF's order is temperature, top-k, top-p, then a categorical draw. Sorting a 262k
 decode step is most of the sampler's cost, so the top candidates are sorted instead, and only a row whose nucleus
 is not inside them falls back to a full sort (of the model's bf16 logits: half the bytes of float32). Pure torch,
 no model: ``BatchedSampler`` (sampling.py) calls ``sample_next_tokens`` once per decode step; ``sampling_weights``
-gives the same distribution densely, for checks and for calibrating the random stand-ins (standins.py).
+gives the same distribution densely, for checks.
 
 Shape letters:
     B  rows of the batch (one per sample being drawn)

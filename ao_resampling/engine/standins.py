@@ -2,17 +2,20 @@
 
 A random model almost never draws a stop token (1 in ~262k per step), so at scale every stand-in answer runs to
 max_new_tokens, and the paths only real answers take (rows finishing at different steps, finished rows dropped from
-the batch, again and again) never run. ``end_answers_at_rate`` gives the output layer a bias on one stop token
-(<end_of_turn>), calibrated so that, under the run's own decoding (temperature, top-k, top-p), that token is drawn
-with a chosen probability per step: answer lengths then spread from a few tokens to max_new_tokens. The weights are
-untouched (the bias is a new parameter of the head, which keeps sharing the embedding's weight), so the fast path
-and HF ``generate`` see the same model.
+the batch, again and again) never run. ``end_answers_at_rate`` swaps the output layer for ``EndingHead``: the same
+(tied) weight, plus a gate that, at a chosen fraction of decode steps, makes the stop token (<end_of_turn>) the most
+likely token by far, so it is drawn there and answer lengths spread from a few tokens to max_new_tokens.
+
+The gate is a hash of the step's final hidden state: ``frac(GATE_SCALE * <h, r> / |h|) < rate`` for a fixed random
+direction r. Every step's hidden state differs (new token, new position), so the gate opens at ~``rate`` of steps
+whatever the model's distribution looks like. A logit *bias* on the stop token, calibrated on some decode steps,
+does not: the 27B random model's answers are so peaked that top-p 0.9 keeps one token, and a bias calibrated to a
+3% stop rate on other steps ended 0 of 10,000 answers on the H200. The gate is a deterministic function of the
+hidden state, so the fast path and HF ``generate`` see the same model (in float32 they agree token for token).
 
 Shape letters:
-    N  decode steps observed (rows x steps of the calibration answers)
+    D  the model's hidden size
     V  the vocabulary
-    B  rows of the calibration prompts
-    L  the calibration prompts' length
 """
 
 from __future__ import annotations
@@ -21,67 +24,51 @@ import torch
 from torch import nn
 
 from ao_resampling.engine.generation_settings import Sampling
-from ao_resampling.engine.nucleus import sampling_weights
 
-CALIBRATION_SEED = 0
-
-
-def stop_probability(logits_NV: torch.Tensor, bias: float, stop_id: int, sampling: Sampling) -> float:
-    """The mean, over decode steps, of the probability the sampler gives ``stop_id`` once its logit gets ``bias``
-    (the mean, not the median: under top-k/top-p a step either admits the stop token or gives it nothing, and the
-    answer lengths follow the average rate)."""
-    biased_NV = logits_NV.clone()
-    biased_NV[:, stop_id] += bias
-    weights_NV = sampling_weights(biased_NV, temperature=sampling.temperature or 1.0, top_p=sampling.top_p,
-                                  top_k=sampling.top_k)
-    return weights_NV[:, stop_id].mean().item()
+GATE_SCALE = 1000.0  # the hash's spread: |<h, r>| / |h| is ~1/sqrt(D), so the fraction is uniform for D up to ~10^5
+BOOST = 30.0  # logits the stop token gets above the top one where the gate is open: drawn with probability ~1
+GATE_SEED = 0
 
 
-def calibrated_bias(logits_NV: torch.Tensor, stop_id: int, rate: float, sampling: Sampling,
-                    iters: int = 40) -> float:
-    """The bias whose mean per-step stop probability is ``rate`` (bisection: the probability grows with it)."""
-    lo, hi = -100.0, 100.0
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if stop_probability(logits_NV, mid, stop_id, sampling) < rate else (lo, mid)
-    return (lo + hi) / 2
+class EndingHead(nn.Module):
+    """``head`` (its weight shared, so still tied to the embedding) whose stop token wins where the gate is open."""
+
+    def __init__(self, head: nn.Linear, stop_id: int, rate: float, seed: int = GATE_SEED):
+        super().__init__()
+        if not 0.0 < rate < 1.0:
+            raise ValueError(f"an eos rate is a probability per step in (0, 1), got {rate}")
+        self.weight, self.bias = head.weight, head.bias
+        self.in_features, self.out_features = head.in_features, head.out_features
+        self.stop_id, self.rate = stop_id, rate
+        direction_D = torch.randn(head.in_features, generator=torch.Generator().manual_seed(seed))
+        self.register_buffer("direction_D", (direction_D / direction_D.norm()).to(head.weight.device),
+                             persistent=False)
+
+    def gate(self, hidden_D: torch.Tensor) -> torch.Tensor:
+        """True where the stop token wins: the steps whose hidden state hashes below ``rate``."""
+        h_D = hidden_D.float()
+        u = (h_D @ self.direction_D) / h_D.norm(dim=-1).clamp_min(1e-12) * GATE_SCALE
+        return (u - u.floor()) < self.rate
+
+    def forward(self, hidden_D: torch.Tensor) -> torch.Tensor:
+        logits_V = nn.functional.linear(hidden_D, self.weight, self.bias)
+        stop_logit = torch.where(self.gate(hidden_D), logits_V.amax(-1) + BOOST, logits_V[..., self.stop_id])
+        logits_V = logits_V.clone()
+        logits_V[..., self.stop_id] = stop_logit
+        return logits_V
 
 
 def _base(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-@torch.inference_mode()
-def decode_step_logits(model: nn.Module, sampling: Sampling, rows: int = 4, prompt_len: int = 16,
-                       steps: int = 48) -> torch.Tensor:
-    """Raw logits of the steps a sampled answer goes through (random prompts, the run's decoding, no stop): the
-    states the bias must be calibrated on. A random model's decode steps are not like its prompt positions (a
-    27B-shaped one soon repeats itself, with a peaked distribution), so calibrating on prompt positions misses."""
-    head = _base(model).get_output_embeddings()
-    g = torch.Generator(device="cpu").manual_seed(CALIBRATION_SEED)
-    ids_BL = torch.randint(3, head.weight.shape[0], (rows, prompt_len), generator=g).to(head.weight.device)
-    torch.manual_seed(CALIBRATION_SEED)
-    out = model.generate(input_ids=ids_BL, attention_mask=torch.ones_like(ids_BL), max_new_tokens=steps,
-                         min_new_tokens=steps, do_sample=sampling.temperature > 0,
-                         temperature=sampling.temperature or None, top_k=sampling.top_k, top_p=sampling.top_p,
-                         output_logits=True, return_dict_in_generate=True, pad_token_id=0)
-    return torch.cat(out.logits).float()
-
-
-@torch.inference_mode()
-def end_answers_at_rate(model: nn.Module, sampling: Sampling, rate: float, stop_id: int | None = None) -> float:
-    """Give the output layer a bias on ``stop_id`` (default: the last eos id, <end_of_turn> for Gemma 3) so that it
-    is drawn with probability ~``rate`` per decode step under ``sampling``. Returns the bias. In place."""
+def end_answers_at_rate(model: nn.Module, sampling: Sampling, rate: float, stop_id: int | None = None) -> int:
+    """Give ``model`` an ``EndingHead``: its stop token (default: the last of ``sampling``'s eos ids, <end_of_turn>
+    for Gemma 3) is drawn at ~``rate`` of decode steps. In place; returns the stop id."""
     base = _base(model)
-    head = base.get_output_embeddings()
     stop_id = max(sampling.eos_token_ids) if stop_id is None else stop_id
-    device = head.weight.device
-    bias = calibrated_bias(decode_step_logits(model, sampling), stop_id, rate, sampling)
-    biased = nn.Linear(head.in_features, head.out_features, bias=True, device=device, dtype=head.weight.dtype)
-    biased.weight = head.weight  # the same parameter: still tied to the embedding
-    with torch.no_grad():
-        biased.bias.zero_()
-        biased.bias[stop_id] = bias
-    biased.requires_grad_(False)
-    base.set_output_embeddings(biased)
-    return bias
+    head = base.get_output_embeddings()
+    if isinstance(head, EndingHead):
+        raise ValueError("this model already ends its answers at a rate")
+    base.set_output_embeddings(EndingHead(head, stop_id, rate))
+    return stop_id

@@ -55,8 +55,8 @@ def ending_answers(monkeypatch, rate: float) -> None:
     def load_ending(config):
         oracle = load(config)
         sampling = effective_sampling(oracle.model, oracle.tokenizer, decode_params(config))
-        bias = end_answers_at_rate(oracle.model, sampling, rate)
-        print(f"eos mode: stop-token logit bias {bias:.2f} for {rate:.0%} a step")
+        stop_id = end_answers_at_rate(oracle.model, sampling, rate)
+        print(f"eos mode: token {stop_id} wins at {rate:.0%} of steps")
         return oracle
 
     monkeypatch.setattr(pipeline, "load_oracle", load_ending)

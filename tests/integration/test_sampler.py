@@ -467,17 +467,31 @@ def test_top_k_1_in_the_generation_config_makes_every_sample_the_same(tiny_oracl
 # A stand-in whose answers end at EOS on their own (standins.py)
 
 
-@pytest.fixture(scope="module")
-def ending_oracle(gemma_tokenizer):
-    """A fresh tiny oracle whose <end_of_turn> is drawn ~5% of steps at T=0.7 under its own decoding."""
+_ENDING: dict[str, torch.nn.Module] = {}
+
+
+def ending(tokenizer, kind: str) -> torch.nn.Module:
+    """A fresh tiny oracle whose <end_of_turn> wins ~5% of its decode steps (built once per kind). "peaked": its
+    final norm scaled up so that, like the 27B random model's, every step puts >= 90% on one token (top-p 0.9 then
+    keeps only it, and a stop-token bias calibrated elsewhere never gets drawn)."""
     from ao_resampling.engine.adapters import attach_oracle
     from ao_resampling.engine.models import load_model
     from ao_resampling.engine.sampling import effective_sampling
     from ao_resampling.engine.standins import end_answers_at_rate
 
-    model = attach_oracle(load_model("synthetic:tiny", dtype="float32", device="cpu"), "random", seed=0)
-    end_answers_at_rate(model, effective_sampling(model, gemma_tokenizer, sampled()), rate=0.05)
-    return model
+    if kind not in _ENDING:
+        model = attach_oracle(load_model("synthetic:tiny", dtype="float32", device="cpu"), "random", seed=0)
+        if kind == "peaked":
+            with torch.no_grad():
+                model.get_base_model().model.norm.weight += 1000.0
+        end_answers_at_rate(model, effective_sampling(model, tokenizer, sampled()), rate=0.05)
+        _ENDING[kind] = model
+    return _ENDING[kind]
+
+
+@pytest.fixture(scope="module", params=["flat", "peaked"])
+def ending_oracle(gemma_tokenizer, request):
+    return ending(gemma_tokenizer, request.param)
 
 
 def test_a_stand_in_in_eos_mode_ends_answers_at_varied_lengths(ending_oracle, gemma_tokenizer, queries):
@@ -487,11 +501,26 @@ def test_a_stand_in_in_eos_mode_ends_answers_at_varied_lengths(ending_oracle, ge
     lengths = [s.n_tokens for s in samples]
     assert sum(s.finish_reason == "eos" for s in samples) >= len(samples) // 2, lengths
     assert all(s.token_ids[-1] == 106 for s in samples if s.finish_reason == "eos")
-    assert len(set(lengths)) >= 6 and min(lengths) < 15, lengths  # spread out, not one forced length
+    # Spread out, not one forced length. A peaked model draws one answer per query (top-p keeps one token a step),
+    # so its samples share a length: the spread is then across the three queries, as across the 27B stand-in's.
+    assert len(set(lengths)) >= (len(queries) if ending_oracle is _ENDING.get("peaked") else 6), lengths
+    assert min(lengths) < 15, lengths
+
+
+def test_the_peaked_stand_in_keeps_one_token_under_top_p(gemma_tokenizer):
+    """The case a calibrated stop-token bias could not serve (0 of 10,000 answers ended on the H200)."""
+    from ao_resampling.engine.nucleus import sampling_weights
+
+    model = ending(gemma_tokenizer, "peaked")
+    ids_1L = torch.tensor([gemma_tokenizer("Hello there, how are you today my friend?").input_ids])
+    out = model.generate(input_ids=ids_1L, do_sample=True, temperature=0.7, top_p=0.9, max_new_tokens=40,
+                         min_new_tokens=40, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    kept_T = (sampling_weights(torch.cat(out.logits).float(), temperature=0.7, top_p=0.9, top_k=64) > 0).sum(-1)
+    assert (kept_T == 1).float().mean() > 0.9, kept_T.tolist()
 
 
 def test_a_stand_in_in_eos_mode_still_decodes_as_plain_generate(ending_oracle, gemma_tokenizer, queries):
-    """Greedily the bias may or may not win a step; whatever it does, the fast path and HF generate agree."""
+    """Greedily the gate may or may not open at a step; whatever it does, the fast path and HF generate agree."""
     params = greedy(40)
     assert tokens(fast(ending_oracle, gemma_tokenizer, queries, params)) == \
         tokens(plain(ending_oracle, gemma_tokenizer, queries, params))
