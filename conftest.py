@@ -8,6 +8,7 @@ Heavy objects are loaded once per session and treated as read-only by the tests.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# The fused-kernel tests compile with torch.compile: into a cache of this test session's own, so a file another run
+# left half-written in the machine-wide one (/tmp/torchinductor_<user>, killed mid-compile) cannot fail them.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="ao-resampling-inductor-"))
 
 pytest_plugins = ["tests.support.openai_server"]
 
