@@ -98,29 +98,38 @@ def _gemma3_classes():
     return m, m.Gemma3DecoderLayer, m.Gemma3MLP, m.Gemma3RMSNorm
 
 
-def fusable(model: nn.Module) -> bool:
-    """Whether ``model`` has Gemma 3 decoder layers of exactly HF's classes with the tanh-GELU MLP (a subclass may
-    compute something else)."""
-    _, layer_cls, mlp_cls, _ = _gemma3_classes()
-    layers = [m for m in model.modules() if type(m) is layer_cls]
-    mlps = [m for m in model.modules() if type(m) is mlp_cls]
+def _gemma3_modules(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module], list[nn.Module]]:
+    """(decoder layers, MLPs, RMSNorms) of ``model`` of exactly HF's classes (a subclass may compute otherwise)."""
+    _, layer_cls, mlp_cls, norm_cls = _gemma3_classes()
+    modules = list(model.modules())
+    return ([m for m in modules if type(m) is layer_cls], [m for m in modules if type(m) is mlp_cls],
+            [m for m in modules if type(m) is norm_cls])
+
+
+def _fusable(layers: list[nn.Module], mlps: list[nn.Module]) -> bool:
     return bool(layers) and len(mlps) == len(layers) and all(
         getattr(m.config, "hidden_activation", None) == "gelu_pytorch_tanh" for m in mlps)
 
 
+def fusable(model: nn.Module) -> bool:
+    """Whether ``model`` has Gemma 3 decoder layers of exactly HF's classes with the tanh-GELU MLP."""
+    layers, mlps, _ = _gemma3_modules(model)
+    return _fusable(layers, mlps)
+
+
 class FusedDecode:
-    """The fused forwards for one model, with every norm's scale computed once (see the module docstring)."""
+    """The fused forwards for one model, built once with every norm's scale (see the module docstring)."""
 
     def __init__(self, model: nn.Module):
-        if not fusable(model):
+        self.module = _gemma3_classes()[0]
+        layers, mlps, norms = _gemma3_modules(model)
+        if not _fusable(layers, mlps):
             raise ValueError(f"{type(model).__name__}: fused decode kernels are for Gemma 3 decoder layers with "
                              "the gelu_pytorch_tanh MLP")
-        self.module, layer_cls, mlp_cls, norm_cls = _gemma3_classes()
-        self.layers = [m for m in model.modules() if type(m) is layer_cls]
-        self.mlps = [m for m in model.modules() if type(m) is mlp_cls]
-        self.norms = [m for m in model.modules() if type(m) is norm_cls]
         with torch.inference_mode():  # as the decode steps that read them run
-            self.scales = {id(n): 1.0 + n.weight.detach().float() for n in self.norms}
+            self.scales = {id(n): 1.0 + n.weight.detach().float() for n in norms}
+        self.swaps = ([(n, self._norm_forward(n)) for n in norms] + [(m, self._mlp_forward(m)) for m in mlps]
+                      + [(layer, self._layer_forward(layer)) for layer in layers])
 
     def _norm_forward(self, norm: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         fn, scale_D, eps = compiled(rms_norm), self.scales[id(norm)], norm.eps
@@ -160,12 +169,10 @@ class FusedDecode:
     def active(self) -> Iterator[None]:
         """Inside the block the model decodes with the fused forwards; the ones before (HF's, or the cached-scale
         norms of norms.py) come back after it, also when it raises."""
-        swaps = ([(n, self._norm_forward(n)) for n in self.norms] + [(m, self._mlp_forward(m)) for m in self.mlps]
-                 + [(layer, self._layer_forward(layer)) for layer in self.layers])
-        before = [(module, module.__dict__.get("forward")) for module, _ in swaps]
+        before = [(module, module.__dict__.get("forward")) for module, _ in self.swaps]
         rope_before = self.module.apply_rotary_pos_emb
         try:
-            for module, forward in swaps:
+            for module, forward in self.swaps:
                 module.forward = forward
             self.module.apply_rotary_pos_emb = compiled(rope)  # looked up by Gemma3Attention.forward at call time
             yield

@@ -9,15 +9,14 @@ vocabulary of
   kernels, whatever the sampler is set to) against HF at batch 1, and of
 - HF at batch Q (the Q queries left-padded together) against HF at batch 1.
 
-"HF" is the model's own forward as ``generate`` runs it: the prompt pass with the activation injected, then one
-token per step over a dynamic cache, with the model's own attention (``PlainDecodeStep``). All three run on the same
+"HF" is the model's own forward as ``generate`` runs it (``hf_path``): the prompt pass with the activation
+injected, then one token per step over a dynamic cache, with the model's own attention (``PlainDecodeStep``). All three run on the same
 weights, inside the sampler's stage: with the LoRA merged when the sampler merges it, so what is measured is the
 kernels' deviation, not the merge's (a separate lever, checked by greedy answers equal to HF ``generate``).
 The criterion: the largest per-step value of the first is at most that of the second.
 
 Shape letters:
     Q  queries (one row each)
-    L  the queries' padded prompt length
     T  teacher-forced steps (the tokens fed, one distribution per step)
     V  the vocabulary
 """
@@ -28,12 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from ao_resampling.engine.decode_step import PlainDecodeStep, cache_kwargs, returned_cache
-from ao_resampling.engine.hooks import left_pad, position_ids_from_mask
-from ao_resampling.engine.models import model_device
-from ao_resampling.engine.sampling import BatchedSampler, Query, injection_for_rows
+from ao_resampling.engine.sampling import BatchedSampler, Query
 
 
 @dataclass(frozen=True)
@@ -63,27 +58,12 @@ class NoiseCheck:
                 f"{verdict} HF's noise")
 
 
-@torch.inference_mode()
-def hf_teacher_forced(model: nn.Module, queries: Sequence[Query], tokens_QT: torch.Tensor, pad_id: int, *,
-                      injection_layer: int, coefficient: float) -> torch.Tensor:
-    """Log-probs (float32) of HF's own forward fed ``tokens_QT``, the queries batched together: (Q, T, V)."""
-    from transformers import DynamicCache
-
-    device = model_device(model)
-    ids_QL, mask_QL = left_pad([q.input_ids for q in queries], pad_id, device)
-    L = ids_QL.shape[1]
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cache = DynamicCache(config=base.config.get_text_config(decoder=True))
-    with injection_for_rows(model, queries, L, device, injection_layer, coefficient):
-        out = model(input_ids=ids_QL, attention_mask=mask_QL, position_ids=position_ids_from_mask(mask_QL),
-                    use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
-    step = PlainDecodeStep(model, returned_cache(out), mask_QL)
-    next_pos_Q = position_ids_from_mask(mask_QL)[:, -1] + 1
-    tokens_QT = tokens_QT.to(device)
-    logprobs = [out.logits[:, -1].float().log_softmax(-1)]
-    for i in range(tokens_QT.shape[1] - 1):
-        logprobs.append(step(tokens_QT[:, i], next_pos_Q + i, length=L + i + 1).to(device).float().log_softmax(-1))
-    return torch.stack(logprobs, dim=1)
+def hf_path(sampler: BatchedSampler) -> BatchedSampler:
+    """``sampler``'s model and settings decoding as ``generate`` does: a dynamic cache, the model's own attention,
+    no CUDA graphs, no fused kernels (``PlainDecodeStep``)."""
+    return BatchedSampler(sampler.model, sampler.tokenizer, injection_layer=sampler.injection_layer,
+                          coefficient=sampler.coefficient, params=sampler.params, use_adapter=sampler.use_adapter,
+                          static_cache=False, attention="hf", cuda_graphs=False)
 
 
 def max_abs_delta_per_step(a_QTV: torch.Tensor, b_QTV: torch.Tensor) -> list[float]:
@@ -94,11 +74,9 @@ def max_abs_delta_per_step(a_QTV: torch.Tensor, b_QTV: torch.Tensor) -> list[flo
 
 def noise_check(sampler: BatchedSampler, queries: Sequence[Query], tokens_QT: torch.Tensor) -> NoiseCheck:
     """The criterion above for ``sampler``'s decode path, on ``queries`` fed ``tokens_QT`` (one row a query)."""
-    model, pad_id = sampler.model, sampler.pad_id
-    kwargs = dict(injection_layer=sampler.injection_layer, coefficient=sampler.coefficient)
+    hf = hf_path(sampler)
     with sampler.stage():  # the same weights for all three (the LoRA merged if the sampler merges it)
-        hf1_QTV = torch.cat([hf_teacher_forced(model, [q], tokens_QT[i:i + 1], pad_id, **kwargs)
-                             for i, q in enumerate(queries)])
-        hf_batched_QTV = hf_teacher_forced(model, queries, tokens_QT, pad_id, **kwargs)
+        hf1_QTV = torch.cat([hf.teacher_forced([q], tokens_QT[i:i + 1]) for i, q in enumerate(queries)])
+        hf_batched_QTV = hf.teacher_forced(queries, tokens_QT)
         fast_QTV = sampler.teacher_forced(queries, tokens_QT)
     return NoiseCheck(max_abs_delta_per_step(fast_QTV, hf1_QTV), max_abs_delta_per_step(hf_batched_QTV, hf1_QTV))

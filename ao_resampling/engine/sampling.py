@@ -190,6 +190,9 @@ class BatchedSampler:
         """Log-probs (float32) of this path's decode steps when row q is fed ``tokens_QT[q]`` instead of sampling:
         row t of the result is the distribution the step after ``tokens_QT[:, :t]`` draws from (t = 0: the prompt's
         last position). One row per query (``n`` ignored); the numerical-noise check of noise.py uses it."""
+        if tokens_QT.shape[1] > self.params.max_new_tokens:
+            raise ValueError(f"teacher_forced: {tokens_QT.shape[1]} tokens fed, but the cache holds max_new_tokens = "
+                             f"{self.params.max_new_tokens}")
         device = model_device(self.model)
         n_Q = torch.ones(len(queries), dtype=torch.long, device=device)
         tokens_QT = tokens_QT.to(device)
@@ -383,7 +386,8 @@ def page_locked_host(nbytes: int) -> torch.Tensor:
 
     Ordinary memory whose pages every core faults in at once (``zero_`` runs on all threads), then registered with
     CUDA in one call: half the time of ``pin_memory=True`` on the H200 (4 GiB: 1.04 s against 1.94 s), and exactly
-    the size asked for. Falls back to torch's pinned allocator if the registration is refused.
+    the size asked for. Falls back to torch's pinned allocator if the registration is refused. One holder at a time:
+    the next call hands out the same memory (a stage's snapshot is restored before the next stage takes its own).
     """
     if _HOST_BUFFER and _HOST_BUFFER[0].numel() >= nbytes:
         return _HOST_BUFFER[0]

@@ -18,7 +18,7 @@ from transformers.models.gemma3 import modeling_gemma3
 
 import ao_resampling.engine.fused as fused
 from ao_resampling.engine.fused import FusedDecode, compiled, fusable
-from ao_resampling.engine.noise import hf_teacher_forced, noise_check
+from ao_resampling.engine.noise import hf_path, noise_check
 from ao_resampling.engine.reference import sample_hf_batched
 from ao_resampling.engine.sampling import BatchedSampler, DecodeParams, Query
 from ao_resampling.inputs.oracle import build_oracle_query
@@ -151,17 +151,22 @@ def forced_tokens(model, tokenizer, queries, steps: int = 16) -> torch.Tensor:
 
 
 def test_teacher_forced_fast_path_matches_hfs_own_distribution(bf16_oracle, gemma_tokenizer):
-    """The fast path's teacher-forced log-probs are those of HF's forward on the same rows (independent code)."""
+    """The fast path's teacher-forced log-probs are those of HF's decoding (dynamic cache, the model's attention)."""
     queries = make_queries(bf16_oracle, gemma_tokenizer)
     tokens_QT = forced_tokens(bf16_oracle, gemma_tokenizer, queries)
     fast = sampler(bf16_oracle, gemma_tokenizer, DecodeParams(0.7, 0.9, 16))
     with fast.stage():
         got_QTV = fast.teacher_forced(queries, tokens_QT)
-    want_QTV = hf_teacher_forced(bf16_oracle, queries, tokens_QT, gemma_tokenizer.pad_token_id, injection_layer=1,
-                                 coefficient=1.0)
+    want_QTV = hf_path(fast).teacher_forced(queries, tokens_QT)
     assert got_QTV.shape == (len(queries), 16, want_QTV.shape[-1])
     assert got_QTV.argmax(-1).tolist() == want_QTV.argmax(-1).tolist()
     assert (got_QTV - want_QTV).abs().nan_to_num(0.0).max() < 0.05
+
+
+def test_teacher_forcing_more_tokens_than_the_cache_holds_is_refused(tiny_oracle, gemma_tokenizer):
+    fast = sampler(tiny_oracle, gemma_tokenizer, DecodeParams(0.7, 0.9, 4))
+    with pytest.raises(ValueError, match="5 tokens fed, but the cache holds max_new_tokens = 4"):
+        fast.teacher_forced(make_queries(tiny_oracle, gemma_tokenizer)[:1], torch.zeros(1, 5, dtype=torch.long))
 
 
 def test_the_fused_path_is_inside_hfs_noise(bf16_oracle, gemma_tokenizer):
