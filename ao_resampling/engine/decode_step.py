@@ -9,7 +9,8 @@
   step ran eagerly (which is that step's real work and the warm-up capture needs) and replayed for the next ones.
   A 27B forward at batch 760 is ~3000 kernel launches, ~50 ms of Python and launch work a step that would otherwise
   leave the GPU waiting. The cache writes its new position through a device-side counter, so a replay writes where
-  an eager step would. Dropping finished rows (``select``) makes new tensors, so it drops the graphs too.
+  an eager step would. Dropping finished rows (``select``) makes new tensors, so it drops the graphs too, and their
+  memory pool with them: the next captures go to a new one.
 
 On CPU, and for a model spread over several GPUs, the same step runs eagerly (same buffers, same cut lengths);
 that is what the CPU tests exercise.
@@ -140,4 +141,8 @@ class StaticDecodeStep:
         self.tokens_A1 = self.tokens_A1[keep_A]
         self.positions_A1 = self.positions_A1[keep_A]
         self.graphs.clear()  # they read the old tensors
+        if self.use_graphs:
+            # Releasing a pool's last graph releases the pool, and torch cannot reopen it: a capture into the old
+            # handle fails ("use_count > 0 INTERNAL ASSERT") and the rest of the batch would decode eagerly.
+            self.pool = torch.cuda.graph_pool_handle()
         self.rows_dropped = True

@@ -62,7 +62,12 @@ def ending_answers(monkeypatch, rate: float) -> None:
     monkeypatch.setattr(pipeline, "load_oracle", load_ending)
 
 
-def test_full_experiment(request, judge_endpoint, monkeypatch):
+def eager_fallbacks(recwarn) -> list[str]:
+    """The decode step's warnings that it stopped replaying CUDA graphs (decode_step.py), with the reason."""
+    return [str(w.message) for w in recwarn if "without CUDA graphs" in str(w.message)]
+
+
+def test_full_experiment(request, judge_endpoint, monkeypatch, recwarn):
     api, base_url, server = judge_endpoint
     cfg = request.config
     eos_rate = float(option(cfg, "--ao-eos-rate"))
@@ -87,6 +92,7 @@ def test_full_experiment(request, judge_endpoint, monkeypatch):
                **{f"{k}_s": round(v, 1) for k, v in report.stage_seconds.items()}}
     (out / "timings.json").write_text(json.dumps(timings, indent=1))  # kept with the artifacts
     print(f"\nstage seconds: {timings}; out {out}")
+    assert not eager_fallbacks(recwarn), "decode steps fell back to eager: the stage's speed is not the real one"
 
     results = load_results_file(out / "results.json")  # validates against the schema
     assert ResultsStore(out).journals() == [], "every journal was folded into results.json"

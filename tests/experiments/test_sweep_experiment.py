@@ -19,14 +19,14 @@ from ao_resampling import pipeline
 from ao_resampling.results import load_results_file
 from ao_resampling.sweep import plan_conditions, run_sweep
 from tests.experiments.conftest import experiment_config, option
-from tests.experiments.test_full_experiment import judge_endpoint  # noqa: F401  (a fixture, reused)
+from tests.experiments.test_full_experiment import eager_fallbacks, judge_endpoint  # noqa: F401  (a fixture, reused)
 
 pytestmark = pytest.mark.gpu
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_temperature_sweep(request, judge_endpoint):  # noqa: F811
+def test_temperature_sweep(request, judge_endpoint, recwarn):  # noqa: F811
     api, base_url, _ = judge_endpoint
     cfg = request.config
     model = option(cfg, "--ao-model")
@@ -50,6 +50,7 @@ def test_temperature_sweep(request, judge_endpoint):  # noqa: F811
                                for n, r in outcome.reports.items()}}
     (out / "speed.json").write_text(json.dumps(speed, indent=1))
     print(f"\nsweep speed: {speed}")
+    assert not eager_fallbacks(recwarn), "decode steps fell back to eager: the sweep's speed is not the real one"
 
     assert outcome.model_loads <= 1
     for c in planned:

@@ -1,0 +1,99 @@
+"""CUDA graphs through the compactions real answers cause: ``pytest -m gpu tests/experiments/test_cuda_graphs.py``.
+
+On CPU the decode step runs eagerly, so the default suite never captures a graph. Real answers stop early, finished
+rows are dropped mid-batch, and every drop releases the batch's graphs and re-captures them for fewer rows. Here, on
+the tiny multimodal oracle on the GPU: two compactions in one batch, each followed by a capture, the answers equal to
+HF ``generate``'s, and no fallback to eager steps (an H200 run at full size once fell back at the first compaction:
+the released graph pool could not be reopened, and the rest of every batch decoded eagerly).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+
+import ao_resampling.engine.decode_step as decode_step
+import ao_resampling.engine.sampling as sampling
+from ao_resampling.engine.adapters import attach_oracle
+from ao_resampling.engine.models import load_model, load_tokenizer
+from ao_resampling.engine.reference import sample_hf_batched
+from ao_resampling.engine.sampling import BatchedSampler, DecodeParams, Query
+from ao_resampling.inputs.oracle import build_oracle_query
+from tests.experiments.conftest import option
+
+pytestmark = pytest.mark.gpu
+
+INJECTION_LAYER, READ_LAYER = 1, 2
+QUESTIONS = ["What is the persona?", "Is the user asking about the weather, and if so, in which city?", "Colour?"]
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    if not torch.cuda.is_available():
+        pytest.fail("needs CUDA: this test is about CUDA graphs", pytrace=False)
+    return attach_oracle(load_model("synthetic:tiny-multimodal", dtype="float32", device="cuda", seed=6), "random",
+                         seed=0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(request):
+    return load_tokenizer(option(request.config, "--ao-tokenizer") or "gemma3-270m-gguf")
+
+
+def queries(tokenizer, counts: tuple[int, ...]) -> list[Query]:
+    vectors_QD = torch.randn(len(QUESTIONS), 64, generator=torch.Generator().manual_seed(0))
+    out = []
+    for i, (question, n) in enumerate(zip(QUESTIONS, counts)):
+        oq = build_oracle_query(tokenizer, layer=READ_LAYER, question=question)
+        out.append(Query(key=f"q{i}", input_ids=tuple(oq.input_ids), n=n, vectors_KD=vectors_QD[i, None].cuda(),
+                         positions_K=tuple(oq.placeholder_positions)))
+    return out
+
+
+def hf_generate(model, tokenizer, qs, params):
+    result = sample_hf_batched(model, tokenizer, qs, injection_layer=INJECTION_LAYER, coefficient=1.0, params=params)
+    return {key: [s.token_ids for s in samples] for key, samples in result.items()}
+
+
+def two_stops(g0: list[int], g1: list[int], g2: list[int]) -> tuple[int, int, int, int]:
+    """(stop a, step a, stop b, step b): q0 ends at step a, q1 at a later step b, q2 never: two compactions."""
+    for a in range(1, STEPS - 3):
+        for b in range(a + 1, STEPS - 1):
+            stops = {g0[a], g1[b]}
+            if len(stops) == 2 and not stops & set(g0[:a] + g1[:b] + g2):
+                return g0[a], a, g1[b], b
+    pytest.fail("the random oracle repeats itself: no two stop ids give two compactions")
+
+
+def test_graphs_are_recaptured_after_each_compaction(oracle, tokenizer, monkeypatch):
+    assert oracle.config.get_text_config(decoder=True).hidden_size == 64, "queries() draws 64-wide vectors"
+    params = DecodeParams(temperature=0, top_p=0.9, max_new_tokens=STEPS)
+    reference = hf_generate(oracle, tokenizer, queries(tokenizer, (1, 1, 1)), params)
+    stop_a, a, stop_b, b = two_stops(*(reference[k][0] for k in ("q0", "q1", "q2")))
+    four_two_two = queries(tokenizer, (4, 2, 2))
+    params = dataclasses.replace(params, eos_token_ids=(stop_a, stop_b))
+
+    monkeypatch.setattr(sampling, "SYNC_EVERY", 1)  # look for finished rows after every step
+    steps, captured_rows = [], []
+    step_init, capture = decode_step.StaticDecodeStep.__init__, decode_step.StaticDecodeStep._run_then_capture
+    monkeypatch.setattr(decode_step.StaticDecodeStep, "__init__",
+                        lambda self, *a, **k: steps.append(self) or step_init(self, *a, **k))
+    monkeypatch.setattr(decode_step.StaticDecodeStep, "_run_then_capture",
+                        lambda self, cut: captured_rows.append(self.rows) or capture(self, cut))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast = BatchedSampler(oracle, tokenizer, injection_layer=INJECTION_LAYER, coefficient=1.0, params=params,
+                              attention="gqa", cuda_graphs=True).run(four_two_two, progress=False)
+
+    assert not [w for w in caught if "without CUDA graphs" in str(w.message)], [str(w.message) for w in caught]
+    assert {k: [s.token_ids for s in v] for k, v in fast.items()} == hf_generate(oracle, tokenizer, four_two_two,
+                                                                                params)
+    assert [s.n_tokens for k in ("q0", "q1", "q2") for s in fast[k]] == [a + 1] * 4 + [b + 1] * 2 + [STEPS] * 2
+    (step,) = steps
+    assert step.use_graphs and step.rows == 2, "the last two rows still decode through graphs"
+    assert sorted(set(captured_rows), reverse=True) == [8, 4, 2], "captures for 8 rows, then after each compaction"
+    assert captured_rows == sorted(captured_rows, reverse=True)
