@@ -28,7 +28,7 @@ pytestmark = pytest.mark.gpu
 
 INJECTION_LAYER, READ_LAYER = 1, 2
 QUESTIONS = ["What is the persona?", "Is the user asking about the weather, and if so, in which city?", "Colour?"]
-STEPS = 8
+STEPS = 12
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +44,15 @@ def tokenizer(request):
     return load_tokenizer(option(request.config, "--ao-tokenizer") or "gemma3-270m-gguf")
 
 
-def queries(tokenizer, counts: tuple[int, ...]) -> list[Query]:
-    vectors_QD = torch.randn(len(QUESTIONS), 64, generator=torch.Generator().manual_seed(0))
+def candidates(tokenizer) -> list[Query]:
+    """One query per (question, vector): 24 prompts to find two early stops among (one answer each)."""
+    vectors_VD = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
     out = []
-    for i, (question, n) in enumerate(zip(QUESTIONS, counts)):
+    for question in QUESTIONS:
         oq = build_oracle_query(tokenizer, layer=READ_LAYER, question=question)
-        out.append(Query(key=f"q{i}", input_ids=tuple(oq.input_ids), n=n, vectors_KD=vectors_QD[i, None].cuda(),
-                         positions_K=tuple(oq.placeholder_positions)))
+        for vector_D in vectors_VD:
+            out.append(Query(key=f"c{len(out)}", input_ids=tuple(oq.input_ids), n=1, vectors_KD=vector_D[None].cuda(),
+                             positions_K=tuple(oq.placeholder_positions)))
     return out
 
 
@@ -59,22 +61,34 @@ def hf_generate(model, tokenizer, qs, params):
     return {key: [s.token_ids for s in samples] for key, samples in result.items()}
 
 
-def two_stops(g0: list[int], g1: list[int], g2: list[int]) -> tuple[int, int, int, int]:
-    """(stop a, step a, stop b, step b): q0 ends at step a, q1 at a later step b, q2 never: two compactions."""
+def two_stops(greedy: dict[str, list[int]]):
+    """Three queries and two stop ids: the first query ends at step a, the second at a later step b, the third runs
+    on (a random model repeats itself, so a token new at step a is searched for)."""
+    keys = list(greedy)
     for a in range(1, STEPS - 3):
-        for b in range(a + 1, STEPS - 1):
-            stops = {g0[a], g1[b]}
-            if len(stops) == 2 and not stops & set(g0[:a] + g1[:b] + g2):
-                return g0[a], a, g1[b], b
+        for k0 in keys:
+            stop_a = greedy[k0][a]
+            if stop_a in greedy[k0][:a]:
+                continue
+            for b in range(a + 1, STEPS - 1):
+                for k1 in keys:
+                    stop_b = greedy[k1][b]
+                    stops = {stop_a, stop_b}
+                    if k1 == k0 or len(stops) < 2 or stops & set(greedy[k0][:a] + greedy[k1][:b]):
+                        continue
+                    k2 = next((k for k in keys if k not in (k0, k1) and not stops & set(greedy[k])), None)
+                    if k2 is not None:
+                        return (k0, a, stop_a), (k1, b, stop_b), k2
     pytest.fail("the random oracle repeats itself: no two stop ids give two compactions")
 
 
 def test_graphs_are_recaptured_after_each_compaction(oracle, tokenizer, monkeypatch):
-    assert oracle.config.get_text_config(decoder=True).hidden_size == 64, "queries() draws 64-wide vectors"
+    assert oracle.config.get_text_config(decoder=True).hidden_size == 64, "candidates() draws 64-wide vectors"
     params = DecodeParams(temperature=0, top_p=0.9, max_new_tokens=STEPS)
-    reference = hf_generate(oracle, tokenizer, queries(tokenizer, (1, 1, 1)), params)
-    stop_a, a, stop_b, b = two_stops(*(reference[k][0] for k in ("q0", "q1", "q2")))
-    four_two_two = queries(tokenizer, (4, 2, 2))
+    pool = {q.key: q for q in candidates(tokenizer)}
+    reference = hf_generate(oracle, tokenizer, list(pool.values()), params)
+    (k0, a, stop_a), (k1, b, stop_b), k2 = two_stops({k: v[0] for k, v in reference.items()})
+    four_two_two = [dataclasses.replace(pool[k], n=n) for k, n in ((k0, 4), (k1, 2), (k2, 2))]
     params = dataclasses.replace(params, eos_token_ids=(stop_a, stop_b))
 
     monkeypatch.setattr(sampling, "SYNC_EVERY", 1)  # look for finished rows after every step
@@ -92,7 +106,7 @@ def test_graphs_are_recaptured_after_each_compaction(oracle, tokenizer, monkeypa
     assert not [w for w in caught if "without CUDA graphs" in str(w.message)], [str(w.message) for w in caught]
     assert {k: [s.token_ids for s in v] for k, v in fast.items()} == hf_generate(oracle, tokenizer, four_two_two,
                                                                                 params)
-    assert [s.n_tokens for k in ("q0", "q1", "q2") for s in fast[k]] == [a + 1] * 4 + [b + 1] * 2 + [STEPS] * 2
+    assert [s.n_tokens for k in (k0, k1, k2) for s in fast[k]] == [a + 1] * 4 + [b + 1] * 2 + [STEPS] * 2
     (step,) = steps
     assert step.use_graphs and step.rows == 2, "the last two rows still decode through graphs"
     assert sorted(set(captured_rows), reverse=True) == [8, 4, 2], "captures for 8 rows, then after each compaction"
