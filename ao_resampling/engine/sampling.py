@@ -48,7 +48,8 @@ from tqdm.auto import tqdm
 from ao_resampling.engine.attention import decode_attention
 from ao_resampling.engine.batching import batch_seed, plan_batches
 from ao_resampling.engine.fused import FusedDecode
-from ao_resampling.engine.decode_step import PlainDecodeStep, StaticDecodeStep, cache_kwargs, returned_cache
+from ao_resampling.engine.decode_step import (PlainDecodeStep, StaticDecodeStep, cache_kwargs, index_rows,
+                                              returned_cache)
 from ao_resampling.engine.generation_settings import Sampling, model_generation_config, resolve_sampling
 from ao_resampling.engine.hooks import injecting, left_pad, position_ids_from_mask
 from ao_resampling.engine.adapters import adapter_disabled
@@ -181,8 +182,8 @@ class BatchedSampler:
             step, logits_BV, mask_BL = self._prefill(queries, n_Q, pad_to)
             with self._decoding(step):
                 tokens_BT = self._decode(step, logits_BV, mask_BL, mask_BL.shape[1], generator)
-            # Kept for the next batch of this shape, unless finished rows were dropped (a smaller cache then).
-            self._kept = step if isinstance(step, StaticDecodeStep) and not step.rows_dropped else None
+            # Kept for the next batch of this shape: its cache is refilled in place, its graphs replay.
+            self._kept = step if isinstance(step, StaticDecodeStep) else None
         return self._collect(queries, n_Q, tokens_BT.tolist())
 
     @torch.inference_mode()
@@ -229,12 +230,15 @@ class BatchedSampler:
             if i == p.max_new_tokens - 1:
                 break
             if (i + 1) % SYNC_EVERY == 0:
-                n_done_alive = int(done_B[alive_A].sum())
-                if n_done_alive == alive_A.shape[0]:
+                done_A = done_B[alive_A]
+                n_live = alive_A.shape[0] - int(done_A.sum())
+                if n_live == 0:
                     break
-                if self.compact_finished and n_done_alive * 2 >= alive_A.shape[0]:
-                    keep_N = (~done_B[alive_A]).nonzero().squeeze(-1)
-                    step.select(keep_N, _select_rows)
+                rows = step.rows_to_keep(n_live) if self.compact_finished else alive_A.shape[0]
+                if rows < alive_A.shape[0]:
+                    # the live rows first, in order, then finished ones if the step keeps more rows than are live
+                    keep_N = torch.argsort(done_A.int(), stable=True)[:rows]
+                    step.select(keep_N)
                     alive_A, tokens_A, next_pos_A = (t[keep_N] for t in (alive_A, tokens_A, next_pos_A))
             # the head may sit on another GPU under device_map="auto"
             logits_AV = step(tokens_A, next_pos_A, length=L + i + 1).to(device)
@@ -293,22 +297,23 @@ class BatchedSampler:
         config = self._text_config()
         window = getattr(config, "sliding_window", None) or total_len
         rows_B = torch.arange(n_Q.shape[0], device=n_Q.device).repeat_interleave(n_Q)  # query of each sample row
-        if self._kept is not None and (self._kept.total_len, self._kept.rows) != (total_len, len(rows_B)):
+        if self._kept is not None and (self._kept.total_len, self._kept.batch_rows) != (total_len, len(rows_B)):
             self._kept = None  # another shape: free the last batch's cache before a new one takes its place
         if not self.static_cache or total_len > window:
             for layer in prefill_cache.layers:
-                layer.keys, layer.values = _rows(layer.keys, rows_B), _rows(layer.values, rows_B)
+                layer.keys, layer.values = index_rows(layer.keys, rows_B), index_rows(layer.values, rows_B)
             return prefill_cache, False
         from transformers import StaticCache
 
         if self._kept is not None:
+            self._kept.first_rows(self._kept.batch_rows)  # all rows again, if the last batch dropped some
             static = self._kept.cache  # the last batch's, same shape: refilled in place, so its graphs stay valid
             static.reset()
         else:
             static = StaticCache(config=config, max_cache_len=total_len)
         L = prefill_cache.get_seq_length()
         for i, layer in enumerate(prefill_cache.layers):
-            keys, values = _rows(layer.keys, rows_B), _rows(layer.values, rows_B)
+            keys, values = index_rows(layer.keys, rows_B), index_rows(layer.values, rows_B)
             static.update(keys, values, i, cache_kwargs={"cache_position": torch.arange(L, device=keys.device)})
         return static, True
 
@@ -421,22 +426,6 @@ def make_sample(tokenizer, token_ids: list[int], stop_ids: Sequence[int]) -> Sam
     ended = bool(token_ids) and token_ids[-1] in stop_ids
     text = tokenizer.decode(token_ids, skip_special_tokens=True)
     return Sample(token_ids=list(token_ids), text=text, finish_reason="eos" if ended else "length")
-
-
-def _select_rows(cache, keep_N: torch.Tensor):
-    """Drop finished rows from a static or dynamic cache (in place); the next steps cost only the live rows."""
-    for layer in cache.layers:
-        layer.keys = _rows(layer.keys, keep_N)
-        layer.values = _rows(layer.values, keep_N)
-        if hasattr(layer, "batch_size"):
-            layer.batch_size = keep_N.shape[0]
-    return cache
-
-
-def _rows(cache_BHSD: torch.Tensor, rows_N: torch.Tensor) -> torch.Tensor:
-    """The cache's rows ``rows_N``, in that order (a row may repeat: a query's prompt KV for each of its samples)."""
-    # Under device_map="auto" each decoder layer's cache lives on that layer's GPU: index it there.
-    return cache_BHSD.index_select(0, rows_N.to(cache_BHSD.device))
 
 
 def until_stop(generated: list[int], stop_ids: Sequence[int], pad_id: int) -> list[int]:

@@ -30,7 +30,6 @@ from tests.support.conversations import CONVERSATIONS
 INJECTION_LAYER = 1
 READ_LAYER = 2  # int(4 layers * 0.5): the tiny model's 50% layer, named in the oracle prompt
 COEFFICIENT = 1.0
-ORIGINAL_SELECT_ROWS = sampling._select_rows
 ORIGINAL_STEP_INIT = decode_step.StaticDecodeStep.__init__
 CACHES = pytest.mark.parametrize("static_cache", [pytest.param(True, id="static_cache"),
                                                   pytest.param(False, id="dynamic_cache")])
@@ -38,6 +37,17 @@ COMPACTION = pytest.mark.parametrize("compact", [pytest.param(True, id="compact"
                                              pytest.param(False, id="no_compact")])
 ATTENTION = pytest.mark.parametrize("attention", [pytest.param("gqa", id="gqa_attention"),
                                                   pytest.param("hf", id="hf_attention")])
+
+
+
+def record_compactions(monkeypatch) -> list[list[int]]:
+    """The rows each drop of finished rows keeps (indices into the rows then in the batch), either decode step."""
+    kept: list[list[int]] = []
+    for cls in (decode_step.PlainDecodeStep, decode_step.StaticDecodeStep):
+        monkeypatch.setattr(cls, "select", lambda self, keep, _select=cls.select: kept.append(keep.tolist())
+                            or _select(self, keep))
+    return kept
+
 
 QUESTIONS = [
     "What is the persona?",
@@ -215,10 +225,8 @@ def test_fast_path_equals_plain_generate_for_any_bucket(tiny_oracle, gemma_token
 @ATTENTION
 def test_fast_path_equals_plain_generate_with_early_stops(tiny_oracle, gemma_tokenizer, queries, early_eos,
                                                           static_cache, compact, attention, monkeypatch):
-    compactions = []
     monkeypatch.setattr(sampling, "SYNC_EVERY", 1)  # look for finished rows after every step
-    monkeypatch.setattr(sampling, "_select_rows",
-                        lambda cache, keep: compactions.append(keep.tolist()) or ORIGINAL_SELECT_ROWS(cache, keep))
+    compactions = record_compactions(monkeypatch)
     two = queries[:2]  # q0's two rows stop at step 2: half the batch, so it is compacted then
 
     params = greedy(eos_token_ids=(early_eos,))
@@ -303,9 +311,7 @@ def test_a_second_compaction_of_finished_rows_equals_plain_generate(tiny_oracle,
     """q0 (4 rows) stops at step 1: half the batch, dropped; q1 (2 rows) stops at step 3: half of the rest, dropped
     again; q2 runs to the end."""
     monkeypatch.setattr(sampling, "SYNC_EVERY", 1)
-    compactions = []
-    monkeypatch.setattr(sampling, "_select_rows",
-                        lambda cache, keep: compactions.append(keep.tolist()) or ORIGINAL_SELECT_ROWS(cache, keep))
+    compactions = record_compactions(monkeypatch)
     g0, g1, g2 = (greedy_reference[k][0] for k in ("q0", "q1", "q2"))
     eos = (g0[1], g1[3])
     assert not set(eos) & set(g0[:1] + g1[:3] + g2), "pick other steps: the random model repeats itself here"
@@ -317,6 +323,35 @@ def test_a_second_compaction_of_finished_rows_equals_plain_generate(tiny_oracle,
     assert tokens(result) == tokens(plain(tiny_oracle, gemma_tokenizer, four_two_two, params))
     assert [len(keep) for keep in compactions] == [4, 2]
     assert [s.n_tokens for k in ("q0", "q1", "q2") for s in result[k]] == [2] * 4 + [4] * 2 + [8] * 2
+
+
+def test_rows_are_dropped_in_place_and_the_next_batch_reuses_the_step(tiny_oracle, gemma_tokenizer, acts_BD,
+                                                                      greedy_reference, monkeypatch):
+    """Two batches of eight rows with early stops: the live rows move to the front of the same cache buffers (the
+    addresses a CUDA graph reads), and the second batch decodes in the first one's step."""
+    monkeypatch.setattr(sampling, "SYNC_EVERY", 1)
+    built, moves = [], []
+    select = decode_step.StaticDecodeStep.select
+
+    def select_and_look(self, keep_N):
+        select(self, keep_N)
+        moves.append((self.rows, [(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in self.cache.layers]
+                      == [(k.data_ptr(), v.data_ptr()) for k, v in self.full_kv]))
+
+    monkeypatch.setattr(decode_step.StaticDecodeStep, "select", select_and_look)
+    monkeypatch.setattr(decode_step.StaticDecodeStep, "__init__",
+                        lambda self, *a, **k: built.append(self) or ORIGINAL_STEP_INIT(self, *a, **k))
+    g0, g1, g2 = (greedy_reference[k][0] for k in ("q0", "q1", "q2"))
+    params = greedy(eos_token_ids=(g0[1], g1[3]))
+    four_two_two = [dataclasses.replace(q, n=n) for q, n in zip(make_queries(gemma_tokenizer, acts_BD), (4, 2, 2))]
+    again = [dataclasses.replace(q, key=q.key + "-again") for q in four_two_two]
+
+    result = fast(tiny_oracle, gemma_tokenizer, four_two_two + again, params, max_rows=8)
+
+    expected = tokens(plain(tiny_oracle, gemma_tokenizer, four_two_two, params))
+    assert tokens(result) == {**expected, **{k + "-again": v for k, v in expected.items()}}
+    assert len(built) == 1, "the second batch decodes in the first one's step"
+    assert len(moves) >= 2 and all(same for _, same in moves), "drops in both batches, into the same buffers"
 
 
 def test_make_sample_finish_reason_and_text(gemma_tokenizer):

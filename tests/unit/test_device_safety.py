@@ -17,7 +17,8 @@ from torch.utils._pytree import tree_flatten
 
 from ao_resampling.engine.hooks import inject
 from ao_resampling.engine.models import model_device, synthetic_config
-from ao_resampling.engine.sampling import BatchedSampler, DecodeParams, _select_rows
+from ao_resampling.engine.decode_step import select_rows
+from ao_resampling.engine.sampling import BatchedSampler, DecodeParams
 
 CPU, OTHER = torch.device("cpu"), torch.device("meta")
 
@@ -56,7 +57,7 @@ def test_select_rows_indexes_each_layer_on_its_own_device():
     _, cache = split_cache(batch=4)
 
     with OneDevicePerOp():
-        cache = _select_rows(cache, torch.tensor([1, 3]))
+        cache = select_rows(cache, torch.tensor([1, 3]))
 
     for i, layer in enumerate(cache.layers):
         assert layer.keys.device == (CPU if i % 2 == 0 else OTHER) and layer.keys.shape[0] == 2
@@ -111,3 +112,27 @@ def test_cuda_graphs_only_for_a_model_on_one_device():
     assert on_one_device(one)
     one[1].to("meta")  # as a device_map="auto" model has its layers on several GPUs
     assert not on_one_device(one)
+
+
+def test_a_static_step_drops_rows_in_place_on_each_layers_device():
+    """Under device_map="auto": the in-place drop gathers each layer's rows on that layer's device."""
+    from transformers import StaticCache
+
+    from ao_resampling.engine.decode_step import StaticDecodeStep
+
+    config = synthetic_config("tiny")
+    static = StaticCache(config=config, max_cache_len=6)
+    for i in range(config.num_hidden_layers):
+        kv = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1).expand(4, 1, 5, 32)  # row b holds b
+        kv = kv.to(CPU if i % 2 == 0 else OTHER)
+        static.update(kv.clone(), kv.clone(), i, cache_kwargs={"cache_position": torch.arange(5)})
+    step = StaticDecodeStep(None, static, torch.ones(4, 5, dtype=torch.bool), total_len=6, graphs=False)
+
+    with OneDevicePerOp():
+        step.select(torch.tensor([1, 3]))
+
+    assert step.rows == 2 and step.mask_AS.shape == (2, 6)
+    for i, layer in enumerate(static.layers):
+        assert layer.keys.device == (CPU if i % 2 == 0 else OTHER) and layer.keys.shape[0] == 2
+        assert layer.keys.data_ptr() == step.full_kv[i][0].data_ptr(), "a view of the same buffer"
+    assert static.layers[0].keys[:, 0, 0, 0].tolist() == [1.0, 3.0]

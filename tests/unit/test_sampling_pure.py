@@ -8,6 +8,8 @@ candidate path and the full-sort fallback), and never a token outside the nucleu
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import assume, given, settings
@@ -285,9 +287,18 @@ class ScriptedStep:
     """A decode step whose original row r emits STOP at step ``stop_at[r]`` and WORD otherwise (as one-hot logits);
     it tracks which original rows are still in the batch through ``select``, as the real steps do."""
 
-    def __init__(self, stop_at: list[int]):
-        self.stop_at, self.rows = stop_at, list(range(len(stop_at)))
+    def __init__(self, stop_at: list[int], ladder: bool = False):
+        self.stop_at, self.rows, self.ladder = stop_at, list(range(len(stop_at))), ladder
         self.selects: list[list[int]] = []
+
+    def rows_to_keep(self, n_live: int) -> int:
+        """As ``StaticDecodeStep`` (``ladder``: row counts from the ladder) or ``PlainDecodeStep`` (the live rows,
+        once they are half of the batch or fewer)."""
+        from ao_resampling.engine.decode_step import rung
+
+        if self.ladder:
+            return rung(n_live, len(self.stop_at))
+        return n_live if n_live * 2 <= len(self.rows) else len(self.rows)
 
     def logits(self, step: int) -> torch.Tensor:
         logits_AV = torch.full((len(self.rows), V_FAKE), -10.0)
@@ -300,7 +311,7 @@ class ScriptedStep:
         assert tokens_A.shape[0] == positions_A.shape[0] == len(self.rows)
         return self.logits(length - self.prompt_len)
 
-    def select(self, keep_A: torch.Tensor, select_cache) -> None:
+    def select(self, keep_A: torch.Tensor) -> None:
         assert keep_A.max() < len(self.rows), "kept rows must index the rows still in the batch"
         self.selects.append([self.rows[a] for a in keep_A.tolist()])
         self.rows = [self.rows[a] for a in keep_A.tolist()]
@@ -318,8 +329,8 @@ def scripted_sampler(max_new_tokens: int, min_new_tokens: int = 0, **params):
                                               min_new_tokens=min_new_tokens, **params))
 
 
-def run_scripted(stop_at: list[int], max_new_tokens: int, min_new_tokens: int = 0):
-    step, prompt_len = ScriptedStep(stop_at), 4
+def run_scripted(stop_at: list[int], max_new_tokens: int, min_new_tokens: int = 0, ladder: bool = False):
+    step, prompt_len = ScriptedStep(stop_at, ladder), 4
     step.prompt_len = prompt_len
     mask_AL = torch.ones(len(stop_at), prompt_len, dtype=torch.bool)
     tokens_BT = scripted_sampler(max_new_tokens, min_new_tokens)._decode(step, step.logits(0), mask_AL, prompt_len,
@@ -342,6 +353,30 @@ def test_finished_rows_are_compacted_again_and_again(monkeypatch):
 
     assert step.selects == [[4, 5, 6, 7], [6, 7], [7]]
     assert tokens_BT.tolist() == [expected_row(s, 10) for s in stop_at]
+
+
+def test_on_the_ladder_finished_rows_fill_up_to_the_rung(monkeypatch):
+    import ao_resampling.engine.sampling as sampling
+
+    monkeypatch.setattr(sampling, "SYNC_EVERY", 1)
+    stop_at = [1, 1, 1, 1, 1, 3, 5, 99]  # 3 live after step 1: the rung of 4 keeps them and one finished row
+    step, tokens_BT = run_scripted(stop_at, max_new_tokens=10, ladder=True)
+
+    assert step.selects == [[5, 6, 7, 0], [6, 7], [7]]
+    assert tokens_BT.tolist() == [expected_row(s, 10) for s in stop_at], "the finished filler row stays finished"
+
+
+@given(batch_rows=st.integers(1, 2000), data=st.data())
+def test_rung_is_the_smallest_ladder_row_count_that_holds_the_live_rows(batch_rows, data):
+    from ao_resampling.engine.decode_step import rung
+
+    n_live = data.draw(st.integers(1, batch_rows))
+    ladder = [batch_rows]
+    while ladder[-1] > 1:
+        ladder.append(math.ceil(ladder[-1] / 2))
+    got = rung(n_live, batch_rows)
+    assert got in ladder and got >= n_live
+    assert all(r < n_live for r in ladder if r < got)
 
 
 def test_a_stop_token_at_step_zero_ends_the_answer_there(monkeypatch):
