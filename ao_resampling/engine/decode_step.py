@@ -23,8 +23,11 @@ that is what the CPU tests exercise.
 Shape letters:
     A  the rows still decoding (finished ones are dropped by ``select``)
     B  all rows of the batch
+    N  the rows a drop keeps
+    H  key/value heads
     L  the batch's padded prompt length
     S  positions of the KV cache: the sequence so far (a dynamic cache), or all of the static cache
+    D  the head size
     V  the vocabulary
     1  one position: this step's token
 """
