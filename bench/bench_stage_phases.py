@@ -7,11 +7,14 @@ The stage is: capture, host copy of the weights the LoRA merge writes into, merg
 the CUDA graphs, the later ones replay them), unmerge and restore. Each phase is timed alone here (same options as
 the pipeline's sampler), for each of ``--variants``; with ``--profile``, 32 decode steps of a steady batch are
 profiled and their GPU time split by kernel kind (matmul, softmax, sort/top-k, reductions, copies, elementwise).
-Takes bench_generation.py's flags (the first of ``--budgets``).
+Each batch also prints its graph captures and drops of finished rows; with ``--eos-rate 0.03`` the answers end at
+<end_of_turn> at varied lengths, as real ones do, so the drops and their captures show. Takes bench_generation.py's
+flags (the first of ``--budgets``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections import defaultdict
@@ -19,6 +22,7 @@ from collections import defaultdict
 import torch
 
 from bench_generation import Bench, check_greedy, check_noise, parse_args
+from ao_resampling.engine.decode_step import StaticDecodeStep
 from ao_resampling.engine.sampling import DecodeParams
 
 # Kernel kinds by name, first match wins (CUDA kernel names of torch 2.11 / cuBLAS on an H200).
@@ -80,6 +84,28 @@ def profile_steps(bench: Bench, variant: str, budget: int, steps: int) -> None:
         print(f"  {e.self_device_time_total / 1e3:8.1f} ms {e.count:6d}x  [{kind_of(e.key)}] {e.key[:100]}")
 
 
+@contextlib.contextmanager
+def counting_graph_work():
+    """Counts of the decode step's graph captures (each one an eager step plus a capture) and drops of finished rows
+    inside the block: with --eos-rate, what a batch of answers that end early spends besides decoding."""
+    counts = {"captures": 0, "drops": 0}
+    capture, select = StaticDecodeStep._run_then_capture, StaticDecodeStep.select
+
+    def counted_capture(step, cut):
+        counts["captures"] += 1
+        return capture(step, cut)
+
+    def counted_select(step, keep_N):
+        counts["drops"] += 1
+        return select(step, keep_N)
+
+    StaticDecodeStep._run_then_capture, StaticDecodeStep.select = counted_capture, counted_select
+    try:
+        yield counts
+    finally:
+        StaticDecodeStep._run_then_capture, StaticDecodeStep.select = capture, select
+
+
 def host_copy_trials(gib: float = 4.0) -> None:
     """Ways to get page-locked host memory for the weight copy, each timed on ``gib`` GiB (fresh memory each)."""
     n = int(gib * 2**30)
@@ -113,6 +139,8 @@ def main() -> None:
     budget = int(args.budgets.split(",")[0])
     bench = Bench(args)
     print(f"load {bench.load_s:.1f} s, capture {bench.capture_s:.2f} s", flush=True)
+    if args.eos_rate:
+        bench.end_answers()
     if torch.cuda.is_available():
         host_copy_trials()
     results: dict[str, float] = {}
@@ -125,8 +153,10 @@ def main() -> None:
         timed(f"{variant}: stage start (host copy of the weights the merge writes, merge)", stage.__enter__, results)
         try:
             for i, batch in enumerate(batches):
-                timed(f"{variant}: batch {i} ({len(batch) * args.samples} rows)",
-                      lambda: sampler.generate(batch, pad_to=pad_to), results)
+                with counting_graph_work() as counts:
+                    timed(f"{variant}: batch {i} ({len(batch) * args.samples} rows)",
+                          lambda: sampler.generate(batch, pad_to=pad_to), results)
+                print(f"    {counts['captures']} graph captures, {counts['drops']} drops of finished rows", flush=True)
         finally:
             timed(f"{variant}: stage end (unmerge, restore)", lambda: stage.__exit__(None, None, None), results)
         if torch.cuda.is_available():
