@@ -398,3 +398,22 @@ def test_api_key_never_reaches_records_files_or_errors(openai_server, tmp_path, 
             assert FAKE_KEY not in path.read_text()
     assert all(FAKE_KEY not in json.dumps(r.headers) for r in openai_server.requests)
     assert all(r.headers["authorization"] == "<redacted>" for r in openai_server.requests)
+
+
+def test_the_loopback_server_does_not_count_a_request_whose_body_never_arrived():
+    """A client killed between its headers and its body (the crash-safety tests kill mid-judging) made no call: the
+    fake server must not record one, or a test would look for the prompt of an empty request."""
+    import socket
+    from urllib.parse import urlparse
+
+    with FakeOpenAIServer() as server:
+        url = urlparse(server.base_url)
+        with socket.create_connection((url.hostname, url.port)) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 500\r\n\r\n")
+            sock.shutdown(socket.SHUT_WR)  # the body never comes
+            sock.recv(1024)  # the server closes without an answer
+        call(server, api="chat")  # a whole request afterwards is answered and recorded
+
+        assert [r.api for r in server.requests] == ["chat"]
+        assert QUESTION in server.requests[0].prompt
