@@ -145,7 +145,8 @@ def main() -> None:
         host_copy_trials()
     results: dict[str, float] = {}
     per_batch = budget // args.samples
-    batches = [bench.queries[i:i + per_batch] for i in range(0, min(len(bench.queries), args.phase_batches * per_batch), per_batch)]
+    batches = [bench.queries[i:i + per_batch]
+               for i in range(0, min(len(bench.queries), args.phase_batches * per_batch), per_batch)]
     pad_to = max(len(q.input_ids) for q in bench.queries)
     for variant in args.variants.split(","):
         sampler = bench.sampler(variant, budget)

@@ -193,7 +193,5 @@ class StaticDecodeStep:
         for layer, (keys_BHSD, values_BHSD) in zip(self.cache.layers, self.full_kv):
             keys_BHSD[:n] = index_rows(layer.keys, keep_N)  # gathered first: rows may move onto each other
             values_BHSD[:n] = index_rows(layer.values, keep_N)
-        for full, now in ((self.full_mask_BS, self.mask_AS), (self.full_tokens_B1, self.tokens_A1),
-                          (self.full_positions_B1, self.positions_A1)):
-            full[:n] = now[keep_N.to(now.device)]
+        self.full_mask_BS[:n] = self.mask_AS[keep_N.to(self.mask_AS.device)]  # tokens, positions: set every step
         self.first_rows(n)

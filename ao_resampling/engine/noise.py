@@ -10,9 +10,10 @@ vocabulary of
 - HF at batch Q (the Q queries left-padded together) against HF at batch 1.
 
 "HF" is the model's own forward as ``generate`` runs it (``hf_path``): the prompt pass with the activation
-injected, then one token per step over a dynamic cache, with the model's own attention (``PlainDecodeStep``). All three run on the same
-weights, inside the sampler's stage: with the LoRA merged when the sampler merges it, so what is measured is the
-kernels' deviation, not the merge's (a separate lever, checked by greedy answers equal to HF ``generate``).
+injected, then one token per step over a dynamic cache, with the model's own attention (``PlainDecodeStep``). All
+three run on the same weights, inside the sampler's stage: with the LoRA merged when the sampler merges it, so what
+is measured is the kernels' deviation, not the merge's (a separate lever, checked by greedy answers equal to HF
+``generate``).
 The criterion: the largest per-step value of the first is at most that of the second.
 
 Shape letters:

@@ -39,7 +39,6 @@ ATTENTION = pytest.mark.parametrize("attention", [pytest.param("gqa", id="gqa_at
                                                   pytest.param("hf", id="hf_attention")])
 
 
-
 def record_compactions(monkeypatch) -> list[list[int]]:
     """The rows each drop of finished rows keeps (indices into the rows then in the batch), either decode step."""
     kept: list[list[int]] = []
