@@ -38,7 +38,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def gemma_tokenizer():
     """The real Gemma 3 tokenizer (from the GGUF package) with Gemma 3's chat template, left padding."""
-    from ao_resampling.engine.models import load_tokenizer
+    from ao_resampling.engine.loading.models import load_tokenizer
 
     return load_tokenizer("gemma3-270m-gguf")
 
@@ -46,7 +46,7 @@ def gemma_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_model():
     """A 4-layer random-weight Gemma 3 (float32, CPU) sharing the real tokenizer's vocabulary."""
-    from ao_resampling.engine.models import load_model
+    from ao_resampling.engine.loading.models import load_model
 
     return load_model("synthetic:tiny", dtype="float32", device="cpu")
 
@@ -54,8 +54,8 @@ def tiny_model():
 @pytest.fixture(scope="session")
 def tiny_oracle():
     """The tiny model wrapped with a seeded random LoRA (nonzero B), standing in for an oracle."""
-    from ao_resampling.engine.adapters import attach_oracle
-    from ao_resampling.engine.models import load_model
+    from ao_resampling.engine.loading.adapters import attach_oracle
+    from ao_resampling.engine.loading.models import load_model
 
     # LoRA seed 2: the tests need a greedy answer that depends on the injected vector and a token q0 emits only at
     # step 2 (test_sampler.early_eos); a flat random model meets both only for some adapters, and seed 0 is not one.
@@ -65,8 +65,8 @@ def tiny_oracle():
 @pytest.fixture(scope="session")
 def gemma270m_oracle():
     """Real Gemma 3 270M (float32, CPU) with a random LoRA: real weights, not a trained oracle."""
-    from ao_resampling.engine.adapters import attach_oracle
-    from ao_resampling.engine.models import load_model
+    from ao_resampling.engine.loading.adapters import attach_oracle
+    from ao_resampling.engine.loading.models import load_model
 
     return attach_oracle(load_model("gemma3-270m-gguf", dtype="float32", device="cpu"), "random", seed=0)
 
@@ -80,7 +80,7 @@ TINY_MULTIMODAL_SEED = 6
 def tiny_multimodal_model():
     """A 4-layer random Gemma3ForConditionalGeneration (vision tower included, float32, CPU): the class and module
     tree google/gemma-3-27b-it loads as, at toy size."""
-    from ao_resampling.engine.models import load_model
+    from ao_resampling.engine.loading.models import load_model
 
     return load_model("synthetic:tiny-multimodal", dtype="float32", device="cpu", seed=TINY_MULTIMODAL_SEED)
 
@@ -88,8 +88,8 @@ def tiny_multimodal_model():
 @pytest.fixture(scope="session")
 def tiny_multimodal_oracle():
     """The tiny multimodal model with a seeded random LoRA."""
-    from ao_resampling.engine.adapters import attach_oracle
-    from ao_resampling.engine.models import load_model
+    from ao_resampling.engine.loading.adapters import attach_oracle
+    from ao_resampling.engine.loading.models import load_model
 
     model = load_model("synthetic:tiny-multimodal", dtype="float32", device="cpu", seed=TINY_MULTIMODAL_SEED)
     return attach_oracle(model, "random", seed=0)

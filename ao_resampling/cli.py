@@ -188,13 +188,13 @@ def run(
         baseline_max_new_tokens=baseline_max_new_tokens, embedding_model=embedding_model, **judge_flags,
     )
     if gpus and gpus > 1 and "WORLD_SIZE" not in os.environ:  # not yet under torchrun: become it
-        from ao_resampling.engine import distributed
+        from ao_resampling import ranks
 
         try:
-            distributed.check_launch(config, gpus)
+            ranks.check_launch(config, gpus)
         except pipeline.PipelineError as e:
             _fail(str(e))
-        distributed.relaunch(gpus, sys.argv[1:])
+        ranks.relaunch(gpus, sys.argv[1:])
     judge = not no_judge
     if judge and preset == "demo":
         try:  # the demo judges only when the user has given it a way to
@@ -204,7 +204,7 @@ def run(
             typer.echo("demo: no OPENAI_API_KEY or judge base URL set, so the LLM judge is skipped "
                        "(judge-free metrics only).")
     out_dir = out or pipeline.default_out_dir(config, preset)
-    from ao_resampling.engine.distributed import world
+    from ao_resampling.ranks import world
 
     # Under torchrun rank 0 holds the folder for the whole group (store.py); the launcher above exec'd torchrun.
     with folder_lock(out_dir) if world().is_main else contextlib.nullcontext():

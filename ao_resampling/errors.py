@@ -30,7 +30,7 @@ class AOResamplingError(Exception):
 class PipelineError(AOResamplingError, RuntimeError):
     """A pre-flight check or a resume that cannot go ahead; the message says what to change.
 
-    Here, not in pipeline.py, because the stages and the engine (distributed.py) raise it too and import nothing
+    Here, not in pipeline.py, because the stages and the process launcher (ranks.py) raise it too and import nothing
     above them."""
 
 

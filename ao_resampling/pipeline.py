@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 
 from ao_resampling.config import ExperimentConfig
-from ao_resampling.engine import distributed, models
+from ao_resampling import ranks
+from ao_resampling.engine.loading import models
 from ao_resampling.errors import PipelineError
 from ao_resampling.inputs import data
 from ao_resampling.results import Results, load_baseline_file
-from ao_resampling.stages.generate import generate, generate_shard, load_oracle, pending_runs
+from ao_resampling.stages.generate import generate, load_oracle, pending_runs
 from ao_resampling.stages.plan import STAND_IN_NOTE, now, prepare
 from ao_resampling.stages.spread import spread_stage
 from ao_resampling.store import ResultsStore
@@ -103,15 +104,15 @@ def run_experiment(config: ExperimentConfig, out_dir: Path, *, judge: bool | Non
 
     ``oracle``: an already loaded model (a sweep loads it once for all its conditions); None loads it when needed.
 
-    Under torchrun every rank samples a share of the runs (distributed.py); rank 0 alone plans, merges the journals,
+    Under torchrun every rank samples a share of the runs (ranks.py); rank 0 alone plans, merges the journals,
     judges and analyses, and the other ranks return after generation.
     """
     judge = config.judge if judge is None else judge
-    here = distributed.start(config)  # a world of one unless torchrun started several ranks
-    config = distributed.rank_config(config, here)
+    here = ranks.start(config)  # a world of one unless torchrun started several ranks
+    config = ranks.rank_config(config, here)
     if not here.is_main:
         log, progress = (lambda _: None), False
-    with distributed.together(here, "pre-flight checks"):
+    with ranks.together(here, "pre-flight checks"):
         preflight(config, judge=judge and here.is_main)
     report = RunReport(out_dir=Path(out_dir))
     why = config.stand_in_reason()
@@ -147,32 +148,32 @@ def _timed(report: RunReport, stage: str) -> Iterator[None]:
     report.stage_seconds[stage] = time.perf_counter() - t
 
 
-def _write_plan(config: ExperimentConfig, out_dir: Path, here: distributed.World,
+def _write_plan(config: ExperimentConfig, out_dir: Path, here: ranks.World,
                 oracle: models.LoadedOracle | None) -> ResultsStore | None:
     """One plan (question sample, run ids), by rank 0 alone (the other ranks get None and wait for it).
 
     Before the model: a folder made with other settings is refused in seconds, not after loading 27B.
     """
-    with distributed.together(here, "writing the plan"):
+    with ranks.together(here, "writing the plan"):
         tokenizer = oracle.tokenizer if oracle is not None else None  # a sweep's: not loaded again per condition
         return prepare(config, out_dir, tokenizer=tokenizer)[0] if here.is_main else None
 
 
-def _load_if_needed(config: ExperimentConfig, store: ResultsStore | None, here: distributed.World,
+def _load_if_needed(config: ExperimentConfig, store: ResultsStore | None, here: ranks.World,
                     oracle: models.LoadedOracle | None) -> models.LoadedOracle | None:
     """The given oracle, else a fresh one unless nothing is left to sample (a resume may need none)."""
     if oracle is None and (here.is_distributed or needs_model(store.load(), config)):
-        with distributed.together(here, "loading the model"):
+        with ranks.together(here, "loading the model"):
             return load_oracle(config)  # a module global: tests patch pipeline.load_oracle
     return oracle
 
 
-def _generate_stage(store: ResultsStore | None, config: ExperimentConfig, out_dir: Path, here: distributed.World, *,
+def _generate_stage(store: ResultsStore | None, config: ExperimentConfig, out_dir: Path, here: ranks.World, *,
                     oracle: models.LoadedOracle | None, progress: bool) -> int | None:
     """Samples the missing AO answers: the runs a rank other than 0 sampled (it is done then), else None."""
     if here.is_distributed:
-        sampled = generate_shard(out_dir, config, here, oracle=oracle, progress=progress)
-        distributed.stop()
+        sampled = ranks.generate_shard(out_dir, config, here, oracle=oracle, progress=progress)
+        ranks.stop()
         if not here.is_main:
             return sampled
     else:

@@ -52,7 +52,7 @@ class Decoding(BaseModel):
     max_new_tokens: int
     do_sample: bool = True
     seed: int | None = None
-    # What HF generate's merge with the model's generation_config decided (generation_settings.py). None: a file
+    # What HF generate's merge with the model's generation_config decided (decoding/settings.py). None: a file
     # written before they were recorded, or a plan written before the model was loaded (top_k None = the model's).
     top_k: int | None = None
     eos_token_ids: list[int] | None = None

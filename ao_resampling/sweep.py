@@ -27,7 +27,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from ao_resampling import pipeline
-from ao_resampling.engine import models
+from ao_resampling.engine.loading import models
 from ao_resampling.config import ExperimentConfig, diff_settings
 from ao_resampling.errors import AOResamplingError, describe_problems
 from ao_resampling.results import read_json_file

@@ -4,7 +4,7 @@
         --targets target_model_queries.json --questions sycophancy_questions.json --full
 
 Answers are forced to max_new_tokens (min_new_tokens = max_new_tokens) so every variant does the worst-case work;
-``--eos-rate 0.03`` instead makes the random model end its answers at <end_of_turn> ~3% of steps (standins.py), so
+``--eos-rate 0.03`` instead makes the random model end its answers at <end_of_turn> ~3% of steps (loading/end_gate.py), so
 rows finish at varied lengths and are dropped as real answers are (tokens/s then counts max_new_tokens per sample:
 an upper bound). Decoding is the model's generation_config merged with T=0.7, top_p 0.9 (``--top-k`` overrides).
 On a random-weight model the numbers are about speed only. Prints one table; --json writes all numbers.
@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 
 from ao_resampling.inputs import data
-from ao_resampling.engine import adapters, models
+from ao_resampling.engine.loading import adapters, models
 from ao_resampling.inputs.encoding import encode_target
 from ao_resampling.engine.hooks import capture_activations
 from ao_resampling.inputs.oracle import build_oracle_query
 from ao_resampling.stages.generate import CAPTURE_BATCH
 from ao_resampling.engine.reference import sample_hf_batched, sample_sequential
-from ao_resampling.engine.sampling import BatchedSampler, DecodeParams, Query
+from ao_resampling.engine.decoding.sampler import BatchedSampler, DecodeParams, Query
 
 
 # Batched-sampler variants: each is one set of BatchedSampler options, named for the lever it changes.
@@ -196,8 +196,8 @@ class Bench:
                               max_tokens=budget * self.args.tokens_per_row, **VARIANTS[variant])
 
     def end_answers(self) -> None:
-        from ao_resampling.engine.sampling import effective_sampling
-        from ao_resampling.engine.standins import end_answers_at_rate
+        from ao_resampling.engine.decoding.sampler import effective_sampling
+        from ao_resampling.engine.loading.end_gate import end_answers_at_rate
 
         rate = self.args.eos_rate
         stop_id = end_answers_at_rate(self.model, effective_sampling(self.model, self.tokenizer, self.params), rate)

@@ -19,7 +19,7 @@ from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm, repeat_kv
 
 from cuda_timing import cuda_ms  # bench/, beside this script
 
-from ao_resampling.engine.attention import gqa_attention
+from ao_resampling.engine.decoding.attention import gqa_attention
 
 
 def main() -> None:

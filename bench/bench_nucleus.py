@@ -16,7 +16,7 @@ import torch
 
 from cuda_timing import cuda_ms  # bench/, beside this script
 
-from ao_resampling.engine.nucleus import nucleus_threshold, sample_next_tokens
+from ao_resampling.engine.decoding.nucleus import nucleus_threshold, sample_next_tokens
 
 
 def bisection_threshold(scaled_BV: torch.Tensor, log_z_B1: torch.Tensor, top_p: float, iters: int = 40):

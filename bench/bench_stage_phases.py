@@ -22,8 +22,8 @@ from collections import defaultdict
 import torch
 
 from bench_generation import Bench, check_greedy, check_noise, parse_args
-from ao_resampling.engine.decode_step import StaticDecodeStep
-from ao_resampling.engine.sampling import DecodeParams
+from ao_resampling.engine.decoding.decode_step import StaticDecodeStep
+from ao_resampling.engine.decoding.sampler import DecodeParams
 
 # Kernel kinds by name, first match wins (CUDA kernel names of torch 2.11 / cuBLAS on an H200).
 KINDS = [

@@ -25,8 +25,8 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from ao_resampling.engine.adapters import adapter_disabled
-from ao_resampling.engine.models import decoder_layers, model_device
+from ao_resampling.engine.loading.adapters import adapter_disabled
+from ao_resampling.engine.loading.models import decoder_layers, model_device
 
 Hook = Callable[[nn.Module, tuple, object], object]
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ao_resampling.engine.sampling import BatchedSampler, Query
+from ao_resampling.engine.decoding.sampler import BatchedSampler, Query
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ao_resampling.engine.batching import batch_seed
+from ao_resampling.engine.decoding.batching import batch_seed
 from ao_resampling.engine.hooks import left_pad
-from ao_resampling.engine.generation_settings import generate_kwargs
-from ao_resampling.engine.models import model_device
-from ao_resampling.engine.sampling import (
+from ao_resampling.engine.decoding.settings import generate_kwargs
+from ao_resampling.engine.loading.models import model_device
+from ao_resampling.engine.decoding.sampler import (
     DecodeParams, Query, Sample, effective_sampling, injection_for_rows, make_sample, until_stop,
 )
 

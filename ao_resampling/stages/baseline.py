@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from ao_resampling.errors import AOResamplingError
 from ao_resampling.config import ExperimentConfig
-from ao_resampling.engine.sampling import Query, effective_sampling
+from ao_resampling.engine.decoding.sampler import Query, effective_sampling
 from ao_resampling.stages.generate import batched_sampler, decode_params, load_oracle, to_responses
 from ao_resampling.stages.judge import judge_prompt, make_client, run_calls
 from ao_resampling.stages.plan import decoding
@@ -31,7 +31,7 @@ from ao_resampling.events import baseline_judge_event, baseline_responses_event,
 from ao_resampling.store import ResultsStore
 
 if TYPE_CHECKING:
-    from ao_resampling.engine.models import LoadedOracle
+    from ao_resampling.engine.loading.models import LoadedOracle
 
 
 class BaselineError(AOResamplingError, RuntimeError):

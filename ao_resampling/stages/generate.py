@@ -1,26 +1,23 @@
 """The generate stage: the oracle's answers to every planned run, batched, each finished batch journaled.
 
 ``generate`` samples the runs still missing answers (``pending_runs``): it reads each target's activations with the
-base model (``capture_targets``, adapter off) and has the oracle answer with them injected (engine/sampling.py's
-``BatchedSampler``, or the plain sequential reference). ``generate_shard`` is one torchrun rank's part of the same
-stage: the ranks meet through engine/distributed.py, split the pending runs with its ``shard_runs`` and each journals
-its shard into its own journal. ``load_oracle`` loads the model a config names; ``to_responses`` is how sampled
+base model (``capture_targets``, adapter off) and has the oracle answer with them injected (engine/decoding/sampler.py's
+``BatchedSampler``, or the plain sequential reference); under torchrun, ranks.py hands each rank its share
+(``runs_filter``) and its own journal. ``load_oracle`` loads the model a config names; ``to_responses`` is how sampled
 answers are stored (the target-model baseline stores its replies the same way).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 import torch
 
 from ao_resampling.config import ExperimentConfig
-from ao_resampling.engine import adapters, models
-from ao_resampling.engine.distributed import World, rank_journal_name, shard_runs, together
+from ao_resampling.engine.loading import adapters, models
 from ao_resampling.engine.hooks import capture_activations_at
 from ao_resampling.engine.reference import sample_sequential
-from ao_resampling.engine.sampling import BatchedSampler, DecodeParams, Query, Sample, effective_sampling
+from ao_resampling.engine.decoding.sampler import BatchedSampler, DecodeParams, Query, Sample, effective_sampling
 from ao_resampling.errors import PipelineError
 from ao_resampling.results import Decoding, Response, Results, Run
 from ao_resampling.stages.plan import decoding
@@ -91,7 +88,7 @@ def batched_sampler(oracle: models.LoadedOracle, config: ExperimentConfig, param
 
 
 def load_oracle(config: ExperimentConfig) -> models.LoadedOracle:
-    """The base model with the oracle adapter, as ``config`` names them (engine/adapters.py loads)."""
+    """The base model with the oracle adapter, as ``config`` names them (engine/loading/adapters.py loads)."""
     return adapters.load_oracle(model=config.model, tokenizer=config.tokenizer, oracle_lora=config.oracle_lora,
                                 dtype=config.dtype, device=config.device, device_map=config.device_map,
                                 layer_percent=config.layer_percent, injection_layer=config.injection_layer)
@@ -112,25 +109,3 @@ def capture_targets(oracle: models.LoadedOracle, runs: Iterable[Run]) -> dict[st
                                           oracle.tokenizer.pad_token_id)
         acts.update({r.target_id: a for r, a in zip(chunk, acts_BKD)})
     return acts
-
-
-def generate_shard(folder: Path, config: ExperimentConfig, here: World, *, oracle: models.LoadedOracle,
-                   progress: bool = True) -> int:
-    """This rank's part of the generation stage, after rank 0 has written the plan; returns when every rank is done.
-
-    Returns how many runs this rank sampled. Rank 0 merges the journals afterwards (``ResultsStore.compact``).
-    """
-    with together(here, "folding the journals of an earlier attempt"):
-        if here.is_main:
-            # One file to start from: the journals of an earlier attempt (with any number of ranks, cut short by a
-            # kill or not) are folded in before any rank appends to a journal again.
-            ResultsStore(folder).compact()
-    with together(here, "splitting the pending runs"):
-        # Every rank reads the journals here, before any rank appends to them, so all split the same pending set.
-        todo = pending_runs(ResultsStore(folder).load(), config.samples_per_query)
-        mine = set(shard_runs(todo, here.size, samples=config.samples_per_query,
-                              max_new_tokens=config.max_new_tokens)[here.rank])
-    with together(here, "generation"):
-        store = ResultsStore(folder, journal_name=rank_journal_name(here.rank))
-        done = generate(store, config, oracle=oracle, progress=progress, runs_filter=lambda r: r.run_id in mine)
-    return done

@@ -18,8 +18,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from ao_resampling.config import ExperimentConfig, diff_settings
-from ao_resampling.engine import models
-from ao_resampling.engine.generation_settings import Sampling, resolve_sampling
+from ao_resampling.engine.loading import models
+from ao_resampling.engine.decoding.settings import Sampling, resolve_sampling
 from ao_resampling.errors import PipelineError, describe_problems
 from ao_resampling.inputs import data
 from ao_resampling.inputs.encoding import encode_target, require_chat_template

@@ -99,7 +99,7 @@ def load_embedder(spec: str = DEFAULT_EMBEDDING_MODEL, device: str | None = None
     # models.py loads the generation models; this small encoder is loaded beside the only code that uses it.
     from sentence_transformers import SentenceTransformer
 
-    from ao_resampling.engine.models import ModelLoadError
+    from ao_resampling.engine.loading.models import ModelLoadError
 
     path = resolve_embedding_model(spec)
     try:

@@ -24,7 +24,7 @@ OPTIONS = {
     "--ao-max-new-tokens": ("AO_MAX_NEW_TOKENS", "120", "max new tokens per answer"),
     "--ao-fused-kernels": ("AO_FUSED_KERNELS", "0", "1: fused decode kernels (engine/fused.py)"),
     "--ao-eos-rate": ("AO_EOS_RATE", "0", "stand-ins only: > 0 makes answers end at <end_of_turn> with this "
-                                         "per-step probability (standins.py), so rows finish at varied lengths"),
+                                         "per-step probability (loading/end_gate.py), so rows finish at varied lengths"),
 }
 
 

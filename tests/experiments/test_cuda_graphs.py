@@ -16,12 +16,12 @@ import warnings
 import pytest
 import torch
 
-import ao_resampling.engine.decode_step as decode_step
-import ao_resampling.engine.sampling as sampling
-from ao_resampling.engine.adapters import attach_oracle
-from ao_resampling.engine.models import load_model, load_tokenizer
+import ao_resampling.engine.decoding.decode_step as decode_step
+import ao_resampling.engine.decoding.sampler as sampling
+from ao_resampling.engine.loading.adapters import attach_oracle
+from ao_resampling.engine.loading.models import load_model, load_tokenizer
 from ao_resampling.engine.reference import sample_hf_batched
-from ao_resampling.engine.sampling import BatchedSampler, DecodeParams, Query
+from ao_resampling.engine.decoding.sampler import BatchedSampler, DecodeParams, Query
 from ao_resampling.inputs.oracle import build_oracle_query
 from tests.experiments.conftest import option
 

@@ -45,9 +45,9 @@ def judge_endpoint(request):
 
 
 def ending_answers(monkeypatch, rate: float) -> None:
-    """Stand-ins only: the oracle the pipeline loads ends its answers at EOS ~``rate`` of steps (standins.py)."""
-    from ao_resampling.engine.sampling import effective_sampling
-    from ao_resampling.engine.standins import end_answers_at_rate
+    """Stand-ins only: the oracle the pipeline loads ends its answers at EOS ~``rate`` of steps (loading/end_gate.py)."""
+    from ao_resampling.engine.decoding.sampler import effective_sampling
+    from ao_resampling.engine.loading.end_gate import end_answers_at_rate
     from ao_resampling.stages.generate import decode_params
 
     load = pipeline.load_oracle

@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ao_resampling import pipeline
-from ao_resampling.engine import models
+from ao_resampling.engine.loading import models
 from ao_resampling.stages import baseline as baseline_module
 from ao_resampling.stages.plan import prepare
 from ao_resampling.stages.baseline import (
@@ -25,7 +25,7 @@ from ao_resampling.cli import app
 from ao_resampling.config import ExperimentConfig
 from ao_resampling.results import dump_results
 from ao_resampling.store import ResultsStore
-from ao_resampling.engine.sampling import BatchedSampler, DecodeParams, Query
+from ao_resampling.engine.decoding.sampler import BatchedSampler, DecodeParams, Query
 from tests.support.baseline_factory import earlier_format
 from tests.support.openai_server import FakeOpenAIServer, Reply, expected_score
 from tests.support.results_factory import FakeEncoder, make_results

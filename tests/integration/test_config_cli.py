@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from ao_resampling.engine import models
+from ao_resampling.engine.loading import models
 from ao_resampling.cli import app
 from ao_resampling.results import load_results_file
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from ao_resampling.engine import models
+from ao_resampling.engine.loading import models
 
 
 def test_a_multimodal_config_gives_its_text_models_window(tmp_path):

@@ -133,20 +133,20 @@ def test_a_rerun_after_a_rank_died_finishes_exactly_the_missing_runs(one_process
 
 FAILING_STEP = """
 import sys
-from ao_resampling.engine import distributed
+from ao_resampling import ranks
 from ao_resampling.config import ExperimentConfig
 from ao_resampling.pipeline import PipelineError
 
-here = distributed.start(ExperimentConfig(device="cpu"))
+here = ranks.start(ExperimentConfig(device="cpu"))
 try:
-    with distributed.together(here, "the test step"):
+    with ranks.together(here, "the test step"):
         if here.rank == 1:
             raise ValueError("rank 1 cannot go on")
 except (PipelineError, ValueError) as e:
     print(f"rank {here.rank} stopped: {type(e).__name__}: {e}", flush=True)
     sys.exit(3)
 finally:
-    distributed.stop()
+    ranks.stop()
 """
 
 

@@ -14,7 +14,7 @@ from ao_resampling.stages.spread import (
     mean_pairwise_cosine,
     spread_stage,
 )
-from ao_resampling.engine.models import ModelLoadError
+from ao_resampling.engine.loading.models import ModelLoadError
 from ao_resampling.store import ResultsStore
 from tests.support.results_factory import make_results, make_run
 

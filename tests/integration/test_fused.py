@@ -20,7 +20,7 @@ import ao_resampling.engine.fused as fused
 from ao_resampling.engine.fused import FusedDecode, compiled, fusable
 from ao_resampling.engine.noise import hf_path, noise_check
 from ao_resampling.engine.reference import sample_hf_batched
-from ao_resampling.engine.sampling import BatchedSampler, DecodeParams, Query
+from ao_resampling.engine.decoding.sampler import BatchedSampler, DecodeParams, Query
 from ao_resampling.inputs.oracle import build_oracle_query
 
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
@@ -30,8 +30,8 @@ QUESTIONS = ["What is the persona?", "Is the user asking about the weather today
 @pytest.fixture(scope="module", params=["text_only", "multimodal"])
 def bf16_oracle(request):
     """The tiny stand-ins in bfloat16 (the real run's dtype), with a seeded random LoRA."""
-    from ao_resampling.engine.adapters import attach_oracle
-    from ao_resampling.engine.models import load_model
+    from ao_resampling.engine.loading.adapters import attach_oracle
+    from ao_resampling.engine.loading.models import load_model
 
     spec = "synthetic:tiny" if request.param == "text_only" else "synthetic:tiny-multimodal"
     return attach_oracle(load_model(spec, dtype="bfloat16", device="cpu", seed=6), "random", seed=0)

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from ao_resampling.engine import models
-from ao_resampling.engine.generation_settings import UnsupportedGenerationConfig
+from ao_resampling.engine.loading import models
+from ao_resampling.engine.decoding.settings import UnsupportedGenerationConfig
 
 
 def write_model_dir(tmp_path, generation: dict | None):
@@ -37,7 +37,7 @@ def test_synthetic_stand_ins_carry_gemma_3_instructs():
 
 
 def test_an_unsupported_field_is_refused_at_plan_time_naming_it(tmp_path):
-    from ao_resampling.engine.generation_settings import resolve_sampling
+    from ao_resampling.engine.decoding.settings import resolve_sampling
 
     spec = write_model_dir(tmp_path, {"do_sample": True, "repetition_penalty": 1.3})
     with pytest.raises(UnsupportedGenerationConfig, match="repetition_penalty=1.3"):

@@ -21,7 +21,7 @@ from ao_resampling.engine.hooks import (
     left_pad,
     position_ids_from_mask,
 )
-from ao_resampling.engine.models import decoder_layers, layer_at_percent, num_layers
+from ao_resampling.engine.loading.models import decoder_layers, layer_at_percent, num_layers
 from ao_resampling.inputs.oracle import build_oracle_query
 
 from tests.support.conversations import CONVERSATIONS

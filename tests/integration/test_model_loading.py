@@ -16,9 +16,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from ao_resampling.engine.adapters import LORA_TARGETS, attach_oracle
-from ao_resampling.engine.models import ModelLoadError, load_model, num_layers
-from ao_resampling.engine.sampling import BatchedSampler, DecodeParams, Query
+from ao_resampling.engine.loading.adapters import LORA_TARGETS, attach_oracle
+from ao_resampling.engine.loading.models import ModelLoadError, load_model, num_layers
+from ao_resampling.engine.decoding.sampler import BatchedSampler, DecodeParams, Query
 
 from conftest import TINY_MULTIMODAL_SEED, REPO_ROOT
 
@@ -206,8 +206,8 @@ def test_after_a_merged_decode_every_weight_is_bit_identical(gemma_tokenizer):
 
 LORA_DIGEST = """
 import hashlib, sys, torch
-from ao_resampling.engine.adapters import attach_oracle
-from ao_resampling.engine.models import load_model
+from ao_resampling.engine.loading.adapters import attach_oracle
+from ao_resampling.engine.loading.models import load_model
 model = load_model("gemma3-270m-gguf", dtype="float32")
 torch.manual_seed(int(sys.argv[1]))  # whatever else this process drew from the global RNG before
 oracle = attach_oracle(model, "random", seed=int(sys.argv[2]))
@@ -236,8 +236,8 @@ def test_loading_an_oracle_warns_of_nothing_deprecated():
     """transformers 5.x deprecations (past_key_values=, is_gradient_checkpointing via PEFT) must not reach users."""
     import warnings
 
-    from ao_resampling.engine.adapters import attach_oracle
-    from ao_resampling.engine.models import load_model
+    from ao_resampling.engine.loading.adapters import attach_oracle
+    from ao_resampling.engine.loading.models import load_model
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)

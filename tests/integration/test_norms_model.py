@@ -8,7 +8,7 @@ import torch
 from transformers import Gemma3TextConfig, Gemma3ForCausalLM
 from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 
-from ao_resampling.engine.norms import cached_norm_scales
+from ao_resampling.engine.decoding.norms import cached_norm_scales
 
 
 def tiny_model() -> Gemma3ForCausalLM:

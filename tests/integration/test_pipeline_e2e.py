@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from ao_resampling import config as config_mod
 from ao_resampling import pipeline
 from ao_resampling.stages import spread
-from ao_resampling.engine import models
+from ao_resampling.engine.loading import models
 from ao_resampling.cli import app
 from ao_resampling.config import build_config
 from ao_resampling.results import Results, load_results_file

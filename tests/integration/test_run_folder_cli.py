@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from ao_resampling.engine import models
+from ao_resampling.engine.loading import models
 from ao_resampling.cli import app
 from ao_resampling.errors import EXIT_BUSY, EXIT_CALLS_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
 from ao_resampling.results import RESULTS_NAME, dump_results, load_results_file
@@ -311,7 +311,7 @@ def test_run_with_failed_judge_calls_exits_3(tmp_path):
 
 
 def test_only_the_tools_own_journals_are_replayed_and_deleted(tmp_path):
-    from ao_resampling.engine.distributed import rank_journal_name
+    from ao_resampling.ranks import rank_journal_name
     from tests.support.results_factory import judge_record
 
     def verdict(run_id: str, score: int) -> dict:

@@ -15,15 +15,15 @@ import dataclasses
 import pytest
 import torch
 
-import ao_resampling.engine.attention as attention
-import ao_resampling.engine.decode_step as decode_step
-import ao_resampling.engine.sampling as sampling
+import ao_resampling.engine.decoding.attention as attention
+import ao_resampling.engine.decoding.decode_step as decode_step
+import ao_resampling.engine.decoding.sampler as sampling
 from ao_resampling.inputs.encoding import encode_target
 from ao_resampling.engine.hooks import capture_activations, injecting, left_pad, position_ids_from_mask
-from ao_resampling.engine.models import layer_at_percent, num_layers, stop_token_ids
+from ao_resampling.engine.loading.models import layer_at_percent, num_layers, stop_token_ids
 from ao_resampling.inputs.oracle import build_oracle_query
 from ao_resampling.engine.reference import sample_hf_batched, sample_sequential
-from ao_resampling.engine.sampling import BatchedSampler, DecodeParams, Query, Sample, make_sample, until_stop
+from ao_resampling.engine.decoding.sampler import BatchedSampler, DecodeParams, Query, Sample, make_sample, until_stop
 
 from tests.support.conversations import CONVERSATIONS
 
@@ -463,8 +463,8 @@ def boundary_margin(scaled_V: torch.Tensor, tokens_V: torch.Tensor, top_p: float
                          ids=["model_k1", "model_k64", "model_none_hf_default", "run_k0_off", "run_k7"])
 def test_each_steps_kept_set_and_probabilities_are_hf_generates(tiny_oracle, gemma_tokenizer, queries, model_top_k,
                                                                 run_top_k, monkeypatch):
-    from ao_resampling.engine.nucleus import sampling_weights
-    from ao_resampling.engine.sampling import effective_sampling
+    from ao_resampling.engine.decoding.nucleus import sampling_weights
+    from ao_resampling.engine.decoding.sampler import effective_sampling
 
     base = tiny_oracle.get_base_model()
     monkeypatch.setattr(base.generation_config, "top_k", model_top_k)
@@ -498,7 +498,7 @@ def test_top_k_1_in_the_generation_config_makes_every_sample_the_same(tiny_oracl
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# A stand-in whose answers end at EOS on their own (standins.py)
+# A stand-in whose answers end at EOS on their own (loading/end_gate.py)
 
 
 _ENDING: dict[str, torch.nn.Module] = {}
@@ -508,10 +508,10 @@ def ending(tokenizer, kind: str) -> torch.nn.Module:
     """A fresh tiny oracle whose <end_of_turn> wins ~5% of its decode steps (built once per kind). "peaked": its
     final norm scaled up so that, like the 27B random model's, every step puts >= 90% on one token (top-p 0.9 then
     keeps only it, and a stop-token bias calibrated elsewhere never gets drawn)."""
-    from ao_resampling.engine.adapters import attach_oracle
-    from ao_resampling.engine.models import load_model
-    from ao_resampling.engine.sampling import effective_sampling
-    from ao_resampling.engine.standins import end_answers_at_rate
+    from ao_resampling.engine.loading.adapters import attach_oracle
+    from ao_resampling.engine.loading.models import load_model
+    from ao_resampling.engine.decoding.sampler import effective_sampling
+    from ao_resampling.engine.loading.end_gate import end_answers_at_rate
 
     if kind not in _ENDING:
         model = attach_oracle(load_model("synthetic:tiny", dtype="float32", device="cpu"), "random", seed=0)
@@ -543,7 +543,7 @@ def test_a_stand_in_in_eos_mode_ends_answers_at_varied_lengths(ending_oracle, ge
 
 def test_the_peaked_stand_in_keeps_one_token_under_top_p(gemma_tokenizer):
     """The case a calibrated stop-token bias could not serve (0 of 10,000 answers ended on the H200)."""
-    from ao_resampling.engine.nucleus import sampling_weights
+    from ao_resampling.engine.decoding.nucleus import sampling_weights
 
     model = ending(gemma_tokenizer, "peaked")
     ids_1L = torch.tensor([gemma_tokenizer("Hello there, how are you today my friend?").input_ids])

@@ -19,10 +19,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ao_resampling import pipeline
-from ao_resampling.engine import adapters, models
+from ao_resampling.engine.loading import adapters, models
 from ao_resampling.config import build_config
 from ao_resampling.engine.hooks import capture_activations_at
-from ao_resampling.engine.models import LoadedOracle
+from ao_resampling.engine.loading.models import LoadedOracle
 from ao_resampling.inputs.oracle import placeholder_token_id
 from ao_resampling.results import load_results_file
 from ao_resampling.stages.generate import capture_targets
@@ -208,7 +208,7 @@ def test_window_queries_k_vectors_fast_path_equals_plain_generate(tiny_oracle, g
     answers token for token those of plain HF generate with the same injection; and the vectors are used (others give
     other answers)."""
     from ao_resampling.engine.reference import sample_hf_batched
-    from ao_resampling.engine.sampling import BatchedSampler, DecodeParams, Query
+    from ao_resampling.engine.decoding.sampler import BatchedSampler, DecodeParams, Query
 
     plan, _ = build_plan(tiny(position_rule="window:3", num_questions=3), gemma_tokenizer)
     oracle = LoadedOracle(tiny_oracle, gemma_tokenizer, 4, 2, 1)

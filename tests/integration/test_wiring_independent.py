@@ -32,7 +32,7 @@ import torch
 from torch.nn import functional as F
 
 from ao_resampling import pipeline
-from ao_resampling.engine import models
+from ao_resampling.engine.loading import models
 from ao_resampling.stages import generate as generate_stage
 from ao_resampling.config import build_config
 

@@ -30,7 +30,7 @@ ALLOWED = {
     "cli": {"foundation", "inputs", "engine", "stages", "analysis", "pipeline", "cli"},
 }
 LAYER_FOLDERS = ("inputs", "engine", "stages", "analysis")
-TOP_LEVEL = {"cli": "cli", "__main__": "cli", "pipeline": "pipeline", "sweep": "pipeline"}
+TOP_LEVEL = {"cli": "cli", "__main__": "cli", "pipeline": "pipeline", "sweep": "pipeline", "ranks": "pipeline"}
 
 
 def module_name(path: Path) -> str:
@@ -39,7 +39,7 @@ def module_name(path: Path) -> str:
 
 
 def layer_of(module: str) -> str:
-    """ao_resampling.engine.models -> engine; top-level modules are the foundation unless named in TOP_LEVEL."""
+    """ao_resampling.engine.loading.models -> engine; top-level modules are the foundation unless named in TOP_LEVEL."""
     parts = module.split(".")[1:]
     if not parts:
         return "foundation"

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers.models.gemma3.modeling_gemma3 import eager_attention_forward
 
-from ao_resampling.engine.attention import NAME, decode_attention, gqa_attention
+from ao_resampling.engine.decoding.attention import NAME, decode_attention, gqa_attention
 
 
 def random_inputs(seed: int, B: int, H: int, K: int, Q: int, S: int, D: int, dtype=torch.float32):

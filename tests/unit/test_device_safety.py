@@ -16,9 +16,9 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from ao_resampling.engine.hooks import inject
-from ao_resampling.engine.models import model_device, synthetic_config
-from ao_resampling.engine.decode_step import select_rows
-from ao_resampling.engine.sampling import BatchedSampler, DecodeParams
+from ao_resampling.engine.loading.models import model_device, synthetic_config
+from ao_resampling.engine.decoding.decode_step import select_rows
+from ao_resampling.engine.decoding.sampler import BatchedSampler, DecodeParams
 
 CPU, OTHER = torch.device("cpu"), torch.device("meta")
 
@@ -106,7 +106,7 @@ def test_inputs_go_to_the_embeddings_device():
 
 
 def test_cuda_graphs_only_for_a_model_on_one_device():
-    from ao_resampling.engine.decode_step import on_one_device
+    from ao_resampling.engine.decoding.decode_step import on_one_device
 
     one = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
     assert on_one_device(one)
@@ -118,7 +118,7 @@ def test_a_static_step_drops_rows_in_place_on_each_layers_device():
     """Under device_map="auto": the in-place drop gathers each layer's rows on that layer's device."""
     from transformers import StaticCache
 
-    from ao_resampling.engine.decode_step import StaticDecodeStep
+    from ao_resampling.engine.decoding.decode_step import StaticDecodeStep
 
     config = synthetic_config("tiny")
     static = StaticCache(config=config, max_cache_len=6)

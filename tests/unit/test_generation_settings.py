@@ -1,4 +1,4 @@
-"""generation_settings.py: the run's decoding over the model's generation_config over HF's defaults (no model)."""
+"""engine/decoding/settings.py: the run's decoding over the model's generation_config over HF's defaults (no model)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from transformers import GenerationConfig
 
 from ao_resampling.config import ConfigError, build_config
-from ao_resampling.engine.generation_settings import UNSUPPORTED_FIELDS, UnsupportedGenerationConfig, resolve_sampling
+from ao_resampling.engine.decoding.settings import UNSUPPORTED_FIELDS, UnsupportedGenerationConfig, resolve_sampling
 from ao_resampling.results import Decoding
 
 GEMMA_3_27B_IT = dict(do_sample=True, top_k=64, top_p=0.95, eos_token_id=[1, 106], bos_token_id=2, pad_token_id=0)

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 
-from ao_resampling.engine.norms import cached_norm_scales
+from ao_resampling.engine.decoding.norms import cached_norm_scales
 
 
 @settings(max_examples=30, deadline=None)

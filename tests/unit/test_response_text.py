@@ -9,7 +9,7 @@ import pytest
 
 from ao_resampling.stages.generate import to_responses
 from ao_resampling.results import Decoding, Response, Results
-from ao_resampling.engine.sampling import Sample, make_sample
+from ao_resampling.engine.decoding.sampler import Sample, make_sample
 
 from tests.support.results_factory import make_results
 

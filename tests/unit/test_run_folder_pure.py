@@ -8,7 +8,7 @@ import json
 import pytest
 
 from ao_resampling.config import ExperimentConfig
-from ao_resampling.engine.distributed import rank_journal_name
+from ao_resampling.ranks import rank_journal_name
 from ao_resampling.errors import AOResamplingError
 from ao_resampling.stages.judge import JudgeStageReport, failed_calls, with_judge_settings
 from ao_resampling.redaction import redact_url
@@ -114,7 +114,7 @@ def test_every_tool_error_is_one_catchable_class():
     from ao_resampling.inputs import data
     from ao_resampling.inputs import encoding
     from ao_resampling.stages import judge
-    from ao_resampling.engine import models
+    from ao_resampling.engine.loading import models
     from ao_resampling.inputs import oracle
 
     for error in (config.ConfigError, results.ResultsError, models.ModelLoadError, pipeline.PipelineError,

@@ -1,5 +1,5 @@
 """The pure pieces of the sampler: batch planning (batching.py), the top-p keep rule and the token sampler
-(nucleus.py), and the decode loop's bookkeeping on a scripted model (sampling.py).
+(nucleus.py), and the decode loop's bookkeeping on a scripted model (sampler.py).
 
 The sampler's top-p avoids sorting the whole vocabulary; these tests check it is still *exactly* HF's nucleus
 sampling: the same keep-set as ``TopPLogitsWarper``, the same distribution over many seeded draws (on both the
@@ -16,10 +16,10 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from ao_resampling.engine.batching import plan_batches
-from ao_resampling.engine import nucleus
-from ao_resampling.engine.nucleus import nucleus_threshold, sample_next_tokens, sampling_weights, top_p_keep_mask
-from ao_resampling.engine.sampling import Query
+from ao_resampling.engine.decoding.batching import plan_batches
+from ao_resampling.engine.decoding import nucleus
+from ao_resampling.engine.decoding.nucleus import nucleus_threshold, sample_next_tokens, sampling_weights, top_p_keep_mask
+from ao_resampling.engine.decoding.sampler import Query
 
 # ---------------------------------------------------------------------------------------------------------------------
 # plan_batches
@@ -294,7 +294,7 @@ class ScriptedStep:
     def rows_to_keep(self, n_live: int) -> int:
         """As ``StaticDecodeStep`` (``ladder``: row counts from the ladder) or ``PlainDecodeStep`` (the live rows,
         once they are half of the batch or fewer)."""
-        from ao_resampling.engine.decode_step import rung
+        from ao_resampling.engine.decoding.decode_step import rung
 
         if self.ladder:
             return rung(n_live, len(self.stop_at))
@@ -320,7 +320,7 @@ class ScriptedStep:
 def scripted_sampler(max_new_tokens: int, min_new_tokens: int = 0, **params):
     from types import SimpleNamespace
 
-    from ao_resampling.engine.sampling import BatchedSampler, DecodeParams
+    from ao_resampling.engine.decoding.sampler import BatchedSampler, DecodeParams
 
     tokenizer = SimpleNamespace(eos_token_id=STOP, unk_token_id=3, pad_token_id=PAD,
                                 convert_tokens_to_ids=lambda token: 3)
@@ -345,7 +345,7 @@ def expected_row(stop: int, max_new_tokens: int, min_new_tokens: int = 0) -> lis
 
 
 def test_finished_rows_are_compacted_again_and_again(monkeypatch):
-    import ao_resampling.engine.sampling as sampling
+    import ao_resampling.engine.decoding.sampler as sampling
 
     monkeypatch.setattr(sampling, "SYNC_EVERY", 1)
     stop_at = [1, 1, 1, 1, 3, 3, 5, 99]  # half finish, then half of the rest, then half again
@@ -356,7 +356,7 @@ def test_finished_rows_are_compacted_again_and_again(monkeypatch):
 
 
 def test_on_the_ladder_finished_rows_fill_up_to_the_rung(monkeypatch):
-    import ao_resampling.engine.sampling as sampling
+    import ao_resampling.engine.decoding.sampler as sampling
 
     monkeypatch.setattr(sampling, "SYNC_EVERY", 1)
     stop_at = [1, 1, 1, 1, 1, 3, 5, 99]  # 3 live after step 1: the rung of 4 keeps them and one finished row
@@ -368,7 +368,7 @@ def test_on_the_ladder_finished_rows_fill_up_to_the_rung(monkeypatch):
 
 @given(batch_rows=st.integers(1, 2000), data=st.data())
 def test_rung_is_the_smallest_ladder_row_count_that_holds_the_live_rows(batch_rows, data):
-    from ao_resampling.engine.decode_step import rung
+    from ao_resampling.engine.decoding.decode_step import rung
 
     n_live = data.draw(st.integers(1, batch_rows))
     ladder = [batch_rows]
@@ -380,7 +380,7 @@ def test_rung_is_the_smallest_ladder_row_count_that_holds_the_live_rows(batch_ro
 
 
 def test_a_stop_token_at_step_zero_ends_the_answer_there(monkeypatch):
-    import ao_resampling.engine.sampling as sampling
+    import ao_resampling.engine.decoding.sampler as sampling
 
     monkeypatch.setattr(sampling, "SYNC_EVERY", 1)
     stop_at = [0, 0, 2, 99]
@@ -396,7 +396,7 @@ def test_a_stop_token_at_step_zero_ends_the_answer_there(monkeypatch):
 def test_a_nucleus_at_the_candidate_fallback_boundary_is_hfs(gap):
     """The top ``candidates`` tokens hold top_p + gap of the mass: just inside, on, or just outside the candidates
     (the sampler's two paths meet there). The kept set must be HF's TopPLogitsWarper's either way."""
-    from ao_resampling.engine.nucleus import sampling_weights
+    from ao_resampling.engine.decoding.nucleus import sampling_weights
 
     top_p, candidates, V = 0.9, 8, 64
     probs_V = torch.empty(V, dtype=torch.float64)

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ao_resampling.engine.distributed import World, backend_for, run_cost, shard_runs, torchrun_command
+from ao_resampling.ranks import World, backend_for, run_cost, shard_runs, torchrun_command
 from ao_resampling.results import Response, Run, sha256_of_ids
 from ao_resampling.store import ResultsStore
 from tests.support.results_factory import DECODING, make_results
@@ -157,7 +157,7 @@ def test_backend_follows_the_device():
 
 def test_rank_config_gives_each_rank_its_own_gpu():
     from ao_resampling.config import ExperimentConfig
-    from ao_resampling.engine.distributed import rank_config
+    from ao_resampling.ranks import rank_config
     from ao_resampling.pipeline import PipelineError
 
     config = ExperimentConfig(device="cuda:0")

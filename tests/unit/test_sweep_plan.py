@@ -8,7 +8,7 @@ import pytest
 
 from ao_resampling.config import build_config
 from ao_resampling.analysis.stats import rng_for
-from ao_resampling.engine.models import LoadedOracle
+from ao_resampling.engine.loading.models import LoadedOracle
 from ao_resampling.sweep import (
     SweepError, condition_name, grid, load_conditions_toml, manifest, manifest_differences, oracle_for,
     parse_vary, plan_conditions, varied_fields,

@@ -3,7 +3,7 @@
 HF's order is temperature, top-k, top-p, then a categorical draw. Sorting a 262k-token row for top-p at every
 decode step is most of the sampler's cost, so the top candidates are sorted instead, and only a row whose nucleus
 is not inside them falls back to a full sort (of the model's bf16 logits: half the bytes of float32). Pure torch,
-no model: ``BatchedSampler`` (sampling.py) calls ``sample_next_tokens`` once per decode step; ``sampling_weights``
+no model: ``BatchedSampler`` (sampler.py) calls ``sample_next_tokens`` once per decode step; ``sampling_weights``
 gives the same distribution densely, for checks.
 
 Shape letters:

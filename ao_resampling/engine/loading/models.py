@@ -1,4 +1,4 @@
-"""The only place that loads tokenizers and models (the oracle's adapter: ``engine/adapters.py``).
+"""The only place that loads tokenizers and models (the oracle's adapter: ``engine/loading/adapters.py``).
 
 Specs a user can pass as ``--model`` / ``--tokenizer``:
 

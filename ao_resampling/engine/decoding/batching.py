@@ -1,7 +1,7 @@
 """How the sampler groups queries into batches, and seeds each batch: pure decisions, no tensors.
 
 ``plan_batches`` packs queries (each answered n times, one row per answer) under a row budget and a KV-token budget;
-``batch_seed`` makes a batch's draws reproducible on a re-run. ``BatchedSampler`` (sampling.py) and the reference
+``batch_seed`` makes a batch's draws reproducible on a re-run. ``BatchedSampler`` (sampler.py) and the reference
 paths (reference.py) share them, so a batch draws the same samples whichever path runs it.
 """
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ao_resampling.engine.models import (
+from ao_resampling.engine.loading.models import (
     LoadedOracle,
     ModelLoadError,
     layer_at_percent,

@@ -45,17 +45,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ao_resampling.engine.attention import decode_attention
-from ao_resampling.engine.batching import batch_seed, plan_batches
+from ao_resampling.engine.decoding.attention import decode_attention
+from ao_resampling.engine.decoding.batching import batch_seed, plan_batches
 from ao_resampling.engine.fused import FusedDecode
-from ao_resampling.engine.decode_step import (PlainDecodeStep, StaticDecodeStep, cache_kwargs, index_rows,
+from ao_resampling.engine.decoding.decode_step import (PlainDecodeStep, StaticDecodeStep, cache_kwargs, index_rows,
                                               returned_cache)
-from ao_resampling.engine.generation_settings import Sampling, model_generation_config, resolve_sampling
+from ao_resampling.engine.decoding.settings import Sampling, model_generation_config, resolve_sampling
 from ao_resampling.engine.hooks import injecting, left_pad, position_ids_from_mask
-from ao_resampling.engine.adapters import adapter_disabled
-from ao_resampling.engine.models import model_device, stop_token_ids
-from ao_resampling.engine.norms import cached_norm_scales
-from ao_resampling.engine.nucleus import sample_next_tokens
+from ao_resampling.engine.loading.adapters import adapter_disabled
+from ao_resampling.engine.loading.models import model_device, stop_token_ids
+from ao_resampling.engine.decoding.norms import cached_norm_scales
+from ao_resampling.engine.decoding.nucleus import sample_next_tokens
 
 SYNC_EVERY = 8  # decode steps between host checks for finished rows
 
@@ -336,7 +336,7 @@ class BatchedSampler:
 
 
 def effective_sampling(model: nn.Module, tokenizer, params: DecodeParams) -> Sampling:
-    """The decoding HF generate would do for this model and these settings (generation_settings.py); eos ids given
+    """The decoding HF generate would do for this model and these settings (decoding/settings.py); eos ids given
     in ``params`` win over the model's."""
     sampling = resolve_sampling(model_generation_config(model), temperature=params.temperature, top_p=params.top_p,
                                 top_k=params.top_k, fallback_eos=stop_token_ids(tokenizer))

@@ -1,6 +1,6 @@
 """Several GPUs (or CPU processes) with torch.distributed, launched by torchrun: the process group, the ranks'
-meetings, the sharding of runs and the launch. The generation stage's per-rank part that uses them is
-stages/generate.py's ``generate_shard``; the engine never imports a stage or the pipeline.
+meetings, the sharding of runs, the launch, and ``generate_shard``: one rank's part of the generation stage. Process
+orchestration sits here, beside the pipeline; the engine and the stages know nothing of ranks.
 
 ``torchrun --nproc-per-node N -m ao_resampling run ...`` (or ``ao-resampling run --gpus N``, which execs exactly that)
 starts N ranks. Each loads its own copy of the model on ``cuda:{LOCAL_RANK}``; rank 0 alone writes the plan (one
@@ -29,13 +29,17 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from ao_resampling.config import ExperimentConfig
+from ao_resampling.engine.loading.models import LoadedOracle
 from ao_resampling.errors import PipelineError
 from ao_resampling.results import Run
+from ao_resampling.stages.generate import generate, pending_runs
+from ao_resampling.store import ResultsStore
 
 # The longest one rank waits for the others at one step: the slowest shard's generation, or rank 0's plan. A dead
 # rank never makes the others wait this long (torchrun stops the whole group when one worker fails).
@@ -204,3 +208,25 @@ def relaunch(nproc: int, argv: Sequence[str]) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(command[0], command)
+
+
+def generate_shard(folder: Path, config: ExperimentConfig, here: World, *, oracle: LoadedOracle,
+                   progress: bool = True) -> int:
+    """This rank's part of the generation stage, after rank 0 has written the plan; returns when every rank is done.
+
+    Returns how many runs this rank sampled. Rank 0 merges the journals afterwards (``ResultsStore.compact``).
+    """
+    with together(here, "folding the journals of an earlier attempt"):
+        if here.is_main:
+            # One file to start from: the journals of an earlier attempt (with any number of ranks, cut short by a
+            # kill or not) are folded in before any rank appends to a journal again.
+            ResultsStore(folder).compact()
+    with together(here, "splitting the pending runs"):
+        # Every rank reads the journals here, before any rank appends to them, so all split the same pending set.
+        todo = pending_runs(ResultsStore(folder).load(), config.samples_per_query)
+        mine = set(shard_runs(todo, here.size, samples=config.samples_per_query,
+                              max_new_tokens=config.max_new_tokens)[here.rank])
+    with together(here, "generation"):
+        store = ResultsStore(folder, journal_name=rank_journal_name(here.rank))
+        done = generate(store, config, oracle=oracle, progress=progress, runs_filter=lambda r: r.run_id in mine)
+    return done

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ao_resampling.engine.generation_settings import Sampling
+from ao_resampling.engine.decoding.settings import Sampling
 
 GATE_SCALE = 1000.0  # the hash's spread: |<h, r>| / |h| is ~1/sqrt(D), so the fraction is uniform for D up to ~10^5
 BOOST = 30.0  # logits the stop token gets above the top one where the gate is open: drawn with probability ~1

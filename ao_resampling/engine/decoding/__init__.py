@@ -1,0 +1,1 @@
+"""Decoding: the sampler, its scheduler, and the pieces of one decode step."""

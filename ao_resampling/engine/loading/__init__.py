@@ -1,0 +1,1 @@
+"""Loading: the only place models, tokenizers and adapters come from."""
