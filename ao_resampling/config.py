@@ -15,9 +15,9 @@ import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from ao_resampling.errors import AOResamplingError, describe_problems
 
@@ -63,6 +63,35 @@ def parse_rule(text: str) -> PositionRule:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+class Decoding(BaseModel):
+    """How to decode, as one immutable value: the run's settings merged once with the checkpoint's
+    generation_config (engine/decoding/settings.py ``resolve_decoding``, as HF's ``GenerationConfig`` merge does),
+    made at plan time, stored in ``meta.decoding`` and carried unchanged to the sampler and the baseline."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)  # older files may carry more decode keys; keep them
+
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    do_sample: bool = True
+    seed: int | None = None
+    # What the merge with the model's generation_config decided. None: a file written before they were recorded.
+    top_k: int | None = None
+    eos_token_ids: tuple[int, ...] | None = None
+
+    @property
+    def is_resolved(self) -> bool:
+        """Merged with a generation_config (files of older versions recorded only the run's own settings)."""
+        return self.top_k is not None and self.eos_token_ids is not None
+
+    @model_serializer(mode="wrap")
+    def _without_unknown_effective_fields(self, handler):
+        # Unset, they are left out: a decoding written without them dumps as it did before they existed, so the
+        # settings a resumed stage compares (baseline meta, the plan's meta) still match an older file's.
+        data = handler(self)
+        return {k: v for k, v in data.items() if not (k in ("top_k", "eos_token_ids") and v is None)}
+
+
 class ConfigError(AOResamplingError, ValueError):
     """A config file or flag value that cannot be used; the message names the source and the field."""
 
@@ -101,13 +130,14 @@ class ExperimentConfig(BaseModel):
                               "HF's default, 50); 0 = off")
     max_new_tokens: int = Field(120, ge=1)
     decode_seed: int = 0
-    batch_rows: int = Field(512, ge=1, description="most rows (query x sample) decoded together")
-    batch_tokens: int = Field(131_072, ge=1, description="most KV-cache tokens (rows x length) in one batch")
+    batch_rows: Literal["auto"] | Annotated[int, Field(ge=1)] = Field(
+        "auto", description="rows (samples) the decode step holds; 'auto' = as many as fit on the card "
+                            "(engine/decoding/memory.py); a number that cannot fit is refused before decoding")
     sampler: Literal["batched", "sequential"] = "batched"
     merge_lora: bool = Field(True, description="fold the LoRA into the weights while decoding (faster, same math)")
-    fused_kernels: bool = Field(
-        False, description="fused elementwise kernels on decode steps (engine/fused.py); off by default: on the H200 "
-                           "their deviation from HF's forward was not inside HF's own batching noise (bench/README.md)")
+    answer_lengths: Path | None = Field(
+        None, description="stand-ins only: a JSON file with the real oracle's answer lengths ('counts_by_length'); "
+                          "each sample ends with its stop token at a length drawn from it (inputs/answer_lengths.py)")
 
     # Judge
     judge: bool = True
@@ -138,6 +168,23 @@ class ExperimentConfig(BaseModel):
             raise ValueError(f"expected a finite number, got {value}")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _settings_that_are_gone(cls, data: Any) -> Any:
+        # meta.config of folders made before the step was sized to the card (batch_tokens) and before the fused
+        # kernels left the package (fused_kernels): neither changed results, so they are dropped, not refused.
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if k not in ("batch_tokens", "fused_kernels")}
+        return data
+
+    @model_validator(mode="after")
+    def _answer_lengths_are_for_stand_ins(self) -> "ExperimentConfig":
+        if self.answer_lengths is not None and not (self.model.startswith("synthetic:")
+                                                    or self.oracle_lora == RANDOM_LORA):
+            raise ValueError("answer_lengths makes a stand-in end its answers at the real oracle's lengths; with "
+                             "real weights the answers end where the model ends them: unset answer_lengths")
+        return self
+
     @model_validator(mode="after")
     def _lora_needs_a_real_model_or_random(self) -> "ExperimentConfig":
         if self.model.startswith("synthetic:") and self.oracle_lora not in (RANDOM_LORA, ""):
@@ -158,16 +205,20 @@ class ExperimentConfig(BaseModel):
     def stand_in_reason(self) -> str | None:
         """Why this run's numbers say nothing about the real oracle (random weights or a random LoRA); None if real."""
         if self.model.startswith("synthetic:"):
-            return f"{self.model} has random weights"
-        if self.oracle_lora == RANDOM_LORA:
-            return "a random LoRA stands in for the trained oracle adapter"
-        return None
+            why = f"{self.model} has random weights"
+        elif self.oracle_lora == RANDOM_LORA:
+            why = "a random LoRA stands in for the trained oracle adapter"
+        else:
+            return None
+        if self.answer_lengths is not None:
+            why += f"; its answers end at lengths drawn from {self.answer_lengths}"
+        return why
 
     def settings_that_change_results(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run it continues (batching and judge plumbing may change)."""
         plumbing = {
-            "device", "device_map", "batch_rows", "batch_tokens", "judge", "judge_base_url", "judge_timeout_s",
-            "judge_max_retries", "judge_concurrency", "judge_api", "sampler", "merge_lora", "fused_kernels",
+            "device", "device_map", "batch_rows", "judge", "judge_base_url", "judge_timeout_s",
+            "judge_max_retries", "judge_concurrency", "judge_api", "sampler", "merge_lora",
             "bootstrap_resamples",
             "embedding_model", "bootstrap_seed", "baseline", "judge_repeats", "judge_repeat_fraction",
         }
@@ -186,7 +237,6 @@ DEMO: dict[str, Any] = {
     "num_questions": 3,
     "samples_per_query": 4,
     "max_new_tokens": 24,
-    "batch_rows": 64,
 }
 
 PRESETS: dict[str, dict[str, Any]] = {"demo": DEMO, "experiment": {}}

@@ -23,6 +23,7 @@ from ao_resampling import ranks
 from ao_resampling.engine.loading import models
 from ao_resampling.errors import PipelineError
 from ao_resampling.inputs import data
+from ao_resampling.engine.decoding.sampler import Layout
 from ao_resampling.results import Results, load_baseline_file
 from ao_resampling.stages.generate import generate, load_oracle, pending_runs
 from ao_resampling.stages.plan import STAND_IN_NOTE, now, prepare
@@ -90,6 +91,7 @@ def preflight(config: ExperimentConfig, *, judge: bool) -> None:
 class RunReport:
     out_dir: Path
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    layout: dict | None = None  # how the generate stage decoded (rows, peak memory, processes)
     n_runs: int = 0
     n_samples: int = 0
     judged: bool = False
@@ -132,9 +134,11 @@ def run_experiment(config: ExperimentConfig, out_dir: Path, *, judge: bool | Non
         with _timed(report, "baseline"):
             baseline_stage(store, config, oracle=oracle, judge=judge, judge_client=judge_client, progress=progress)
     with _timed(report, "generate"):
-        sampled_here = _generate_stage(store, config, Path(out_dir), here, oracle=oracle, progress=progress)
-    if sampled_here is not None:  # a rank other than 0: its share is journaled, rank 0 does the rest
-        report.n_runs, report.n_samples = sampled_here, sampled_here * config.samples_per_query
+        other_rank = _generate_stage(store, config, Path(out_dir), here, oracle=oracle, progress=progress,
+                                     report=report)
+    if other_rank:  # its share is journaled, rank 0 does the rest
+        sampled = report.layout["runs_sampled"] if report.layout else 0
+        report.n_runs, report.n_samples = sampled, sampled * config.samples_per_query
         return report
     _judge_and_analyse(store, config, report, judge=judge, judge_client=judge_client, progress=progress)
     return report
@@ -169,17 +173,31 @@ def _load_if_needed(config: ExperimentConfig, store: ResultsStore | None, here: 
 
 
 def _generate_stage(store: ResultsStore | None, config: ExperimentConfig, out_dir: Path, here: ranks.World, *,
-                    oracle: models.LoadedOracle | None, progress: bool) -> int | None:
-    """Samples the missing AO answers: the runs a rank other than 0 sampled (it is done then), else None."""
+                    oracle: models.LoadedOracle | None, progress: bool, report: RunReport) -> bool:
+    """Samples the missing AO answers. True on a rank other than 0 (its share is journaled; it is done then)."""
     if here.is_distributed:
-        sampled = ranks.generate_shard(out_dir, config, here, oracle=oracle, progress=progress)
+        layout = ranks.generate_shard(out_dir, config, here, oracle=oracle, progress=progress)
         ranks.stop()
-        if not here.is_main:
-            return sampled
     else:
-        generate(store, config, oracle=oracle, progress=progress)
-    store.compact()  # under torchrun: every rank's journal, merged in plan order
-    return None
+        layout = generate(store, config, oracle=oracle, progress=progress)
+    report.layout = _layout_record(layout, config, here)
+    if not here.is_main:
+        return True
+    results = store.compact()  # under torchrun: every rank's journal, merged in plan order
+    if layout is not None:  # how the answers of this session were decoded (rank 0's step; the process layout)
+        results.meta.decode_layout = report.layout
+        store.write(results)
+    return False
+
+
+def _layout_record(layout: Layout | None, config: ExperimentConfig, here: ranks.World) -> dict | None:
+    """The row count chosen, the peak memory and the processes: into meta and timings.json."""
+    if layout is None:
+        return None
+    return {"batch_rows": layout.rows, "batch_rows_setting": layout.rows_setting,
+            "rows_that_fit": layout.rows_that_fit, "peak_memory_bytes": layout.peak_memory_bytes,
+            "device": layout.device, "device_map": config.device_map, "processes": here.size,
+            "refills": layout.refills, "decode_steps": layout.decode_steps, "runs_sampled": layout.runs}
 
 
 def _judge_and_analyse(store: ResultsStore, config: ExperimentConfig, report: RunReport, *, judge: bool,

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from ao_resampling.config import ExperimentConfig
+from ao_resampling.engine.decoding.sampler import Layout
 from ao_resampling.engine.loading.models import LoadedOracle
 from ao_resampling.errors import PipelineError
 from ao_resampling.results import Run
@@ -211,10 +212,10 @@ def relaunch(nproc: int, argv: Sequence[str]) -> None:
 
 
 def generate_shard(folder: Path, config: ExperimentConfig, here: World, *, oracle: LoadedOracle,
-                   progress: bool = True) -> int:
+                   progress: bool = True) -> Layout | None:
     """This rank's part of the generation stage, after rank 0 has written the plan; returns when every rank is done.
 
-    Returns how many runs this rank sampled. Rank 0 merges the journals afterwards (``ResultsStore.compact``).
+    Returns how this rank decoded (None if its shard was empty). Rank 0 merges the journals afterwards (``ResultsStore.compact``).
     """
     with together(here, "folding the journals of an earlier attempt"):
         if here.is_main:
@@ -228,5 +229,5 @@ def generate_shard(folder: Path, config: ExperimentConfig, here: World, *, oracl
                               max_new_tokens=config.max_new_tokens)[here.rank])
     with together(here, "generation"):
         store = ResultsStore(folder, journal_name=rank_journal_name(here.rank))
-        done = generate(store, config, oracle=oracle, progress=progress, runs_filter=lambda r: r.run_id in mine)
-    return done
+        layout = generate(store, config, oracle=oracle, progress=progress, runs_filter=lambda r: r.run_id in mine)
+    return layout

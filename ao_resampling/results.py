@@ -19,8 +19,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ao_resampling.config import Decoding  # noqa: F401  (the schema's decoding; made once at plan time)
 from ao_resampling.errors import AOResamplingError, describe_problems
 from ao_resampling.redaction import redact_url
 
@@ -42,27 +43,6 @@ class ResultsError(AOResamplingError, ValueError):
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class Decoding(BaseModel):
-    model_config = ConfigDict(extra="allow")  # older files may carry more decode keys; keep them
-
-    temperature: float
-    top_p: float
-    max_new_tokens: int
-    do_sample: bool = True
-    seed: int | None = None
-    # What HF generate's merge with the model's generation_config decided (decoding/settings.py). None: a file
-    # written before they were recorded, or a plan written before the model was loaded (top_k None = the model's).
-    top_k: int | None = None
-    eos_token_ids: list[int] | None = None
-
-    @model_serializer(mode="wrap")
-    def _without_unknown_effective_fields(self, handler):
-        # Unset, they are left out: a decoding written without them dumps as it did before they existed, so the
-        # settings a resumed stage compares (baseline meta, the plan's meta) still match an older file's.
-        data = handler(self)
-        return {k: v for k, v in data.items() if not (k in ("top_k", "eos_token_ids") and v is None)}
 
 
 class Response(_Model):
@@ -212,6 +192,8 @@ class Meta(BaseModel):
     stand_in: bool | None = Field(None, description="random weights or a random LoRA: not an oracle's numbers")
     note: str | None = None
     config: dict[str, Any] | None = None
+    decode_layout: dict[str, Any] | None = Field(None, description="how the answers were decoded: the step's rows "
+                                                 "(chosen or asked for), peak GPU memory, the processes")
 
 
 class Results(_Model):

@@ -1,8 +1,11 @@
-"""The reference paths the fast sampler is measured and tested against: plain Hugging Face ``generate``.
+"""The reference paths the sampler is measured and tested against: plain Hugging Face ``generate``.
 
 ``sample_sequential`` is one ``generate`` call per sample, as the original single-script experiment did (and the
 pipeline's ``sampler = "sequential"``); ``sample_hf_batched`` puts every sample of every query in one padded
-``generate`` batch. Both inject the same way as the fast path (``injection_for_rows``) and cut answers the same way.
+``generate`` batch. Both inject the same way as the sampler (``injection_for_rows``), decode with the same merged
+``Decoding`` (every setting passed to ``generate`` explicitly) and cut answers the same way. Their random numbers are
+torch's global generator's, seeded per call: a reference is compared with the sampler token for token only when
+greedy, and in distribution otherwise.
 
 Shape letters:
     B  rows of the ``generate`` batch: one per sample of each query
@@ -14,34 +17,33 @@ Shape letters:
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ao_resampling.engine.decoding.batching import batch_seed
-from ao_resampling.engine.hooks import left_pad
+from ao_resampling.config import Decoding
+from ao_resampling.engine.decoding.sampler import Query, Sample, injection_for_rows, make_sample, until_stop
 from ao_resampling.engine.decoding.settings import generate_kwargs
+from ao_resampling.engine.hooks import left_pad
 from ao_resampling.engine.loading.models import model_device
-from ao_resampling.engine.decoding.sampler import (
-    DecodeParams, Query, Sample, effective_sampling, injection_for_rows, make_sample, until_stop,
-)
 
 
 @torch.inference_mode()
 def sample_hf_batched(model: nn.Module, tokenizer, queries: Sequence[Query], *, injection_layer: int,
-                      coefficient: float, params: DecodeParams) -> dict[str, list[Sample]]:
+                      coefficient: float, decoding: Decoding) -> dict[str, list[Sample]]:
     """All rows of all queries through one ``generate`` call (each sample its own padded row)."""
     device = model_device(model)
-    stop_ids = list(effective_sampling(model, tokenizer, params).eos_token_ids)
+    stop_ids = list(decoding.eos_token_ids)
     rows = [(q, i) for q in queries for i in range(q.n)]
     ids_BL, mask_BL = left_pad([q.input_ids for q, _ in rows], tokenizer.pad_token_id, device)
     L = ids_BL.shape[1]
-    kwargs = _generate_kwargs(params, stop_ids, tokenizer.pad_token_id)
-    torch.manual_seed(batch_seed(params.seed, [q.key for q in queries]))
+    torch.manual_seed(zlib.crc32(f"{decoding.seed}|{'|'.join(q.key for q in queries)}".encode()))
     with injection_for_rows(model, [q for q, _ in rows], L, device, injection_layer, coefficient):
-        generated_BT = model.generate(input_ids=ids_BL, attention_mask=mask_BL, **kwargs)[:, L:]
+        generated_BT = model.generate(input_ids=ids_BL, attention_mask=mask_BL, pad_token_id=tokenizer.pad_token_id,
+                                      **generate_kwargs(decoding))[:, L:]
     out: dict[str, list[Sample]] = {q.key: [] for q in queries}
     for (q, _), generated in zip(rows, generated_BT.tolist()):
         out[q.key].append(make_sample(tokenizer, until_stop(generated, stop_ids, tokenizer.pad_token_id), stop_ids))
@@ -49,7 +51,7 @@ def sample_hf_batched(model: nn.Module, tokenizer, queries: Sequence[Query], *, 
 
 
 def sample_sequential(model: nn.Module, tokenizer, queries: Sequence[Query], *, injection_layer: int,
-                      coefficient: float, params: DecodeParams, progress: bool = False) -> dict[str, list[Sample]]:
+                      coefficient: float, decoding: Decoding, progress: bool = False) -> dict[str, list[Sample]]:
     """One ``generate`` call per sample, as the original experiment did: the slow baseline for benchmarks."""
     out: dict[str, list[Sample]] = {}
     bar = tqdm(total=sum(q.n for q in queries), desc="AO samples (sequential)", disable=not progress)
@@ -59,15 +61,7 @@ def sample_sequential(model: nn.Module, tokenizer, queries: Sequence[Query], *, 
             single = Query(key=f"{q.key}#{i}", input_ids=q.input_ids, n=1, vectors_KD=q.vectors_KD,
                            positions_K=q.positions_K)
             out[q.key] += sample_hf_batched(model, tokenizer, [single], injection_layer=injection_layer,
-                                            coefficient=coefficient, params=params)[single.key]
+                                            coefficient=coefficient, decoding=decoding)[single.key]
             bar.update(1)
     bar.close()
     return out
-
-
-def _generate_kwargs(params: DecodeParams, stop_ids: list[int], pad_id: int) -> dict:
-    """Upstream's arguments (temperature, top_p, do_sample; top_k only when the run overrides the model's): HF
-    merges the model's generation_config itself, so top-k here is HF's decision, not the fast path's."""
-    return dict(max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens or None,
-                eos_token_id=stop_ids, pad_token_id=pad_id,
-                **generate_kwargs(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k))

@@ -18,15 +18,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ao_resampling.config import Decoding, ExperimentConfig
 from ao_resampling.errors import AOResamplingError
-from ao_resampling.config import ExperimentConfig
-from ao_resampling.engine.decoding.sampler import Query, effective_sampling
-from ao_resampling.stages.generate import batched_sampler, decode_params, load_oracle, to_responses
+from ao_resampling.engine.decoding.sampler import Query, Sample
+from ao_resampling.stages.generate import load_oracle, loaded_decoding, make_sampler, run_sampler, to_responses
 from ao_resampling.stages.judge import judge_prompt, make_client, run_calls
-from ao_resampling.stages.plan import decoding
 from ao_resampling.stages.judge_prompt import data_blocks, escape, judge_call_id, numbered_blocks, verdict_request
 from ao_resampling.stages.spread import Encoder, missing_spreads
-from ao_resampling.results import Baseline, Decoding, JudgeRecord, Results, TargetMessage
+from ao_resampling.results import Baseline, JudgeRecord, Results, TargetMessage
 from ao_resampling.events import baseline_judge_event, baseline_responses_event, baseline_spread_event
 from ao_resampling.store import ResultsStore
 
@@ -94,23 +93,28 @@ def responses_in_prompt(prompt: str) -> list[str]:
 # What the stage owes (pure)
 
 
-def baseline_decoding(config: ExperimentConfig) -> Decoding:
-    """The settings the baseline is resumed under (its meta); each reply records the effective decoding."""
-    return decoding(config, max_new_tokens=config.baseline_max_new_tokens)
+def baseline_decoding(planned: Decoding | None, config: ExperimentConfig) -> Decoding:
+    """The run's one decoding (the plan's, merged with the model's generation_config), with the baseline's own
+    length: the target model answers a conversation, which takes longer than an oracle's answer."""
+    if planned is None:  # a file of an older version without a recorded decoding: the run's own settings
+        planned = Decoding(temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
+                           do_sample=config.temperature > 0, seed=config.decode_seed, top_k=config.top_k)
+    return planned.model_copy(update={"max_new_tokens": config.baseline_max_new_tokens})
 
 
-def baseline_meta(config: ExperimentConfig) -> dict[str, Any]:
+def baseline_meta(config: ExperimentConfig, decoding: Decoding) -> dict[str, Any]:
     """What made the baseline; a resumed stage must match it (``check_resumable``)."""
     return {"model": config.model, "tokenizer": config.tokenizer or config.model,
             "adapter": "off (base model, nothing injected)", "samples_per_query": config.samples_per_query,
-            "decoding": baseline_decoding(config).model_dump(mode="json")}
+            "decoding": decoding.model_dump(mode="json")}
 
 
 def check_resumable(results: Results, config: ExperimentConfig) -> None:
     """Refuse to add replies made with other settings to a baseline that already has some."""
     if results.baseline is None or not any(r.responses for r in results.baseline.runs):
         return
-    old, new = results.baseline.meta, baseline_meta(config)
+    old = results.baseline.meta
+    new = baseline_meta(config, baseline_decoding(results.meta.decoding, config))
     differences = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in ("model", "samples_per_query", "decoding")
                    if k in old and old[k] != new[k]]
     if differences:
@@ -194,21 +198,19 @@ def sample_baseline(store: ResultsStore, config: ExperimentConfig, *, oracle: Lo
     if not todo:
         return 0, n_done
     oracle = oracle or load_oracle(config)
-    params = decode_params(config, config.baseline_max_new_tokens)
-    decode = decoding(config, effective_sampling(oracle.model, oracle.tokenizer, params),
-                      max_new_tokens=config.baseline_max_new_tokens)
-    meta = baseline_meta(config)
+    planned = loaded_decoding(oracle, config, results.meta.decoding, where=str(store.results_path))
+    decode = baseline_decoding(planned, config)
+    meta = baseline_meta(config, decode)
     target_of = {baseline_run_id(t): t for t in todo}
     queries = [Query(key=baseline_run_id(t), input_ids=tuple(ids), n=config.samples_per_query)
                for t, ids in todo.items()]
 
-    def journal(batch) -> None:
+    def journal(run_id: str, samples: list[Sample]) -> None:
         store.journal.append_many([baseline_responses_event(run_id, target_of[run_id],
-                                                            to_responses(run_id, samples, decode), meta)
-                                   for run_id, samples in batch.items()])
+                                                            to_responses(run_id, samples, decode), meta)])
 
-    batched_sampler(oracle, config, params, use_adapter=False).run(queries, on_batch=journal, progress=progress,
-                                                                    desc="target-model samples")
+    run_sampler(make_sampler(oracle, config, decode, use_adapter=False), queries, on_answers=journal,
+                progress=progress, desc="target-model samples", resume=f"ao-resampling baseline {store.folder}")
     results = store.load()
     order = {t.id: i for i, t in enumerate(results.targets)}  # batches finish longest prompt first; store plan order
     results.baseline.runs.sort(key=lambda r: (order.get(r.target_id, len(order)), r.target_id))

@@ -1,8 +1,8 @@
-"""The generate stage: the oracle's answers to every planned run, batched, each finished batch journaled.
+"""The generate stage: the oracle's answers to every planned run, each run journaled once its answers are in.
 
 ``generate`` samples the runs still missing answers (``pending_runs``): it reads each target's activations with the
 base model (``capture_targets``, adapter off) and has the oracle answer with them injected (engine/decoding/sampler.py's
-``BatchedSampler``, or the plain sequential reference); under torchrun, ranks.py hands each rank its share
+``Sampler``, or the plain sequential reference); under torchrun, ranks.py hands each rank its share
 (``runs_filter``) and its own journal. ``load_oracle`` loads the model a config names; ``to_responses`` is how sampled
 answers are stored (the target-model baseline stores its replies the same way).
 """
@@ -13,15 +13,17 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from ao_resampling.config import ExperimentConfig
-from ao_resampling.engine.loading import adapters, models
+from ao_resampling.config import Decoding, ExperimentConfig
+from ao_resampling.engine.decoding.memory import BatchTooLarge
+from ao_resampling.engine.decoding.sampler import Layout, Query, Sample, Sampler
+from ao_resampling.engine.decoding.settings import model_generation_config, resolve_decoding
 from ao_resampling.engine.hooks import capture_activations_at
+from ao_resampling.engine.loading import adapters, models
 from ao_resampling.engine.reference import sample_sequential
-from ao_resampling.engine.decoding.sampler import BatchedSampler, DecodeParams, Query, Sample, effective_sampling
 from ao_resampling.errors import PipelineError
-from ao_resampling.results import Decoding, Response, Results, Run
-from ao_resampling.stages.plan import decoding
 from ao_resampling.events import responses_event
+from ao_resampling.inputs.answer_lengths import answer_lengths_for, load_answer_lengths
+from ao_resampling.results import Response, Results, Run
 from ao_resampling.store import ResultsStore
 
 CAPTURE_BATCH = 32  # targets are short; a few passes over half the model, not one per handful
@@ -38,53 +40,81 @@ def to_responses(run_id: str, samples: list[Sample], decode: Decoding) -> list[d
 
 
 def generate(store: ResultsStore, config: ExperimentConfig, *, oracle: models.LoadedOracle | None = None,
-             progress: bool = True, runs_filter: Callable[[Run], bool] | None = None) -> int:
-    """Sample the missing answers; each finished batch is journaled. Returns how many runs were sampled."""
-    results = store.load()
+             progress: bool = True, runs_filter: Callable[[Run], bool] | None = None,
+             results: Results | None = None) -> Layout | None:
+    """Sample the missing answers; each run is journaled once its n answers are in. Returns how the stage decoded
+    (None if nothing was left to sample)."""
+    results = results or store.load()
     todo = [r for r in pending_runs(results, config.samples_per_query) if runs_filter is None or runs_filter(r)]
     if not todo:
-        return 0
+        return None
     oracle = oracle or load_oracle(config)
     if oracle.read_layer != results.meta.layer:
         raise PipelineError(f"the model reads layer {oracle.read_layer} ({config.layer_percent}%), the plan says "
                             f"{results.meta.layer}")
+    decoding = loaded_decoding(oracle, config, results.meta.decoding, where=str(store.results_path))
+    lengths = load_answer_lengths(config.answer_lengths) if config.answer_lengths else None
     acts = capture_targets(oracle, {r.target_id: r for r in todo}.values())
-    queries = [Query(key=r.run_id, input_ids=tuple(r.oracle_input_ids), n=config.samples_per_query,
-                     vectors_KD=acts[r.target_id], positions_K=tuple(r.placeholder_positions)) for r in todo]
-    params = decode_params(config)
-    decode = decoding(config, effective_sampling(oracle.model, oracle.tokenizer, params))
-    planned = results.meta.decoding
-    if planned is not None and planned.top_k is not None and planned != decode:  # older plans did not record it
-        raise PipelineError(f"the loaded model decodes with {decode.model_dump()}, but the plan in "
-                            f"{store.results_path} recorded {planned.model_dump()} (its generation_config changed?)")
+    n = config.samples_per_query
+    queries = [Query(key=r.run_id, input_ids=tuple(r.oracle_input_ids), n=n, vectors_KD=acts[r.target_id],
+                     positions_K=tuple(r.placeholder_positions),
+                     answer_lengths=None if lengths is None else answer_lengths_for(
+                         lengths, seed=config.decode_seed, run_id=r.run_id, n=n,
+                         max_new_tokens=decoding.max_new_tokens))
+               for r in todo]
 
-    def journal(batch: dict[str, list[Sample]]) -> None:
-        store.journal.append_many([responses_event(run_id, to_responses(run_id, samples, decode))
-                                   for run_id, samples in batch.items()])
+    def journal(run_id: str, samples: list[Sample]) -> None:
+        store.journal.append_many([responses_event(run_id, to_responses(run_id, samples, decoding))])
 
     if config.sampler == "sequential":
         for q in queries:  # one query at a time, journaled as it finishes
-            journal(sample_sequential(oracle.model, oracle.tokenizer, [q], injection_layer=oracle.injection_layer,
-                                      coefficient=config.steering_coefficient, params=params))
-    else:
-        batched_sampler(oracle, config, params).run(queries, on_batch=journal, progress=progress)
-    return len(todo)
+            for key, samples in sample_sequential(oracle.model, oracle.tokenizer, [q],
+                                                  injection_layer=oracle.injection_layer,
+                                                  coefficient=config.steering_coefficient,
+                                                  decoding=decoding).items():
+                journal(key, samples)
+        return Layout(rows=1, rows_setting="sequential", runs=len(queries))
+    sampler = make_sampler(oracle, config, decoding)
+    run_sampler(sampler, queries, on_answers=journal, progress=progress,
+                resume="re-run the same command to continue")
+    return sampler.layout
 
 
-def decode_params(config: ExperimentConfig, max_new_tokens: int | None = None) -> DecodeParams:
-    """The run's sampling settings for the sampler (the model's generation_config fills what they leave open)."""
-    return DecodeParams(temperature=config.temperature, top_p=config.top_p, seed=config.decode_seed,
-                        max_new_tokens=config.max_new_tokens if max_new_tokens is None else max_new_tokens,
-                        top_k=config.top_k)
+def run_sampler(sampler: Sampler, queries: list[Query], *, resume: str, **kwargs) -> dict[str, list[Sample]]:
+    """``sampler.run``, its memory failures as the tool's errors: a row count that cannot fit is refused before any
+    decoding; an out-of-memory error that still happens ends in one line (the runs journaled before it are kept)."""
+    try:
+        return sampler.run(queries, **kwargs)
+    except BatchTooLarge as e:
+        raise PipelineError(f"{e}; lower --batch-rows or leave it at 'auto'") from e
+    except torch.OutOfMemoryError as e:
+        first = str(e).splitlines()[0] if str(e) else "CUDA out of memory"
+        raise PipelineError(f"out of GPU memory while decoding ({first}); every run journaled before it is kept: "
+                            f"{resume} with a smaller --batch-rows") from e
 
 
-def batched_sampler(oracle: models.LoadedOracle, config: ExperimentConfig, params: DecodeParams, *,
-                    use_adapter: bool = True) -> BatchedSampler:
-    """The fast sampler with the run's batch budgets; ``use_adapter=False`` samples the base model (the baseline)."""
-    return BatchedSampler(oracle.model, oracle.tokenizer, injection_layer=oracle.injection_layer,
-                          coefficient=config.steering_coefficient, params=params, max_rows=config.batch_rows,
-                          max_tokens=config.batch_tokens, use_adapter=use_adapter, merge_lora=config.merge_lora,
-                          fused=config.fused_kernels)
+def make_sampler(oracle: models.LoadedOracle, config: ExperimentConfig, decoding: Decoding, *,
+                 use_adapter: bool = True) -> Sampler:
+    """The sampler with the run's row count; ``use_adapter=False`` samples the base model (the baseline)."""
+    return Sampler(oracle.model, oracle.tokenizer, decoding=decoding, injection_layer=oracle.injection_layer,
+                   coefficient=config.steering_coefficient, rows=config.batch_rows, use_adapter=use_adapter,
+                   merge_lora=config.merge_lora)
+
+
+def loaded_decoding(oracle: models.LoadedOracle, config: ExperimentConfig, planned: Decoding | None, *,
+                    where: str) -> Decoding:
+    """The plan's decoding, checked against the loaded model's generation_config (it may have changed since the
+    plan was written). A plan of an older version that did not record the merge gets it from the loaded model."""
+    loaded = resolve_decoding(model_generation_config(oracle.model), temperature=config.temperature,
+                              top_p=config.top_p, top_k=config.top_k, max_new_tokens=config.max_new_tokens,
+                              seed=config.decode_seed, fallback_eos=models.stop_token_ids(oracle.tokenizer),
+                              source=f"model {config.model!r}")
+    if planned is None or not planned.is_resolved:
+        return loaded
+    if planned.model_dump() != loaded.model_dump():
+        raise PipelineError(f"the loaded model decodes with {loaded.model_dump()}, but the plan in {where} recorded "
+                            f"{planned.model_dump()} (its generation_config changed?)")
+    return planned
 
 
 def load_oracle(config: ExperimentConfig) -> models.LoadedOracle:

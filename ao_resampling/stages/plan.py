@@ -2,9 +2,9 @@
 
 ``build_plan`` reads the input files and the tokenizer, never model weights; ``prepare`` writes the plan into a new
 run folder, or checks that an existing folder was planned with the same result-changing settings and inputs, so a
-re-run continues it and a different experiment is refused before any model is loaded. ``decoding`` is the run's
-decoding as results.json records it (plan time: from the model's generation_config file; generate checks the loaded
-model against it).
+re-run continues it and a different experiment is refused before any model is loaded. ``planned_decoding`` is the
+run's one decoding value (its settings merged with the model's generation_config file); generate checks the loaded
+model against it.
 """
 
 from __future__ import annotations
@@ -17,16 +17,16 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from ao_resampling.config import ExperimentConfig, diff_settings
+from ao_resampling.config import Decoding, ExperimentConfig, diff_settings
 from ao_resampling.engine.loading import models
-from ao_resampling.engine.decoding.settings import Sampling, resolve_sampling
+from ao_resampling.engine.decoding.settings import resolve_decoding
 from ao_resampling.errors import PipelineError, describe_problems
 from ao_resampling.inputs import data
 from ao_resampling.inputs.encoding import encode_target, require_chat_template
 from ao_resampling.inputs.oracle import build_oracle_query
 from ao_resampling.inputs.plan_check import context_overflows, plan_differences
 from ao_resampling.inputs.positions import landmarks_of, parse_rule, resolve
-from ao_resampling.results import AOQuestion, Decoding, Meta, Results, Run, TargetRecord, run_id_for, sha256_of_ids
+from ao_resampling.results import AOQuestion, Meta, Results, Run, TargetRecord, run_id_for, sha256_of_ids
 from ao_resampling.store import ResultsStore
 
 STAND_IN_NOTE = (
@@ -95,7 +95,7 @@ def build_plan(config: ExperimentConfig, tokenizer) -> tuple[Results, list[PlanR
         tool_version=version, git_commit=commit, created_at=now(), updated_at=now(), model=config.model,
         oracle_lora=config.oracle_lora, tokenizer=config.tokenizer or config.model, num_layers=n_layers, layer=layer,
         injection_layer=config.injection_layer, steering_coefficient=config.steering_coefficient,
-        decoding=decoding(config, planned_sampling(config, tokenizer)), question_seed=config.question_seed,
+        decoding=planned_decoding(config, tokenizer), question_seed=config.question_seed,
         decode_seed=config.decode_seed,
         judge_model=config.judge_model, stand_in=why is not None,
         note=STAND_IN_NOTE.format(why=why) if why else None, config=config.model_dump(mode="json"),
@@ -119,22 +119,13 @@ def check_context_window(config: ExperimentConfig, runs: list[Run]) -> None:
         )
 
 
-def planned_sampling(config: ExperimentConfig, tokenizer) -> Sampling:
-    """The decoding HF generate will do, from the model's generation_config file (no weights): recorded in meta."""
-    return resolve_sampling(models.generation_config_of(config.model), temperature=config.temperature,
-                            top_p=config.top_p, top_k=config.top_k, fallback_eos=models.stop_token_ids(tokenizer),
+def planned_decoding(config: ExperimentConfig, tokenizer) -> Decoding:
+    """How the run decodes: its settings merged with the model's generation_config file (no weights), once. The plan
+    stores it in meta; the sampler and the baseline read it from there."""
+    return resolve_decoding(models.generation_config_of(config.model), temperature=config.temperature,
+                            top_p=config.top_p, top_k=config.top_k, max_new_tokens=config.max_new_tokens,
+                            seed=config.decode_seed, fallback_eos=models.stop_token_ids(tokenizer),
                             source=f"model {config.model!r}")
-
-
-def decoding(config: ExperimentConfig, sampling: Sampling | None = None, *,
-             max_new_tokens: int | None = None) -> Decoding:
-    """The run's decoding; with ``sampling`` (known once the model is loaded), the effective top_k and eos ids.
-    ``max_new_tokens``: the target-model baseline's own length (default: the AO answers')."""
-    return Decoding(temperature=config.temperature, top_p=config.top_p,
-                    max_new_tokens=config.max_new_tokens if max_new_tokens is None else max_new_tokens,
-                    do_sample=config.temperature > 0, seed=config.decode_seed,
-                    top_k=config.top_k if sampling is None else sampling.top_k,
-                    eos_token_ids=None if sampling is None else list(sampling.eos_token_ids))
 
 
 def prepare(config: ExperimentConfig, out_dir: Path, tokenizer=None) -> tuple[ResultsStore, list[PlanRow]]:

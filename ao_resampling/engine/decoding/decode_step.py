@@ -1,32 +1,29 @@
-"""One decode forward (this step's tokens -> next logits) over the batch's KV cache, as cheaply as the cache allows.
+"""One decode forward over rows that each hold their own sample at their own step: the KV slots of continuous
+batching.
 
-``StaticDecodeStep`` is the fast one, for a static cache read by ``gqa_attention`` (attention.py):
+``SlotStep`` owns one KV buffer per layer, (rows x KV heads x S x head size) with S = the prompt region P (every
+prompt left-padded to the stage's longest) + max_new_tokens. Row r holds one sample: its prompt's KV in [0, P), its
+answer's from P on, written at the row's own position (``SlotCache.update``), so rows that started at different
+times decode side by side. ``seat`` copies a prefilled prompt's KV into a row; ``select`` moves rows to the front.
 
-- the attention mask is one preallocated (rows x cache length) buffer; each step sets the new position and passes a
-  4-D view of it cut to the sequence so far, rounded up to a multiple of ``BUCKET`` positions (the cache past the
-  sequence is empty and masked out), so attention reads only the filled part of the cache;
-- on CUDA, each (rows, cut length) gets a CUDA graph of the whole model forward, captured right after its first
-  step ran eagerly (which is that step's real work and the warm-up capture needs) and replayed for the next ones.
-  A 27B forward at batch 760 is ~3000 kernel launches, ~50 ms of Python and launch work a step that would otherwise
-  leave the GPU waiting. The cache writes its new position through a device-side counter, so a replay writes where
-  an eager step would;
-- finished rows are dropped in place (``select``): the live rows move to the front of the same buffers and the step
-  works on that many first rows, a view at the same addresses. Row counts come from a fixed ladder (the batch's rows,
-  halved, halved again, ...; ``rung``), finished rows filling up to the rung, so a stage captures a graph once per
-  (rung, cut length) and every later batch replays it. (Dropping rows into new tensors, as before, meant new graphs
-  after every drop of every batch: ~0.3 s a capture at 27B, ~10 a batch when answers end early.)
-
-On CPU, and for a model spread over several GPUs, the same step runs eagerly (same buffers, same cut lengths);
-that is what the CPU tests exercise.
-``PlainDecodeStep`` is the reference: a 2-D mask grown each step, for the model's own attention or a dynamic cache.
+- Masks are per row and preallocated: the full-attention mask (prompt + the answer so far) and, when S exceeds the
+  model's sliding window, the sliding-window mask (the same, limited to the last W positions before the row's own).
+  Both go to the model as its per-layer-type mask dict, each cut to the longest row's length rounded up to
+  ``BUCKET``; ``gqa_attention`` (attention.py) reads only that much of the cache.
+- On CUDA, each (rows, cut length) gets a CUDA graph of the whole forward, captured right after its first step ran
+  eagerly and replayed after that. A 27B forward is ~3000 kernel launches, ~50 ms of Python and launch work a step
+  otherwise. Every input of the graph (tokens, positions, write positions, masks) is a buffer refilled in place. The
+  rows shrink only onto a fixed ladder (scheduler.py's ``rung``), so a stage captures a graph per (rung, cut) once.
+- On CPU, and for a model spread over several GPUs (``device_map="auto"``), the same step runs eagerly.
 
 Shape letters:
-    A  the rows still decoding (finished ones are dropped by ``select``)
-    B  all rows of the batch
-    N  the rows a drop keeps
+    A  the rows the step decodes now (the buffers' first A rows)
+    B  all rows of the buffers
+    N  rows being seated or kept
+    Q  prefilled prompts (one per query being seated)
     H  key/value heads
-    L  the batch's padded prompt length
-    S  positions of the KV cache: the sequence so far (a dynamic cache), or all of the static cache
+    P  the prompt region: every prompt left-padded to this length
+    S  positions of a row's KV slot (P + max_new_tokens)
     D  the head size
     V  the vocabulary
     1  one position: this step's token
@@ -40,6 +37,8 @@ import warnings
 
 import torch
 from torch import nn
+
+from ao_resampling.engine.decoding.attention import decode_attention
 
 BUCKET = 32  # cut lengths are multiples of this: ~4 CUDA graphs for a 40-token prompt + 120 new tokens
 
@@ -75,101 +74,120 @@ def index_rows(cache_BHSD: torch.Tensor, rows_N: torch.Tensor) -> torch.Tensor:
     return cache_BHSD.index_select(0, rows_N.to(cache_BHSD.device))
 
 
-def select_rows(cache, keep_N: torch.Tensor):
-    """Keep rows ``keep_N`` of a dynamic cache (new tensors)."""
-    for layer in cache.layers:
-        layer.keys, layer.values = index_rows(layer.keys, keep_N), index_rows(layer.values, keep_N)
-    return cache
+class SlotCache:
+    """The KV cache the model's attention layers write through on a decode step: each row's new key and value go
+    to that row's own position (``write_A``), and attention gets the row's whole slot (the mask cuts it)."""
+
+    def __init__(self, kv: list[tuple[torch.Tensor, torch.Tensor]], write_B: torch.Tensor):
+        self.kv, self.write_B = kv, write_B
+        self.rows = kv[0][0].shape[0]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        keys_BHSD, values_BHSD = self.kv[layer_idx]
+        keys_AHSD, values_AHSD = keys_BHSD[:self.rows], values_BHSD[:self.rows]
+        write_A = self.write_B[:self.rows].to(keys_AHSD.device)
+        rows_A = torch.arange(self.rows, device=keys_AHSD.device)
+        keys_AHSD[rows_A, :, write_A] = key_states[:, :, 0]
+        values_AHSD[rows_A, :, write_A] = value_states[:, :, 0]
+        return keys_AHSD, values_AHSD
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # positions are always passed explicitly; nothing reads this on a decode step
 
 
-def rung(n_live: int, batch_rows: int) -> int:
-    """The fewest rows of the ladder ``batch_rows``, ceil(batch_rows / 2), ceil(batch_rows / 4), ..., 1 that hold
-    ``n_live`` rows: a static step decodes at these row counts only, so its graphs serve every batch."""
-    rows = batch_rows
-    while rows > 1 and -(-rows // 2) >= n_live:
-        rows = -(-rows // 2)
-    return rows
-
-
-class PlainDecodeStep:
-    def __init__(self, model: nn.Module, cache, mask_AL: torch.Tensor):
-        self.model, self.cache, self.mask_AS = model, cache, mask_AL
-
-    @property
-    def rows(self) -> int:
-        return self.mask_AS.shape[0]
-
-    def rows_to_keep(self, n_live: int) -> int:
-        """Drop the finished rows once they are half of the batch (each drop copies the whole cache)."""
-        return n_live if n_live * 2 <= self.rows else self.rows
-
-    def __call__(self, tokens_A: torch.Tensor, positions_A: torch.Tensor, length: int) -> torch.Tensor:
-        self.mask_AS = torch.cat([self.mask_AS, self.mask_AS.new_ones(self.mask_AS.shape[0], 1)], dim=1)
-        out = self.model(input_ids=tokens_A[:, None], attention_mask=self.mask_AS, position_ids=positions_A[:, None],
-                         use_cache=True, **cache_kwargs(self.model, self.cache))
-        self.cache = returned_cache(out)
-        return out.logits[:, -1]
-
-    def select(self, keep_N: torch.Tensor) -> None:
-        self.cache = select_rows(self.cache, keep_N)
-        self.mask_AS = self.mask_AS[keep_N]
-
-
-class StaticDecodeStep:
-    def __init__(self, model: nn.Module, cache, mask_AL: torch.Tensor, total_len: int, *, graphs: bool):
-        self.model, self.cache, self.total_len = model, cache, total_len
-        self.use_graphs = graphs and mask_AL.device.type == "cuda" and on_one_device(model)
-        self.batch_rows = mask_AL.shape[0]
-        # The batch's buffers, all rows; the step works on their first ``rows`` rows (views: same addresses).
-        self.full_kv = [(layer.keys, layer.values) for layer in cache.layers]
-        self.full_mask_BS = torch.zeros(self.batch_rows, total_len, dtype=torch.bool, device=mask_AL.device)
-        self.full_tokens_B1 = torch.zeros(self.batch_rows, 1, dtype=torch.long, device=mask_AL.device)
-        self.full_positions_B1 = torch.zeros_like(self.full_tokens_B1)
+class SlotStep:
+    def __init__(self, model: nn.Module, rows: int, prompt_len: int, max_new_tokens: int, *,
+                 sliding_window: int | None, device: torch.device, graphs: bool = True):
+        self.model, self.batch_rows, self.P = model, rows, prompt_len
+        self.S = prompt_len + max_new_tokens
+        self.window = sliding_window if sliding_window is not None and sliding_window < self.S else None
+        self.use_graphs = graphs and device.type == "cuda" and on_one_device(model)
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # allocated by the first seat
+        self.mask_BS = torch.zeros(rows, self.S, dtype=torch.bool, device=device)
+        self.mask_BS[:, 0] = True  # an idle row attends somewhere (its output is never read)
+        self.sliding_BS = torch.zeros_like(self.mask_BS) if self.window else None
+        self.positions_S = torch.arange(self.S, device=device)
+        self.tokens_B1 = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.rope_B1 = torch.zeros_like(self.tokens_B1)  # the position RoPE sees: real tokens before it
+        self.write_B = torch.zeros(rows, dtype=torch.long, device=device)  # where the row's next KV goes
+        self.rows = rows
+        self.cache: SlotCache | None = None
         # (rows, cut length) -> the graph of that step and the logits it writes
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None  # one memory pool for the graphs
-        self.restart(mask_AL)
+        self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
-    def first_rows(self, n: int) -> None:
-        """Work on the buffers' first ``n`` rows from now on."""
+    # -- seating and moving rows ------------------------------------------------------------------------------------
+
+    def seat(self, rows_N: torch.Tensor, prefill_cache, query_of_N: torch.Tensor, prompt_mask_QP: torch.Tensor) -> None:
+        """Row ``rows_N[i]`` starts sample i of prompt ``query_of_N[i]``: that prompt's KV (``prefill_cache``, Q
+        prompts left-padded to P) and mask are copied into the row; its answer starts at position P."""
+        layers = prefill_cache.layers
+        if self.kv is None:
+            self.kv = [self._empty_slot(layer.keys) for layer in layers]
+            self.cache = SlotCache(self.kv, self.write_B)
+            self.cache.rows = self.rows
+        for layer, (keys_BHSD, values_BHSD) in zip(layers, self.kv):
+            rows_here = rows_N.to(keys_BHSD.device)
+            keys_BHSD[rows_here, :, :self.P] = index_rows(layer.keys, query_of_N)
+            values_BHSD[rows_here, :, :self.P] = index_rows(layer.values, query_of_N)
+        prompt_N = prompt_mask_QP.bool()[query_of_N.to(prompt_mask_QP.device)].to(self.mask_BS.device)
+        self.mask_BS[rows_N] = False
+        self.mask_BS[rows_N, :self.P] = prompt_N
+        self.write_B[rows_N] = self.P
+        self.rope_B1[rows_N, 0] = prompt_N.sum(-1)
+
+    def _empty_slot(self, prefill_keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _, H, _, D = prefill_keys.shape
+        shape = (self.batch_rows, H, self.S, D)
+        return (torch.zeros(shape, dtype=prefill_keys.dtype, device=prefill_keys.device),
+                torch.zeros(shape, dtype=prefill_keys.dtype, device=prefill_keys.device))
+
+    def select(self, keep_N: torch.Tensor) -> None:
+        """Move rows ``keep_N`` to the front, in place, and decode those from now on. The graphs read the buffers'
+        addresses, which do not move: the ones captured for this many rows replay."""
+        n = keep_N.shape[0]
+        for keys_BHSD, values_BHSD in self.kv or []:
+            keys_BHSD[:n] = index_rows(keys_BHSD, keep_N)  # gathered first: rows may move onto each other
+            values_BHSD[:n] = index_rows(values_BHSD, keep_N)
+        for buffer in (self.mask_BS, self.tokens_B1, self.rope_B1, self.write_B):
+            buffer[:n] = buffer[keep_N.to(buffer.device)]
         self.rows = n
-        for layer, (keys_BHSD, values_BHSD) in zip(self.cache.layers, self.full_kv):
-            layer.keys, layer.values = keys_BHSD[:n], values_BHSD[:n]
-            if hasattr(layer, "batch_size"):
-                layer.batch_size = n
-        self.mask_AS = self.full_mask_BS[:n]
-        self.tokens_A1, self.positions_A1 = self.full_tokens_B1[:n], self.full_positions_B1[:n]
+        if self.cache is not None:
+            self.cache.rows = n
 
-    def restart(self, mask_AL: torch.Tensor) -> None:
-        """The prompt's mask, nothing after it, all rows. Also a new batch of the same shape in the same (refilled)
-        cache: the captured graphs stay valid."""
-        self.first_rows(self.batch_rows)
-        self.mask_AS.zero_()
-        self.mask_AS[:, :mask_AL.shape[1]] = mask_AL
+    # -- one step ---------------------------------------------------------------------------------------------------
 
-    def rows_to_keep(self, n_live: int) -> int:
-        return rung(n_live, self.batch_rows)
-
-    def cut_length(self, length: int) -> int:
-        return min(-(-length // BUCKET) * BUCKET, self.total_len)
-
-    def __call__(self, tokens_A: torch.Tensor, positions_A: torch.Tensor, length: int) -> torch.Tensor:
-        """``length``: the sequence length once this step's token is in the cache (it goes to ``length - 1``)."""
-        self.mask_AS[:, length - 1] = True
-        self.tokens_A1.copy_(tokens_A[:, None])
-        self.positions_A1.copy_(positions_A[:, None])
-        cut = self.cut_length(length)
+    def __call__(self, tokens_A: torch.Tensor, length: int) -> torch.Tensor:
+        """Feed each row its token (at its own position); ``length``: the longest row's sequence once this token is
+        in. Returns the next logits of the A rows."""
+        A = self.rows
+        rows_A = torch.arange(A, device=self.mask_BS.device)
+        self.tokens_B1[:A, 0] = tokens_A
+        self.mask_BS[rows_A, self.write_B[:A]] = True
+        if self.window:
+            lowest_A1 = self.write_B[:A, None] - self.window  # HF's sliding window: the last W positions, itself in
+            self.sliding_BS[:A] = self.mask_BS[:A] & (self.positions_S[None] > lowest_A1)
+        cut = min(-(-length // BUCKET) * BUCKET, self.S)
         if not self.use_graphs:
-            return self._forward(cut)
-        if (self.rows, cut) in self.graphs:
-            graph, logits_AV = self.graphs[self.rows, cut]
+            logits_AV = self._forward(cut)
+        elif (A, cut) in self.graphs:
+            graph, logits_AV = self.graphs[A, cut]
             graph.replay()
-            return logits_AV
-        return self._run_then_capture(cut)
+        else:
+            logits_AV = self._run_then_capture(cut)
+        self.write_B[:A] += 1
+        self.rope_B1[:A] += 1
+        self.write_B[:A].clamp_(max=self.S - 1)  # an idle row keeps writing its last position (never read)
+        return logits_AV
 
     def _forward(self, cut: int) -> torch.Tensor:
-        out = self.model(input_ids=self.tokens_A1, attention_mask=self.mask_AS[:, None, None, :cut],
-                         position_ids=self.positions_A1, use_cache=True, **cache_kwargs(self.model, self.cache))
+        A = self.rows
+        full = self.mask_BS[:A, None, None, :cut]
+        masks = {"full_attention": full,
+                 "sliding_attention": self.sliding_BS[:A, None, None, :cut] if self.window else full}
+        with decode_attention(self.model):  # the prompt passes between steps keep the model's own attention
+            out = self.model(input_ids=self.tokens_B1[:A], attention_mask=masks, position_ids=self.rope_B1[:A],
+                             use_cache=True, **cache_kwargs(self.model, self.cache))
         return out.logits[:, -1]
 
     def _run_then_capture(self, cut: int) -> torch.Tensor:
@@ -185,13 +203,3 @@ class StaticDecodeStep:
             return logits_AV
         self.graphs[self.rows, cut] = (graph, graph_logits_AV)
         return logits_AV
-
-    def select(self, keep_N: torch.Tensor) -> None:
-        """Move rows ``keep_N`` to the front of the buffers, in place, and work on those from now on. The graphs
-        read the buffers' addresses, which do not move: the ones captured for this many rows replay."""
-        n = keep_N.shape[0]
-        for layer, (keys_BHSD, values_BHSD) in zip(self.cache.layers, self.full_kv):
-            keys_BHSD[:n] = index_rows(layer.keys, keep_N)  # gathered first: rows may move onto each other
-            values_BHSD[:n] = index_rows(layer.values, keep_N)
-        self.full_mask_BS[:n] = self.mask_AS[keep_N.to(self.mask_AS.device)]  # tokens, positions: set every step
-        self.first_rows(n)

@@ -1,6 +1,7 @@
 """Drawing the next token from logits the way Hugging Face's sampling warpers do, without sorting the vocabulary.
 
-HF's order is temperature, top-k, top-p, then a categorical draw. Sorting a 262k-token row for top-p at every
+HF's order is temperature, top-k, top-p, then a categorical draw; the draw's random numbers come from each row's own
+stream (streams.py), keyed by the token id, so a row draws the same token whatever else is in the batch. Sorting a 262k-token row for top-p at every
 decode step is most of the sampler's cost, so the top candidates are sorted instead, and only a row whose nucleus
 is not inside them falls back to a full sort (of the model's bf16 logits: half the bytes of float32). Pure torch,
 no model: ``BatchedSampler`` (sampler.py) calls ``sample_next_tokens`` once per decode step; ``sampling_weights``
@@ -12,11 +13,14 @@ Shape letters:
     C  candidates: the top tokens of a row, sorted descending (TOP_P_CANDIDATES, or top-k + 1 if more); the helpers
        that take C (``top_p_keep_mask``, ``_draw``) take whole rows too (C = V)
     R  the rows taking the full-row path (a subset of B)
+    1  a broadcast dimension
 """
 
 from __future__ import annotations
 
 import torch
+
+from ao_resampling.engine.decoding.streams import exponentials
 
 TOP_P_CANDIDATES = 256
 
@@ -30,11 +34,10 @@ def top_p_keep_mask(sorted_probs_BC: torch.Tensor, top_p: float) -> torch.Tensor
     return keep_BC
 
 
-def sample_next_tokens(logits_BV: torch.Tensor, *, temperature: float, top_p: float,
-                       generator: torch.Generator | None, top_k: int = 0,
-                       candidates: int = TOP_P_CANDIDATES) -> torch.Tensor:
+def sample_next_tokens(logits_BV: torch.Tensor, *, temperature: float, top_p: float, keys_B: torch.Tensor,
+                       steps_B: torch.Tensor, top_k: int = 0, candidates: int = TOP_P_CANDIDATES) -> torch.Tensor:
     """One token per row: greedy at temperature 0, else HF's warpers in HF's order (temperature, top-k, top-p) and
-    a categorical draw; ``top_k`` 0 = off.
+    a categorical draw from row b's stream ``(keys_B[b], steps_B[b])``; ``top_k`` 0 = off.
 
     Without top-k, rows whose nucleus lies inside the top ``candidates`` tokens (a trained model, nearly always) are
     decided there; other rows (flat distributions, e.g. random weights) sort their whole row once
@@ -47,11 +50,12 @@ def sample_next_tokens(logits_BV: torch.Tensor, *, temperature: float, top_p: fl
         return logits_BV.argmax(-1)
     top_k = top_k if 0 < top_k < logits_BV.shape[-1] else 0  # HF: a top_k >= the vocabulary keeps every token
     top_ids_BC, weights_BC, short_B, scaled_BV = _candidate_weights(logits_BV, temperature, top_p, top_k, candidates)
-    tokens_B = top_ids_BC.gather(-1, _draw(weights_BC, generator)).squeeze(-1)
+    tokens_B = _draw(weights_BC, top_ids_BC, keys_B, steps_B)
     if short_B.any():
         rows_R = short_B.nonzero().squeeze(-1)
-        tokens_B[rows_R] = _draw(_full_row_weights(logits_BV[rows_R], scaled_BV[rows_R], temperature, top_p, top_k),
-                                 generator).squeeze(-1)
+        weights_RV = _full_row_weights(logits_BV[rows_R], scaled_BV[rows_R], temperature, top_p, top_k)
+        vocab_1V = torch.arange(weights_RV.shape[-1], device=weights_RV.device)[None]
+        tokens_B[rows_R] = _draw(weights_RV, vocab_1V.expand_as(weights_RV), keys_B[rows_R], steps_B[rows_R])
     return tokens_B
 
 
@@ -120,7 +124,8 @@ def nucleus_threshold(logits_BV: torch.Tensor, log_z_B1: torch.Tensor, *, temper
     return torch.cat(thresholds)
 
 
-def _draw(weights_BC: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """A categorical draw per row, proportional to the (unnormalised) weights: argmax of w / Exp(1) noise."""
-    noise_BC = torch.empty_like(weights_BC).exponential_(generator=generator)
-    return (weights_BC / noise_BC).argmax(-1, keepdim=True)
+def _draw(weights_BC: torch.Tensor, ids_BC: torch.Tensor, keys_B: torch.Tensor, steps_B: torch.Tensor) -> torch.Tensor:
+    """A categorical draw per row, proportional to the (unnormalised) weights: the token id whose w / Exp(1) is
+    largest, the noise of token ``ids_BC[b, c]`` drawn from row b's stream (the same noise wherever it sits)."""
+    noise_BC = exponentials(keys_B.to(ids_BC.device), steps_B.to(ids_BC.device), ids_BC)
+    return ids_BC.gather(-1, (weights_BC / noise_BC).argmax(-1, keepdim=True)).squeeze(-1)

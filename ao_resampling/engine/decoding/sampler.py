@@ -1,85 +1,70 @@
-"""Batched resampling: n answers for each of many queries, with the activation injected on the prompt pass.
+"""The sampler: n answers for each of many queries, the activation injected on the prompt pass, decoded in a step
+that a continuously refilled set of rows keeps full.
 
-The fast path (``BatchedSampler``) packs (query x sample) rows into batches under a row and KV-token budget and runs
-its own decode loop over the model's forward:
+- Rows hold samples (scheduler.py): when enough rows are free, the next pending samples take them. Their queries'
+  prompts are prefilled (each prompt once per refill, the injection hook attached, on the prompt pass only), the
+  prompt's KV is copied into each sample's row (decode_step.py's ``SlotStep.seat``), and the sample's first token is
+  drawn from the prompt's last logits. Decode steps then run without any hook: each row feeds its last token at its
+  own position, the step is a CUDA graph replay per (rows, cut length), attention reads grouped KV heads in place.
+- Every draw comes from the sample's own random stream (streams.py), keyed by (seed, run, sample index) and the
+  step, so an answer does not depend on the batch size, the card, refills or a resume.
+- A row whose answer ends (a stop token, or max_new_tokens) is handed to ``on_answer`` at once, and its row is free.
+- The row count is sized to the card (memory.py) unless given; the LoRA is merged into the weights for the stage
+  (merge.py), the norms' scales cached (norms.py).
 
-- each query's prompt is prefilled *once*, with the injection hook attached, and its KV cache is repeated for its n
-  samples (the n samples share one prompt, so prefilling it n times would be wasted work);
-- decoding then runs without any hook (decode steps are untouched by construction) on a static KV cache when the
-  whole sequence fits every sliding window, else on HF's dynamic cache; on the static cache, attention reads the
-  grouped KV heads in place and only the filled part of the cache (attention.py), and each step is a CUDA graph
-  replay (decode_step.py); batches of one shape share the cache and its graphs, and the norms' scales are computed
-  once a stage (norms.py);
-- top-p is exact but avoids sorting the whole 262k vocabulary: the top candidates are sorted, and only a row whose
-  nucleus is not inside them falls back to a full sort (nucleus.py);
-- batches are planned and seeded by pure functions (batching.py);
-- rows that finished (EOS / <end_of_turn>) are dropped from the batch once they are half of it.
-
-The reference paths benchmarks and tests compare it to are in reference.py.
+The reference paths tests compare it with (HF ``generate``, one sample at a time) are in engine/reference.py.
 
 Shape letters:
-    Q  queries of a batch (one prompt each: the rows of its prefill)
-    B  sample rows of a batch: each query's row repeated n times
-    A  the rows still decoding (all of B until finished rows are dropped)
-    R  the rows of a prefill batch being injected (queries here; one per sample in reference.py)
-    L  the batch's padded prompt length
+    Q  the queries a refill prefills (one prompt each)
+    N  the samples a refill seats (one row each)
+    A  the rows the step decodes
+    P  the prompt region (every prompt left-padded to the longest of the stage)
     T  new tokens, up to max_new_tokens
-    S  positions of a KV cache
     V  the vocabulary
     K  the placeholder positions of an oracle prompt (where the vectors go)
-    D  the model's hidden size (the head size in a KV cache)
-    H  KV heads
+    D  the model's hidden size
+    R  the rows of a prefill batch being injected
     E  stop (eos) token ids
-    N  rows picked out of a KV cache
 """
 
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ao_resampling.engine.decoding.attention import decode_attention
-from ao_resampling.engine.decoding.batching import batch_seed, plan_batches
-from ao_resampling.engine.fused import FusedDecode
-from ao_resampling.engine.decoding.decode_step import (PlainDecodeStep, StaticDecodeStep, cache_kwargs, index_rows,
-                                              returned_cache)
-from ao_resampling.engine.decoding.settings import Sampling, model_generation_config, resolve_sampling
-from ao_resampling.engine.hooks import injecting, left_pad, position_ids_from_mask
-from ao_resampling.engine.loading.adapters import adapter_disabled
-from ao_resampling.engine.loading.models import model_device, stop_token_ids
+from ao_resampling.config import Decoding
+from ao_resampling.engine.decoding import memory
+from ao_resampling.engine.decoding.decode_step import SlotStep, cache_kwargs, returned_cache
+from ao_resampling.engine.decoding.merge import merged_lora
 from ao_resampling.engine.decoding.norms import cached_norm_scales
 from ao_resampling.engine.decoding.nucleus import sample_next_tokens
+from ao_resampling.engine.decoding.scheduler import Seat, SlotScheduler
+from ao_resampling.engine.decoding.streams import sample_key
+from ao_resampling.engine.hooks import injecting, left_pad, position_ids_from_mask
+from ao_resampling.engine.loading.adapters import adapter_disabled
+from ao_resampling.engine.loading.models import model_device
 
-SYNC_EVERY = 8  # decode steps between host checks for finished rows
-
-
-@dataclass(frozen=True)
-class DecodeParams:
-    temperature: float
-    top_p: float
-    max_new_tokens: int
-    seed: int = 0
-    min_new_tokens: int = 0  # benchmarks force full-length answers (worst case) with min_new_tokens=max_new_tokens
-    top_k: int | None = None  # None = the model's generation_config (else HF's default, 50); 0 = off
-    eos_token_ids: tuple[int, ...] | None = None  # None = the model's generation_config (else the tokenizer's)
+PREFILL_QUERIES = 32  # prompts per prefill pass at most: bounds the prefill's memory beside the KV slots
+STOP_BOOST = 30.0  # logits the stop token gets above the top one where a stand-in's answer length says it ends
 
 
 @dataclass(frozen=True)
 class Query:
-    """One prompt to be answered n times. ``vectors_KD`` None = no injection (the target-model baseline)."""
+    """One prompt to be answered n times. ``vectors_KD`` None = no injection (the target-model baseline).
+    ``answer_lengths``: stand-ins only, sample i draws its stop token at token ``answer_lengths[i]``."""
 
     key: str
     input_ids: tuple[int, ...]
     n: int
     vectors_KD: torch.Tensor | None = None
     positions_K: tuple[int, ...] = ()
+    answer_lengths: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -93,256 +78,223 @@ class Sample:
         return len(self.token_ids)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The fast path
+@dataclass
+class Layout:
+    """How the stage decoded: recorded in meta and timings.json."""
+
+    rows: int
+    rows_setting: str
+    runs: int = 0  # queries (runs) sampled
+    rows_that_fit: int | None = None
+    peak_memory_bytes: int | None = None
+    device: str = "cpu"
+    refills: int = 0
+    decode_steps: int = 0
+    captured_graphs: list[tuple[int, int]] = field(default_factory=list)
 
 
-class BatchedSampler:
-    def __init__(self, model: nn.Module, tokenizer, *, injection_layer: int, coefficient: float,
-                 params: DecodeParams, max_rows: int = 512, max_tokens: int = 131_072, use_adapter: bool = True,
-                 compact_finished: bool = True, static_cache: bool = True, merge_lora: bool = False,
-                 attention: Literal["gqa", "hf"] = "gqa", cuda_graphs: bool = True, fused: bool = False):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.injection_layer = injection_layer
-        self.coefficient = coefficient
-        self.params = params
-        self.max_rows = max_rows
-        self.max_tokens = max_tokens
-        self.use_adapter = use_adapter
-        self.compact_finished = compact_finished
-        self.static_cache = static_cache
-        self.merge_lora = merge_lora
-        self.attention = attention  # "hf": the model's own attention (SDPA, repeat_kv) on decode steps too
-        self.cuda_graphs = cuda_graphs  # only with attention="gqa" on a static cache (decode_step.py)
-        self.fused = fused  # fused elementwise kernels on decode steps (fused.py; inside HF's noise, noise.py)
-        self._fused: FusedDecode | None = None  # built once a stage: its norm scales outlive the CUDA graphs
-        self._kept: StaticDecodeStep | None = None  # the last batch's static cache + graphs, for the next batch
-        self.sampling = effective_sampling(model, tokenizer, params)
-        self.stop_ids = list(self.sampling.eos_token_ids)
+class Sampler:
+    def __init__(self, model: nn.Module, tokenizer, *, decoding: Decoding, injection_layer: int, coefficient: float,
+                 rows: int | Literal["auto"] = "auto", use_adapter: bool = True, merge_lora: bool = True):
+        if not decoding.is_resolved:
+            raise ValueError("the sampler takes a decoding merged with the model's generation_config "
+                             "(engine/decoding/settings.py resolve_decoding)")
+        self.model, self.tokenizer, self.decoding = model, tokenizer, decoding
+        self.injection_layer, self.coefficient = injection_layer, coefficient
+        self.rows_setting, self.use_adapter, self.merge_lora = rows, use_adapter, merge_lora
+        self.stop_ids = list(decoding.eos_token_ids)
         self.pad_id = tokenizer.pad_token_id
+        self.layout: Layout | None = None
 
-    def run(self, queries: Sequence[Query], *, on_batch: Callable[[dict[str, list[Sample]]], None] | None = None,
+    def run(self, queries: Sequence[Query], *, on_answers: Callable[[str, list[Sample]], None] | None = None,
             progress: bool = True, desc: str = "AO samples") -> dict[str, list[Sample]]:
-        """Sample every query; ``on_batch`` gets each finished batch (the caller journals it)."""
-        # One prompt length for every batch: batches of equal row counts then share one static cache and its CUDA
-        # graphs (captured in the first batch, replayed in all). The extra left padding is masked out.
-        pad_to = max((len(q.input_ids) for q in queries), default=0)
-        batches = plan_batches(queries, max_new_tokens=self.params.max_new_tokens, max_rows=self.max_rows,
-                               max_tokens=self.max_tokens, pad_to=pad_to)
-        out: dict[str, list[Sample]] = {}
-        with tqdm(total=sum(q.n for q in queries), desc=desc, unit="sample", disable=not progress) as bar, \
-                self.stage():
-            for batch in batches:
-                done = self.generate([queries[i] for i in batch], pad_to=pad_to)
-                out.update(done)
-                if on_batch:
-                    on_batch(done)
-                bar.update(sum(len(v) for v in done.values()))
-        return out
-
-    @contextlib.contextmanager
-    def stage(self) -> Iterator[None]:
-        """What every batch of a stage shares: the merged LoRA, the norms' cached scales, the fused kernels."""
-        with self._merged(), cached_norm_scales(self.model):
-            self._fused = FusedDecode(self.model) if self.fused else None
-            try:
-                yield
-            finally:
-                # Dropped inside the blocks, whatever happened: the CUDA graphs read the merged weights and the
-                # cached norm scales, and the static cache is most of the GPU's memory.
-                self._kept = self._fused = None
-
-    @contextlib.contextmanager
-    def _merged(self):
-        """Fold the LoRA into the weights while decoding: no extra adapter kernels per layer per step.
-
-        Unmerging subtracts the LoRA again, which in bf16 does not give the original weights back (off by up to a
-        bf16 ulp); whatever runs next (a capture, the baseline) must see the base model. So the originals are kept
-        (in host memory: on the GPU they would double the weights) and copied back after the unmerge.
-        """
-        if not (self.merge_lora and self.use_adapter and hasattr(self.model, "merge_adapter")):
-            yield
-            return
-        originals = merged_weights_snapshot(self.model)
-        self.model.merge_adapter()
-        try:
-            yield
-        finally:
-            self.model.unmerge_adapter()  # PEFT's bookkeeping: the layers are unmerged again
-            restore_weights(originals)
-
-    @torch.inference_mode()
-    def generate(self, queries: Sequence[Query], pad_to: int | None = None) -> dict[str, list[Sample]]:
-        p = self.params
+        """Sample every query. ``on_answers(key, samples)`` gets each query's n answers once its last one ended
+        (the caller journals them); returns them all."""
+        queries = list(queries)
+        answers: dict[str, list[Sample | None]] = {q.key: [None] * q.n for q in queries}
+        if not queries:
+            return {}
         device = model_device(self.model)
-        generator = torch.Generator(device=device).manual_seed(batch_seed(p.seed, [q.key for q in queries]))
-        n_Q = torch.tensor([q.n for q in queries], device=device)
-        with self._adapter():
-            step, logits_BV, mask_BL = self._prefill(queries, n_Q, pad_to)
-            with self._decoding(step):
-                tokens_BT = self._decode(step, logits_BV, mask_BL, mask_BL.shape[1], generator)
-            # Kept for the next batch of this shape: its cache is refilled in place, its graphs replay.
-            self._kept = step if isinstance(step, StaticDecodeStep) else None
-        return self._collect(queries, n_Q, tokens_BT.tolist())
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        with self._stage():
+            run = _Run(self, queries, self._layout(queries, device), device)
+            with tqdm(total=sum(q.n for q in queries), desc=desc, unit="sample", disable=not progress) as bar:
+                for seat, sample in run.answers():
+                    key = queries[seat.query].key
+                    answers[key][seat.sample] = sample
+                    bar.update(1)
+                    if on_answers and all(a is not None for a in answers[key]):
+                        on_answers(key, answers[key])
+            self.layout = run.layout
+        if device.type == "cuda":
+            self.layout.peak_memory_bytes = torch.cuda.max_memory_allocated(device)
+        return answers
 
-    @torch.inference_mode()
-    def teacher_forced(self, queries: Sequence[Query], tokens_QT: torch.Tensor) -> torch.Tensor:
-        """Log-probs (float32) of this path's decode steps when row q is fed ``tokens_QT[q]`` instead of sampling:
-        row t of the result is the distribution the step after ``tokens_QT[:, :t]`` draws from (t = 0: the prompt's
-        last position). One row per query (``n`` ignored); the numerical-noise check of noise.py uses it."""
-        if tokens_QT.shape[1] > self.params.max_new_tokens:
-            raise ValueError(f"teacher_forced: {tokens_QT.shape[1]} tokens fed, but the cache holds max_new_tokens = "
-                             f"{self.params.max_new_tokens}")
-        device = model_device(self.model)
-        n_Q = torch.ones(len(queries), dtype=torch.long, device=device)
-        tokens_QT = tokens_QT.to(device)
-        with self._adapter():
-            step, logits_QV, mask_QL = self._prefill(queries, n_Q, None)
-            L = mask_QL.shape[1]
-            next_pos_Q = position_ids_from_mask(mask_QL)[:, -1] + 1
-            logprobs = [logits_QV.float().log_softmax(-1)]
-            with self._decoding(step):
-                for i in range(tokens_QT.shape[1] - 1):
-                    logits_QV = step(tokens_QT[:, i], next_pos_Q + i, length=L + i + 1).to(device)
-                    logprobs.append(logits_QV.float().log_softmax(-1))
-            self._kept = None
-        return torch.stack(logprobs, dim=1)
-
-    def _decode(self, step, logits_BV: torch.Tensor, mask_BL: torch.Tensor, L: int,
-                generator: torch.Generator) -> torch.Tensor:
-        """The decode loop from the prompt's last logits; returns every row's tokens, padded after a stop."""
-        p = self.params
-        device = logits_BV.device
-        stop_E = torch.tensor(self.stop_ids, device=device)
-        # Decode state lives on the device; the host looks at it only every SYNC_EVERY steps.
-        B = logits_BV.shape[0]
-        logits_AV = logits_BV  # every row is alive before the first step
-        tokens_BT = torch.full((B, p.max_new_tokens), self.pad_id, dtype=torch.long, device=device)
-        done_B = torch.zeros(B, dtype=torch.bool, device=device)
-        alive_A = torch.arange(B, device=device)  # the original row of each row still in the batch
-        next_pos_A = position_ids_from_mask(mask_BL)[:, -1] + 1
-        for i in range(p.max_new_tokens):
-            tokens_A = sample_next_tokens(self._suppress_stop(logits_AV, i), temperature=p.temperature,
-                                          top_p=p.top_p, top_k=self.sampling.top_k, generator=generator)
-            tokens_BT[alive_A, i] = torch.where(done_B[alive_A], self.pad_id, tokens_A)
-            done_B[alive_A] |= torch.isin(tokens_A, stop_E)
-            if i == p.max_new_tokens - 1:
-                break
-            if (i + 1) % SYNC_EVERY == 0:
-                done_A = done_B[alive_A]
-                n_live = alive_A.shape[0] - int(done_A.sum())
-                if n_live == 0:
-                    break
-                rows = step.rows_to_keep(n_live) if self.compact_finished else alive_A.shape[0]
-                if rows < alive_A.shape[0]:
-                    # the live rows first, in order, then finished ones if the step keeps more rows than are live
-                    keep_N = torch.argsort(done_A.int(), stable=True)[:rows]
-                    step.select(keep_N)
-                    alive_A, tokens_A, next_pos_A = (t[keep_N] for t in (alive_A, tokens_A, next_pos_A))
-            # the head may sit on another GPU under device_map="auto"
-            logits_AV = step(tokens_A, next_pos_A, length=L + i + 1).to(device)
-            next_pos_A = next_pos_A + 1
-        return tokens_BT
-
-    # -- pieces of generate ------------------------------------------------------------------------------------------
-
-    def _prefill(self, queries: Sequence[Query], n_Q: torch.Tensor, pad_to: int | None):
-        """The prompt pass (injection on), its KV repeated for each query's samples, and the decode step over it.
-        Returns (step, the last prompt position's logits for every sample row, the rows' prompt mask)."""
-        device = n_Q.device
-        ids_QL, mask_QL = left_pad([q.input_ids for q in queries], self.pad_id, device, length=pad_to)
-        L = ids_QL.shape[1]
-        with injection_for_rows(self.model, queries, L, device, self.injection_layer, self.coefficient):
-            out = self.model(input_ids=ids_QL, attention_mask=mask_QL, position_ids=position_ids_from_mask(mask_QL),
-                             use_cache=True, logits_to_keep=1, **cache_kwargs(self.model, self._prefill_cache()))
-        cache, static = self._expand(returned_cache(out), n_Q, L + self.params.max_new_tokens)
-        logits_BV = out.logits[:, -1].to(device).repeat_interleave(n_Q, dim=0)
-        mask_BL = mask_QL.bool().repeat_interleave(n_Q, dim=0)
-        if self.attention == "gqa" and static:
-            return self._static_step(cache, mask_BL, L + self.params.max_new_tokens), logits_BV, mask_BL
-        return PlainDecodeStep(self.model, cache, mask_BL), logits_BV, mask_BL
+    def _layout(self, queries: Sequence[Query], device: torch.device) -> Layout:
+        """The step's row count: sized to the card ("auto"), or the one asked for if it fits."""
+        samples = sum(q.n for q in queries)
+        prompt_len = max(len(q.input_ids) for q in queries)
+        free = memory.free_bytes(device)
+        if free is None:
+            fit = None
+            rows = memory.CPU_ROWS if self.rows_setting == "auto" else self.rows_setting
+        else:
+            budget = memory.row_budget(_text_config(self.model), next(self.model.parameters()).dtype)
+            fit = memory.rows_that_fit(free, budget, prompt_len=prompt_len,
+                                       max_new_tokens=self.decoding.max_new_tokens,
+                                       prefill_tokens=PREFILL_QUERIES * prompt_len)
+            if fit < 1:
+                raise memory.BatchTooLarge(f"not even one row of {prompt_len} + {self.decoding.max_new_tokens} "
+                                           f"positions fits in the {free / 2**30:.1f} GiB left on {device}")
+            if self.rows_setting != "auto" and self.rows_setting > fit:
+                raise memory.BatchTooLarge(f"batch_rows = {self.rows_setting} does not fit on {device}: at most "
+                                           f"{fit} rows of {prompt_len} + {self.decoding.max_new_tokens} positions "
+                                           f"fit in the {free / 2**30:.1f} GiB left after the weights")
+            rows = fit if self.rows_setting == "auto" else self.rows_setting
+        return Layout(rows=min(rows, samples), rows_setting=str(self.rows_setting), rows_that_fit=fit,
+                      device=str(device), runs=len(queries))
 
     @contextlib.contextmanager
-    def _decoding(self, step):
-        """The decode steps' swaps: ``gqa_attention`` on the static cache, the fused kernels when asked for."""
-        with contextlib.ExitStack() as stack:
-            if isinstance(step, StaticDecodeStep):
-                stack.enter_context(decode_attention(self.model))
-            if self._fused is not None:
-                stack.enter_context(self._fused.active())
+    def _stage(self) -> Iterator[None]:
+        """What every step of a stage shares: the merged LoRA, the norms' cached scales, the decode attention."""
+        adapter = contextlib.nullcontext() if self.use_adapter else adapter_disabled(self.model)
+        merged = merged_lora(self.model) if self.merge_lora and self.use_adapter else contextlib.nullcontext()
+        with adapter, merged, cached_norm_scales(self.model):
             yield
 
-    def _adapter(self):
-        return contextlib.nullcontext() if self.use_adapter else adapter_disabled(self.model)
+    # -- the pieces a run uses ----------------------------------------------------------------------------------------
 
-    def _static_step(self, cache, mask_BL: torch.Tensor, total_len: int) -> StaticDecodeStep:
-        if self._kept is not None and self._kept.cache is cache:
-            self._kept.restart(mask_BL)
-            return self._kept
-        return StaticDecodeStep(self.model, cache, mask_BL, total_len, graphs=self.cuda_graphs)
+    def draw(self, logits_AV: torch.Tensor, keys_A: torch.Tensor, steps_A: torch.Tensor,
+             ends_A: torch.Tensor) -> torch.Tensor:
+        """Each row's next token from its own stream; a stand-in's answer length makes the stop token win there."""
+        d = self.decoding
+        ending_A = ends_A == steps_A + 1
+        if bool(ending_A.any()):
+            logits_AV = logits_AV.clone()
+            stop = self.stop_ids[-1]
+            boosted_A = logits_AV.amax(-1) + STOP_BOOST
+            logits_AV[:, stop] = torch.where(ending_A, boosted_A, logits_AV[:, stop])
+        return sample_next_tokens(logits_AV, temperature=d.temperature, top_p=d.top_p, top_k=d.top_k,
+                                  keys_B=keys_A, steps_B=steps_A)
 
-    def _prefill_cache(self):
+    def prefill(self, queries: Sequence[Query], prompt_len: int, device: torch.device):
+        """The prompt pass of ``queries`` (injection on), left-padded to ``prompt_len``: (cache, mask_QP, last
+        logits_QV)."""
         from transformers import DynamicCache
 
-        return DynamicCache(config=self._text_config())
-
-    def _text_config(self):
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        return base.config.get_text_config(decoder=True)
-
-    def _expand(self, prefill_cache, n_Q: torch.Tensor, total_len: int):
-        """Repeat each query's prompt KV for its n samples, into a static cache when every window holds it all.
-        Returns the cache and whether it is the static one."""
-        config = self._text_config()
-        window = getattr(config, "sliding_window", None) or total_len
-        rows_B = torch.arange(n_Q.shape[0], device=n_Q.device).repeat_interleave(n_Q)  # query of each sample row
-        if self._kept is not None and (self._kept.total_len, self._kept.batch_rows) != (total_len, len(rows_B)):
-            self._kept = None  # another shape: free the last batch's cache before a new one takes its place
-        if not self.static_cache or total_len > window:
-            for layer in prefill_cache.layers:
-                layer.keys, layer.values = index_rows(layer.keys, rows_B), index_rows(layer.values, rows_B)
-            return prefill_cache, False
-        from transformers import StaticCache
-
-        if self._kept is not None:
-            self._kept.first_rows(self._kept.batch_rows)  # all rows again, if the last batch dropped some
-            static = self._kept.cache  # the last batch's, same shape: refilled in place, so its graphs stay valid
-            static.reset()
-        else:
-            static = StaticCache(config=config, max_cache_len=total_len)
-        L = prefill_cache.get_seq_length()
-        for i, layer in enumerate(prefill_cache.layers):
-            keys, values = index_rows(layer.keys, rows_B), index_rows(layer.values, rows_B)
-            static.update(keys, values, i, cache_kwargs={"cache_position": torch.arange(L, device=keys.device)})
-        return static, True
-
-    def _suppress_stop(self, logits_AV: torch.Tensor, step: int) -> torch.Tensor:
-        if step >= self.params.min_new_tokens:
-            return logits_AV
-        logits_AV = logits_AV.clone()
-        logits_AV[:, self.stop_ids] = float("-inf")
-        return logits_AV
-
-    def _collect(self, queries: Sequence[Query], n_Q: torch.Tensor, tokens: list[list[int]]
-                 ) -> dict[str, list[Sample]]:
-        out: dict[str, list[Sample]] = {}
-        row = 0
-        for q, n in zip(queries, n_Q.tolist()):
-            out[q.key] = [make_sample(self.tokenizer, until_stop(tokens[r], self.stop_ids, self.pad_id),
-                                      self.stop_ids) for r in range(row, row + n)]
-            row += n
-        return out
+        ids_QP, mask_QP = left_pad([q.input_ids for q in queries], self.pad_id, device, length=prompt_len)
+        with injection_for_rows(self.model, queries, prompt_len, device, self.injection_layer, self.coefficient):
+            out = self.model(input_ids=ids_QP, attention_mask=mask_QP, position_ids=position_ids_from_mask(mask_QP),
+                             use_cache=True, logits_to_keep=1, **cache_kwargs(self.model, DynamicCache()))
+        return returned_cache(out), mask_QP, out.logits[:, -1].to(device)
 
 
-def effective_sampling(model: nn.Module, tokenizer, params: DecodeParams) -> Sampling:
-    """The decoding HF generate would do for this model and these settings (decoding/settings.py); eos ids given
-    in ``params`` win over the model's."""
-    sampling = resolve_sampling(model_generation_config(model), temperature=params.temperature, top_p=params.top_p,
-                                top_k=params.top_k, fallback_eos=stop_token_ids(tokenizer))
-    if params.eos_token_ids is None:
-        return sampling
-    return Sampling(sampling.temperature, sampling.top_k, sampling.top_p, tuple(params.eos_token_ids))
+class _Run:
+    """One stage's decode loop: the step's rows, each sample's stream, the answers as they end."""
+
+    def __init__(self, sampler: Sampler, queries: list[Query], layout: Layout, device: torch.device):
+        self.sampler, self.queries, self.layout, self.device = sampler, queries, layout, device
+        d = sampler.decoding
+        self.T = d.max_new_tokens
+        self.P = max(len(q.input_ids) for q in queries)
+        self.scheduler = SlotScheduler(queries, layout.rows)
+        window = getattr(_text_config(sampler.model), "sliding_window", None)
+        self.step = SlotStep(sampler.model, layout.rows, self.P, self.T, sliding_window=window, device=device)
+        B = layout.rows
+        self.keys_B = torch.zeros(B, dtype=torch.long, device=device)
+        self.ends_B = torch.zeros(B, dtype=torch.long, device=device)  # 0: no stand-in length
+        self.tokens_BT = torch.full((B, self.T), sampler.pad_id, dtype=torch.long, device=device)
+        self.current_B = torch.zeros(B, dtype=torch.long, device=device)  # each row's last token
+        self.stop_E = torch.tensor(sampler.stop_ids, device=device)
+        self.drawn = [0] * B  # tokens drawn so far by the sample in each row (host: no sync needed)
+        self.ended_B = torch.zeros(B, dtype=torch.bool, device=device)
+
+    def answers(self) -> Iterator[tuple[Seat, Sample]]:
+        """Decode until every sample has ended; yields each (seat, answer) as it ends."""
+        while not self.scheduler.done():
+            seats = self.scheduler.admit()
+            if seats:
+                self._seat(seats)
+            yield from self._finished()
+            self._compact()
+            if self.scheduler.live:
+                self._decode_step()
+        self.layout.captured_graphs = sorted(self.step.graphs)
+
+    def _seat(self, seats: list[Seat]) -> None:
+        """Prefill the admitted samples' prompts (``PREFILL_QUERIES`` at a time) and seat them."""
+        self.layout.refills += 1
+        order = list(dict.fromkeys(seat.query for seat in seats))
+        for start in range(0, len(order), PREFILL_QUERIES):
+            chunk = order[start:start + PREFILL_QUERIES]
+            self._seat_group([seat for seat in seats if seat.query in set(chunk)], chunk)
+
+    def _seat_group(self, seats: list[Seat], order: list[int]) -> None:
+        """Prefill the prompts of ``order`` (query indices) and seat ``seats`` (their samples) in their rows."""
+        queries = [self.queries[i] for i in order]
+        cache, mask_QP, logits_QV = self.sampler.prefill(queries, self.P, self.device)
+        query_of_N = torch.tensor([order.index(s.query) for s in seats], device=self.device)
+        rows_N = torch.tensor([s.row for s in seats], device=self.device)
+        self.step.seat(rows_N, cache, query_of_N, mask_QP)
+        del cache
+        run_ids = [self.queries[s.query] for s in seats]
+        self.keys_B[rows_N] = torch.tensor([sample_key(self.sampler.decoding.seed or 0, q.key, s.sample)
+                                            for q, s in zip(run_ids, seats)], device=self.device)
+        self.ends_B[rows_N] = torch.tensor([q.answer_lengths[s.sample] if q.answer_lengths else 0
+                                            for q, s in zip(run_ids, seats)], device=self.device)
+        self.tokens_BT[rows_N] = self.sampler.pad_id
+        zeros_N = torch.zeros_like(rows_N)
+        first_N = self.sampler.draw(logits_QV[query_of_N], self.keys_B[rows_N], zeros_N, self.ends_B[rows_N])
+        self._record(rows_N, zeros_N, first_N)
+        for s in seats:
+            self.drawn[s.row] = 1
+
+    def _record(self, rows_N: torch.Tensor, steps_N: torch.Tensor, tokens_N: torch.Tensor) -> None:
+        self.tokens_BT[rows_N, steps_N] = tokens_N
+        self.current_B[rows_N] = tokens_N
+        self.ended_B[rows_N] = torch.isin(tokens_N, self.stop_E) | (steps_N + 1 >= self.T)
+
+    def _finished(self) -> Iterator[tuple[Seat, Sample]]:
+        live = sorted(self.scheduler.seats)
+        if not live:
+            return
+        ended_rows = [row for row, ended in zip(live, self.ended_B[live].tolist()) if ended]
+        if not ended_rows:
+            return
+        rows_tokens = self.tokens_BT[ended_rows].tolist()
+        for seat, tokens in zip(self.scheduler.finish(ended_rows), rows_tokens):
+            n = self.drawn[seat.row]
+            yield seat, make_sample(self.sampler.tokenizer, tokens[:n], self.sampler.stop_ids)
+
+    def _compact(self) -> None:
+        keep = self.scheduler.compaction()
+        if keep is None:
+            return
+        keep_N = torch.tensor(keep, device=self.device)
+        self.step.select(keep_N)
+        for buffer in (self.keys_B, self.ends_B, self.tokens_BT, self.current_B, self.ended_B):
+            buffer[:len(keep)] = buffer[keep_N]
+        self.drawn[:len(keep)] = [self.drawn[row] for row in keep]
+        self.scheduler.compact(keep)
+
+    def _decode_step(self) -> None:
+        A = self.scheduler.rows
+        live = sorted(self.scheduler.seats)
+        length = self.P + max(self.drawn[row] for row in live)
+        logits_AV = self.step(self.current_B[:A], length).to(self.device)
+        self.layout.decode_steps += 1
+        rows_N = torch.tensor(live, device=self.device)
+        steps_N = torch.tensor([self.drawn[row] for row in live], device=self.device)
+        tokens_N = self.sampler.draw(logits_AV[rows_N], self.keys_B[rows_N], steps_N, self.ends_B[rows_N])
+        self._record(rows_N, steps_N, tokens_N)
+        for row in live:
+            self.drawn[row] += 1
+
+
+def _text_config(model: nn.Module):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.config.get_text_config(decoder=True)
 
 
 def injection_for_rows(model: nn.Module, row_queries: Sequence[Query], L: int, device: torch.device, layer: int,
@@ -356,69 +308,6 @@ def injection_for_rows(model: nn.Module, row_queries: Sequence[Query], L: int, d
     positions_RK = torch.tensor([[L - len(q.input_ids) + p for p in q.positions_K] for q in row_queries],
                                 device=device)  # each row's positions shifted by its left padding
     return injecting(model, layer, vectors_RKD, positions_RK, coefficient)
-
-
-def merged_weights_snapshot(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(parameter, copy on the host) for every base weight a LoRA merge writes into.
-
-    The copies of a GPU model go, with asynchronous copies, into one page-locked host buffer (``page_locked_host``):
-    27B, ~51 GB each way at PCIe speed, seconds. Locking the pages is what costs: one ``pin_memory=True`` tensor per
-    weight took 38.9 s a stage on the H200 (torch's pinned allocator rounds each up to a power of two, ~60 GB, and
-    faults the pages in on one thread); pageable copies ~40 s. The buffer is kept for the next stage of the process.
-    """
-    params = [param for module in model.modules() if hasattr(module, "base_layer") and hasattr(module, "merge")
-              for param in module.base_layer.parameters(recurse=False)]
-    cuda = any(param.is_cuda for param in params)
-    offsets, total = [], 0
-    for param in params:
-        offsets.append(total)
-        total += -(-param.numel() * param.element_size() // 64) * 64  # 64-byte aligned slots
-    buffer = page_locked_host(total) if cuda else torch.empty(total, dtype=torch.uint8)
-    pairs = []
-    for param, offset in zip(params, offsets):
-        nbytes = param.numel() * param.element_size()
-        host = buffer[offset:offset + nbytes].view(param.dtype).view(param.shape)
-        pairs.append((param, host.copy_(param.detach(), non_blocking=param.is_cuda)))
-    _wait_for_copies(params)
-    return pairs
-
-
-_HOST_BUFFER: list[torch.Tensor] = []  # the last page-locked buffer, reused while it is large enough
-
-
-def page_locked_host(nbytes: int) -> torch.Tensor:
-    """``nbytes`` of page-locked host memory (uint8), reused from one call to the next.
-
-    Ordinary memory whose pages every core faults in at once (``zero_`` runs on all threads), then registered with
-    CUDA in one call: half the time of ``pin_memory=True`` on the H200 (4 GiB: 1.04 s against 1.94 s), and exactly
-    the size asked for. Falls back to torch's pinned allocator if the registration is refused. One holder at a time:
-    the next call hands out the same memory (a stage's snapshot is restored before the next stage takes its own).
-    """
-    if _HOST_BUFFER and _HOST_BUFFER[0].numel() >= nbytes:
-        return _HOST_BUFFER[0]
-    _HOST_BUFFER.clear()  # the smaller one is freed (and unregistered) first
-    host = torch.empty(nbytes, dtype=torch.uint8)
-    host.zero_()
-    cudart = torch.cuda.cudart()
-    if int(cudart.cudaHostRegister(host.data_ptr(), nbytes, 0)) != 0:
-        host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    else:
-        weakref.finalize(host, cudart.cudaHostUnregister, host.data_ptr())
-    _HOST_BUFFER.append(host)
-    return host
-
-
-def restore_weights(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Write the snapshot back, bit for bit."""
-    with torch.no_grad():
-        for param, host in pairs:
-            param.copy_(host, non_blocking=param.is_cuda)
-    _wait_for_copies([param for param, _ in pairs])
-
-
-def _wait_for_copies(params: list[torch.Tensor]) -> None:
-    for device in {p.device for p in params if p.is_cuda}:
-        torch.cuda.synchronize(device)
 
 
 def make_sample(tokenizer, token_ids: list[int], stop_ids: Sequence[int]) -> Sample:

@@ -329,10 +329,12 @@ def generation_config_of(spec: str):
         synthetic_config(spec.removeprefix(SYNTHETIC_PREFIX))  # unknown names fail here
         return GenerationConfig(**GEMMA3_GENERATION_CONFIG)
     path = str(_converted_gemma3_270m() / "model" if spec == GGUF_SPEC else spec)
+    local_file = Path(path) / "generation_config.json"
     try:
         return GenerationConfig.from_pretrained(path)
-    except OSError:
-        pass
+    except (OSError, ValueError) as e:
+        if local_file.exists():  # there but unreadable: never decode as if it were not there
+            raise ModelLoadError(f"{local_file}: not a usable generation_config ({e})") from e
     try:
         return GenerationConfig.from_model_config(AutoConfig.from_pretrained(path))
     except (OSError, ValueError) as e:

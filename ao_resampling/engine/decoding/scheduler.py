@@ -1,0 +1,108 @@
+"""Which sample sits in which row of the decode step: continuous batching as pure bookkeeping, no tensors.
+
+The step decodes a fixed number of rows (its CUDA graphs are captured for that many). A row holds one sample (one
+answer of one query) from its prompt to its stop token; when it finishes, its row is free, and once enough rows are
+free (``refill_at``) the next pending samples take them: their queries' prompts are prefilled and they decode beside
+the rows already running. So the step stays full until the queue drains, instead of lasting as long as the longest
+answer of a fixed batch. Then the last rows shrink onto the rungs of a fixed ladder (``rung``), so a stage captures
+a graph per rung once and the tail does not decode a full step for a few rows.
+
+A query's samples may be split over two refills (a row count smaller than a query's n, or the last free rows):
+each refill prefills the prompts of the queries it admits, and a sample's answer does not depend on which rows, which
+refill or which neighbours it had (its random numbers are its own: streams.py).
+
+``SlotScheduler`` is driven by the sampler (sampler.py): ``admit`` when rows are free, ``finish`` with the rows whose
+samples ended, ``compact`` when the tail moves the live rows to the front.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+REFILL_FRACTION = 8  # refill once 1/8 of the rows are free: each refill is a prefill pass, ~one decode step's cost
+
+
+class Admittable(Protocol):
+    """What the scheduler reads of a query (sampler.Query has it)."""
+
+    key: str
+    n: int
+
+
+@dataclass(frozen=True)
+class Seat:
+    """Sample ``sample`` of query ``query`` (an index into the queries) decodes in row ``row``."""
+
+    query: int
+    sample: int
+    row: int
+
+
+def rung(n_live: int, rows: int) -> int:
+    """The fewest rows of the ladder ``rows``, ceil(rows / 2), ceil(rows / 4), ..., 1 that hold ``n_live`` rows."""
+    while rows > 1 and -(-rows // 2) >= n_live:
+        rows = -(-rows // 2)
+    return rows
+
+
+class SlotScheduler:
+    def __init__(self, queries: Sequence[Admittable], rows: int, refill_at: int | None = None):
+        if rows < 1:
+            raise ValueError(f"a decode step needs at least one row, got {rows}")
+        self.rows = rows  # the step's row count now (shrinks on the ladder once the queue is empty)
+        self.refill_at = max(1, refill_at if refill_at is not None else rows // REFILL_FRACTION)
+        self.pending: deque[tuple[int, int]] = deque((q, s) for q, query in enumerate(queries)
+                                                     for s in range(query.n))
+        self.seats: dict[int, Seat] = {}  # row -> the sample decoding there
+
+    @property
+    def free_rows(self) -> list[int]:
+        return [row for row in range(self.rows) if row not in self.seats]
+
+    @property
+    def live(self) -> int:
+        return len(self.seats)
+
+    def done(self) -> bool:
+        return not self.pending and not self.seats
+
+    def admit(self) -> list[Seat]:
+        """Seat pending samples in free rows, if enough rows are free (or none is decoding); else nothing."""
+        free = self.free_rows
+        if not self.pending or not free or (self.seats and len(free) < min(self.refill_at, len(self.pending))):
+            return []
+        seated = []
+        for row in free:
+            if not self.pending:
+                break
+            query, sample = self.pending.popleft()
+            seated.append(Seat(query, sample, row))
+            self.seats[row] = seated[-1]
+        return seated
+
+    def finish(self, rows: Sequence[int]) -> list[Seat]:
+        """The samples of ``rows`` have ended: their rows are free. Returns their seats."""
+        return [self.seats.pop(row) for row in rows]
+
+    def compaction(self) -> list[int] | None:
+        """Once nothing is pending: the rows to keep, live ones first (in row order), when the live rows fit a
+        lower rung of the ladder; None when the step keeps its rows."""
+        if self.pending or not self.seats:
+            return None
+        target = rung(self.live, self.rows)
+        if target >= self.rows:
+            return None
+        live = sorted(self.seats)
+        idle = [row for row in range(self.rows) if row not in self.seats]
+        return (live + idle)[:target]
+
+    def compact(self, keep: Sequence[int]) -> None:
+        """Row ``keep[i]`` is now row i; the step has ``len(keep)`` rows."""
+        moved = {new: self.seats[old] for new, old in enumerate(keep) if old in self.seats}
+        if len(moved) != len(self.seats):
+            raise ValueError("a compaction must keep every live row")
+        self.seats = {new: Seat(seat.query, seat.sample, new) for new, seat in moved.items()}
+        self.rows = len(keep)
