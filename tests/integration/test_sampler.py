@@ -1,11 +1,12 @@
-"""Batched resampling on the tiny random oracle, and end to end on real Gemma 3 270M.
+"""The sampler on the tiny random oracle (both classes), and end to end on real Gemma 3 270M.
 
-The fast path (``BatchedSampler``: one prefill per query, KV repeated for its n samples, static cache, finished rows
-dropped) must give, greedily, token for token what plain HF ``generate`` gives, and each query in a padded batch
-must get exactly what it would get alone. The tiny model's answers are noise, which is fine: only tokens are compared.
+The sampler (continuously refilled rows, KV slots, a random stream per sample) must give, greedily, token for token
+what plain HF ``generate`` gives, through refills and tail compactions, and each query must get exactly what it would
+get alone; sampled, a sample's answer must not depend on the row count. The tiny model's answers are noise, which is
+fine: only tokens are compared.
 
-The random model almost never emits a stop token, so tests that need early stops name the eos ids in
-``DecodeParams.eos_token_ids``: a token the model does emit.
+The random model almost never emits a stop token, so tests that need early stops make a token it does emit a stop
+id (the decoding's ``eos_token_ids``).
 """
 
 from __future__ import annotations
@@ -17,34 +18,30 @@ import torch
 
 import ao_resampling.engine.decoding.attention as attention
 import ao_resampling.engine.decoding.decode_step as decode_step
-import ao_resampling.engine.decoding.sampler as sampling
-from ao_resampling.inputs.encoding import encode_target
+from ao_resampling.config import Decoding
+from ao_resampling.engine.decoding.sampler import Query, Sample, Sampler, make_sample, until_stop
+from ao_resampling.engine.decoding.settings import model_generation_config, resolve_decoding
 from ao_resampling.engine.hooks import capture_activations, injecting, left_pad, position_ids_from_mask
 from ao_resampling.engine.loading.models import layer_at_percent, num_layers, stop_token_ids
-from ao_resampling.inputs.oracle import build_oracle_query
 from ao_resampling.engine.reference import sample_hf_batched, sample_sequential
-from ao_resampling.engine.decoding.sampler import BatchedSampler, DecodeParams, Query, Sample, make_sample, until_stop
+from ao_resampling.inputs.encoding import encode_target
+from ao_resampling.inputs.oracle import build_oracle_query
 
 from tests.support.conversations import CONVERSATIONS
 
 INJECTION_LAYER = 1
 READ_LAYER = 2  # int(4 layers * 0.5): the tiny model's 50% layer, named in the oracle prompt
 COEFFICIENT = 1.0
-ORIGINAL_STEP_INIT = decode_step.StaticDecodeStep.__init__
-CACHES = pytest.mark.parametrize("static_cache", [pytest.param(True, id="static_cache"),
-                                                  pytest.param(False, id="dynamic_cache")])
-COMPACTION = pytest.mark.parametrize("compact", [pytest.param(True, id="compact"),
-                                             pytest.param(False, id="no_compact")])
-ATTENTION = pytest.mark.parametrize("attention", [pytest.param("gqa", id="gqa_attention"),
-                                                  pytest.param("hf", id="hf_attention")])
+ROWS = pytest.mark.parametrize("rows", [pytest.param(2, id="rows2_refills"), pytest.param(3, id="rows3_refills"),
+                                        pytest.param(64, id="rows64_one_fill")])
 
 
 def record_compactions(monkeypatch) -> list[list[int]]:
-    """The rows each drop of finished rows keeps (indices into the rows then in the batch), either decode step."""
+    """The rows each tail compaction keeps (indices into the rows then decoding)."""
     kept: list[list[int]] = []
-    for cls in (decode_step.PlainDecodeStep, decode_step.StaticDecodeStep):
-        monkeypatch.setattr(cls, "select", lambda self, keep, _select=cls.select: kept.append(keep.tolist())
-                            or _select(self, keep))
+    select = decode_step.SlotStep.select
+    monkeypatch.setattr(decode_step.SlotStep, "select", lambda self, keep: kept.append(keep.tolist())
+                        or select(self, keep))
     return kept
 
 
@@ -55,32 +52,47 @@ QUESTIONS = [
 ]
 
 
-def greedy(max_new_tokens: int = 8, **kwargs) -> DecodeParams:
-    return DecodeParams(temperature=0, top_p=0.9, max_new_tokens=max_new_tokens, **kwargs)
-
-
-def sampled(seed: int = 0, max_new_tokens: int = 6) -> DecodeParams:
-    return DecodeParams(temperature=0.7, top_p=0.9, max_new_tokens=max_new_tokens, seed=seed)
+def decoding_of(model, *, temperature: float, max_new_tokens: int, seed: int = 0, top_k: int | None = None,
+                eos: tuple[int, ...] | None = None) -> Decoding:
+    """The run's settings merged with the model's generation_config, as the plan makes it; ``eos`` replaces the
+    stop ids (a token the random model does emit)."""
+    d = resolve_decoding(model_generation_config(model), temperature=temperature, top_p=0.9, top_k=top_k,
+                         max_new_tokens=max_new_tokens, seed=seed, fallback_eos=[1, 106])
+    return d if eos is None else d.model_copy(update={"eos_token_ids": eos})
 
 
 def tokens(result: dict[str, list[Sample]]) -> dict[str, list[list[int]]]:
     return {key: [s.token_ids for s in samples] for key, samples in result.items()}
 
 
-def fast(model, tokenizer, queries, params, **kwargs) -> dict[str, list[Sample]]:
-    return BatchedSampler(model, tokenizer, injection_layer=INJECTION_LAYER, coefficient=COEFFICIENT, params=params,
-                          **kwargs).run(queries, progress=False)
+def fast(model, tokenizer, queries, decoding: Decoding, rows: int | str = "auto", **kwargs) -> dict[str, list[Sample]]:
+    return Sampler(model, tokenizer, decoding=decoding, injection_layer=INJECTION_LAYER, coefficient=COEFFICIENT,
+                   rows=rows, **kwargs).run(queries, progress=False)
 
 
-def plain(model, tokenizer, queries, params) -> dict[str, list[Sample]]:
+def plain(model, tokenizer, queries, decoding: Decoding) -> dict[str, list[Sample]]:
     return sample_hf_batched(model, tokenizer, queries, injection_layer=INJECTION_LAYER, coefficient=COEFFICIENT,
-                             params=params)
+                             decoding=decoding)
 
 
 @pytest.fixture(scope="module", params=[pytest.param(False, id="text_only"), pytest.param(True, id="multimodal")])
 def tiny_oracle(tiny_oracle, request):
     """Every test runs on the text-only class and on Gemma3ForConditionalGeneration (the hub checkpoint's class)."""
     return request.getfixturevalue("tiny_multimodal_oracle") if request.param else tiny_oracle
+
+
+@pytest.fixture(scope="module")
+def greedy(tiny_oracle):
+    def make(max_new_tokens: int = 8, eos: tuple[int, ...] | None = None) -> Decoding:
+        return decoding_of(tiny_oracle, temperature=0, max_new_tokens=max_new_tokens, eos=eos)
+    return make
+
+
+@pytest.fixture(scope="module")
+def sampled(tiny_oracle):
+    def make(max_new_tokens: int = 6, seed: int = 0) -> Decoding:
+        return decoding_of(tiny_oracle, temperature=0.7, max_new_tokens=max_new_tokens, seed=seed)
+    return make
 
 
 @pytest.fixture(scope="module")
@@ -105,12 +117,12 @@ def make_queries(tokenizer, acts_BD, n: int = 2, vectors: dict[int, torch.Tensor
 @pytest.fixture(scope="module")
 def queries(gemma_tokenizer, acts_BD) -> list[Query]:
     qs = make_queries(gemma_tokenizer, acts_BD)
-    assert len({len(q.input_ids) for q in qs}) == len(qs), "mixed lengths, so batches are padded"
+    assert len({len(q.input_ids) for q in qs}) == len(qs), "mixed lengths, so prompts are padded"
     return qs
 
 
 @pytest.fixture(scope="module")
-def greedy_reference(tiny_oracle, gemma_tokenizer, queries):
+def greedy_reference(tiny_oracle, gemma_tokenizer, queries, greedy):
     return tokens(plain(tiny_oracle, gemma_tokenizer, queries, greedy()))
 
 
@@ -127,17 +139,17 @@ def early_eos(tiny_oracle, gemma_tokenizer, queries, greedy_reference) -> int:
 # Cross-batch isolation
 
 
-def test_each_query_in_a_padded_batch_gets_what_it_gets_alone(tiny_oracle, gemma_tokenizer, queries):
+def test_each_query_gets_what_it_gets_alone(tiny_oracle, gemma_tokenizer, queries, greedy):
     together = tokens(fast(tiny_oracle, gemma_tokenizer, queries, greedy()))
     for q in queries:
         alone = tokens(fast(tiny_oracle, gemma_tokenizer, [q], greedy()))
         assert alone[q.key] == together[q.key], q.key
-    # The planner splitting the same queries into one-query batches changes nothing either.
-    split = tokens(fast(tiny_oracle, gemma_tokenizer, queries, greedy(), max_rows=2))
-    assert split == together
+    # Two rows: the queries' samples come and go through refills; nothing changes either.
+    assert tokens(fast(tiny_oracle, gemma_tokenizer, queries, greedy(), rows=2)) == together
 
 
-def test_changing_one_rows_vector_leaves_the_other_rows_bit_identical(tiny_oracle, gemma_tokenizer, acts_BD, queries):
+def test_changing_one_rows_vector_leaves_the_other_rows_bit_identical(tiny_oracle, gemma_tokenizer, acts_BD, queries,
+                                                                      greedy):
     changed = make_queries(gemma_tokenizer, acts_BD, vectors={1: -3 * acts_BD[0]})
     a = fast(tiny_oracle, gemma_tokenizer, queries, greedy())
     b = fast(tiny_oracle, gemma_tokenizer, changed, greedy())
@@ -160,23 +172,25 @@ def test_changing_one_rows_vector_leaves_the_other_rows_bit_identical(tiny_oracl
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Fast path == plain HF generate, greedily
+# The sampler == plain HF generate, greedily, through refills
 
 
-@CACHES
-@COMPACTION
-@ATTENTION
-def test_fast_path_equals_plain_generate(tiny_oracle, gemma_tokenizer, queries, greedy_reference, static_cache,
-                                         compact, attention):
-    result = fast(tiny_oracle, gemma_tokenizer, queries, greedy(), static_cache=static_cache,
-                  compact_finished=compact, attention=attention)
+@ROWS
+def test_greedy_answers_through_refills_equal_plain_generate(tiny_oracle, gemma_tokenizer, queries, greedy_reference,
+                                                             greedy, rows):
+    sampler = Sampler(tiny_oracle, gemma_tokenizer, decoding=greedy(), injection_layer=INJECTION_LAYER,
+                      coefficient=COEFFICIENT, rows=rows)
+    result = sampler.run(queries, progress=False)
     assert tokens(result) == greedy_reference
     assert all(s.finish_reason == "length" and s.n_tokens == 8 for v in result.values() for s in v)
+    assert sampler.layout.rows == min(rows, 6)
+    assert sampler.layout.refills == (1 if rows >= 6 else 6 // rows), "a refill each time the rows came free"
 
 
-def test_static_cache_decode_steps_run_through_gqa_attention(tiny_oracle, gemma_tokenizer, queries, monkeypatch):
-    """The fast attention is really used on decode steps (and only there), each step reading the cache cut to the
-    sequence so far rounded up to BUCKET positions, and the model gets its own attention back after."""
+def test_decode_steps_run_through_gqa_attention(tiny_oracle, gemma_tokenizer, queries, greedy, monkeypatch):
+    """The fast attention is really used on decode steps (and only there: prompt passes keep the model's own), each
+    step reading the KV slots cut to the sequence so far rounded up to BUCKET positions; the model gets its own
+    attention back after."""
     calls, original = [], attention.gqa_attention
 
     def spy(module, query_BHQD, key_BKSD, value_BKSD, attention_mask, **kwargs):
@@ -186,99 +200,96 @@ def test_static_cache_decode_steps_run_through_gqa_attention(tiny_oracle, gemma_
     monkeypatch.setattr(attention, "gqa_attention", spy)
     monkeypatch.setattr(decode_step, "BUCKET", 4)
     before = tiny_oracle.config._attn_implementation
-    fast(tiny_oracle, gemma_tokenizer, queries[:1], greedy(max_new_tokens=9))
+    one = [dataclasses.replace(queries[0], n=1)]
+    fast(tiny_oracle, gemma_tokenizer, one, greedy(max_new_tokens=9))
 
     L, total = len(queries[0].input_ids), len(queries[0].input_ids) + 9
     n_layers = num_layers(tiny_oracle)
-    # 8 decode steps (the 9th token comes from the last step's logits), one call per layer each, query length 1.
+    # 8 decode steps (the first token comes from the prompt pass), one call per layer each, query length 1.
     cuts = [min(-(-(L + 1 + i) // 4) * 4, total) for i in range(8)]
     assert [(q, s) for q, s, _ in calls] == [(1, cut) for cut in cuts for _ in range(n_layers)]
     assert len(set(cuts)) >= 2, "the steps cross a bucket boundary"
-    assert {k for _, _, k in calls} == {total}, "the static cache is allocated once, for the whole answer"
+    assert {k for _, _, k in calls} == {total}, "the KV slots are allocated once, for the whole answer"
     assert tiny_oracle.config._attn_implementation == before
 
 
-def test_batches_of_one_shape_share_one_static_cache(tiny_oracle, gemma_tokenizer, queries, greedy_reference,
-                                                      monkeypatch):
-    """Three batches of two rows: one static cache (and on CUDA its graphs), refilled for each, same answers."""
-    built = []
-    monkeypatch.setattr(decode_step.StaticDecodeStep, "__init__",
-                        lambda self, *a, **k: built.append(1) or ORIGINAL_STEP_INIT(self, *a, **k))
-    one_each = [dataclasses.replace(q, n=2) for q in queries]
-
-    result = fast(tiny_oracle, gemma_tokenizer, one_each, greedy(), max_rows=2)
-
-    assert tokens(result) == {k: v[:2] for k, v in greedy_reference.items()}
-    assert len(built) == 1
-
-
 @pytest.mark.parametrize("bucket", [1, 3, 32])
-def test_fast_path_equals_plain_generate_for_any_bucket(tiny_oracle, gemma_tokenizer, queries, greedy_reference,
-                                                        bucket, monkeypatch):
+def test_greedy_answers_equal_plain_generate_for_any_bucket(tiny_oracle, gemma_tokenizer, queries, greedy_reference,
+                                                            greedy, bucket, monkeypatch):
     monkeypatch.setattr(decode_step, "BUCKET", bucket)
-    assert tokens(fast(tiny_oracle, gemma_tokenizer, queries, greedy())) == greedy_reference
+    assert tokens(fast(tiny_oracle, gemma_tokenizer, queries, greedy(), rows=4)) == greedy_reference
 
 
-@CACHES
-@COMPACTION
-@ATTENTION
-def test_fast_path_equals_plain_generate_with_early_stops(tiny_oracle, gemma_tokenizer, queries, early_eos,
-                                                          static_cache, compact, attention, monkeypatch):
-    monkeypatch.setattr(sampling, "SYNC_EVERY", 1)  # look for finished rows after every step
-    compactions = record_compactions(monkeypatch)
-    two = queries[:2]  # q0's two rows stop at step 2: half the batch, so it is compacted then
+@ROWS
+def test_early_stops_free_rows_for_the_next_samples(tiny_oracle, gemma_tokenizer, queries, early_eos, greedy, rows):
+    """q0's rows stop at step 2; their rows take the next samples while q1's rows decode on."""
+    decoding = greedy(eos=(early_eos,))
+    result = fast(tiny_oracle, gemma_tokenizer, queries, decoding, rows=rows)
 
-    params = greedy(eos_token_ids=(early_eos,))
-    result = fast(tiny_oracle, gemma_tokenizer, two, params, static_cache=static_cache, compact_finished=compact,
-                  attention=attention)
-
-    assert tokens(result) == tokens(plain(tiny_oracle, gemma_tokenizer, two, params))
-    assert [len(keep) for keep in compactions] == ([2] if compact else []), "q1's two rows are kept, once"
+    assert tokens(result) == tokens(plain(tiny_oracle, gemma_tokenizer, queries, decoding))
     assert [s.finish_reason for s in result["q0"]] == ["eos", "eos"] and result["q0"][0].n_tokens == 3
     assert [s.finish_reason for s in result["q1"]] == ["length", "length"] and result["q1"][0].n_tokens == 8
 
 
+def test_the_tail_shrinks_onto_the_ladder_in_place(tiny_oracle, gemma_tokenizer, acts_BD, greedy_reference, greedy,
+                                                   monkeypatch):
+    """Once the queue is empty, the live rows move to the front of the same KV buffers (the addresses a CUDA graph
+    reads), onto the ladder's row counts, and the answers stay HF generate's."""
+    kept = record_compactions(monkeypatch)
+    addresses = []
+    select = decode_step.SlotStep.select
 
-def test_fast_path_past_the_sliding_window_equals_plain_generate(tiny_oracle, gemma_tokenizer, acts_BD,
-                                                                   monkeypatch):
-    """Prompt + answer longer than the tiny model's 512-token window: the static cache cannot hold a sliding layer,
-    so the sampler must fall back to HF's dynamic (windowed) cache, and still agree with generate."""
-    import transformers
+    def select_and_look(self, keep_N):
+        before = [(k.data_ptr(), v.data_ptr()) for k, v in self.kv]
+        select(self, keep_N)
+        addresses.append(before == [(k.data_ptr(), v.data_ptr()) for k, v in self.kv])
 
-    def no_static_cache(*args, **kwargs):
-        raise AssertionError("a static cache was built although the sequence outgrows the sliding window")
+    monkeypatch.setattr(decode_step.SlotStep, "select", select_and_look)
+    g0, g1, g2 = (greedy_reference[k][0] for k in ("q0", "q1", "q2"))
+    decoding = greedy(eos=(g0[1], g1[3]))
+    assert not set(decoding.eos_token_ids) & set(g0[:1] + g1[:3] + g2), "pick other steps: the model repeats itself"
+    four_two_two = [dataclasses.replace(q, n=n) for q, n in zip(make_queries(gemma_tokenizer, acts_BD), (4, 2, 2))]
 
+    result = fast(tiny_oracle, gemma_tokenizer, four_two_two, decoding, rows=8)
+
+    assert tokens(result) == tokens(plain(tiny_oracle, gemma_tokenizer, four_two_two, decoding))
+    assert [s.n_tokens for k in ("q0", "q1", "q2") for s in result[k]] == [2] * 4 + [4] * 2 + [8] * 2
+    assert [len(keep) for keep in kept] == [4, 2], "8 rows -> 4 (q1, q2 live) -> 2 (q2 live)"
+    assert all(addresses)
+
+
+def test_past_the_sliding_window_equals_plain_generate(tiny_oracle, gemma_tokenizer, acts_BD, greedy):
+    """Prompt + answer longer than the tiny model's 512-token window: the sliding layers see only the last W
+    positions of each row (their own mask), as HF's windowed cache does."""
     window = tiny_oracle.get_base_model().config.get_text_config(decoder=True).sliding_window
     long = []
     for i, words in enumerate((505, 490)):
         oq = build_oracle_query(gemma_tokenizer, layer=READ_LAYER, question="word " * words + "ok?")
         long.append(Query(key=f"long{i}", input_ids=tuple(oq.input_ids), n=2, vectors_KD=acts_BD[i][None],
                           positions_K=tuple(oq.placeholder_positions)))
-    params = greedy(12)
-    assert max(len(q.input_ids) for q in long) + params.max_new_tokens > window
-
-    monkeypatch.setattr(transformers, "StaticCache", no_static_cache)
-    assert tokens(fast(tiny_oracle, gemma_tokenizer, long, params, static_cache=True)) == \
-        tokens(plain(tiny_oracle, gemma_tokenizer, long, params))
+    decoding = greedy(12)
+    assert max(len(q.input_ids) for q in long) + decoding.max_new_tokens > window
+    assert tokens(fast(tiny_oracle, gemma_tokenizer, long, decoding, rows=3)) == \
+        tokens(plain(tiny_oracle, gemma_tokenizer, long, decoding))
 
 
-def test_fast_path_without_injection_equals_plain_generate(tiny_oracle, gemma_tokenizer, queries):
+def test_without_injection_equals_plain_generate(tiny_oracle, gemma_tokenizer, queries, greedy):
     baseline = [dataclasses.replace(q, vectors_KD=None, positions_K=()) for q in queries]
     assert tokens(fast(tiny_oracle, gemma_tokenizer, baseline, greedy())) == \
         tokens(plain(tiny_oracle, gemma_tokenizer, baseline, greedy()))
 
 
-def test_a_batch_mixing_injected_and_plain_queries_is_refused(tiny_oracle, gemma_tokenizer, queries):
+def test_a_refill_mixing_injected_and_plain_queries_is_refused(tiny_oracle, gemma_tokenizer, queries, greedy):
     mixed = [queries[0], dataclasses.replace(queries[1], vectors_KD=None, positions_K=())]
     with pytest.raises(ValueError, match="mixes"):
         fast(tiny_oracle, gemma_tokenizer, mixed, greedy())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Seeds, injection, stopping
+# A random stream per sample
 
 
-def test_same_seed_same_samples_other_seed_other_samples(tiny_oracle, gemma_tokenizer, queries):
+def test_same_seed_same_samples_other_seed_other_samples(tiny_oracle, gemma_tokenizer, queries, sampled):
     first = tokens(fast(tiny_oracle, gemma_tokenizer, queries, sampled(seed=0)))
     again = tokens(fast(tiny_oracle, gemma_tokenizer, queries, sampled(seed=0)))
     other = tokens(fast(tiny_oracle, gemma_tokenizer, queries, sampled(seed=1)))
@@ -287,70 +298,69 @@ def test_same_seed_same_samples_other_seed_other_samples(tiny_oracle, gemma_toke
     assert first["q0"][0] != first["q0"][1], "the n samples of one query are drawn independently"
 
 
-def test_the_injected_vector_changes_the_answer(tiny_oracle, gemma_tokenizer, acts_BD, queries, greedy_reference):
+def test_a_samples_answer_does_not_depend_on_the_row_count(tiny_oracle, gemma_tokenizer, acts_BD, sampled):
+    """Rows 3, 7 and 64: other neighbours, other refills, other slots; the same answers (each sample's draws come
+    from its own stream). Before, one generator per batch gave 0 of 24 equal answers across these row counts."""
+    four = make_queries(gemma_tokenizer, acts_BD, n=8)
+    by_rows = [tokens(fast(tiny_oracle, gemma_tokenizer, four, sampled(max_new_tokens=10), rows=rows))
+               for rows in (3, 7, 64)]
+    assert by_rows[0] == by_rows[1] == by_rows[2]
+    assert len({tuple(t) for v in by_rows[0].values() for t in v}) > 12, "the samples are not all alike"
+
+
+def test_a_sample_keeps_its_answer_whatever_else_is_sampled(tiny_oracle, gemma_tokenizer, queries, sampled):
+    """What a resume does: the runs not yet journaled are sampled again, without the ones that were. A kill after
+    the first query's answers, then the rest: the same answers as the uninterrupted run."""
+    decoding = sampled(max_new_tokens=8)
+    whole = tokens(fast(tiny_oracle, gemma_tokenizer, queries, decoding, rows=3))
+
+    class Killed(Exception):
+        pass
+
+    journaled: dict[str, list[Sample]] = {}
+
+    def journal_then_die(key: str, samples: list[Sample]) -> None:
+        journaled[key] = samples
+        raise Killed
+
+    sampler = Sampler(tiny_oracle, gemma_tokenizer, decoding=decoding, injection_layer=INJECTION_LAYER,
+                      coefficient=COEFFICIENT, rows=3)
+    with pytest.raises(Killed):
+        sampler.run(queries, on_answers=journal_then_die, progress=False)
+    assert len(journaled) == 1
+    rest = fast(tiny_oracle, gemma_tokenizer, [q for q in queries if q.key not in journaled], decoding, rows=5)
+    assert tokens({**journaled, **rest}) == whole
+
+
+def test_the_injected_vector_changes_the_answer(tiny_oracle, gemma_tokenizer, acts_BD, greedy_reference, greedy):
     # Another target's activation in q0's placeholder: a different greedy answer.
     swapped = make_queries(gemma_tokenizer, acts_BD, vectors={0: acts_BD[1]})
     result = tokens(fast(tiny_oracle, gemma_tokenizer, swapped[:1], greedy()))
     assert result["q0"] != greedy_reference["q0"]
 
 
-def test_min_new_tokens_forces_full_length(tiny_oracle, gemma_tokenizer, queries, early_eos):
-    params = greedy(min_new_tokens=8, eos_token_ids=(early_eos,))
-    result = fast(tiny_oracle, gemma_tokenizer, queries[:2], params)
-    for samples in result.values():
-        for s in samples:
-            assert s.n_tokens == 8 and s.finish_reason == "length"
-            assert early_eos not in s.token_ids
-    assert tokens(result) == tokens(plain(tiny_oracle, gemma_tokenizer, queries[:2], params))
+# ---------------------------------------------------------------------------------------------------------------------
+# A stand-in with the real oracle's answer lengths
 
 
-@CACHES
-def test_a_second_compaction_of_finished_rows_equals_plain_generate(tiny_oracle, gemma_tokenizer, acts_BD,
-                                                                     greedy_reference, static_cache, monkeypatch):
-    """q0 (4 rows) stops at step 1: half the batch, dropped; q1 (2 rows) stops at step 3: half of the rest, dropped
-    again; q2 runs to the end."""
-    monkeypatch.setattr(sampling, "SYNC_EVERY", 1)
-    compactions = record_compactions(monkeypatch)
-    g0, g1, g2 = (greedy_reference[k][0] for k in ("q0", "q1", "q2"))
-    eos = (g0[1], g1[3])
-    assert not set(eos) & set(g0[:1] + g1[:3] + g2), "pick other steps: the random model repeats itself here"
-    four_two_two = [dataclasses.replace(q, n=n) for q, n in zip(make_queries(gemma_tokenizer, acts_BD), (4, 2, 2))]
-    params = greedy(eos_token_ids=eos)
+def test_answer_lengths_end_each_sample_with_a_sampled_stop_token(tiny_oracle, gemma_tokenizer, queries, sampled):
+    """Each sample ends on <end_of_turn> at its own length; before it, the tokens are exactly those the same sample
+    draws without a length (its stream is the same), so the stop token replaced a draw, at that step only."""
+    decoding = sampled(max_new_tokens=10)
+    free = tokens(fast(tiny_oracle, gemma_tokenizer, queries, decoding, rows=4))
+    lengths = {"q0": (1, 4), "q1": (10, 7), "q2": (3, 12)}  # 12 > max_new_tokens: capped, ends by length
+    capped = [dataclasses.replace(q, answer_lengths=lengths[q.key]) for q in queries]
 
-    result = fast(tiny_oracle, gemma_tokenizer, four_two_two, params, static_cache=static_cache)
+    result = fast(tiny_oracle, gemma_tokenizer, capped, decoding, rows=4)
 
-    assert tokens(result) == tokens(plain(tiny_oracle, gemma_tokenizer, four_two_two, params))
-    assert [len(keep) for keep in compactions] == [4, 2]
-    assert [s.n_tokens for k in ("q0", "q1", "q2") for s in result[k]] == [2] * 4 + [4] * 2 + [8] * 2
-
-
-def test_rows_are_dropped_in_place_and_the_next_batch_reuses_the_step(tiny_oracle, gemma_tokenizer, acts_BD,
-                                                                      greedy_reference, monkeypatch):
-    """Two batches of eight rows with early stops: the live rows move to the front of the same cache buffers (the
-    addresses a CUDA graph reads), and the second batch decodes in the first one's step."""
-    monkeypatch.setattr(sampling, "SYNC_EVERY", 1)
-    built, moves = [], []
-    select = decode_step.StaticDecodeStep.select
-
-    def select_and_look(self, keep_N):
-        select(self, keep_N)
-        moves.append((self.rows, [(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in self.cache.layers]
-                      == [(k.data_ptr(), v.data_ptr()) for k, v in self.full_kv]))
-
-    monkeypatch.setattr(decode_step.StaticDecodeStep, "select", select_and_look)
-    monkeypatch.setattr(decode_step.StaticDecodeStep, "__init__",
-                        lambda self, *a, **k: built.append(self) or ORIGINAL_STEP_INIT(self, *a, **k))
-    g0, g1, g2 = (greedy_reference[k][0] for k in ("q0", "q1", "q2"))
-    params = greedy(eos_token_ids=(g0[1], g1[3]))
-    four_two_two = [dataclasses.replace(q, n=n) for q, n in zip(make_queries(gemma_tokenizer, acts_BD), (4, 2, 2))]
-    again = [dataclasses.replace(q, key=q.key + "-again") for q in four_two_two]
-
-    result = fast(tiny_oracle, gemma_tokenizer, four_two_two + again, params, max_rows=8)
-
-    expected = tokens(plain(tiny_oracle, gemma_tokenizer, four_two_two, params))
-    assert tokens(result) == {**expected, **{k + "-again": v for k, v in expected.items()}}
-    assert len(built) == 1, "the second batch decodes in the first one's step"
-    assert len(moves) >= 2 and all(same for _, same in moves), "drops in both batches, into the same buffers"
+    end_of_turn = gemma_tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    for key, samples in result.items():
+        for sample, length, drawn in zip(samples, lengths[key], free[key]):
+            if length <= decoding.max_new_tokens:
+                assert sample.token_ids == drawn[:length - 1] + [end_of_turn], (key, length)
+                assert sample.finish_reason == "eos"
+            else:
+                assert sample.token_ids == drawn and sample.finish_reason == "length"
 
 
 def test_make_sample_finish_reason_and_text(gemma_tokenizer):
@@ -381,14 +391,14 @@ def test_until_stop(generated, expected):
     assert until_stop(generated, [1, 106], pad_id=0) == expected
 
 
-def test_sample_sequential_returns_n_samples_per_query(tiny_oracle, gemma_tokenizer, queries):
+def test_sample_sequential_returns_n_samples_per_query(tiny_oracle, gemma_tokenizer, queries, greedy, sampled):
     three = [dataclasses.replace(q, n=3) for q in queries[:2]]
     result = sample_sequential(tiny_oracle, gemma_tokenizer, three, injection_layer=INJECTION_LAYER,
-                               coefficient=COEFFICIENT, params=sampled(max_new_tokens=4))
+                               coefficient=COEFFICIENT, decoding=sampled(max_new_tokens=4))
     assert list(result) == ["q0", "q1"]
     assert all(len(v) == 3 and all(1 <= s.n_tokens <= 4 for s in v) for v in result.values())
     greedy_sequential = sample_sequential(tiny_oracle, gemma_tokenizer, queries[:2], injection_layer=INJECTION_LAYER,
-                                          coefficient=COEFFICIENT, params=greedy(4))
+                                          coefficient=COEFFICIENT, decoding=greedy(4))
     assert tokens(greedy_sequential) == tokens(fast(tiny_oracle, gemma_tokenizer, queries[:2], greedy(4)))
 
 
@@ -412,13 +422,14 @@ def test_gemma270m_end_to_end(gemma270m_oracle, gemma_tokenizer, shared_data):
     oq = build_oracle_query(tok, layer=layer, question="What is the assistant's persona?")
     queries = [Query(key=t["id"], input_ids=tuple(oq.input_ids), n=2, vectors_KD=acts_BD[i][None],
                      positions_K=tuple(oq.placeholder_positions)) for i, t in enumerate(targets)]
-    params = DecodeParams(temperature=0.7, top_p=0.9, max_new_tokens=16, seed=0, min_new_tokens=2)
-    result = BatchedSampler(oracle, tok, injection_layer=INJECTION_LAYER, coefficient=COEFFICIENT,
-                            params=params).run(queries, progress=False)
+    decoding = decoding_of(oracle, temperature=0.7, max_new_tokens=16)
+    assert (decoding.top_k, decoding.eos_token_ids) == (64, (1, 106)), "Gemma 3 instruct's generation_config"
+    result = fast(oracle, tok, queries, decoding, rows=4)
     assert sorted(result) == sorted(t["id"] for t in targets)
     for samples in result.values():
         assert len(samples) == 2
-        assert all(s.text and 2 <= s.n_tokens <= 16 for s in samples), [s.text for s in samples]
+        assert all(1 <= s.n_tokens <= 16 for s in samples), [s.text for s in samples]
+        assert all(s.finish_reason == ("eos" if s.token_ids[-1] in (1, 106) else "length") for s in samples)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -464,13 +475,11 @@ def boundary_margin(scaled_V: torch.Tensor, tokens_V: torch.Tensor, top_p: float
 def test_each_steps_kept_set_and_probabilities_are_hf_generates(tiny_oracle, gemma_tokenizer, queries, model_top_k,
                                                                 run_top_k, monkeypatch):
     from ao_resampling.engine.decoding.nucleus import sampling_weights
-    from ao_resampling.engine.decoding.sampler import effective_sampling
 
     base = tiny_oracle.get_base_model()
     monkeypatch.setattr(base.generation_config, "top_k", model_top_k)
     monkeypatch.setattr(base.generation_config, "top_p", 0.95)  # the model's; the run's 0.9 wins, as in HF
-    params = DecodeParams(temperature=0.7, top_p=0.9, max_new_tokens=4, top_k=run_top_k)
-    sampling = effective_sampling(tiny_oracle, gemma_tokenizer, params)
+    sampling = decoding_of(tiny_oracle, temperature=0.7, max_new_tokens=4, top_k=run_top_k)
     run_kwargs = dict(do_sample=True, temperature=0.7, top_p=0.9) | ({} if run_top_k is None else {"top_k": run_top_k})
 
     with torch.inference_mode():
@@ -491,10 +500,12 @@ def test_top_k_1_in_the_generation_config_makes_every_sample_the_same(tiny_oracl
                                                                       monkeypatch):
     """The issue's reproduction: HF generate with top_k 1 gives n identical answers; so must the sampler."""
     monkeypatch.setattr(tiny_oracle.get_base_model().generation_config, "top_k", 1)
+    decoding = decoding_of(tiny_oracle, temperature=0.7, max_new_tokens=6)
+    assert decoding.top_k == 1
     four = [dataclasses.replace(q, n=4) for q in queries[:2]]
-    result = tokens(fast(tiny_oracle, gemma_tokenizer, four, sampled(max_new_tokens=6)))
+    result = tokens(fast(tiny_oracle, gemma_tokenizer, four, decoding))
     assert all(len({tuple(t) for t in rows}) == 1 for rows in result.values()), result
-    assert result == tokens(plain(tiny_oracle, gemma_tokenizer, four, sampled(max_new_tokens=6)))
+    assert result == tokens(plain(tiny_oracle, gemma_tokenizer, four, decoding))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -509,16 +520,15 @@ def ending(tokenizer, kind: str) -> torch.nn.Module:
     final norm scaled up so that, like the 27B random model's, every step puts >= 90% on one token (top-p 0.9 then
     keeps only it, and a stop-token bias calibrated elsewhere never gets drawn)."""
     from ao_resampling.engine.loading.adapters import attach_oracle
-    from ao_resampling.engine.loading.models import load_model
-    from ao_resampling.engine.decoding.sampler import effective_sampling
     from ao_resampling.engine.loading.end_gate import end_answers_at_rate
+    from ao_resampling.engine.loading.models import load_model
 
     if kind not in _ENDING:
         model = attach_oracle(load_model("synthetic:tiny", dtype="float32", device="cpu"), "random", seed=0)
         if kind == "peaked":
             with torch.no_grad():
                 model.get_base_model().model.norm.weight += 1000.0
-        end_answers_at_rate(model, effective_sampling(model, tokenizer, sampled()), rate=0.05)
+        end_answers_at_rate(model, (1, 106), rate=0.05)
         _ENDING[kind] = model
     return _ENDING[kind]
 
@@ -530,7 +540,8 @@ def ending_oracle(gemma_tokenizer, request):
 
 def test_a_stand_in_in_eos_mode_ends_answers_at_varied_lengths(ending_oracle, gemma_tokenizer, queries):
     eight = [dataclasses.replace(q, n=8) for q in queries]
-    result = fast(ending_oracle, gemma_tokenizer, eight, sampled(max_new_tokens=60))
+    result = fast(ending_oracle, gemma_tokenizer, eight, decoding_of(ending_oracle, temperature=0.7,
+                                                                     max_new_tokens=60))
     samples = [s for v in result.values() for s in v]
     lengths = [s.n_tokens for s in samples]
     assert sum(s.finish_reason == "eos" for s in samples) >= len(samples) // 2, lengths
@@ -554,20 +565,20 @@ def test_the_peaked_stand_in_keeps_one_token_under_top_p(gemma_tokenizer):
 
 
 def test_a_stand_in_in_eos_mode_still_decodes_as_plain_generate(ending_oracle, gemma_tokenizer, queries):
-    """Greedily the gate may or may not open at a step; whatever it does, the fast path and HF generate agree."""
-    params = greedy(40)
-    assert tokens(fast(ending_oracle, gemma_tokenizer, queries, params)) == \
-        tokens(plain(ending_oracle, gemma_tokenizer, queries, params))
+    """Greedily the gate may or may not open at a step; whatever it does, the sampler and HF generate agree."""
+    decoding = decoding_of(ending_oracle, temperature=0, max_new_tokens=40)
+    assert tokens(fast(ending_oracle, gemma_tokenizer, queries, decoding, rows=4)) == \
+        tokens(plain(ending_oracle, gemma_tokenizer, queries, decoding))
 
 
-def test_decoding_passes_the_cache_under_the_name_this_transformers_takes(tiny_oracle, gemma_tokenizer, queries):
+def test_decoding_passes_the_cache_under_the_name_this_transformers_takes(tiny_oracle, gemma_tokenizer, queries,
+                                                                          greedy):
     """transformers 5.24 renamed the forward's past_key_values= to cache= (the old name warns, and goes in 5.40);
-    5.17 knows only the old one. Neither the fast path nor the reference may use a deprecated name."""
+    5.17 knows only the old one. Neither the sampler nor the reference may use a deprecated name."""
     import warnings
 
-    for static_cache in (True, False):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            fast(tiny_oracle, gemma_tokenizer, queries[:1], greedy(3), static_cache=static_cache)
-            plain(tiny_oracle, gemma_tokenizer, queries[:1], greedy(3))
-        assert not [w for w in caught if "past_key_values" in str(w.message)], [str(w.message) for w in caught]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast(tiny_oracle, gemma_tokenizer, queries[:1], greedy(3))
+        plain(tiny_oracle, gemma_tokenizer, queries[:1], greedy(3))
+    assert not [w for w in caught if "past_key_values" in str(w.message)], [str(w.message) for w in caught]
