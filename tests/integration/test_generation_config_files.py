@@ -37,8 +37,16 @@ def test_synthetic_stand_ins_carry_gemma_3_instructs():
 
 
 def test_an_unsupported_field_is_refused_at_plan_time_naming_it(tmp_path):
-    from ao_resampling.engine.decoding.settings import resolve_sampling
+    from ao_resampling.engine.decoding.settings import resolve_decoding
 
     spec = write_model_dir(tmp_path, {"do_sample": True, "repetition_penalty": 1.3})
     with pytest.raises(UnsupportedGenerationConfig, match="repetition_penalty=1.3"):
-        resolve_sampling(models.generation_config_of(spec), temperature=0.7, top_p=0.9, top_k=None, fallback_eos=[1])
+        resolve_decoding(models.generation_config_of(spec), temperature=0.7, top_p=0.9, top_k=None,
+                         max_new_tokens=8, seed=0, fallback_eos=[1])
+
+
+def test_a_corrupt_generation_config_file_is_refused_not_ignored(tmp_path):
+    spec = write_model_dir(tmp_path, None)
+    (tmp_path / "generation_config.json").write_text('{"top_k": 64,')
+    with pytest.raises(models.ModelLoadError, match="generation_config.json"):
+        models.generation_config_of(spec)

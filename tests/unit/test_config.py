@@ -106,9 +106,9 @@ def test_random_weights_need_a_random_lora():
 
 def test_plumbing_does_not_change_results_but_decoding_does():
     base = ExperimentConfig()
-    plumbing = ExperimentConfig(device="cpu", batch_rows=3, batch_tokens=99, judge_concurrency=1, judge_api="chat",
+    plumbing = ExperimentConfig(device="cpu", batch_rows=3, judge_concurrency=1, judge_api="chat",
                                 judge_base_url="http://127.0.0.1:1/v1", sampler="sequential", judge_repeats=2,
-                                embedding_model="none", fused_kernels=True, merge_lora=False)
+                                embedding_model="none", merge_lora=False)
     assert plumbing.settings_that_change_results() == base.settings_that_change_results()
     assert diff_settings(base.settings_that_change_results(), plumbing.settings_that_change_results()) == []
 
@@ -118,11 +118,30 @@ def test_plumbing_does_not_change_results_but_decoding_does():
     ]
 
 
-def test_fused_kernels_are_off_unless_asked_for():
-    assert ExperimentConfig().fused_kernels is False
-    assert build_config(preset="demo", overrides={"fused_kernels": True}).fused_kernels is True
-    with pytest.raises(ConfigError, match="fused_kernels"):
-        build_config(preset="demo", overrides={"fused_kernels": "maybe"})
+def test_batch_rows_are_sized_to_the_card_unless_given():
+    assert ExperimentConfig().batch_rows == "auto" and build_config(preset="demo").batch_rows == "auto"
+    assert build_config(overrides={"batch_rows": 64}).batch_rows == 64
+    for bad in (0, -3, "many"):
+        with pytest.raises(ConfigError, match="batch_rows"):
+            build_config(overrides={"batch_rows": bad})
+
+
+def test_settings_of_older_versions_that_changed_no_result_are_dropped():
+    """meta.config of a folder made before the step was sized to the card, or before the fused kernels left the
+    package: it still resumes."""
+    old = ExperimentConfig().model_dump(mode="json") | {"batch_tokens": 131072, "fused_kernels": False}
+    assert ExperimentConfig.model_validate(old) == ExperimentConfig()
+
+
+def test_answer_lengths_are_for_stand_ins_only():
+    stand_in = build_config(overrides={"model": "synthetic:tiny", "oracle_lora": "random",
+                                       "answer_lengths": "lengths.json"})
+    assert stand_in.answer_lengths == Path("lengths.json")
+    assert "lengths.json" in stand_in.stand_in_reason(), "flagged like every stand-in"
+    with pytest.raises(ConfigError, match="answer_lengths"):
+        build_config(overrides={"answer_lengths": "lengths.json"})  # the real model and the trained LoRA
+    assert "answer_lengths" not in {"answer_lengths"} - set(stand_in.settings_that_change_results()), \
+        "a resume with other answer lengths is refused"
 
 
 def test_settings_survive_the_trip_through_meta():

@@ -17,8 +17,7 @@ from torch.utils._pytree import tree_flatten
 
 from ao_resampling.engine.hooks import inject
 from ao_resampling.engine.loading.models import model_device, synthetic_config
-from ao_resampling.engine.decoding.decode_step import select_rows
-from ao_resampling.engine.decoding.sampler import BatchedSampler, DecodeParams
+from ao_resampling.engine.decoding.decode_step import SlotCache, SlotStep
 
 CPU, OTHER = torch.device("cpu"), torch.device("meta")
 
@@ -53,34 +52,37 @@ def split_cache(batch: int, length: int = 5):
     return config, cache
 
 
-def test_select_rows_indexes_each_layer_on_its_own_device():
-    _, cache = split_cache(batch=4)
+def slot_step(rows: int, prompt_len: int = 5) -> SlotStep:
+    return SlotStep(None, rows, prompt_len, max_new_tokens=3, sliding_window=None, device=CPU, graphs=False)
+
+
+def test_seating_copies_each_prompts_kv_on_each_layers_device():
+    _, cache = split_cache(batch=2)  # prompt q holds the value q
+    step = slot_step(rows=4)
 
     with OneDevicePerOp():
-        cache = select_rows(cache, torch.tensor([1, 3]))
+        step.seat(torch.tensor([0, 1, 3]), cache, torch.tensor([1, 1, 0]), torch.ones(2, 5, dtype=torch.bool))
 
-    for i, layer in enumerate(cache.layers):
-        assert layer.keys.device == (CPU if i % 2 == 0 else OTHER) and layer.keys.shape[0] == 2
-    assert cache.layers[0].keys[:, 0, 0, 0].tolist() == [1.0, 3.0]
+    for i, (keys, values) in enumerate(step.kv):
+        assert keys.device == (CPU if i % 2 == 0 else OTHER) and keys.shape == (4, 1, 8, 32)
+    assert step.kv[0][0][:, 0, 0, 0].tolist() == [1.0, 1.0, 0.0, 0.0], "rows 0, 1: prompt 1; row 3: prompt 0"
+    assert step.write_B[[0, 1, 3]].tolist() == [5, 5, 5] and step.rope_B1[[0, 1, 3], 0].tolist() == [5, 5, 5]
 
 
-@pytest.mark.parametrize("static_cache", [pytest.param(True, id="static_cache"),
-                                          pytest.param(False, id="dynamic_cache")])
-def test_expand_repeats_prompt_rows_on_each_layers_device(static_cache):
-    config, cache = split_cache(batch=2)
-    tokenizer = SimpleNamespace(eos_token_id=1, unk_token_id=3, pad_token_id=0,
-                                convert_tokens_to_ids=lambda token: 106)
-    sampler = BatchedSampler(SimpleNamespace(config=config), tokenizer, injection_layer=1, coefficient=1.0,
-                             params=DecodeParams(temperature=0, top_p=0.9, max_new_tokens=3),
-                             static_cache=static_cache)
+def test_the_slot_cache_writes_each_row_at_its_own_position_on_each_layers_device():
+    _, cache = split_cache(batch=2)
+    step = slot_step(rows=2)
+    step.seat(torch.tensor([0, 1]), cache, torch.tensor([0, 1]), torch.ones(2, 5, dtype=torch.bool))
+    step.write_B[:] = torch.tensor([5, 7])  # row 1 is two tokens further into its answer
+    new_kv = torch.full((2, 1, 1, 32), 9.0)
 
     with OneDevicePerOp():
-        expanded, static = sampler._expand(cache, torch.tensor([3, 1]), total_len=8)  # q0: 3 samples, q1: 1
-
-    assert static == static_cache
-    for i, layer in enumerate(expanded.layers):
-        assert layer.keys.device == (CPU if i % 2 == 0 else OTHER) and layer.keys.shape[0] == 4
-    assert expanded.layers[0].keys[:, 0, 0, 0].tolist() == [0.0, 0.0, 0.0, 1.0]
+        for i in (0, 1):
+            keys, _ = step.cache.update(new_kv.to(CPU if i % 2 == 0 else OTHER), new_kv.to(CPU if i % 2 == 0
+                                                                                            else OTHER), i)
+    written = step.kv[0][0][:, 0, :, 0]
+    assert written[0].tolist() == [0.0] * 5 + [9.0, 0.0, 0.0] and written[1].tolist() == [1.0] * 5 + [0.0, 0.0, 9.0]
+    assert isinstance(step.cache, SlotCache)
 
 
 def test_inject_works_on_the_residuals_device():
@@ -114,25 +116,19 @@ def test_cuda_graphs_only_for_a_model_on_one_device():
     assert not on_one_device(one)
 
 
-def test_a_static_step_drops_rows_in_place_on_each_layers_device():
-    """Under device_map="auto": the in-place drop gathers each layer's rows on that layer's device."""
-    from transformers import StaticCache
-
-    from ao_resampling.engine.decoding.decode_step import StaticDecodeStep
-
-    config = synthetic_config("tiny")
-    static = StaticCache(config=config, max_cache_len=6)
-    for i in range(config.num_hidden_layers):
-        kv = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1).expand(4, 1, 5, 32)  # row b holds b
-        kv = kv.to(CPU if i % 2 == 0 else OTHER)
-        static.update(kv.clone(), kv.clone(), i, cache_kwargs={"cache_position": torch.arange(5)})
-    step = StaticDecodeStep(None, static, torch.ones(4, 5, dtype=torch.bool), total_len=6, graphs=False)
+def test_a_slot_step_moves_rows_in_place_on_each_layers_device():
+    """Under device_map="auto": the tail's compaction gathers each layer's rows on that layer's device, into the
+    same buffers (the addresses a CUDA graph reads)."""
+    _, cache = split_cache(batch=4)
+    step = slot_step(rows=4)
+    step.seat(torch.arange(4), cache, torch.arange(4), torch.ones(4, 5, dtype=torch.bool))
+    addresses = [(k.data_ptr(), v.data_ptr()) for k, v in step.kv]
 
     with OneDevicePerOp():
         step.select(torch.tensor([1, 3]))
 
-    assert step.rows == 2 and step.mask_AS.shape == (2, 6)
-    for i, layer in enumerate(static.layers):
-        assert layer.keys.device == (CPU if i % 2 == 0 else OTHER) and layer.keys.shape[0] == 2
-        assert layer.keys.data_ptr() == step.full_kv[i][0].data_ptr(), "a view of the same buffer"
-    assert static.layers[0].keys[:, 0, 0, 0].tolist() == [1.0, 3.0]
+    assert step.rows == 2
+    assert [(k.data_ptr(), v.data_ptr()) for k, v in step.kv] == addresses
+    for i, (keys, _) in enumerate(step.kv):
+        assert keys.device == (CPU if i % 2 == 0 else OTHER)
+    assert step.kv[0][0][:2, 0, 0, 0].tolist() == [1.0, 3.0]

@@ -18,6 +18,7 @@ Shape letters:
     Q  the queries a refill prefills (one prompt each)
     N  the samples a refill seats (one row each)
     A  the rows the step decodes
+    B  all rows of the step's buffers (A <= B once the tail shrinks)
     P  the prompt region (every prompt left-padded to the longest of the stage)
     T  new tokens, up to max_new_tokens
     V  the vocabulary
