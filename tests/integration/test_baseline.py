@@ -25,7 +25,8 @@ from ao_resampling.cli import app
 from ao_resampling.config import ExperimentConfig
 from ao_resampling.results import dump_results
 from ao_resampling.store import ResultsStore
-from ao_resampling.engine.decoding.sampler import BatchedSampler, DecodeParams, Query
+from ao_resampling.engine.decoding.sampler import Query, Sampler
+from ao_resampling.stages.baseline import baseline_decoding
 from tests.support.baseline_factory import earlier_format
 from tests.support.openai_server import FakeOpenAIServer, Reply, expected_score
 from tests.support.results_factory import FakeEncoder, make_results
@@ -89,15 +90,13 @@ def sampled(sampled_folder, tmp_path) -> ResultsStore:
 
 
 def reference(loaded, store: ResultsStore, *, use_adapter: bool) -> dict[str, list[str]]:
-    """What BatchedSampler gives for every target's own encoding, directly (one batch, as the stage plans it)."""
+    """What the sampler gives for every target's own encoding, directly, with the plan's decoding."""
     results = store.load()
     contexts = {r.target_id: r.context_input_ids for r in results.runs}
-    config = config_for()
-    params = DecodeParams(temperature=config.temperature, top_p=config.top_p,
-                          max_new_tokens=config.baseline_max_new_tokens, seed=config.decode_seed)
+    decoding = baseline_decoding(results.meta.decoding, config_for())
     queries = [Query(key=baseline_run_id(t), input_ids=tuple(ids), n=N) for t, ids in contexts.items()]
-    out = BatchedSampler(loaded.model, loaded.tokenizer, injection_layer=1, coefficient=1.0, params=params,
-                         use_adapter=use_adapter).run(queries, progress=False)
+    out = Sampler(loaded.model, loaded.tokenizer, decoding=decoding, injection_layer=1, coefficient=1.0,
+                  use_adapter=use_adapter).run(queries, progress=False)
     return {key: [s.text for s in samples] for key, samples in out.items()}
 
 
@@ -123,7 +122,7 @@ def test_baseline_stage_end_to_end(planned, loaded, server):
         assert [r.sample_id for r in run.responses] == [f"{run.run_id}__s{i:02d}" for i in range(N)]
         assert all(r.decoding.max_new_tokens == 8 and 0 < r.n_tokens <= 8 for r in run.responses)
         # the decoding the replies were drawn with: the stand-in's generation_config top-k 64, its stop ids
-        assert all((r.decoding.top_k, r.decoding.eos_token_ids) == (64, [1, 106]) for r in run.responses)
+        assert all((r.decoding.top_k, r.decoding.eos_token_ids) == (64, (1, 106)) for r in run.responses)
         assert run.judge.score == expected_score([r.text for r in run.responses])
         assert run.judge.judge_call_id == f"judge__{run.run_id}" and run.judge.raw_output
         assert run.spread.embedding_model == "fake-encoder" and run.spread.embedding_mean_cosine is not None
@@ -185,17 +184,18 @@ def test_a_failed_judge_call_is_stored_never_scored_and_owed_again(sampled, serv
 
 
 def test_resume_after_a_kill_samples_only_the_missing_targets(planned, loaded, monkeypatch):
-    config = config_for(batch_rows=N, embedding_model="none")  # one target per batch
-    real_generate = BatchedSampler.generate
+    config = config_for(batch_rows=N, embedding_model="none")  # one target's samples in the rows at a time
+    real_run = Sampler.run
     sampled_keys: list[str] = []
 
-    def killed_after_first_batch(self, queries, **kwargs):
-        if sampled_keys:
+    def killed_after_first_target(self, queries, *, on_answers, **kwargs):
+        def journal_then_die(key, samples):
+            on_answers(key, samples)
+            sampled_keys.append(key)
             raise KeyboardInterrupt("killed")
-        sampled_keys.extend(q.key for q in queries)
-        return real_generate(self, queries, **kwargs)
+        return real_run(self, queries, on_answers=journal_then_die, **kwargs)
 
-    monkeypatch.setattr(BatchedSampler, "generate", killed_after_first_batch)
+    monkeypatch.setattr(Sampler, "run", killed_after_first_target)
     with pytest.raises(KeyboardInterrupt):
         baseline_stage(planned, config, oracle=loaded, judge=False, progress=False)
     survived = planned.load().baseline
@@ -210,9 +210,9 @@ def test_resume_after_a_kill_samples_only_the_missing_targets(planned, loaded, m
 
     def recording(self, queries, **kwargs):
         resumed.extend(q.key for q in queries)
-        return real_generate(self, queries, **kwargs)
+        return real_run(self, queries, **kwargs)
 
-    monkeypatch.setattr(BatchedSampler, "generate", recording)
+    monkeypatch.setattr(Sampler, "run", recording)
     report = baseline_stage(planned, config, oracle=loaded, judge=False, progress=False)
     results = planned.load()
     all_ids = [baseline_run_id(t.id) for t in results.targets]

@@ -25,7 +25,7 @@ def test_meta_and_every_response_record_the_effective_decoding(tmp_path, top_k, 
     results = load_results_file(tmp_path / "run" / "results.json")
     meta = results.meta.decoding
     # synthetic stand-ins carry google/gemma-3-27b-it's generation_config: top_k 64, eos [1, 106]
-    assert (meta.top_k, meta.eos_token_ids) == (expected, [1, 106])
+    assert (meta.top_k, meta.eos_token_ids) == (expected, (1, 106))
     assert all(r.decoding == meta for run in results.runs for r in run.responses)
 
 
@@ -36,3 +36,34 @@ def test_a_model_that_decodes_otherwise_than_planned_is_refused(tmp_path):
     oracle.model.get_base_model().generation_config.top_k = 3  # as if its generation_config.json had been edited
     with pytest.raises(PipelineError, match="'top_k': 3"):
         generate(store, config, oracle=oracle, progress=False)
+
+
+def test_the_run_records_how_it_decoded(tmp_path):
+    """meta.decode_layout: the rows the step held (sized on the CPU: at most the samples), the processes."""
+    config = tiny(tmp_path)
+    pipeline.run_experiment(config, tmp_path / "run", progress=False, log=lambda _: None)
+    layout = load_results_file(tmp_path / "run" / "results.json").meta.decode_layout
+    assert layout["batch_rows"] == 4 and layout["batch_rows_setting"] == "auto"  # 2 runs x 2 samples
+    assert (layout["processes"], layout["device"], layout["runs_sampled"]) == (1, "cpu", 2)
+
+
+def test_a_stand_in_with_answer_lengths_ends_its_answers_at_the_real_oracles_lengths(tmp_path, shared_data):
+    """Every answer ends on <end_of_turn> (drawn, not appended) at a length the real oracle's answers had."""
+    import json
+
+    path = shared_data / "ao_answer_lengths.json"
+    real_lengths = {int(k) for k, v in json.loads(path.read_text())["counts_by_length"].items() if v}
+    config = tiny(tmp_path, answer_lengths=path, max_new_tokens=60, num_targets=3, samples_per_query=4)
+    pipeline.run_experiment(config, tmp_path / "run", progress=False, log=lambda _: None)
+    results = load_results_file(tmp_path / "run" / "results.json")
+    answers = [r for run in results.runs for r in run.responses]
+    assert len(answers) == 12 and all(r.finish_reason == "eos" for r in answers)
+    assert {r.n_tokens for r in answers} <= real_lengths and len({r.n_tokens for r in answers}) > 3
+    assert "answer" in results.meta.note and str(path) in results.meta.note, "flagged as a stand-in's numbers"
+
+
+def test_answer_lengths_are_refused_with_real_weights(tmp_path, shared_data):
+    from ao_resampling.config import ConfigError
+
+    with pytest.raises(ConfigError, match="answer_lengths"):
+        build_config(overrides={"answer_lengths": shared_data / "ao_answer_lengths.json"})

@@ -207,8 +207,9 @@ def test_window_queries_k_vectors_fast_path_equals_plain_generate(tiny_oracle, g
     """window:3 end to end through generation: 3 captured vectors at 3 placeholders, the batched sampler's greedy
     answers token for token those of plain HF generate with the same injection; and the vectors are used (others give
     other answers)."""
+    from ao_resampling.config import Decoding
+    from ao_resampling.engine.decoding.sampler import Query, Sampler
     from ao_resampling.engine.reference import sample_hf_batched
-    from ao_resampling.engine.decoding.sampler import BatchedSampler, DecodeParams, Query
 
     plan, _ = build_plan(tiny(position_rule="window:3", num_questions=3), gemma_tokenizer)
     oracle = LoadedOracle(tiny_oracle, gemma_tokenizer, 4, 2, 1)
@@ -220,15 +221,15 @@ def test_window_queries_k_vectors_fast_path_equals_plain_generate(tiny_oracle, g
                       positions_K=tuple(r.placeholder_positions),
                       vectors_KD=acts[r.target_id] * torch.tensor([[scale], [1.0], [-scale]])) for r in runs]
 
-    params = DecodeParams(temperature=0, top_p=0.9, max_new_tokens=8)
-    fast = BatchedSampler(tiny_oracle, gemma_tokenizer, injection_layer=1, coefficient=1.0, params=params
-                          ).run(queries(1.0), progress=False)
+    decoding = Decoding(temperature=0, top_p=1.0, top_k=0, max_new_tokens=8, do_sample=False, seed=0,
+                        eos_token_ids=(1, 106))
+    sampler = Sampler(tiny_oracle, gemma_tokenizer, decoding=decoding, injection_layer=1, coefficient=1.0, rows=2)
+    fast = sampler.run(queries(1.0), progress=False)
     plain = sample_hf_batched(tiny_oracle, gemma_tokenizer, queries(1.0), injection_layer=1, coefficient=1.0,
-                              params=params)
+                              decoding=decoding)
     assert {k: [s.token_ids for s in v] for k, v in fast.items()} == {k: [s.token_ids for s in v]
                                                                       for k, v in plain.items()}
-    flipped = BatchedSampler(tiny_oracle, gemma_tokenizer, injection_layer=1, coefficient=1.0, params=params
-                             ).run(queries(-1.0), progress=False)  # vectors 1 and 3 reversed: the direction matters
+    flipped = sampler.run(queries(-1.0), progress=False)  # vectors 1 and 3 reversed: the direction matters
     assert any(fast[k][0].token_ids != flipped[k][0].token_ids for k in fast)
 
 
