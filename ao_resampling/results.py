@@ -139,6 +139,9 @@ class SpreadMetrics(_Model):
     mean_jaccard: float | None = None
 
 
+IdsHashing = Literal["compact_json", "comma_joined"]
+
+
 class Run(_Model):
     run_id: str
     target_id: str
@@ -149,12 +152,26 @@ class Run(_Model):
     position_rule: str = "assistant_start"
     context_input_ids: list[int]
     context_input_ids_sha256: str
+    context_input_ids_hashing: IdsHashing = Field(
+        "compact_json", description="what 'context_input_ids_sha256' hashes: 'compact_json' ([2,105,...], this "
+                                    "tool) or 'comma_joined' (2,105,..., the original resampling script)")
     oracle_input_ids: list[int] | None = None
     placeholder_positions: list[int] | None = None
     responses: list[Response] = []
     judge: JudgeRecord | None = None
     judge_repeats: list[JudgeRecord] = []
     spread: SpreadMetrics | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _which_hashing(cls, data: Any) -> Any:
+        # A run that does not say how its ids were hashed was hashed by this tool, or by the original script; which
+        # one is recorded, so a file written by another tool is never taken for one whose ids were changed.
+        if isinstance(data, dict) and "context_input_ids_hashing" not in data:
+            ids, stored = data.get("context_input_ids"), data.get("context_input_ids_sha256")
+            if isinstance(ids, list) and stored != sha256_of_ids(ids) and stored == comma_joined_sha256(ids):
+                return dict(data, context_input_ids_hashing="comma_joined")
+        return data
 
 
 class AOQuestion(_Model):
@@ -302,6 +319,14 @@ def sha256_of_ids(ids: Iterable[int]) -> str:
     return hashlib.sha256(json.dumps(list(ids), separators=(",", ":")).encode()).hexdigest()
 
 
+def comma_joined_sha256(ids: Iterable[Any]) -> str:
+    """The original resampling script's hash: sha256 of ``",".join(str(i) for i in ids)`` (utf-8)."""
+    return hashlib.sha256(",".join(str(i) for i in ids).encode()).hexdigest()
+
+
+IDS_HASHES = {"compact_json": sha256_of_ids, "comma_joined": comma_joined_sha256}
+
+
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
@@ -315,9 +340,9 @@ def run_integrity_problems(run: Run) -> list[str]:
     stored, ids = run.context_input_ids_sha256, run.context_input_ids
     if not _SHA256_HEX.fullmatch(stored):
         problems.append(f"field 'context_input_ids_sha256': expected 64 lower-case hex digits, got {stored!r}")
-    elif stored != sha256_of_ids(ids):
-        problems.append("field 'context_input_ids_sha256': does not match 'context_input_ids' (the ids were changed "
-                        "after they were hashed)")
+    elif stored != IDS_HASHES[run.context_input_ids_hashing](ids):
+        problems.append("field 'context_input_ids_sha256': does not match 'context_input_ids' hashed as "
+                        f"{run.context_input_ids_hashing} (the ids were changed after they were hashed)")
     if not 0 <= run.assistant_start_idx < len(ids):
         problems.append(f"field 'assistant_start_idx': {run.assistant_start_idx} is outside the "
                         f"{len(ids)} context_input_ids")

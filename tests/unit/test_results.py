@@ -223,6 +223,33 @@ def test_the_ids_hash_is_sha256_of_compact_json():
     assert results_mod.sha256_of_ids(iter([])) == hashlib.sha256(b"[]").hexdigest()
 
 
+def test_a_file_of_the_original_script_hashed_comma_joined_ids_is_read_and_says_so(tmp_path):
+    """The original resampling script hashed ``",".join(str(i) for i in ids)``: its files are not tampered with."""
+    data = to_v0_dict(make_results([[5, 6]]))
+    for run in data["runs"]:
+        run["context_input_ids_sha256"] = hashlib.sha256(
+            ",".join(str(i) for i in run["context_input_ids"]).encode("utf-8")).hexdigest()
+    path = tmp_path / "original.json"
+    path.write_text(json.dumps(data))
+
+    loaded = load_results_file(path)
+
+    assert [r.context_input_ids_hashing for r in loaded.runs] == ["comma_joined", "comma_joined"]
+    path.write_text(dump_results(loaded))  # written back, it still says which hashing it holds
+    assert load_results_file(path).runs[0].context_input_ids_hashing == "comma_joined"
+    # Changed ids under that hash are still refused.
+    data["runs"][0]["context_input_ids"][1] = 9999
+    path.write_text(json.dumps(data))
+    with pytest.raises(ResultsError, match=r"runs\[0\].*does not match 'context_input_ids'"):
+        load_results_file(path)
+
+
+def test_a_file_of_this_tool_records_compact_json_hashing(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text(dump_results(make_results([[5]])))
+    assert json.loads(path.read_text())["runs"][0]["context_input_ids_hashing"] == "compact_json"
+
+
 def test_a_version_1_file_is_migrated_to_version_2():
     """Version 1 stored answers stripped and read every run at assistant_start: both are said once migrated."""
     data = json.loads(dump_results(make_results([[9, 4], [2, None]])))
