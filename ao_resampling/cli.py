@@ -195,7 +195,7 @@ def run(
         except pipeline.PipelineError as e:
             _fail(str(e))
         ranks.relaunch(gpus, sys.argv[1:])
-    judge = not no_judge
+    judge = config.judge and not no_judge  # `--set judge=false` (or the TOML's) is --no-judge
     if judge and preset == "demo":
         try:  # the demo judges only when the user has given it a way to
             check_judge_access(config)

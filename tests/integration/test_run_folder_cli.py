@@ -306,6 +306,23 @@ def test_run_with_failed_judge_calls_exits_3(tmp_path):
     assert all(r.judge.failure.reason == "api_error" for r in load_results_file(out / RESULTS_NAME).runs)
 
 
+@pytest.mark.parametrize("how", ["set", "toml"])
+def test_run_with_judge_false_in_the_settings_sends_no_judge_call(tmp_path, openai_server, how):
+    out = tmp_path / "run"
+    toml = tmp_path / "settings.toml"
+    toml.write_text("judge = false\n")
+    off = ["--set", "judge=false"] if how == "set" else ["--config", str(toml)]
+    result = invoke("run", "--preset", "experiment", "--model", "synthetic:tiny", "--oracle-lora", "random",
+                    "--device", "cpu", "--dtype", "float32", "--num-targets", "1", "--num-questions", "2",
+                    "--samples", "2", "--max-new-tokens", "4", "--embedding-model", "none", "--judge-api", "chat",
+                    "--judge-base-url", openai_server.base_url, *off, "--out", str(out), "--quiet")
+    assert result.exit_code == 0, result.output
+    assert openai_server.requests == []
+    results = load_results_file(out / RESULTS_NAME)
+    assert results.meta.config["judge"] is False
+    assert [r.judge for r in results.runs] == [None, None] and all(len(r.responses) == 2 for r in results.runs)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Only the tool's own journals
 
