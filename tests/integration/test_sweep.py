@@ -77,6 +77,31 @@ def test_last_user_token_is_the_end_of_the_user_message(gemma_tokenizer):
         assert i < run.assistant_start_idx
 
 
+def _end_of_last_user_turn(tokens: list[str]) -> int:
+    """Independently of the template's text: the token before the <end_of_turn> that closes the last user turn."""
+    starts = [i for i, t in enumerate(tokens[:-1]) if t == "<start_of_turn>" and tokens[i + 1] == "user"]
+    return tokens.index("<end_of_turn>", starts[-1]) - 1
+
+
+@pytest.mark.parametrize("messages, last_token", [
+    pytest.param([("user", "Hello"), ("assistant", "Hello there, friend")], "Hello", id="reply_repeats_the_user"),
+    pytest.param([("user", "Say yes"), ("assistant", "Say yes"), ("user", "Say yes")], "▁yes",
+                 id="every_turn_the_same_words"),
+    pytest.param([("user", "  padded  ")], "padded", id="content_padded_with_spaces"),
+    pytest.param([("user", "ends in whitespace \n\t")], "▁whitespace", id="user_message_ends_in_whitespace"),
+])
+def test_last_user_token_is_found_by_the_turn_not_by_the_text(gemma_tokenizer, messages, last_token):
+    from ao_resampling.inputs.encoding import encode_target
+    from ao_resampling.inputs.positions import last_user_token_index
+
+    messages = [{"role": role, "content": content} for role, content in messages]
+    enc = encode_target(gemma_tokenizer, messages)
+    i = last_user_token_index(gemma_tokenizer, messages, enc.input_ids)
+    tokens = gemma_tokenizer.convert_ids_to_tokens(enc.input_ids)
+    assert i == _end_of_last_user_turn(tokens)
+    assert tokens[i] == last_token
+
+
 def test_capture_reads_k_positions_in_one_pass_as_a_full_forward_sees_them(tiny_oracle, gemma_tokenizer):
     plan, _ = build_plan(tiny(position_rule="window:3"), gemma_tokenizer)
     runs = list({r.target_id: r for r in plan.runs}.values())
