@@ -196,6 +196,23 @@ def test_rejudge_keeps_the_earlier_failure_as_history(tmp_path, openai_server):
     assert len(openai_server.requests) == 2
 
 
+@pytest.mark.parametrize("judged_by", ["verdicts", "meta"])
+def test_judge_with_another_judge_model_is_refused_naming_both(tmp_path, openai_server, judged_by):
+    results = make_results([[7], [None]])  # t1 judged by gpt-5-mini, t2 owed a verdict
+    if judged_by == "meta":  # judged by nobody yet, but planned (and configured) for gpt-5-mini
+        results = make_results([[None], [None]])
+        results.meta.config = {"judge_model": "gpt-5-mini"}
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / RESULTS_NAME).write_text(dump_results(results))
+    before = (folder / RESULTS_NAME).read_text()
+    result = invoke("judge", str(folder), "--judge-model", "other-judge", "--judge-api", "chat",
+                    "--judge-base-url", openai_server.base_url, "--quiet")
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert "error: " in result.output and "'gpt-5-mini'" in result.output and "'other-judge'" in result.output
+    assert openai_server.requests == [] and (folder / RESULTS_NAME).read_text() == before
+
+
 def test_credentials_in_the_judge_url_are_used_but_never_written(tmp_path, openai_server):
     folder = write_folder(tmp_path / "run", 1)
     url = openai_server.base_url.replace("http://", "http://alice:s3cr3t-pass@")
