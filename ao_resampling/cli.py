@@ -130,10 +130,12 @@ def guarded(command: Callable[..., None]) -> Callable[..., None]:
     return wrapper
 
 
-def _exit_if_calls_failed(folder: Path, n_failed: int, command: str) -> None:
+def _exit_if_calls_failed(folder: Path, n_failed: int, command: str, where: str | None = None) -> None:
+    """``where``: the file(s) the failures are recorded in (default: the folder's results.json)."""
     if n_failed:
-        typer.secho(f"{n_failed} judge call(s) failed; each is recorded with its reason in {folder / RESULTS_NAME}. "
-                    f"Re-run {command} to retry them (exit code {EXIT_CALLS_FAILED}).", fg="yellow", err=True)
+        typer.secho(f"{n_failed} judge call(s) failed; each is recorded with its reason in "
+                    f"{where or folder / RESULTS_NAME}. Re-run {command} to retry them (exit code "
+                    f"{EXIT_CALLS_FAILED}).", fg="yellow", err=True)
         raise typer.Exit(EXIT_CALLS_FAILED)
 
 
@@ -278,6 +280,8 @@ def sweep(
                                    progress=not quiet, log=typer.echo)
     typer.echo(f"\n{len(planned)} conditions in {out_dir} (model loaded {outcome.model_loads} time(s))")
     typer.echo(f"sweep report: {outcome.report_dir / 'sweep_report.md'}")
+    _exit_if_calls_failed(out_dir, outcome.n_failed_calls, "the same sweep command",
+                          where=f"its condition's {RESULTS_NAME} under {out_dir}")
 
 
 @app.command()

@@ -199,6 +199,7 @@ class SweepOutcome:
     model_loads: int
     load_s: float = 0.0
     report_dir: Path | None = None
+    n_failed_calls: int = 0  # judge calls whose latest record is a failure, over every condition
 
 
 def prepare_all(conditions: Sequence[Condition], out_dir: Path) -> dict[str, ResultsStore]:
@@ -254,8 +255,13 @@ def _run_locked(base: ExperimentConfig, conditions: Sequence[Condition], out_dir
         log(f"[sweep {i}/{len(conditions)}] done: {timings}")
     from ao_resampling.analysis.sweep_report import write_sweep_report
 
-    outcome.report_dir = write_sweep_report(Path(out_dir), *load_condition_results(Path(out_dir)),
-                                            seed=base.bootstrap_seed, n_boot=base.bootstrap_resamples)
+    man, results = load_condition_results(Path(out_dir))
+    outcome.report_dir = write_sweep_report(Path(out_dir), man, results, seed=base.bootstrap_seed,
+                                            n_boot=base.bootstrap_resamples)
+    if judge:
+        from ao_resampling.stages.judge import failed_calls
+
+        outcome.n_failed_calls = sum(failed_calls(r) for r in results.values())
     return outcome
 
 

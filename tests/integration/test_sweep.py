@@ -228,6 +228,26 @@ def test_cli_sweep_2x2_killed_once_and_resumed(tmp_path):
     assert "samples_per_query: 2 -> 3" in refused.stderr and "refusing to mix" in refused.stderr
 
 
+def test_cli_sweep_whose_judge_calls_fail_exits_3_saying_how_many_and_how_to_retry(tmp_path):
+    from typer.testing import CliRunner
+
+    from ao_resampling.cli import app
+    from ao_resampling.errors import EXIT_CALLS_FAILED
+    from tests.integration.test_run_folder_cli import free_port
+
+    out = tmp_path / "sweep"
+    args = sweep_command(out)[3:]  # the same sweep in this process, judged by a server that is not there
+    args.remove("--no-judge")
+    args += ["--set", "judge_api=chat", "--set", f"judge_base_url=http://127.0.0.1:{free_port()}/v1",
+             "--set", "judge_max_retries=0"]
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == EXIT_CALLS_FAILED, result.output
+    n_failed = sum(r.judge.failure is not None for c in json.loads((out / "sweep.json").read_text())["conditions"]
+                   for r in load_results_file(out / c["folder"] / "results.json").runs)
+    assert n_failed == 16  # 4 conditions x 2 targets x 2 questions, every call refused
+    assert "16 judge call(s) failed" in result.output and "Re-run the same sweep command" in result.output
+
+
 def test_window_queries_k_vectors_fast_path_equals_plain_generate(tiny_oracle, gemma_tokenizer):
     """window:3 end to end through generation: 3 captured vectors at 3 placeholders, the batched sampler's greedy
     answers token for token those of plain HF generate with the same injection; and the vectors are used (others give
