@@ -121,7 +121,7 @@ def condition_name(overrides: dict[str, Any]) -> str:
 
 def plan_conditions(base: ExperimentConfig, overrides: Sequence[dict[str, Any]]) -> list[Condition]:
     """Each condition's full config, validated up front: no condition fails after the others have run."""
-    out, names = [], set()
+    out, names, resolved = [], set(), {}
     for i, o in enumerate(overrides):
         name = condition_name(o)
         if name in names:
@@ -131,6 +131,13 @@ def plan_conditions(base: ExperimentConfig, overrides: Sequence[dict[str, Any]])
             config = ExperimentConfig(**{**base.model_dump(), **o})
         except ValidationError as e:
             raise SweepError(f"condition {name}: {describe_problems(e, root='<config>')}") from e
+        # Compared as the config resolved them: temperature 1 and 1.0, window:2 and window:02 are one condition.
+        same = json.dumps(config.model_dump(mode="json"), sort_keys=True)
+        if same in resolved:
+            raise SweepError(f"conditions {resolved[same]} and {name} are the same settings once read "
+                             f"({', '.join(f'{k}={getattr(config, k)}' for k in o) or 'the base settings'}); "
+                             "give each condition once")
+        resolved[same] = name
         out.append(Condition(name, dict(o), config))
     return out
 
