@@ -200,7 +200,15 @@ def load_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read config file: {e}") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from e
-    return data.get("experiment", data)
+    if "experiment" not in data:
+        return data  # every key a setting: an unknown one is refused by the model, naming it
+    beside = sorted(set(data) - {"experiment"})
+    if beside:  # it would be silently ignored: the settings are read from [experiment] alone
+        raise ConfigError(f"{path}: {beside[0]!r} is beside the [experiment] table, where it would not be read; "
+                          "put every setting inside [experiment] (or use no table at all)")
+    if not isinstance(data["experiment"], dict):
+        raise ConfigError(f"{path}: 'experiment' must be a table ([experiment]) of settings")
+    return data["experiment"]
 
 
 def build_config(

@@ -105,6 +105,10 @@ def load_conditions_toml(path: Path) -> list[dict[str, Any]]:
     conditions = data.get("condition")
     if not isinstance(conditions, list) or not conditions or not all(isinstance(c, dict) for c in conditions):
         raise SweepError(f"{path}: expected one or more [[condition]] tables of settings")
+    beside = sorted(set(data) - {"condition"})
+    if beside:  # base settings go in --config or --set; here they would be silently ignored
+        raise SweepError(f"{path}: {beside[0]!r} is beside the [[condition]] tables; a conditions file holds only "
+                         "[[condition]] tables (give settings shared by every condition with --config or --set)")
     for i, condition in enumerate(conditions):
         for name in condition:
             check_field(name, where=f"{path}: condition {i + 1}")

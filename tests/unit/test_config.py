@@ -51,6 +51,16 @@ def test_experiment_table_in_toml(tmp_path):
     assert (config.num_questions, config.decode_seed) == (2, 9)
 
 
+@pytest.mark.parametrize("text, key", [
+    pytest.param("temperature = 0.1\n[experiment]\nnum_questions = 2\n", "temperature", id="top_level_key"),
+    pytest.param("[experiment]\nnum_questions = 2\n[judge]\njudge_model = 'x'\n", "judge", id="unknown_table"),
+])
+def test_settings_beside_the_experiment_table_are_refused_naming_key_and_file(tmp_path, text, key):
+    toml = write_toml(tmp_path / "exp.toml", text)
+    with pytest.raises(ConfigError, match=rf"exp\.toml: '{key}' is beside the \[experiment\] table"):
+        build_config(config_file=toml)
+
+
 @pytest.mark.parametrize("text, message", [
     pytest.param("num_targets = \n", "not valid TOML", id="not_toml"),
     pytest.param("colour = 'red'\n", "field 'colour'", id="unknown_field"),

@@ -57,6 +57,12 @@ def test_toml_conditions(tmp_path):
     path.write_text('temperature = 0.3\n')
     with pytest.raises(SweepError, match=r"c.toml: expected one or more \[\[condition\]\] tables"):
         load_conditions_toml(path)
+    path.write_text('num_targets = 5\n[[condition]]\ntemperature = 0.3\n')  # a key that would go unread
+    with pytest.raises(SweepError, match=r"c.toml: 'num_targets' is beside the \[\[condition\]\] tables"):
+        load_conditions_toml(path)
+    path.write_text('[[condition]]\ntemperature = 0.3\n[base]\nnum_targets = 5\n')
+    with pytest.raises(SweepError, match=r"c.toml: 'base' is beside the \[\[condition\]\] tables"):
+        load_conditions_toml(path)
 
 
 def test_plan_conditions_validates_every_condition_before_any_runs():
