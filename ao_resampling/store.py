@@ -159,6 +159,7 @@ def apply_event(results: Results, event: JournalEvent, runs: dict[str, Run]) -> 
     if run is None:
         raise ResultsError(f"journal event {event.type!r} names run_id {event.run_id!r}, which is not in the plan")
     if isinstance(event, ResponsesEvent):
+        check_planned_answers(results, event)
         run.responses = list(event.responses)
     elif isinstance(event, JudgeEvent):
         run.judge = supersede(run.judge, event.record)
@@ -169,6 +170,24 @@ def apply_event(results: Results, event: JournalEvent, runs: dict[str, Run]) -> 
             supersede(old, record)]
     else:
         run.spread = event.spread
+
+
+def check_planned_answers(results: Results, event: ResponsesEvent) -> None:
+    """Answers made with other decoding, or another number of them, belong to another plan (a journal copied from
+    another folder, or left by another version): folded in, they would be read as this plan's. Compared with what the
+    plan records (``meta.decoding``, ``meta.config.samples_per_query``); a value one side leaves open is not compared."""
+    n = (results.meta.config or {}).get("samples_per_query")
+    if type(n) is int and len(event.responses) != n:
+        raise ResultsError(f"field 'responses' of run_id {event.run_id!r}: {len(event.responses)} answers, but the "
+                           f"plan (meta.config.samples_per_query) has {n}; they were made for another plan")
+    planned = results.meta.decoding.model_dump() if results.meta.decoding is not None else {}
+    for i, response in enumerate(event.responses):
+        made = response.decoding.model_dump()
+        for key in sorted(set(planned) & set(made)):
+            if None not in (planned[key], made[key]) and planned[key] != made[key]:
+                raise ResultsError(f"field 'responses.{i}.decoding.{key}' of run_id {event.run_id!r}: "
+                                   f"{made[key]!r}, but the plan (meta.decoding) has {planned[key]!r}; these answers "
+                                   "were made with other decoding")
 
 
 def _apply_baseline_event(
