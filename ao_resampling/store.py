@@ -10,8 +10,8 @@ The journal is a file format of its own, typed and versioned like ``results.json
 parsing, the migration of unversioned lines) are in ``events.py``; replay here names a bad line by file and line.
 
 One writer per run folder: ``folder_lock`` holds an exclusive ``flock`` on ``<folder>/.lock`` while a command works,
-so a second ``run``/``judge``/``baseline``/``report`` stops at once naming the holder (pid, command, start time, which
-the holder writes into the file) instead of redoing the same GPU or judge work. The kernel releases the lock when the
+so a second ``run``/``judge``/``baseline``/``report`` stops at once naming the holder (pid, command with its URLs'
+credentials redacted, start time, which the holder writes into the file, readable by its owner alone) instead of redoing the same GPU or judge work. The kernel releases the lock when the
 holder exits however it exits (kill -9 included). Under torchrun only rank 0 takes it (cli.py); the other ranks write
 only their own rank journals and meet rank 0 at every step, so while rank 0 holds the folder, the whole group does.
 """
@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ao_resampling.errors import EXIT_BUSY, AOResamplingError
+from ao_resampling.redaction import redact
 from ao_resampling.events import (
     BaselineJudgeEvent, BaselineResponsesEvent, BaselineSpreadEvent, JournalEvent, JudgeEvent, JudgeRepeatEvent,
     ResponsesEvent, event_line, parse_event,
@@ -282,8 +283,8 @@ class NotAFolderError(AOResamplingError):
 def holder_description(text: str) -> str:
     """'pid 123 (ao-resampling judge ..., since ...)' from a lock file's JSON, or a fallback for anything else."""
     try:
-        info = json.loads(text)
-        return f"pid {info['pid']} ({info['command']}, since {info['started_at']})"
+        info = json.loads(text)  # redacted again: a lock written by an older version holds the command as typed
+        return f"pid {info['pid']} ({redact(info['command'])}, since {info['started_at']})"
     except (ValueError, KeyError, TypeError):
         return "another process (it has not said which yet)"
 
@@ -304,8 +305,10 @@ def folder_lock(folder: Path, command: str | None = None) -> Iterator[None]:
     folder = Path(folder)
     require_folder(folder)
     path = folder / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # close-on-exec: an exec'd torchrun does not inherit it
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)  # close-on-exec: an exec'd torchrun does not inherit it
     try:
+        with contextlib.suppress(PermissionError):  # one made 0644 by an older version; another user's stays as it is
+            os.fchmod(fd, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -314,7 +317,7 @@ def folder_lock(folder: Path, command: str | None = None) -> Iterator[None]:
                 f"{folder} is in use by {holder}: one process at a time works on a run folder. Wait for it to "
                 f"finish (or stop it), then re-run; a killed holder releases the folder by itself."
             ) from None
-        info = {"pid": os.getpid(), "command": command or " ".join(["ao-resampling", *sys.argv[1:]]),
+        info = {"pid": os.getpid(), "command": redact(command or " ".join(["ao-resampling", *sys.argv[1:]])),
                 "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)

@@ -30,6 +30,7 @@ from ao_resampling import pipeline
 from ao_resampling.engine.loading import models
 from ao_resampling.config import ExperimentConfig, diff_settings
 from ao_resampling.errors import AOResamplingError, describe_problems
+from ao_resampling.redaction import redact
 from ao_resampling.results import read_json_file
 from ao_resampling.stages.plan import prepare
 from ao_resampling.store import ResultsStore, atomic_write_text, folder_lock
@@ -119,7 +120,7 @@ def condition_name(overrides: dict[str, Any]) -> str:
     """A folder name that says the settings: ``temperature=0.3__position_rule=window-3``."""
     if not overrides:
         return "base"
-    parts = [f"{k}={v}" for k, v in overrides.items()]
+    parts = [f"{k}={redact(str(v))}" for k, v in overrides.items()]  # a judge_base_url's credentials stay out
     return re.sub(r"[^A-Za-z0-9._=-]+", "-", "__".join(parts))
 
 
@@ -138,8 +139,8 @@ def plan_conditions(base: ExperimentConfig, overrides: Sequence[dict[str, Any]])
         # Compared as the config resolved them: temperature 1 and 1.0, window:2 and window:02 are one condition.
         same = json.dumps(config.model_dump(mode="json"), sort_keys=True)
         if same in resolved:
-            raise SweepError(f"conditions {resolved[same]} and {name} are the same settings once read "
-                             f"({', '.join(f'{k}={getattr(config, k)}' for k in o) or 'the base settings'}); "
+            read = ", ".join(f"{k}={redact(str(getattr(config, k)))}" for k in o) or "the base settings"
+            raise SweepError(f"conditions {resolved[same]} and {name} are the same settings once read ({read}); "
                              "give each condition once")
         resolved[same] = name
         out.append(Condition(name, dict(o), config))
@@ -157,7 +158,7 @@ def manifest(base: ExperimentConfig, conditions: Sequence[Condition]) -> dict[st
         "manifest_version": MANIFEST_VERSION,
         "settings": base.settings_that_change_results(),
         "varied": varied_fields(conditions),
-        "conditions": [{"name": c.name, "overrides": c.overrides, "folder": c.name} for c in conditions],
+        "conditions": [{"name": c.name, "overrides": redact(c.overrides), "folder": c.name} for c in conditions],
     }
 
 

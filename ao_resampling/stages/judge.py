@@ -25,6 +25,7 @@ import openai
 from tqdm.auto import tqdm
 
 from ao_resampling.errors import AOResamplingError, PipelineError
+from ao_resampling.redaction import redact
 from ao_resampling.config import ExperimentConfig
 from ao_resampling.results import FailureReason, JudgeFailure, JudgeRecord, Results, Verdict
 from ao_resampling.events import judge_event
@@ -150,6 +151,11 @@ def _scrub(text: str | None, secret: str | None) -> str | None:
     return text.replace(secret, "[api key redacted]")
 
 
+def _detail(text: str, secret: str | None) -> str:
+    """A failure's detail as stored: an error may quote the URL it was sent to, credentials and all."""
+    return _scrub(redact(text), secret)
+
+
 def _describe(e: Exception) -> tuple[str | None, str]:
     """(raw body, detail) for an API exception; the body is whatever the server said, when it said anything."""
     if isinstance(e, openai.APIStatusError):
@@ -199,7 +205,7 @@ def judge_prompt(
         prompt=prompt,
         raw_output=_scrub(raw, secret),
         parsed=parsed,
-        failure=JudgeFailure(reason=failure[0], detail=_scrub(failure[1], secret)) if failure else None,
+        failure=JudgeFailure(reason=failure[0], detail=_detail(failure[1], secret)) if failure else None,
         api=api,
         answer_order=list(answer_order) if answer_order is not None else None,
         latency_s=latency_s,

@@ -367,6 +367,31 @@ def test_only_the_tools_own_journals_are_replayed_and_deleted(tmp_path):
     assert backup.read_text() == mine
 
 
+def test_the_lock_holds_no_credentials_and_only_its_owner_reads_it(tmp_path):
+    from ao_resampling.store import FolderBusyError, folder_lock
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / ".lock").write_text("")
+    (folder / ".lock").chmod(0o644)  # as an older version left it
+    typed = "ao-resampling judge run --judge-base-url https://me:hunter2@api.example.com/v1#token=t0k3n"
+    with folder_lock(folder, command=typed):
+        lock = folder / ".lock"
+        assert oct(lock.stat().st_mode & 0o777) == oct(0o600)
+        text = lock.read_text()
+        assert "hunter2" not in text and "t0k3n" not in text
+        assert "https://REDACTED@api.example.com/v1#token=REDACTED" in json.loads(text)["command"]
+        with pytest.raises(FolderBusyError) as busy:
+            with folder_lock(folder):
+                pass
+    assert "hunter2" not in str(busy.value) and "REDACTED@api.example.com" in str(busy.value)
+    # A lock written by an older version, command and all, is redacted when a second process names its holder.
+    from ao_resampling.store import holder_description
+
+    old = json.dumps({"pid": 7, "command": typed, "started_at": "2026-01-01T00:00:00+00:00"})
+    assert "hunter2" not in holder_description(old) and "t0k3n" not in holder_description(old)
+
+
 def test_under_torchrun_a_busy_folder_stops_every_rank_before_any_work(tmp_path):
     # Rank 0 alone takes the lock (the others write only rank journals, in step with it); that two ranks can run at
     # all is what tests/integration/test_distributed.py shows. Here the folder is held, so the whole group stops.

@@ -248,6 +248,29 @@ def test_cli_sweep_whose_judge_calls_fail_exits_3_saying_how_many_and_how_to_ret
     assert "16 judge call(s) failed" in result.output and "Re-run the same sweep command" in result.output
 
 
+def test_a_sweep_over_a_judge_url_with_credentials_writes_and_prints_none_of_them(tmp_path, openai_server,
+                                                                                  monkeypatch):
+    from typer.testing import CliRunner
+
+    from ao_resampling.cli import app
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-loopback")  # the pre-flight check looks at the base settings' judge
+    out = tmp_path / "sweep"
+    secret_url = openai_server.base_url.replace("http://", "http://me:hunter2@")  # usable: the path stays the API's
+    args = sweep_command(out)[3:]
+    args.remove("--no-judge")
+    args[args.index("--vary") + 1] = f"judge_base_url={secret_url}"  # one judge URL x two position rules
+    result = CliRunner().invoke(app, [*args, "--set", "judge_api=chat"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert len(openai_server.requests) == 8  # the URL was used as given: 2 conditions x 2 targets x 2 questions
+    written = [p for p in out.rglob("*")]
+    assert len([p for p in written if p.name == "results.json"]) == 2 and (out / "report" / "sweep_report.md").exists()
+    assert "hunter2" not in result.output
+    assert not [p for p in written if "hunter2" in p.name]
+    assert not [p for p in written if p.is_file() and b"hunter2" in p.read_bytes()]
+    assert "REDACTED" in (out / "sweep.json").read_text()
+
+
 def test_window_queries_k_vectors_fast_path_equals_plain_generate(tiny_oracle, gemma_tokenizer):
     """window:3 end to end through generation: 3 captured vectors at 3 placeholders, the batched sampler's greedy
     answers token for token those of plain HF generate with the same injection; and the vectors are used (others give
