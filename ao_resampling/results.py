@@ -94,7 +94,8 @@ def mark_stripped_text(response: dict[str, Any]) -> dict[str, Any]:
 
 
 class Verdict(_Model):
-    similarity_1_to_10: int = Field(ge=1, le=10)
+    # strict: true and "7" are not scores (lax mode would read them as 1 and 7), as the judge's parser refuses them
+    similarity_1_to_10: int = Field(ge=1, le=10, strict=True)
     rationale: str
 
 
@@ -251,6 +252,9 @@ class Results(_Model):
             raise ValueError(f"schema_version must be an integer, got {version!r}")
         if version > SCHEMA_VERSION:
             raise ValueError(f"schema_version {version} is newer than this tool's ({SCHEMA_VERSION}); upgrade")
+        if version < 1:  # the single-script format has no schema_version at all; 0 or -1 is no format of ours
+            raise ValueError(f"schema_version {version} is not a version of this format (1 to {SCHEMA_VERSION}, or "
+                             "none for the original single-script format)")
         return _migrate_v1(data) if version < 2 else data
 
     @model_validator(mode="after")
@@ -260,6 +264,8 @@ class Results(_Model):
             first = next(i for i, run_id in enumerate(run_ids) if run_id in run_ids[:i])
             raise ValueError(f"duplicate run_id in 'runs': runs[{first}] ({run_ids[first]}) is also "
                              f"runs[{run_ids.index(run_ids[first])}]")
+        _one_content_per_id("targets", [(t.id, t.messages) for t in self.targets])
+        _one_content_per_id("ao_questions", [(q.id, q.text) for q in self.ao_questions])
         target_ids = {t.id for t in self.targets}
         question_ids = {q.id for q in self.ao_questions}
         for i, run in enumerate(self.runs):
@@ -271,6 +277,17 @@ class Results(_Model):
 
     def run_by_id(self) -> dict[str, Run]:
         return {r.run_id: r for r in self.runs}
+
+
+def _one_content_per_id(field: str, items: list[tuple[str, Any]]) -> None:
+    """An id names one target (question): two different ones under the same id would make every run of it ambiguous.
+    The same one listed twice is harmless."""
+    first: dict[str, int] = {}
+    for i, (item_id, content) in enumerate(items):
+        if item_id in first and items[first[item_id]][1] != content:
+            raise ValueError(f"duplicate id in '{field}': {field}[{i}] ({item_id}) differs from "
+                             f"{field}[{first[item_id]}] under the same id")
+        first.setdefault(item_id, i)
 
 
 def _migrate_v0(data: dict[str, Any]) -> dict[str, Any]:

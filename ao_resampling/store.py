@@ -11,8 +11,8 @@ parsing, the migration of unversioned lines) are in ``events.py``; replay here n
 
 One writer per run folder: ``folder_lock`` holds an exclusive ``flock`` on ``<folder>/.lock`` while a command works,
 so a second ``run``/``judge``/``baseline``/``report`` stops at once naming the holder (pid, command with its URLs'
-credentials redacted, start time, which the holder writes into the file, readable by its owner alone) instead of redoing the same GPU or judge work. The kernel releases the lock when the
-holder exits however it exits (kill -9 included). Under torchrun only rank 0 takes it (cli.py); the other ranks write
+credentials redacted, start time, which the holder writes into the file, readable by its owner alone) instead of
+redoing the same GPU or judge work. The kernel releases the lock when the holder exits however it exits (kill -9 included). Under torchrun only rank 0 takes it (cli.py); the other ranks write
 only their own rank journals and meet rank 0 at every step, so while rank 0 holds the folder, the whole group does.
 """
 
@@ -175,8 +175,9 @@ def apply_event(results: Results, event: JournalEvent, runs: dict[str, Run]) -> 
 
 def check_planned_answers(results: Results, event: ResponsesEvent) -> None:
     """Answers made with other decoding, or another number of them, belong to another plan (a journal copied from
-    another folder, or left by another version): folded in, they would be read as this plan's. Compared with what the
-    plan records (``meta.decoding``, ``meta.config.samples_per_query``); a value one side leaves open is not compared."""
+    another folder, or left by another version): folded in, they would be read as this plan's. Compared with what
+    the plan records (``meta.decoding``, ``meta.config.samples_per_query``); a value one side leaves open is not
+    compared."""
     n = (results.meta.config or {}).get("samples_per_query")
     if type(n) is int and len(event.responses) != n:
         raise ResultsError(f"field 'responses' of run_id {event.run_id!r}: {len(event.responses)} answers, but the "

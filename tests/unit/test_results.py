@@ -120,6 +120,47 @@ def test_non_integer_schema_version_is_a_results_error(tmp_path, version):
         load_results_file(path)
 
 
+@pytest.mark.parametrize("version", [0, -1])
+def test_schema_version_below_1_is_refused(tmp_path, version):
+    data = make_results([[5]]).model_dump(mode="json")
+    data["schema_version"] = version
+    path = tmp_path / "odd.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ResultsError, match=rf"odd\.json.*schema_version {version} is not a version of this format"):
+        load_results_file(path)
+
+
+@pytest.mark.parametrize("score", [pytest.param(True, id="true"), pytest.param("7", id="string"),
+                                   pytest.param(7.0, id="float")])
+def test_a_score_that_is_not_an_integer_is_refused(tmp_path, score):
+    data = make_results([[5, 6]]).model_dump(mode="json")
+    data["runs"][1]["judge"]["parsed"]["similarity_1_to_10"] = score
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ResultsError, match=r"field 'runs\.1\.judge\.parsed\.similarity_1_to_10'"):
+        load_results_file(path)
+
+
+@pytest.mark.parametrize("field, edit", [
+    pytest.param("targets", lambda d: d["targets"].append(
+        {"id": "t1", "messages": [{"role": "user", "content": "Another conversation."}]}), id="target"),
+    pytest.param("ao_questions", lambda d: d["ao_questions"].append({"id": "q2", "text": "Another question?"}),
+                 id="question"),
+])
+def test_one_id_for_two_different_targets_or_questions_is_refused(tmp_path, field, edit):
+    data = make_results([[5, 6], [7, 8]]).model_dump(mode="json")
+    path = tmp_path / "r.json"
+    same = json.loads(json.dumps(data))
+    same[field].append(same[field][0])  # the same one listed twice: harmless
+    path.write_text(json.dumps(same))
+    load_results_file(path)
+    edit(data)
+    path.write_text(json.dumps(data))
+    index = len(data[field]) - 1
+    with pytest.raises(ResultsError, match=rf"r\.json: .*duplicate id in '{field}': {field}\[{index}\] "):
+        load_results_file(path)
+
+
 @pytest.mark.parametrize("edit, where", [
     pytest.param(lambda d: d["runs"][1]["responses"][2]["decoding"].update(temperature="hot"),
                  "runs.1.responses.2.decoding.temperature", id="bad_temperature"),
