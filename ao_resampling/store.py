@@ -12,8 +12,9 @@ parsing, the migration of unversioned lines) are in ``events.py``; replay here n
 One writer per run folder: ``folder_lock`` holds an exclusive ``flock`` on ``<folder>/.lock`` while a command works,
 so a second ``run``/``judge``/``baseline``/``report`` stops at once naming the holder (pid, command with its URLs'
 credentials redacted, start time, which the holder writes into the file, readable by its owner alone) instead of
-redoing the same GPU or judge work. The kernel releases the lock when the holder exits however it exits (kill -9 included). Under torchrun only rank 0 takes it (cli.py); the other ranks write
-only their own rank journals and meet rank 0 at every step, so while rank 0 holds the folder, the whole group does.
+redoing the same GPU or judge work. The kernel releases the lock when the holder exits however it exits (kill -9
+included). Under torchrun only rank 0 takes it (cli.py); the other ranks write only their own rank journals and meet
+rank 0 at every step, so while rank 0 holds the folder, the whole group does.
 """
 
 from __future__ import annotations
