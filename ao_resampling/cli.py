@@ -304,9 +304,12 @@ def prepare(
     with folder_lock(out_dir) if writes else contextlib.nullcontext():
         store, table = prepare(config, out_dir)
     results = store.load()
-    typer.echo(f"{'target':<12} {'#tokens':>7} {'assistant_start_idx':>19}  token at index")
+    typer.echo(f"{'target':<12} {'#tokens':>7} {'assistant_start_idx':>19} {'read at':>9}  token(s) read "
+               f"({config.position_rule})")
     for row in table:
-        typer.echo(f"{row.target_id:<12} {row.n_tokens:>7} {row.assistant_start_idx:>19}  {row.token_at_idx!r}")
+        read_at = ",".join(map(str, row.read_positions))
+        typer.echo(f"{row.target_id:<12} {row.n_tokens:>7} {row.assistant_start_idx:>19} {read_at:>9}  "
+                   + " ".join(map(repr, row.tokens_read)))
     typer.echo(f"\nlayer {results.meta.layer} of {results.meta.num_layers}; questions: "
                + ", ".join(q.id for q in results.ao_questions))
     typer.echo(f"{len(results.runs)} runs planned in {store.results_path}")
