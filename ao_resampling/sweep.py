@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 from ao_resampling import pipeline
 from ao_resampling.engine.loading import models
-from ao_resampling.config import ExperimentConfig, diff_settings
+from ao_resampling.config import ExperimentConfig, diff_settings, relative_to_file
 from ao_resampling.errors import AOResamplingError, describe_problems
 from ao_resampling.redaction import redact
 from ao_resampling.results import read_json_file
@@ -113,7 +113,7 @@ def load_conditions_toml(path: Path) -> list[dict[str, Any]]:
     for i, condition in enumerate(conditions):
         for name in condition:
             check_field(name, where=f"{path}: condition {i + 1}")
-    return conditions
+    return [relative_to_file(c, path) for c in conditions]
 
 
 def condition_name(overrides: dict[str, Any]) -> str:

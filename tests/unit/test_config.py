@@ -76,6 +76,20 @@ def test_config_file_errors_name_the_file_and_field(tmp_path, text, message):
     assert message in str(info.value)
 
 
+@pytest.mark.parametrize("table", ["", "[experiment]\n"])
+def test_file_paths_in_a_toml_are_taken_from_the_toml_files_folder(tmp_path, monkeypatch, table):
+    (tmp_path / "configs").mkdir()
+    toml = write_toml(tmp_path / "configs" / "exp.toml",
+                      f"{table}targets = 'data/t.json'\nquestions = '{tmp_path}/q.json'\nmodel = 'org/model'\n")
+    monkeypatch.chdir(tmp_path)  # wherever the command runs, away from the TOML file
+    config = build_config(config_file=Path("configs/exp.toml"))
+    assert config.targets.resolve() == tmp_path / "configs" / "data" / "t.json"
+    assert config.questions == tmp_path / "q.json"  # absolute: as written
+    assert config.model == "org/model"  # a hub id is no path
+    # A flag's path is the user's own, relative to where they typed it.
+    assert build_config(config_file=toml, overrides={"targets": "mine.json"}).targets == Path("mine.json")
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match=r"nowhere\.toml: cannot read config file"):
         build_config(config_file=tmp_path / "nowhere.toml")

@@ -97,6 +97,13 @@ def test_toml_conditions_1_and_1_point_0_are_one_condition(tmp_path):
         plan_conditions(build_config(), load_conditions_toml(path))
 
 
+def test_file_paths_in_a_conditions_toml_are_taken_from_its_folder(tmp_path):
+    (tmp_path / "sweeps").mkdir()
+    path = tmp_path / "sweeps" / "c.toml"
+    path.write_text("[[condition]]\ntargets = 'small.json'\n\n[[condition]]\ntemperature = 1.0\n")
+    assert load_conditions_toml(path) == [{"targets": str(tmp_path / "sweeps" / "small.json")}, {"temperature": 1.0}]
+
+
 def test_manifest_differences_name_settings_and_conditions():
     base = build_config(preset="demo")
     planned = plan_conditions(base, [{"temperature": 0.3}, {"temperature": 1.0}])
