@@ -406,7 +406,9 @@ def _open(results: Path, **overrides: Any):
     if results.suffix == ".json" and results.name != "results.json":
         store.results_path = results
     if not store.results_path.exists():
-        _fail(f"{store.results_path} does not exist")
+        from ao_resampling.sweep import sweep_folder_note
+
+        _fail(sweep_folder_note(folder) or f"{store.results_path} does not exist")
     meta_config = load_results_file(store.results_path).meta.config or {}
     base = {k: v for k, v in meta_config.items() if k in ExperimentConfig.model_fields}
     if is_redacted_url(base.get("judge_base_url")) and overrides.get("judge_base_url") is None:

@@ -277,6 +277,21 @@ def _run_locked(base: ExperimentConfig, conditions: Sequence[Condition], out_dir
     return outcome
 
 
+def sweep_folder_note(folder: Path) -> str | None:
+    """What to say when a command for one run folder is given a sweep folder (None when ``folder`` is not one)."""
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        names = [str(c["folder"]) for c in read_json_file(path)["conditions"]]
+    except (AOResamplingError, KeyError, TypeError):
+        names = []
+    shown = ", ".join(str(Path(folder) / n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
+    return (f"{folder} is a sweep folder ({MANIFEST_NAME}), not a run folder: give one condition's folder"
+            + (f" ({shown})" if shown else "") + f"; the sweep's own report is {Path(folder) / 'report'} (re-run the "
+            "sweep command to write it again)")
+
+
 def load_condition_results(out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """The manifest and each condition's results (journal replayed), for the sweep report."""
     path = Path(out_dir) / MANIFEST_NAME

@@ -410,6 +410,19 @@ def test_under_torchrun_a_busy_folder_stops_every_rank_before_any_work(tmp_path)
     assert sorted(p.name for p in out.iterdir()) == [".lock"]  # no plan, no journal: nothing was done
 
 
+@pytest.mark.parametrize("command", ["report", "judge", "baseline"])
+def test_a_command_for_one_run_folder_given_a_sweep_folder_says_it_is_a_sweep(tmp_path, command):
+    sweep = tmp_path / "sweep"
+    for name in ("temperature=0.3", "temperature=1.0"):
+        write_folder(sweep / name, 1)
+    (sweep / "sweep.json").write_text(json.dumps({"manifest_version": 1, "conditions": [
+        {"name": n, "overrides": {}, "folder": n} for n in ("temperature=0.3", "temperature=1.0")]}))
+    result = invoke(command, str(sweep), "--quiet")
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert f"error: {sweep} is a sweep folder (sweep.json), not a run folder" in result.output
+    assert str(sweep / "temperature=0.3") in result.output and str(sweep / "report") in result.output
+
+
 def test_report_out_pointing_at_a_file_is_an_error_not_a_traceback(tmp_path):
     folder = write_folder(tmp_path / "run", 1, embedding_model="none")
     not_a_folder = tmp_path / "report.txt"
