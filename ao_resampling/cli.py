@@ -26,7 +26,7 @@ import typer
 from ao_resampling.config import ConfigError, ExperimentConfig, build_config
 from ao_resampling.errors import EXIT_CALLS_FAILED, EXIT_INTERRUPTED, AOResamplingError
 from ao_resampling.store import folder_lock, require_folder
-from ao_resampling.redaction import is_redacted_url
+from ao_resampling.redaction import is_redacted_url, redact
 from ao_resampling.results import RESULTS_NAME, ResultsError
 
 if TYPE_CHECKING:  # pipeline imports torch: only the commands that run it load it
@@ -120,7 +120,7 @@ def guarded(command: Callable[..., None]) -> Callable[..., None]:
         try:
             command(*args, **kwargs)
         except AOResamplingError as e:
-            typer.secho(f"error: {e}", fg="red", err=True)
+            typer.secho(f"error: {redact(str(e))}", fg="red", err=True)  # a message may quote a URL as it was typed
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             typer.secho("\ninterrupted (Ctrl-C): everything finished before it is kept in the run folder; "

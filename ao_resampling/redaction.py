@@ -16,7 +16,9 @@ REDACTED = "REDACTED"
 # Names of parameters whose values are secrets: API keys, tokens, signatures, OAuth codes, access keys ...
 _SECRET_PARAM_RE = re.compile(r"key|token|secret|password|passwd|pwd|sig|auth|access|code|credential|session",
                               re.IGNORECASE)
-_URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+_SCHEME = r"[A-Za-z][A-Za-z0-9+.-]*://"
+# A URL runs to a space or quote, or to where the next one starts ("--vary judge_base_url=URL1,URL2").
+_URL_RE = re.compile(rf"{_SCHEME}(?:(?!{_SCHEME})[^\s'\"<>])+")
 _PATH_PARAM_RE = re.compile(r";([^;/?#=]*)=([^;/?#]*)")
 
 

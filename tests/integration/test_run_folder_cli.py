@@ -472,3 +472,11 @@ def test_sweep_errors_are_one_line_not_a_traceback(tmp_path):
     assert result.exit_code == EXIT_USAGE, result.output
     assert "error: give --vary or --conditions, not both" in result.output
     assert isinstance(result.exception, SystemExit)
+
+
+def test_an_error_quoting_a_judge_url_prints_it_without_credentials(tmp_path):
+    url = "https://me:hunter2@api.example.com/v1"
+    result = invoke("sweep", "--vary", f"judge_base_url={url},{url}", "--out", str(tmp_path / "sweep"))
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert "given twice" in result.output and "REDACTED@api.example.com" in result.output
+    assert "hunter2" not in result.output

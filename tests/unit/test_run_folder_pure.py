@@ -86,6 +86,7 @@ def test_redact_finds_every_url_in_a_command_line():
     assert redact(line) == ("ao-resampling sweep --judge-base-url https://REDACTED@h/v1#token=REDACTED --set "
                             "judge_base_url=http://h2/v1?api_key=REDACTED --vary temperature=0.3,1")
     assert redact({"a": [line], "n": 3}) == {"a": [redact(line)], "n": 3}
+    assert redact("x=https://a:1@h/v1,https://b:2@h/v2") == "x=https://REDACTED@h/v1,https://REDACTED@h/v2"
 
 
 def test_dump_results_never_writes_url_credentials():
