@@ -26,7 +26,7 @@ import typer
 from ao_resampling.config import ConfigError, ExperimentConfig, build_config
 from ao_resampling.errors import EXIT_CALLS_FAILED, EXIT_INTERRUPTED, AOResamplingError
 from ao_resampling.store import folder_lock, require_folder
-from ao_resampling.redaction import is_redacted_url
+from ao_resampling.redaction import is_redacted_url, redact
 from ao_resampling.results import RESULTS_NAME, ResultsError
 
 if TYPE_CHECKING:  # pipeline imports torch: only the commands that run it load it
@@ -120,7 +120,7 @@ def guarded(command: Callable[..., None]) -> Callable[..., None]:
         try:
             command(*args, **kwargs)
         except AOResamplingError as e:
-            typer.secho(f"error: {e}", fg="red", err=True)
+            typer.secho(f"error: {redact(str(e))}", fg="red", err=True)  # a message may quote a URL as it was typed
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             typer.secho("\ninterrupted (Ctrl-C): everything finished before it is kept in the run folder; "
@@ -130,10 +130,12 @@ def guarded(command: Callable[..., None]) -> Callable[..., None]:
     return wrapper
 
 
-def _exit_if_calls_failed(folder: Path, n_failed: int, command: str) -> None:
+def _exit_if_calls_failed(folder: Path, n_failed: int, command: str, where: str | None = None) -> None:
+    """``where``: the file(s) the failures are recorded in (default: the folder's results.json)."""
     if n_failed:
-        typer.secho(f"{n_failed} judge call(s) failed; each is recorded with its reason in {folder / RESULTS_NAME}. "
-                    f"Re-run {command} to retry them (exit code {EXIT_CALLS_FAILED}).", fg="yellow", err=True)
+        typer.secho(f"{n_failed} judge call(s) failed; each is recorded with its reason in "
+                    f"{where or folder / RESULTS_NAME}. Re-run {command} to retry them (exit code "
+                    f"{EXIT_CALLS_FAILED}).", fg="yellow", err=True)
         raise typer.Exit(EXIT_CALLS_FAILED)
 
 
@@ -195,7 +197,7 @@ def run(
         except pipeline.PipelineError as e:
             _fail(str(e))
         ranks.relaunch(gpus, sys.argv[1:])
-    judge = not no_judge
+    judge = config.judge and not no_judge  # `--set judge=false` (or the TOML's) is --no-judge
     if judge and preset == "demo":
         try:  # the demo judges only when the user has given it a way to
             check_judge_access(config)
@@ -278,6 +280,8 @@ def sweep(
                                    progress=not quiet, log=typer.echo)
     typer.echo(f"\n{len(planned)} conditions in {out_dir} (model loaded {outcome.model_loads} time(s))")
     typer.echo(f"sweep report: {outcome.report_dir / 'sweep_report.md'}")
+    _exit_if_calls_failed(out_dir, outcome.n_failed_calls, "the same sweep command",
+                          where=f"its condition's {RESULTS_NAME} under {out_dir}")
 
 
 @app.command()
@@ -300,9 +304,12 @@ def prepare(
     with folder_lock(out_dir) if writes else contextlib.nullcontext():
         store, table = prepare(config, out_dir)
     results = store.load()
-    typer.echo(f"{'target':<12} {'#tokens':>7} {'assistant_start_idx':>19}  token at index")
+    typer.echo(f"{'target':<12} {'#tokens':>7} {'assistant_start_idx':>19} {'read at':>9}  token(s) read "
+               f"({config.position_rule})")
     for row in table:
-        typer.echo(f"{row.target_id:<12} {row.n_tokens:>7} {row.assistant_start_idx:>19}  {row.token_at_idx!r}")
+        read_at = ",".join(map(str, row.read_positions))
+        typer.echo(f"{row.target_id:<12} {row.n_tokens:>7} {row.assistant_start_idx:>19} {read_at:>9}  "
+                   + " ".join(map(repr, row.tokens_read)))
     typer.echo(f"\nlayer {results.meta.layer} of {results.meta.num_layers}; questions: "
                + ", ".join(q.id for q in results.ao_questions))
     typer.echo(f"{len(results.runs)} runs planned in {store.results_path}")
@@ -399,7 +406,9 @@ def _open(results: Path, **overrides: Any):
     if results.suffix == ".json" and results.name != "results.json":
         store.results_path = results
     if not store.results_path.exists():
-        _fail(f"{store.results_path} does not exist")
+        from ao_resampling.sweep import sweep_folder_note
+
+        _fail(sweep_folder_note(folder) or f"{store.results_path} does not exist")
     meta_config = load_results_file(store.results_path).meta.config or {}
     base = {k: v for k, v in meta_config.items() if k in ExperimentConfig.model_fields}
     if is_redacted_url(base.get("judge_base_url")) and overrides.get("judge_base_url") is None:

@@ -250,7 +250,25 @@ def load_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read config file: {e}") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from e
-    return data.get("experiment", data)
+    if "experiment" not in data:
+        return relative_to_file(data, path)  # every key a setting: an unknown one is refused by the model, naming it
+    beside = sorted(set(data) - {"experiment"})
+    if beside:  # it would be silently ignored: the settings are read from [experiment] alone
+        raise ConfigError(f"{path}: {beside[0]!r} is beside the [experiment] table, where it would not be read; "
+                          "put every setting inside [experiment] (or use no table at all)")
+    if not isinstance(data["experiment"], dict):
+        raise ConfigError(f"{path}: 'experiment' must be a table ([experiment]) of settings")
+    return relative_to_file(data["experiment"], path)
+
+
+PATH_FIELDS = ("targets", "questions")  # the settings that are files (model and LoRA ids may be hub names)
+
+
+def relative_to_file(settings: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``settings`` with each relative file path in them taken from ``path``'s folder, as a TOML file means it (not
+    from wherever the command happens to run)."""
+    return {k: str(Path(path).parent / Path(v).expanduser()) if k in PATH_FIELDS and isinstance(v, str) else v
+            for k, v in settings.items()}
 
 
 def build_config(

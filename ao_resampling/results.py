@@ -74,7 +74,8 @@ def mark_stripped_text(response: dict[str, Any]) -> dict[str, Any]:
 
 
 class Verdict(_Model):
-    similarity_1_to_10: int = Field(ge=1, le=10)
+    # strict: true and "7" are not scores (lax mode would read them as 1 and 7), as the judge's parser refuses them
+    similarity_1_to_10: int = Field(ge=1, le=10, strict=True)
     rationale: str
 
 
@@ -119,6 +120,9 @@ class SpreadMetrics(_Model):
     mean_jaccard: float | None = None
 
 
+IdsHashing = Literal["compact_json", "comma_joined"]
+
+
 class Run(_Model):
     run_id: str
     target_id: str
@@ -129,12 +133,26 @@ class Run(_Model):
     position_rule: str = "assistant_start"
     context_input_ids: list[int]
     context_input_ids_sha256: str
+    context_input_ids_hashing: IdsHashing = Field(
+        "compact_json", description="what 'context_input_ids_sha256' hashes: 'compact_json' ([2,105,...], this "
+                                    "tool) or 'comma_joined' (2,105,..., the original resampling script)")
     oracle_input_ids: list[int] | None = None
     placeholder_positions: list[int] | None = None
     responses: list[Response] = []
     judge: JudgeRecord | None = None
     judge_repeats: list[JudgeRecord] = []
     spread: SpreadMetrics | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _which_hashing(cls, data: Any) -> Any:
+        # A run that does not say how its ids were hashed was hashed by this tool, or by the original script; which
+        # one is recorded, so a file written by another tool is never taken for one whose ids were changed.
+        if isinstance(data, dict) and "context_input_ids_hashing" not in data:
+            ids, stored = data.get("context_input_ids"), data.get("context_input_ids_sha256")
+            if isinstance(ids, list) and stored != sha256_of_ids(ids) and stored == comma_joined_sha256(ids):
+                return dict(data, context_input_ids_hashing="comma_joined")
+        return data
 
 
 class AOQuestion(_Model):
@@ -216,6 +234,9 @@ class Results(_Model):
             raise ValueError(f"schema_version must be an integer, got {version!r}")
         if version > SCHEMA_VERSION:
             raise ValueError(f"schema_version {version} is newer than this tool's ({SCHEMA_VERSION}); upgrade")
+        if version < 1:  # the single-script format has no schema_version at all; 0 or -1 is no format of ours
+            raise ValueError(f"schema_version {version} is not a version of this format (1 to {SCHEMA_VERSION}, or "
+                             "none for the original single-script format)")
         return _migrate_v1(data) if version < 2 else data
 
     @model_validator(mode="after")
@@ -225,6 +246,8 @@ class Results(_Model):
             first = next(i for i, run_id in enumerate(run_ids) if run_id in run_ids[:i])
             raise ValueError(f"duplicate run_id in 'runs': runs[{first}] ({run_ids[first]}) is also "
                              f"runs[{run_ids.index(run_ids[first])}]")
+        _one_content_per_id("targets", [(t.id, t.messages) for t in self.targets])
+        _one_content_per_id("ao_questions", [(q.id, q.text) for q in self.ao_questions])
         target_ids = {t.id for t in self.targets}
         question_ids = {q.id for q in self.ao_questions}
         for i, run in enumerate(self.runs):
@@ -236,6 +259,17 @@ class Results(_Model):
 
     def run_by_id(self) -> dict[str, Run]:
         return {r.run_id: r for r in self.runs}
+
+
+def _one_content_per_id(field: str, items: list[tuple[str, Any]]) -> None:
+    """An id names one target (question): two different ones under the same id would make every run of it ambiguous.
+    The same one listed twice is harmless."""
+    first: dict[str, int] = {}
+    for i, (item_id, content) in enumerate(items):
+        if item_id in first and items[first[item_id]][1] != content:
+            raise ValueError(f"duplicate id in '{field}': {field}[{i}] ({item_id}) differs from "
+                             f"{field}[{first[item_id]}] under the same id")
+        first.setdefault(item_id, i)
 
 
 def _migrate_v0(data: dict[str, Any]) -> dict[str, Any]:
@@ -284,6 +318,14 @@ def sha256_of_ids(ids: Iterable[int]) -> str:
     return hashlib.sha256(json.dumps(list(ids), separators=(",", ":")).encode()).hexdigest()
 
 
+def comma_joined_sha256(ids: Iterable[Any]) -> str:
+    """The original resampling script's hash: sha256 of ``",".join(str(i) for i in ids)`` (utf-8)."""
+    return hashlib.sha256(",".join(str(i) for i in ids).encode()).hexdigest()
+
+
+IDS_HASHES = {"compact_json": sha256_of_ids, "comma_joined": comma_joined_sha256}
+
+
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
@@ -297,9 +339,9 @@ def run_integrity_problems(run: Run) -> list[str]:
     stored, ids = run.context_input_ids_sha256, run.context_input_ids
     if not _SHA256_HEX.fullmatch(stored):
         problems.append(f"field 'context_input_ids_sha256': expected 64 lower-case hex digits, got {stored!r}")
-    elif stored != sha256_of_ids(ids):
-        problems.append("field 'context_input_ids_sha256': does not match 'context_input_ids' (the ids were changed "
-                        "after they were hashed)")
+    elif stored != IDS_HASHES[run.context_input_ids_hashing](ids):
+        problems.append("field 'context_input_ids_sha256': does not match 'context_input_ids' hashed as "
+                        f"{run.context_input_ids_hashing} (the ids were changed after they were hashed)")
     if not 0 <= run.assistant_start_idx < len(ids):
         problems.append(f"field 'assistant_start_idx': {run.assistant_start_idx} is outside the "
                         f"{len(ids)} context_input_ids")

@@ -10,10 +10,11 @@ The journal is a file format of its own, typed and versioned like ``results.json
 parsing, the migration of unversioned lines) are in ``events.py``; replay here names a bad line by file and line.
 
 One writer per run folder: ``folder_lock`` holds an exclusive ``flock`` on ``<folder>/.lock`` while a command works,
-so a second ``run``/``judge``/``baseline``/``report`` stops at once naming the holder (pid, command, start time, which
-the holder writes into the file) instead of redoing the same GPU or judge work. The kernel releases the lock when the
-holder exits however it exits (kill -9 included). Under torchrun only rank 0 takes it (cli.py); the other ranks write
-only their own rank journals and meet rank 0 at every step, so while rank 0 holds the folder, the whole group does.
+so a second ``run``/``judge``/``baseline``/``report`` stops at once naming the holder (pid, command with its URLs'
+credentials redacted, start time, which the holder writes into the file, readable by its owner alone) instead of
+redoing the same GPU or judge work. The kernel releases the lock when the holder exits however it exits (kill -9
+included). Under torchrun only rank 0 takes it (cli.py); the other ranks write only their own rank journals and meet
+rank 0 at every step, so while rank 0 holds the folder, the whole group does.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ao_resampling.errors import EXIT_BUSY, AOResamplingError
+from ao_resampling.redaction import redact
 from ao_resampling.events import (
     BaselineJudgeEvent, BaselineResponsesEvent, BaselineSpreadEvent, JournalEvent, JudgeEvent, JudgeRepeatEvent,
     ResponsesEvent, event_line, parse_event,
@@ -159,6 +161,7 @@ def apply_event(results: Results, event: JournalEvent, runs: dict[str, Run]) -> 
     if run is None:
         raise ResultsError(f"journal event {event.type!r} names run_id {event.run_id!r}, which is not in the plan")
     if isinstance(event, ResponsesEvent):
+        check_planned_answers(results, event)
         run.responses = list(event.responses)
     elif isinstance(event, JudgeEvent):
         run.judge = supersede(run.judge, event.record)
@@ -169,6 +172,25 @@ def apply_event(results: Results, event: JournalEvent, runs: dict[str, Run]) -> 
             supersede(old, record)]
     else:
         run.spread = event.spread
+
+
+def check_planned_answers(results: Results, event: ResponsesEvent) -> None:
+    """Answers made with other decoding, or another number of them, belong to another plan (a journal copied from
+    another folder, or left by another version): folded in, they would be read as this plan's. Compared with what
+    the plan records (``meta.decoding``, ``meta.config.samples_per_query``); a value one side leaves open is not
+    compared."""
+    n = (results.meta.config or {}).get("samples_per_query")
+    if type(n) is int and len(event.responses) != n:
+        raise ResultsError(f"field 'responses' of run_id {event.run_id!r}: {len(event.responses)} answers, but the "
+                           f"plan (meta.config.samples_per_query) has {n}; they were made for another plan")
+    planned = results.meta.decoding.model_dump() if results.meta.decoding is not None else {}
+    for i, response in enumerate(event.responses):
+        made = response.decoding.model_dump()
+        for key in sorted(set(planned) & set(made)):
+            if None not in (planned[key], made[key]) and planned[key] != made[key]:
+                raise ResultsError(f"field 'responses.{i}.decoding.{key}' of run_id {event.run_id!r}: "
+                                   f"{made[key]!r}, but the plan (meta.decoding) has {planned[key]!r}; these answers "
+                                   "were made with other decoding")
 
 
 def _apply_baseline_event(
@@ -263,8 +285,8 @@ class NotAFolderError(AOResamplingError):
 def holder_description(text: str) -> str:
     """'pid 123 (ao-resampling judge ..., since ...)' from a lock file's JSON, or a fallback for anything else."""
     try:
-        info = json.loads(text)
-        return f"pid {info['pid']} ({info['command']}, since {info['started_at']})"
+        info = json.loads(text)  # redacted again: a lock written by an older version holds the command as typed
+        return f"pid {info['pid']} ({redact(info['command'])}, since {info['started_at']})"
     except (ValueError, KeyError, TypeError):
         return "another process (it has not said which yet)"
 
@@ -285,8 +307,10 @@ def folder_lock(folder: Path, command: str | None = None) -> Iterator[None]:
     folder = Path(folder)
     require_folder(folder)
     path = folder / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # close-on-exec: an exec'd torchrun does not inherit it
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)  # close-on-exec: an exec'd torchrun does not inherit it
     try:
+        with contextlib.suppress(PermissionError):  # one made 0644 by an older version; another user's stays as it is
+            os.fchmod(fd, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -295,7 +319,7 @@ def folder_lock(folder: Path, command: str | None = None) -> Iterator[None]:
                 f"{folder} is in use by {holder}: one process at a time works on a run folder. Wait for it to "
                 f"finish (or stop it), then re-run; a killed holder releases the folder by itself."
             ) from None
-        info = {"pid": os.getpid(), "command": command or " ".join(["ao-resampling", *sys.argv[1:]]),
+        info = {"pid": os.getpid(), "command": redact(command or " ".join(["ao-resampling", *sys.argv[1:]])),
                 "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)

@@ -28,8 +28,9 @@ from pydantic import ValidationError
 
 from ao_resampling import pipeline
 from ao_resampling.engine.loading import models
-from ao_resampling.config import ExperimentConfig, diff_settings
+from ao_resampling.config import ExperimentConfig, diff_settings, relative_to_file
 from ao_resampling.errors import AOResamplingError, describe_problems
+from ao_resampling.redaction import redact
 from ao_resampling.results import read_json_file
 from ao_resampling.stages.plan import prepare
 from ao_resampling.store import ResultsStore, atomic_write_text, folder_lock
@@ -105,23 +106,27 @@ def load_conditions_toml(path: Path) -> list[dict[str, Any]]:
     conditions = data.get("condition")
     if not isinstance(conditions, list) or not conditions or not all(isinstance(c, dict) for c in conditions):
         raise SweepError(f"{path}: expected one or more [[condition]] tables of settings")
+    beside = sorted(set(data) - {"condition"})
+    if beside:  # base settings go in --config or --set; here they would be silently ignored
+        raise SweepError(f"{path}: {beside[0]!r} is beside the [[condition]] tables; a conditions file holds only "
+                         "[[condition]] tables (give settings shared by every condition with --config or --set)")
     for i, condition in enumerate(conditions):
         for name in condition:
             check_field(name, where=f"{path}: condition {i + 1}")
-    return conditions
+    return [relative_to_file(c, path) for c in conditions]
 
 
 def condition_name(overrides: dict[str, Any]) -> str:
     """A folder name that says the settings: ``temperature=0.3__position_rule=window-3``."""
     if not overrides:
         return "base"
-    parts = [f"{k}={v}" for k, v in overrides.items()]
+    parts = [f"{k}={redact(str(v))}" for k, v in overrides.items()]  # a judge_base_url's credentials stay out
     return re.sub(r"[^A-Za-z0-9._=-]+", "-", "__".join(parts))
 
 
 def plan_conditions(base: ExperimentConfig, overrides: Sequence[dict[str, Any]]) -> list[Condition]:
     """Each condition's full config, validated up front: no condition fails after the others have run."""
-    out, names = [], set()
+    out, names, resolved = [], set(), {}
     for i, o in enumerate(overrides):
         name = condition_name(o)
         if name in names:
@@ -131,6 +136,13 @@ def plan_conditions(base: ExperimentConfig, overrides: Sequence[dict[str, Any]])
             config = ExperimentConfig(**{**base.model_dump(), **o})
         except ValidationError as e:
             raise SweepError(f"condition {name}: {describe_problems(e, root='<config>')}") from e
+        # Compared as the config resolved them: temperature 1 and 1.0, window:2 and window:02 are one condition.
+        same = json.dumps(config.model_dump(mode="json"), sort_keys=True)
+        if same in resolved:
+            read = ", ".join(f"{k}={redact(str(getattr(config, k)))}" for k in o) or "the base settings"
+            raise SweepError(f"conditions {resolved[same]} and {name} are the same settings once read ({read}); "
+                             "give each condition once")
+        resolved[same] = name
         out.append(Condition(name, dict(o), config))
     return out
 
@@ -146,7 +158,7 @@ def manifest(base: ExperimentConfig, conditions: Sequence[Condition]) -> dict[st
         "manifest_version": MANIFEST_VERSION,
         "settings": base.settings_that_change_results(),
         "varied": varied_fields(conditions),
-        "conditions": [{"name": c.name, "overrides": c.overrides, "folder": c.name} for c in conditions],
+        "conditions": [{"name": c.name, "overrides": redact(c.overrides), "folder": c.name} for c in conditions],
     }
 
 
@@ -199,6 +211,7 @@ class SweepOutcome:
     model_loads: int
     load_s: float = 0.0
     report_dir: Path | None = None
+    n_failed_calls: int = 0  # judge calls whose latest record is a failure, over every condition
 
 
 def prepare_all(conditions: Sequence[Condition], out_dir: Path) -> dict[str, ResultsStore]:
@@ -254,9 +267,29 @@ def _run_locked(base: ExperimentConfig, conditions: Sequence[Condition], out_dir
         log(f"[sweep {i}/{len(conditions)}] done: {timings}")
     from ao_resampling.analysis.sweep_report import write_sweep_report
 
-    outcome.report_dir = write_sweep_report(Path(out_dir), *load_condition_results(Path(out_dir)),
-                                            seed=base.bootstrap_seed, n_boot=base.bootstrap_resamples)
+    man, results = load_condition_results(Path(out_dir))
+    outcome.report_dir = write_sweep_report(Path(out_dir), man, results, seed=base.bootstrap_seed,
+                                            n_boot=base.bootstrap_resamples)
+    if judge:
+        from ao_resampling.stages.judge import failed_calls
+
+        outcome.n_failed_calls = sum(failed_calls(r) for r in results.values())
     return outcome
+
+
+def sweep_folder_note(folder: Path) -> str | None:
+    """What to say when a command for one run folder is given a sweep folder (None when ``folder`` is not one)."""
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        names = [str(c["folder"]) for c in read_json_file(path)["conditions"]]
+    except (AOResamplingError, KeyError, TypeError):
+        names = []
+    shown = ", ".join(str(Path(folder) / n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
+    return (f"{folder} is a sweep folder ({MANIFEST_NAME}), not a run folder: give one condition's folder"
+            + (f" ({shown})" if shown else "") + f"; the sweep's own report is {Path(folder) / 'report'} (re-run the "
+            "sweep command to write it again)")
 
 
 def load_condition_results(out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:

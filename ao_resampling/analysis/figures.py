@@ -29,6 +29,9 @@ EMBEDDING_PLOTS: dict[str, Callable[[Results], Figure]] = {
     "C_embedding_per_question.png": plots.embedding_per_question,
 }
 JUDGE_VS_EMBEDDING = "judge_vs_embedding.png"
+BASELINE_VS_AO, BASELINE_VS_AO_EMBEDDING = "baseline_vs_ao.png", "baseline_vs_ao_embedding.png"
+# Every figure a report may hold: a report written again into the same folder removes those it no longer draws.
+FIGURE_NAMES = frozenset([*JUDGE_PLOTS, *EMBEDDING_PLOTS, JUDGE_VS_EMBEDDING, BASELINE_VS_AO, BASELINE_VS_AO_EMBEDDING])
 
 
 def judge_plots(results: Results) -> dict[str, Callable[[Results], Figure]]:
@@ -47,9 +50,9 @@ def baseline_plots(results: Results) -> dict[str, Callable[[Results], Figure]]:
         return {}
     out: dict[str, Callable[[Results], Figure]] = {}
     if judge_comparison(results).n:
-        out["baseline_vs_ao.png"] = plots.baseline_vs_ao
+        out[BASELINE_VS_AO] = plots.baseline_vs_ao
     if embedding_comparison(results).n:
-        out["baseline_vs_ao_embedding.png"] = plots.baseline_vs_ao_embedding
+        out[BASELINE_VS_AO_EMBEDDING] = plots.baseline_vs_ao_embedding
     return out
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ao_resampling.analysis.figures import JUDGE_VS_EMBEDDING, PLOT_SETS
+from ao_resampling.analysis.figures import FIGURE_NAMES, JUDGE_VS_EMBEDDING, PLOT_SETS
 from ao_resampling.analysis.stats import embedding_similarities, judge_counts, judge_scores
 from ao_resampling.analysis.summary import summarize, target_text
 from ao_resampling.results import Baseline, Results, Run
@@ -70,7 +70,9 @@ def header_section(ctx: ReportContext) -> str:
         reasons = ", ".join(f"{k}: {v}" for k, v in s["judge_failures"].items())
         lines.append(f"- **Judge failures:** {s['n_judge_failures']} judge calls failed ({reasons}); those runs are "
                      f"left out of every score (a failure is not a low score).")
-    if not s["n_unjudged"] and not s["n_judge_failures"]:
+    if not s["n_runs"]:
+        lines.append("- **Empty:** this file holds no runs, so there is nothing to judge or report yet.")
+    elif not s["n_unjudged"] and not s["n_judge_failures"]:
         lines.append(f"All {s['n_runs']} runs are judged.")
     return "\n".join(lines)
 
@@ -350,6 +352,8 @@ def write_report(results: Results, out_dir: Path, *, seed: int = 0, n_boot: int 
         for name, make in plot_set(results).items():
             make(results).savefig(out_dir / name, dpi=dpi)
             written[name] = out_dir / name
+    for stale in FIGURE_NAMES - set(written):  # an earlier report's figure beside this one would read as its own
+        (out_dir / stale).unlink(missing_ok=True)
     summary = summarize(results, seed=seed, n_boot=n_boot)
     summary_path, report_path = out_dir / SUMMARY_NAME, out_dir / REPORT_NAME
     atomic_write_text(summary_path, json.dumps(summary, indent=2, ensure_ascii=False, allow_nan=False) + "\n")

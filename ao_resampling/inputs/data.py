@@ -70,8 +70,8 @@ def _open(path: Path | str | None, builtin_name: str) -> tuple[str, str, str]:
     path = Path(path)
     # str(path) rather than path.name: the user sees the path as they typed it, which tells two targets.json apart.
     source = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
+    try:  # -sig: an editor's byte-order mark is no part of the first question (or JSON's first character)
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{source}: cannot read file: {e}") from e
     return text, source, path.suffix.lower()

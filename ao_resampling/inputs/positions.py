@@ -47,22 +47,35 @@ def resolve(rule: PositionRule, marks: Landmarks, *, target_id: str = "<target>"
     return indices
 
 
+# Stands in for the last user message's content to find where the template puts it; no real text holds it.
+_CONTENT_MARK = "\x00ao-resampling:last-user-content\x00"
+
+
 def last_user_token_index(tokenizer: Any, messages: Sequence[dict[str, str]], input_ids: Sequence[int], *,
                           target_id: str = "<target>") -> int:
     """Index of the last token of the last user message's content in ``input_ids`` (the encoding with the prompt).
 
-    The rendered text up to the end of that content, tokenized alone, must be an exact prefix of the ids (as in
-    oracle.py): then its last token is the one wanted, whatever the template puts around the content.
+    The content is located by the turn's boundaries, not by searching its text (an assistant reply that repeats the
+    user's words would be found instead): the conversation is rendered again with that content replaced by a mark,
+    and what the template puts before and after the mark is the same around the real content. The rendered text up
+    to the content's end (its surrounding whitespace left out), tokenized alone, must be an exact prefix of the ids
+    (as in oracle.py): then its last token is the one wanted.
     """
-    users = [m for m in messages if m["role"] == "user"]
-    if not users or not users[-1]["content"].strip():
+    last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+    if last is None or not messages[last]["content"].strip():
         raise PositionError(f"target {target_id!r}: no user message with content, so no last user token")
     text = render(tokenizer, messages, add_generation_prompt=True)
-    content = users[-1]["content"].rstrip()  # the template trims the content's end
-    end = text.rfind(content)
-    if end < 0:
-        raise PositionError(f"target {target_id!r}: the last user message is not found in the rendered template")
-    head = tokenize(tokenizer, text[: end + len(content)])
+    marked = render(tokenizer, [*messages[:last], dict(messages[last], content=_CONTENT_MARK), *messages[last + 1:]],
+                    add_generation_prompt=True)
+    before, mark, after = marked.partition(_CONTENT_MARK)
+    if not mark or _CONTENT_MARK in after or not (text.startswith(before) and text.endswith(after)):
+        raise PositionError(f"target {target_id!r}: the chat template does not render the last user message's "
+                            "content as given, so its last token cannot be located")
+    content = text[len(before):len(text) - len(after)]
+    if not content.strip():
+        raise PositionError(f"target {target_id!r}: the template renders the last user message empty")
+    end = len(before) + len(content.rstrip())
+    head = tokenize(tokenizer, text[:end])
     if list(input_ids[: len(head)]) != head:
         raise PositionError(f"target {target_id!r}: the tokens up to the last user token are not a prefix of the "
                             "encoding (the tokenizer merges across the end of the user message)")

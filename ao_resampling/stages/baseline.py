@@ -22,7 +22,7 @@ from ao_resampling.config import Decoding, ExperimentConfig
 from ao_resampling.errors import AOResamplingError
 from ao_resampling.engine.decoding.sampler import Query, Sample
 from ao_resampling.stages.generate import load_oracle, loaded_decoding, make_sampler, run_sampler, to_responses
-from ao_resampling.stages.judge import judge_prompt, make_client, run_calls
+from ao_resampling.stages.judge import check_one_judge, judge_prompt, make_client, run_calls
 from ao_resampling.stages.judge_prompt import data_blocks, escape, judge_call_id, numbered_blocks, verdict_request
 from ao_resampling.stages.spread import Encoder, missing_spreads
 from ao_resampling.results import Baseline, JudgeRecord, Results, TargetMessage
@@ -222,7 +222,9 @@ def judge_baseline(store: ResultsStore, config: ExperimentConfig, *, client: Any
                    report: BaselineStageReport | None = None, progress: bool = True) -> BaselineStageReport:
     """One judge call per sampled target without a verdict, concurrently, each record journaled as it lands."""
     report = report if report is not None else BaselineStageReport()
-    jobs, report.n_already_judged = plan_baseline_judge_calls(store.load())
+    results = store.load()
+    check_one_judge(results, config, store.results_path)
+    jobs, report.n_already_judged = plan_baseline_judge_calls(results)
     if not jobs:
         return report
     client = client if client is not None else make_client(config)

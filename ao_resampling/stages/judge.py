@@ -24,7 +24,8 @@ from typing import Any
 import openai
 from tqdm.auto import tqdm
 
-from ao_resampling.errors import AOResamplingError
+from ao_resampling.errors import AOResamplingError, PipelineError
+from ao_resampling.redaction import redact
 from ao_resampling.config import ExperimentConfig
 from ao_resampling.results import FailureReason, JudgeFailure, JudgeRecord, Results, Verdict
 from ao_resampling.events import judge_event
@@ -150,6 +151,11 @@ def _scrub(text: str | None, secret: str | None) -> str | None:
     return text.replace(secret, "[api key redacted]")
 
 
+def _detail(text: str, secret: str | None) -> str:
+    """A failure's detail as stored: an error may quote the URL it was sent to, credentials and all."""
+    return _scrub(redact(text), secret)
+
+
 def _describe(e: Exception) -> tuple[str | None, str]:
     """(raw body, detail) for an API exception; the body is whatever the server said, when it said anything."""
     if isinstance(e, openai.APIStatusError):
@@ -199,7 +205,7 @@ def judge_prompt(
         prompt=prompt,
         raw_output=_scrub(raw, secret),
         parsed=parsed,
-        failure=JudgeFailure(reason=failure[0], detail=_scrub(failure[1], secret)) if failure else None,
+        failure=JudgeFailure(reason=failure[0], detail=_detail(failure[1], secret)) if failure else None,
         api=api,
         answer_order=list(answer_order) if answer_order is not None else None,
         latency_s=latency_s,
@@ -281,11 +287,16 @@ def _failures(by_reason: dict[str, int]) -> str:
     return f", {sum(by_reason.values())} failed (" + ", ".join(f"{k} {v}" for k, v in sorted(by_reason.items())) + ")"
 
 
-def failed_calls(results: Results) -> int:
-    """Judge calls whose latest record is a failure (AO runs, their repeats, the baseline): what a re-run retries."""
+def latest_records(results: Results) -> list[JudgeRecord]:
+    """The latest record of every judge call made (AO runs, their repeats, the baseline)."""
     records = [r.judge for r in results.runs] + [rep for r in results.runs for rep in r.judge_repeats]
     records += [r.judge for r in results.baseline.runs] if results.baseline else []
-    return sum(1 for r in records if r is not None and r.failure is not None)
+    return [r for r in records if r is not None]
+
+
+def failed_calls(results: Results) -> int:
+    """Judge calls whose latest record is a failure: what a re-run retries."""
+    return sum(1 for r in latest_records(results) if r.failure is not None)
 
 
 # The judge settings a ``judge`` or ``run`` may change on an existing folder (none of them changes a verdict's
@@ -300,12 +311,32 @@ def with_judge_settings(meta_config: dict[str, Any] | None, config: ExperimentCo
     return {**(meta_config or {}), **{k: used[k] for k in JUDGE_PLUMBING}}
 
 
+def judge_models(results: Results) -> set[str]:
+    """Every judge model a folder names: meta (planned and configured) and each judge record, failed ones included."""
+    models = {m for r in latest_records(results) for m in [r.model, *(f.model for f in r.previous_failures)]}
+    models.add(results.meta.judge_model)
+    models.add((results.meta.config or {}).get("judge_model"))
+    return {m for m in models if isinstance(m, str)}
+
+
+def check_one_judge(results: Results, config: ExperimentConfig, source: Any) -> None:
+    """Refuse a judge model other than the folder's: its verdicts would join the same score distribution, while meta
+    and the report name only one judge (as ``run`` refuses any other result-changing setting)."""
+    others = sorted(judge_models(results) - {config.judge_model})
+    if others:
+        raise PipelineError(
+            f"{source} is judged by {', '.join(map(repr, others))}; judging it with {config.judge_model!r} would mix "
+            f"two judges' verdicts in one distribution. Use --judge-model {others[0]!r} to continue, or run the "
+            "experiment again into another --out folder with the other judge.")
+
+
 def judge_stage(
     store: ResultsStore, config: ExperimentConfig, *, client: Any = None, progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> JudgeStageReport:
     """Judge every run that has answers and no verdict yet (plus owed repeats), journaling each record as it lands."""
     results: Results = store.load()
+    check_one_judge(results, config, store.results_path)
     questions = {q.id: q.text for q in results.ao_questions}
     jobs, skipped = plan_judge_calls(
         results.runs, questions=questions, repeats=config.judge_repeats, repeat_fraction=config.judge_repeat_fraction

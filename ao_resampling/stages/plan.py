@@ -54,10 +54,13 @@ def now() -> str:
 
 @dataclass(frozen=True)
 class PlanRow:
+    """One target in ``prepare``'s table: where its assistant turn starts and what the position rule reads."""
+
     target_id: str
     n_tokens: int
     assistant_start_idx: int
-    token_at_idx: str
+    read_positions: list[int]  # the rule's token indices (``runs[].context_positions``)
+    tokens_read: list[str]  # the tokens at those indices
 
 
 def build_plan(config: ExperimentConfig, tokenizer) -> tuple[Results, list[PlanRow]]:
@@ -78,8 +81,8 @@ def build_plan(config: ExperimentConfig, tokenizer) -> tuple[Results, list[PlanR
         messages = [m.model_dump() for m in target.messages]
         enc = encode_target(tokenizer, messages, target_id=target.id)
         read = resolve(rule, landmarks_of(tokenizer, messages, enc, rule, target_id=target.id), target_id=target.id)
-        table.append(PlanRow(target.id, len(enc.input_ids), enc.assistant_start_idx,
-                             tokenizer.convert_ids_to_tokens(enc.input_ids[enc.assistant_start_idx])))
+        table.append(PlanRow(target.id, len(enc.input_ids), enc.assistant_start_idx, read,
+                             tokenizer.convert_ids_to_tokens([enc.input_ids[i] for i in read])))
         for q in questions:
             oq = oracle_queries[q.id]
             runs.append(Run(

@@ -16,7 +16,7 @@ from ao_resampling.engine.loading import models
 from ao_resampling.cli import app
 from ao_resampling.results import load_results_file
 
-ROW = re.compile(r"^(q\d{3})\s+(\d+)\s+(\d+)\s+(.+)$", re.M)
+ROW = re.compile(r"^(q\d{3})\s+(\d+)\s+(\d+)\s+([\d,]+)\s+(.+)$", re.M)
 PREPARE_27B = ["prepare", "--preset", "experiment", "--model", "synthetic:gemma-3-27b", "--oracle-lora", "random"]
 PREPARE_TINY = ["prepare", "--preset", "experiment", "--model", "synthetic:tiny", "--oracle-lora", "random"]
 
@@ -61,14 +61,14 @@ def test_prepare_prints_the_read_position_of_every_target(prepared, gemma_tokeni
     assert result.exit_code == 0, result.output
     rows = ROW.findall(result.output)
     assert len(rows) == 100 and [r[0] for r in rows] == [f"q{i:03d}" for i in range(1, 101)]
-    assert {r[3] for r in rows} == {"'<start_of_turn>'"}
+    assert {r[4] for r in rows} == {"'<start_of_turn>'"} and all(r[3] == r[2] for r in rows)
 
     results = load_results_file(out / "results.json")
     assert len(results.runs) == 1000 and len(results.ao_questions) == 10
     assert (results.meta.layer, results.meta.num_layers) == (31, 62)
     assert "layer 31 of 62" in result.output and "1000 runs planned" in result.output
     start_of_turn = gemma_tokenizer.convert_tokens_to_ids("<start_of_turn>")
-    table = {target_id: (int(n), int(idx)) for target_id, n, idx, _ in rows}
+    table = {target_id: (int(n), int(idx)) for target_id, n, idx, _, _ in rows}
     for run in results.runs:
         assert table[run.target_id] == (len(run.context_input_ids), run.assistant_start_idx)
         assert run.context_input_ids[run.assistant_start_idx] == start_of_turn
@@ -108,6 +108,20 @@ def test_bad_targets_file_exits_2_naming_file_and_field(tmp_path, targets, field
     assert result.exit_code == 2
     assert str(path) in result.output and field in result.output
     assert not (tmp_path / "plan" / "results.json").exists()
+
+
+@pytest.mark.parametrize("rule", ["window:3", "last_user_token"])
+def test_prepare_table_shows_the_tokens_the_position_rule_reads(tmp_path, gemma_tokenizer, rule):
+    out = tmp_path / "plan"
+    result = invoke(*PREPARE_TINY, "--set", "num_targets=3", "--set", f"position_rule={rule}", "--out", out)
+    assert result.exit_code == 0, result.output
+    shown = {line.split()[0]: line for line in result.output.splitlines()[1:4]}
+    assert f"token(s) read ({rule})" in result.output.splitlines()[0]
+    for run in load_results_file(out / "results.json").runs:  # independent: the plan's ids and positions
+        tokens = gemma_tokenizer.convert_ids_to_tokens([run.context_input_ids[i] for i in run.context_positions])
+        assert shown[run.target_id].split(None, 4)[3:] == [",".join(map(str, run.context_positions)),
+                                                           " ".join(map(repr, tokens))]
+        assert tokens != ["<start_of_turn>"]
 
 
 def test_set_reaches_fields_that_also_have_flags(tmp_path):

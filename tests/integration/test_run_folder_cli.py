@@ -196,6 +196,23 @@ def test_rejudge_keeps_the_earlier_failure_as_history(tmp_path, openai_server):
     assert len(openai_server.requests) == 2
 
 
+@pytest.mark.parametrize("judged_by", ["verdicts", "meta"])
+def test_judge_with_another_judge_model_is_refused_naming_both(tmp_path, openai_server, judged_by):
+    results = make_results([[7], [None]])  # t1 judged by gpt-5-mini, t2 owed a verdict
+    if judged_by == "meta":  # judged by nobody yet, but planned (and configured) for gpt-5-mini
+        results = make_results([[None], [None]])
+        results.meta.config = {"judge_model": "gpt-5-mini"}
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / RESULTS_NAME).write_text(dump_results(results))
+    before = (folder / RESULTS_NAME).read_text()
+    result = invoke("judge", str(folder), "--judge-model", "other-judge", "--judge-api", "chat",
+                    "--judge-base-url", openai_server.base_url, "--quiet")
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert "error: " in result.output and "'gpt-5-mini'" in result.output and "'other-judge'" in result.output
+    assert openai_server.requests == [] and (folder / RESULTS_NAME).read_text() == before
+
+
 def test_credentials_in_the_judge_url_are_used_but_never_written(tmp_path, openai_server):
     folder = write_folder(tmp_path / "run", 1)
     url = openai_server.base_url.replace("http://", "http://alice:s3cr3t-pass@")
@@ -306,6 +323,23 @@ def test_run_with_failed_judge_calls_exits_3(tmp_path):
     assert all(r.judge.failure.reason == "api_error" for r in load_results_file(out / RESULTS_NAME).runs)
 
 
+@pytest.mark.parametrize("how", ["set", "toml"])
+def test_run_with_judge_false_in_the_settings_sends_no_judge_call(tmp_path, openai_server, how):
+    out = tmp_path / "run"
+    toml = tmp_path / "settings.toml"
+    toml.write_text("judge = false\n")
+    off = ["--set", "judge=false"] if how == "set" else ["--config", str(toml)]
+    result = invoke("run", "--preset", "experiment", "--model", "synthetic:tiny", "--oracle-lora", "random",
+                    "--device", "cpu", "--dtype", "float32", "--num-targets", "1", "--num-questions", "2",
+                    "--samples", "2", "--max-new-tokens", "4", "--embedding-model", "none", "--judge-api", "chat",
+                    "--judge-base-url", openai_server.base_url, *off, "--out", str(out), "--quiet")
+    assert result.exit_code == 0, result.output
+    assert openai_server.requests == []
+    results = load_results_file(out / RESULTS_NAME)
+    assert results.meta.config["judge"] is False
+    assert [r.judge for r in results.runs] == [None, None] and all(len(r.responses) == 2 for r in results.runs)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Only the tool's own journals
 
@@ -333,6 +367,31 @@ def test_only_the_tools_own_journals_are_replayed_and_deleted(tmp_path):
     assert backup.read_text() == mine
 
 
+def test_the_lock_holds_no_credentials_and_only_its_owner_reads_it(tmp_path):
+    from ao_resampling.store import FolderBusyError, folder_lock
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / ".lock").write_text("")
+    (folder / ".lock").chmod(0o644)  # as an older version left it
+    typed = "ao-resampling judge run --judge-base-url https://me:hunter2@api.example.com/v1#token=t0k3n"
+    with folder_lock(folder, command=typed):
+        lock = folder / ".lock"
+        assert oct(lock.stat().st_mode & 0o777) == oct(0o600)
+        text = lock.read_text()
+        assert "hunter2" not in text and "t0k3n" not in text
+        assert "https://REDACTED@api.example.com/v1#token=REDACTED" in json.loads(text)["command"]
+        with pytest.raises(FolderBusyError) as busy:
+            with folder_lock(folder):
+                pass
+    assert "hunter2" not in str(busy.value) and "REDACTED@api.example.com" in str(busy.value)
+    # A lock written by an older version, command and all, is redacted when a second process names its holder.
+    from ao_resampling.store import holder_description
+
+    old = json.dumps({"pid": 7, "command": typed, "started_at": "2026-01-01T00:00:00+00:00"})
+    assert "hunter2" not in holder_description(old) and "t0k3n" not in holder_description(old)
+
+
 def test_under_torchrun_a_busy_folder_stops_every_rank_before_any_work(tmp_path):
     # Rank 0 alone takes the lock (the others write only rank journals, in step with it); that two ranks can run at
     # all is what tests/integration/test_distributed.py shows. Here the folder is held, so the whole group stops.
@@ -349,6 +408,19 @@ def test_under_torchrun_a_busy_folder_stops_every_rank_before_any_work(tmp_path)
     assert done.returncode != 0
     assert f"is in use by pid {os.getpid()} (the test's own hold" in done.stdout + done.stderr
     assert sorted(p.name for p in out.iterdir()) == [".lock"]  # no plan, no journal: nothing was done
+
+
+@pytest.mark.parametrize("command", ["report", "judge", "baseline"])
+def test_a_command_for_one_run_folder_given_a_sweep_folder_says_it_is_a_sweep(tmp_path, command):
+    sweep = tmp_path / "sweep"
+    for name in ("temperature=0.3", "temperature=1.0"):
+        write_folder(sweep / name, 1)
+    (sweep / "sweep.json").write_text(json.dumps({"manifest_version": 1, "conditions": [
+        {"name": n, "overrides": {}, "folder": n} for n in ("temperature=0.3", "temperature=1.0")]}))
+    result = invoke(command, str(sweep), "--quiet")
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert f"error: {sweep} is a sweep folder (sweep.json), not a run folder" in result.output
+    assert str(sweep / "temperature=0.3") in result.output and str(sweep / "report") in result.output
 
 
 def test_report_out_pointing_at_a_file_is_an_error_not_a_traceback(tmp_path):
@@ -400,3 +472,11 @@ def test_sweep_errors_are_one_line_not_a_traceback(tmp_path):
     assert result.exit_code == EXIT_USAGE, result.output
     assert "error: give --vary or --conditions, not both" in result.output
     assert isinstance(result.exception, SystemExit)
+
+
+def test_an_error_quoting_a_judge_url_prints_it_without_credentials(tmp_path):
+    url = "https://me:hunter2@api.example.com/v1"
+    result = invoke("sweep", "--vary", f"judge_base_url={url},{url}", "--out", str(tmp_path / "sweep"))
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert "given twice" in result.output and "REDACTED@api.example.com" in result.output
+    assert "hunter2" not in result.output

@@ -77,6 +77,31 @@ def test_last_user_token_is_the_end_of_the_user_message(gemma_tokenizer):
         assert i < run.assistant_start_idx
 
 
+def _end_of_last_user_turn(tokens: list[str]) -> int:
+    """Independently of the template's text: the token before the <end_of_turn> that closes the last user turn."""
+    starts = [i for i, t in enumerate(tokens[:-1]) if t == "<start_of_turn>" and tokens[i + 1] == "user"]
+    return tokens.index("<end_of_turn>", starts[-1]) - 1
+
+
+@pytest.mark.parametrize("messages, last_token", [
+    pytest.param([("user", "Hello"), ("assistant", "Hello there, friend")], "Hello", id="reply_repeats_the_user"),
+    pytest.param([("user", "Say yes"), ("assistant", "Say yes"), ("user", "Say yes")], "▁yes",
+                 id="every_turn_the_same_words"),
+    pytest.param([("user", "  padded  ")], "padded", id="content_padded_with_spaces"),
+    pytest.param([("user", "ends in whitespace \n\t")], "▁whitespace", id="user_message_ends_in_whitespace"),
+])
+def test_last_user_token_is_found_by_the_turn_not_by_the_text(gemma_tokenizer, messages, last_token):
+    from ao_resampling.inputs.encoding import encode_target
+    from ao_resampling.inputs.positions import last_user_token_index
+
+    messages = [{"role": role, "content": content} for role, content in messages]
+    enc = encode_target(gemma_tokenizer, messages)
+    i = last_user_token_index(gemma_tokenizer, messages, enc.input_ids)
+    tokens = gemma_tokenizer.convert_ids_to_tokens(enc.input_ids)
+    assert i == _end_of_last_user_turn(tokens)
+    assert tokens[i] == last_token
+
+
 def test_capture_reads_k_positions_in_one_pass_as_a_full_forward_sees_them(tiny_oracle, gemma_tokenizer):
     plan, _ = build_plan(tiny(position_rule="window:3"), gemma_tokenizer)
     runs = list({r.target_id: r for r in plan.runs}.values())
@@ -201,6 +226,49 @@ def test_cli_sweep_2x2_killed_once_and_resumed(tmp_path):
                              env=dict(os.environ, HF_HUB_OFFLINE="1", MPLBACKEND="Agg"))
     assert refused.returncode == 2
     assert "samples_per_query: 2 -> 3" in refused.stderr and "refusing to mix" in refused.stderr
+
+
+def test_cli_sweep_whose_judge_calls_fail_exits_3_saying_how_many_and_how_to_retry(tmp_path):
+    from typer.testing import CliRunner
+
+    from ao_resampling.cli import app
+    from ao_resampling.errors import EXIT_CALLS_FAILED
+    from tests.integration.test_run_folder_cli import free_port
+
+    out = tmp_path / "sweep"
+    args = sweep_command(out)[3:]  # the same sweep in this process, judged by a server that is not there
+    args.remove("--no-judge")
+    args += ["--set", "judge_api=chat", "--set", f"judge_base_url=http://127.0.0.1:{free_port()}/v1",
+             "--set", "judge_max_retries=0"]
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == EXIT_CALLS_FAILED, result.output
+    n_failed = sum(r.judge.failure is not None for c in json.loads((out / "sweep.json").read_text())["conditions"]
+                   for r in load_results_file(out / c["folder"] / "results.json").runs)
+    assert n_failed == 16  # 4 conditions x 2 targets x 2 questions, every call refused
+    assert "16 judge call(s) failed" in result.output and "Re-run the same sweep command" in result.output
+
+
+def test_a_sweep_over_a_judge_url_with_credentials_writes_and_prints_none_of_them(tmp_path, openai_server,
+                                                                                  monkeypatch):
+    from typer.testing import CliRunner
+
+    from ao_resampling.cli import app
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-loopback")  # the pre-flight check looks at the base settings' judge
+    out = tmp_path / "sweep"
+    secret_url = openai_server.base_url.replace("http://", "http://me:hunter2@")  # usable: the path stays the API's
+    args = sweep_command(out)[3:]
+    args.remove("--no-judge")
+    args[args.index("--vary") + 1] = f"judge_base_url={secret_url}"  # one judge URL x two position rules
+    result = CliRunner().invoke(app, [*args, "--set", "judge_api=chat"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert len(openai_server.requests) == 8  # the URL was used as given: 2 conditions x 2 targets x 2 questions
+    written = [p for p in out.rglob("*")]
+    assert len([p for p in written if p.name == "results.json"]) == 2 and (out / "report" / "sweep_report.md").exists()
+    assert "hunter2" not in result.output
+    assert not [p for p in written if "hunter2" in p.name]
+    assert not [p for p in written if p.is_file() and b"hunter2" in p.read_bytes()]
+    assert "REDACTED" in (out / "sweep.json").read_text()
 
 
 def test_window_queries_k_vectors_fast_path_equals_plain_generate(tiny_oracle, gemma_tokenizer):

@@ -126,7 +126,8 @@ def to_v0_dict(results: Results) -> dict[str, Any]:
     data.pop("baseline", None)
     data["meta"] = {k: v for k, v in data["meta"].items() if v is not None}
     for run in data["runs"]:
-        for key in ("judge_repeats", "spread", "oracle_input_ids", "placeholder_positions"):
+        for key in ("judge_repeats", "spread", "oracle_input_ids", "placeholder_positions",
+                    "context_input_ids_hashing"):
             run.pop(key, None)
         if run["judge"] is not None:
             run["judge"] = {k: v for k, v in run["judge"].items() if k in ("judge_call_id", "model", "prompt", "raw_output", "parsed")}

@@ -51,6 +51,16 @@ def test_experiment_table_in_toml(tmp_path):
     assert (config.num_questions, config.decode_seed) == (2, 9)
 
 
+@pytest.mark.parametrize("text, key", [
+    pytest.param("temperature = 0.1\n[experiment]\nnum_questions = 2\n", "temperature", id="top_level_key"),
+    pytest.param("[experiment]\nnum_questions = 2\n[judge]\njudge_model = 'x'\n", "judge", id="unknown_table"),
+])
+def test_settings_beside_the_experiment_table_are_refused_naming_key_and_file(tmp_path, text, key):
+    toml = write_toml(tmp_path / "exp.toml", text)
+    with pytest.raises(ConfigError, match=rf"exp\.toml: '{key}' is beside the \[experiment\] table"):
+        build_config(config_file=toml)
+
+
 @pytest.mark.parametrize("text, message", [
     pytest.param("num_targets = \n", "not valid TOML", id="not_toml"),
     pytest.param("colour = 'red'\n", "field 'colour'", id="unknown_field"),
@@ -64,6 +74,20 @@ def test_config_file_errors_name_the_file_and_field(tmp_path, text, message):
         build_config(config_file=toml)
     assert str(toml) in str(info.value)
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize("table", ["", "[experiment]\n"])
+def test_file_paths_in_a_toml_are_taken_from_the_toml_files_folder(tmp_path, monkeypatch, table):
+    (tmp_path / "configs").mkdir()
+    toml = write_toml(tmp_path / "configs" / "exp.toml",
+                      f"{table}targets = 'data/t.json'\nquestions = '{tmp_path}/q.json'\nmodel = 'org/model'\n")
+    monkeypatch.chdir(tmp_path)  # wherever the command runs, away from the TOML file
+    config = build_config(config_file=Path("configs/exp.toml"))
+    assert config.targets.resolve() == tmp_path / "configs" / "data" / "t.json"
+    assert config.questions == tmp_path / "q.json"  # absolute: as written
+    assert config.model == "org/model"  # a hub id is no path
+    # A flag's path is the user's own, relative to where they typed it.
+    assert build_config(config_file=toml, overrides={"targets": "mine.json"}).targets == Path("mine.json")
 
 
 def test_missing_config_file(tmp_path):

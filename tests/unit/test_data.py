@@ -252,6 +252,17 @@ def test_text_pool_one_question_per_line(tmp_path, name):
     assert load_question_pool(path) == ["What is the topic?", "Is the assistant refusing?"]
 
 
+@pytest.mark.parametrize("name, text", [
+    pytest.param("questions.txt", "What is the topic?\nIs the assistant refusing?\n", id="txt"),
+    pytest.param("questions.json", '["What is the topic?", "Is the assistant refusing?"]', id="json"),
+    pytest.param("pool.py", 'sycophancy_questions = ["What is the topic?", "Is the assistant refusing?"]\n', id="py"),
+])
+def test_a_byte_order_mark_is_not_part_of_the_first_question(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))  # as Notepad saves "UTF-8 with BOM"
+    assert load_question_pool(path) == ["What is the topic?", "Is the assistant refusing?"]
+
+
 def test_text_pool_duplicate_names_both_lines(tmp_path):
     path = write(tmp_path, "questions.txt", "a\n\nb\na\n")
     message = error_of(load_question_pool, path)

@@ -239,6 +239,23 @@ def test_report_without_spread_skips_embedding_plots(tmp_path):
     assert "Skipped: no run has spread metrics" in text and "All 4 runs are judged." in text
 
 
+def test_a_report_written_again_into_the_same_folder_leaves_no_earlier_figure(mixed, tmp_path):
+    out = tmp_path / "report"
+    first = write_report(mixed, out, n_boot=200)
+    assert set(first.plots) == set(ALL_PLOTS)
+    (out / "my_notes.png").write_bytes(b"mine")  # not the tool's: left alone
+    second = write_report(make_results([[None, None]], spread=spread_from_score), out, n_boot=200)
+    assert set(second.plots) == set(EMBEDDING_PLOTS)
+    assert sorted(p.name for p in out.glob("*.png")) == sorted([*EMBEDDING_PLOTS, "my_notes.png"])
+
+
+def test_a_file_with_no_runs_does_not_say_they_are_all_judged(tmp_path):
+    empty = make_results([], question_texts=["Anything unusual?"])
+    empty.targets = []
+    text = write_report(empty, tmp_path, n_boot=100).report_md.read_text()
+    assert "All 0 runs" not in text and "this file holds no runs" in text
+
+
 def test_report_warns_about_stand_in(tmp_path):
     results = make_results([[5]], meta={"model": "synthetic:tiny", "oracle_lora": "random", "stand_in": True})
     text = write_report(results, tmp_path, n_boot=100).report_md.read_text()

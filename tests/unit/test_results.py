@@ -110,13 +110,49 @@ def test_newer_schema_version_is_refused(tmp_path):
         load_results_file(path)
 
 
-@pytest.mark.parametrize("version", [pytest.param("1", id="string"), pytest.param(None, id="null")])
-def test_non_integer_schema_version_is_a_results_error(tmp_path, version):
+@pytest.mark.parametrize("version, problem", [
+    pytest.param("1", "schema_version must be an integer", id="string"),
+    pytest.param(None, "schema_version must be an integer", id="null"),
+    pytest.param(0, "schema_version 0 is not a version of this format", id="zero"),
+    pytest.param(-1, "schema_version -1 is not a version of this format", id="negative"),
+])
+def test_a_schema_version_that_is_no_version_is_a_results_error(tmp_path, version, problem):
     data = make_results([[5]]).model_dump(mode="json")
     data["schema_version"] = version
     path = tmp_path / "odd.json"
     path.write_text(json.dumps(data))
-    with pytest.raises(ResultsError, match=r"odd\.json.*schema_version must be an integer"):
+    with pytest.raises(ResultsError, match=rf"odd\.json.*{problem}"):
+        load_results_file(path)
+
+
+@pytest.mark.parametrize("score", [pytest.param(True, id="true"), pytest.param("7", id="string"),
+                                   pytest.param(7.0, id="float")])
+def test_a_score_that_is_not_an_integer_is_refused(tmp_path, score):
+    data = make_results([[5, 6]]).model_dump(mode="json")
+    data["runs"][1]["judge"]["parsed"]["similarity_1_to_10"] = score
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ResultsError, match=r"field 'runs\.1\.judge\.parsed\.similarity_1_to_10'"):
+        load_results_file(path)
+
+
+@pytest.mark.parametrize("field, edit", [
+    pytest.param("targets", lambda d: d["targets"].append(
+        {"id": "t1", "messages": [{"role": "user", "content": "Another conversation."}]}), id="target"),
+    pytest.param("ao_questions", lambda d: d["ao_questions"].append({"id": "q2", "text": "Another question?"}),
+                 id="question"),
+])
+def test_one_id_for_two_different_targets_or_questions_is_refused(tmp_path, field, edit):
+    data = make_results([[5, 6], [7, 8]]).model_dump(mode="json")
+    path = tmp_path / "r.json"
+    same = json.loads(json.dumps(data))
+    same[field].append(same[field][0])  # the same one listed twice: harmless
+    path.write_text(json.dumps(same))
+    load_results_file(path)
+    edit(data)
+    path.write_text(json.dumps(data))
+    index = len(data[field]) - 1
+    with pytest.raises(ResultsError, match=rf"r\.json: .*duplicate id in '{field}': {field}\[{index}\] "):
         load_results_file(path)
 
 
@@ -221,6 +257,33 @@ def test_the_ids_hash_is_sha256_of_compact_json():
     # Files in the wild hold this hash: the format is pinned here, independently of sha256_of_ids.
     assert results_mod.sha256_of_ids([2, 105, 2364]) == hashlib.sha256(b"[2,105,2364]").hexdigest()
     assert results_mod.sha256_of_ids(iter([])) == hashlib.sha256(b"[]").hexdigest()
+
+
+def test_a_file_of_the_original_script_hashed_comma_joined_ids_is_read_and_says_so(tmp_path):
+    """The original resampling script hashed ``",".join(str(i) for i in ids)``: its files are not tampered with."""
+    data = to_v0_dict(make_results([[5, 6]]))
+    for run in data["runs"]:
+        run["context_input_ids_sha256"] = hashlib.sha256(
+            ",".join(str(i) for i in run["context_input_ids"]).encode("utf-8")).hexdigest()
+    path = tmp_path / "original.json"
+    path.write_text(json.dumps(data))
+
+    loaded = load_results_file(path)
+
+    assert [r.context_input_ids_hashing for r in loaded.runs] == ["comma_joined", "comma_joined"]
+    path.write_text(dump_results(loaded))  # written back, it still says which hashing it holds
+    assert load_results_file(path).runs[0].context_input_ids_hashing == "comma_joined"
+    # Changed ids under that hash are still refused.
+    data["runs"][0]["context_input_ids"][1] = 9999
+    path.write_text(json.dumps(data))
+    with pytest.raises(ResultsError, match=r"runs\[0\].*does not match 'context_input_ids'"):
+        load_results_file(path)
+
+
+def test_a_file_of_this_tool_records_compact_json_hashing(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text(dump_results(make_results([[5]])))
+    assert json.loads(path.read_text())["runs"][0]["context_input_ids_hashing"] == "compact_json"
 
 
 def test_a_version_1_file_is_migrated_to_version_2():

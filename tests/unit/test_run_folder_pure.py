@@ -11,7 +11,7 @@ from ao_resampling.config import ExperimentConfig
 from ao_resampling.ranks import rank_journal_name
 from ao_resampling.errors import AOResamplingError
 from ao_resampling.stages.judge import JudgeStageReport, failed_calls, with_judge_settings
-from ao_resampling.redaction import redact_url
+from ao_resampling.redaction import redact, redact_url
 from ao_resampling.results import JudgeRecord, Results, dump_results
 from ao_resampling.store import TOOL_JOURNAL_RE, holder_description, supersede
 from tests.support.results_factory import judge_record, make_results, to_v0_dict
@@ -70,9 +70,23 @@ def test_files_without_the_history_field_still_load():
     pytest.param("https://sk-abc@api.example.com:8443/v1", "https://REDACTED@api.example.com:8443/v1", id="token_user"),
     pytest.param("https://h/v1?api-key=sk-1&region=eu", "https://h/v1?api-key=REDACTED&region=eu", id="query_key"),
     pytest.param("http://127.0.0.1:8000/v1", "http://127.0.0.1:8000/v1", id="nothing_secret"),
+    pytest.param("https://h/v1#token=sk-9&x=1", "https://h/v1#token=REDACTED&x=1", id="fragment_token"),
+    pytest.param("https://h/v1#sk-bare-9", "https://h/v1#REDACTED", id="bare_fragment"),
+    pytest.param("https://h/v1;key=sk-9;lang=en/x", "https://h/v1;key=REDACTED;lang=en/x", id="path_param_key"),
+    pytest.param("https://h/v1?access=ak-9&code=oc-9&page=2", "https://h/v1?access=REDACTED&code=REDACTED&page=2",
+                 id="access_and_code_queries"),
 ])
 def test_redact_url(url, written):
     assert redact_url(url) == written
+
+
+def test_redact_finds_every_url_in_a_command_line():
+    line = ("ao-resampling sweep --judge-base-url https://u:hunter2@h/v1#token=t0k --set "
+            "judge_base_url=http://h2/v1?api_key=k3y --vary temperature=0.3,1")
+    assert redact(line) == ("ao-resampling sweep --judge-base-url https://REDACTED@h/v1#token=REDACTED --set "
+                            "judge_base_url=http://h2/v1?api_key=REDACTED --vary temperature=0.3,1")
+    assert redact({"a": [line], "n": 3}) == {"a": [redact(line)], "n": 3}
+    assert redact("x=https://a:1@h/v1,https://b:2@h/v2") == "x=https://REDACTED@h/v1,https://REDACTED@h/v2"
 
 
 def test_dump_results_never_writes_url_credentials():

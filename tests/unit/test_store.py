@@ -20,17 +20,16 @@ from ao_resampling.events import (
     responses_event, spread_event,
 )
 from ao_resampling.store import Journal, ResultsStore, atomic_write_text
-from tests.support.results_factory import judge_record, make_results
+from tests.support.results_factory import DECODING, judge_record, make_results
 
 RUN = "run__t1__q1"
-DECODING = Decoding(temperature=0.7, top_p=0.9, max_new_tokens=8, seed=0)
 ANSWERS = [Response(sample_id=f"{RUN}__s00", text="an answer — ünïcode", decoding=DECODING, n_tokens=3,
                     finish_reason="eos")]
 SPREAD = SpreadMetrics(embedding_model="none", distinct_fraction=0.5, mean_jaccard=0.25)
 
 
-def _responses_event(run_id: str, texts: list[str]) -> dict:
-    decoding = Decoding(temperature=0.7, top_p=0.9, max_new_tokens=8, seed=0)
+def _responses_event(run_id: str, texts: list[str], decoding: Decoding = DECODING) -> dict:
+    """Answers made with the plan's decoding (the factory's), unless told otherwise."""
     return {"type": "responses", "run_id": run_id,
             "responses": [Response(sample_id=f"{run_id}__s{i:02d}", text=t, decoding=decoding).model_dump(mode="json")
                           for i, t in enumerate(texts)]}
@@ -213,8 +212,8 @@ def test_every_event_is_versioned_and_reads_back_as_itself(tmp_path, event, kind
 
 def test_journal_lines_written_before_events_had_a_version_still_replay(store):
     # Lines exactly as the tool wrote them before typed events (no "v"), one with a key replay then ignored.
-    decoding = ('{"temperature":0.7,"top_p":0.9,"max_new_tokens":8,"do_sample":true,"seed":0,"top_k":null,'
-                '"eos_token_ids":null}')
+    decoding = ('{"temperature":0.7,"top_p":0.9,"max_new_tokens":120,"do_sample":true,"seed":0,"top_k":null,'
+                '"eos_token_ids":null}')  # the plan's (the factory's)
     record = ('{"judge_call_id":"judge__run__t1__q1","model":"gpt-5-mini","prompt":"p","raw_output":"{}",'
               '"parsed":{"similarity_1_to_10":9,"rationale":"close"},"failure":null,"api":"chat",'
               '"answer_order":null,"latency_s":0.5,"created_at":null,"previous_failures":[]}')
@@ -237,6 +236,38 @@ def test_journal_lines_written_before_events_had_a_version_still_replay(store):
     assert results.baseline.meta == {"n": 2} and results.baseline.runs[0].target_id == "t1"
     store.compact(results)
     assert ResultsStore(store.folder).load() == results  # folded in: the file holds what the old journal said
+
+
+@pytest.mark.parametrize("made_with, field, values", [
+    pytest.param(dict(temperature=1.3), "responses.0.decoding.temperature", "1.3, but the plan (meta.decoding) has "
+                 "0.7", id="other_temperature"),
+    pytest.param(dict(max_new_tokens=8), "responses.0.decoding.max_new_tokens", "8, but the plan (meta.decoding) has "
+                 "120", id="other_length"),
+    pytest.param(dict(seed=5), "responses.0.decoding.seed", "5, but the plan (meta.decoding) has 0", id="other_seed"),
+])
+def test_answers_made_with_other_decoding_are_not_folded_in(store, made_with, field, values):
+    store.journal.append(_judge_event("run__t2__q1", 6))
+    store.journal.append(_responses_event(RUN, ["a", "b"], decoding=DECODING.model_copy(update=made_with)))
+    before = store.results_path.read_text()
+    with pytest.raises(ResultsError) as info:
+        store.load()
+    assert str(info.value).startswith(f"{store.journal.path}: event 2: field '{field}' of run_id '{RUN}': {values}")
+    with pytest.raises(ResultsError):
+        store.compact()
+    assert store.results_path.read_text() == before and store.journal.path.exists()
+
+
+def test_answers_of_another_sample_count_are_not_folded_in(store):
+    results = store.load()
+    results.meta.config = {"samples_per_query": 3}
+    store.write(results)
+    store.journal.append(_responses_event(RUN, ["a", "b", "c"]))
+    assert [r.text for r in store.load().run_by_id()[RUN].responses] == ["a", "b", "c"]
+    store.journal.append(_responses_event("run__t2__q1", ["a", "b"]))
+    with pytest.raises(ResultsError, match=re.escape(
+            f"{store.journal.path}: event 2: field 'responses' of run_id 'run__t2__q1': 2 answers, but the plan "
+            "(meta.config.samples_per_query) has 3")):
+        store.load()
 
 
 @pytest.mark.parametrize("line, problem", [

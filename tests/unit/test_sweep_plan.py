@@ -57,6 +57,12 @@ def test_toml_conditions(tmp_path):
     path.write_text('temperature = 0.3\n')
     with pytest.raises(SweepError, match=r"c.toml: expected one or more \[\[condition\]\] tables"):
         load_conditions_toml(path)
+    path.write_text('num_targets = 5\n[[condition]]\ntemperature = 0.3\n')  # a key that would go unread
+    with pytest.raises(SweepError, match=r"c.toml: 'num_targets' is beside the \[\[condition\]\] tables"):
+        load_conditions_toml(path)
+    path.write_text('[[condition]]\ntemperature = 0.3\n[base]\nnum_targets = 5\n')
+    with pytest.raises(SweepError, match=r"c.toml: 'base' is beside the \[\[condition\]\] tables"):
+        load_conditions_toml(path)
 
 
 def test_plan_conditions_validates_every_condition_before_any_runs():
@@ -71,6 +77,31 @@ def test_plan_conditions_validates_every_condition_before_any_runs():
         plan_conditions(base, [{"position_rule": "window:0"}])
     assert condition_name({"position_rule": "window:3"}) == "position_rule=window-3"
     assert [c.config.top_k for c in plan_conditions(base, [{"top_k": 0}, {"top_k": 40}])] == [0, 40]
+
+
+@pytest.mark.parametrize("overrides, first, second", [
+    pytest.param([{"temperature": 1}, {"temperature": 1.0}], "temperature=1", "temperature=1.0", id="int_and_float"),
+    pytest.param([{"position_rule": "window:2"}, {"position_rule": "window:02"}], "position_rule=window-2",
+                 "position_rule=window-02", id="window_leading_zero"),
+    pytest.param([{"layer_percent": 50}, {}], "layer_percent=50", "base", id="the_base_value_itself"),
+])
+def test_conditions_that_resolve_to_the_same_settings_are_refused_naming_both(overrides, first, second):
+    with pytest.raises(SweepError, match=f"conditions {first} and {second} are the same settings"):
+        plan_conditions(build_config(), overrides)
+
+
+def test_toml_conditions_1_and_1_point_0_are_one_condition(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[[condition]]\ntemperature = 1\n\n[[condition]]\ntemperature = 1.0\n")
+    with pytest.raises(SweepError, match="the same settings once read"):
+        plan_conditions(build_config(), load_conditions_toml(path))
+
+
+def test_file_paths_in_a_conditions_toml_are_taken_from_its_folder(tmp_path):
+    (tmp_path / "sweeps").mkdir()
+    path = tmp_path / "sweeps" / "c.toml"
+    path.write_text("[[condition]]\ntargets = 'small.json'\n\n[[condition]]\ntemperature = 1.0\n")
+    assert load_conditions_toml(path) == [{"targets": str(tmp_path / "sweeps" / "small.json")}, {"temperature": 1.0}]
 
 
 def test_manifest_differences_name_settings_and_conditions():
