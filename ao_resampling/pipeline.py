@@ -26,7 +26,7 @@ from ao_resampling.inputs import data
 from ao_resampling.results import Results, load_baseline_file
 from ao_resampling.stages.generate import generate, load_oracle, pending_runs
 from ao_resampling.stages.plan import STAND_IN_NOTE, now, prepare
-from ao_resampling.stages.spread import spread_stage
+from ao_resampling.stages.spread import check_embedding_model, spread_stage
 from ao_resampling.store import ResultsStore
 
 # stages.judge and stages.baseline (openai, ~2 s) and analysis.report (matplotlib) are imported where they are used:
@@ -73,6 +73,10 @@ def preflight(config: ExperimentConfig, *, judge: bool) -> None:
             check()
         except models.ModelLoadError as e:
             problems.append(f"{what}: {e}")
+    try:
+        check_embedding_model(config.embedding_model)
+    except models.ModelLoadError as e:
+        problems.append(str(e))
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         problems.append(f"device {config.device!r} asked for, but CUDA is not available here (use --device cpu)")
     if judge:
