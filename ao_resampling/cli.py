@@ -25,7 +25,7 @@ import typer
 
 from ao_resampling.config import ConfigError, ExperimentConfig, build_config, config_of_folder
 from ao_resampling.errors import EXIT_CALLS_FAILED, EXIT_INTERRUPTED, AOResamplingError
-from ao_resampling.store import folder_lock, require_folder
+from ao_resampling.store import folder_lock
 from ao_resampling.redaction import is_redacted_url
 from ao_resampling.results import RESULTS_NAME, ResultsError
 
@@ -343,9 +343,10 @@ def report(
 
     store, config = _open(results, embedding_model=embedding_model)
     out_dir = out or store.folder / "report"
-    with folder_lock(store.folder):
-        require_folder(out_dir)  # before the spreads: a bad --out fails in a second, not after embedding
-        pipeline.analyse(store, config, out_dir=out_dir, baseline_file=baseline_file, progress=not quiet)
+    # Writes under out_dir alone (its lock too, made before the spreads: a bad --out fails in a second); the run
+    # folder is only read, so a read-only or archived one can be reported, and another command may hold it.
+    with folder_lock(out_dir):
+        pipeline.report_of(store.load(), config, out_dir=out_dir, baseline_file=baseline_file, progress=not quiet)
     typer.echo(f"report: {out_dir / 'report.md'}")
 
 
