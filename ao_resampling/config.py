@@ -83,7 +83,9 @@ class ExperimentConfig(BaseModel):
     layer_percent: int = Field(50, ge=0, lt=100, description="read layer int(num_layers * p / 100); 100 would be "
                                "one past the last layer")
     injection_layer: int = Field(1, ge=0)
-    steering_coefficient: float = 1.0
+    steering_coefficient: float = Field(1.0, ge=-1e6, le=1e6, description="the injected vector's norm in units of "
+                                        "the residual's (1 = the published AO); larger values are typos, and past "
+                                        "~1e35 they overflow bf16 into NaN answers")
     position_rule: str = Field("assistant_start", description="assistant_start | last_user_token | window:K "
                                "(positions.py): which target tokens are read, one oracle placeholder each")
 

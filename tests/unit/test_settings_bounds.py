@@ -14,6 +14,7 @@ from ao_resampling.inputs.positions import Landmarks, PositionError, PositionRul
 
 @pytest.mark.parametrize("overrides, field", [
     pytest.param({"layer_percent": 100}, "layer_percent", id="read_layer_one_past_the_last"),
+    pytest.param({"steering_coefficient": 1e39}, "steering_coefficient", id="coefficient_that_overflows"),
     pytest.param({"embedding_model": ""}, "embedding_model", id="empty_embedding_model"),
     pytest.param({"judge_base_url": "not a url"}, "judge_base_url", id="base_url_not_a_url"),
     pytest.param({"judge_base_url": "ftp://host/v1"}, "judge_base_url", id="base_url_not_http"),
