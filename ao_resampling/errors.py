@@ -34,6 +34,11 @@ class PipelineError(AOResamplingError, RuntimeError):
     above them."""
 
 
+class NonFiniteError(AOResamplingError, FloatingPointError):
+    """Activations read from the model, or the state an injection writes, hold NaN or inf: every answer decoded from
+    them would be noise (all whitespace, say), so the run stops instead. Raised by the engine (engine/hooks.py)."""
+
+
 def describe_problems(error: ValidationError, *, limit: int | None = None, root: str = "<top level>") -> str:
     """A pydantic ValidationError as ``field 'a.0.b': problem; ...``, each problem naming its field (``root`` for the
     object as a whole). With ``limit``, the first ``limit`` problems and how many there are in all: a damaged results

@@ -27,7 +27,7 @@ from ao_resampling.engine.decoding.sampler import Layout
 from ao_resampling.results import Results, load_baseline_file
 from ao_resampling.stages.generate import generate, load_oracle, pending_runs
 from ao_resampling.stages.plan import STAND_IN_NOTE, now, prepare
-from ao_resampling.stages.spread import spread_stage
+from ao_resampling.stages.spread import check_embedding_model, missing_spreads, spread_stage
 from ao_resampling.store import ResultsStore
 
 # stages.judge and stages.baseline (openai, ~2 s) and analysis.report (matplotlib) are imported where they are used:
@@ -74,6 +74,10 @@ def preflight(config: ExperimentConfig, *, judge: bool) -> None:
             check()
         except models.ModelLoadError as e:
             problems.append(f"{what}: {e}")
+    try:
+        check_embedding_model(config.embedding_model)
+    except models.ModelLoadError as e:
+        problems.append(str(e))
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         problems.append(f"device {config.device!r} asked for, but CUDA is not available here (use --device cpu)")
     if judge:
@@ -218,21 +222,34 @@ def _judge_and_analyse(store: ResultsStore, config: ExperimentConfig, report: Ru
 
 def analyse(store: ResultsStore, config: ExperimentConfig, *, out_dir: Path | None = None,
             baseline_file: Path | None = None, progress: bool = True) -> Path:
-    """Spreads of the AO runs and the baseline, then the report folder: how `run`, `baseline` and `report` end.
-
-    ``baseline_file``: a target-model baseline saved on its own, matched to the AO runs by target id, in memory only.
-    """
-    from ao_resampling.analysis.report import write_report  # matplotlib: only when a report is written
-    from ao_resampling.stages.baseline import baseline_spread_stage, with_spreads  # openai, via the judge
+    """Spreads of the AO runs and the baseline cached in the run folder, then the report folder: how `run` and
+    `baseline` end (they own the folder). ``baseline_file``: as in ``report_of``."""
+    from ao_resampling.stages.baseline import baseline_spread_stage  # openai, via the judge
 
     spread_stage(store, embedding_model=config.embedding_model, progress=progress)
     baseline_spread_stage(store, embedding_model=config.embedding_model, progress=progress)
-    baseline = None
-    if baseline_file is not None:
-        baseline = with_spreads(load_baseline_file(baseline_file), embedding_model=config.embedding_model)
     results = store.load()
     results.meta.updated_at = now()
     store.write(results)
-    out_dir = out_dir or store.folder / "report"
-    write_report(results, out_dir, seed=config.bootstrap_seed, n_boot=config.bootstrap_resamples, baseline=baseline)
+    return report_of(results, config, out_dir=out_dir or store.folder / "report", baseline_file=baseline_file,
+                     progress=progress)
+
+
+def report_of(results: Results, config: ExperimentConfig, *, out_dir: Path, baseline_file: Path | None = None,
+              progress: bool = True) -> Path:
+    """The report folder of ``results`` as they are, written under ``out_dir`` alone (the `report` command: the run
+    folder may be another's, read-only or archived, so nothing is written back): spreads it lacks are computed in
+    memory. ``baseline_file``: a target-model baseline saved on its own, matched to the AO runs by target id."""
+    from ao_resampling.analysis.report import write_report  # matplotlib: only when a report is written
+    from ao_resampling.stages.baseline import with_spreads  # openai, via the judge
+
+    spreads = missing_spreads(results.runs, embedding_model=config.embedding_model, progress=progress)
+    runs = [r.model_copy(update={"spread": spreads[r.run_id]}) if r.run_id in spreads else r for r in results.runs]
+    baseline = results.baseline
+    if baseline_file is not None:
+        baseline = load_baseline_file(baseline_file)
+    if baseline is not None:
+        baseline = with_spreads(baseline, embedding_model=config.embedding_model)
+    write_report(results.model_copy(update={"runs": runs, "baseline": baseline}), out_dir,
+                 seed=config.bootstrap_seed, n_boot=config.bootstrap_resamples)
     return out_dir

@@ -24,8 +24,10 @@ group, and a busy folder stops rank 0 at once and torchrun the rest.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime as dt
 import os
+import signal
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -45,6 +47,8 @@ from ao_resampling.store import ResultsStore
 # The longest one rank waits for the others at one step: the slowest shard's generation, or rank 0's plan. A dead
 # rank never makes the others wait this long (torchrun stops the whole group when one worker fails).
 STEP_TIMEOUT = dt.timedelta(hours=12)
+LAUNCHER_PID = "AO_RESAMPLING_LAUNCHER_PID"  # set by ``relaunch`` for the ranks of `--gpus N`
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,7 @@ def backend_for(device: str) -> str:
 
 def start(config: ExperimentConfig) -> World:
     """Join the process group when torchrun started several ranks; a single process stays a world of one."""
+    die_with_the_launcher()
     here = world()
     if not here.is_distributed or dist.is_initialized():
         return here
@@ -206,9 +211,25 @@ def torchrun_command(nproc: int, argv: Sequence[str], python: str = sys.executab
 def relaunch(nproc: int, argv: Sequence[str]) -> None:
     """Replace this process by torchrun running the same command on ``nproc`` ranks (never returns)."""
     command = torchrun_command(nproc, argv)
+    os.environ[LAUNCHER_PID] = str(os.getpid())  # exec keeps the pid: torchrun's, the ranks' parent
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(command[0], command)
+
+
+def die_with_the_launcher() -> None:
+    """A rank of ``--gpus N`` ends when the torchrun it was started by ends, ``kill -9`` included: torchrun cannot
+    forward a SIGKILL, and its ranks would go on, rank 0 holding the run folder's lock, with no one to stop them.
+    The kernel kills this process when its parent dies (PR_SET_PDEATHSIG); it loses its in-flight batch, as any kill.
+    """
+    launcher = os.environ.get(LAUNCHER_PID)
+    if launcher is None or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise PipelineError(f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(ctypes.get_errno())}")
+    if os.getppid() != int(launcher):  # it died before the prctl: no signal will come
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def generate_shard(folder: Path, config: ExperimentConfig, here: World, *, oracle: LoadedOracle,

@@ -115,9 +115,10 @@ class SpreadMetrics(_Model):
     """Judge-free spread of one run's answers (cached so re-analysis needs no model)."""
 
     embedding_model: str | None = None
-    embedding_mean_cosine: float | None = None
-    distinct_fraction: float | None = None
-    mean_jaccard: float | None = None
+    # allow_inf_nan=False: a NaN here (a hand-edited file) is refused naming its field, not drawn as an axis limit
+    embedding_mean_cosine: float | None = Field(None, allow_inf_nan=False)
+    distinct_fraction: float | None = Field(None, allow_inf_nan=False)
+    mean_jaccard: float | None = Field(None, allow_inf_nan=False)
 
 
 IdsHashing = Literal["compact_json", "comma_joined"]

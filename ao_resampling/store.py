@@ -53,22 +53,46 @@ LOCK_NAME = ".lock"
 # Atomic writes
 
 
+class DiskError(AOResamplingError, OSError):
+    """A file the tool must write cannot be: a full disk, a read-only folder, no permission. What was written before
+    (the last results.json, every journaled event) is intact; the message names the file and how to go on."""
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Turns an OSError while writing ``path`` into a DiskError: one line for the user, not a traceback."""
+    try:
+        yield
+    except DiskError:
+        raise
+    except OSError as e:
+        reason = os.strerror(e.errno) if e.errno else str(e)
+        raise DiskError(f"cannot write {path}: {reason}. Everything written before is kept; make room (or make the "
+                        "folder writable) and re-run the same command to continue.") from e
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write to a temp file in the same folder, fsync, rename: readers see the old file or the new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are meant to be shared like any output
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """As ``atomic_write_text``; a failed write (a full disk) leaves the old file, or none, never a truncated one."""
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are meant to be shared like any output
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -87,13 +111,14 @@ class Journal:
     def append_many(self, events: Sequence[JournalEvent | Mapping[str, Any]]) -> None:
         if not events:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         payload = "".join(event_line(e) for e in events)
-        self._drop_torn_tail()
-        with open(self.path, "a") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
+        with writing(self.path):  # a write cut short by a full disk is a torn tail, cut off by the next append
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._drop_torn_tail()
+            with open(self.path, "a") as f:
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
 
     def _drop_torn_tail(self) -> None:
         # A kill mid-write leaves a last line without its newline. Appending after it would glue the next event onto
@@ -299,6 +324,8 @@ def require_folder(folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError) as e:  # a parent on the way is a file
         raise NotAFolderError(f"cannot make the run folder {folder}: {e}") from e
+    except OSError as e:  # a read-only or full file system
+        raise DiskError(f"cannot make the run folder {folder}: {os.strerror(e.errno) if e.errno else e}") from e
 
 
 @contextlib.contextmanager
@@ -307,7 +334,10 @@ def folder_lock(folder: Path, command: str | None = None) -> Iterator[None]:
     folder = Path(folder)
     require_folder(folder)
     path = folder / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)  # close-on-exec: an exec'd torchrun does not inherit it
+    if path.is_dir():
+        raise NotAFolderError(f"{path} is a folder; the tool keeps its lock file there. Remove or rename it.")
+    with writing(path):  # a read-only folder
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)  # close-on-exec: an exec'd torchrun does not inherit it
     try:
         with contextlib.suppress(PermissionError):  # one made 0644 by an older version; another user's stays as it is
             os.fchmod(fd, 0o600)
@@ -321,8 +351,9 @@ def folder_lock(folder: Path, command: str | None = None) -> Iterator[None]:
             ) from None
         info = {"pid": os.getpid(), "command": redact(command or " ".join(["ao-resampling", *sys.argv[1:]])),
                 "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        with writing(path):  # a full disk stops the command here, before any work
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
         try:
             yield
         finally:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import itertools
 import json
 import re
@@ -37,6 +38,7 @@ from ao_resampling.store import ResultsStore, atomic_write_text, folder_lock
 
 MANIFEST_NAME = "sweep.json"
 MANIFEST_VERSION = 1
+MAX_NAME = 120  # bytes of a folder name made from settings; leaves room under the 255-byte limit of file systems
 LOAD_FIELDS = ("model", "tokenizer", "oracle_lora", "dtype", "device", "device_map")
 # `ao-resampling sweep` with no arguments: 2 x 2 on the demo preset (Gemma 3 270M on CPU), so both figures show.
 DEMO_VARY = ["temperature=0.3,1.0", "position_rule=assistant_start,window:3"]
@@ -82,6 +84,8 @@ def parse_vary(item: str) -> tuple[str, list[Any]]:
         raise SweepError(f"--vary {item!r}: expected field=v1,v2,...")
     check_field(name, where=f"--vary {item!r}")
     parsed = [parse_value(v) for v in values.split(",") if v.strip()]
+    if not parsed:  # "temperature=," : no condition at all, which the grid would turn into an empty sweep
+        raise SweepError(f"--vary {item!r}: no values; expected field=v1,v2,...")
     if len(set(map(json.dumps, parsed))) != len(parsed):
         raise SweepError(f"--vary {item!r}: a value is given twice")
     return name, parsed
@@ -121,7 +125,17 @@ def condition_name(overrides: dict[str, Any]) -> str:
     if not overrides:
         return "base"
     parts = [f"{k}={redact(str(v))}" for k, v in overrides.items()]  # a judge_base_url's credentials stay out
-    return re.sub(r"[^A-Za-z0-9._=-]+", "-", "__".join(parts))
+    redacted = {k: redact(str(v)) for k, v in overrides.items()}
+    return fitting_name(re.sub(r"[^A-Za-z0-9._=-]+", "-", "__".join(parts)), key=json.dumps(redacted))
+
+
+def fitting_name(name: str, *, key: str) -> str:
+    """``name`` (ASCII), or its start and a hash of ``key`` when it is longer than ``MAX_NAME``: file systems refuse a
+    name over 255 bytes, and a condition of many settings would otherwise fail when its folder is made."""
+    if len(name) <= MAX_NAME:
+        return name
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return f"{name[:MAX_NAME - len(digest) - 2]}--{digest}"
 
 
 def plan_conditions(base: ExperimentConfig, overrides: Sequence[dict[str, Any]]) -> list[Condition]:
@@ -180,7 +194,8 @@ def default_out_dir(base: ExperimentConfig, conditions: Sequence[Condition], pre
     if preset == "demo":
         return Path("artifacts") / "demo-sweep"
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", base.model.split("/")[-1])
-    return Path("artifacts") / "sweeps" / f"{slug}__{'-'.join(varied_fields(conditions)) or 'conditions'}"
+    varied = "-".join(varied_fields(conditions)) or "conditions"
+    return Path("artifacts") / "sweeps" / fitting_name(f"{slug}__{varied}", key=f"{base.model}\n{varied}")
 
 
 def check_sweep_folder(out_dir: Path, base: ExperimentConfig, conditions: Sequence[Condition]) -> dict[str, Any]:

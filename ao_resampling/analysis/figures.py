@@ -6,7 +6,9 @@ analysis adds one provider to ``PLOT_SETS``; ``report.write_report`` writes what
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
+from pathlib import Path
 
 from matplotlib.figure import Figure
 
@@ -14,6 +16,7 @@ from ao_resampling.analysis import plots
 from ao_resampling.analysis.comparison import embedding_comparison, judge_comparison
 from ao_resampling.analysis.stats import embedding_similarities, judge_embedding_pairs, judge_scores
 from ao_resampling.results import Results
+from ao_resampling.store import atomic_write_bytes
 
 PlotSet = Callable[[Results], dict[str, Callable[[Results], Figure]]]
 
@@ -57,3 +60,11 @@ def baseline_plots(results: Results) -> dict[str, Callable[[Results], Figure]]:
 
 
 PLOT_SETS: list[PlotSet] = [judge_plots, embedding_plots, baseline_plots]
+
+
+def save_figure(fig: Figure, path: Path, *, dpi: int) -> None:
+    """The PNG rendered in memory, then written atomically: a full disk leaves the old figure or none, never a
+    truncated PNG that a viewer shows as a broken image."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    atomic_write_bytes(Path(path), buffer.getvalue())

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ao_resampling.analysis.figures import FIGURE_NAMES, JUDGE_VS_EMBEDDING, PLOT_SETS
+from ao_resampling.analysis.figures import FIGURE_NAMES, JUDGE_VS_EMBEDDING, PLOT_SETS, save_figure
 from ao_resampling.analysis.stats import embedding_similarities, judge_counts, judge_scores
 from ao_resampling.analysis.summary import summarize, target_text
 from ao_resampling.results import Baseline, Results, Run
@@ -350,7 +350,7 @@ def write_report(results: Results, out_dir: Path, *, seed: int = 0, n_boot: int 
     written: dict[str, Path] = {}
     for plot_set in PLOT_SETS:
         for name, make in plot_set(results).items():
-            make(results).savefig(out_dir / name, dpi=dpi)
+            save_figure(make(results), out_dir / name, dpi=dpi)
             written[name] = out_dir / name
     for stale in FIGURE_NAMES - set(written):  # an earlier report's figure beside this one would read as its own
         (out_dir / stale).unlink(missing_ok=True)

@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from ao_resampling.analysis.stats import (
     bootstrap_mean_ci, describe, embedding_similarities, judge_scores, lexical_values, rng_for,
 )
+from ao_resampling.analysis.figures import save_figure
 from ao_resampling.analysis.plots import new_figure
 from ao_resampling.results import Results
 from ao_resampling.store import atomic_write_text
@@ -244,7 +245,7 @@ def write_sweep_report(out_dir: Path, manifest: Mapping[str, Any], results: Mapp
         if len(summary["varied"]) == 2:
             figures["sweep_heatmap.png"] = heatmap(summary, manifest.get("settings", {}))
     for name, fig in figures.items():
-        fig.savefig(report_dir / name, dpi=dpi)
+        save_figure(fig, report_dir / name, dpi=dpi)
     atomic_write_text(report_dir / "sweep_summary.json", json.dumps(summary, indent=1) + "\n")
     atomic_write_text(report_dir / "sweep_report.md", render_markdown(summary, list(figures)))
     return report_dir

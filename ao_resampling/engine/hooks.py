@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ao_resampling.engine.loading.adapters import adapter_disabled
+from ao_resampling.errors import NonFiniteError
 from ao_resampling.engine.loading.models import decoder_layers, model_device
 
 Hook = Callable[[nn.Module, tuple, object], object]
@@ -51,8 +52,15 @@ def inject(resid_BLD: torch.Tensor, vectors_BKD: torch.Tensor, positions_BK: tor
     h_BKD = resid_BLD[rows_BK, positions_BK]
     direction_BKD = nn.functional.normalize(vectors_BKD.to(resid_BLD.device), dim=-1)
     steering_BKD = (direction_BKD * h_BKD.norm(dim=-1, keepdim=True) * coefficient).to(resid_BLD.dtype)
+    injected_BKD = h_BKD + steering_BKD
+    # e.g. a coefficient of 1e39 overflows the residual's dtype (a meta tensor, the device tests' stand-in, has no
+    # values to check)
+    if injected_BKD.device.type != "meta" and not torch.isfinite(injected_BKD).all():
+        raise NonFiniteError(f"the injected state is not finite (NaN or inf) at coefficient {coefficient:g}: "
+                             f"the activation scaled by it overflows {resid_BLD.dtype}; use a smaller "
+                             "steering_coefficient")
     out_BLD = resid_BLD.clone()
-    out_BLD[rows_BK, positions_BK] = h_BKD + steering_BKD
+    out_BLD[rows_BK, positions_BK] = injected_BKD
     return out_BLD
 
 
@@ -154,4 +162,9 @@ def capture_activations_at(model: nn.Module, sequences: Sequence[Sequence[int]],
     pad_B = ids_BL.shape[1] - torch.tensor([len(s) for s in sequences], device=resid_BLD.device)
     padded_BK = torch.as_tensor([list(p) for p in positions_BK], device=resid_BLD.device) + pad_B[:, None]
     rows_BK = torch.arange(len(sequences), device=resid_BLD.device)[:, None].expand_as(padded_BK)
-    return resid_BLD[rows_BK, padded_BK]
+    acts_BKD = resid_BLD[rows_BK, padded_BK]
+    bad_B = (~torch.isfinite(acts_BKD)).flatten(1).any(dim=1)
+    if bad_B.any():  # one sync per capture batch; NaN read here would be injected into every answer of the target
+        raise NonFiniteError(f"the activations read at layer {layer} are not finite (NaN or inf) in rows "
+                             f"{bad_B.nonzero().flatten().tolist()} of a capture batch (dtype {resid_BLD.dtype})")
+    return acts_BKD

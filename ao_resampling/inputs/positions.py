@@ -40,11 +40,12 @@ def resolve(rule: PositionRule, marks: Landmarks, *, target_id: str = "<target>"
             raise PositionError(f"target {target_id!r}: its last user token was not located")
         indices = [marks.last_user_token_idx]
     else:
-        indices = list(range(marks.assistant_start_idx - rule.k + 1, marks.assistant_start_idx + 1))
+        indices = range(marks.assistant_start_idx - rule.k + 1, marks.assistant_start_idx + 1)
+    # Checked on the range before it is listed: window:1000000000000 is refused, not a list of 10^12 ints.
     if indices[0] < 0 or indices[-1] >= marks.n_tokens:
         raise PositionError(f"target {target_id!r}: rule {rule} reads tokens {indices[0]}..{indices[-1]}, outside "
                             f"its {marks.n_tokens} tokens; use a smaller window")
-    return indices
+    return list(indices)
 
 
 # Stands in for the last user message's content to find where the template puts it; no real text holds it.

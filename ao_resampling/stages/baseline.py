@@ -21,10 +21,12 @@ from typing import TYPE_CHECKING, Any
 from ao_resampling.config import Decoding, ExperimentConfig
 from ao_resampling.errors import AOResamplingError
 from ao_resampling.engine.decoding.sampler import Query, Sample
+from ao_resampling.engine.loading import models
+from ao_resampling.inputs.plan_check import context_overflows
 from ao_resampling.stages.generate import load_oracle, loaded_decoding, make_sampler, run_sampler, to_responses
 from ao_resampling.stages.judge import check_one_judge, judge_prompt, make_client, run_calls
 from ao_resampling.stages.judge_prompt import data_blocks, escape, judge_call_id, numbered_blocks, verdict_request
-from ao_resampling.stages.spread import Encoder, missing_spreads
+from ao_resampling.stages.spread import Encoder, check_embedding_model, missing_spreads
 from ao_resampling.results import Baseline, JudgeRecord, Results, TargetMessage
 from ao_resampling.events import baseline_judge_event, baseline_responses_event, baseline_spread_event
 from ao_resampling.store import ResultsStore
@@ -180,6 +182,8 @@ def baseline_stage(store: ResultsStore, config: ExperimentConfig, *, oracle: Loa
                    encoder: Encoder | None = None) -> BaselineStageReport:
     """Sample the missing targets, judge the unjudged (``judge=False``: replies only), cache their spread."""
     report = BaselineStageReport()
+    if encoder is None:  # the spreads come last: a bad embedding model fails before sampling and the paid calls
+        check_embedding_model(config.embedding_model)
     report.n_sampled, report.n_already_sampled = sample_baseline(store, config, oracle=oracle, progress=progress)
     if judge:
         judge_baseline(store, config, client=judge_client, report=report, progress=progress)
@@ -197,6 +201,7 @@ def sample_baseline(store: ResultsStore, config: ExperimentConfig, *, oracle: Lo
     n_done = len({r.target_id for r in results.runs}) - len(todo)
     if not todo:
         return 0, n_done
+    check_fits(results, todo, config)
     oracle = oracle or load_oracle(config)
     planned = loaded_decoding(oracle, config, results.meta.decoding, where=str(store.results_path))
     decode = baseline_decoding(planned, config)
@@ -214,8 +219,21 @@ def sample_baseline(store: ResultsStore, config: ExperimentConfig, *, oracle: Lo
     results = store.load()
     order = {t.id: i for i, t in enumerate(results.targets)}  # batches finish longest prompt first; store plan order
     results.baseline.runs.sort(key=lambda r: (order.get(r.target_id, len(order)), r.target_id))
+    if results.meta.config is not None:  # what the replies were made with, so the next plain command continues
+        results.meta.config = {**results.meta.config, "baseline_max_new_tokens": config.baseline_max_new_tokens}
     store.compact(results)
     return len(todo), n_done
+
+
+def check_fits(results: Results, todo: Mapping[str, list[int]], config: ExperimentConfig) -> None:
+    """Refuse, before the model loads, a target whose replies would run past the model's context window."""
+    limit = models.model_context_length(config.model)
+    overflows = context_overflows([r for r in results.runs if r.target_id in todo], limit=limit, max_new_tokens=0,
+                                  baseline_new_tokens=config.baseline_max_new_tokens)
+    if overflows:
+        raise BaselineError(f"model {config.model!r} takes at most {limit} positions (max_position_embeddings); the "
+                            "target-model replies would not fit:\n  " + "\n  ".join(overflows)
+                            + "\nLower --baseline-max-new-tokens.")
 
 
 def judge_baseline(store: ResultsStore, config: ExperimentConfig, *, client: Any = None,

@@ -71,16 +71,20 @@ def build_plan(config: ExperimentConfig, tokenizer) -> tuple[Results, list[PlanR
     questions = data.sample_questions(pool, config.num_questions, config.question_seed)
     require_chat_template(tokenizer, where=f"tokenizer {config.tokenizer or config.model!r}")
     n_layers = models.model_num_layers(config.model)
+    check_layers(config, n_layers)
     layer = models.layer_at_percent(n_layers, config.layer_percent)
     rule = parse_rule(config.position_rule)
-    oracle_queries = {q.id: build_oracle_query(tokenizer, layer=layer, question=q.text, question_id=q.id,
-                                               num_positions=rule.k) for q in questions}
-
-    runs, table = [], []
+    encoded = []  # every target's read positions first: they bound a window's K before any prompt of K placeholders
     for target in targets:
         messages = [m.model_dump() for m in target.messages]
         enc = encode_target(tokenizer, messages, target_id=target.id)
         read = resolve(rule, landmarks_of(tokenizer, messages, enc, rule, target_id=target.id), target_id=target.id)
+        encoded.append((target, enc, read))
+    oracle_queries = {q.id: build_oracle_query(tokenizer, layer=layer, question=q.text, question_id=q.id,
+                                               num_positions=rule.k) for q in questions}
+
+    runs, table = [], []
+    for target, enc, read in encoded:
         table.append(PlanRow(target.id, len(enc.input_ids), enc.assistant_start_idx, read,
                              tokenizer.convert_ids_to_tokens([enc.input_ids[i] for i in read])))
         for q in questions:
@@ -108,6 +112,16 @@ def build_plan(config: ExperimentConfig, tokenizer) -> tuple[Results, list[PlanR
         targets=[TargetRecord(id=t.id, messages=[m.model_dump() for m in t.messages]) for t in targets], runs=runs,
     )
     return results, table
+
+
+def check_layers(config: ExperimentConfig, n_layers: int) -> None:
+    """The read and injection layers exist in the model (its config alone says how many it has): refused here, before
+    any weights load, not by an index error once they have."""
+    read = models.layer_at_percent(n_layers, config.layer_percent)
+    for field, layer in (("layer_percent", read), ("injection_layer", config.injection_layer)):
+        if not 0 <= layer < n_layers:
+            raise PipelineError(f"setting {field} = {getattr(config, field)}: layer {layer} does not exist in model "
+                                f"{config.model!r}, whose layers are 0..{n_layers - 1}")
 
 
 def check_context_window(config: ExperimentConfig, runs: list[Run]) -> None:

@@ -13,6 +13,7 @@ import itertools
 import re
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -93,6 +94,27 @@ def resolve_embedding_model(spec: str) -> str:
 
 
 NO_EMBEDDING = "none"  # --embedding-model none: where no sentence model can be had (e.g. an offline GPU box)
+
+
+def check_embedding_model(spec: str) -> None:
+    """Refuse, in seconds, an embedding model that cannot be had: the spreads come after generation and the paid
+    judge calls, too late to learn that ``--embedding-model`` was misspelled. Reads at most one small config file."""
+    from ao_resampling.engine.loading.models import ModelLoadError
+
+    if spec in (NO_EMBEDDING, DEFAULT_EMBEDDING_MODEL):
+        return
+    folder = Path(spec)
+    if folder.exists():
+        if not (folder / "modules.json").exists() and not (folder / "config.json").exists():
+            raise ModelLoadError(f"embedding model {spec!r}: a folder without modules.json or config.json")
+        return
+    from huggingface_hub import hf_hub_download
+
+    try:
+        hf_hub_download(spec, "config.json")  # from the cache when the hub is off
+    except Exception as e:  # bad ids, unknown repos, no cache, no network: one message, as load_embedder's
+        raise ModelLoadError(f"embedding model {spec!r} is neither a folder nor a hub model found here "
+                             f"({e.__class__.__name__}); pass a local directory, a cached model, or 'none'") from e
 
 
 def load_embedder(spec: str = DEFAULT_EMBEDDING_MODEL, device: str | None = None) -> Encoder:

@@ -7,7 +7,6 @@ plays CUDA's part: any torch call that mixes tensors of two devices fails (0-dim
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import pytest
 import torch

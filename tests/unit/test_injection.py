@@ -171,3 +171,18 @@ def test_shape_mismatch_raises(vectors_shape, positions_shape, resid_shape):
     with pytest.raises(ValueError, match="disagree"):
         inject(torch.randn(resid_shape), torch.randn(vectors_shape), torch.zeros(positions_shape, dtype=torch.long),
                1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_an_injection_that_overflows_is_an_error_not_nan_answers(dtype):
+    from ao_resampling.errors import NonFiniteError
+
+    resid_BLD, vectors_BKD, positions_BK = random_case(0, 2, 6, 8, 2, dtype)
+    with pytest.raises(NonFiniteError, match="coefficient 1e\\+39"):  # |h| * 1e39 is past both dtypes' max
+        inject(resid_BLD, vectors_BKD, positions_BK, 1e39)
+    vectors_BKD[1, 0, 3] = float("nan")  # a NaN activation: its direction is NaN whatever the coefficient
+    with pytest.raises(NonFiniteError):
+        inject(resid_BLD, vectors_BKD, positions_BK, 1.0)
+    vectors_BKD[1, 0, 3] = 1.0
+    out_BLD = inject(resid_BLD, vectors_BKD, positions_BK, 1e6)  # large but representable: injected as asked
+    assert torch.isfinite(out_BLD).all()

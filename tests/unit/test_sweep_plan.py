@@ -29,6 +29,8 @@ def test_parse_vary_reads_numbers_and_rules():
     pytest.param("temprature=0.3", "'temprature' is not a setting", id="typo"),
     pytest.param("model=a,b", "decides which weights are loaded", id="load_field"),
     pytest.param("temperature", "expected field=v1,v2", id="no_values"),
+    pytest.param("temperature=,", "no values", id="only_commas"),
+    pytest.param("temperature= , ", "no values", id="only_blanks"),
     pytest.param("temperature=0.3,0.3", "given twice", id="duplicate_value"),
 ])
 def test_parse_vary_rejects_with_the_reason(item, message):
@@ -102,6 +104,23 @@ def test_file_paths_in_a_conditions_toml_are_taken_from_its_folder(tmp_path):
     path = tmp_path / "sweeps" / "c.toml"
     path.write_text("[[condition]]\ntargets = 'small.json'\n\n[[condition]]\ntemperature = 1.0\n")
     assert load_conditions_toml(path) == [{"targets": str(tmp_path / "sweeps" / "small.json")}, {"temperature": 1.0}]
+
+
+def test_a_condition_of_many_settings_gets_a_folder_name_the_file_system_takes(tmp_path):
+    base = build_config(preset="demo")
+    many = {"temperature": 0.5, "top_p": 0.95, "top_k": 40, "layer_percent": 25, "injection_layer": 2,
+            "steering_coefficient": 1.5, "position_rule": "window:3", "decode_seed": 7, "question_seed": 3,
+            "max_new_tokens": 20, "samples_per_query": 3, "judge_repeats": 2, "bootstrap_seed": 11,
+            "bootstrap_resamples": 500, "judge_model": "a-judge-model-with-a-long-dated-name-2025-08-07",
+            "judge_repeat_fraction": 0.5}
+    other = {**many, "judge_repeat_fraction": 0.25}  # the same up to the last setting
+    names = [c.name for c in plan_conditions(base, [many, other])]
+    assert names[0] != names[1]
+    for name in names:
+        assert len(name.encode()) <= 255
+        (tmp_path / name).mkdir()  # OSError "File name too long" before the fix
+    # A name that fits is kept as it reads.
+    assert condition_name({"temperature": 0.3}) == "temperature=0.3"
 
 
 def test_manifest_differences_name_settings_and_conditions():
