@@ -223,7 +223,7 @@ def test_the_ids_hash_is_sha256_of_compact_json():
     assert results_mod.sha256_of_ids(iter([])) == hashlib.sha256(b"[]").hexdigest()
 
 
-def test_a_version_1_file_is_migrated_to_version_2():
+def test_a_version_1_file_is_migrated_to_the_current_version():
     """Version 1 stored answers stripped and read every run at assistant_start: both are said once migrated."""
     data = json.loads(dump_results(make_results([[9, 4], [2, None]])))
     data["schema_version"] = 1
@@ -232,7 +232,29 @@ def test_a_version_1_file_is_migrated_to_version_2():
         for response in run["responses"]:
             response.pop("text_stripped", None)
     loaded = Results.model_validate(data)
-    assert loaded.schema_version == 2
+    assert loaded.schema_version == 3
     assert all(r.position_rule == "assistant_start" for r in loaded.runs)
     assert all(resp.text_stripped for r in loaded.runs for resp in r.responses)
-    assert json.loads(dump_results(loaded))["schema_version"] == 2
+    assert json.loads(dump_results(loaded))["schema_version"] == 3
+
+
+def test_a_version_2_file_loads_with_no_clusters(tmp_path):
+    """Version 2 had no cluster judge: its runs and baseline runs load with none, its verdicts as they were, and
+    the file is written back as version 3."""
+    data = json.loads(dump_results(make_results([[9, 4], [2, None]])))
+    data["schema_version"] = 2
+    for run in data["runs"]:
+        run.pop("clusters"), run.pop("cluster_repeats")
+    data["baseline"] = {"meta": {}, "runs": [{"run_id": "baseline__t0", "target_id": "t0", "responses": [],
+                                              "judge": None, "spread": None}]}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(data))
+    loaded = results_mod.load_results_file(path)
+    assert loaded.schema_version == 3
+    assert len(loaded.runs) == len(data["runs"]) > 0
+    assert all(r.clusters is None and r.cluster_repeats == [] for r in loaded.runs)
+    assert loaded.baseline.runs[0].clusters is None
+    assert [r.judge.score if r.judge else None for r in loaded.runs] == [
+        r["judge"]["parsed"]["similarity_1_to_10"] if r["judge"] and r["judge"]["parsed"] else None
+        for r in data["runs"]]
+    assert json.loads(dump_results(loaded))["schema_version"] == 3
