@@ -73,7 +73,7 @@ BaselineMaxNew = _setting(int, "--baseline-max-new-tokens", "max new tokens per 
 NoJudge = Annotated[bool, typer.Option("--no-judge", help="generation + judge-free analysis only")]
 Set = _setting(list[str], "--set", "any config field: --set decode_seed=3")
 Quiet = Annotated[bool, typer.Option("--quiet", help="no progress bars")]
-# The judge endpoint's flags: the same six on `run`, `judge` and `baseline` (see _with_judge_flags).
+# The judge's flags: the same seven on `run`, `judge` and `baseline` (see _with_judge_flags).
 JUDGE_FLAGS = {
     "judge_model": _setting(str, "--judge-model", "judge model (default gpt-5-mini)"),
     "judge_api": _setting(str, "--judge-api", "'responses' (OpenAI) or 'chat' (local servers)"),
@@ -81,6 +81,8 @@ JUDGE_FLAGS = {
     "judge_concurrency": _setting(int, "--judge-concurrency", "judge calls in flight"),
     "judge_timeout_s": _setting(float, "--judge-timeout-s", "seconds one judge call may take"),
     "judge_max_retries": _setting(int, "--judge-max-retries", "SDK retries per judge call (429/5xx/timeouts)"),
+    "clusters": _setting(bool, "--clusters/--no-clusters", "the cluster judge call per run (meanings, semantic "
+                                                            "entropy, pairwise agreement); on unless switched off"),
 }
 JudgeFlags = Optional[dict[str, Any]]  # never None in the command: _with_judge_flags fills it
 Gpus = _setting(int, "--gpus", "spread generation over N GPUs, one rank each (relaunches itself under torchrun; "
@@ -90,7 +92,7 @@ Gpus = _setting(int, "--gpus", "spread generation over N GPUs, one rank each (re
 def _with_judge_flags(command: Callable[..., None]) -> Callable[..., None]:
     """Gives a command the JUDGE_FLAGS where its ``judge_flags`` parameter stands; it gets them as one dict.
 
-    typer reads a command's flags from its signature, so the wrapper shows the six parameters in its place.
+    typer reads a command's flags from its signature, so the wrapper shows the seven parameters in its place.
     """
     signature = inspect.signature(command, eval_str=True)
     params = list(signature.parameters.values())
