@@ -158,7 +158,8 @@ class _CallRecord(_Model):
 
 
 class JudgeRecord(_CallRecord):
-    """One judge call rating the answers' similarity 1-10."""
+    """One judge call rating the answers' similarity 1-10. Exactly one of ``parsed`` / ``failure`` is set: unscored
+    is never zero."""
 
     parsed: Verdict | None = None
     previous_failures: list[JudgeRecord] = Field(

@@ -207,8 +207,8 @@ def supersede(old: Record | None, new: Record) -> Record:
     """
     if old is None:
         return new
-    if _without_history(old) == _without_history(new):
-        return old
+    if _without_history(old) == _without_history(new) or _without_history(new) in old.previous_failures:
+        return old  # this very call again, or a failure already folded into old's history (a journal replayed twice)
     carried = old.previous_failures + ([_without_history(old)] if old.failure is not None else [])
     return new.model_copy(update={"previous_failures": carried + new.previous_failures})
 
