@@ -380,7 +380,8 @@ def baseline_command(
         loaded = store.load()
     typer.echo(f"baseline: {outcome.n_sampled} targets sampled ({outcome.n_already_sampled} already were), "
                f"{outcome.n_judge_ok} of {outcome.n_judge_sent} judge calls scored"
-               + (f", failures {outcome.n_judge_failed}" if outcome.n_judge_failed else ""))
+               + (f", failures {outcome.n_judge_failed}" if outcome.n_judge_failed else "")
+               + (f"; {outcome.clusters.line('clusters', 'partitioned')}" if outcome.clusters.sent else ""))
     b = baseline_summary(loaded)
     if b and b["n_targets"]:
         r = "n/a" if b["pearson_r"] is None else f"{b['pearson_r']:.3f}"
