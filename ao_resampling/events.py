@@ -44,12 +44,16 @@ class JudgeRepeatEvent(_Event):
 
 
 class ClustersEvent(_Event):
+    """A run's cluster call: its answers' partition into meanings, or the failure."""
+
     type: Literal["clusters"] = "clusters"
     run_id: str
     record: ClusterRecord
 
 
 class ClustersRepeatEvent(_Event):
+    """One of a run's repeated cluster calls, the answers shown in another order (the cluster judge's own noise)."""
+
     type: Literal["clusters_repeat"] = "clusters_repeat"
     run_id: str
     record: ClusterRecord

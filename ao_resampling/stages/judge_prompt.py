@@ -120,8 +120,7 @@ difference in a claim, a stance or a conclusion puts them in different clusters.
 
 Reply with JSON only (no markdown, no other text), exactly this object:
 {{"clusters": [{{"meaning": "<the cluster's shared meaning in a few words>", "answers": [<numbers>]}}, ...]}}
-Every number from 1 to {n} appears in exactly one cluster; a {what[:-1]} that agrees with no other is a cluster of its
-own."""
+Every number from 1 to {n} appears in exactly one cluster; one that agrees with no other is a cluster of its own."""
 
 
 def _answers_as_data(question: str, answers: Sequence[str], *, who: str) -> str:

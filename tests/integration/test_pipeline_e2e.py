@@ -270,3 +270,22 @@ def test_demo_with_no_arguments_on_real_gemma3_270m(tmp_path, monkeypatch):
     """The demo exactly as a user gets it (about 30 s on 2 idle CPU cores)."""
     results = _run_demo(tmp_path, monkeypatch)
     assert len(results.runs) == config_mod.DEMO["num_targets"] * config_mod.DEMO["num_questions"]
+
+
+@pytest.mark.slow
+def test_demo_with_a_loopback_judge_clusters_every_run(tmp_path, monkeypatch, server):
+    """The demo on real Gemma 3 270M (random LoRA) with a judge to talk to (OPENAI_BASE_URL, the loopback server):
+    every run has a verdict and a partition into meanings, which are the stored answers' (identical text, one
+    meaning); summary.json and report.md hold the four numbers with CIs, and plot D is drawn."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+    result = CliRunner().invoke(app, ["run"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "artifacts" / "demo"
+    results = load_results_file(folder / "results.json")
+    assert results.meta.model == "gemma3-270m-gguf" and results.meta.stand_in
+    assert len(results.runs) == config_mod.DEMO["num_targets"] * config_mod.DEMO["num_questions"]
+    assert all(r.judge.score == expected_score(list(answers(r))) for r in results.runs)
+    summary = json.loads((folder / "report" / "summary.json").read_text())
+    check_clusters(results, summary, (folder / "report" / "report.md").read_text())
+    assert (folder / "report" / "D_clusters.png").stat().st_size > 0
