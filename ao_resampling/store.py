@@ -37,7 +37,8 @@ from ao_resampling.events import (
     ClustersRepeatEvent, JournalEvent, JudgeEvent, JudgeRepeatEvent, ResponsesEvent, event_line, parse_event,
 )
 from ao_resampling.results import (
-    RESULTS_NAME, Baseline, BaselineRun, ClusterRecord, JudgeRecord, Results, ResultsError, Run, dump_results, load_results_file,
+    RESULTS_NAME, Baseline, BaselineRun, ClusterRecord, JudgeRecord, Results, ResultsError, Run, dump_results,
+    load_results_file,
 )
 
 JOURNAL_GLOB = "journal*.jsonl"

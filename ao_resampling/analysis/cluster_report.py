@@ -77,6 +77,10 @@ def _ci(ci: Sequence[float] | None, fmt: str = ".3f") -> str:
     return "–" if ci is None else f"[{ci[0]:{fmt}}, {ci[1]:{fmt}}]"
 
 
+def _reasons(failures: Mapping[str, int]) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in failures.items())
+
+
 def _spearman(block: Mapping[str, Any], other: str) -> str:
     if block["spearman"] is None:
         return f"against {other}: no rank correlation ({block['n']} runs with both)"
@@ -91,8 +95,8 @@ def clusters_markdown(summary: Mapping[str, Any], results: Results, plots: Mappi
              "The cluster judge grouped each run's answers by meaning (shown shuffled, mapped back). "
              + PAIRWISE_AGREEMENT_SENTENCE, "",
              f"{block['n_clustered']} runs clustered"
-             + (f", {block['n_failures']} cluster calls failed ({', '.join(f'{k}: {v}' for k, v in block['failures'].items())}; "
-                "left out, never a number)" if block["n_failures"] else "")
+             + (f", {block['n_failures']} cluster calls failed ({_reasons(block['failures'])}; left out, never a "
+                "number)" if block["n_failures"] else "")
              + (f", {block['n_unclustered']} not asked yet" if block["n_unclustered"] else "") + ".", "",
              "| number | runs | mean | 95% CI (bootstrap over targets) | median | min–max |",
              "| --- | ---: | ---: | --- | ---: | --- |"]
@@ -104,7 +108,8 @@ def clusters_markdown(summary: Mapping[str, Any], results: Results, plots: Mappi
               + _spearman(block["pairwise_agreement_vs_embedding"], "the embedding similarity") + ".", ""]
     texts = {q.id: q.text for q in results.ao_questions}
     per_q = block["metrics"]["pairwise_agreement"]["per_question"]
-    lines += ["| question | runs | mean pairwise agreement | mean semantic entropy (bits) |", "| --- | ---: | ---: | ---: |"]
+    lines += ["| question | runs | mean pairwise agreement | mean semantic entropy (bits) |",
+              "| --- | ---: | ---: | ---: |"]
     entropy = block["metrics"]["semantic_entropy_bits"]["per_question"]
     for q, row in per_q.items():
         lines.append(f"| {q}: {' '.join(texts.get(q, '').split())[:80]} | {row['n']} | {_num(row['mean'])} | "
@@ -117,8 +122,9 @@ def clusters_markdown(summary: Mapping[str, Any], results: Results, plots: Mappi
     base = block.get("baseline")
     if base is not None:
         gap = base["pairwise_agreement_ao_minus_target"]
-        lines += ["", f"Target model (baseline, one run per target): pairwise agreement {_num(base['pairwise_agreement']['mean'])} "
-                  f"(95% CI {_ci(base['pairwise_agreement']['ci95'])}), semantic entropy "
+        agreement = base["pairwise_agreement"]
+        lines += ["", f"Target model (baseline, one run per target): pairwise agreement {_num(agreement['mean'])} "
+                  f"(95% CI {_ci(agreement['ci95'])}), semantic entropy "
                   f"{_num(base['semantic_entropy_bits']['mean'])} bits; the AO's per-target mean minus the target "
                   f"model's: {_num(gap['mean'], '+.3f')} (95% CI {_ci(gap['ci95'])}, {gap['n_targets']} targets)."]
     if PLOT_D in plots:

@@ -6,8 +6,9 @@ encoding with the generation prompt that the AO reads its activation from, n tim
 judge call per target rates how similar the n replies are, on the AO judge's 1-10 scale and strict JSON
 (``build_baseline_prompt`` + ``judge.judge_prompt``; a failed call is recorded, never a score), one more groups them
 by meaning as the AO runs' cluster call does (``build_baseline_cluster_prompt``, the replies shuffled with a recorded
-seed), and the replies' spread is cached like the AO runs' (``spread.missing_spreads``). Everything lands in the ``baseline`` section of
-results.json; its statistics (the AO against the target model, per target) are analysis/comparison.py.
+seed), and the replies' spread is cached like the AO runs' (``spread.missing_spreads``). Everything lands in the
+``baseline`` section of results.json; its statistics (the AO against the target model, per target) are
+analysis/comparison.py (and, for the clusters, analysis/clusters.py).
 A baseline saved on its own in the earlier single-script format is read by ``results.load_baseline_file``.
 """
 
@@ -271,7 +272,8 @@ def judge_baseline(store: ResultsStore, config: ExperimentConfig, *, client: Any
         else:
             report.n_judge_failed[record.failure.reason] = report.n_judge_failed.get(record.failure.reason, 0) + 1
 
-    run_calls(jobs, job_caller(client, config), keep, concurrency=config.judge_concurrency, desc="baseline judge", progress=progress,
+    run_calls(jobs, job_caller(client, config), keep, concurrency=config.judge_concurrency, desc="baseline judge",
+              progress=progress,
               log=lambda message: print(message, file=sys.stderr, flush=True),
               resume=f"ao-resampling baseline {store.folder}")
     store.compact()

@@ -293,7 +293,8 @@ class JudgeStageReport:
     def summary(self) -> str:
         """What a user reads after ``judge``: calls sent, parsed, failed by reason, and what was skipped."""
         line = self.counts("judge").line("judge", "scored")
-        line += f"; skipped {self.n_skipped_already_judged} already judged, {self.n_skipped_no_responses} without answers"
+        line += (f"; skipped {self.n_skipped_already_judged} already judged, {self.n_skipped_no_responses} without "
+                 "answers")
         for event, what, done in (("judge_repeat", "repeats", "scored"), ("clusters", "clusters", "partitioned"),
                                   ("clusters_repeat", "cluster repeats", "partitioned")):
             counts = self.calls.get(event)
@@ -368,7 +369,8 @@ def _run_jobs(
         store.journal.append(judge_call_event(job.event, job.run_id, record))
         report.counts(job.event).add(record)
 
-    run_calls(jobs, job_caller(client, config), keep, concurrency=config.judge_concurrency, desc="judge", progress=progress, log=log,
+    run_calls(jobs, job_caller(client, config), keep, concurrency=config.judge_concurrency, desc="judge",
+              progress=progress, log=log,
               resume=f"ao-resampling judge {store.folder}")
 
 

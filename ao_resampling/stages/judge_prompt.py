@@ -124,7 +124,8 @@ Every number from 1 to {n} appears in exactly one cluster; one that agrees with 
 
 
 def _answers_as_data(question: str, answers: Sequence[str], *, who: str) -> str:
-    """The question and the answers as escaped, numbered data blocks, after ``who`` (what the call asks of the judge)."""
+    """The question and the answers as escaped, numbered data blocks, after ``who`` (what the call asks of the
+    judge)."""
     if isinstance(answers, str) or len(answers) == 0:
         raise ValueError("a judge prompt needs a non-empty sequence of answers")
     n = len(answers)
@@ -249,7 +250,8 @@ def parse_clusters(raw: str, *, answer_order: Sequence[int]) -> ClusterVerdict:
             [f"answer(s) {missing} in no cluster"] if missing else [])
         raise JudgeOutputError("not_a_partition", "; ".join(parts) + f" (each of 1..{n} exactly once)")
     stored = [(meaning, sorted(answer_order[i - 1] for i in numbers)) for meaning, numbers in found]
-    return ClusterVerdict(clusters=[MeaningCluster(meaning=m, answers=a) for m, a in sorted(stored, key=lambda c: c[1])])
+    ordered = sorted(stored, key=lambda c: c[1])  # by their smallest stored answer: one spelling per partition
+    return ClusterVerdict(clusters=[MeaningCluster(meaning=m, answers=a) for m, a in ordered])
 
 
 def _cluster(cluster: Any, k: int, n: int) -> tuple[str, list[int]]:

@@ -134,5 +134,6 @@ def test_full_experiment(request, judge_endpoint, monkeypatch, recwarn):
         block = clusters["metrics"][metric]
         assert block["n"] and block["mean_ci95"] is not None, metric
         assert f"| {metric} (" in report_md and f"{block['mean']:.3f}" in report_md, metric
-    print(f"clusters: {clusters['n_clustered']} runs, pairwise agreement "
-          f"{clusters['metrics']['pairwise_agreement']['mean']:.3f} {clusters['metrics']['pairwise_agreement']['mean_ci95']}")
+    agreement = clusters["metrics"]["pairwise_agreement"]
+    print(f"clusters: {clusters['n_clustered']} runs, pairwise agreement {agreement['mean']:.3f} "
+          f"{agreement['mean_ci95']}")

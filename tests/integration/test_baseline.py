@@ -41,7 +41,8 @@ def no_ambient_openai_env(monkeypatch):
 
 def baseline_verdict(request) -> Reply:
     """The fake server's scoring rule (10 when all agree, one less per extra distinct reply), on baseline prompts
-    (and on the AO judge's, for the whole run); its cluster calls get the default rule (identical texts, one meaning)."""
+    (and on the AO judge's, for the whole run); its cluster calls get the default rule (identical texts, one
+    meaning)."""
     if request.is_cluster_call:
         return deterministic_clusters(request)
     replies = responses_in_prompt(request.prompt) or request.answers

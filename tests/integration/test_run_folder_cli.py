@@ -159,7 +159,8 @@ def test_judge_with_every_call_failing_exits_3_with_a_readable_summary(tmp_path)
     assert result.exit_code == EXIT_CALLS_FAILED, result.output
     assert "judge: 3 call(s) sent, 0 scored, 3 failed (api_error 3)" in result.output
     assert "clusters: 3 call(s) sent, 0 partitioned, 3 failed (api_error 3)" in result.output
-    assert "6 judge call(s) failed" in result.output  # a failed cluster call is a failed judge call and f"ao-resampling judge {folder}" in result.output
+    assert "6 judge call(s) failed" in result.output  # a failed cluster call is a failed judge call
+    assert f"ao-resampling judge {folder}" in result.output
     assert "JudgeStageReport(" not in result.output
 
 

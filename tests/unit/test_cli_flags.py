@@ -7,8 +7,8 @@ import inspect
 
 from ao_resampling import cli
 
-JUDGE_FLAGS = ["judge_model", "judge_api", "judge_base_url", "judge_concurrency", "judge_timeout_s", "judge_max_retries",
-             "clusters"]
+JUDGE_FLAGS = ["judge_model", "judge_api", "judge_base_url", "judge_concurrency", "judge_timeout_s",
+               "judge_max_retries", "clusters"]
 
 
 def test_the_command_gets_the_seven_values_as_one_dict():

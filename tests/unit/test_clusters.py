@@ -256,7 +256,8 @@ def test_cluster_calls_are_owed_for_new_and_failed_runs_with_their_shuffle():
                                                                   "clusters__run__failed__q1")]
     assert skipped["clusters_already_judged"] == 1 and skipped["no_responses"] == 1
     new = clusters[0]
-    assert new.shuffle_seed == cluster_seed("run__new__q1") and list(new.answer_order) == seeded_order(new.shuffle_seed, 3)
+    assert new.shuffle_seed == cluster_seed("run__new__q1")
+    assert list(new.answer_order) == seeded_order(new.shuffle_seed, 3)
     assert list(new.answers) == [["a", "b", "c"][i - 1] for i in new.answer_order]
     assert answers_in_prompt(new.prompt) == list(new.answers) and "clusters" in new.prompt
     assert not any(j.kind == "clusters" for j in plan_judge_calls(runs, questions={"q1": QUESTION})[0])
