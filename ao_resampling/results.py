@@ -381,6 +381,11 @@ def run_integrity_problems(run: Run) -> list[str]:
         problems.append(f"field 'assistant_start_idx': {run.assistant_start_idx} is outside the "
                         f"{len(ids)} context_input_ids")
     problems += _outside("context_positions", run.context_positions, len(ids), "context_input_ids")
+    for name, record in [("clusters", run.clusters)] + [(f"cluster_repeats[{k}]", r)
+                                                         for k, r in enumerate(run.cluster_repeats)]:
+        if record is not None and record.parsed is not None and sum(record.parsed.sizes) != len(run.responses):
+            problems.append(f"field '{name}': a partition of {sum(record.parsed.sizes)} answers, but the run has "
+                            f"{len(run.responses)}")
     if run.placeholder_positions is not None and run.oracle_input_ids is None:
         problems.append("field 'placeholder_positions': set, but 'oracle_input_ids' is missing")
     elif run.placeholder_positions is not None:

@@ -27,7 +27,7 @@ from ao_resampling.results import (
     load_results_file,
     results_json_schema,
 )
-from tests.support.results_factory import judge_record, make_results, to_v0_dict
+from tests.support.results_factory import cluster_record, judge_record, make_results, to_v0_dict
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -205,6 +205,23 @@ def test_damaged_ids_and_indices_name_the_run_and_field(tmp_path, edit, message)
     with pytest.raises(ResultsError) as info:
         load_results_file(path)
     assert f"{path}: runs[0] (run__t1__q1): {message}" in str(info.value)
+
+
+@pytest.mark.parametrize("field", ["clusters", "cluster_repeats"])
+def test_a_partition_of_another_number_of_answers_names_the_run_and_field(tmp_path, field):
+    """The run has 3 answers; a partition of 1..2 (a hand-edited file, or one mixed with other answers) is refused."""
+    record = cluster_record([0, 1]).model_dump(mode="json")
+    data = make_results([[5, 6]]).model_dump(mode="json")
+    data["runs"][0][field] = record if field == "clusters" else [record]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(data))
+    where = "clusters" if field == "clusters" else "cluster_repeats[0]"
+    with pytest.raises(ResultsError, match=re.escape(
+            f"runs[0] (run__t1__q1): field '{where}': a partition of 2 answers, but the run has 3")):
+        load_results_file(path)
+    data["runs"][0][field] = cluster_record([0, 1, 0]).model_dump(mode="json") if field == "clusters" else []
+    path.write_text(json.dumps(data))
+    assert load_results_file(path).runs[0].run_id == "run__t1__q1"
 
 
 def test_duplicate_run_id_is_refused(tmp_path):
