@@ -27,15 +27,17 @@ def cluster_distributions(results: Results) -> Figure:
     fig = new_figure(15, 7.5)
     grid = fig.add_gridspec(2, 4)
     stand_in = " (STAND-IN model)" if results.meta.stand_in else ""
+    # each number's whole scale: 1..N meanings, 0..log2 N bits, shares and chances 0..1
+    n_answers = max((len(r.responses) for r in results.runs), default=2)
     for k, (metric, label) in enumerate(CLUSTER_METRICS.items()):
         ax = fig.add_subplot(grid[0, k])
         values = list(cluster_values(results.runs, metric).values())
         if metric == "n_clusters":
-            top = int(max(values, default=1))
-            ax.hist(values, bins=np.arange(0.5, top + 1.5, 1.0), color=BAR_COLOR, edgecolor="white")
+            ax.hist(values, bins=np.arange(0.5, n_answers + 1.5, 1.0), color=BAR_COLOR, edgecolor="white")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         else:
-            upper = max(1.0, max(values, default=1.0))
+            upper = max(np.log2(max(n_answers, 2)), max(values, default=0.0)) if metric == "semantic_entropy_bits" \
+                else 1.0
             ax.hist(values, bins=np.linspace(0.0, upper, 21), color=BAR_COLOR, edgecolor="white")
         if values:
             mean = float(np.mean(values))
@@ -54,7 +56,8 @@ def _per_question_means(results: Results, ax) -> None:
     groups = group_values(results, cluster_values(results.runs, "pairwise_agreement"), "question")
     texts = {q.id: q.text for q in results.ao_questions}
     rows = sorted(((float(np.mean(v)), q) for q, v in groups.items() if v), reverse=True)
-    ax.bar(range(len(rows)), [m for m, _ in rows], color=BAR_COLOR)
+    bars = ax.bar(range(len(rows)), [m for m, _ in rows], color=BAR_COLOR)
+    ax.bar_label(bars, labels=[f"{m:.2f}" for m, _ in rows], fontsize=7)  # a mean of 0 draws no bar
     ax.set_xticks(range(len(rows)), [question_label(texts[q], width=24) for _, q in rows], fontsize=7)
     ax.set_ylim(0.0, 1.0)
     ax.set_ylabel("mean pairwise agreement")

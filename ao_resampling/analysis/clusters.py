@@ -33,7 +33,7 @@ from ao_resampling.results import ClusterRecord, Results
 # metric -> what it says, for tables and axes
 CLUSTER_METRICS: dict[str, str] = {
     "n_clusters": "number of meanings among the answers",
-    "semantic_entropy_bits": "semantic entropy over the meanings (bits)",
+    "semantic_entropy_bits": "semantic entropy over the meanings, in bits",
     "modal_share": "share of the answers in the largest meaning",
     "pairwise_agreement": "chance two answers mean the same",
 }
