@@ -67,21 +67,22 @@ def build_baseline_prompt(*, messages: Sequence[TargetMessage | Mapping[str, str
     """The judge prompt for the target model's own replies: the conversation and the n replies as escaped data
     blocks, a rubric worded for model replies, and the AO judge's 1-10 JSON verdict."""
     n = len(responses)
-    who = (f"You are rating how consistent a language model is with itself. Judge how similar the {n} replies are "
-           "in meaning.")
-    return f"{_replies_as_data(messages, responses, who=who)}\n\n{verdict_request(n=n, what='replies', rubric=_RUBRIC)}"
+    data = _replies_as_data(messages, responses, role="You are rating how consistent a language model is with itself.",
+                            task=f"Judge how similar the {n} replies are in meaning.")
+    return f"{data}\n\n{verdict_request(n=n, what='replies', rubric=_RUBRIC)}"
 
 
 def build_baseline_cluster_prompt(*, messages: Sequence[TargetMessage | Mapping[str, str]],
                                   responses: Sequence[str]) -> str:
     """The cluster prompt for the target model's own replies (shown in the order given): as the AO runs' one."""
-    who = "You are sorting a language model's replies by what they mean."
-    return f"{_replies_as_data(messages, responses, who=who)}\n\n{cluster_request(n=len(responses), what='replies')}"
+    data = _replies_as_data(messages, responses, role="You are sorting a language model's replies by what they mean.",
+                            task="Group them by meaning.")
+    return f"{data}\n\n{cluster_request(n=len(responses), what='replies')}"
 
 
 def _replies_as_data(messages: Sequence[TargetMessage | Mapping[str, str]], responses: Sequence[str], *,
-                     who: str) -> str:
-    """The conversation and the replies as escaped data blocks, after ``who`` (what the call asks of the judge)."""
+                     role: str, task: str) -> str:
+    """The judge's ``role`` and ``task``, then the conversation and the replies as escaped data blocks."""
     if isinstance(responses, str) or len(responses) == 0:
         raise ValueError("a baseline judge prompt needs a non-empty sequence of responses")
     if len(messages) == 0:
@@ -91,7 +92,8 @@ def _replies_as_data(messages: Sequence[TargetMessage | Mapping[str, str]], resp
     turns = "\n".join(f'<message role="{html.escape(role)}">{escape(content)}</message>'
                       for role, content in _turns(messages))
     return f"""\
-{who} The model was given the same conversation {n} times and wrote its next reply independently each time.
+{role} The model was given the same conversation {n} times
+and wrote its next reply independently each time. {task}
 
 The conversation, one message element per turn, in order:
 <conversation>

@@ -150,6 +150,22 @@ def test_cluster_prompt_shows_the_answers_numbered_and_asks_for_a_partition():
     assert CLUSTER_JSON_SCHEMA["required"] == ["clusters"]
 
 
+def test_the_verdict_prompts_open_as_before_the_cluster_call_shared_their_parts():
+    """The verdict prompts (AO and baseline) are what earlier runs' judges saw, word for word and line for line."""
+    from ao_resampling.stages.baseline import build_baseline_prompt
+    from ao_resampling.stages.judge_prompt import build_prompt
+
+    assert build_prompt(question="Q?", answers=["a", "b", "c"]).startswith(
+        "You are rating how consistent a model is with itself. The same question was asked 3 times about the same "
+        "input,\nand the model answered independently each time. Judge how similar the 3 answers are in meaning.\n\n"
+        "The question the model was asked:\n<question>Q?</question>\n\nThere are exactly 3 answers")
+    assert build_baseline_prompt(messages=[{"role": "user", "content": "hi"}], responses=["a", "b"]).startswith(
+        "You are rating how consistent a language model is with itself. The model was given the same conversation 2 "
+        "times\nand wrote its next reply independently each time. Judge how similar the 2 replies are in meaning.\n\n"
+        "The conversation, one message element per turn, in order:\n<conversation>\n"
+        '<message role="user">hi</message>\n</conversation>')
+
+
 def test_the_shuffle_is_a_permutation_drawn_from_its_recorded_seed():
     for run_id in ("run__a__q1", "run__b__q1"):
         seed = cluster_seed(run_id)
