@@ -259,8 +259,8 @@ def sweep(
     preset: Preset = "demo", config_file: ConfigFile = None, out: Out = None, model: Model = None,
     tokenizer: Tokenizer = None, oracle_lora: Lora = None, targets: Targets = None, questions: Questions = None,
     device: Device = None, dtype: Dtype = None, num_targets: NumTargets = None, num_questions: NumQuestions = None,
-    samples: Samples = None, embedding_model: EmbeddingModel = None, no_judge: NoJudge = False, set_: Set = None,
-    quiet: Quiet = False,
+    samples: Samples = None, embedding_model: EmbeddingModel = None, no_judge: NoJudge = False,
+    clusters: JUDGE_FLAGS["clusters"] = None, set_: Set = None, quiet: Quiet = False,
 ) -> None:
     """The experiment over a grid of settings (temperature, top_p, layer_percent, position_rule, ...), the model
     loaded once; each condition is an ordinary run folder. With no --vary/--conditions: a tiny demo sweep on CPU."""
@@ -268,7 +268,8 @@ def sweep(
 
     base = _config(preset, config_file, set_, model=model, tokenizer=tokenizer, oracle_lora=oracle_lora,
                    targets=targets, questions=questions, device=device, dtype=dtype, num_targets=num_targets,
-                   num_questions=num_questions, samples_per_query=samples, embedding_model=embedding_model)
+                   num_questions=num_questions, samples_per_query=samples, embedding_model=embedding_model,
+                   clusters=clusters)
     if conditions is not None and vary:
         raise sweeps.SweepError("give --vary or --conditions, not both")
     overrides = (sweeps.load_conditions_toml(conditions) if conditions is not None
