@@ -194,7 +194,9 @@ def test_cluster_calls_replay_keeping_earlier_failures_and_idempotently(store):
     replace their own call; the baseline's cluster call lands on its baseline run. Replaying again changes nothing."""
     failed, ok = cluster_record("invalid_json", call_id="c"), cluster_record([0, 0, 1], call_id="c")
     rep1, rep1_again = cluster_record([0, 1, 1], call_id="c__rep1"), cluster_record([0, 0, 0], call_id="c__rep1")
+    three = [a.model_copy(update={"sample_id": f"{RUN}__s{i:02d}"}) for i, a in enumerate(ANSWERS * 3)]
     store.journal.append_many([
+        responses_event(RUN, three),
         judge_call_event("clusters", RUN, failed), judge_call_event("clusters", RUN, ok),
         judge_call_event("clusters_repeat", RUN, rep1), judge_call_event("clusters_repeat", RUN, rep1_again),
         baseline_responses_event("baseline__t1", "t1", ANSWERS, {"n": 1}),
