@@ -73,7 +73,7 @@ BaselineMaxNew = _setting(int, "--baseline-max-new-tokens", "max new tokens per 
 NoJudge = Annotated[bool, typer.Option("--no-judge", help="generation + judge-free analysis only")]
 Set = _setting(list[str], "--set", "any config field: --set decode_seed=3")
 Quiet = Annotated[bool, typer.Option("--quiet", help="no progress bars")]
-# The judge endpoint's flags: the same six on `run`, `judge` and `baseline` (see _with_judge_flags).
+# The judge's flags: the same seven on `run`, `judge` and `baseline` (see _with_judge_flags).
 JUDGE_FLAGS = {
     "judge_model": _setting(str, "--judge-model", "judge model (default gpt-5-mini)"),
     "judge_api": _setting(str, "--judge-api", "'responses' (OpenAI) or 'chat' (local servers)"),
@@ -81,6 +81,8 @@ JUDGE_FLAGS = {
     "judge_concurrency": _setting(int, "--judge-concurrency", "judge calls in flight"),
     "judge_timeout_s": _setting(float, "--judge-timeout-s", "seconds one judge call may take"),
     "judge_max_retries": _setting(int, "--judge-max-retries", "SDK retries per judge call (429/5xx/timeouts)"),
+    "clusters": _setting(bool, "--clusters/--no-clusters", "the cluster judge call per run (meanings, semantic "
+                                                            "entropy, pairwise agreement); on unless switched off"),
 }
 JudgeFlags = Optional[dict[str, Any]]  # never None in the command: _with_judge_flags fills it
 Gpus = _setting(int, "--gpus", "spread generation over N GPUs, one rank each (relaunches itself under torchrun; "
@@ -90,7 +92,7 @@ Gpus = _setting(int, "--gpus", "spread generation over N GPUs, one rank each (re
 def _with_judge_flags(command: Callable[..., None]) -> Callable[..., None]:
     """Gives a command the JUDGE_FLAGS where its ``judge_flags`` parameter stands; it gets them as one dict.
 
-    typer reads a command's flags from its signature, so the wrapper shows the six parameters in its place.
+    typer reads a command's flags from its signature, so the wrapper shows the seven parameters in its place.
     """
     signature = inspect.signature(command, eval_str=True)
     params = list(signature.parameters.values())
@@ -259,8 +261,8 @@ def sweep(
     preset: Preset = "demo", config_file: ConfigFile = None, out: Out = None, model: Model = None,
     tokenizer: Tokenizer = None, oracle_lora: Lora = None, targets: Targets = None, questions: Questions = None,
     device: Device = None, dtype: Dtype = None, num_targets: NumTargets = None, num_questions: NumQuestions = None,
-    samples: Samples = None, embedding_model: EmbeddingModel = None, no_judge: NoJudge = False, set_: Set = None,
-    quiet: Quiet = False,
+    samples: Samples = None, embedding_model: EmbeddingModel = None, no_judge: NoJudge = False,
+    clusters: JUDGE_FLAGS["clusters"] = None, set_: Set = None, quiet: Quiet = False,
 ) -> None:
     """The experiment over a grid of settings (temperature, top_p, layer_percent, position_rule, ...), the model
     loaded once; each condition is an ordinary run folder. With no --vary/--conditions: a tiny demo sweep on CPU."""
@@ -268,7 +270,8 @@ def sweep(
 
     base = _config(preset, config_file, set_, model=model, tokenizer=tokenizer, oracle_lora=oracle_lora,
                    targets=targets, questions=questions, device=device, dtype=dtype, num_targets=num_targets,
-                   num_questions=num_questions, samples_per_query=samples, embedding_model=embedding_model)
+                   num_questions=num_questions, samples_per_query=samples, embedding_model=embedding_model,
+                   clusters=clusters)
     if conditions is not None and vary:
         raise sweeps.SweepError("give --vary or --conditions, not both")
     overrides = (sweeps.load_conditions_toml(conditions) if conditions is not None
@@ -386,7 +389,8 @@ def baseline_command(
         loaded = store.load()
     typer.echo(f"baseline: {outcome.n_sampled} targets sampled ({outcome.n_already_sampled} already were), "
                f"{outcome.n_judge_ok} of {outcome.n_judge_sent} judge calls scored"
-               + (f", failures {outcome.n_judge_failed}" if outcome.n_judge_failed else ""))
+               + (f", failures {outcome.n_judge_failed}" if outcome.n_judge_failed else "")
+               + (f"; {outcome.clusters.line('clusters', 'partitioned')}" if outcome.clusters.sent else ""))
     b = baseline_summary(loaded)
     if b and b["n_targets"]:
         r = "n/a" if b["pearson_r"] is None else f"{b['pearson_r']:.3f}"

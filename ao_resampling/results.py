@@ -27,12 +27,14 @@ from ao_resampling.redaction import redact_url
 
 # 2: runs record their read-position rule; answers are stored as decoded (``text_stripped`` marks older ones);
 #    decodings record the effective top_k and eos ids; judge records keep earlier failures. 1 -> 2 in _migrate_v1.
-SCHEMA_VERSION = 2
+# 3: runs (and baseline runs) may hold a cluster judge record (``clusters``, ``cluster_repeats``): which answers mean
+#    the same. Older files have none, so 2 -> 3 only renumbers (_migrate_v2).
+SCHEMA_VERSION = 3
 RESULTS_NAME = "results.json"
 
 FailureReason = Literal[
     "api_error", "timeout", "empty_output", "incomplete", "refusal", "invalid_json", "schema_mismatch",
-    "out_of_range",
+    "out_of_range", "not_a_partition",
 ]
 FinishReason = Literal["eos", "length"]
 
@@ -79,36 +81,83 @@ class Verdict(_Model):
     rationale: str
 
 
+class MeaningCluster(_Model):
+    """Answers the cluster judge found to mean the same; ``answers`` are 1-based indices in the stored order."""
+
+    meaning: str
+    answers: list[int] = Field(min_length=1)
+
+
+class ClusterVerdict(_Model):
+    """A partition of a run's answers into meanings, in the run's own answer order (mapped back from the shuffle)."""
+
+    clusters: list[MeaningCluster] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _a_partition(self) -> "ClusterVerdict":
+        numbers = sorted(i for c in self.clusters for i in c.answers)
+        if numbers != list(range(1, len(numbers) + 1)):
+            raise ValueError(f"the clusters' answers {numbers} are not each of 1..{len(numbers)} exactly once")
+        return self
+
+    @property
+    def sizes(self) -> list[int]:
+        return [len(c.answers) for c in self.clusters]
+
+    @property
+    def labels(self) -> list[int]:
+        """The cluster index of each answer, in the stored order."""
+        label = {i: k for k, c in enumerate(self.clusters) for i in c.answers}
+        return [label[i] for i in range(1, len(label) + 1)]
+
+
 class JudgeFailure(_Model):
     reason: FailureReason
     detail: str
 
 
-class JudgeRecord(_Model):
-    """One judge call. Exactly one of ``parsed`` / ``failure`` is set: unscored is never zero."""
+class _CallRecord(_Model):
+    """What every judge call records, whatever its kind. Exactly one of ``parsed`` / ``failure`` is set: unscored is
+    never zero."""
 
     judge_call_id: str
     model: str
     prompt: str
     raw_output: str | None = None
-    parsed: Verdict | None = None
+    parsed: Any = None  # each kind's own reply model (a subclass narrows it)
     failure: JudgeFailure | None = None
     api: str | None = None
     answer_order: list[int] | None = Field(None, description="1-based order the answers were shown in")
     latency_s: float | None = None
     created_at: str | None = None
-    previous_failures: list[JudgeRecord] = Field(
-        default_factory=list, description="earlier failed calls for the same judge_call_id, oldest first")
 
     @model_validator(mode="after")
-    def _one_outcome(self) -> "JudgeRecord":
+    def _one_outcome(self) -> "_CallRecord":
         if (self.parsed is None) == (self.failure is None):
             raise ValueError("a judge record holds exactly one of 'parsed' and 'failure'")
         return self
 
+
+class JudgeRecord(_CallRecord):
+    """One judge call rating the answers' similarity 1-10. Exactly one of ``parsed`` / ``failure`` is set: unscored
+    is never zero."""
+
+    parsed: Verdict | None = None
+    previous_failures: list[JudgeRecord] = Field(
+        default_factory=list, description="earlier failed calls for the same judge_call_id, oldest first")
+
     @property
     def score(self) -> int | None:
         return self.parsed.similarity_1_to_10 if self.parsed else None
+
+
+class ClusterRecord(_CallRecord):
+    """One cluster judge call: the answers, shown shuffled, grouped by meaning (``parsed`` in the stored order)."""
+
+    parsed: ClusterVerdict | None = None
+    shuffle_seed: int | None = Field(None, description="the seed answer_order was drawn with")
+    previous_failures: list[ClusterRecord] = Field(
+        default_factory=list, description="earlier failed calls for the same judge_call_id, oldest first")
 
 
 class SpreadMetrics(_Model):
@@ -142,6 +191,8 @@ class Run(_Model):
     responses: list[Response] = []
     judge: JudgeRecord | None = None
     judge_repeats: list[JudgeRecord] = []
+    clusters: ClusterRecord | None = Field(None, description="the cluster judge call: which answers mean the same")
+    cluster_repeats: list[ClusterRecord] = []
     spread: SpreadMetrics | None = None
 
     @model_validator(mode="before")
@@ -178,6 +229,7 @@ class BaselineRun(_Model):
     target_id: str
     responses: list[Response] = []
     judge: JudgeRecord | None = None
+    clusters: ClusterRecord | None = None
     spread: SpreadMetrics | None = None
 
 
@@ -238,7 +290,9 @@ class Results(_Model):
         if version < 1:  # the single-script format has no schema_version at all; 0 or -1 is no format of ours
             raise ValueError(f"schema_version {version} is not a version of this format (1 to {SCHEMA_VERSION}, or "
                              "none for the original single-script format)")
-        return _migrate_v1(data) if version < 2 else data
+        if version < 2:
+            data = _migrate_v1(data)
+        return _migrate_v2(data) if data["schema_version"] < 3 else data
 
     @model_validator(mode="after")
     def _ids_consistent(self) -> "Results":
@@ -301,6 +355,11 @@ def _migrate_v1(data: dict[str, Any]) -> dict[str, Any]:
     return dict(_add_position_rule(data), schema_version=2)
 
 
+def _migrate_v2(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 2 -> 3: no file before 3 asked the cluster judge, so its runs load with no clusters (the defaults)."""
+    return dict(data, schema_version=3)
+
+
 def _add_position_rule(data: dict[str, Any]) -> dict[str, Any]:
     """Files made before read-position rules read every run at assistant_start_idx (their context_positions)."""
     runs = data.get("runs")
@@ -347,6 +406,11 @@ def run_integrity_problems(run: Run) -> list[str]:
         problems.append(f"field 'assistant_start_idx': {run.assistant_start_idx} is outside the "
                         f"{len(ids)} context_input_ids")
     problems += _outside("context_positions", run.context_positions, len(ids), "context_input_ids")
+    for name, record in [("clusters", run.clusters)] + [(f"cluster_repeats[{k}]", r)
+                                                         for k, r in enumerate(run.cluster_repeats)]:
+        if record is not None and record.parsed is not None and sum(record.parsed.sizes) != len(run.responses):
+            problems.append(f"field '{name}': a partition of {sum(record.parsed.sizes)} answers, but the run has "
+                            f"{len(run.responses)}")
     if run.placeholder_positions is not None and run.oracle_input_ids is None:
         problems.append("field 'placeholder_positions': set, but 'oracle_input_ids' is missing")
     elif run.placeholder_positions is not None:

@@ -30,16 +30,17 @@ import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ao_resampling.errors import EXIT_BUSY, AOResamplingError
 from ao_resampling.redaction import redact
 from ao_resampling.events import (
-    BaselineJudgeEvent, BaselineResponsesEvent, BaselineSpreadEvent, JournalEvent, JudgeEvent, JudgeRepeatEvent,
-    ResponsesEvent, event_line, parse_event,
+    BaselineClustersEvent, BaselineJudgeEvent, BaselineResponsesEvent, BaselineSpreadEvent, ClustersEvent,
+    ClustersRepeatEvent, JournalEvent, JudgeEvent, JudgeRepeatEvent, ResponsesEvent, event_line, parse_event,
 )
 from ao_resampling.results import (
-    RESULTS_NAME, Baseline, BaselineRun, JudgeRecord, Results, ResultsError, Run, dump_results, load_results_file,
+    RESULTS_NAME, Baseline, BaselineRun, ClusterRecord, JudgeRecord, Results, ResultsError, Run, dump_results,
+    load_results_file,
 )
 
 JOURNAL_GLOB = "journal*.jsonl"
@@ -47,6 +48,7 @@ JOURNAL_GLOB = "journal*.jsonl"
 # rank). A user's ``journal.backup.jsonl`` beside them is neither replayed nor removed.
 TOOL_JOURNAL_RE = re.compile(r"journal(\.rank(0|[1-9][0-9]*))?\.jsonl")
 LOCK_NAME = ".lock"
+Record = TypeVar("Record", JudgeRecord, ClusterRecord)  # a judge call's record, of either kind
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -179,7 +181,7 @@ class Journal:
 
 def apply_event(results: Results, event: JournalEvent, runs: dict[str, Run]) -> None:
     """Fold one journal event into ``results`` (in place). Unknown run ids are an error: the journal is not ours."""
-    if isinstance(event, (BaselineResponsesEvent, BaselineJudgeEvent, BaselineSpreadEvent)):
+    if isinstance(event, (BaselineResponsesEvent, BaselineJudgeEvent, BaselineClustersEvent, BaselineSpreadEvent)):
         _apply_baseline_event(results, event)
         return
     run = runs.get(event.run_id)
@@ -191,10 +193,11 @@ def apply_event(results: Results, event: JournalEvent, runs: dict[str, Run]) -> 
     elif isinstance(event, JudgeEvent):
         run.judge = supersede(run.judge, event.record)
     elif isinstance(event, JudgeRepeatEvent):
-        record = event.record
-        old = next((r for r in run.judge_repeats if r.judge_call_id == record.judge_call_id), None)
-        run.judge_repeats = [r for r in run.judge_repeats if r.judge_call_id != record.judge_call_id] + [
-            supersede(old, record)]
+        run.judge_repeats = _with_repeat(run.judge_repeats, event.record)
+    elif isinstance(event, ClustersEvent):
+        run.clusters = supersede(run.clusters, event.record)
+    elif isinstance(event, ClustersRepeatEvent):
+        run.cluster_repeats = _with_repeat(run.cluster_repeats, event.record)
     else:
         run.spread = event.spread
 
@@ -218,8 +221,14 @@ def check_planned_answers(results: Results, event: ResponsesEvent) -> None:
                                    "were made with other decoding")
 
 
+def _with_repeat(repeats: list[Record], record: Record) -> list[Record]:
+    """``repeats`` with ``record`` superseding the earlier record of the same call (moved to the end)."""
+    old = next((r for r in repeats if r.judge_call_id == record.judge_call_id), None)
+    return [r for r in repeats if r.judge_call_id != record.judge_call_id] + [supersede(old, record)]
+
+
 def _apply_baseline_event(
-    results: Results, event: BaselineResponsesEvent | BaselineJudgeEvent | BaselineSpreadEvent,
+    results: Results, event: BaselineResponsesEvent | BaselineJudgeEvent | BaselineClustersEvent | BaselineSpreadEvent,
 ) -> None:
     if results.baseline is None:
         results.baseline = Baseline(meta=event.meta)
@@ -233,24 +242,26 @@ def _apply_baseline_event(
         run.responses = list(event.responses)
     elif isinstance(event, BaselineSpreadEvent):
         run.spread = event.spread
+    elif isinstance(event, BaselineClustersEvent):
+        run.clusters = supersede(run.clusters, event.record)
     else:
         run.judge = supersede(run.judge, event.record)
 
 
-def supersede(old: JudgeRecord | None, new: JudgeRecord) -> JudgeRecord:
+def supersede(old: Record | None, new: Record) -> Record:
     """``new`` in place of ``old``, keeping every earlier failure (a retried call's history is not thrown away).
 
     Replaying an event that was already folded in must change nothing, so the very same call again keeps ``old``.
     """
     if old is None:
         return new
-    if _without_history(old) == _without_history(new):
-        return old
+    if _without_history(old) == _without_history(new) or _without_history(new) in old.previous_failures:
+        return old  # this very call again, or a failure already folded into old's history (a journal replayed twice)
     carried = old.previous_failures + ([_without_history(old)] if old.failure is not None else [])
     return new.model_copy(update={"previous_failures": carried + new.previous_failures})
 
 
-def _without_history(record: JudgeRecord) -> JudgeRecord:
+def _without_history(record: Record) -> Record:
     return record.model_copy(update={"previous_failures": []})
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from ao_resampling.analysis import plots
+from ao_resampling.analysis.cluster_report import cluster_plots
 from ao_resampling.analysis.comparison import embedding_comparison, judge_comparison
 from ao_resampling.analysis.stats import embedding_similarities, judge_embedding_pairs, judge_scores
 from ao_resampling.results import Results
@@ -59,7 +60,7 @@ def baseline_plots(results: Results) -> dict[str, Callable[[Results], Figure]]:
     return out
 
 
-PLOT_SETS: list[PlotSet] = [judge_plots, embedding_plots, baseline_plots]
+PLOT_SETS: list[PlotSet] = [judge_plots, embedding_plots, baseline_plots, cluster_plots]
 
 
 def save_figure(fig: Figure, path: Path, *, dpi: int) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ao_resampling.analysis.cluster_report import clusters_markdown
 from ao_resampling.analysis.figures import FIGURE_NAMES, JUDGE_VS_EMBEDDING, PLOT_SETS, save_figure
 from ao_resampling.analysis.stats import embedding_similarities, judge_counts, judge_scores
 from ao_resampling.analysis.summary import summarize, target_text
@@ -314,9 +315,13 @@ def baseline_md_section(ctx: ReportContext) -> str | None:
     return "\n".join(lines).rstrip()
 
 
+def clusters_md_section(ctx: ReportContext) -> str | None:
+    return clusters_markdown(ctx.summary, ctx.results, ctx.plots)
+
+
 REPORT_SECTIONS: list[ReportSection] = [
     header_section, setup_section, judge_distribution_section, per_question_section, per_target_section,
-    consistency_section, judge_free_section, judge_repeats_md_section, baseline_md_section,
+    clusters_md_section, consistency_section, judge_free_section, judge_repeats_md_section, baseline_md_section,
 ]
 
 

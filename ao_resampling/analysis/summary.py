@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ao_resampling.analysis.clusters import clusters_section
 from ao_resampling.analysis.comparison import baseline_summary
 from ao_resampling.analysis.stats import (
     describe,
@@ -120,7 +121,7 @@ def baseline_section(results: Results, opts: SummaryOptions) -> dict[str, Any]:
 
 SUMMARY_SECTIONS: list[SummarySection] = [
     counts_section, judge_section, embedding_section, lexical_section, agreement_section, judge_repeats_section,
-    baseline_section,
+    baseline_section, clusters_section,
 ]
 
 

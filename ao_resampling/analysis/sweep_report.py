@@ -1,6 +1,7 @@
 """The sweep report: how each spread metric moves with the swept settings, paired by (target, question).
 
-For each metric (judge score, embedding similarity, distinct fraction) and each condition: the mean over runs with a
+For each metric (judge score, embedding similarity, distinct fraction, the cluster judge's four numbers: pairwise
+agreement, semantic entropy, number of meanings, modal share) and each condition: the mean over runs with a
 bootstrap CI; for each pair of conditions: the mean of the *paired* differences over the (target, question) runs both
 have, with its bootstrap CI (the conditions share targets and questions, so pairing removes their variance from the
 comparison); which questions and targets move most between conditions. Figures: a line plot with CI bands along the
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from ao_resampling.analysis.clusters import CLUSTER_METRICS, cluster_values
 from ao_resampling.analysis.stats import (
     bootstrap_mean_ci, describe, embedding_similarities, judge_scores, lexical_values, rng_for,
 )
@@ -32,7 +34,10 @@ METRICS: dict[str, tuple[str, Callable]] = {
     "judge_score": ("judge similarity score (1-10)", judge_scores),
     "embedding_similarity": ("mean pairwise cosine of answer embeddings", embedding_similarities),
     "distinct_fraction": ("fraction of distinct answers", lambda runs: lexical_values(runs, "distinct_fraction")),
+    # the cluster judge's numbers (analysis/clusters.py); the default binds each metric's name in its lambda
+    **{m: (label, lambda runs, m=m: cluster_values(runs, m)) for m, label in CLUSTER_METRICS.items()},
 }
+PANELS_PER_ROW = 4
 TOP_MOVERS = 5
 
 
@@ -121,19 +126,26 @@ def _ordered(values: Sequence[Any]) -> list[Any]:
     return list(dict.fromkeys(json.dumps(v) for v in values))
 
 
+def _panels(n: int, width: float, height: float) -> tuple[Figure, list]:
+    """A figure with ``n`` panels, at most PANELS_PER_ROW to a row (seven metrics side by side would not read)."""
+    cols = min(n, PANELS_PER_ROW)
+    rows = -(-n // cols)
+    fig = new_figure(width * cols, height * rows)
+    return fig, [fig.add_subplot(rows, cols, i + 1) for i in range(n)]
+
+
 def line_plot(summary: Mapping[str, Any], settings: Mapping[str, Any]) -> Figure:
     """Mean +- 95% CI band of each metric along the first varied setting; one line per value of the second."""
     x_field = summary["varied"][0]
     hue_field = summary["varied"][1] if len(summary["varied"]) > 1 else None
     metrics = list(summary["metrics"])
-    fig = new_figure(4.2 * len(metrics), 3.6)
+    fig, axes = _panels(len(metrics), 4.2, 3.6)
     conditions = [c for c in summary["conditions"] if c["present"]]
     xs_all = [json.loads(v) for v in _ordered([setting_of(c, x_field, settings) for c in conditions])]
     hues = [json.loads(v) for v in _ordered([setting_of(c, hue_field, settings) for c in conditions])] \
         if hue_field else [None]
     positions, labels = _axis(xs_all)
-    for i, metric in enumerate(metrics):
-        ax = fig.add_subplot(1, len(metrics), i + 1)
+    for ax, metric in zip(axes, metrics):
         stats = summary["metrics"][metric]["per_condition"]
         for hue in hues:
             line = [(positions[xs_all.index(setting_of(c, x_field, settings))], stats.get(c["name"]))
@@ -163,9 +175,8 @@ def heatmap(summary: Mapping[str, Any], settings: Mapping[str, Any]) -> Figure:
     xs = [json.loads(v) for v in _ordered([setting_of(c, x_field, settings) for c in conditions])]
     ys = [json.loads(v) for v in _ordered([setting_of(c, y_field, settings) for c in conditions])]
     metrics = list(summary["metrics"])
-    fig = new_figure(4.2 * len(metrics), 3.4)
-    for i, metric in enumerate(metrics):
-        ax = fig.add_subplot(1, len(metrics), i + 1)
+    fig, axes = _panels(len(metrics), 4.2, 3.4)
+    for ax, metric in zip(axes, metrics):
         grid_YX = np.full((len(ys), len(xs)), np.nan)
         stats = summary["metrics"][metric]["per_condition"]
         for c in conditions:

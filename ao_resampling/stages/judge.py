@@ -1,10 +1,11 @@
 """The LLM judge's edge and stage: one call into the ``openai`` client, and the stage that runs the owed calls.
 
-The pure core (prompt, strict verdict parser, plan of owed calls) is judge_prompt.py. ``judge_once`` is one call
-into the client, which never raises for API or output problems but returns a ``JudgeRecord`` holding either a
-verdict or a failure with its reason, always with the prompt and the raw reply (unscored is not zero).
-``judge_stage`` runs the owed calls concurrently over a ``ResultsStore`` (``run_calls``, shared with the target-model
-baseline) and journals each record as it lands, so a kill loses only the calls in flight.
+The pure core (prompts, strict parsers, plan of owed calls) is judge_prompt.py. ``judge_prompt`` is one call into the
+client, of either kind (a 1-10 verdict or a partition into meanings), which never raises for API or output problems
+but returns a ``JudgeRecord`` holding either the parsed reply or a failure with its reason, always with the prompt and
+the raw reply (unscored is not zero). ``judge_stage`` runs the owed calls of both kinds concurrently over a
+``ResultsStore`` (``run_calls``, shared with the target-model baseline) and journals each record as it lands, so a
+kill loses only the calls in flight.
 
 Retries are the SDK's own (``max_retries``); nothing here loops. The API key never leaves the client: error texts
 and raw replies are scrubbed of it before they are stored.
@@ -27,11 +28,13 @@ from tqdm.auto import tqdm
 from ao_resampling.errors import AOResamplingError, PipelineError
 from ao_resampling.redaction import redact
 from ao_resampling.config import ExperimentConfig
-from ao_resampling.results import FailureReason, JudgeFailure, JudgeRecord, Results, Verdict
-from ao_resampling.events import judge_event
+from ao_resampling.results import (
+    ClusterRecord, ClusterVerdict, FailureReason, JudgeFailure, JudgeRecord, Results, Verdict,
+)
+from ao_resampling.events import judge_call_event
 from ao_resampling.store import ResultsStore
 from ao_resampling.stages.judge_prompt import (
-    SCHEMA_NAME, VERDICT_JSON_SCHEMA, JudgeJob, JudgeOutputError, build_prompt, parse_verdict, plan_judge_calls,
+    RESPONSE_SCHEMAS, CallKind, JudgeJob, JudgeOutputError, build_prompt, parse_reply, plan_judge_calls,
 )
 
 # Local OpenAI-compatible servers ignore the key, but the SDK refuses to build a client without one.
@@ -77,16 +80,17 @@ class _Reply:
     incomplete: str | None = None  # why the reply was cut short, when it was
 
 
-def _call(client: Any, *, model: str, api: str, prompt: str) -> _Reply:
+def _call(client: Any, *, model: str, api: str, prompt: str, kind: CallKind) -> _Reply:
     # No temperature: gpt-5 models reject it, and the judge's own noise is measured by repeats instead.
     # with_raw_response: a 200 whose body is not the API's object (an HTML error page, cut-off JSON) is kept verbatim.
+    name, schema = RESPONSE_SCHEMAS[kind]
     if api == "chat":
-        fmt = {"type": "json_schema", "json_schema": {"name": SCHEMA_NAME, "schema": VERDICT_JSON_SCHEMA, "strict": True}}
+        fmt = {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
         raw = client.chat.completions.with_raw_response.create(
             model=model, messages=[{"role": "user", "content": prompt}], response_format=fmt
         )
         return _parsed(raw, _chat_reply, api)
-    fmt = {"type": "json_schema", "name": SCHEMA_NAME, "schema": VERDICT_JSON_SCHEMA, "strict": True}
+    fmt = {"type": "json_schema", "name": name, "schema": schema, "strict": True}
     raw = client.responses.with_raw_response.create(model=model, input=prompt, text={"format": fmt})
     return _parsed(raw, _responses_reply, api)
 
@@ -188,18 +192,23 @@ def judge_prompt(
     api: str,
     prompt: str,
     judge_call_id: str,
-    answer_order: list[int] | None = None,
-) -> JudgeRecord:
-    """``judge_once`` for a prompt built elsewhere (the target-model baseline's): same schema, same failure rules."""
+    answer_order: Sequence[int] | None = None,
+    kind: CallKind = "verdict",
+    shuffle_seed: int | None = None,
+) -> JudgeRecord | ClusterRecord:
+    """One call of ``kind`` for a built prompt (``judge_once``'s, a cluster prompt, the target-model baseline's):
+    the kind's schema and parser, the same failure rules. A cluster call's reply is mapped back through
+    ``answer_order``, the order its answers were shown in (drawn with ``shuffle_seed``)."""
     if api not in ("responses", "chat"):
         raise ValueError(f"unknown judge api {api!r}; expected 'responses' or 'chat'")
     secret = getattr(client, "api_key", None)
     secret = secret if isinstance(secret, str) else None
     created_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     started = time.perf_counter()
-    raw, failure, parsed = _ask(client, model=model, api=api, prompt=prompt)
+    raw, failure, parsed = _ask(client, model=model, api=api, prompt=prompt, kind=kind, answer_order=answer_order)
     latency_s = round(time.perf_counter() - started, 3)
-    return JudgeRecord(
+    kind_fields = {"shuffle_seed": shuffle_seed} if kind == "clusters" else {}
+    return (ClusterRecord if kind == "clusters" else JudgeRecord)(
         judge_call_id=judge_call_id,
         model=model,
         prompt=prompt,
@@ -210,15 +219,16 @@ def judge_prompt(
         answer_order=list(answer_order) if answer_order is not None else None,
         latency_s=latency_s,
         created_at=created_at,
+        **kind_fields,
     )
 
 
-def _ask(client: Any, *, model: str, api: str, prompt: str
-         ) -> tuple[str | None, tuple[FailureReason, str] | None, Verdict | None]:
-    """(raw reply, failure, verdict) of one call: every API or output problem is a failure, never an exception."""
+def _ask(client: Any, *, model: str, api: str, prompt: str, kind: CallKind, answer_order: Sequence[int] | None
+         ) -> tuple[str | None, tuple[FailureReason, str] | None, Verdict | ClusterVerdict | None]:
+    """(raw reply, failure, parsed) of one call: every API or output problem is a failure, never an exception."""
     raw: str | None = None
     try:
-        reply = _call(client, model=model, api=api, prompt=prompt)
+        reply = _call(client, model=model, api=api, prompt=prompt, kind=kind)
         # A reply with no text is stored as "" (the server answered, with nothing), not None (no reply at all).
         raw = reply.refusal if reply.refusal is not None else (reply.text or "")
         if reply.refusal is not None:
@@ -227,7 +237,7 @@ def _ask(client: Any, *, model: str, api: str, prompt: str
             return raw, ("incomplete", reply.incomplete), None
         if reply.text is None:
             return raw, ("empty_output", "the reply holds no output text (no message from the model)"), None
-        return raw, None, parse_verdict(reply.text or "")
+        return raw, None, parse_reply(reply.text or "", kind=kind, answer_order=answer_order)
     except JudgeOutputError as e:
         return raw, (e.reason, e.detail), None
     except openai.APITimeoutError as e:
@@ -244,40 +254,58 @@ def _ask(client: Any, *, model: str, api: str, prompt: str
 
 
 @dataclass
-class JudgeStageReport:
-    n_sent: int = 0
-    n_ok: int = 0
-    n_failed: dict[str, int] = field(default_factory=dict)  # by FailureReason
-    n_skipped_already_judged: int = 0
-    n_skipped_no_responses: int = 0
-    n_repeats_sent: int = 0
-    n_repeats_ok: int = 0
-    n_repeats_failed: dict[str, int] = field(default_factory=dict)
-    n_repeats_skipped: int = 0
+class CallCounts:
+    """One kind of call in one stage: sent, parsed, failed by FailureReason, skipped (already had a parsed reply)."""
 
-    def add(self, record: JudgeRecord, *, repeat: bool) -> None:
-        ok = record.failure is None
-        if repeat:
-            self.n_repeats_sent += 1
-            self.n_repeats_ok += ok
-        else:
-            self.n_sent += 1
-            self.n_ok += ok
-        if not ok:
-            failed = self.n_repeats_failed if repeat else self.n_failed
-            failed[record.failure.reason] = failed.get(record.failure.reason, 0) + 1
+    sent: int = 0
+    ok: int = 0
+    failed: dict[str, int] = field(default_factory=dict)
+    skipped: int = 0
+
+    def add(self, record: JudgeRecord) -> None:
+        self.sent += 1
+        self.ok += record.failure is None
+        if record.failure is not None:
+            self.failed[record.failure.reason] = self.failed.get(record.failure.reason, 0) + 1
+
+    def line(self, what: str, done: str) -> str:
+        return f"{what}: {self.sent} call(s) sent, {self.ok} {done}" + _failures(self.failed)
+
+
+@dataclass
+class JudgeStageReport:
+    """Counts of each kind of call (keyed by its journal event type) and the runs skipped for having no answers."""
+
+    calls: dict[str, CallCounts] = field(default_factory=dict)
+    n_skipped_no_responses: int = 0
+
+    def counts(self, event: str) -> CallCounts:
+        return self.calls.setdefault(event, CallCounts())
+
+    # The verdict calls' counts under their earlier names (what `judge` printed and tests read).
+    n_sent = property(lambda self: self.counts("judge").sent)
+    n_ok = property(lambda self: self.counts("judge").ok)
+    n_failed = property(lambda self: self.counts("judge").failed)
+    n_skipped_already_judged = property(lambda self: self.counts("judge").skipped)
+    n_repeats_sent = property(lambda self: self.counts("judge_repeat").sent)
+    n_repeats_ok = property(lambda self: self.counts("judge_repeat").ok)
+    n_repeats_failed = property(lambda self: self.counts("judge_repeat").failed)
+    n_repeats_skipped = property(lambda self: self.counts("judge_repeat").skipped)
 
     @property
     def n_calls_failed(self) -> int:
-        return sum(self.n_failed.values()) + sum(self.n_repeats_failed.values())
+        return sum(sum(c.failed.values()) for c in self.calls.values())
 
     def summary(self) -> str:
-        """What a user reads after ``judge``: calls sent, scored, failed by reason, and what was skipped."""
-        line = f"judge: {self.n_sent} call(s) sent, {self.n_ok} scored" + _failures(self.n_failed)
-        line += f"; skipped {self.n_skipped_already_judged} already judged, {self.n_skipped_no_responses} without answers"
-        if self.n_repeats_sent or self.n_repeats_skipped:
-            line += (f"\nrepeats: {self.n_repeats_sent} call(s) sent, {self.n_repeats_ok} scored"
-                     + _failures(self.n_repeats_failed) + f"; {self.n_repeats_skipped} already judged")
+        """What a user reads after ``judge``: calls sent, parsed, failed by reason, and what was skipped."""
+        line = self.counts("judge").line("judge", "scored")
+        line += (f"; skipped {self.n_skipped_already_judged} already judged, {self.n_skipped_no_responses} without "
+                 "answers")
+        for event, what, done in (("judge_repeat", "repeats", "scored"), ("clusters", "clusters", "partitioned"),
+                                  ("clusters_repeat", "cluster repeats", "partitioned")):
+            counts = self.calls.get(event)
+            if counts is not None and (counts.sent or counts.skipped):
+                line += "\n" + counts.line(what, done) + f"; {counts.skipped} already judged"
         return line
 
 
@@ -288,9 +316,9 @@ def _failures(by_reason: dict[str, int]) -> str:
 
 
 def latest_records(results: Results) -> list[JudgeRecord]:
-    """The latest record of every judge call made (AO runs, their repeats, the baseline)."""
-    records = [r.judge for r in results.runs] + [rep for r in results.runs for rep in r.judge_repeats]
-    records += [r.judge for r in results.baseline.runs] if results.baseline else []
+    """The latest record of every judge call made (AO runs' verdicts and clusters, their repeats, the baseline's)."""
+    records = [rec for r in results.runs for rec in (r.judge, r.clusters, *r.judge_repeats, *r.cluster_repeats)]
+    records += [rec for r in results.baseline.runs for rec in (r.judge, r.clusters)] if results.baseline else []
     return [r for r in records if r is not None]
 
 
@@ -302,7 +330,7 @@ def failed_calls(results: Results) -> int:
 # The judge settings a ``judge`` or ``run`` may change on an existing folder (none of them changes a verdict's
 # meaning); meta.config records the ones last used, so it never claims a timeout the calls did not have.
 JUDGE_PLUMBING = ("judge_api", "judge_base_url", "judge_timeout_s", "judge_max_retries", "judge_concurrency",
-                  "judge_repeats", "judge_repeat_fraction")
+                  "judge_repeats", "judge_repeat_fraction", "clusters")
 
 
 def with_judge_settings(meta_config: dict[str, Any] | None, config: ExperimentConfig) -> dict[str, Any]:
@@ -334,18 +362,20 @@ def judge_stage(
     store: ResultsStore, config: ExperimentConfig, *, client: Any = None, progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> JudgeStageReport:
-    """Judge every run that has answers and no verdict yet (plus owed repeats), journaling each record as it lands."""
+    """Judge every run that has answers and no verdict yet (plus its cluster call and owed repeats, as configured),
+    journaling each record as it lands."""
     results: Results = store.load()
     check_one_judge(results, config, store.results_path)
     questions = {q.id: q.text for q in results.ao_questions}
     jobs, skipped = plan_judge_calls(
-        results.runs, questions=questions, repeats=config.judge_repeats, repeat_fraction=config.judge_repeat_fraction
+        results.runs, questions=questions, repeats=config.judge_repeats, repeat_fraction=config.judge_repeat_fraction,
+        clusters=config.clusters,
     )
-    report = JudgeStageReport(
-        n_skipped_already_judged=skipped["already_judged"],
-        n_skipped_no_responses=skipped["no_responses"],
-        n_repeats_skipped=skipped["repeats_already_judged"],
-    )
+    report = JudgeStageReport(n_skipped_no_responses=skipped["no_responses"])
+    for event, key in (("judge", "already_judged"), ("judge_repeat", "repeats_already_judged"),
+                       ("clusters", "clusters_already_judged"), ("clusters_repeat", "cluster_repeats_already_judged")):
+        if key in skipped:
+            report.counts(event).skipped = skipped[key]
     if jobs:
         client = client if client is not None else make_client(config)
         _run_jobs(jobs, store, config, client, report, progress, log or _to_stderr)
@@ -365,19 +395,25 @@ def _run_jobs(
     jobs: list[JudgeJob], store: ResultsStore, config: ExperimentConfig, client: Any, report: JudgeStageReport,
     progress: bool, log: Callable[[str], None],
 ) -> None:
-    def call(job: JudgeJob) -> JudgeRecord:
-        return judge_once(
-            client=client, model=config.judge_model, api=config.judge_api, question=job.question,
-            answers=job.answers, judge_call_id=job.judge_call_id,
-            answer_order=list(job.answer_order) if job.answer_order is not None else None,
-        )
-
     def keep(job: JudgeJob, record: JudgeRecord) -> None:
-        store.journal.append(judge_event(job.run_id, record, repeat=job.event == "judge_repeat"))
-        report.add(record, repeat=job.event == "judge_repeat")
+        store.journal.append(judge_call_event(job.event, job.run_id, record))
+        report.counts(job.event).add(record)
 
-    run_calls(jobs, call, keep, concurrency=config.judge_concurrency, desc="judge", progress=progress, log=log,
+    run_calls(jobs, job_caller(client, config), keep, concurrency=config.judge_concurrency, desc="judge",
+              progress=progress, log=log,
               resume=f"ao-resampling judge {store.folder}")
+
+
+def job_caller(client: Any, config: ExperimentConfig) -> Callable[[Any], JudgeRecord]:
+    """The one call of any owed job (an AO run's or the baseline's, a verdict or clusters): it holds its ``prompt``,
+    ``kind``, ``judge_call_id`` and, shuffled, its ``answer_order`` and ``shuffle_seed``."""
+
+    def call(job: Any) -> JudgeRecord:
+        return judge_prompt(client=client, model=config.judge_model, api=config.judge_api, prompt=job.prompt,
+                            judge_call_id=job.judge_call_id, answer_order=job.answer_order, kind=job.kind,
+                            shuffle_seed=job.shuffle_seed)
+
+    return call
 
 
 def run_calls(jobs: Sequence[Any], call: Callable[[Any], JudgeRecord], keep: Callable[[Any, JudgeRecord], None], *,

@@ -114,6 +114,14 @@ def test_full_experiment(request, judge_endpoint, monkeypatch, recwarn):
         assert run.judge is not None, f"{run.run_id}: neither a verdict nor a recorded failure"
         if run.judge.parsed is not None:
             assert 1 <= run.judge.parsed.similarity_1_to_10 <= 10
+        assert run.clusters is not None, f"{run.run_id}: neither a partition nor a recorded cluster failure"
+        if run.clusters.parsed is not None:
+            assert sorted(i for c in run.clusters.parsed.clusters for i in c.answers) == list(range(1, n + 1))
+        if server is not None:  # the loopback rule: identical answers, and only those, are one meaning
+            texts = [resp.text for resp in run.responses]
+            assert run.clusters.failure is None, run.clusters.failure
+            assert {frozenset(c.answers) for c in run.clusters.parsed.clusters} == {
+                frozenset(i for i, u in enumerate(texts, 1) if u == t) for t in texts}, run.run_id
     if eos_rate:  # answers ended on their own, at many lengths: the early-stop paths ran at full size
         answers = [resp for run in results.runs for resp in run.responses]
         lengths = sorted(resp.n_tokens for resp in answers)
@@ -123,7 +131,16 @@ def test_full_experiment(request, judge_endpoint, monkeypatch, recwarn):
         assert sum(resp.finish_reason == "eos" for resp in answers) > len(answers) // 2
         assert len({resp.n_tokens for resp in answers}) > config.max_new_tokens // 4
     if server is not None:
-        assert len(server.requests) >= len(results.runs)
-    for name in ("A_judge_scores.png", "B_target_means.png", "C_per_question.png", "heatmap.png", "summary.json",
-                 "report.md"):
+        assert len(server.requests) >= 2 * len(results.runs)  # a verdict and a cluster call per run
+    for name in ("A_judge_scores.png", "B_target_means.png", "C_per_question.png", "heatmap.png", "D_clusters.png",
+                 "summary.json", "report.md"):
         assert (report.report_dir / name).stat().st_size > 0, name
+    clusters = json.loads((report.report_dir / "summary.json").read_text())["clusters"]
+    report_md = (report.report_dir / "report.md").read_text()
+    for metric in ("n_clusters", "semantic_entropy_bits", "modal_share", "pairwise_agreement"):
+        block = clusters["metrics"][metric]
+        assert block["n"] and block["mean_ci95"] is not None, metric
+        assert f"| {metric} (" in report_md and f"{block['mean']:.3f}" in report_md, metric
+    agreement = clusters["metrics"]["pairwise_agreement"]
+    print(f"clusters: {clusters['n_clustered']} runs, pairwise agreement {agreement['mean']:.3f} "
+          f"{agreement['mean_ci95']}")

@@ -59,3 +59,9 @@ def test_temperature_sweep(request, judge_endpoint, recwarn):  # noqa: F811
         assert all(len(r.responses) == base.samples_per_query for r in results.runs), c.name
     summary = json.loads((outcome.report_dir / "sweep_summary.json").read_text())
     assert summary["varied"] == ["temperature"] and (outcome.report_dir / "sweep_lines.png").stat().st_size > 0
+    agreement = summary["metrics"]["pairwise_agreement"]  # the cluster judge's, per condition and paired
+    assert set(agreement["per_condition"]) == {c.name for c in planned}
+    assert len(agreement["paired"]) == len(planned) * (len(planned) - 1) // 2
+    assert all(p["n_pairs"] and p["ci95"] is not None for p in agreement["paired"])
+    print(f"pairwise agreement per condition: "
+          f"{ {n: round(s['mean'], 3) for n, s in agreement['per_condition'].items()} }")

@@ -28,7 +28,7 @@ from ao_resampling.store import ResultsStore
 from ao_resampling.engine.decoding.sampler import Query, Sampler
 from ao_resampling.stages.baseline import baseline_decoding
 from tests.support.baseline_factory import earlier_format
-from tests.support.openai_server import FakeOpenAIServer, Reply, expected_score
+from tests.support.openai_server import FakeOpenAIServer, Reply, deterministic_clusters, expected_score
 from tests.support.results_factory import FakeEncoder, make_results
 
 N = 3
@@ -42,7 +42,10 @@ def no_ambient_openai_env(monkeypatch):
 
 def baseline_verdict(request) -> Reply:
     """The fake server's scoring rule (10 when all agree, one less per extra distinct reply), on baseline prompts
-    (and on the AO judge's, for the whole run)."""
+    (and on the AO judge's, for the whole run); its cluster calls get the default rule (identical texts, one
+    meaning)."""
+    if request.is_cluster_call:
+        return deterministic_clusters(request)
     replies = responses_in_prompt(request.prompt) or request.answers
     return Reply.verdict(expected_score(replies), f"{len(set(replies))} distinct of {len(replies)}")
 
@@ -132,9 +135,16 @@ def test_baseline_stage_end_to_end(planned, loaded, server):
     assert texts == reference(loaded, planned, use_adapter=False)
     assert texts != reference(loaded, planned, use_adapter=True)
 
-    # One call per target, showing its conversation and its replies as delimited data.
-    assert len(server.requests) == 3
-    prompts = {tuple(responses_in_prompt(r.prompt)): r.prompt for r in server.requests}
+    # One verdict call per target, showing its conversation and its replies as delimited data, and one cluster call
+    # showing them shuffled, whose partition comes back in the stored order.
+    verdicts = [r for r in server.requests if not r.is_cluster_call]
+    assert len(verdicts) == 3 and len(server.requests) == 6
+    prompts = {tuple(responses_in_prompt(r.prompt)): r.prompt for r in verdicts}
+    for run in runs:
+        replies = texts[run.run_id]
+        assert responses_in_prompt(run.clusters.prompt) == [replies[i - 1] for i in run.clusters.answer_order]
+        assert {frozenset(c.answers) for c in run.clusters.parsed.clusters} == {
+            frozenset(i for i, u in enumerate(replies, 1) if u == t) for t in replies}
     for target, run in zip(results.targets, runs):
         prompt = prompts[tuple(texts[run.run_id])]
         assert prompt == run.judge.prompt
@@ -146,8 +156,8 @@ def test_baseline_stage_end_to_end(planned, loaded, server):
     # A second run owes nothing.
     again = baseline_stage(planned, config, oracle=loaded, judge=True, progress=False, encoder=encoder)
     assert (again.n_sampled, again.n_already_sampled, again.n_judge_sent, again.n_already_judged, again.n_spread) \
-        == (0, 3, 0, 3, 0)
-    assert len(server.requests) == 3
+        == (0, 3, 0, 6, 0)  # a verdict and a cluster call per target
+    assert len(server.requests) == 6
 
 
 def test_judge_off_gives_replies_only_and_judging_later_samples_nothing(sampled, server, monkeypatch):
@@ -174,7 +184,7 @@ def test_a_failed_judge_call_is_stored_never_scored_and_owed_again(sampled, serv
     assert failed[0].judge.raw_output == "The replies look similar, 8/10." and failed[0].judge.prompt
 
     report = baseline_stage(sampled, config, judge=True, progress=False)
-    assert (report.n_judge_sent, report.n_judge_ok, report.n_already_judged) == (1, 1, 2)
+    assert (report.n_judge_sent, report.n_judge_ok, report.n_already_judged) == (1, 1, 5)  # 2 verdicts, 3 clusters
     assert responses_in_prompt(server.requests[-1].prompt) == [r.text for r in failed[0].responses]
     assert all(r.judge.score is not None for r in sampled.load().baseline.runs)
 
@@ -253,6 +263,7 @@ def test_cli_baseline_command(sampled_folder, tmp_path, loaded, server, monkeypa
                                    "--embedding-model", "none", "--quiet"])
     assert out.exit_code == 0, out.output
     assert "1 targets sampled (2 already were), 3 of 3 judge calls scored" in out.output
+    assert "clusters: 3 call(s) sent, 3 partitioned" in out.output
     assert len(store.load().baseline.runs) == 3
     report = (folder / "report" / "report.md").read_text()
     assert "## Target-model baseline" in report and "3 baseline targets, 3 replies each" in report

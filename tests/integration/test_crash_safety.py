@@ -189,6 +189,10 @@ def test_killed_twice_then_resumed_loses_and_repeats_nothing(tmp_path, slow_judg
         assert len({r.sample_id for r in run.responses}) == N_SAMPLES
         assert run.judge is not None and run.judge.failure is None
         assert run.judge.score == expected_score([r.text for r in run.responses])
+        assert run.clusters is not None and run.clusters.failure is None  # each run's cluster call too
+        texts = [r.text for r in run.responses]
+        assert {frozenset(c.answers) for c in run.clusters.parsed.clusters} == {
+            frozenset(i for i, u in enumerate(texts, 1) if u == t) for t in texts}
     for run_id, record in judged_before.items():  # verdicts journaled before the kill: kept as they were
         assert by_id[run_id].judge == record
 
@@ -199,10 +203,11 @@ def test_killed_twice_then_resumed_loses_and_repeats_nothing(tmp_path, slow_judg
     for run in final.runs:
         prompt = build_prompt(question=questions[run.ao_question_id], answers=[r.text for r in run.responses])
         runs_of.setdefault(prompt, []).append(run.run_id)
-    requests = slow_judge.requests
+    # (The verdict calls: the cluster calls, owed and journaled by the same loop, are checked by their records above.)
+    requests = [r for r in slow_judge.requests if not r.is_cluster_call]
     assert {r.prompt for r in requests} <= set(runs_of)
-    before = Counter(r.prompt for r in requests[:n_requests_before])
-    after = Counter(r.prompt for r in requests[n_requests_before:])
+    before = Counter(r.prompt for r in slow_judge.requests[:n_requests_before] if not r.is_cluster_call)
+    after = Counter(r.prompt for r in slow_judge.requests[n_requests_before:] if not r.is_cluster_call)
     for prompt, run_ids in runs_of.items():
         n_judged_before = sum(run_id in judged_before for run_id in run_ids)
         n_owed = len(run_ids) - n_judged_before

@@ -40,7 +40,9 @@ def no_ambient_openai_env(monkeypatch):
 
 
 def config_for(server: FakeOpenAIServer, **overrides) -> ExperimentConfig:
-    settings = dict(judge_base_url=server.base_url, judge_timeout_s=2.0, judge_max_retries=1, judge_concurrency=4)
+    # The verdict calls alone: the cluster calls through the same stage are test_cluster_judge.py's.
+    settings = dict(judge_base_url=server.base_url, judge_timeout_s=2.0, judge_max_retries=1, judge_concurrency=4,
+                    clusters=False)
     return ExperimentConfig(**(settings | overrides))
 
 

@@ -3,14 +3,16 @@ OpenAI server judges (chat and Responses APIs), MiniLM measures spread, and the 
 does no new work, a folder made with other settings is refused, ``judge=False`` stops before the judge. Real
 Gemma 3 270M runs once, as the no-argument demo through the CLI (on a smaller grid than the preset's).
 
-The fake server's verdict is a function of the answers it is shown (``expected_score``), so every stored score can
-be checked against the answers stored beside it.
+The fake server's verdict is a function of the answers it is shown (``expected_score``), and its clusters group
+identical answers (``expected_clusters``), so every stored score, partition and cluster number can be checked
+against the answers stored beside it.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -23,10 +25,12 @@ from ao_resampling.engine.loading import models
 from ao_resampling.cli import app
 from ao_resampling.config import build_config
 from ao_resampling.results import Results, load_results_file
+from ao_resampling.stages.judge_prompt import answers_in_prompt, seeded_order
 from ao_resampling.store import ResultsStore
 from tests.support.openai_server import FakeOpenAIServer, expected_score
 
-PLOTS = ("A_judge_scores.png", "B_target_means.png", "C_per_question.png", "heatmap.png", "A_embedding.png")
+PLOTS = ("A_judge_scores.png", "B_target_means.png", "C_per_question.png", "heatmap.png", "A_embedding.png",
+         "D_clusters.png")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -74,6 +78,46 @@ def runs_json(results: Results) -> list[dict]:
     return [r.model_dump(mode="json") for r in results.runs]
 
 
+def meanings_of(texts) -> set[frozenset[int]]:
+    """The partition the loopback judge's rule gives, worked out here: 1-based positions of identical texts."""
+    return {frozenset(i for i, u in enumerate(texts, 1) if u == t) for t in texts}
+
+
+def stored_partition(record) -> set[frozenset[int]]:
+    return {frozenset(c.answers) for c in record.parsed.clusters}
+
+
+def numbers_from_answers(texts) -> dict[str, float]:
+    """The four numbers of one run straight from its stored answers (identical text = one meaning)."""
+    n, sizes = len(texts), [texts.count(t) for t in dict.fromkeys(texts)]
+    return {"n_clusters": len(sizes), "modal_share": max(sizes) / n,
+            "semantic_entropy_bits": -sum(s / n * math.log2(s / n) for s in sizes),
+            "pairwise_agreement": sum(s * (s - 1) for s in sizes) / (n * (n - 1))}
+
+
+def check_clusters(results: Results, summary: dict, report_md: str) -> None:
+    """Every run's cluster record is the loopback rule's partition of its stored answers, shown shuffled by the
+    recorded seed; summary.json's four means are those of the numbers worked out from the answers."""
+    expected = {k: [] for k in ("n_clusters", "modal_share", "semantic_entropy_bits", "pairwise_agreement")}
+    for run in results.runs:
+        texts = list(answers(run))
+        record = run.clusters
+        assert record is not None and record.failure is None, run.run_id
+        assert stored_partition(record) == meanings_of(texts), run.run_id
+        assert record.answer_order == seeded_order(record.shuffle_seed, len(texts))
+        assert answers_in_prompt(record.prompt) == [texts[i - 1] for i in record.answer_order]
+        for k, v in numbers_from_answers(texts).items():
+            expected[k].append(v)
+    block = summary["clusters"]
+    assert block["n_clustered"] == len(results.runs) and block["n_failures"] == 0
+    for k, values in expected.items():
+        m = block["metrics"][k]
+        assert m["mean"] == pytest.approx(sum(values) / len(values)), k
+        assert m["mean_ci95"][0] <= m["mean"] + 1e-12 and m["mean"] <= m["mean_ci95"][1] + 1e-12
+        assert f"| {k} (" in report_md and f"{m['mean']:.3f}" in report_md
+    assert "Pairwise agreement is the chance that two different answers" in report_md
+
+
 @pytest.fixture(scope="module")
 def chat_run(server, tmp_path_factory):
     """One full run judged over the chat API; (config, folder, report, the server requests it made)."""
@@ -95,9 +139,11 @@ def test_full_run_output_is_complete_and_consistent(chat_run):
     assert len({r.sample_id for run in results.runs for r in run.responses}) == 18
     assert results.meta.stand_in and results.meta.layer == 2 and results.meta.config["model"] == "synthetic:tiny"
 
-    # Every run judged once, over the chat API, with the verdict the server gives for exactly its answers.
-    assert len(requests) == 6 and {r.path for r in requests} == {"/v1/chat/completions"}
-    assert sorted(tuple(r.answers) for r in requests) == sorted(answers(run) for run in results.runs)
+    # Every run judged once, over the chat API, with the verdict the server gives for exactly its answers, and
+    # clustered once (its answers shuffled).
+    verdicts = [r for r in requests if not r.is_cluster_call]
+    assert len(verdicts) == 6 and len(requests) == 12 and {r.path for r in requests} == {"/v1/chat/completions"}
+    assert sorted(tuple(r.answers) for r in verdicts) == sorted(answers(run) for run in results.runs)
     for run in results.runs:
         assert run.judge.api == "chat" and run.judge.failure is None
         assert run.judge.score == expected_score(list(answers(run))), run.run_id
@@ -115,6 +161,9 @@ def test_full_run_output_is_complete_and_consistent(chat_run):
     assert (report.report_dir / "report.md").read_text().strip()
     for name in PLOTS:
         assert (report.report_dir / name).stat().st_size > 0, name
+    check_clusters(results, summary, (report.report_dir / "report.md").read_text())
+    rates = [numbers_from_answers(list(answers(r)))["pairwise_agreement"] for r in results.runs]
+    assert len(set(rates)) > 1, f"seeded answers should give runs different agreement, got {rates}"
 
 
 def test_rerun_does_no_new_work(chat_run, server, monkeypatch):
@@ -166,7 +215,9 @@ def test_no_judge_then_judge_over_the_responses_api(server, tmp_path):
     run(config, out)
     requests = server.requests[first:]
     judged = load_results_file(out / "results.json")
-    assert len(requests) == 4 and {r.path for r in requests} == {"/v1/responses"}
+    assert len(requests) == 8 and {r.path for r in requests} == {"/v1/responses"}
+    assert sum(r.is_cluster_call for r in requests) == 4
+    assert all(stored_partition(r.clusters) == meanings_of(list(answers(r))) for r in judged.runs)
     assert [answers(r) for r in judged.runs] == [answers(r) for r in unjudged.runs]
     for r in judged.runs:
         assert r.judge.api == "responses" and r.judge.score == expected_score(list(answers(r)))
@@ -219,3 +270,22 @@ def test_demo_with_no_arguments_on_real_gemma3_270m(tmp_path, monkeypatch):
     """The demo exactly as a user gets it (about 30 s on 2 idle CPU cores)."""
     results = _run_demo(tmp_path, monkeypatch)
     assert len(results.runs) == config_mod.DEMO["num_targets"] * config_mod.DEMO["num_questions"]
+
+
+@pytest.mark.slow
+def test_demo_with_a_loopback_judge_clusters_every_run(tmp_path, monkeypatch, server):
+    """The demo on real Gemma 3 270M (random LoRA) with a judge to talk to (OPENAI_BASE_URL, the loopback server):
+    every run has a verdict and a partition into meanings, which are the stored answers' (identical text, one
+    meaning); summary.json and report.md hold the four numbers with CIs, and plot D is drawn."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+    result = CliRunner().invoke(app, ["run"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "artifacts" / "demo"
+    results = load_results_file(folder / "results.json")
+    assert results.meta.model == "gemma3-270m-gguf" and results.meta.stand_in
+    assert len(results.runs) == config_mod.DEMO["num_targets"] * config_mod.DEMO["num_questions"]
+    assert all(r.judge.score == expected_score(list(answers(r))) for r in results.runs)
+    summary = json.loads((folder / "report" / "summary.json").read_text())
+    check_clusters(results, summary, (folder / "report" / "report.md").read_text())
+    assert (folder / "report" / "D_clusters.png").stat().st_size > 0

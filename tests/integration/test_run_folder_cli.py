@@ -81,8 +81,9 @@ def finish(proc: subprocess.Popen, log: Path) -> tuple[int, str]:
 
 
 def judge_args(folder: Path, server: FakeOpenAIServer, concurrency: int) -> list[str]:
+    # Verdict calls only, so the calls in flight are one per run (cluster calls share the loop: their own tests)
     return ["judge", str(folder), "--judge-api", "chat", "--judge-base-url", server.base_url,
-            "--judge-concurrency", str(concurrency), "--quiet"]
+            "--judge-concurrency", str(concurrency), "--no-clusters", "--quiet"]
 
 
 def free_port() -> int:
@@ -157,7 +158,9 @@ def test_judge_with_every_call_failing_exits_3_with_a_readable_summary(tmp_path)
     result = invoke("judge", str(folder), "--judge-base-url", f"http://127.0.0.1:{free_port()}/v1", "--quiet")
     assert result.exit_code == EXIT_CALLS_FAILED, result.output
     assert "judge: 3 call(s) sent, 0 scored, 3 failed (api_error 3)" in result.output
-    assert "3 judge call(s) failed" in result.output and f"ao-resampling judge {folder}" in result.output
+    assert "clusters: 3 call(s) sent, 0 partitioned, 3 failed (api_error 3)" in result.output
+    assert "6 judge call(s) failed" in result.output  # a failed cluster call is a failed judge call
+    assert f"ao-resampling judge {folder}" in result.output
     assert "JudgeStageReport(" not in result.output
 
 
@@ -166,19 +169,22 @@ def test_judge_that_scores_everything_exits_0(tmp_path, openai_server):
     result = invoke("judge", str(folder), "--judge-api", "chat", "--judge-base-url", openai_server.base_url, "--quiet")
     assert result.exit_code == 0, result.output
     assert "judge: 2 call(s) sent, 2 scored; skipped 0 already judged, 0 without answers" in result.output
+    assert "clusters: 2 call(s) sent, 2 partitioned; 0 already judged" in result.output
 
 
 def test_judge_timeout_and_retries_flags_are_used_and_recorded(tmp_path, openai_server):
     folder = write_folder(tmp_path / "run", 1, judge_timeout_s=120.0, judge_max_retries=5)
     openai_server.script(Reply(text='{"similarity_1_to_10": 7, "rationale": "slow"}', delay_s=1.5))
     result = invoke("judge", str(folder), "--judge-api", "chat", "--judge-base-url", openai_server.base_url,
-                    "--judge-timeout-s", "0.3", "--judge-max-retries", "0", "--quiet")
+                    "--judge-timeout-s", "0.3", "--judge-max-retries", "0", "--no-clusters", "--quiet")
     assert result.exit_code == EXIT_CALLS_FAILED, result.output
     results = load_results_file(folder / RESULTS_NAME)
     assert results.runs[0].judge.failure.reason == "timeout"  # 0.3 s, not the 120 s in meta.config
-    assert len(openai_server.requests) == 1  # no retry
+    assert len(openai_server.requests) == 1  # no retry (and no cluster call: --no-clusters)
+    assert results.runs[0].clusters is None
     config = results.meta.config
     assert (config["judge_timeout_s"], config["judge_max_retries"], config["judge_api"]) == (0.3, 0, "chat")
+    assert config["clusters"] is False
 
 
 def test_rejudge_keeps_the_earlier_failure_as_history(tmp_path, openai_server):
@@ -193,7 +199,7 @@ def test_rejudge_keeps_the_earlier_failure_as_history(tmp_path, openai_server):
     assert judged.score is not None and judged.previous_failures == [failed]
     assert invoke(*args).exit_code == 0  # nothing owed: nothing sent, history unchanged
     assert load_results_file(folder / RESULTS_NAME).runs[0].judge == judged
-    assert len(openai_server.requests) == 2
+    assert len(openai_server.requests) == 3  # the failed verdict twice, its cluster call once
 
 
 @pytest.mark.parametrize("judged_by", ["verdicts", "meta"])
@@ -218,7 +224,7 @@ def test_credentials_in_the_judge_url_are_used_but_never_written(tmp_path, opena
     url = openai_server.base_url.replace("http://", "http://alice:s3cr3t-pass@")
     result = invoke("judge", str(folder), "--judge-api", "chat", "--judge-base-url", url, "--quiet")
     assert result.exit_code == 0, result.output  # the URL with its credentials reached the server
-    assert len(openai_server.requests) == 1
+    assert len(openai_server.requests) == 2  # the verdict and the cluster call
     text = (folder / RESULTS_NAME).read_text()
     assert "s3cr3t-pass" not in text and "alice" not in text
     assert json.loads(text)["meta"]["config"]["judge_base_url"] == openai_server.base_url.replace(
@@ -308,7 +314,7 @@ def test_baseline_with_failed_judge_calls_exits_3(tmp_path):
     (folder / RESULTS_NAME).write_text(dump_results(results))
     result = invoke("baseline", str(folder), "--judge-base-url", f"http://127.0.0.1:{free_port()}/v1", "--quiet")
     assert result.exit_code == EXIT_CALLS_FAILED, result.output
-    assert "0 of 2 judge calls scored" in result.output and "2 judge call(s) failed" in result.output
+    assert "0 of 2 judge calls scored" in result.output and "4 judge call(s) failed" in result.output  # + clusters
 
 
 def test_run_with_failed_judge_calls_exits_3(tmp_path):
@@ -319,8 +325,9 @@ def test_run_with_failed_judge_calls_exits_3(tmp_path):
                     "--judge-base-url", f"http://127.0.0.1:{free_port()}/v1", "--judge-max-retries", "0",
                     "--out", str(out), "--quiet")
     assert result.exit_code == EXIT_CALLS_FAILED, result.output
-    assert "2 judge call(s) failed" in result.output
-    assert all(r.judge.failure.reason == "api_error" for r in load_results_file(out / RESULTS_NAME).runs)
+    assert "4 judge call(s) failed" in result.output  # a verdict and a cluster call per run
+    runs = load_results_file(out / RESULTS_NAME).runs
+    assert all(r.judge.failure.reason == r.clusters.failure.reason == "api_error" for r in runs)
 
 
 @pytest.mark.parametrize("how", ["set", "toml"])
@@ -460,8 +467,9 @@ def test_ctrl_c_during_the_baseline_judge_keeps_the_replies_that_arrive(tmp_path
         judge_baseline(store, config, progress=False)
     n_sent = len(openai_server.requests)
     assert 2 <= n_sent < 5  # the calls queued behind those in flight were never sent
-    judged = [r.judge is not None for r in ResultsStore(folder).load().baseline.runs]
-    assert sum(judged) == n_sent  # every reply that came back is kept, the one the Ctrl-C hit included
+    runs = ResultsStore(folder).load().baseline.runs
+    kept = sum(r.judge is not None for r in runs) + sum(r.clusters is not None for r in runs)
+    assert kept == n_sent  # every reply that came back is kept (verdicts and clusters), the one the Ctrl-C hit too
 
 
 def test_sweep_errors_are_one_line_not_a_traceback(tmp_path):

@@ -151,6 +151,32 @@ def test_sweep_loads_the_model_once_with_each_conditions_layers(tmp_path):
     assert "## judge_score" in (tmp_path / "report" / "sweep_report.md").read_text()
 
 
+def test_temperature_sweep_reports_pairwise_agreement_paired_by_run(tmp_path):
+    """Each condition's runs get a cluster call; the sweep report's pairwise agreement, per condition and paired by
+    (target, question), is what the stored answers give under the loopback judge's rule (identical = one meaning)."""
+    with FakeOpenAIServer() as server:
+        base = tiny(judge=True, judge_api="chat", judge_base_url=server.base_url, samples_per_query=4, top_k=0)
+        planned = plan_conditions(base, [{"temperature": 0.3}, {"temperature": 1.5}])
+        run_sweep(base, planned, tmp_path, judge=True, progress=False, log=lambda _: None)
+    cold, hot = (load_results_file(tmp_path / c.name / "results.json") for c in planned)
+
+    def agreement(run) -> float:  # from the stored answers, not from the stored clusters
+        texts = [r.text for r in run.responses]
+        n = len(texts)
+        return sum(texts.count(t) * (texts.count(t) - 1) for t in set(texts)) / (n * (n - 1))
+
+    assert all(r.clusters.parsed is not None for res in (cold, hot) for r in res.runs)
+    block = json.loads((tmp_path / "report" / "sweep_summary.json").read_text())["metrics"]["pairwise_agreement"]
+    for c, results in zip(planned, (cold, hot)):
+        values = [agreement(r) for r in results.runs]
+        assert block["per_condition"][c.name]["mean"] == pytest.approx(sum(values) / len(values))
+    diffs = [agreement(b) - agreement(a) for a, b in zip(cold.runs, hot.runs)]  # same plan order
+    (paired,) = block["paired"]
+    assert paired["n_pairs"] == 6 and paired["mean_diff"] == pytest.approx(sum(diffs) / len(diffs))
+    assert "## pairwise_agreement: chance two answers mean the same" in (
+        tmp_path / "report" / "sweep_report.md").read_text()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The CLI, killed once and resumed
 

@@ -1,10 +1,12 @@
 """A fake OpenAI server on 127.0.0.1 that the real ``openai`` client can talk to.
 
 It speaks ``POST /v1/responses`` and ``POST /v1/chat/completions`` closely enough for the SDK's response models, so
-tests exercise the real client (its retries, timeouts, error classes) with no network. By default it answers with a
-verdict computed from the answers it was shown (10 when all are identical, one point less per extra distinct
-answer), so end-to-end scores mean something; a test can script the next replies (``script``) or swap the
-``behaviour`` for anything else. It records every request (secrets removed) and the most requests in flight at once.
+tests exercise the real client (its retries, timeouts, error classes) with no network. By default it answers a
+verdict call with a verdict computed from the answers it was shown (10 when all are identical, one point less per
+extra distinct answer), and a cluster call (asked for the cluster schema) with the partition in which answers of
+identical text, and only those, are one meaning (``expected_clusters``), so end-to-end numbers can be recomputed
+from the stored answers; a test can script the next replies (``script``) or swap the ``behaviour`` for anything
+else. It records every request (secrets removed) and the most requests in flight at once.
 
 Use the ``openai_server`` fixture (register with ``pytest_plugins = ["tests.support.openai_server"]``), or
 ``with FakeOpenAIServer() as server:``; point a client at ``server.base_url``.
@@ -24,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from ao_resampling.stages.judge_prompt import answers_in_prompt
+from ao_resampling.stages.judge_prompt import CLUSTER_SCHEMA_NAME, answers_in_prompt, numbered_blocks
 
 SECRET_HEADERS = {"authorization", "api-key", "x-api-key", "openai-api-key"}
 ENDPOINTS = {"/v1/responses": "responses", "/v1/chat/completions": "chat"}
@@ -82,6 +84,22 @@ class RecordedRequest:
     def answers(self) -> list[str]:
         return answers_in_prompt(self.prompt)
 
+    @property
+    def shown(self) -> list[str]:
+        """The texts the prompt numbers: an AO prompt's answers, else a baseline prompt's replies."""
+        return self.answers or numbered_blocks(self.prompt, "response")
+
+    @property
+    def schema_name(self) -> str | None:
+        """The name of the structured-output schema the call asked for (which kind of call it is)."""
+        fmt = self.body.get("response_format", {}).get("json_schema", {}) if self.api == "chat" else \
+            self.body.get("text", {}).get("format", {})
+        return fmt.get("name") if isinstance(fmt, dict) else None
+
+    @property
+    def is_cluster_call(self) -> bool:
+        return self.schema_name == CLUSTER_SCHEMA_NAME
+
 
 def _text_of(content: Any) -> str:
     if isinstance(content, str):
@@ -99,16 +117,38 @@ def deterministic_verdict(request: RecordedRequest) -> Reply:
     return Reply.verdict(expected_score(answers), f"{len(set(answers))} distinct answer(s) out of {len(answers)}")
 
 
+def expected_clusters(texts: list[str]) -> list[list[int]]:
+    """The default behaviour's partition of the shown texts: identical texts (and only those) are one cluster, as
+    1-based shown numbers, clusters in order of first appearance."""
+    clusters: dict[str, list[int]] = {}
+    for i, text in enumerate(texts, start=1):
+        clusters.setdefault(text, []).append(i)
+    return list(clusters.values())
+
+
+def deterministic_clusters(request: RecordedRequest) -> Reply:
+    shown = request.shown
+    clusters = [{"meaning": f"says {shown[c[0] - 1][:30]!r}", "answers": c} for c in expected_clusters(shown)]
+    return Reply(text=json.dumps({"clusters": clusters}))
+
+
+def deterministic_reply(request: RecordedRequest) -> Reply:
+    """A cluster call gets ``deterministic_clusters``, any other call ``deterministic_verdict``."""
+    return deterministic_clusters(request) if request.is_cluster_call else deterministic_verdict(request)
+
+
 Behaviour = Callable[[RecordedRequest], Reply]
 
 
 class FakeOpenAIServer:
-    def __init__(self, behaviour: Behaviour = deterministic_verdict, *, delay_s: float = 0.0):
+    def __init__(self, behaviour: Behaviour = deterministic_reply, *, delay_s: float = 0.0):
         self.behaviour = behaviour
         self.delay_s = delay_s  # added to every reply (e.g. to make concurrent calls overlap)
         self.errors: list[str] = []  # exceptions raised by a behaviour (answered as HTTP 500)
         self._requests: list[RecordedRequest] = []
-        self._queue: collections.deque[Reply] = collections.deque()
+        # scripted replies, one queue per kind of call, so a cluster call never takes a reply meant for a verdict
+        self._queues: dict[str, collections.deque[Reply]] = {"verdict": collections.deque(),
+                                                              "clusters": collections.deque()}
         self._lock = threading.Lock()
         self._in_flight = 0
         self._max_in_flight = 0
@@ -147,10 +187,11 @@ class FakeOpenAIServer:
         return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
 
     # -- scripting and inspection ------------------------------------------------------------------------------------
-    def script(self, *replies: Reply) -> None:
-        """Queue replies for the next requests, in arrival order; after them the ``behaviour`` answers again."""
+    def script(self, *replies: Reply, kind: str = "verdict") -> None:
+        """Queue replies for the next requests of ``kind`` ("verdict" or "clusters"), in arrival order; after them the
+        ``behaviour`` answers again."""
         with self._lock:
-            self._queue.extend(replies)
+            self._queues[kind].extend(replies)
 
     @property
     def requests(self) -> list[RecordedRequest]:
@@ -164,7 +205,8 @@ class FakeOpenAIServer:
     def reset(self) -> None:
         with self._lock:
             self._requests.clear()
-            self._queue.clear()
+            for queue in self._queues.values():
+                queue.clear()
             self._max_in_flight = 0
             self.errors.clear()
 
@@ -190,7 +232,8 @@ class FakeOpenAIServer:
             self._requests.append(request)
             self._in_flight += 1
             self._max_in_flight = max(self._max_in_flight, self._in_flight)
-            reply = self._queue.popleft() if self._queue else None
+            queue = self._queues["clusters" if request.is_cluster_call else "verdict"]
+            reply = queue.popleft() if queue else None
         try:
             if reply is None:
                 try:
@@ -296,4 +339,5 @@ def openai_server() -> Iterator[FakeOpenAIServer]:
         server.close()
 
 
-__all__ = ["FakeOpenAIServer", "RecordedRequest", "Reply", "deterministic_verdict", "expected_score", "openai_server"]
+__all__ = ["FakeOpenAIServer", "RecordedRequest", "Reply", "deterministic_clusters", "deterministic_reply",
+           "deterministic_verdict", "expected_clusters", "expected_score", "openai_server"]

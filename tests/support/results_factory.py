@@ -1,7 +1,8 @@
 """Small hand-made ``Results`` for analysis tests: a grid of judge outcomes, answers and spreads you can read.
 
 ``make_results([[10, 8], ["timeout", None]])`` is two targets x two questions: t1 scored 10 and 8, t2's first
-judge call timed out and its second run is not judged yet. ``to_v0_dict`` turns a file into the older
+judge call timed out and its second run is not judged yet. ``clusters=`` gives runs a cluster record: the answers'
+labels (``[0, 0, 1]``: the first two mean the same) or a failure reason. ``to_v0_dict`` turns a file into the older
 single-script format (no schema_version, judge records with only ``parsed``). ``FakeEncoder`` stands in for a
 sentence-transformers model where the test is about plumbing, not meaning.
 """
@@ -17,6 +18,9 @@ import numpy as np
 from ao_resampling.stages.spread import normalize_answer
 from ao_resampling.results import (
     AOQuestion,
+    ClusterRecord,
+    ClusterVerdict,
+    MeaningCluster,
     Decoding,
     JudgeFailure,
     JudgeRecord,
@@ -51,6 +55,22 @@ def judge_record(cell: Cell, *, call_id: str = "call", rationale: str | None = N
     return JudgeRecord(**common, raw_output="", failure=JudgeFailure(reason=cell, detail=f"fake {cell}"))
 
 
+Labels = Sequence[int] | str | None  # each answer's cluster, a failure reason, or None for "not asked yet"
+
+
+def cluster_record(labels: Labels, *, call_id: str = "clusters") -> ClusterRecord | None:
+    if labels is None:
+        return None
+    common = dict(judge_call_id=call_id, model="gpt-5-mini", prompt="Group these answers by meaning.")
+    if isinstance(labels, str):
+        return ClusterRecord(**common, raw_output="", failure=JudgeFailure(reason=labels, detail=f"fake {labels}"))
+    groups: dict[int, list[int]] = {}
+    for i, label in enumerate(labels, start=1):
+        groups.setdefault(label, []).append(i)
+    clusters = [MeaningCluster(meaning=f"meaning {k}", answers=a) for k, a in groups.items()]
+    return ClusterRecord(**common, raw_output="{}", parsed=ClusterVerdict(clusters=clusters))
+
+
 def make_run(
     target_id: str,
     question_id: str,
@@ -59,6 +79,8 @@ def make_run(
     answers: Sequence[str] = DEFAULT_ANSWERS,
     spread: SpreadMetrics | None = None,
     repeats: Sequence[Cell] = (),
+    clusters: Labels = None,
+    cluster_repeats: Sequence[Labels] = (),
 ) -> Run:
     run_id = run_id_for(target_id, question_id)
     ids = [2, 105, 2364, 107]
@@ -73,6 +95,9 @@ def make_run(
         responses=[Response(sample_id=f"{run_id}__s{k}", text=t, decoding=DECODING) for k, t in enumerate(answers)],
         judge=judge_record(judge, call_id=f"{run_id}__j0"),
         judge_repeats=[judge_record(c, call_id=f"{run_id}__j{k + 1}") for k, c in enumerate(repeats) if c is not None],
+        clusters=cluster_record(clusters, call_id=f"clusters__{run_id}"),
+        cluster_repeats=[cluster_record(c, call_id=f"clusters__{run_id}__rep{k + 1}")
+                         for k, c in enumerate(cluster_repeats) if c is not None],
         spread=spread,
     )
 
@@ -90,6 +115,8 @@ def make_results(
     answers: Callable[[int, int, Cell], Sequence[str]] | None = None,
     spread: Callable[[int, int, Cell], SpreadMetrics | None] | None = None,
     repeats: Callable[[int, int, Cell], Sequence[Cell]] | None = None,
+    clusters: Callable[[int, int, Cell], Labels] | None = None,
+    cluster_repeats: Callable[[int, int, Cell], Sequence[Labels]] | None = None,
     meta: dict[str, Any] | None = None,
 ) -> Results:
     """grid[t][q] is the judge outcome of target t+1 on question q+1; ids are t1.. and q1.."""
@@ -103,6 +130,8 @@ def make_results(
             answers=answers(t, q, cell) if answers else DEFAULT_ANSWERS,
             spread=spread(t, q, cell) if spread else None,
             repeats=repeats(t, q, cell) if repeats else (),
+            clusters=clusters(t, q, cell) if clusters else None,
+            cluster_repeats=cluster_repeats(t, q, cell) if cluster_repeats else (),
         )
         for t, row in enumerate(grid)
         for q, cell in enumerate(row)
@@ -126,8 +155,8 @@ def to_v0_dict(results: Results) -> dict[str, Any]:
     data.pop("baseline", None)
     data["meta"] = {k: v for k, v in data["meta"].items() if v is not None}
     for run in data["runs"]:
-        for key in ("judge_repeats", "spread", "oracle_input_ids", "placeholder_positions",
-                    "context_input_ids_hashing"):
+        for key in ("judge_repeats", "clusters", "cluster_repeats", "spread", "oracle_input_ids",
+                    "placeholder_positions", "context_input_ids_hashing"):
             run.pop(key, None)
         if run["judge"] is not None:
             run["judge"] = {k: v for k, v in run["judge"].items() if k in ("judge_call_id", "model", "prompt", "raw_output", "parsed")}

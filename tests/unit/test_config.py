@@ -188,3 +188,12 @@ def test_diff_settings_names_keys_on_one_side_only():
 def test_the_config_says_why_a_run_is_a_stand_in(overrides, why):
     """One rule, on the config: results.json's meta.stand_in and note, and the run's warning, all come from it."""
     assert ExperimentConfig(**overrides).stand_in_reason() == why
+
+
+def test_the_cluster_judge_is_on_in_the_experiment_preset_and_may_be_switched_off_on_a_folder():
+    """On by default (the experiment preset adds nothing), off with clusters = false; like the other judge plumbing
+    it is no result-changing setting, so a folder judged without clusters can be clustered later and vice versa."""
+    assert build_config(preset="experiment").clusters is True
+    assert build_config(preset="demo").clusters is True
+    assert build_config(preset="experiment", overrides={"clusters": False}).clusters is False
+    assert "clusters" not in ExperimentConfig().settings_that_change_results()

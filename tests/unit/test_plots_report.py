@@ -188,6 +188,8 @@ def test_summary_snapshot(data_regression):
         spread=lambda t, q, cell: SpreadMetrics(embedding_model="fake", embedding_mean_cosine=0.4 + 0.05 * (t + q),
                                                 distinct_fraction=(t + 1) / 4, mean_jaccard=0.1 * (q + 1)),
         repeats=lambda t, q, cell: [cell] if isinstance(cell, int) and t == 0 else [],
+        clusters=lambda t, q, cell: "not_a_partition" if (t, q) == (1, 1) else [(k * (t + q)) % 3 for k in range(3)],
+        cluster_repeats=lambda t, q, cell: [[0, 0, 1]] if t == 0 else [],
     )
     data_regression.check(_round(summarize(results, seed=0, n_boot=500)))
 

@@ -94,4 +94,4 @@ def test_a_results_file_without_position_rules_loads_as_assistant_start():
         loaded = Results.model_validate(json.loads(json.dumps(data)))
         assert loaded.runs[0].position_rule == "assistant_start"
         assert loaded.runs[0].context_positions == [5]
-        assert loaded.schema_version == SCHEMA_VERSION == 2  # migrated, and written back as the current version
+        assert loaded.schema_version == SCHEMA_VERSION == 3  # migrated, and written back as the current version

@@ -27,7 +27,7 @@ from ao_resampling.results import (
     load_results_file,
     results_json_schema,
 )
-from tests.support.results_factory import judge_record, make_results, to_v0_dict
+from tests.support.results_factory import cluster_record, judge_record, make_results, to_v0_dict
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -243,6 +243,23 @@ def test_damaged_ids_and_indices_name_the_run_and_field(tmp_path, edit, message)
     assert f"{path}: runs[0] (run__t1__q1): {message}" in str(info.value)
 
 
+@pytest.mark.parametrize("field", ["clusters", "cluster_repeats"])
+def test_a_partition_of_another_number_of_answers_names_the_run_and_field(tmp_path, field):
+    """The run has 3 answers; a partition of 1..2 (a hand-edited file, or one mixed with other answers) is refused."""
+    record = cluster_record([0, 1]).model_dump(mode="json")
+    data = make_results([[5, 6]]).model_dump(mode="json")
+    data["runs"][0][field] = record if field == "clusters" else [record]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(data))
+    where = "clusters" if field == "clusters" else "cluster_repeats[0]"
+    with pytest.raises(ResultsError, match=re.escape(
+            f"runs[0] (run__t1__q1): field '{where}': a partition of 2 answers, but the run has 3")):
+        load_results_file(path)
+    data["runs"][0][field] = cluster_record([0, 1, 0]).model_dump(mode="json") if field == "clusters" else []
+    path.write_text(json.dumps(data))
+    assert load_results_file(path).runs[0].run_id == "run__t1__q1"
+
+
 def test_duplicate_run_id_is_refused(tmp_path):
     data = make_results([[5, 6]]).model_dump(mode="json")
     data["runs"][1] = dict(data["runs"][0])
@@ -286,7 +303,7 @@ def test_a_file_of_this_tool_records_compact_json_hashing(tmp_path):
     assert json.loads(path.read_text())["runs"][0]["context_input_ids_hashing"] == "compact_json"
 
 
-def test_a_version_1_file_is_migrated_to_version_2():
+def test_a_version_1_file_is_migrated_to_the_current_version():
     """Version 1 stored answers stripped and read every run at assistant_start: both are said once migrated."""
     data = json.loads(dump_results(make_results([[9, 4], [2, None]])))
     data["schema_version"] = 1
@@ -295,7 +312,29 @@ def test_a_version_1_file_is_migrated_to_version_2():
         for response in run["responses"]:
             response.pop("text_stripped", None)
     loaded = Results.model_validate(data)
-    assert loaded.schema_version == 2
+    assert loaded.schema_version == 3
     assert all(r.position_rule == "assistant_start" for r in loaded.runs)
     assert all(resp.text_stripped for r in loaded.runs for resp in r.responses)
-    assert json.loads(dump_results(loaded))["schema_version"] == 2
+    assert json.loads(dump_results(loaded))["schema_version"] == 3
+
+
+def test_a_version_2_file_loads_with_no_clusters(tmp_path):
+    """Version 2 had no cluster judge: its runs and baseline runs load with none, its verdicts as they were, and
+    the file is written back as version 3."""
+    data = json.loads(dump_results(make_results([[9, 4], [2, None]])))
+    data["schema_version"] = 2
+    for run in data["runs"]:
+        run.pop("clusters"), run.pop("cluster_repeats")
+    data["baseline"] = {"meta": {}, "runs": [{"run_id": "baseline__t0", "target_id": "t0", "responses": [],
+                                              "judge": None, "spread": None}]}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(data))
+    loaded = results_mod.load_results_file(path)
+    assert loaded.schema_version == 3
+    assert len(loaded.runs) == len(data["runs"]) > 0
+    assert all(r.clusters is None and r.cluster_repeats == [] for r in loaded.runs)
+    assert loaded.baseline.runs[0].clusters is None
+    assert [r.judge.score if r.judge else None for r in loaded.runs] == [
+        r["judge"]["parsed"]["similarity_1_to_10"] if r["judge"] and r["judge"]["parsed"] else None
+        for r in data["runs"]]
+    assert json.loads(dump_results(loaded))["schema_version"] == 3

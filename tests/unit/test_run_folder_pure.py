@@ -10,11 +10,11 @@ import pytest
 from ao_resampling.config import ExperimentConfig
 from ao_resampling.ranks import rank_journal_name
 from ao_resampling.errors import AOResamplingError
-from ao_resampling.stages.judge import JudgeStageReport, failed_calls, with_judge_settings
+from ao_resampling.stages.judge import CallCounts, JudgeStageReport, failed_calls, with_judge_settings
 from ao_resampling.redaction import redact, redact_url
-from ao_resampling.results import JudgeRecord, Results, dump_results
+from ao_resampling.results import Baseline, BaselineRun, JudgeRecord, Results, dump_results
 from ao_resampling.store import TOOL_JOURNAL_RE, holder_description, supersede
-from tests.support.results_factory import judge_record, make_results, to_v0_dict
+from tests.support.results_factory import cluster_record, judge_record, make_results, to_v0_dict
 
 
 @pytest.mark.parametrize("name, ours", [
@@ -114,12 +114,25 @@ def test_lock_holder_is_named_from_the_lock_file():
 
 
 def test_judge_summary_is_readable_and_failed_calls_counts_latest_failures():
-    report = JudgeStageReport(n_sent=20, n_ok=0, n_failed={"api_error": 20}, n_skipped_already_judged=1)
+    report = JudgeStageReport(calls={"judge": CallCounts(sent=20, ok=0, failed={"api_error": 20}, skipped=1)})
     assert report.summary() == ("judge: 20 call(s) sent, 0 scored, 20 failed (api_error 20); skipped 1 already "
                                 "judged, 0 without answers")
     assert report.n_calls_failed == 20
+    report.calls["clusters"] = CallCounts(sent=3, ok=2, failed={"not_a_partition": 1}, skipped=4)
+    assert report.summary().endswith("\nclusters: 3 call(s) sent, 2 partitioned, 1 failed (not_a_partition 1); "
+                                     "4 already judged")
+    assert report.n_calls_failed == 21
     results = make_results([[7, "timeout", None]], repeats=lambda t, q, cell: ["invalid_json"] if q == 0 else [])
     assert failed_calls(results) == 2  # the main call that timed out and the repeat that did not parse
+
+
+def test_failed_cluster_calls_count_as_failed_calls():
+    """Exit code 3 counts a failed cluster call, its failed repeats and the baseline's failed cluster call."""
+    results = make_results([[7, 8]], clusters=lambda t, q, cell: [[0, 0, 1], "not_a_partition"][q],
+                           cluster_repeats=lambda t, q, cell: ["invalid_json", [0, 1, 1]] if q == 0 else [])
+    assert failed_calls(results) == 2
+    base = BaselineRun(run_id="baseline__t1", target_id="t1", clusters=cluster_record("out_of_range"))
+    assert failed_calls(results.model_copy(update={"baseline": Baseline(runs=[base])})) == 3
 
 
 def test_every_tool_error_is_one_catchable_class():

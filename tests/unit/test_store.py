@@ -16,11 +16,11 @@ from ao_resampling import store as store_mod
 from ao_resampling.errors import describe_problems
 from ao_resampling.results import Decoding, Response, ResultsError, SpreadMetrics, load_results_file
 from ao_resampling.events import (
-    JOURNAL_VERSION, baseline_judge_event, baseline_responses_event, baseline_spread_event, judge_event,
-    responses_event, spread_event,
+    JOURNAL_VERSION, baseline_clusters_event, baseline_judge_event, baseline_responses_event, baseline_spread_event,
+    judge_call_event, judge_event, responses_event, spread_event,
 )
 from ao_resampling.store import Journal, ResultsStore, atomic_write_text
-from tests.support.results_factory import DECODING, judge_record, make_results
+from tests.support.results_factory import DECODING, cluster_record, judge_record, make_results
 
 RUN = "run__t1__q1"
 ANSWERS = [Response(sample_id=f"{RUN}__s00", text="an answer — ünïcode", decoding=DECODING, n_tokens=3,
@@ -188,6 +188,49 @@ def test_rank_journals_are_all_replayed(store):
     assert by_id["run__t2__q2"].responses[0].text == "b"
 
 
+def test_cluster_calls_replay_keeping_earlier_failures_and_idempotently(store):
+    """A failed cluster call, then its retry: the retry stands, the failure is kept in previous_failures; repeats
+    replace their own call; the baseline's cluster call lands on its baseline run. Replaying again changes nothing."""
+    failed, ok = cluster_record("invalid_json", call_id="c"), cluster_record([0, 0, 1], call_id="c")
+    rep1, rep1_again = cluster_record([0, 1, 1], call_id="c__rep1"), cluster_record([0, 0, 0], call_id="c__rep1")
+    three = [a.model_copy(update={"sample_id": f"{RUN}__s{i:02d}"}) for i, a in enumerate(ANSWERS * 3)]
+    store.journal.append_many([
+        responses_event(RUN, three),
+        judge_call_event("clusters", RUN, failed), judge_call_event("clusters", RUN, ok),
+        judge_call_event("clusters_repeat", RUN, rep1), judge_call_event("clusters_repeat", RUN, rep1_again),
+        baseline_responses_event("baseline__t1", "t1", ANSWERS, {"n": 1}),
+        baseline_clusters_event("baseline__t1", "t1", cluster_record([0])),
+    ])
+    loaded = store.load()
+    run = loaded.run_by_id()[RUN]
+    assert run.clusters.parsed.labels == [0, 0, 1] and run.clusters.previous_failures == [failed]
+    assert [r.parsed.labels for r in run.cluster_repeats] == [[0, 0, 0]]
+    assert loaded.baseline.runs[0].clusters.parsed.sizes == [1]
+    assert run.judge is None  # a cluster call is not a verdict
+    journal_text = store.journal.path.read_text()
+    assert store.compact() == loaded
+    store.journal.path.write_text(journal_text)  # killed between the fold and the journal's removal
+    assert store.load() == loaded
+
+
+def test_a_journal_replayed_after_its_fold_keeps_each_earlier_failure_once(store):
+    """Killed between compact's write and the journal's removal: the failed call and its retry replay over a file
+    that already holds them. The failure stays in previous_failures once (it was added a second time before)."""
+    store.journal.append_many([judge_event(RUN, judge_record("timeout", call_id="j")),
+                               judge_event(RUN, judge_record(7, call_id="j"))])
+    journal_text = store.journal.path.read_text()
+    folded = store.compact()
+    store.journal.path.write_text(journal_text)
+    again = store.load()
+    assert [f.failure.reason for f in again.run_by_id()[RUN].judge.previous_failures] == ["timeout"]
+    assert again == folded
+
+
+def test_judge_call_event_refuses_an_unknown_kind():
+    with pytest.raises(ValueError, match="not a judge call's event"):
+        judge_call_event("baseline_judge", RUN, judge_record(7))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Typed events
 
@@ -197,6 +240,11 @@ def test_rank_journals_are_all_replayed(store):
     pytest.param(judge_event(RUN, judge_record(7)), "judge", id="judge"),
     pytest.param(judge_event(RUN, judge_record("timeout"), repeat=True), "judge_repeat", id="judge_repeat"),
     pytest.param(spread_event(RUN, SPREAD), "spread", id="spread"),
+    pytest.param(judge_call_event("clusters", RUN, cluster_record([0, 1, 0])), "clusters", id="clusters"),
+    pytest.param(judge_call_event("clusters_repeat", RUN, cluster_record("not_a_partition")), "clusters_repeat",
+                 id="clusters_repeat"),
+    pytest.param(baseline_clusters_event("baseline__t1", "t1", cluster_record([0, 0])), "baseline_clusters",
+                 id="baseline_clusters"),
     pytest.param(baseline_responses_event("baseline__t1", "t1", ANSWERS, {"n": 2}), "baseline_responses",
                  id="baseline_responses"),
     pytest.param(baseline_judge_event("baseline__t1", "t1", judge_record(4)), "baseline_judge", id="baseline_judge"),
