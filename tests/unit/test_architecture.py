@@ -116,3 +116,27 @@ def test_the_walker_sees_function_level_imports(tmp_path):
     source = tmp_path / "m.py"
     source.write_text("def f():\n    from ao_resampling.pipeline import x\n")
     assert imports_of(source, {"ao_resampling.pipeline"}) == {"ao_resampling.pipeline"}
+
+
+# The engine's rooms: loading (where models come from) knows nothing of decoding; the engine as a whole writes and
+# reads no run-folder file (results.json, the journal, its events: process orchestration sits with the pipeline).
+RUN_FOLDER_MODULES = {"ao_resampling.store", "ao_resampling.results", "ao_resampling.events"}
+
+
+def test_loading_does_not_reach_into_decoding(graph):
+    crossing = [f"{m} imports {d}" for m, deps in sorted(graph.items()) for d in sorted(deps)
+                if m.startswith("ao_resampling.engine.loading") and d.startswith("ao_resampling.engine.decoding")]
+    assert not crossing, "\n".join(crossing)
+
+
+def test_the_engine_touches_no_run_folder_file(graph):
+    touching = [f"{m} imports {d}" for m, deps in sorted(graph.items()) for d in sorted(deps)
+                if m.startswith("ao_resampling.engine") and d in RUN_FOLDER_MODULES]
+    assert not touching, "\n".join(touching)
+
+
+def test_the_engine_is_in_rooms():
+    rooms = {p.name for p in (PACKAGE / "engine").iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert {"loading", "decoding"} <= rooms
+    assert (PACKAGE / "engine" / "decoding" / "sampler.py").exists()
+    assert not (PACKAGE / "engine" / "distributed.py").exists(), "process orchestration sits with the pipeline"
