@@ -129,11 +129,13 @@ def test_rows_are_refilled_once_enough_are_free_and_the_tail_shrinks():
     assert [(s.query, s.sample, s.row) for s in scheduler.admit()] == [(2, i, i) for i in range(4)]
     assert scheduler.compaction() is None, "nothing is pending only once the queue is empty, and rows are full"
     scheduler.finish([0, 1, 2, 3])
-    assert scheduler.compaction() == [4, 5, 6, 7], "4 live rows of 8: the rung of 4, live rows first"
-    scheduler.compact([4, 5, 6, 7])
-    assert sorted(scheduler.seats) == [0, 1, 2, 3] and scheduler.rows == 4
+    assert scheduler.compaction() is None, "4 live rows of 8: more than a quarter, the step keeps its rows"
+    scheduler.finish([4, 6])
+    assert scheduler.compaction() == [5, 7], "2 live rows of 8: the rung of 2, live rows first"
+    scheduler.compact([5, 7])
+    assert sorted(scheduler.seats) == [0, 1] and scheduler.rows == 2
     _, rows_stepped = replay([4, 4, 4], 8, lifetimes, refill_at=2)
-    assert rows_stepped[0] == 8 and rows_stepped[-1] == 4
+    assert rows_stepped[0] == 8 and rows_stepped[-1] == 8, "q1's 4 rows end together: never a quarter live"
 
 
 def test_the_last_pending_samples_are_seated_even_below_the_refill_threshold():

@@ -4,8 +4,8 @@ The step decodes a fixed number of rows (its CUDA graphs are captured for that m
 answer of one query) from its prompt to its stop token; when it finishes, its row is free, and once enough rows are
 free (``refill_at``) the next pending samples take them: their queries' prompts are prefilled and they decode beside
 the rows already running. So the step stays full until the queue drains, instead of lasting as long as the longest
-answer of a fixed batch. Then the last rows shrink onto the rungs of a fixed ladder (``rung``), so a stage captures
-a graph per rung once and the tail does not decode a full step for a few rows.
+answer of a fixed batch. Then, once at most a quarter of the rows are live, the step shrinks onto a rung of a fixed
+ladder (``rung``), so a stage captures a graph per rung once and the tail does not decode a full step for a few rows.
 
 A query's samples may be split over two refills (a row count smaller than a query's n, or the last free rows):
 each refill prefills the prompts of the queries it admits, and a sample's answer does not depend on which rows, which
@@ -23,6 +23,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 REFILL_FRACTION = 8  # refill once 1/8 of the rows are free: each refill is a prefill pass, ~one decode step's cost
+# The tail shrinks the step only once at most a quarter of its rows are live: a 27B step is mostly the weights'
+# read, so fewer rows save little per step, and every new (rows, cut length) costs a CUDA graph capture (~0.3 s).
+COMPACT_AT = 4
 
 
 class Admittable(Protocol):
@@ -88,9 +91,9 @@ class SlotScheduler:
         return [self.seats.pop(row) for row in rows]
 
     def compaction(self) -> list[int] | None:
-        """Once nothing is pending: the rows to keep, live ones first (in row order), when the live rows fit a
-        lower rung of the ladder; None when the step keeps its rows."""
-        if self.pending or not self.seats:
+        """Once nothing is pending and at most 1/COMPACT_AT of the rows are live: the rows to keep, live ones first
+        (in row order), down to the lowest rung of the ladder that holds them; None when the step keeps its rows."""
+        if self.pending or not self.seats or self.live * COMPACT_AT > self.rows:
             return None
         target = rung(self.live, self.rows)
         if target >= self.rows:
