@@ -82,7 +82,6 @@ def test_graphs_are_captured_once_per_row_count_through_refills_and_compactions(
             expected = hf.token_ids[:length - 1] + [end_of_turn] if length <= STEPS else hf.token_ids
             assert sample.token_ids == expected, (q.key, length)
     assert sampler.layout.refills > 1, "rows were refilled"
-    assert 4 in {rows for rows, _ in captured} and len({rows for rows, _ in captured}) >= 2, \
-        "graphs for the full step and for the tail's rung"
+    assert 4 in {rows for rows, _ in captured}, "graphs for the full step (and any rung the tail shrank to)"
     assert len(set(captured)) == len(captured), "each (rows, cut length) captured once, then replayed"
     assert len(replays) == sampler.layout.decode_steps - len(captured)
