@@ -47,6 +47,9 @@ def main() -> None:
     peaked_BV[:, :8] += 30  # a trained model: the nucleus is a handful of tokens
     scaled_BV = flat_BV.float() / T
     log_z_B1 = scaled_BV.logsumexp(-1, keepdim=True)
+    streams = dict(keys_B=torch.arange(args.rows, device="cuda") * 7919, steps_B=torch.zeros(args.rows,
+                                                                                               dtype=torch.long,
+                                                                                               device="cuda"))
 
     sort_bf16 = nucleus_threshold(flat_BV, log_z_B1, temperature=T, top_p=p)
     sort_fp32 = nucleus_threshold(scaled_BV, log_z_B1, temperature=1.0, top_p=p)
@@ -65,9 +68,9 @@ def main() -> None:
                                                                            top_p=p)),
         ("fallback: 40-step bisection (replaced)", lambda: bisection_threshold(scaled_BV, log_z_B1, p)),
         ("whole step, flat rows (every row falls back)", lambda: sample_next_tokens(flat_BV, temperature=T, top_p=p,
-                                                                                    generator=g)),
+                                                                                    **streams)),
         ("whole step, peaked rows (top-256 candidates)", lambda: sample_next_tokens(peaked_BV, temperature=T,
-                                                                                    top_p=p, generator=g)),
+                                                                                    top_p=p, **streams)),
     ]:
         print(f"{name:<50} {cuda_ms(fn):8.2f} ms")
 
