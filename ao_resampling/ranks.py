@@ -236,7 +236,8 @@ def generate_shard(folder: Path, config: ExperimentConfig, here: World, *, oracl
                    progress: bool = True) -> Layout | None:
     """This rank's part of the generation stage, after rank 0 has written the plan; returns when every rank is done.
 
-    Returns how this rank decoded (None if its shard was empty). Rank 0 merges the journals afterwards (``ResultsStore.compact``).
+    Returns how this rank decoded (None if its shard was empty). Rank 0 merges the journals afterwards
+    (``ResultsStore.compact``).
     """
     with together(here, "folding the journals of an earlier attempt"):
         if here.is_main:

@@ -88,4 +88,5 @@ def noise_check(make_sampler: Callable[..., Sampler], oracle, queries: Sequence[
     for name, merge in (("merged_vs_hf1", True), ("unmerged_vs_hf1", False)):
         fast_QTV = sampler_teacher_forced(make_sampler(len(one_each), greedy, merge), one_each, tokens_QT)
         numbers[name] = max_abs_delta_per_step(fast_QTV, hf1_QTV)
-    return {name: {"max": float(f"{max(v):.3g}"), "mean": float(f"{sum(v) / len(v):.3g}")} for name, v in numbers.items()}
+    return {name: {"max": float(f"{max(v):.3g}"), "mean": float(f"{sum(v) / len(v):.3g}")}
+            for name, v in numbers.items()}

@@ -16,7 +16,8 @@ from scipy import stats
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from ao_resampling.engine.decoding import nucleus
-from ao_resampling.engine.decoding.nucleus import nucleus_threshold, sample_next_tokens, sampling_weights, top_p_keep_mask
+from ao_resampling.engine.decoding.nucleus import (nucleus_threshold, sample_next_tokens, sampling_weights,
+                                                   top_p_keep_mask)
 
 
 def streams(rows: int, seed: int = 0, step: int = 0) -> dict[str, torch.Tensor]:

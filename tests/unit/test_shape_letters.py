@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 ENGINE = Path(__file__).resolve().parents[2] / "ao_resampling" / "engine"
-TENSOR_MODULES = ["decoding/sampler", "decoding/nucleus", "decoding/decode_step", "decoding/attention", "decoding/norms",
-                  "hooks", "reference", "loading/end_gate"]
+TENSOR_MODULES = ["decoding/sampler", "decoding/nucleus", "decoding/decode_step", "decoding/attention",
+                  "decoding/norms", "decoding/streams", "hooks", "reference", "loading/end_gate"]
 SHAPE_SUFFIX = re.compile(r"^_?[a-z][a-z0-9]*(?:_[a-z0-9]+)*_([A-Z0-9]*[A-Z][A-Z0-9]*)$")
 LEGEND_LINE = re.compile(r"^\s+([A-Z0-9])\s{2,}\S")
 

@@ -1,11 +1,11 @@
 """Drawing the next token from logits the way Hugging Face's sampling warpers do, without sorting the vocabulary.
 
 HF's order is temperature, top-k, top-p, then a categorical draw; the draw's random numbers come from each row's own
-stream (streams.py), keyed by the token id, so a row draws the same token whatever else is in the batch. Sorting a 262k-token row for top-p at every
-decode step is most of the sampler's cost, so the top candidates are sorted instead, and only a row whose nucleus
-is not inside them falls back to a full sort (of the model's bf16 logits: half the bytes of float32). Pure torch,
-no model: ``BatchedSampler`` (sampler.py) calls ``sample_next_tokens`` once per decode step; ``sampling_weights``
-gives the same distribution densely, for checks.
+stream (streams.py), keyed by the token id, so a row draws the same token whatever else is in the batch. Sorting a
+262k-token row for top-p at every decode step is most of the sampler's cost, so the top candidates are sorted
+instead, and only a row whose nucleus is not inside them falls back to a full sort (of the model's bf16 logits: half
+the bytes of float32). Pure torch, no model: ``Sampler`` (sampler.py) calls ``sample_next_tokens`` once per decode
+step; ``sampling_weights`` gives the same distribution densely, for checks.
 
 Shape letters:
     B  rows of the batch (one per sample being drawn)
@@ -43,8 +43,8 @@ def sample_next_tokens(logits_BV: torch.Tensor, *, temperature: float, top_p: fl
     decided there; other rows (flat distributions, e.g. random weights) sort their whole row once
     (``nucleus_threshold``). With top-k, the nucleus is a k-token problem (top-p renormalises over the top k, as HF's
     TopPLogitsWarper does after TopKLogitsWarper): the top candidates, no sort of the vocabulary; only a row whose k-th
-    logit ties even the last candidate (HF keeps every tied token) takes the full-row path. Either way the kept set is HF's,
-    except that tokens tied *exactly* at the top-p boundary are all kept (HF keeps the ones its sort put first).
+    logit ties even the last candidate (HF keeps every tied token) takes the full-row path. Either way the kept set is
+    HF's, except that tokens tied *exactly* at the top-p boundary are all kept (HF keeps the ones its sort put first).
     """
     if temperature == 0:
         return logits_BV.argmax(-1)
