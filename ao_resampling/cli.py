@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from ao_resampling.config import ConfigError, ExperimentConfig, build_config, config_of_folder
+from ao_resampling.config import ExperimentConfig, build_config, config_of_folder
 from ao_resampling.errors import EXIT_CALLS_FAILED, EXIT_INTERRUPTED, AOResamplingError
 from ao_resampling.position_rules import RULE_FORMS
 from ao_resampling.store import folder_lock
@@ -195,13 +195,27 @@ def _parse_sets(items: list[str] | None) -> dict[str, Any]:
 
 def _config(preset: str, config_file: Path | None, sets: list[str] | None,
             settings: dict[str, Any]) -> ExperimentConfig:
+    """preset < TOML < --set < flags; a ConfigError is the user's (``guarded`` prints it, exit 2)."""
+    given = {k: v for k, v in settings.items() if v is not None}  # an unset flag must not hide a --set of its field
+    return build_config(preset=preset, config_file=config_file, overrides={**_parse_sets(sets), **given})
+
+
+def _judges(config: ExperimentConfig, preset: str, no_judge: bool) -> bool:
+    """Whether ``run`` or ``sweep`` judges: not with --no-judge or ``judge = false``, and the demo only when the user
+    has given it a way to (elsewhere the pre-flight check names what is missing)."""
+    from ao_resampling.stages.judge import JudgeConfigError, check_judge_access
+
+    if no_judge or not config.judge:
+        return False
     try:
-        # A flag left unset is None; it must not hide a --set of the same field.
-        given = {k: v for k, v in settings.items() if v is not None}
-        return build_config(preset=preset, config_file=config_file, overrides={**_parse_sets(sets), **given})
-    except ConfigError as e:
-        _fail(str(e))
-        raise  # unreachable
+        check_judge_access(config)
+    except JudgeConfigError:
+        if preset != "demo":
+            return True
+        typer.echo("demo: no OPENAI_API_KEY or judge base URL set, so the LLM judge is skipped "
+                   "(judge-free metrics only).")
+        return False
+    return True
 
 
 @app.command()
@@ -213,7 +227,6 @@ def run(
 ) -> None:
     """The whole experiment: prepare -> generate -> judge -> analyse (resumable: re-run on the same --out)."""
     from ao_resampling import pipeline
-    from ao_resampling.stages.judge import check_judge_access, JudgeConfigError
 
     config = _config(preset, config_file, set_, settings)
     if gpus and gpus > 1 and "WORLD_SIZE" not in os.environ:  # not yet under torchrun: become it
@@ -224,14 +237,7 @@ def run(
         except pipeline.PipelineError as e:
             _fail(str(e))
         ranks.relaunch(gpus, sys.argv[1:])
-    judge = config.judge and not no_judge  # `--set judge=false` (or the TOML's) is --no-judge
-    if judge and preset == "demo":
-        try:  # the demo judges only when the user has given it a way to
-            check_judge_access(config)
-        except JudgeConfigError:
-            judge = False
-            typer.echo("demo: no OPENAI_API_KEY or judge base URL set, so the LLM judge is skipped "
-                       "(judge-free metrics only).")
+    judge = _judges(config, preset, no_judge)
     out_dir = out or pipeline.default_out_dir(config, preset)
     from ao_resampling.ranks import world
 
@@ -259,22 +265,6 @@ def _tell_how_the_run_went(report: RunReport, out_dir: Path, *, judge: bool) -> 
         _exit_if_calls_failed(out_dir, failed_calls(ResultsStore(out_dir).load()), "the same command")
 
 
-def _sweep_judges(config: ExperimentConfig, preset: str, no_judge: bool) -> bool:
-    """As ``run``: the demo judges only when the user has given it a way to."""
-    from ao_resampling.stages.judge import JudgeConfigError, check_judge_access
-
-    if no_judge or not config.judge:
-        return False
-    try:
-        check_judge_access(config)
-    except JudgeConfigError:
-        if preset != "demo":
-            return True  # the pre-flight check names what is missing
-        typer.echo("demo: no OPENAI_API_KEY or judge base URL set, so the LLM judge is skipped.")
-        return False
-    return True
-
-
 @app.command()
 @guarded
 @_takes(*EXPERIMENT)  # not --gpus: a sweep runs in one process (sweep.run_sweep)
@@ -299,7 +289,7 @@ def sweep(
     planned = sweeps.plan_conditions(base, overrides)
     out_dir = out or sweeps.default_out_dir(base, planned, preset)
     with folder_lock(out_dir):  # the sweep folder, and (in run_sweep) each condition's run folder
-        outcome = sweeps.run_sweep(base, planned, out_dir, judge=_sweep_judges(base, preset, no_judge),
+        outcome = sweeps.run_sweep(base, planned, out_dir, judge=_judges(base, preset, no_judge),
                                    progress=not quiet, log=typer.echo)
     typer.echo(f"\n{len(planned)} conditions in {out_dir} (model loaded {outcome.model_loads} time(s))")
     typer.echo(f"sweep report: {outcome.report_dir / 'sweep_report.md'}")
