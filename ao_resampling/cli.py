@@ -3,6 +3,7 @@
 ``ao-resampling run`` with no arguments runs the built-in demo on CPU (real Gemma 3 270M, a random LoRA standing in
 for an oracle); ``--preset experiment`` is the real thing (Gemma 3 27B-it + the AO LoRA + gpt-5-mini).
 Settings come from the preset, then ``--config FILE.toml``, then flags (and ``--set key=value`` for any other field).
+Each setting's flag is declared once (``SETTINGS``, by config field); a command names the settings it takes.
 
 Every command runs inside ``guarded``: the tool's own errors (``AOResamplingError``) end in one red line and an exit
 code from errors.py, Ctrl-C in exit 130 with what was kept; only a bug shows a traceback. Commands that write a run

@@ -58,6 +58,19 @@ SET_OFTEN = {
     "baseline": (["--baseline"], True),
     "baseline_max_new_tokens": (["--baseline-max-new-tokens", "50"], 50),
 }
+# The other fields, set with --set (or in the TOML file), and why they have no flag of their own.
+SET_RARELY = {
+    "injection_layer": "the published AO injects at layer 1",
+    "steering_coefficient": "1 is the published AO; swept with --vary",
+    "question_seed": "reproducibility, not a knob",
+    "decode_seed": "reproducibility, not a knob",
+    "sampler": "the sequential sampler is a reference for checks",
+    "merge_lora": "speed only, the same math",
+    "answer_lengths": "stand-in runs only",
+    "judge": "the commands' --no-judge",
+    "bootstrap_seed": "reproducibility, not a knob",
+    "bootstrap_resamples": "the CI's precision; the default is enough",
+}
 JUDGING = ["judge_model", "judge_api", "judge_base_url", "judge_concurrency", "judge_timeout_s", "judge_max_retries",
            "clusters"]
 # The commands that run (part of) the experiment, and the settings each one uses.
@@ -82,6 +95,14 @@ def flags_of(command: str) -> set[str]:
 def test_the_command_has_the_flag(command, field):
     argv, _ = SET_OFTEN[field]
     assert argv[0] in flags_of(command), f"`ao-resampling {command}` has no {argv[0]} (for {field})"
+
+
+def test_every_config_field_is_either_a_flag_or_set_rarely_for_a_reason():
+    """A new ExperimentConfig field must be placed: a flag on the commands that use it, or --set with a reason."""
+    from ao_resampling.config import ExperimentConfig
+
+    assert set(ExperimentConfig.model_fields) == set(SET_OFTEN) | set(SET_RARELY)
+    assert not set(SET_OFTEN) & set(SET_RARELY)
 
 
 def test_gpus_is_on_run_and_not_on_sweep():
