@@ -3,6 +3,7 @@
 ``ao-resampling run`` with no arguments runs the built-in demo on CPU (real Gemma 3 270M, a random LoRA standing in
 for an oracle); ``--preset experiment`` is the real thing (Gemma 3 27B-it + the AO LoRA + gpt-5-mini).
 Settings come from the preset, then ``--config FILE.toml``, then flags (and ``--set key=value`` for any other field).
+Each setting's flag is declared once (``SETTINGS``, by config field); a command names the settings it takes.
 
 Every command runs inside ``guarded``: the tool's own errors (``AOResamplingError``) end in one red line and an exit
 code from errors.py, Ctrl-C in exit 130 with what was kept; only a bug shows a traceback. Commands that write a run
@@ -17,14 +18,16 @@ import inspect
 import json
 import os
 import sys
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from ao_resampling.config import ConfigError, ExperimentConfig, build_config, config_of_folder
+from ao_resampling.config import ExperimentConfig, build_config, config_of_folder
 from ao_resampling.errors import EXIT_CALLS_FAILED, EXIT_INTERRUPTED, AOResamplingError
+from ao_resampling.position_rules import RULE_FORMS
 from ao_resampling.store import folder_lock
 from ao_resampling.redaction import is_redacted_url, redact
 from ao_resampling.results import RESULTS_NAME
@@ -44,69 +47,106 @@ def _setting(kind: Any, flag: str, help: str | None = None, **checks: Any) -> An
     return Annotated[Optional[kind], typer.Option(flag, help=help, **checks)]
 
 
+def _panel(title: str, **settings: Any) -> dict[str, Any]:
+    """``settings`` (field -> flag), listed under ``title`` in --help: forty flags in one list are hard to read."""
+    for annotation in settings.values():
+        typing.get_args(annotation)[1].rich_help_panel = title  # the typer.Option in Annotated[kind, option]
+    return settings
+
+
+# Every setting a command takes as a flag, declared once: the ExperimentConfig field it fills -> its flag. A command
+# names the fields it takes (``_takes``) and gets their values as one dict keyed by field, which build_config (or a
+# run folder's config, ``_open``) takes as overrides: the same flag means the same field on every command.
+SETTINGS: dict[str, Any] = {
+    **_panel(
+        "Model",
+        model=_setting(str, "--model",
+                       "HF id, local dir, gemma3-270m-gguf, synthetic:NAME (tiny[-multimodal], gemma-3-27b[-text])"),
+        tokenizer=_setting(str, "--tokenizer", "defaults to the model's"),
+        oracle_lora=_setting(str, "--oracle-lora", "PEFT LoRA id/dir, or 'random'"),
+        dtype=_setting(str, "--dtype", "bfloat16, float16, float32"),
+        device=_setting(str, "--device", "cuda, cuda:1, cpu"),
+        device_map=_setting(str, "--device-map", "'auto' spreads one model over visible GPUs"),
+        batch_rows=_setting(str, "--batch-rows", "rows the decode step holds: a number, or 'auto' (as many as fit "
+                                                 "the card)"),
+    ),
+    **_panel(
+        "Data",
+        targets=_setting(Path, "--targets", "targets JSON (default: built-in examples)"),
+        questions=_setting(Path, "--questions", "question pool: .json list, .txt lines, or .py list"),
+        questions_variable=_setting(str, "--questions-variable", "list name inside a .py pool"),
+        num_targets=_setting(int, "--num-targets", "take the first N targets"),
+        num_questions=_setting(int, "--num-questions", "questions sampled from the pool"),
+    ),
+    **_panel(
+        "Read position and decoding",
+        layer_percent=_setting(int, "--layer-percent", "read layer int(num_layers * P / 100)"),
+        position_rule=_setting(str, "--position-rule", f"which target tokens are read: {RULE_FORMS}"),
+        samples_per_query=_setting(int, "--samples", "AO answers per (target, question)"),
+        max_new_tokens=_setting(int, "--max-new-tokens", "max new tokens per AO answer"),
+        temperature=_setting(float, "--temperature"),
+        top_p=_setting(float, "--top-p"),
+        top_k=_setting(int, "--top-k", "top-k (default: the model's generation_config; 0 = off)"),
+    ),
+    **_panel(
+        "Judge",
+        judge_model=_setting(str, "--judge-model", "judge model (default gpt-5-mini)"),
+        judge_api=_setting(str, "--judge-api", "'responses' (OpenAI) or 'chat' (local servers)"),
+        judge_base_url=_setting(str, "--judge-base-url", "OpenAI-compatible base URL (else OPENAI_BASE_URL)"),
+        judge_concurrency=_setting(int, "--judge-concurrency", "judge calls in flight"),
+        judge_timeout_s=_setting(float, "--judge-timeout-s", "seconds one judge call may take"),
+        judge_max_retries=_setting(int, "--judge-max-retries", "SDK retries per judge call (429/5xx/timeouts)"),
+        clusters=_setting(bool, "--clusters/--no-clusters", "the cluster judge call per run (meanings, semantic "
+                                                            "entropy, pairwise agreement); on unless switched off"),
+        judge_repeats=_setting(int, "--judge-repeats", "extra judge calls per run, answers shuffled"),
+        judge_repeat_fraction=_setting(float, "--repeat-fraction", "fraction of runs that get repeats"),
+    ),
+    **_panel(
+        "Analysis and baseline",
+        embedding_model=_setting(str, "--embedding-model", "sentence-transformers id/dir, or 'none'"),
+        baseline=_setting(bool, "--baseline/--no-baseline", "also sample the target model"),
+        baseline_max_new_tokens=_setting(int, "--baseline-max-new-tokens",
+                                         "max new tokens per target-model reply (baseline)"),
+    ),
+}
+EXPERIMENT = tuple(SETTINGS)  # run, sweep and prepare: everything the experiment is made of (prepare plans it all)
+JUDGE = ("judge_model", "judge_api", "judge_base_url", "judge_concurrency", "judge_timeout_s", "judge_max_retries",
+         "clusters")
+Settings = Optional[dict[str, Any]]  # never None in a command: _takes fills it
+
+# The flags of the command itself, not of the experiment's settings.
 Preset = Annotated[str, typer.Option(help="'demo' (CPU, Gemma 3 270M, random LoRA) or 'experiment' (the real run)")]
 ConfigFile = _setting(Path, "--config", "TOML file of ExperimentConfig fields")
 Out = _setting(Path, "--out", "run folder (default: artifacts/<name>; re-use it to resume)")
-Model = _setting(str, "--model",
-                 "HF id, local dir, gemma3-270m-gguf, synthetic:NAME (tiny[-multimodal], gemma-3-27b[-text])")
-Tokenizer = _setting(str, "--tokenizer", "defaults to the model's")
-Lora = _setting(str, "--oracle-lora", "PEFT LoRA id/dir, or 'random'")
-Targets = _setting(Path, "--targets", "targets JSON (default: built-in examples)")
-Questions = _setting(Path, "--questions", "question pool: .json list, .txt lines, or .py list")
-QuestionsVar = _setting(str, "--questions-variable", "list name inside a .py pool")
-NumTargets = _setting(int, "--num-targets", "take the first N targets")
-NumQuestions = _setting(int, "--num-questions", "questions sampled from the pool")
-Samples = _setting(int, "--samples", "AO answers per (target, question)")
-Device = _setting(str, "--device", "cuda, cuda:1, cpu")
-DeviceMap = _setting(str, "--device-map", "'auto' spreads one model over visible GPUs")
-Dtype = _setting(str, "--dtype", "bfloat16, float16, float32")
-MaxNew = _setting(int, "--max-new-tokens", "max new tokens per AO answer")
-Temperature = _setting(float, "--temperature")
-TopP = _setting(float, "--top-p")
-TopK = _setting(int, "--top-k", "top-k (default: the model's generation_config; 0 = off)")
-BatchRows = _setting(str, "--batch-rows", "rows the decode step holds: a number, or 'auto' (as many as fit the card)")
-JudgeRepeats = _setting(int, "--judge-repeats", "extra judge calls per run, answers shuffled")
-RepeatFraction = _setting(float, "--repeat-fraction", "fraction of runs that get repeats")
-EmbeddingModel = _setting(str, "--embedding-model", "sentence-transformers id/dir, or 'none'")
-Baseline = _setting(bool, "--baseline/--no-baseline", "also sample the target model")
-BaselineMaxNew = _setting(int, "--baseline-max-new-tokens", "max new tokens per target-model reply (baseline)")
 NoJudge = Annotated[bool, typer.Option("--no-judge", help="generation + judge-free analysis only")]
 Set = _setting(list[str], "--set", "any config field: --set decode_seed=3")
 Quiet = Annotated[bool, typer.Option("--quiet", help="no progress bars")]
-# The judge's flags: the same seven on `run`, `judge` and `baseline` (see _with_judge_flags).
-JUDGE_FLAGS = {
-    "judge_model": _setting(str, "--judge-model", "judge model (default gpt-5-mini)"),
-    "judge_api": _setting(str, "--judge-api", "'responses' (OpenAI) or 'chat' (local servers)"),
-    "judge_base_url": _setting(str, "--judge-base-url", "OpenAI-compatible base URL (else OPENAI_BASE_URL)"),
-    "judge_concurrency": _setting(int, "--judge-concurrency", "judge calls in flight"),
-    "judge_timeout_s": _setting(float, "--judge-timeout-s", "seconds one judge call may take"),
-    "judge_max_retries": _setting(int, "--judge-max-retries", "SDK retries per judge call (429/5xx/timeouts)"),
-    "clusters": _setting(bool, "--clusters/--no-clusters", "the cluster judge call per run (meanings, semantic "
-                                                            "entropy, pairwise agreement); on unless switched off"),
-}
-JudgeFlags = Optional[dict[str, Any]]  # never None in the command: _with_judge_flags fills it
 Gpus = _setting(int, "--gpus", "spread generation over N GPUs, one rank each (relaunches itself under torchrun; "
                               "with --device cpu, N CPU processes)", min=1)
 
 
-def _with_judge_flags(command: Callable[..., None]) -> Callable[..., None]:
-    """Gives a command the JUDGE_FLAGS where its ``judge_flags`` parameter stands; it gets them as one dict.
+def _takes(*fields: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Gives a command the flags of ``fields`` (SETTINGS) where its ``settings`` parameter stands; it gets their
+    values as one dict keyed by field (None: not given).
 
-    typer reads a command's flags from its signature, so the wrapper shows the seven parameters in its place.
+    typer reads a command's flags from its signature, so the wrapper shows one parameter per field in its place.
     """
-    signature = inspect.signature(command, eval_str=True)
-    params = list(signature.parameters.values())
-    at = [p.name for p in params].index("judge_flags")
-    flags = [inspect.Parameter(name, params[at].kind, default=None, annotation=annotation)
-             for name, annotation in JUDGE_FLAGS.items()]
 
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        command(*args, judge_flags={name: kwargs.pop(name) for name in JUDGE_FLAGS}, **kwargs)
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        signature = inspect.signature(command, eval_str=True)
+        params = list(signature.parameters.values())
+        at = [p.name for p in params].index("settings")
+        flags = [inspect.Parameter(name, params[at].kind, default=None, annotation=SETTINGS[name]) for name in fields]
 
-    wrapper.__signature__ = signature.replace(parameters=[*params[:at], *flags, *params[at + 1:]])
-    wrapper.__annotations__ = {p.name: p.annotation for p in wrapper.__signature__.parameters.values()}
-    return wrapper
+        @functools.wraps(command)
+        def wrapper(*args: Any, **kwargs: Any) -> None:
+            command(*args, settings={name: kwargs.pop(name) for name in fields}, **kwargs)
+
+        wrapper.__signature__ = signature.replace(parameters=[*params[:at], *flags, *params[at + 1:]])
+        wrapper.__annotations__ = {p.name: p.annotation for p in wrapper.__signature__.parameters.values()}
+        return wrapper
+
+    return decorate
 
 
 def _fail(message: str) -> None:
@@ -154,43 +194,42 @@ def _parse_sets(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def _config(preset: str, config_file: Path | None, sets: list[str] | None, **flags: Any) -> ExperimentConfig:
+def _config(preset: str, config_file: Path | None, sets: list[str] | None,
+            settings: dict[str, Any]) -> ExperimentConfig:
+    """preset < TOML < --set < flags; a ConfigError is the user's (``guarded`` prints it, exit 2)."""
+    given = {k: v for k, v in settings.items() if v is not None}  # an unset flag must not hide a --set of its field
+    return build_config(preset=preset, config_file=config_file, overrides={**_parse_sets(sets), **given})
+
+
+def _judges(config: ExperimentConfig, preset: str, no_judge: bool) -> bool:
+    """Whether ``run`` or ``sweep`` judges: not with --no-judge or ``judge = false``, and the demo only when the user
+    has given it a way to (elsewhere the pre-flight check names what is missing)."""
+    from ao_resampling.stages.judge import JudgeConfigError, check_judge_access
+
+    if no_judge or not config.judge:
+        return False
     try:
-        # A flag left unset is None; it must not hide a --set of the same field.
-        given = {k: v for k, v in flags.items() if v is not None}
-        return build_config(preset=preset, config_file=config_file, overrides={**_parse_sets(sets), **given})
-    except ConfigError as e:
-        _fail(str(e))
-        raise  # unreachable
+        check_judge_access(config)
+    except JudgeConfigError:
+        if preset != "demo":
+            return True
+        typer.echo("demo: no OPENAI_API_KEY or judge base URL set, so the LLM judge is skipped "
+                   "(judge-free metrics only).")
+        return False
+    return True
 
 
 @app.command()
 @guarded
-@_with_judge_flags
+@_takes(*EXPERIMENT)
 def run(
-    preset: Preset = "demo", config_file: ConfigFile = None, out: Out = None, model: Model = None,
-    tokenizer: Tokenizer = None, oracle_lora: Lora = None, targets: Targets = None, questions: Questions = None,
-    questions_variable: QuestionsVar = None, num_targets: NumTargets = None, num_questions: NumQuestions = None,
-    samples: Samples = None, device: Device = None, device_map: DeviceMap = None, dtype: Dtype = None,
-    max_new_tokens: MaxNew = None, temperature: Temperature = None, top_p: TopP = None,
-    top_k: TopK = None,
-    batch_rows: BatchRows = None, judge_flags: JudgeFlags = None,
-    judge_repeats: JudgeRepeats = None, repeat_fraction: RepeatFraction = None, baseline: Baseline = None,
-    baseline_max_new_tokens: BaselineMaxNew = None, embedding_model: EmbeddingModel = None, no_judge: NoJudge = False,
-    set_: Set = None, quiet: Quiet = False, gpus: Gpus = None,
+    preset: Preset = "demo", config_file: ConfigFile = None, out: Out = None, settings: Settings = None,
+    no_judge: NoJudge = False, set_: Set = None, quiet: Quiet = False, gpus: Gpus = None,
 ) -> None:
     """The whole experiment: prepare -> generate -> judge -> analyse (resumable: re-run on the same --out)."""
     from ao_resampling import pipeline
-    from ao_resampling.stages.judge import check_judge_access, JudgeConfigError
 
-    config = _config(
-        preset, config_file, set_, model=model, tokenizer=tokenizer, oracle_lora=oracle_lora, targets=targets,
-        questions=questions, questions_variable=questions_variable, num_targets=num_targets,
-        num_questions=num_questions, samples_per_query=samples, device=device, device_map=device_map, dtype=dtype,
-        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, batch_rows=batch_rows,
-        judge_repeats=judge_repeats, judge_repeat_fraction=repeat_fraction, baseline=baseline,
-        baseline_max_new_tokens=baseline_max_new_tokens, embedding_model=embedding_model, **judge_flags,
-    )
+    config = _config(preset, config_file, set_, settings)
     if gpus and gpus > 1 and "WORLD_SIZE" not in os.environ:  # not yet under torchrun: become it
         from ao_resampling import ranks
 
@@ -199,14 +238,7 @@ def run(
         except pipeline.PipelineError as e:
             _fail(str(e))
         ranks.relaunch(gpus, sys.argv[1:])
-    judge = config.judge and not no_judge  # `--set judge=false` (or the TOML's) is --no-judge
-    if judge and preset == "demo":
-        try:  # the demo judges only when the user has given it a way to
-            check_judge_access(config)
-        except JudgeConfigError:
-            judge = False
-            typer.echo("demo: no OPENAI_API_KEY or judge base URL set, so the LLM judge is skipped "
-                       "(judge-free metrics only).")
+    judge = _judges(config, preset, no_judge)
     out_dir = out or pipeline.default_out_dir(config, preset)
     from ao_resampling.ranks import world
 
@@ -234,44 +266,23 @@ def _tell_how_the_run_went(report: RunReport, out_dir: Path, *, judge: bool) -> 
         _exit_if_calls_failed(out_dir, failed_calls(ResultsStore(out_dir).load()), "the same command")
 
 
-def _sweep_judges(config: ExperimentConfig, preset: str, no_judge: bool) -> bool:
-    """As ``run``: the demo judges only when the user has given it a way to."""
-    from ao_resampling.stages.judge import JudgeConfigError, check_judge_access
-
-    if no_judge or not config.judge:
-        return False
-    try:
-        check_judge_access(config)
-    except JudgeConfigError:
-        if preset != "demo":
-            return True  # the pre-flight check names what is missing
-        typer.echo("demo: no OPENAI_API_KEY or judge base URL set, so the LLM judge is skipped.")
-        return False
-    return True
-
-
 @app.command()
 @guarded
+@_takes(*EXPERIMENT)  # not --gpus: a sweep runs in one process (sweep.run_sweep)
 def sweep(
     vary: Annotated[Optional[list[str]], typer.Option(
         "--vary", help="field=v1,v2,... (repeatable; the grid of all combinations), e.g. temperature=0.3,0.7",
     )] = None,
     conditions: Annotated[Optional[Path], typer.Option(
         help="TOML file: one 'condition' table per condition (an array of tables), instead of --vary")] = None,
-    preset: Preset = "demo", config_file: ConfigFile = None, out: Out = None, model: Model = None,
-    tokenizer: Tokenizer = None, oracle_lora: Lora = None, targets: Targets = None, questions: Questions = None,
-    device: Device = None, dtype: Dtype = None, num_targets: NumTargets = None, num_questions: NumQuestions = None,
-    samples: Samples = None, embedding_model: EmbeddingModel = None, no_judge: NoJudge = False,
-    clusters: JUDGE_FLAGS["clusters"] = None, set_: Set = None, quiet: Quiet = False,
+    preset: Preset = "demo", config_file: ConfigFile = None, out: Out = None, settings: Settings = None,
+    no_judge: NoJudge = False, set_: Set = None, quiet: Quiet = False,
 ) -> None:
     """The experiment over a grid of settings (temperature, top_p, layer_percent, position_rule, ...), the model
     loaded once; each condition is an ordinary run folder. With no --vary/--conditions: a tiny demo sweep on CPU."""
     from ao_resampling import sweep as sweeps
 
-    base = _config(preset, config_file, set_, model=model, tokenizer=tokenizer, oracle_lora=oracle_lora,
-                   targets=targets, questions=questions, device=device, dtype=dtype, num_targets=num_targets,
-                   num_questions=num_questions, samples_per_query=samples, embedding_model=embedding_model,
-                   clusters=clusters)
+    base = _config(preset, config_file, set_, settings)
     if conditions is not None and vary:
         raise sweeps.SweepError("give --vary or --conditions, not both")
     overrides = (sweeps.load_conditions_toml(conditions) if conditions is not None
@@ -279,7 +290,7 @@ def sweep(
     planned = sweeps.plan_conditions(base, overrides)
     out_dir = out or sweeps.default_out_dir(base, planned, preset)
     with folder_lock(out_dir):  # the sweep folder, and (in run_sweep) each condition's run folder
-        outcome = sweeps.run_sweep(base, planned, out_dir, judge=_sweep_judges(base, preset, no_judge),
+        outcome = sweeps.run_sweep(base, planned, out_dir, judge=_judges(base, preset, no_judge),
                                    progress=not quiet, log=typer.echo)
     typer.echo(f"\n{len(planned)} conditions in {out_dir} (model loaded {outcome.model_loads} time(s))")
     typer.echo(f"sweep report: {outcome.report_dir / 'sweep_report.md'}")
@@ -289,19 +300,17 @@ def sweep(
 
 @app.command()
 @guarded
+@_takes(*EXPERIMENT)
 def prepare(
-    preset: Preset = "demo", config_file: ConfigFile = None, out: Out = None, model: Model = None,
-    tokenizer: Tokenizer = None, oracle_lora: Lora = None, targets: Targets = None, questions: Questions = None,
-    questions_variable: QuestionsVar = None, num_targets: NumTargets = None, num_questions: NumQuestions = None,
+    preset: Preset = "demo", config_file: ConfigFile = None, out: Out = None, settings: Settings = None,
     set_: Set = None,
 ) -> None:
-    """Encode every target and write the plan; prints which token each activation is read from. No model weights."""
+    """Encode every target and write the plan; prints which token each activation is read from. No model weights.
+    Takes run's settings: the plan records them, so `run` with the same flags continues it."""
     from ao_resampling import pipeline
     from ao_resampling.stages.plan import prepare
 
-    config = _config(preset, config_file, set_, model=model, tokenizer=tokenizer, oracle_lora=oracle_lora, targets=targets,
-                     questions=questions, questions_variable=questions_variable, num_targets=num_targets,
-                     num_questions=num_questions)
+    config = _config(preset, config_file, set_, settings)
     out_dir = out or pipeline.default_out_dir(config, preset)
     writes = not (Path(out_dir) / RESULTS_NAME).exists()  # an existing plan is only checked against, never written
     with folder_lock(out_dir) if writes else contextlib.nullcontext():
@@ -320,17 +329,16 @@ def prepare(
 
 @app.command()
 @guarded
-@_with_judge_flags
+@_takes(*JUDGE, "judge_repeats", "judge_repeat_fraction")
 def judge(
-    results: Annotated[Path, typer.Argument(help="run folder or its results.json")],
-    judge_flags: JudgeFlags = None, judge_repeats: JudgeRepeats = None, repeat_fraction: RepeatFraction = None,
+    results: Annotated[Path, typer.Argument(help="run folder or its results.json")], settings: Settings = None,
     quiet: Quiet = False,
 ) -> None:
     """Judge every run that has answers and no verdict; re-try recorded failures. Journaled, resumable.
     Exit 3 when calls failed (recorded; re-run to retry them)."""
     from ao_resampling.stages.judge import check_judge_access, failed_calls, judge_stage
 
-    store, config = _open(results, judge_repeats=judge_repeats, judge_repeat_fraction=repeat_fraction, **judge_flags)
+    store, config = _open(results, settings)
     check_judge_access(config)
     with folder_lock(store.folder):
         outcome = judge_stage(store, config, progress=not quiet)
@@ -341,17 +349,19 @@ def judge(
 
 @app.command()
 @guarded
+@_takes("embedding_model")
 def report(
     results: Annotated[Path, typer.Argument(help="run folder or its results.json (older format accepted)")],
     out: Annotated[Optional[Path], typer.Option(help="where plots, summary.json and report.md go")] = None,
-    embedding_model: EmbeddingModel = None,
-    baseline_file: Annotated[Optional[Path], typer.Option("--baseline", help="a separately saved baseline file")] = None,
+    settings: Settings = None,
+    baseline_file: Annotated[Optional[Path], typer.Option("--baseline",
+                                                          help="a separately saved baseline file")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Plots A/B/C + heatmap, summary.json and report.md; works on partly judged files."""
     from ao_resampling import pipeline
 
-    store, config = _open(results, embedding_model=embedding_model)
+    store, config = _open(results, settings)
     out_dir = out or store.folder / "report"
     # Writes under out_dir alone (its lock too, made before the spreads: a bad --out fails in a second); the run
     # folder is only read, so a read-only or archived one can be reported, and another command may hold it.
@@ -362,11 +372,9 @@ def report(
 
 @app.command(name="baseline")
 @guarded
-@_with_judge_flags
+@_takes("baseline_max_new_tokens", "device", "device_map", "batch_rows", *JUDGE, "embedding_model")
 def baseline_command(
-    results: Annotated[Path, typer.Argument(help="run folder or its results.json")],
-    baseline_max_new_tokens: BaselineMaxNew = None, device: Device = None, device_map: DeviceMap = None,
-    batch_rows: BatchRows = None, judge_flags: JudgeFlags = None, embedding_model: EmbeddingModel = None,
+    results: Annotated[Path, typer.Argument(help="run folder or its results.json")], settings: Settings = None,
     no_judge: NoJudge = False, quiet: Quiet = False,
 ) -> None:
     """Sample the target model itself n times per target (adapter off), judge its replies, and redo the report.
@@ -376,8 +384,7 @@ def baseline_command(
     from ao_resampling.stages.baseline import baseline_stage
     from ao_resampling.stages.judge import JudgeConfigError, check_judge_access, failed_calls
 
-    store, config = _open(results, baseline_max_new_tokens=baseline_max_new_tokens, device=device,
-                          device_map=device_map, batch_rows=batch_rows, embedding_model=embedding_model, **judge_flags)
+    store, config = _open(results, settings)
     if not no_judge:
         try:
             check_judge_access(config)
@@ -401,8 +408,8 @@ def baseline_command(
         _exit_if_calls_failed(store.folder, failed_calls(loaded), f"`ao-resampling baseline {store.folder}`")
 
 
-def _open(results: Path, **overrides: Any):
-    """A run folder's store and its config (from meta), with plumbing overrides (judge endpoint etc.)."""
+def _open(results: Path, overrides: dict[str, Any]):
+    """A run folder's store and its config (from meta), with the command's settings over it (judge endpoint etc.)."""
     from ao_resampling.results import load_results_file
     from ao_resampling.store import ResultsStore
 

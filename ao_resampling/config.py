@@ -11,16 +11,15 @@ oracle, a few targets), which is what ``ao-resampling run`` does with no argumen
 from __future__ import annotations
 
 import math
-import re
 import tomllib
 import urllib.parse
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from ao_resampling.errors import AOResamplingError, describe_problems
+from ao_resampling.position_rules import DEFAULT_RULE, PositionError, parse_rule
 
 REAL_MODEL = "google/gemma-3-27b-it"
 REAL_ORACLE_LORA = "adamkarvonen/checkpoints_latentqa_cls_past_lens_gemma-3-27b-it"
@@ -28,40 +27,6 @@ RANDOM_LORA = "random"  # a seeded random LoRA with nonzero B: plumbing tests an
 
 Dtype = Literal["bfloat16", "float16", "float32"]
 JudgeApi = Literal["responses", "chat"]
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Read-position rules: the grammar of ``position_rule`` (inputs/positions.py resolves a rule in a target)
-
-DEFAULT_RULE = "assistant_start"
-RULE_FORMS = "'assistant_start', 'last_user_token' or 'window:K' (K a whole number >= 1)"
-_WINDOW = re.compile(r"window:([0-9]+)")
-
-
-class PositionError(AOResamplingError, ValueError):
-    """A rule that cannot be parsed, or that names tokens outside a target's context."""
-
-
-@dataclass(frozen=True)
-class PositionRule:
-    kind: str  # "assistant_start" | "last_user_token" | "window"
-    k: int = 1  # how many tokens (and oracle placeholders): 1 except for window:K
-
-    def __str__(self) -> str:
-        return f"window:{self.k}" if self.kind == "window" else self.kind
-
-
-def parse_rule(text: str) -> PositionRule:
-    text = str(text).strip()
-    if text in ("assistant_start", "last_user_token"):
-        return PositionRule(text)
-    match = _WINDOW.fullmatch(text)
-    if match and int(match.group(1)) >= 1:
-        return PositionRule("window", int(match.group(1)))
-    raise PositionError(f"read position rule {text!r}: expected {RULE_FORMS}")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 
 
 class Decoding(BaseModel):
@@ -115,8 +80,8 @@ class ExperimentConfig(BaseModel):
     steering_coefficient: float = Field(1.0, ge=-1e6, le=1e6, description="the injected vector's norm in units of "
                                         "the residual's (1 = the published AO); larger values are typos, and past "
                                         "~1e35 they overflow bf16 into NaN answers")
-    position_rule: str = Field("assistant_start", description="assistant_start | last_user_token | window:K "
-                               "(positions.py): which target tokens are read, one oracle placeholder each")
+    position_rule: str = Field(DEFAULT_RULE, description="assistant_start | last_user_token | window:K "
+                               "(position_rules.py): which target tokens are read, one oracle placeholder each")
 
     # Data
     targets: Path | None = Field(None, description="JSON targets file; None = the built-in examples")

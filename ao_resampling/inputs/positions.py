@@ -7,8 +7,8 @@ A rule names token indices of the encoded target (with the generation prompt, as
 - ``window:K``: the K tokens ending at ``assistant_start`` (inclusive), read in order and injected at K placeholders
   of the oracle prompt (``" ?" * K``), vector k at placeholder k, as the AO prompt format allows.
 
-``parse_rule`` (in config.py, which validates the rule; re-exported here) and ``resolve`` are pure; ``landmarks_of``
-needs only a tokenizer (no model), like oracle.py.
+The rules' grammar (``parse_rule``: text to ``PositionRule``) is position_rules.py, below the config that validates
+a rule with it. ``resolve`` is pure; ``landmarks_of`` needs only a tokenizer (no model), like oracle.py.
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-# The rules' grammar lives with the config that validates it (the config layer imports nothing above it).
-from ao_resampling.config import PositionError, PositionRule, parse_rule  # noqa: F401  (parse_rule: re-exported)
 from ao_resampling.inputs.encoding import EncodedTarget, render, tokenize
+from ao_resampling.position_rules import PositionError, PositionRule
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ from ao_resampling.inputs import data
 from ao_resampling.inputs.encoding import encode_target, require_chat_template
 from ao_resampling.inputs.oracle import build_oracle_query
 from ao_resampling.inputs.plan_check import context_overflows, plan_differences
-from ao_resampling.inputs.positions import landmarks_of, parse_rule, resolve
+from ao_resampling.inputs.positions import landmarks_of, resolve
+from ao_resampling.position_rules import parse_rule
 from ao_resampling.results import AOQuestion, Meta, Results, Run, TargetRecord, run_id_for, sha256_of_ids
 from ao_resampling.store import ResultsStore
 

@@ -11,7 +11,8 @@ from ao_resampling.analysis.report import _ids as report_ids
 from ao_resampling.analysis.sweep_report import metric_block
 from ao_resampling.engine.loading.models import layer_at_percent
 from ao_resampling.inputs.plan_check import SHOWN_IDS, plan_differences
-from ao_resampling.inputs.positions import Landmarks, PositionError, PositionRule, resolve
+from ao_resampling.inputs.positions import Landmarks, resolve
+from ao_resampling.position_rules import PositionError, PositionRule
 from ao_resampling.results import TargetMessage
 from tests.support.results_factory import make_results
 

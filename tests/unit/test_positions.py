@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ao_resampling.config import ConfigError, build_config
-from ao_resampling.inputs.positions import Landmarks, PositionError, PositionRule, parse_rule, resolve
+from ao_resampling.inputs.positions import Landmarks, resolve
+from ao_resampling.position_rules import PositionError, PositionRule, parse_rule
 from ao_resampling.results import Results, SCHEMA_VERSION
 
 

@@ -9,7 +9,8 @@ import time
 import pytest
 
 from ao_resampling.config import ConfigError, ExperimentConfig, build_config, config_of_folder
-from ao_resampling.inputs.positions import Landmarks, PositionError, PositionRule, resolve
+from ao_resampling.inputs.positions import Landmarks, resolve
+from ao_resampling.position_rules import PositionError, PositionRule
 
 
 @pytest.mark.parametrize("overrides, field", [
