@@ -228,10 +228,7 @@ def _tell_how_the_run_went(report: RunReport, out_dir: Path, *, judge: bool) -> 
     for note in report.notes:
         typer.secho(note, fg="yellow")
     if judge:
-        from ao_resampling.stages.judge import failed_calls
-        from ao_resampling.store import ResultsStore
-
-        _exit_if_calls_failed(out_dir, failed_calls(ResultsStore(out_dir).load()), "the same command")
+        _exit_if_calls_failed(out_dir, report.n_failed_calls, "the same command")
 
 
 def _sweep_judges(config: ExperimentConfig, preset: str, no_judge: bool) -> bool:
@@ -306,7 +303,7 @@ def prepare(
     writes = not (Path(out_dir) / RESULTS_NAME).exists()  # an existing plan is only checked against, never written
     with folder_lock(out_dir) if writes else contextlib.nullcontext():
         store, table = prepare(config, out_dir)
-    results = store.load()
+    results = store.results
     typer.echo(f"{'target':<12} {'#tokens':>7} {'assistant_start_idx':>19} {'read at':>9}  token(s) read "
                f"({config.position_rule})")
     for row in table:
@@ -334,7 +331,7 @@ def judge(
     check_judge_access(config)
     with folder_lock(store.folder):
         outcome = judge_stage(store, config, progress=not quiet)
-        n_failed = failed_calls(store.load())
+        n_failed = failed_calls(store.results)
     typer.echo(outcome.summary())
     _exit_if_calls_failed(store.folder, n_failed, f"`ao-resampling judge {store.folder}`")
 
@@ -356,7 +353,7 @@ def report(
     # Writes under out_dir alone (its lock too, made before the spreads: a bad --out fails in a second); the run
     # folder is only read, so a read-only or archived one can be reported, and another command may hold it.
     with folder_lock(out_dir):
-        pipeline.report_of(store.load(), config, out_dir=out_dir, baseline_file=baseline_file, progress=not quiet)
+        pipeline.report_of(store.results, config, out_dir=out_dir, baseline_file=baseline_file, progress=not quiet)
     typer.echo(f"report: {out_dir / 'report.md'}")
 
 
@@ -386,7 +383,7 @@ def baseline_command(
     with folder_lock(store.folder):
         outcome = baseline_stage(store, config, judge=not no_judge, progress=not quiet)
         report_dir = pipeline.analyse(store, config, progress=not quiet)
-        loaded = store.load()
+        loaded = store.results
     typer.echo(f"baseline: {outcome.n_sampled} targets sampled ({outcome.n_already_sampled} already were), "
                f"{outcome.n_judge_ok} of {outcome.n_judge_sent} judge calls scored"
                + (f", failures {outcome.n_judge_failed}" if outcome.n_judge_failed else "")
@@ -403,7 +400,6 @@ def baseline_command(
 
 def _open(results: Path, **overrides: Any):
     """A run folder's store and its config (from meta), with plumbing overrides (judge endpoint etc.)."""
-    from ao_resampling.results import load_results_file
     from ao_resampling.store import ResultsStore
 
     folder = results.parent if results.suffix == ".json" else results
@@ -414,7 +410,7 @@ def _open(results: Path, **overrides: Any):
         from ao_resampling.sweep import sweep_folder_note
 
         _fail(sweep_folder_note(folder) or f"{store.results_path} does not exist")
-    meta = load_results_file(store.results_path).meta
+    meta = store.results.meta  # the folder read once: the stages get this store, results and all
     # A file without meta.config (an older one) still names its model: never the hub default in its place.
     named = {k: v for k, v in (("model", meta.model), ("oracle_lora", meta.oracle_lora)) if v is not None}
     base = {**named, **(meta.config or {})}

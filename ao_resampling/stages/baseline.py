@@ -231,7 +231,7 @@ def baseline_stage(store: ResultsStore, config: ExperimentConfig, *, oracle: Loa
 def sample_baseline(store: ResultsStore, config: ExperimentConfig, *, oracle: LoadedOracle | None = None,
                     progress: bool = True) -> tuple[int, int]:
     """n replies of the base model per target still missing them; returns (targets sampled, targets already done)."""
-    results = store.load()
+    results = store.results
     check_resumable(results, config)
     todo = contexts_to_sample(results, config.samples_per_query)
     n_done = len({r.target_id for r in results.runs}) - len(todo)
@@ -247,17 +247,16 @@ def sample_baseline(store: ResultsStore, config: ExperimentConfig, *, oracle: Lo
                for t, ids in todo.items()]
 
     def journal(run_id: str, samples: list[Sample]) -> None:
-        store.journal.append_many([baseline_responses_event(run_id, target_of[run_id],
-                                                            to_responses(run_id, samples, decode), meta)])
+        store.record([baseline_responses_event(run_id, target_of[run_id], to_responses(run_id, samples, decode),
+                                               meta)])
 
     run_sampler(make_sampler(oracle, config, decode, use_adapter=False), queries, on_answers=journal,
                 progress=progress, desc="target-model samples", resume=f"ao-resampling baseline {store.folder}")
-    results = store.load()
     order = {t.id: i for i, t in enumerate(results.targets)}  # batches finish longest prompt first; store plan order
     results.baseline.runs.sort(key=lambda r: (order.get(r.target_id, len(order)), r.target_id))
     if results.meta.config is not None:  # what the replies were made with, so the next plain command continues
         results.meta.config = {**results.meta.config, "baseline_max_new_tokens": config.baseline_max_new_tokens}
-    store.compact(results)
+    store.compact()
     return len(todo), n_done
 
 
@@ -277,19 +276,18 @@ def judge_baseline(store: ResultsStore, config: ExperimentConfig, *, client: Any
     """One judge call per sampled target without a verdict (and one cluster call, as configured), concurrently, each
     record journaled as it lands."""
     report = report if report is not None else BaselineStageReport()
-    results = store.load()
-    check_one_judge(results, config, store.results_path)
-    jobs, report.n_already_judged = plan_baseline_judge_calls(results, clusters=config.clusters)
+    check_one_judge(store.results, config, store.results_path)
+    jobs, report.n_already_judged = plan_baseline_judge_calls(store.results, clusters=config.clusters)
     if not jobs:
         return report
     client = client if client is not None else make_client(config)
 
     def keep(job: BaselineJudgeJob, record: JudgeRecord) -> None:
         if job.kind == "clusters":
-            store.journal.append(baseline_clusters_event(job.run_id, job.target_id, record))
+            store.record([baseline_clusters_event(job.run_id, job.target_id, record)])
             report.clusters.add(record)
             return
-        store.journal.append(baseline_judge_event(job.run_id, job.target_id, record))
+        store.record([baseline_judge_event(job.run_id, job.target_id, record)])
         report.n_judge_sent += 1
         if record.failure is None:
             report.n_judge_ok += 1
@@ -307,13 +305,13 @@ def judge_baseline(store: ResultsStore, config: ExperimentConfig, *, client: Any
 def baseline_spread_stage(store: ResultsStore, *, embedding_model: str, encoder: Encoder | None = None,
                           progress: bool = True) -> int:
     """Cache the spread of every baseline run with replies and no spread from ``embedding_model``; how many."""
-    baseline = store.load().baseline
+    baseline = store.results.baseline
     runs = baseline.runs if baseline is not None else []
     spreads = missing_spreads(runs, embedding_model=embedding_model, encoder=encoder, progress=progress)
     if not spreads:
         return 0
     target_of = {r.run_id: r.target_id for r in runs}
-    store.journal.append_many([baseline_spread_event(run_id, target_of[run_id], s) for run_id, s in spreads.items()])
+    store.record([baseline_spread_event(run_id, target_of[run_id], s) for run_id, s in spreads.items()])
     store.compact()
     return len(spreads)
 

@@ -40,11 +40,10 @@ def to_responses(run_id: str, samples: list[Sample], decode: Decoding) -> list[d
 
 
 def generate(store: ResultsStore, config: ExperimentConfig, *, oracle: models.LoadedOracle | None = None,
-             progress: bool = True, runs_filter: Callable[[Run], bool] | None = None,
-             results: Results | None = None) -> Layout | None:
-    """Sample the missing answers; each run is journaled once its n answers are in. Returns how the stage decoded
-    (None if nothing was left to sample)."""
-    results = results or store.load()
+             progress: bool = True, runs_filter: Callable[[Run], bool] | None = None) -> Layout | None:
+    """Sample the missing answers; each run is journaled (and kept in ``store.results``) once its n answers are in.
+    Returns how the stage decoded (None if nothing was left to sample)."""
+    results = store.results
     todo = [r for r in pending_runs(results, config.samples_per_query) if runs_filter is None or runs_filter(r)]
     if not todo:
         return None
@@ -64,7 +63,7 @@ def generate(store: ResultsStore, config: ExperimentConfig, *, oracle: models.Lo
                for r in todo]
 
     def journal(run_id: str, samples: list[Sample]) -> None:
-        store.journal.append_many([responses_event(run_id, to_responses(run_id, samples, decoding))])
+        store.record([responses_event(run_id, to_responses(run_id, samples, decoding))])
 
     if config.sampler == "sequential":
         for q in queries:  # one query at a time, journaled as it finishes

@@ -364,7 +364,7 @@ def judge_stage(
 ) -> JudgeStageReport:
     """Judge every run that has answers and no verdict yet (plus its cluster call and owed repeats, as configured),
     journaling each record as it lands."""
-    results: Results = store.load()
+    results = store.results
     check_one_judge(results, config, store.results_path)
     questions = {q.id: q.text for q in results.ao_questions}
     jobs, skipped = plan_judge_calls(
@@ -379,11 +379,8 @@ def judge_stage(
     if jobs:
         client = client if client is not None else make_client(config)
         _run_jobs(jobs, store, config, client, report, progress, log or _to_stderr)
-        results = store.load()
         results.meta.config = with_judge_settings(results.meta.config, config)
-        store.compact(results)
-    else:
-        store.compact()
+    store.compact()
     return report
 
 
@@ -396,7 +393,7 @@ def _run_jobs(
     progress: bool, log: Callable[[str], None],
 ) -> None:
     def keep(job: JudgeJob, record: JudgeRecord) -> None:
-        store.journal.append(judge_call_event(job.event, job.run_id, record))
+        store.record([judge_call_event(job.event, job.run_id, record)])
         report.counts(job.event).add(record)
 
     run_calls(jobs, job_caller(client, config), keep, concurrency=config.judge_concurrency, desc="judge",

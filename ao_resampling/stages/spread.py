@@ -204,11 +204,11 @@ def spread_stage(
     A second call computes nothing (and loads no model). ``encoder`` lets a caller reuse a loaded model or hand in
     a fake; by default ``embedding_model`` is loaded with ``load_embedder``.
     """
-    spreads = missing_spreads(store.load().runs, embedding_model=embedding_model, encoder=encoder, progress=progress)
+    spreads = missing_spreads(store.results.runs, embedding_model=embedding_model, encoder=encoder, progress=progress)
     if not spreads:
         return 0
     events = [spread_event(rid, s) for rid, s in spreads.items()]
     for start in range(0, len(events), JOURNAL_CHUNK):
-        store.journal.append_many(events[start : start + JOURNAL_CHUNK])
+        store.record(events[start : start + JOURNAL_CHUNK])
     store.compact()
     return len(events)
