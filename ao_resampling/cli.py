@@ -181,7 +181,7 @@ def run(
 ) -> None:
     """The whole experiment: prepare -> generate -> judge -> analyse (resumable: re-run on the same --out)."""
     from ao_resampling import pipeline
-    from ao_resampling.stages.judge import check_judge_access, JudgeConfigError
+    from ao_resampling.stages.common.judge_calls import check_judge_access, JudgeConfigError
 
     config = _config(
         preset, config_file, set_, model=model, tokenizer=tokenizer, oracle_lora=oracle_lora, targets=targets,
@@ -233,7 +233,7 @@ def _tell_how_the_run_went(report: RunReport, out_dir: Path, *, judge: bool) -> 
 
 def _sweep_judges(config: ExperimentConfig, preset: str, no_judge: bool) -> bool:
     """As ``run``: the demo judges only when the user has given it a way to."""
-    from ao_resampling.stages.judge import JudgeConfigError, check_judge_access
+    from ao_resampling.stages.common.judge_calls import JudgeConfigError, check_judge_access
 
     if no_judge or not config.judge:
         return False
@@ -325,7 +325,8 @@ def judge(
 ) -> None:
     """Judge every run that has answers and no verdict; re-try recorded failures. Journaled, resumable.
     Exit 3 when calls failed (recorded; re-run to retry them)."""
-    from ao_resampling.stages.judge import check_judge_access, failed_calls, judge_stage
+    from ao_resampling.stages.common.judge_calls import check_judge_access
+    from ao_resampling.stages.judge import failed_calls, judge_stage
 
     store, config = _open(results, judge_repeats=judge_repeats, judge_repeat_fraction=repeat_fraction, **judge_flags)
     check_judge_access(config)
@@ -371,7 +372,8 @@ def baseline_command(
     from ao_resampling import pipeline
     from ao_resampling.analysis.comparison import baseline_summary
     from ao_resampling.stages.baseline import baseline_stage
-    from ao_resampling.stages.judge import JudgeConfigError, check_judge_access, failed_calls
+    from ao_resampling.stages.common.judge_calls import JudgeConfigError, check_judge_access
+    from ao_resampling.stages.judge import failed_calls
 
     store, config = _open(results, baseline_max_new_tokens=baseline_max_new_tokens, device=device,
                           device_map=device_map, batch_rows=batch_rows, embedding_model=embedding_model, **judge_flags)

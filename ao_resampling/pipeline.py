@@ -26,9 +26,11 @@ from ao_resampling.errors import PipelineError
 from ao_resampling.inputs import data
 from ao_resampling.engine.decoding.sampler import Layout
 from ao_resampling.results import Results, load_baseline_file
-from ao_resampling.stages.generate import generate, load_oracle, pending_runs
+from ao_resampling.stages.generate import generate, pending_runs
+from ao_resampling.stages.common.sampling import load_oracle
 from ao_resampling.stages.plan import STAND_IN_NOTE, now, prepare
-from ao_resampling.stages.spread import check_embedding_model, missing_spreads, spread_stage
+from ao_resampling.stages.common.spreads import check_embedding_model, missing_spreads
+from ao_resampling.stages.spread import spread_stage
 from ao_resampling.store import ResultsStore
 
 # stages.judge and stages.baseline (openai, ~2 s) and analysis.report (matplotlib) are imported where they are used:
@@ -82,7 +84,7 @@ def preflight(config: ExperimentConfig, *, judge: bool) -> None:
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         problems.append(f"device {config.device!r} asked for, but CUDA is not available here (use --device cpu)")
     if judge:
-        from ao_resampling.stages.judge import JudgeConfigError, check_judge_access
+        from ao_resampling.stages.common.judge_calls import JudgeConfigError, check_judge_access
 
         try:
             check_judge_access(config)
