@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 from ao_resampling.analysis.stats import judge_repeat_agreement
 from ao_resampling.stages.common.judge_prompt import (
-    VERDICT_JSON_SCHEMA, JudgeOutputError, judge_call_id, parse_verdict, plan_judge_calls, selected_for_repeats, shuffled_order,
+    VERDICT_JSON_SCHEMA, JudgeOutputError, judge_call_id, parse_verdict, plan_judge_calls, selected_for_repeats,
+    shuffled_order,
 )
 from ao_resampling.stages.common.prompts import answers_in_prompt, build_prompt
 from ao_resampling.results import Decoding, JudgeFailure, JudgeRecord, Response, Run, Verdict

@@ -1,6 +1,6 @@
 """analysis/stats.py, stages/common/spreads.py and stages/spread.py without a model: spread figures, which runs count
-as scores, bootstrap CIs, Spearman, judge repeats, and the spread stage's journalling and caching (with a hashing fake encoder; the real
-MiniLM is in integration)."""
+as scores, bootstrap CIs, Spearman, judge repeats, and the spread stage's journalling and caching (with a hashing fake
+encoder; the real MiniLM is in integration)."""
 
 from __future__ import annotations
 

@@ -130,7 +130,8 @@ def load_embedder(spec: str = DEFAULT_EMBEDDING_MODEL, device: str | None = None
         ) from e
 
 
-def embed_unique(encoder: Encoder, texts: Iterable[str], *, batch_size: int = 64, progress: bool = False) -> dict[str, np.ndarray]:
+def embed_unique(encoder: Encoder, texts: Iterable[str], *, batch_size: int = 64,
+                 progress: bool = False) -> dict[str, np.ndarray]:
     """text -> unit-norm embedding, with one ``encode`` call over the unique texts."""
     unique = list(dict.fromkeys(texts))
     if not unique:
