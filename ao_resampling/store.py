@@ -4,7 +4,8 @@ Crash safety: a stage never rewrites ``results.json`` per query. It appends one 
 (answers, a verdict, a spread) to a journal beside it and fsyncs; ``ResultsStore.load`` replays the journal over the
 last written file, and ``compact`` folds it in with an atomic write. A kill loses at most the work in flight; a torn
 last line (killed mid-write) is reported and skipped, never fatal. Events are idempotent (last one wins), so replaying
-a journal that was already folded in changes nothing.
+a journal that was already folded in changes nothing. A command reads its folder once (``ResultsStore.results``);
+its stages ``record`` events, which journals them and folds them into that one copy alike.
 
 The journal is a file format of its own, typed and versioned like ``results.json``: its events (models, constructors,
 parsing, the migration of unversioned lines) are in ``events.py``; replay here names a bad line by file and line.

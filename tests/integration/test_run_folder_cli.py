@@ -450,11 +450,11 @@ def test_ctrl_c_during_the_baseline_judge_keeps_the_replies_that_arrive(tmp_path
     class CtrlCOnFirstWrite(Journal):  # SIGINT lands in the main thread, which is the one that journals
         hit = False
 
-        def append(self, event: dict) -> None:
+        def append_many(self, events) -> None:  # the one way events reach the file (``append`` too)
             if not self.hit:
                 self.hit = True
                 raise KeyboardInterrupt
-            super().append(event)
+            super().append_many(events)
 
     folder = write_folder(tmp_path / "run", 5)
     results = load_results_file(folder / RESULTS_NAME)
