@@ -93,3 +93,24 @@ def tiny_multimodal_oracle():
 
     model = load_model("synthetic:tiny-multimodal", dtype="float32", device="cpu", seed=TINY_MULTIMODAL_SEED)
     return attach_oracle(model, "random", seed=0)
+
+
+@pytest.fixture
+def folder_reads(monkeypatch) -> list[str]:
+    """Every read of a run folder while the test runs: 'replay' for each ``ResultsStore.load`` (results.json with
+    every journal replayed over it), 'file' for each results.json read. A command reads its folder once."""
+    from ao_resampling import results, store
+
+    reads: list[str] = []
+
+    def counted(kind: str, read):
+        def wrapper(*args, **kwargs):
+            reads.append(kind)
+            return read(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(store.ResultsStore, "load", counted("replay", store.ResultsStore.load))
+    read_file = counted("file", results.load_results_file)
+    monkeypatch.setattr(results, "load_results_file", read_file)
+    monkeypatch.setattr(store, "load_results_file", read_file)
+    return reads

@@ -204,7 +204,7 @@ def _config(preset: str, config_file: Path | None, sets: list[str] | None,
 def _judges(config: ExperimentConfig, preset: str, no_judge: bool) -> bool:
     """Whether ``run`` or ``sweep`` judges: not with --no-judge or ``judge = false``, and the demo only when the user
     has given it a way to (elsewhere the pre-flight check names what is missing)."""
-    from ao_resampling.stages.judge import JudgeConfigError, check_judge_access
+    from ao_resampling.stages.common.judge_calls import JudgeConfigError, check_judge_access
 
     if no_judge or not config.judge:
         return False
@@ -260,10 +260,7 @@ def _tell_how_the_run_went(report: RunReport, out_dir: Path, *, judge: bool) -> 
     for note in report.notes:
         typer.secho(note, fg="yellow")
     if judge:
-        from ao_resampling.stages.judge import failed_calls
-        from ao_resampling.store import ResultsStore
-
-        _exit_if_calls_failed(out_dir, failed_calls(ResultsStore(out_dir).load()), "the same command")
+        _exit_if_calls_failed(out_dir, report.n_failed_calls, "the same command")
 
 
 @app.command()
@@ -315,7 +312,7 @@ def prepare(
     writes = not (Path(out_dir) / RESULTS_NAME).exists()  # an existing plan is only checked against, never written
     with folder_lock(out_dir) if writes else contextlib.nullcontext():
         store, table = prepare(config, out_dir)
-    results = store.load()
+    results = store.results
     typer.echo(f"{'target':<12} {'#tokens':>7} {'assistant_start_idx':>19} {'read at':>9}  token(s) read "
                f"({config.position_rule})")
     for row in table:
@@ -336,13 +333,14 @@ def judge(
 ) -> None:
     """Judge every run that has answers and no verdict; re-try recorded failures. Journaled, resumable.
     Exit 3 when calls failed (recorded; re-run to retry them)."""
-    from ao_resampling.stages.judge import check_judge_access, failed_calls, judge_stage
+    from ao_resampling.stages.common.judge_calls import check_judge_access
+    from ao_resampling.stages.judge import failed_calls, judge_stage
 
     store, config = _open(results, settings)
     check_judge_access(config)
     with folder_lock(store.folder):
         outcome = judge_stage(store, config, progress=not quiet)
-        n_failed = failed_calls(store.load())
+        n_failed = failed_calls(store.results)
     typer.echo(outcome.summary())
     _exit_if_calls_failed(store.folder, n_failed, f"`ao-resampling judge {store.folder}`")
 
@@ -366,7 +364,7 @@ def report(
     # Writes under out_dir alone (its lock too, made before the spreads: a bad --out fails in a second); the run
     # folder is only read, so a read-only or archived one can be reported, and another command may hold it.
     with folder_lock(out_dir):
-        pipeline.report_of(store.load(), config, out_dir=out_dir, baseline_file=baseline_file, progress=not quiet)
+        pipeline.report_of(store.results, config, out_dir=out_dir, baseline_file=baseline_file, progress=not quiet)
     typer.echo(f"report: {out_dir / 'report.md'}")
 
 
@@ -382,7 +380,8 @@ def baseline_command(
     from ao_resampling import pipeline
     from ao_resampling.analysis.comparison import baseline_summary
     from ao_resampling.stages.baseline import baseline_stage
-    from ao_resampling.stages.judge import JudgeConfigError, check_judge_access, failed_calls
+    from ao_resampling.stages.common.judge_calls import JudgeConfigError, check_judge_access
+    from ao_resampling.stages.judge import failed_calls
 
     store, config = _open(results, settings)
     if not no_judge:
@@ -393,7 +392,7 @@ def baseline_command(
     with folder_lock(store.folder):
         outcome = baseline_stage(store, config, judge=not no_judge, progress=not quiet)
         report_dir = pipeline.analyse(store, config, progress=not quiet)
-        loaded = store.load()
+        loaded = store.results
     typer.echo(f"baseline: {outcome.n_sampled} targets sampled ({outcome.n_already_sampled} already were), "
                f"{outcome.n_judge_ok} of {outcome.n_judge_sent} judge calls scored"
                + (f", failures {outcome.n_judge_failed}" if outcome.n_judge_failed else "")
@@ -410,7 +409,6 @@ def baseline_command(
 
 def _open(results: Path, overrides: dict[str, Any]):
     """A run folder's store and its config (from meta), with the command's settings over it (judge endpoint etc.)."""
-    from ao_resampling.results import load_results_file
     from ao_resampling.store import ResultsStore
 
     folder = results.parent if results.suffix == ".json" else results
@@ -421,7 +419,7 @@ def _open(results: Path, overrides: dict[str, Any]):
         from ao_resampling.sweep import sweep_folder_note
 
         _fail(sweep_folder_note(folder) or f"{store.results_path} does not exist")
-    meta = load_results_file(store.results_path).meta
+    meta = store.results.meta  # the folder read once: the stages get this store, results and all
     # A file without meta.config (an older one) still names its model: never the hub default in its place.
     named = {k: v for k, v in (("model", meta.model), ("oracle_lora", meta.oracle_lora)) if v is not None}
     base = {**named, **(meta.config or {})}

@@ -107,7 +107,7 @@ def judge_event(run_id: str, record: JudgeRecord, *, repeat: bool = False) -> Ju
     return (JudgeRepeatEvent if repeat else JudgeEvent)(run_id=run_id, record=record)
 
 
-# The event type each kind of AO judge call is journaled under (stages/judge_prompt.py's JudgeJob.event).
+# The event type each kind of AO judge call is journaled under (stages/common/judge_prompt.py's JudgeJob.event).
 JUDGE_CALL_EVENTS = ("judge", "judge_repeat", "clusters", "clusters_repeat")
 
 

@@ -1,7 +1,8 @@
 """The experiment as one straight line: prepare -> generate -> judge -> analyse.
 
-Each stage (stages/) reads the run folder's ``results.json`` (+ journal), does only the work that is missing,
-journals every finished unit, and folds the journal in at the end. Re-running the same command on the same folder
+The command reads the run folder's ``results.json`` (+ journal) once (``ResultsStore.results``) and hands the store
+down; each stage (stages/) does only the work that is missing, journals every finished unit into the store (disk
+and the one in-memory copy alike), and folds the journal in at the end. Re-running the same command on the same folder
 therefore continues where a crash stopped; a folder made with different result-changing settings is refused, naming
 them. This module only orders the stages (and, under torchrun, the ranks) and times them; sweep.py runs it per
 condition.
@@ -25,9 +26,11 @@ from ao_resampling.errors import PipelineError
 from ao_resampling.inputs import data
 from ao_resampling.engine.decoding.sampler import Layout
 from ao_resampling.results import Results, load_baseline_file
-from ao_resampling.stages.generate import generate, load_oracle, pending_runs
+from ao_resampling.stages.generate import generate, pending_runs
+from ao_resampling.stages.common.sampling import load_oracle
 from ao_resampling.stages.plan import STAND_IN_NOTE, now, prepare
-from ao_resampling.stages.spread import check_embedding_model, missing_spreads, spread_stage
+from ao_resampling.stages.common.spreads import check_embedding_model, missing_spreads
+from ao_resampling.stages.spread import spread_stage
 from ao_resampling.store import ResultsStore
 
 # stages.judge and stages.baseline (openai, ~2 s) and analysis.report (matplotlib) are imported where they are used:
@@ -81,7 +84,7 @@ def preflight(config: ExperimentConfig, *, judge: bool) -> None:
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         problems.append(f"device {config.device!r} asked for, but CUDA is not available here (use --device cpu)")
     if judge:
-        from ao_resampling.stages.judge import JudgeConfigError, check_judge_access
+        from ao_resampling.stages.common.judge_calls import JudgeConfigError, check_judge_access
 
         try:
             check_judge_access(config)
@@ -99,16 +102,19 @@ class RunReport:
     n_runs: int = 0
     n_samples: int = 0
     judged: bool = False
+    n_failed_calls: int = 0  # judge calls whose latest record is a failure (``run`` exits 3 on any)
     report_dir: Path | None = None
     notes: list[str] = field(default_factory=list)
 
 
 def run_experiment(config: ExperimentConfig, out_dir: Path, *, judge: bool | None = None, progress: bool = True,
                    judge_client=None, log: Callable[[str], None] = print,
-                   oracle: models.LoadedOracle | None = None) -> RunReport:
+                   oracle: models.LoadedOracle | None = None, planned: ResultsStore | None = None) -> RunReport:
     """prepare -> (baseline) -> generate -> judge -> analyse, each doing only what is missing.
 
     ``oracle``: an already loaded model (a sweep loads it once for all its conditions); None loads it when needed.
+    ``planned``: ``out_dir``'s store, its plan already written or checked by ``prepare`` (a sweep prepares every
+    condition first), so the folder is not read again.
 
     Under torchrun every rank samples a share of the runs (ranks.py); rank 0 alone plans, merges the journals,
     judges and analyses, and the other ranks return after generation.
@@ -127,7 +133,7 @@ def run_experiment(config: ExperimentConfig, out_dir: Path, *, judge: bool | Non
         log(report.notes[-1])
 
     with _timed(report, "prepare"):
-        store = _write_plan(config, Path(out_dir), here, oracle)
+        store = planned or _write_plan(config, Path(out_dir), here, oracle)
     with _timed(report, "load"):
         oracle = _load_if_needed(config, store, here, oracle)
     if config.baseline and here.is_main:
@@ -170,7 +176,7 @@ def _write_plan(config: ExperimentConfig, out_dir: Path, here: ranks.World,
 def _load_if_needed(config: ExperimentConfig, store: ResultsStore | None, here: ranks.World,
                     oracle: models.LoadedOracle | None) -> models.LoadedOracle | None:
     """The given oracle, else a fresh one unless nothing is left to sample (a resume may need none)."""
-    if oracle is None and (here.is_distributed or needs_model(store.load(), config)):
+    if oracle is None and (here.is_distributed or needs_model(store.results, config)):
         with ranks.together(here, "loading the model"):
             return load_oracle(config)  # a module global: tests patch pipeline.load_oracle
     return oracle
@@ -187,6 +193,8 @@ def _generate_stage(store: ResultsStore | None, config: ExperimentConfig, out_di
     report.layout = _layout_record(layout, config, here)
     if not here.is_main:
         return True
+    if here.is_distributed:  # the ranks journaled in processes of their own: read their journals in
+        store.reload()
     results = store.compact()  # under torchrun: every rank's journal, merged in plan order
     if layout is not None:  # how the answers of this session were decoded (rank 0's step; the process layout)
         results.meta.decode_layout = report.layout
@@ -208,14 +216,15 @@ def _judge_and_analyse(store: ResultsStore, config: ExperimentConfig, report: Ru
                        judge_client, progress: bool) -> None:
     """Rank 0's end of the run: verdicts, spreads and the report folder, then the counts ``run`` prints."""
     if judge:
-        from ao_resampling.stages.judge import judge_stage
+        from ao_resampling.stages.judge import failed_calls, judge_stage
 
         with _timed(report, "judge"):
             judge_stage(store, config, client=judge_client, progress=progress)
         report.judged = True
+        report.n_failed_calls = failed_calls(store.results)
     with _timed(report, "analyse"):
         report.report_dir = analyse(store, config, progress=progress)
-    results = store.load()
+    results = store.results
     report.n_runs = len(results.runs)
     report.n_samples = sum(len(r.responses) for r in results.runs)
 
@@ -228,7 +237,7 @@ def analyse(store: ResultsStore, config: ExperimentConfig, *, out_dir: Path | No
 
     spread_stage(store, embedding_model=config.embedding_model, progress=progress)
     baseline_spread_stage(store, embedding_model=config.embedding_model, progress=progress)
-    results = store.load()
+    results = store.results
     results.meta.updated_at = now()
     store.write(results)
     return report_of(results, config, out_dir=out_dir or store.folder / "report", baseline_file=baseline_file,

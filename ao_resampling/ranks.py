@@ -246,10 +246,10 @@ def generate_shard(folder: Path, config: ExperimentConfig, here: World, *, oracl
             ResultsStore(folder).compact()
     with together(here, "splitting the pending runs"):
         # Every rank reads the journals here, before any rank appends to them, so all split the same pending set.
-        todo = pending_runs(ResultsStore(folder).load(), config.samples_per_query)
+        store = ResultsStore(folder, journal_name=rank_journal_name(here.rank))
+        todo = pending_runs(store.results, config.samples_per_query)
         mine = set(shard_runs(todo, here.size, samples=config.samples_per_query,
                               max_new_tokens=config.max_new_tokens)[here.rank])
     with together(here, "generation"):
-        store = ResultsStore(folder, journal_name=rank_journal_name(here.rank))
         layout = generate(store, config, oracle=oracle, progress=progress, runs_filter=lambda r: r.run_id in mine)
     return layout

@@ -4,7 +4,8 @@ Crash safety: a stage never rewrites ``results.json`` per query. It appends one 
 (answers, a verdict, a spread) to a journal beside it and fsyncs; ``ResultsStore.load`` replays the journal over the
 last written file, and ``compact`` folds it in with an atomic write. A kill loses at most the work in flight; a torn
 last line (killed mid-write) is reported and skipped, never fatal. Events are idempotent (last one wins), so replaying
-a journal that was already folded in changes nothing.
+a journal that was already folded in changes nothing. A command reads its folder once (``ResultsStore.results``);
+its stages ``record`` events, which journals them and folds them into that one copy alike.
 
 The journal is a file format of its own, typed and versioned like ``results.json``: its events (models, constructors,
 parsing, the migration of unversioned lines) are in ``events.py``; replay here names a bad line by file and line.
@@ -266,12 +267,20 @@ def _without_history(record: Record) -> Record:
 
 
 class ResultsStore:
-    """A run folder: ``results.json`` plus journals (``journal.jsonl``, or ``journal.rank{r}.jsonl`` per rank)."""
+    """A run folder: ``results.json`` plus journals (``journal.jsonl``, or ``journal.rank{r}.jsonl`` per rank).
+
+    A command reads its folder once: ``results`` replays the journals on first use and is kept current by ``record``,
+    which journals events (on disk first, fsync'd) and folds the very same events into memory, so every later stage
+    sees the work without reading the folder again, and memory cannot say what a replay of the disk would not.
+    """
 
     def __init__(self, folder: Path, journal_name: str = "journal.jsonl"):
         self.folder = Path(folder)
         self.results_path = self.folder / RESULTS_NAME
         self.journal = Journal(self.folder / journal_name)
+        self._results: Results | None = None
+        self._runs: dict[str, Run] = {}  # _results' runs by id, for record (thousands of judge calls, one dict)
+        self._journal_sizes: dict[Path, int] = {}  # what ``_results`` holds of each journal, to catch a stale copy
 
     def exists(self) -> bool:
         return self.results_path.exists()
@@ -281,7 +290,7 @@ class ResultsStore:
         return sorted(p for p in self.folder.glob(JOURNAL_GLOB) if TOOL_JOURNAL_RE.fullmatch(p.name))
 
     def load(self) -> Results:
-        """The last written file with every journal replayed over it."""
+        """The last written file with every journal replayed over it, read from disk (``results`` keeps it)."""
         results = load_results_file(self.results_path)
         runs = results.run_by_id()
         for path in self.journals():
@@ -292,16 +301,55 @@ class ResultsStore:
                     raise ResultsError(f"{path}: event {k}: {e}") from e
         return results
 
+    @property
+    def results(self) -> Results:
+        """The folder's results, loaded on first use and kept current by ``record``: the stages of a command share
+        this one copy (edit it in place; ``compact`` writes it)."""
+        if self._results is None:
+            self.reload()
+        return self._results
+
+    def reload(self) -> Results:
+        """Read the folder again: only after other processes wrote to it (torchrun ranks, their own journals)."""
+        sizes = self._sizes()
+        self._keep(self.load(), sizes)
+        return self._results
+
+    def record(self, events: Sequence[JournalEvent]) -> None:
+        """Journal ``events`` (a kill after this loses none of them), then fold them into ``results`` as a replay
+        would: each as read back from its journal line, so memory holds exactly what the disk says."""
+        results = self.results
+        self.journal.append_many(events)
+        self._journal_sizes[self.journal.path] = self.journal.path.stat().st_size
+        for event in events:
+            apply_event(results, parse_event(json.loads(event_line(event))), self._runs)
+
     def write(self, results: Results) -> None:
+        """``results`` as the folder's file (atomically). Other results than the store's copy make it out of date:
+        it is read again when next used."""
         atomic_write_text(self.results_path, dump_results(results))
+        if results is not self._results:
+            self._results = None
 
     def compact(self, results: Results | None = None) -> Results:
-        """Fold every journal into results.json, then drop the journals (replay is idempotent if we die between)."""
-        results = results if results is not None else self.load()
+        """Fold every journal into results.json (``results``, by default the store's copy), then drop the journals
+        (replay is idempotent if we die between). Returns the results written, the store's copy from now on."""
+        if results is None:
+            results = self.results
+            if self._sizes() != self._journal_sizes:  # dropping them would lose events this copy never saw
+                raise RuntimeError(f"the journals in {self.folder} changed after this store read them (another "
+                                   "process's?); reload() before compact()")
         self.write(results)
         for path in self.journals():
             path.unlink(missing_ok=True)
+        self._keep(results, {})
         return results
+
+    def _keep(self, results: Results, journal_sizes: dict[Path, int]) -> None:
+        self._results, self._runs, self._journal_sizes = results, results.run_by_id(), journal_sizes
+
+    def _sizes(self) -> dict[Path, int]:
+        return {p: p.stat().st_size for p in self.journals()}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -270,20 +270,20 @@ def _run_locked(base: ExperimentConfig, conditions: Sequence[Condition], out_dir
     for i, c in enumerate(conditions, start=1):
         folder = Path(out_dir) / c.name
         log(f"[sweep {i}/{len(conditions)}] {c.name}")
-        if oracle is None and pipeline.needs_model(stores[c.name].load(), c.config):
+        if oracle is None and pipeline.needs_model(stores[c.name].results, c.config):
             t = time.perf_counter()
             oracle = load(base)
             outcome.model_loads += 1
             outcome.load_s = time.perf_counter() - t
         report = outcome.reports[c.name] = pipeline.run_experiment(
             c.config, folder, judge=judge, progress=progress, judge_client=judge_client, log=log,
-            oracle=oracle_for(oracle, c.config) if oracle is not None else None)
+            oracle=oracle_for(oracle, c.config) if oracle is not None else None, planned=stores[c.name])
         timings = ", ".join(f"{k} {v:.1f}s" for k, v in report.stage_seconds.items())
         log(f"[sweep {i}/{len(conditions)}] done: {timings}")
     from ao_resampling.analysis.sweep_report import write_sweep_report
 
-    man, results = load_condition_results(Path(out_dir))
-    outcome.report_dir = write_sweep_report(Path(out_dir), man, results, seed=base.bootstrap_seed,
+    results = {c.name: stores[c.name].results for c in conditions}  # each kept current by its run
+    outcome.report_dir = write_sweep_report(Path(out_dir), new_manifest, results, seed=base.bootstrap_seed,
                                             n_boot=base.bootstrap_resamples)
     if judge:
         from ao_resampling.stages.judge import failed_calls
@@ -305,19 +305,3 @@ def sweep_folder_note(folder: Path) -> str | None:
     return (f"{folder} is a sweep folder ({MANIFEST_NAME}), not a run folder: give one condition's folder"
             + (f" ({shown})" if shown else "") + f"; the sweep's own report is {Path(folder) / 'report'} (re-run the "
             "sweep command to write it again)")
-
-
-def load_condition_results(out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The manifest and each condition's results (journal replayed), for the sweep report."""
-    path = Path(out_dir) / MANIFEST_NAME
-    if not path.exists():
-        raise SweepError(f"{path} does not exist: not a sweep folder")
-    man = read_json_file(path)
-    if not isinstance(man, dict) or not isinstance(man.get("conditions"), list):
-        raise SweepError(f"{path}: field 'conditions': expected a list of conditions")
-    results = {}
-    for c in man["conditions"]:
-        store = ResultsStore(Path(out_dir) / c["folder"])
-        if store.exists():  # a condition not started yet is reported as missing, not an error
-            results[c["name"]] = store.load()
-    return man, results

@@ -34,7 +34,8 @@ from ao_resampling.config import build_config  # noqa: E402
 from ao_resampling.engine.decoding.sampler import Query, Sampler  # noqa: E402
 from ao_resampling.engine.reference import sample_hf_batched, sample_sequential  # noqa: E402
 from ao_resampling.inputs.answer_lengths import answer_lengths_for, load_answer_lengths  # noqa: E402
-from ao_resampling.stages.generate import capture_targets, load_oracle  # noqa: E402
+from ao_resampling.stages.generate import capture_targets  # noqa: E402
+from ao_resampling.stages.common.sampling import load_oracle  # noqa: E402
 from ao_resampling.stages.plan import build_plan, planned_decoding  # noqa: E402
 
 

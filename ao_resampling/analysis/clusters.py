@@ -1,6 +1,7 @@
 """How many different things the oracle says: per-run numbers from the cluster judge's partition, and their summary.
 
-The cluster judge groups a run's N answers by meaning (stages/judge_prompt.py). From the cluster sizes |c|:
+The cluster judge groups a run's N answers by meaning (stages/common/prompts.py, stages/common/judge_prompt.py).
+From the cluster sizes |c|:
 
 - ``n_clusters``: how many meanings;
 - ``semantic_entropy_bits``: H = -sum p_c log2 p_c over the shares p_c = |c| / N (the discrete estimator of

@@ -244,7 +244,7 @@ def write_sweep_report(out_dir: Path, manifest: Mapping[str, Any], results: Mapp
                        n_boot: int = 2000, dpi: int = 120) -> Path:
     """``sweep_summary.json``, ``sweep_report.md`` and the figures, under ``<sweep>/report``.
 
-    ``manifest`` and ``results`` (condition name -> its results) as ``sweep.load_condition_results`` reads them: the
+    ``manifest`` and ``results`` (condition name -> its results) as ``sweep.run_sweep`` holds them: the
     sweep folder's layout is the pipeline's business, the numbers this module's.
     """
     summary = summarize_sweep(manifest, results, seed=seed, n_boot=n_boot)

@@ -3,8 +3,8 @@
 ``generate`` samples the runs still missing answers (``pending_runs``): it reads each target's activations with the
 base model (``capture_targets``, adapter off) and has the oracle answer with them injected (engine/decoding/sampler.py's
 ``Sampler``, or the plain sequential reference); under torchrun, ranks.py hands each rank its share
-(``runs_filter``) and its own journal. ``load_oracle`` loads the model a config names; ``to_responses`` is how sampled
-answers are stored (the target-model baseline stores its replies the same way).
+(``runs_filter``) and its own journal. Loading the model and running the sampler are common/sampling.py's, shared
+with the target-model baseline.
 """
 
 from __future__ import annotations
@@ -13,17 +13,16 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from ao_resampling.config import Decoding, ExperimentConfig
-from ao_resampling.engine.decoding.memory import BatchTooLarge
-from ao_resampling.engine.decoding.sampler import Layout, Query, Sample, Sampler
-from ao_resampling.engine.decoding.settings import model_generation_config, resolve_decoding
+from ao_resampling.config import ExperimentConfig
+from ao_resampling.engine.decoding.sampler import Layout, Query, Sample
 from ao_resampling.engine.hooks import capture_activations_at
-from ao_resampling.engine.loading import adapters, models
+from ao_resampling.engine.loading import models
 from ao_resampling.engine.reference import sample_sequential
 from ao_resampling.errors import PipelineError
 from ao_resampling.events import responses_event
 from ao_resampling.inputs.answer_lengths import answer_lengths_for, load_answer_lengths
-from ao_resampling.results import Response, Results, Run
+from ao_resampling.results import Results, Run
+from ao_resampling.stages.common.sampling import load_oracle, loaded_decoding, make_sampler, run_sampler, to_responses
 from ao_resampling.store import ResultsStore
 
 CAPTURE_BATCH = 32  # targets are short; a few passes over half the model, not one per handful
@@ -33,18 +32,11 @@ def pending_runs(results: Results, n: int) -> list[Run]:
     return [r for r in results.runs if len(r.responses) < n]
 
 
-def to_responses(run_id: str, samples: list[Sample], decode: Decoding) -> list[dict]:
-    return [Response(sample_id=f"{run_id}__s{i:02d}", text=s.text, decoding=decode, n_tokens=s.n_tokens,
-                     finish_reason=s.finish_reason, text_stripped=False).model_dump(mode="json")
-            for i, s in enumerate(samples)]
-
-
 def generate(store: ResultsStore, config: ExperimentConfig, *, oracle: models.LoadedOracle | None = None,
-             progress: bool = True, runs_filter: Callable[[Run], bool] | None = None,
-             results: Results | None = None) -> Layout | None:
-    """Sample the missing answers; each run is journaled once its n answers are in. Returns how the stage decoded
-    (None if nothing was left to sample)."""
-    results = results or store.load()
+             progress: bool = True, runs_filter: Callable[[Run], bool] | None = None) -> Layout | None:
+    """Sample the missing answers; each run is journaled (and kept in ``store.results``) once its n answers are in.
+    Returns how the stage decoded (None if nothing was left to sample)."""
+    results = store.results
     todo = [r for r in pending_runs(results, config.samples_per_query) if runs_filter is None or runs_filter(r)]
     if not todo:
         return None
@@ -64,7 +56,7 @@ def generate(store: ResultsStore, config: ExperimentConfig, *, oracle: models.Lo
                for r in todo]
 
     def journal(run_id: str, samples: list[Sample]) -> None:
-        store.journal.append_many([responses_event(run_id, to_responses(run_id, samples, decoding))])
+        store.record([responses_event(run_id, to_responses(run_id, samples, decoding))])
 
     if config.sampler == "sequential":
         for q in queries:  # one query at a time, journaled as it finishes
@@ -78,50 +70,6 @@ def generate(store: ResultsStore, config: ExperimentConfig, *, oracle: models.Lo
     run_sampler(sampler, queries, on_answers=journal, progress=progress,
                 resume="re-run the same command to continue")
     return sampler.layout
-
-
-def run_sampler(sampler: Sampler, queries: list[Query], *, resume: str, **kwargs) -> dict[str, list[Sample]]:
-    """``sampler.run``, its memory failures as the tool's errors: a row count that cannot fit is refused before any
-    decoding; an out-of-memory error that still happens ends in one line (the runs journaled before it are kept)."""
-    try:
-        return sampler.run(queries, **kwargs)
-    except BatchTooLarge as e:
-        raise PipelineError(f"{e}; lower --batch-rows or leave it at 'auto'") from e
-    except torch.OutOfMemoryError as e:
-        first = str(e).splitlines()[0] if str(e) else "CUDA out of memory"
-        raise PipelineError(f"out of GPU memory while decoding ({first}); every run journaled before it is kept: "
-                            f"{resume} with a smaller --batch-rows") from e
-
-
-def make_sampler(oracle: models.LoadedOracle, config: ExperimentConfig, decoding: Decoding, *,
-                 use_adapter: bool = True) -> Sampler:
-    """The sampler with the run's row count; ``use_adapter=False`` samples the base model (the baseline)."""
-    return Sampler(oracle.model, oracle.tokenizer, decoding=decoding, injection_layer=oracle.injection_layer,
-                   coefficient=config.steering_coefficient, rows=config.batch_rows, use_adapter=use_adapter,
-                   merge_lora=config.merge_lora)
-
-
-def loaded_decoding(oracle: models.LoadedOracle, config: ExperimentConfig, planned: Decoding | None, *,
-                    where: str) -> Decoding:
-    """The plan's decoding, checked against the loaded model's generation_config (it may have changed since the
-    plan was written). A plan of an older version that did not record the merge gets it from the loaded model."""
-    loaded = resolve_decoding(model_generation_config(oracle.model), temperature=config.temperature,
-                              top_p=config.top_p, top_k=config.top_k, max_new_tokens=config.max_new_tokens,
-                              seed=config.decode_seed, fallback_eos=models.stop_token_ids(oracle.tokenizer),
-                              source=f"model {config.model!r}")
-    if planned is None or not planned.is_resolved:
-        return loaded
-    if planned.model_dump() != loaded.model_dump():
-        raise PipelineError(f"the loaded model decodes with {loaded.model_dump()}, but the plan in {where} recorded "
-                            f"{planned.model_dump()} (its generation_config changed?)")
-    return planned
-
-
-def load_oracle(config: ExperimentConfig) -> models.LoadedOracle:
-    """The base model with the oracle adapter, as ``config`` names them (engine/loading/adapters.py loads)."""
-    return adapters.load_oracle(model=config.model, tokenizer=config.tokenizer, oracle_lora=config.oracle_lora,
-                                dtype=config.dtype, device=config.device, device_map=config.device_map,
-                                layer_percent=config.layer_percent, injection_layer=config.injection_layer)
 
 
 def capture_targets(oracle: models.LoadedOracle, runs: Iterable[Run]) -> dict[str, torch.Tensor]:

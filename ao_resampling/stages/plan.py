@@ -152,7 +152,7 @@ def prepare(config: ExperimentConfig, out_dir: Path, tokenizer=None) -> tuple[Re
     plan, table = build_plan(config, tokenizer)
     store = ResultsStore(out_dir)
     if store.exists():
-        existing = store.load()
+        existing = store.results
         try:
             old = ExperimentConfig.model_validate(existing.meta.config).settings_that_change_results() \
                 if existing.meta.config else {}

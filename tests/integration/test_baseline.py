@@ -18,9 +18,8 @@ from ao_resampling import pipeline
 from ao_resampling.engine.loading import models
 from ao_resampling.stages import baseline as baseline_module
 from ao_resampling.stages.plan import prepare
-from ao_resampling.stages.baseline import (
-    BaselineError, baseline_run_id, baseline_stage, responses_in_prompt, sample_baseline,
-)
+from ao_resampling.stages.baseline import BaselineError, baseline_run_id, baseline_stage, sample_baseline
+from ao_resampling.stages.common.prompts import responses_in_prompt
 from ao_resampling.cli import app
 from ao_resampling.config import ExperimentConfig
 from ao_resampling.results import dump_results

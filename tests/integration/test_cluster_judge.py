@@ -18,9 +18,11 @@ from ao_resampling.cli import app
 from ao_resampling.config import ExperimentConfig
 from ao_resampling.errors import EXIT_CALLS_FAILED
 from ao_resampling.results import RESULTS_NAME, dump_results, load_results_file
-from ao_resampling.stages.baseline import judge_baseline, responses_in_prompt
+from ao_resampling.stages.baseline import judge_baseline
+from ao_resampling.stages.common.prompts import responses_in_prompt
 from ao_resampling.stages.judge import failed_calls, judge_stage
-from ao_resampling.stages.judge_prompt import answers_in_prompt, cluster_seed, seeded_order
+from ao_resampling.stages.common.prompts import answers_in_prompt
+from ao_resampling.stages.common.judge_prompt import cluster_seed, seeded_order
 from tests.integration.test_judge_client import ANSWER_SETS, make_store
 from tests.support.baseline_factory import baseline_of
 from tests.support.openai_server import Reply

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from ao_resampling.stages.judge import build_prompt
+from ao_resampling.stages.common.prompts import build_prompt
 from ao_resampling.results import load_results_file
 from ao_resampling.store import ResultsStore
 from tests.support.openai_server import FakeOpenAIServer, expected_score

@@ -6,14 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ao_resampling.stages.spread import (
-    DEFAULT_EMBEDDING_MODEL,
-    compute_spreads,
-    embed_unique,
-    load_embedder,
-    mean_pairwise_cosine,
-    spread_stage,
+from ao_resampling.stages.common.spreads import (
+    DEFAULT_EMBEDDING_MODEL, compute_spreads, embed_unique, load_embedder, mean_pairwise_cosine,
 )
+from ao_resampling.stages.spread import spread_stage
 from ao_resampling.engine.loading.models import ModelLoadError
 from ao_resampling.store import ResultsStore
 from tests.support.results_factory import make_results, make_run

@@ -19,8 +19,10 @@ import pytest
 
 from ao_resampling.config import ExperimentConfig
 from ao_resampling.analysis.stats import judge_repeat_agreement
-from ao_resampling.stages.judge import JudgeConfigError, check_judge_access, judge_once, judge_stage, make_client
-from ao_resampling.stages.judge_prompt import VERDICT_JSON_SCHEMA, build_prompt, selected_for_repeats
+from ao_resampling.stages.common.judge_calls import JudgeConfigError, check_judge_access, judge_once, make_client
+from ao_resampling.stages.judge import judge_stage
+from ao_resampling.stages.common.judge_prompt import VERDICT_JSON_SCHEMA, selected_for_repeats
+from ao_resampling.stages.common.prompts import build_prompt
 from ao_resampling.results import AOQuestion, Decoding, Meta, Response, Results, Run, TargetRecord, sha256_of_ids
 from ao_resampling.store import Journal, ResultsStore
 from tests.support.openai_server import FakeOpenAIServer, Reply, expected_score
@@ -317,11 +319,11 @@ class DiesOnAppend(Journal):
         super().__init__(path)
         self._n, self._appends = n, 0
 
-    def append(self, event: dict) -> None:
+    def append_many(self, events) -> None:  # the one way events reach the file (``append`` too)
         self._appends += 1
         if self._appends == self._n:
             raise KeyboardInterrupt
-        super().append(event)
+        super().append_many(events)
 
 
 def test_ctrl_c_keeps_every_reply_that_arrives_and_sends_nothing_new(openai_server, tmp_path):

@@ -20,12 +20,13 @@ from typer.testing import CliRunner
 
 from ao_resampling import config as config_mod
 from ao_resampling import pipeline
-from ao_resampling.stages import spread
+from ao_resampling.stages.common import spreads
 from ao_resampling.engine.loading import models
 from ao_resampling.cli import app
 from ao_resampling.config import build_config
 from ao_resampling.results import Results, load_results_file
-from ao_resampling.stages.judge_prompt import answers_in_prompt, seeded_order
+from ao_resampling.stages.common.prompts import answers_in_prompt
+from ao_resampling.stages.common.judge_prompt import seeded_order
 from ao_resampling.store import ResultsStore
 from tests.support.openai_server import FakeOpenAIServer, expected_score
 
@@ -44,7 +45,7 @@ def offline_judge_env_and_shared_loads(gemma_tokenizer):
         mp.setattr(models, "load_tokenizer",
                    lambda spec: gemma_tokenizer if spec.startswith("synthetic:") or spec == "gemma3-270m-gguf"
                    else real_tokenizer(spec))
-        mp.setattr(spread, "load_embedder", functools.cache(spread.load_embedder))
+        mp.setattr(spreads, "load_embedder", functools.cache(spreads.load_embedder))
         yield
 
 
@@ -194,12 +195,14 @@ def test_changed_settings_against_the_same_folder_are_refused(chat_run, server, 
     assert (out / "results.json").read_text() == before
 
 
-def test_no_judge_then_judge_over_the_responses_api(server, tmp_path):
+def test_no_judge_then_judge_over_the_responses_api(server, tmp_path, folder_reads):
     config = tiny_config(server, judge_api="responses", num_targets=2, samples_per_query=2, max_new_tokens=4)
     out = tmp_path / "run"
     first = len(server.requests)
 
     report = run(config, out, judge=False)
+    # Planned, sampled, analysed and reported on one read of the folder (the plan it wrote, read back once).
+    assert folder_reads == ["replay", "file"]
 
     assert len(server.requests) == first  # the judge was never called
     assert not report.judged and "judge" not in report.stage_seconds
@@ -212,7 +215,9 @@ def test_no_judge_then_judge_over_the_responses_api(server, tmp_path):
     assert (report.report_dir / "report.md").exists()
 
     # The same folder, now judged over the Responses API: the answers are kept, only the judge runs.
+    folder_reads.clear()
     run(config, out)
+    assert folder_reads == ["replay", "file"]  # checked against the plan, judged, analysed: one read
     requests = server.requests[first:]
     judged = load_results_file(out / "results.json")
     assert len(requests) == 8 and {r.path for r in requests} == {"/v1/responses"}

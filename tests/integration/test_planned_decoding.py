@@ -6,7 +6,8 @@ import pytest
 
 from ao_resampling import pipeline
 from ao_resampling.errors import PipelineError
-from ao_resampling.stages.generate import generate, load_oracle
+from ao_resampling.stages.generate import generate
+from ao_resampling.stages.common.sampling import load_oracle
 from ao_resampling.stages.plan import prepare
 from ao_resampling.config import build_config
 from ao_resampling.results import load_results_file

@@ -164,10 +164,11 @@ def test_judge_with_every_call_failing_exits_3_with_a_readable_summary(tmp_path)
     assert "JudgeStageReport(" not in result.output
 
 
-def test_judge_that_scores_everything_exits_0(tmp_path, openai_server):
+def test_judge_that_scores_everything_exits_0(tmp_path, openai_server, folder_reads):
     folder = write_folder(tmp_path / "run", 2)
     result = invoke("judge", str(folder), "--judge-api", "chat", "--judge-base-url", openai_server.base_url, "--quiet")
     assert result.exit_code == 0, result.output
+    assert folder_reads == ["replay", "file"]  # its config, the calls owed, the failures counted: one read
     assert "judge: 2 call(s) sent, 2 scored; skipped 0 already judged, 0 without answers" in result.output
     assert "clusters: 2 call(s) sent, 2 partitioned; 0 already judged" in result.output
 
@@ -449,11 +450,11 @@ def test_ctrl_c_during_the_baseline_judge_keeps_the_replies_that_arrive(tmp_path
     class CtrlCOnFirstWrite(Journal):  # SIGINT lands in the main thread, which is the one that journals
         hit = False
 
-        def append(self, event: dict) -> None:
+        def append_many(self, events) -> None:  # the one way events reach the file (``append`` too)
             if not self.hit:
                 self.hit = True
                 raise KeyboardInterrupt
-            super().append(event)
+            super().append_many(events)
 
     folder = write_folder(tmp_path / "run", 5)
     results = load_results_file(folder / RESULTS_NAME)

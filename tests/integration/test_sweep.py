@@ -120,7 +120,7 @@ def test_capture_reads_k_positions_in_one_pass_as_a_full_forward_sees_them(tiny_
     torch.testing.assert_close(one[0, 0], acts[runs[0].target_id][-1], rtol=0, atol=1e-5)
 
 
-def test_sweep_loads_the_model_once_with_each_conditions_layers(tmp_path):
+def test_sweep_loads_the_model_once_with_each_conditions_layers(tmp_path, folder_reads):
     loads = []
 
     def load(config):
@@ -132,12 +132,15 @@ def test_sweep_loads_the_model_once_with_each_conditions_layers(tmp_path):
         planned = plan_conditions(base, [{"layer_percent": 25, "position_rule": "window:2"}, {"layer_percent": 75}])
         outcome = run_sweep(base, planned, tmp_path, judge=True, progress=False, log=lambda _: None, load=load)
     assert len(loads) == 1 and outcome.model_loads == 1
+    assert folder_reads == ["replay", "file"] * 2  # each condition's folder read once, for its run and the report
     first, second = (load_results_file(tmp_path / c.name / "results.json") for c in planned)
     assert (first.meta.layer, second.meta.layer) == (1, 3)  # 4 layers: int(4 * .25), int(4 * .75)
     assert all(len(r.responses) == 2 and len(r.placeholder_positions) == 2 for r in first.runs)
     assert all(len(r.responses) == 2 and r.position_rule == "assistant_start" for r in second.runs)
+    folder_reads.clear()
     again = run_sweep(base, planned, tmp_path, judge=False, progress=False, log=lambda _: None, load=load)
     assert again.model_loads == 0 and len(loads) == 1  # nothing missing: no weights read
+    assert folder_reads == ["replay", "file"] * 2  # checked against its plan, analysed, reported: one read each
     summary = json.loads((tmp_path / "report" / "sweep_summary.json").read_text())
     assert summary["varied"] == ["layer_percent", "position_rule"]
     assert summary["metrics"]["distinct_fraction"]["paired"][0]["n_pairs"] == 6

@@ -26,7 +26,8 @@ from typing import Any
 
 import pytest
 
-from ao_resampling.stages.judge_prompt import CLUSTER_SCHEMA_NAME, answers_in_prompt, numbered_blocks
+from ao_resampling.stages.common.judge_prompt import CLUSTER_SCHEMA_NAME
+from ao_resampling.stages.common.prompts import answers_in_prompt, numbered_blocks
 
 SECRET_HEADERS = {"authorization", "api-key", "x-api-key", "openai-api-key"}
 ENDPOINTS = {"/v1/responses": "responses", "/v1/chat/completions": "chat"}

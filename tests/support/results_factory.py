@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ao_resampling.stages.spread import normalize_answer
+from ao_resampling.stages.common.spreads import normalize_answer
 from ao_resampling.results import (
     AOQuestion,
     ClusterRecord,

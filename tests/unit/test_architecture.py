@@ -7,7 +7,8 @@ the circle. The layers (README, "Layout"):
                     -> analysis -------------------^
 
 ``analysis`` (results in, figures out) never imports a stage or the engine; the engine never imports a stage or
-the pipeline; ``inputs`` are pure (no engine, no stage).
+the pipeline; ``inputs`` are pure (no engine, no stage). Within ``stages``, no stage reaches sideways into another:
+what more than one stage needs lives below them in ``stages/common/``, which imports no stage.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ ALLOWED = {
 }
 LAYER_FOLDERS = ("inputs", "engine", "stages", "analysis")
 TOP_LEVEL = {"cli": "cli", "__main__": "cli", "pipeline": "pipeline", "sweep": "pipeline", "ranks": "pipeline"}
+SHARED_STAGE_PIECES = "ao_resampling.stages.common"
 
 
 def module_name(path: Path) -> str:
@@ -105,6 +107,30 @@ def test_imports_point_down(graph):
               for m, deps in sorted(graph.items()) for d in sorted(deps)
               if layer_of(d) not in ALLOWED[layer_of(m)]]
     assert not upward, "imports against the layers:\n" + "\n".join(upward)
+
+
+def is_shared_stage_piece(module: str) -> bool:
+    return module == SHARED_STAGE_PIECES or module.startswith(SHARED_STAGE_PIECES + ".")
+
+
+def sideways_stage_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Imports of one stage module by another that does not go through ``stages/common/`` (common importing a stage
+    counts too: the shared pieces sit below every stage)."""
+    return [f"{m} imports {d}" for m, deps in sorted(graph.items()) if layer_of(m) == "stages"
+            for d in sorted(deps) if layer_of(d) == "stages" and not is_shared_stage_piece(d)]
+
+
+def test_no_stage_imports_another(graph):
+    sideways = sideways_stage_imports(graph)
+    assert not sideways, "stages reaching sideways (move the shared piece to stages/common/):\n" + "\n".join(sideways)
+
+
+def test_the_sideways_rule_sees_a_stage_importing_a_stage():
+    stages = "ao_resampling.stages"
+    assert sideways_stage_imports({f"{stages}.baseline": {f"{stages}.generate", f"{stages}.common.sampling"},
+                                   f"{stages}.common.prompts": {f"{stages}.judge"},
+                                   f"{stages}.judge": {f"{stages}.common.judge_prompt", "ao_resampling.store"}}) == [
+        f"{stages}.baseline imports {stages}.generate", f"{stages}.common.prompts imports {stages}.judge"]
 
 
 def test_layers_are_folders():

@@ -12,8 +12,9 @@ import pytest
 from ao_resampling.analysis import plots
 from ao_resampling.analysis.comparison import baseline_summary, compare, embedding_comparison, judge_comparison
 from ao_resampling.analysis.stats import pearson
-from ao_resampling.stages.baseline import build_baseline_prompt, responses_in_prompt
-from ao_resampling.stages.judge_prompt import RATIONALE_KEY, SCORE_KEY, parse_verdict
+from ao_resampling.stages.common.prompts import build_baseline_prompt, responses_in_prompt
+from ao_resampling.stages.common.prompts import RATIONALE_KEY, SCORE_KEY
+from ao_resampling.stages.common.judge_prompt import parse_verdict
 from ao_resampling.analysis.report import write_report
 from ao_resampling.results import Baseline, Results, ResultsError, SpreadMetrics, dump_results, load_baseline_file
 from tests.support.baseline_factory import baseline_of, earlier_format

@@ -22,10 +22,10 @@ from ao_resampling.analysis.clusters import (
 from ao_resampling.results import (
     ClusterRecord, ClusterVerdict, Decoding, JudgeFailure, MeaningCluster, Response, Run,
 )
-from ao_resampling.stages.judge_prompt import (
-    CLUSTER_JSON_SCHEMA, JudgeOutputError, answers_in_prompt, build_cluster_prompt, cluster_seed, judge_call_id,
-    parse_clusters, plan_judge_calls, seeded_order,
+from ao_resampling.stages.common.judge_prompt import (
+    CLUSTER_JSON_SCHEMA, JudgeOutputError, cluster_seed, judge_call_id, parse_clusters, plan_judge_calls, seeded_order,
 )
+from ao_resampling.stages.common.prompts import answers_in_prompt, build_cluster_prompt
 
 QUESTION = "Is the assistant refusing anything?"
 
@@ -152,8 +152,8 @@ def test_cluster_prompt_shows_the_answers_numbered_and_asks_for_a_partition():
 
 def test_the_verdict_prompts_open_as_before_the_cluster_call_shared_their_parts():
     """The verdict prompts (AO and baseline) are what earlier runs' judges saw, word for word and line for line."""
-    from ao_resampling.stages.baseline import build_baseline_prompt
-    from ao_resampling.stages.judge_prompt import build_prompt
+    from ao_resampling.stages.common.prompts import build_baseline_prompt
+    from ao_resampling.stages.common.prompts import build_prompt
 
     assert build_prompt(question="Q?", answers=["a", "b", "c"]).startswith(
         "You are rating how consistent a model is with itself. The same question was asked 3 times about the same "

@@ -1,5 +1,5 @@
-"""The judge's pure core (stages/judge_prompt.py): the prompt, the strict verdict parser, the schema, call planning;
-and the agreement of judge repeats (analysis/stats.py).
+"""The judge's pure core (stages/common/prompts.py, stages/common/judge_prompt.py): the prompt, the strict verdict
+parser, the schema, call planning; and the agreement of judge repeats (analysis/stats.py).
 
 The parser is tested against replies shaped like a real gpt-5-mini run and against the ways a reply goes wrong;
 each wrong one must become a failure with the right reason, never a score. The prompt is tested against answers
@@ -16,17 +16,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ao_resampling.analysis.stats import judge_repeat_agreement
-from ao_resampling.stages.judge_prompt import (
-    VERDICT_JSON_SCHEMA,
-    JudgeOutputError,
-    answers_in_prompt,
-    build_prompt,
-    judge_call_id,
-    parse_verdict,
-    plan_judge_calls,
-    selected_for_repeats,
+from ao_resampling.stages.common.judge_prompt import (
+    VERDICT_JSON_SCHEMA, JudgeOutputError, judge_call_id, parse_verdict, plan_judge_calls, selected_for_repeats,
     shuffled_order,
 )
+from ao_resampling.stages.common.prompts import answers_in_prompt, build_prompt
 from ao_resampling.results import Decoding, JudgeFailure, JudgeRecord, Response, Run, Verdict
 
 QUESTION = "What is the user's emotional state?"

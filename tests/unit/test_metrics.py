@@ -1,6 +1,6 @@
-"""analysis/stats.py and stages/spread.py without a model: spread figures, which runs count as scores, bootstrap
-CIs, Spearman, judge repeats, and the spread stage's journalling and caching (with a hashing fake encoder; the real
-MiniLM is in integration)."""
+"""analysis/stats.py, stages/common/spreads.py and stages/spread.py without a model: spread figures, which runs count
+as scores, bootstrap CIs, Spearman, judge repeats, and the spread stage's journalling and caching (with a hashing fake
+encoder; the real MiniLM is in integration)."""
 
 from __future__ import annotations
 
@@ -24,15 +24,10 @@ from ao_resampling.analysis.stats import (
     score_histogram,
     spearman,
 )
-from ao_resampling.stages.spread import (
-    compute_spreads,
-    distinct_fraction,
-    mean_jaccard,
-    mean_pairwise_cosine,
-    normalize_answer,
-    resolve_embedding_model,
-    spread_stage,
+from ao_resampling.stages.common.spreads import (
+    compute_spreads, distinct_fraction, mean_jaccard, mean_pairwise_cosine, normalize_answer, resolve_embedding_model,
 )
+from ao_resampling.stages.spread import spread_stage
 from ao_resampling.store import ResultsStore
 from tests.support.results_factory import FakeEncoder, make_results, make_run
 

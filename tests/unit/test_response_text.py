@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from ao_resampling.stages.generate import to_responses
+from ao_resampling.stages.common.sampling import to_responses
 from ao_resampling.results import Decoding, Response, Results
 from ao_resampling.engine.decoding.sampler import Sample, make_sample
 

@@ -10,7 +10,8 @@ import pytest
 from ao_resampling.config import ExperimentConfig
 from ao_resampling.ranks import rank_journal_name
 from ao_resampling.errors import AOResamplingError
-from ao_resampling.stages.judge import CallCounts, JudgeStageReport, failed_calls, with_judge_settings
+from ao_resampling.stages.common.judge_calls import CallCounts
+from ao_resampling.stages.judge import JudgeStageReport, failed_calls, with_judge_settings
 from ao_resampling.redaction import redact, redact_url
 from ao_resampling.results import Baseline, BaselineRun, JudgeRecord, Results, dump_results
 from ao_resampling.store import TOOL_JOURNAL_RE, holder_description, supersede
@@ -140,11 +141,11 @@ def test_every_tool_error_is_one_catchable_class():
     from ao_resampling.stages import baseline
     from ao_resampling.inputs import data
     from ao_resampling.inputs import encoding
-    from ao_resampling.stages import judge
+    from ao_resampling.stages.common import judge_calls
     from ao_resampling.engine.loading import models
     from ao_resampling.inputs import oracle
 
     for error in (config.ConfigError, results.ResultsError, models.ModelLoadError, pipeline.PipelineError,
-                  judge.JudgeConfigError, encoding.EncodingError, data.DataError, oracle.OracleQueryError,
+                  judge_calls.JudgeConfigError, encoding.EncodingError, data.DataError, oracle.OracleQueryError,
                   baseline.BaselineError, store.FolderBusyError, store.NotAFolderError):
         assert issubclass(error, AOResamplingError), error

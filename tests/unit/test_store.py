@@ -188,6 +188,46 @@ def test_rank_journals_are_all_replayed(store):
     assert by_id["run__t2__q2"].responses[0].text == "b"
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# One read per command: the store's copy, kept current by record
+
+
+def test_recorded_events_are_in_the_stores_copy_as_a_replay_reads_them(store):
+    """Every kind of event, recorded one call at a time as the stages do: the store's one copy (read once) then holds
+    what a fresh read of the folder replays, and compact writes that copy."""
+    copy = store.results
+    for event in [responses_event(RUN, ANSWERS), judge_call_event("judge", RUN, judge_record("timeout", call_id="j")),
+                  judge_call_event("judge", RUN, judge_record(7, call_id="j")),
+                  judge_call_event("judge_repeat", RUN, judge_record(6, call_id="j__rep1")),
+                  spread_event(RUN, SPREAD), baseline_responses_event("baseline__t1", "t1", ANSWERS, {"n": 1}),
+                  baseline_judge_event("baseline__t1", "t1", judge_record(4, call_id="b")),
+                  baseline_spread_event("baseline__t1", "t1", SPREAD)]:
+        store.record([event])
+
+    assert store.results is copy  # kept current, never read again
+    run = copy.run_by_id()[RUN]
+    assert [a.text for a in run.responses] == ["an answer — ünïcode"] and run.spread == SPREAD
+    assert run.judge.score == 7 and [f.failure.reason for f in run.judge.previous_failures] == ["timeout"]
+    assert [r.score for r in run.judge_repeats] == [6] and copy.baseline.runs[0].judge.score == 4
+    assert copy == ResultsStore(store.folder).load()
+    assert store.compact() is copy and store.journals() == []
+    assert load_results_file(store.results_path) == copy
+
+
+def test_compact_keeps_the_journals_its_copy_never_saw(store):
+    """A journal written by another process (a torchrun rank) after the store read the folder: compacting the stale
+    copy would drop its events, so it is refused until the store reads the folder again."""
+    store.record([judge_call_event("judge", RUN, judge_record(7, call_id="j"))])
+    ResultsStore(store.folder, journal_name="journal.rank1.jsonl").journal.append(spread_event("run__t2__q2", SPREAD))
+    with pytest.raises(RuntimeError, match=r"reload\(\) before compact"):
+        store.compact()
+    assert [p.name for p in store.journals()] == ["journal.jsonl", "journal.rank1.jsonl"]
+    store.reload()
+    store.compact()
+    folded = load_results_file(store.results_path).run_by_id()
+    assert folded[RUN].judge.score == 7 and folded["run__t2__q2"].spread == SPREAD and store.journals() == []
+
+
 def test_cluster_calls_replay_keeping_earlier_failures_and_idempotently(store):
     """A failed cluster call, then its retry: the retry stands, the failure is kept in previous_failures; repeats
     replace their own call; the baseline's cluster call lands on its baseline run. Replaying again changes nothing."""
