@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ao_resampling.store import folder_lock
+from ao_resampling.store import FolderBusyError, folder_lock
 
 WAIT_S = 120
 # Long answers: the run must still be going when it is killed (minutes of decoding on a CPU), so that ranks that
@@ -81,6 +81,13 @@ def test_kill_9_of_the_launcher_ends_its_ranks_and_frees_the_folder(tmp_path):
             launcher.kill()
         for pid in [p for p in ranks if alive(p)]:
             os.kill(pid, signal.SIGKILL)
-    with folder_lock(out):  # free: the next command on the folder is not refused as busy
-        pass
+
+    def folder_is_free() -> bool:  # the next command on the folder is not refused as busy
+        try:
+            with folder_lock(out):
+                return True
+        except FolderBusyError:  # on a loaded machine the lock goes a moment after the last process is reaped
+            return False
+
+    wait_for(folder_is_free, "the folder's lock to be free", log, timeout_s=30)
     assert not (out / "report").exists()  # the ranks ended with the launcher, not by finishing the run
