@@ -26,6 +26,22 @@ pytest_plugins = ["tests.support.openai_server"]
 REPO_ROOT = Path(__file__).resolve().parent
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
+# The tiers in the order they run: the model-free unit tests first, so `pytest -x` stops on a broken function
+# within seconds instead of after the end-to-end runs. Anything else (a test file at the top) runs last.
+TIER_ORDER = ("unit", "integration", "experiments")
+
+
+def tier_rank(path: Path) -> int:
+    parts = path.relative_to(REPO_ROOT).parts if path.is_relative_to(REPO_ROOT) else ()
+    tier = parts[1] if len(parts) > 2 and parts[0] == "tests" else None
+    return TIER_ORDER.index(tier) if tier in TIER_ORDER else len(TIER_ORDER)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Unit tier first; within a tier the collection order is kept (a stable sort), so module-scoped fixtures are
+    still set up once per file."""
+    items.sort(key=lambda item: tier_rank(item.path))
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
@@ -35,12 +51,35 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-@pytest.fixture(scope="session")
-def gemma_tokenizer():
-    """The real Gemma 3 tokenizer (from the GGUF package) with Gemma 3's chat template, left padding."""
-    from ao_resampling.engine.loading.models import load_tokenizer
+@pytest.fixture(scope="session", autouse=True)
+def packaged_tokenizer_read_once():
+    """The packaged Gemma 3 tokenizer (what ``gemma3-270m-gguf`` and every ``synthetic:`` model use) is read from
+    disk once per session, however many pipelines, CLI calls and oracle loads ask for it: each read parses a 33 MB
+    tokenizer.json (~3 s), and an end-to-end run asks up to three times. The object is read-only (the loader sets
+    its padding and template, nothing else does). Other specs (a directory, a hub id) are loaded as usual, and so
+    is the packaged one if a test points the cache somewhere else. Yields the loader the session uses."""
+    from ao_resampling.engine.loading import adapters, models
 
-    return load_tokenizer("gemma3-270m-gguf")
+    real_load = models.load_tokenizer
+    read: dict[Path, object] = {}  # converted-files cache folder -> its tokenizer
+
+    def load_tokenizer(spec: str):
+        if not (spec.startswith(models.SYNTHETIC_PREFIX) or spec == models.GGUF_SPEC):
+            return real_load(spec)
+        if models.cache_dir() not in read:
+            read[models.cache_dir()] = real_load(spec)
+        return read[models.cache_dir()]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(models, "load_tokenizer", load_tokenizer)
+        mp.setattr(adapters, "load_tokenizer", load_tokenizer)  # imported by name there
+        yield load_tokenizer
+
+
+@pytest.fixture(scope="session")
+def gemma_tokenizer(packaged_tokenizer_read_once):
+    """The real Gemma 3 tokenizer (from the GGUF package) with Gemma 3's chat template, left padding."""
+    return packaged_tokenizer_read_once("gemma3-270m-gguf")
 
 
 @pytest.fixture(scope="session")
