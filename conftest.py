@@ -7,6 +7,7 @@ Heavy objects are loaded once per session and treated as read-only by the tests.
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 from pathlib import Path
@@ -74,6 +75,40 @@ def packaged_tokenizer_read_once():
         mp.setattr(models, "load_tokenizer", load_tokenizer)
         mp.setattr(adapters, "load_tokenizer", load_tokenizer)  # imported by name there
         yield load_tokenizer
+
+
+# Random-weight stand-ins small enough to keep a pristine copy of for the session (the 27B shapes are not).
+KEPT_STAND_INS = ("synthetic:tiny", "synthetic:tiny-multimodal")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_stand_ins_built_once():
+    """Every pipeline run loads its own oracle; a tiny stand-in's random weights are a function of (spec, dtype,
+    seed), so each is built once per session (~0.3-1.5 s on 2 cores) and every load gets a deep copy of it, a model
+    of its own that the caller may wrap in a LoRA or edit. The global RNG is left as the build leaves it: seeded,
+    then advanced by the weights' initialisation. Other specs and devices load as usual."""
+    import torch
+
+    from ao_resampling.engine.loading import adapters, models
+
+    real_load = models.load_model
+    built: dict[tuple, tuple[torch.nn.Module, torch.Tensor]] = {}  # (spec, dtype, seed) -> (model, CPU RNG after)
+
+    def load_model(spec: str, dtype="bfloat16", device: str = "cpu", device_map: str | None = None, seed: int = 0):
+        if spec not in KEPT_STAND_INS or device != "cpu" or device_map:
+            return real_load(spec, dtype=dtype, device=device, device_map=device_map, seed=seed)
+        key = (spec, str(dtype), seed)
+        if key not in built:
+            built[key] = real_load(spec, dtype=dtype, device=device, seed=seed), torch.get_rng_state()
+        model, rng_after_build = built[key]
+        torch.manual_seed(seed)  # as the build seeds every device's generator
+        torch.set_rng_state(rng_after_build)  # and leaves the CPU's where its initialisation did
+        return copy.deepcopy(model)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(models, "load_model", load_model)
+        mp.setattr(adapters, "load_model", load_model)  # imported by name there
+        yield
 
 
 @pytest.fixture(scope="session")
