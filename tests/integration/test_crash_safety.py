@@ -100,8 +100,8 @@ def journal_events(folder: Path) -> list[dict]:
     """The complete events journaled so far (a torn last line is skipped, as the loader does)."""
     events = []
     for path in sorted(folder.glob("journal*.jsonl")):
-        try:
-            lines = path.read_text().split("\n")
+        try:  # bytes: a line still being written may end inside a multi-byte character
+            lines = path.read_bytes().split(b"\n")
         except FileNotFoundError:  # folded into results.json (compacted) since the glob
             continue
         for line in lines[:-1]:  # the last element is "" or a line still being written
@@ -114,15 +114,15 @@ def mark_journaled_answers(folder: Path) -> dict[str, list[str]]:
     """Append CANARY to every answer in the journal (keeping any torn tail as it is); returns the marked texts."""
     marked: dict[str, list[str]] = {}
     for path in sorted(folder.glob("journal*.jsonl")):
-        lines = path.read_text().split("\n")
+        lines = path.read_bytes().split(b"\n")  # bytes: the torn tail may end inside a multi-byte character
         for i, line in enumerate(lines[:-1]):
             event = json.loads(line) if line.strip() else None
             if event and event["type"] == "responses":
                 for response in event["responses"]:
                     response["text"] += CANARY
                 marked[event["run_id"]] = [r["text"] for r in event["responses"]]
-                lines[i] = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
-        path.write_text("\n".join(lines))
+                lines[i] = json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
+        path.write_bytes(b"\n".join(lines))
     return marked
 
 
