@@ -7,6 +7,7 @@ Heavy objects are loaded once per session and treated as read-only by the tests.
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 from pathlib import Path
@@ -26,6 +27,22 @@ pytest_plugins = ["tests.support.openai_server"]
 REPO_ROOT = Path(__file__).resolve().parent
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
+# The tiers in the order they run: the model-free unit tests first, so `pytest -x` stops on a broken function
+# within seconds instead of after the end-to-end runs. Anything else (a test file at the top) runs last.
+TIER_ORDER = ("unit", "integration", "experiments")
+
+
+def tier_rank(path: Path) -> int:
+    parts = path.relative_to(REPO_ROOT).parts if path.is_relative_to(REPO_ROOT) else ()
+    tier = parts[1] if len(parts) > 2 and parts[0] == "tests" else None
+    return TIER_ORDER.index(tier) if tier in TIER_ORDER else len(TIER_ORDER)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Unit tier first; within a tier the collection order is kept (a stable sort), so module-scoped fixtures are
+    still set up once per file."""
+    items.sort(key=lambda item: tier_rank(item.path))
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
@@ -35,12 +52,69 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-@pytest.fixture(scope="session")
-def gemma_tokenizer():
-    """The real Gemma 3 tokenizer (from the GGUF package) with Gemma 3's chat template, left padding."""
-    from ao_resampling.engine.loading.models import load_tokenizer
+@pytest.fixture(scope="session", autouse=True)
+def packaged_tokenizer_read_once():
+    """The packaged Gemma 3 tokenizer (what ``gemma3-270m-gguf`` and every ``synthetic:`` model use) is read from
+    disk once per session, however many pipelines, CLI calls and oracle loads ask for it: each read parses a 33 MB
+    tokenizer.json (~3 s), and an end-to-end run asks up to three times. The object is read-only (the loader sets
+    its padding and template, nothing else does). Other specs (a directory, a hub id) are loaded as usual, and so
+    is the packaged one if a test points the cache somewhere else. Yields the loader the session uses."""
+    from ao_resampling.engine.loading import adapters, models
 
-    return load_tokenizer("gemma3-270m-gguf")
+    real_load = models.load_tokenizer
+    read: dict[Path, object] = {}  # converted-files cache folder -> its tokenizer
+
+    def load_tokenizer(spec: str):
+        if not (spec.startswith(models.SYNTHETIC_PREFIX) or spec == models.GGUF_SPEC):
+            return real_load(spec)
+        if models.cache_dir() not in read:
+            read[models.cache_dir()] = real_load(spec)
+        return read[models.cache_dir()]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(models, "load_tokenizer", load_tokenizer)
+        mp.setattr(adapters, "load_tokenizer", load_tokenizer)  # imported by name there
+        yield load_tokenizer
+
+
+# Random-weight stand-ins small enough to keep a pristine copy of for the session (the 27B shapes are not).
+KEPT_STAND_INS = ("synthetic:tiny", "synthetic:tiny-multimodal")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_stand_ins_built_once():
+    """Every pipeline run loads its own oracle; a tiny stand-in's random weights are a function of (spec, dtype,
+    seed), so each is built once per session (~0.3-1.5 s on 2 cores) and every load gets a deep copy of it, a model
+    of its own that the caller may wrap in a LoRA or edit. The global RNG is left as the build leaves it: seeded,
+    then advanced by the weights' initialisation. Other specs and devices load as usual."""
+    import torch
+
+    from ao_resampling.engine.loading import adapters, models
+
+    real_load = models.load_model
+    built: dict[tuple, tuple[torch.nn.Module, torch.Tensor]] = {}  # (spec, dtype, seed) -> (model, CPU RNG after)
+
+    def load_model(spec: str, dtype="bfloat16", device: str = "cpu", device_map: str | None = None, seed: int = 0):
+        if spec not in KEPT_STAND_INS or device != "cpu" or device_map:
+            return real_load(spec, dtype=dtype, device=device, device_map=device_map, seed=seed)
+        key = (spec, str(dtype), seed)
+        if key not in built:
+            built[key] = real_load(spec, dtype=dtype, device=device, seed=seed), torch.get_rng_state()
+        model, rng_after_build = built[key]
+        torch.manual_seed(seed)  # as the build seeds every device's generator
+        torch.set_rng_state(rng_after_build)  # and leaves the CPU's where its initialisation did
+        return copy.deepcopy(model)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(models, "load_model", load_model)
+        mp.setattr(adapters, "load_model", load_model)  # imported by name there
+        yield
+
+
+@pytest.fixture(scope="session")
+def gemma_tokenizer(packaged_tokenizer_read_once):
+    """The real Gemma 3 tokenizer (from the GGUF package) with Gemma 3's chat template, left padding."""
+    return packaged_tokenizer_read_once("gemma3-270m-gguf")
 
 
 @pytest.fixture(scope="session")

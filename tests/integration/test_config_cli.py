@@ -12,24 +12,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from ao_resampling.engine.loading import models
 from ao_resampling.cli import app
 from ao_resampling.results import load_results_file
 
 ROW = re.compile(r"^(q\d{3})\s+(\d+)\s+(\d+)\s+([\d,]+)\s+(.+)$", re.M)
 PREPARE_27B = ["prepare", "--preset", "experiment", "--model", "synthetic:gemma-3-27b", "--oracle-lora", "random"]
 PREPARE_TINY = ["prepare", "--preset", "experiment", "--model", "synthetic:tiny", "--oracle-lora", "random"]
-
-
-@pytest.fixture(autouse=True)
-def shared_tokenizer(monkeypatch, gemma_tokenizer):
-    """Every CLI call would re-read the same 262k-token tokenizer (~3 s); hand it the session's copy instead."""
-    real = models.load_tokenizer
-
-    def load(spec: str):
-        return gemma_tokenizer if spec.startswith("synthetic:") or spec == "gemma3-270m-gguf" else real(spec)
-
-    monkeypatch.setattr(models, "load_tokenizer", load)
 
 
 def invoke(*args: str | Path):
@@ -46,13 +34,11 @@ def write_toml(path: Path, text: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory, shared_data, gemma_tokenizer):
+def prepared(tmp_path_factory, shared_data):
     """``prepare`` on the real data (100 x 10 questions with the 27B shapes), run once for the tests below."""
     out = tmp_path_factory.mktemp("prepare") / "plan"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(models, "load_tokenizer", lambda spec: gemma_tokenizer)
-        result = invoke(*PREPARE_27B, "--targets", shared_data / "target_model_queries.json",
-                        "--questions", shared_data / "sycophancy_questions.json", "--out", out)
+    result = invoke(*PREPARE_27B, "--targets", shared_data / "target_model_queries.json",
+                    "--questions", shared_data / "sycophancy_questions.json", "--out", out)
     return result, out
 
 

@@ -5,7 +5,8 @@ answers. A re-run after a rank died mid-way (its journal cut off mid-line, here 
 runs that are missing, whatever number of ranks wrote the earlier journals. A rank that fails a step stops every rank
 with its message; none is left waiting at a barrier.
 
-Each launch is a real subprocess (a few seconds of process start and model load per rank).
+Each launch under torchrun is a real subprocess (a few seconds of process start and model load per rank); the
+one-process reference runs in this process.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from ao_resampling.cli import app
 from ao_resampling.store import ResultsStore
 
 SAMPLES = 2
@@ -59,8 +62,12 @@ def runs_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def one_process(runs_dir) -> dict:
+    """The same command without torchrun, run in this process: the reference the ranks are held to."""
     out = runs_dir / "one_process"
-    run_ok([sys.executable, "-m", "ao_resampling", *COMMAND, "--out", str(out)], runs_dir)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(runs_dir)
+        done = CliRunner().invoke(app, [*COMMAND, "--out", str(out)], catch_exceptions=False)
+    assert done.exit_code == 0, done.output[-3000:]
     return json.loads((out / "results.json").read_text())
 
 

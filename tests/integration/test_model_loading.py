@@ -233,32 +233,37 @@ def test_the_block_merge_gives_peft_merges_weights(dtype, monkeypatch):
 # ---------------------------------------------------------------------------------------------------------------------
 # The random stand-in oracle is the same in every process
 
-LORA_DIGEST = """
+LORA_DIGESTS = """
 import hashlib, sys, torch
 from ao_resampling.engine.loading.adapters import attach_oracle
 from ao_resampling.engine.loading.models import load_model
-model = load_model("gemma3-270m-gguf", dtype="float32")
-torch.manual_seed(int(sys.argv[1]))  # whatever else this process drew from the global RNG before
-oracle = attach_oracle(model, "random", seed=int(sys.argv[2]))
-digest = hashlib.sha256()
-for name, param in sorted(oracle.named_parameters(), key=lambda item: item[0]):
-    if "lora_" in name:
-        digest.update(name.encode() + param.detach().numpy().tobytes())
-print(digest.hexdigest())
+for global_seed, lora_seed in zip(map(int, sys.argv[1::2]), map(int, sys.argv[2::2])):
+    model = load_model("gemma3-270m-gguf", dtype="float32")
+    torch.manual_seed(global_seed)  # whatever else this process drew from the global RNG before
+    oracle = attach_oracle(model, "random", seed=lora_seed)
+    digest = hashlib.sha256()
+    for name, param in sorted(oracle.named_parameters(), key=lambda item: item[0]):
+        if "lora_" in name:
+            digest.update(name.encode() + param.detach().numpy().tobytes())
+    print(digest.hexdigest())
 """
 
 
-def lora_digest(global_seed: int, lora_seed: int) -> str:
-    done = subprocess.run([sys.executable, "-c", LORA_DIGEST, str(global_seed), str(lora_seed)], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=600)
+def lora_digests(*seeds: tuple[int, int]) -> list[str]:
+    """One process's digests of the random LoRA for each (global seed, LoRA seed), in order."""
+    args = [str(seed) for pair in seeds for seed in pair]
+    done = subprocess.run([sys.executable, "-c", LORA_DIGESTS, *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout.strip().splitlines()[-1]
+    return done.stdout.strip().splitlines()[-len(seeds):]
 
 
 def test_random_lora_is_bit_identical_in_two_processes():
-    first, second = lora_digest(global_seed=1, lora_seed=0), lora_digest(global_seed=2, lora_seed=0)
+    # Two processes, not three: the second LoRA seed is drawn in the first process, after the first adapter.
+    first, other_lora_seed = lora_digests((1, 0), (1, 1))
+    (second,) = lora_digests((2, 0))
     assert first == second
-    assert lora_digest(global_seed=1, lora_seed=1) != first, "the LoRA seed does choose the adapter"
+    assert other_lora_seed != first, "the LoRA seed does choose the adapter"
 
 
 def test_loading_an_oracle_warns_of_nothing_deprecated():

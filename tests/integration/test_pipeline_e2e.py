@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,6 @@ from typer.testing import CliRunner
 from ao_resampling import config as config_mod
 from ao_resampling import pipeline
 from ao_resampling.stages.common import spreads
-from ao_resampling.engine.loading import models
 from ao_resampling.cli import app
 from ao_resampling.config import build_config
 from ao_resampling.results import Results, load_results_file
@@ -35,16 +35,12 @@ PLOTS = ("A_judge_scores.png", "B_target_means.png", "C_per_question.png", "heat
 
 
 @pytest.fixture(scope="module", autouse=True)
-def offline_judge_env_and_shared_loads(gemma_tokenizer):
-    """No developer key or base URL may reach these tests. The Gemma 3 tokenizer (~3 s) and MiniLM (~5 s), which
-    every run would load again, are loaded once: they are read-only, and their own loading is tested elsewhere."""
-    real_tokenizer = models.load_tokenizer
+def offline_judge_env_and_shared_loads():
+    """No developer key or base URL may reach these tests. MiniLM (~5 s), which every run would load again, is
+    loaded once: it is read-only, and its own loading is tested elsewhere (the tokenizer: conftest.py)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("OPENAI_API_KEY", raising=False)
         mp.delenv("OPENAI_BASE_URL", raising=False)
-        mp.setattr(models, "load_tokenizer",
-                   lambda spec: gemma_tokenizer if spec.startswith("synthetic:") or spec == "gemma3-270m-gguf"
-                   else real_tokenizer(spec))
         mp.setattr(spreads, "load_embedder", functools.cache(spreads.load_embedder))
         yield
 
@@ -245,21 +241,49 @@ def test_sequential_sampler_gives_the_batched_samplers_greedy_answers(server, tm
 # ---------------------------------------------------------------------------------------------------------------------
 # The demo: `ao-resampling run` with no arguments, which is also the run on real Gemma 3 270M
 
-def _run_demo(tmp_path, monkeypatch) -> Results:
-    monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(app, ["run"], catch_exceptions=False)
+# The demo's grid made smaller (the preset: 4 targets x 3 questions x 4 samples x 24 tokens). Everything else is the
+# preset's: the command, real 270M, the random LoRA, CPU, float32, one batch of rows. What the tests prove (the
+# no-argument command runs the whole pipeline on real weights and gives real text) needs no more than a few answers
+# of a dozen tokens: 12 rows x 12 steps instead of 48 x 24, an eighth of the decode work.
+SMALLER_DEMO_GRID = {"num_targets": 2, "num_questions": 2, "samples_per_query": 3, "max_new_tokens": 12}
+
+
+def invoke_demo(home: Path, mp: pytest.MonkeyPatch):
+    """``ao-resampling run`` (the demo preset, on the smaller grid) from ``home``: its folder is home/artifacts/demo.
+    The same call on a folder it made continues it (a test that adds a judge samples nothing again)."""
+    mp.chdir(home)
+    for field, value in SMALLER_DEMO_GRID.items():
+        mp.setitem(config_mod.DEMO, field, value)
+    return CliRunner().invoke(app, ["run"], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def demo_run(offline_judge_env_and_shared_loads, tmp_path_factory):
+    """The no-argument demo (no judge: no OpenAI variable is set), run once for the tests that read it: (the CLI's
+    result, its run folder)."""
+    home = tmp_path_factory.mktemp("demo")
+    with pytest.MonkeyPatch.context() as mp:
+        result = invoke_demo(home, mp)
+    return result, home / "artifacts" / "demo"
+
+
+@pytest.mark.slow
+def test_demo_with_no_arguments_on_real_gemma3_270m(demo_run):
+    """The demo as a user gets it, on a smaller grid (about 5 s on 2 idle CPU cores; the full grid, about 30 s)."""
+    result, folder = demo_run
     assert result.exit_code == 0, result.output
     assert "LLM judge is skipped" in result.output
     assert "a random LoRA stands in for the trained oracle adapter" in result.output
-    folder = tmp_path / "artifacts" / "demo"
     assert "STAND-IN" in (folder / "report" / "report.md").read_text()
     results = load_results_file(folder / "results.json")
     assert results.meta.model == "gemma3-270m-gguf" and results.meta.oracle_lora == "random" and results.meta.stand_in
     assert (results.meta.num_layers, results.meta.layer) == (18, 9)
+    assert len(results.runs) == SMALLER_DEMO_GRID["num_targets"] * SMALLER_DEMO_GRID["num_questions"]
+    assert results.meta.config["max_new_tokens"] == SMALLER_DEMO_GRID["max_new_tokens"]
     texts = []
     for run_ in results.runs:
         assert run_.judge is None and run_.spread is not None
-        assert len(run_.responses) == config_mod.DEMO["samples_per_query"]
+        assert len(run_.responses) == SMALLER_DEMO_GRID["samples_per_query"]
         for response in run_.responses:
             assert response.n_tokens and response.finish_reason in ("eos", "length")
             texts.append(response.text)
@@ -267,29 +291,22 @@ def _run_demo(tmp_path, monkeypatch) -> Results:
     # which strip to nothing, so this asks for most answers, not all.
     assert sum(bool(t.strip()) for t in texts) >= 0.75 * len(texts), texts
     assert sum(len(t.split()) >= 3 for t in texts) >= 0.5 * len(texts), texts
-    return results
 
 
 @pytest.mark.slow
-def test_demo_with_no_arguments_on_real_gemma3_270m(tmp_path, monkeypatch):
-    """The demo exactly as a user gets it (about 30 s on 2 idle CPU cores)."""
-    results = _run_demo(tmp_path, monkeypatch)
-    assert len(results.runs) == config_mod.DEMO["num_targets"] * config_mod.DEMO["num_questions"]
-
-
-@pytest.mark.slow
-def test_demo_with_a_loopback_judge_clusters_every_run(tmp_path, monkeypatch, server):
-    """The demo on real Gemma 3 270M (random LoRA) with a judge to talk to (OPENAI_BASE_URL, the loopback server):
-    every run has a verdict and a partition into meanings, which are the stored answers' (identical text, one
-    meaning); summary.json and report.md hold the four numbers with CIs, and plot D is drawn."""
-    monkeypatch.chdir(tmp_path)
+def test_demo_with_a_loopback_judge_clusters_every_run(demo_run, tmp_path, monkeypatch, server):
+    """The demo on real Gemma 3 270M (random LoRA) with a judge to talk to (OPENAI_BASE_URL, the loopback server),
+    continuing the demo folder above (its answers are not sampled again): every run has a verdict and a partition
+    into meanings, which are the stored answers' (identical text, one meaning); summary.json and report.md hold the
+    four numbers with CIs, and plot D is drawn."""
+    shutil.copytree(demo_run[1], tmp_path / "artifacts" / "demo")
     monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
-    result = CliRunner().invoke(app, ["run"], catch_exceptions=False)
+    result = invoke_demo(tmp_path, monkeypatch)
     assert result.exit_code == 0, result.output
     folder = tmp_path / "artifacts" / "demo"
     results = load_results_file(folder / "results.json")
     assert results.meta.model == "gemma3-270m-gguf" and results.meta.stand_in
-    assert len(results.runs) == config_mod.DEMO["num_targets"] * config_mod.DEMO["num_questions"]
+    assert len(results.runs) == SMALLER_DEMO_GRID["num_targets"] * SMALLER_DEMO_GRID["num_questions"]
     assert all(r.judge.score == expected_score(list(answers(r))) for r in results.runs)
     summary = json.loads((folder / "report" / "summary.json").read_text())
     check_clusters(results, summary, (folder / "report" / "report.md").read_text())

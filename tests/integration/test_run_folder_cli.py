@@ -2,7 +2,8 @@
 
 One writer per folder (a second ``judge`` is refused naming the holder's pid; a kill -9'd holder frees the folder),
 Ctrl-C keeps every judge reply that arrives, exit codes say whether calls failed, and the tool's own errors end in one
-line instead of a traceback. Subprocesses run with this checkout on PYTHONPATH and without any OpenAI variables.
+line instead of a traceback. A command runs as a subprocess where another process or a real signal is the point
+(with this checkout on PYTHONPATH and without any OpenAI variables), else in this process through CliRunner.
 """
 
 from __future__ import annotations
@@ -102,20 +103,19 @@ def test_a_second_judge_on_a_busy_folder_is_refused_naming_the_holder_and_a_kill
         first = start(judge_args(folder, server, 4), tmp_path / "first.log")
         try:
             wait_until(lambda: len(server.requests) == 4, "4 calls in flight", first, tmp_path / "first.log")
-            second = start(judge_args(folder, server, 4), tmp_path / "second.log")
-            code, output = finish(second, tmp_path / "second.log")
-            assert code == EXIT_BUSY, output
-            assert f"is in use by pid {first.pid} (ao-resampling judge {folder}" in output
-            assert "Traceback" not in output
-            assert len(server.requests) == 4  # the second process sent nothing
+            # The second and third judge run in this process: the holder is what must be another process.
+            second = invoke(*judge_args(folder, server, 4))
+            assert second.exit_code == EXIT_BUSY, second.output
+            assert f"is in use by pid {first.pid} (ao-resampling judge {folder}" in second.output
+            assert "Traceback" not in second.output and isinstance(second.exception, SystemExit)
+            assert len(server.requests) == 4  # the second command sent nothing
         finally:
             first.send_signal(signal.SIGKILL)
             first.wait(timeout=WAIT_S)
 
     with FakeOpenAIServer() as server:  # kill -9 left no stale lock: the next judge does the work
-        third = start(judge_args(folder, server, 4), tmp_path / "third.log")
-        code, output = finish(third, tmp_path / "third.log")
-        assert code == 0, output
+        third = invoke(*judge_args(folder, server, 4))
+        assert third.exit_code == 0, third.output
         assert len(server.requests) == 4
     assert all(r.judge is not None and r.judge.failure is None for r in load_results_file(folder / RESULTS_NAME).runs)
 
