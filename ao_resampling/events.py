@@ -31,32 +31,34 @@ class ResponsesEvent(_Event):
     responses: list[Response]
 
 
-class JudgeEvent(_Event):
+class _VerdictEvent(_Event):
+    run_id: str
+    record: JudgeRecord
+
+
+class JudgeEvent(_VerdictEvent):
     type: Literal["judge"] = "judge"
-    run_id: str
-    record: JudgeRecord
 
 
-class JudgeRepeatEvent(_Event):
+class JudgeRepeatEvent(_VerdictEvent):
     type: Literal["judge_repeat"] = "judge_repeat"
+
+
+class _PartitionEvent(_Event):
     run_id: str
-    record: JudgeRecord
+    record: ClusterRecord
 
 
-class ClustersEvent(_Event):
+class ClustersEvent(_PartitionEvent):
     """A run's cluster call: its answers' partition into meanings, or the failure."""
 
     type: Literal["clusters"] = "clusters"
-    run_id: str
-    record: ClusterRecord
 
 
-class ClustersRepeatEvent(_Event):
+class ClustersRepeatEvent(_PartitionEvent):
     """One of a run's repeated cluster calls, the answers shown in another order (the cluster judge's own noise)."""
 
     type: Literal["clusters_repeat"] = "clusters_repeat"
-    run_id: str
-    record: ClusterRecord
 
 
 class SpreadEvent(_Event):
