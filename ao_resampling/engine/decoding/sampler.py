@@ -207,7 +207,7 @@ class _Run:
         self.ends_B = torch.zeros(B, dtype=torch.long, device=device)  # 0: no stand-in length
         self.tokens_BT = torch.full((B, self.T), sampler.pad_id, dtype=torch.long, device=device)
         self.current_B = torch.zeros(B, dtype=torch.long, device=device)  # each row's last token
-        self.stop_E = torch.tensor(sampler.stop_ids, device=device)
+        self.stop_E = torch.tensor(sampler.stop_ids, dtype=torch.long, device=device)  # () too: a forced run
         self.drawn = [0] * B  # tokens drawn so far by the sample in each row (host: no sync needed)
         self.ended_B = torch.zeros(B, dtype=torch.bool, device=device)
 
