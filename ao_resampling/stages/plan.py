@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from ao_resampling.config import Decoding, ExperimentConfig, diff_settings
 from ao_resampling.engine.loading import models
-from ao_resampling.engine.decoding.settings import resolve_decoding
+from ao_resampling.engine.decoding.settings import run_decoding
 from ao_resampling.errors import PipelineError, describe_problems
 from ao_resampling.inputs import data
 from ao_resampling.inputs.encoding import encode_target, require_chat_template
@@ -140,10 +140,8 @@ def check_context_window(config: ExperimentConfig, runs: list[Run]) -> None:
 def planned_decoding(config: ExperimentConfig, tokenizer) -> Decoding:
     """How the run decodes: its settings merged with the model's generation_config file (no weights), once. The plan
     stores it in meta; the sampler and the baseline read it from there."""
-    return resolve_decoding(models.generation_config_of(config.model), temperature=config.temperature,
-                            top_p=config.top_p, top_k=config.top_k, max_new_tokens=config.max_new_tokens,
-                            seed=config.decode_seed, fallback_eos=models.stop_token_ids(tokenizer),
-                            source=f"model {config.model!r}")
+    return run_decoding(config, models.generation_config_of(config.model),
+                        fallback_eos=models.stop_token_ids(tokenizer))
 
 
 def prepare(config: ExperimentConfig, out_dir: Path, tokenizer=None) -> tuple[ResultsStore, list[PlanRow]]:

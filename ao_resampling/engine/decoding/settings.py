@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ao_resampling.config import Decoding
+from ao_resampling.config import Decoding, ExperimentConfig
 from ao_resampling.errors import AOResamplingError
 
 # HF's global defaults for the fields this module reads (transformers 5.x, _get_default_generation_params).
@@ -105,6 +105,14 @@ def resolve_decoding(generation_config, *, temperature: float, top_p: float, top
     return Decoding(temperature=float(temperature), top_p=1.0 if greedy else float(top_p),
                     top_k=0 if greedy else int(top_k), max_new_tokens=max_new_tokens, do_sample=not greedy,
                     seed=seed, eos_token_ids=eos_ids(generation_config, fallback_eos))
+
+
+def run_decoding(config: ExperimentConfig, generation_config, *, fallback_eos: Sequence[int]) -> Decoding:
+    """``config``'s decoding settings merged with ``generation_config``: the one place that reads them off the run's
+    settings (the plan from the model's files; generate, to check the loaded model against the plan)."""
+    return resolve_decoding(generation_config, temperature=config.temperature, top_p=config.top_p,
+                            top_k=config.top_k, max_new_tokens=config.max_new_tokens, seed=config.decode_seed,
+                            fallback_eos=fallback_eos, source=f"model {config.model!r}")
 
 
 def model_generation_config(model):

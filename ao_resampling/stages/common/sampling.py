@@ -11,7 +11,7 @@ import torch
 from ao_resampling.config import Decoding, ExperimentConfig
 from ao_resampling.engine.decoding.memory import BatchTooLarge
 from ao_resampling.engine.decoding.sampler import Query, Sample, Sampler
-from ao_resampling.engine.decoding.settings import model_generation_config, resolve_decoding
+from ao_resampling.engine.decoding.settings import model_generation_config, run_decoding
 from ao_resampling.engine.loading import adapters, models
 from ao_resampling.errors import PipelineError
 from ao_resampling.results import Response
@@ -48,10 +48,8 @@ def loaded_decoding(oracle: models.LoadedOracle, config: ExperimentConfig, plann
                     where: str) -> Decoding:
     """The plan's decoding, checked against the loaded model's generation_config (it may have changed since the
     plan was written). A plan of an older version that did not record the merge gets it from the loaded model."""
-    loaded = resolve_decoding(model_generation_config(oracle.model), temperature=config.temperature,
-                              top_p=config.top_p, top_k=config.top_k, max_new_tokens=config.max_new_tokens,
-                              seed=config.decode_seed, fallback_eos=models.stop_token_ids(oracle.tokenizer),
-                              source=f"model {config.model!r}")
+    loaded = run_decoding(config, model_generation_config(oracle.model),
+                          fallback_eos=models.stop_token_ids(oracle.tokenizer))
     if planned is None or not planned.is_resolved:
         return loaded
     if planned.model_dump() != loaded.model_dump():
