@@ -29,7 +29,7 @@ from ao_resampling.config import Decoding
 from ao_resampling.engine.decoding.decode_step import SlotStep
 from ao_resampling.engine.decoding.sampler import Query, Sampler, injection_for_rows
 from ao_resampling.engine.hooks import left_pad, position_ids_from_mask
-from ao_resampling.engine.loading.models import model_device
+from ao_resampling.engine.loading.models import model_device, text_config
 
 
 def max_abs_delta_per_step(a_QTV: torch.Tensor, b_QTV: torch.Tensor) -> list[float]:
@@ -64,9 +64,7 @@ def sampler_teacher_forced(sampler: Sampler, queries: Sequence[Query], tokens_QT
     P, T, Q = max(len(q.input_ids) for q in queries), tokens_QT.shape[1], len(queries)
     with sampler._stage():
         cache, mask_QP, logits_QV = sampler.prefill(queries, P, device)
-        config = sampler.model.get_base_model().config if hasattr(sampler.model, "get_base_model") else \
-            sampler.model.config
-        window = getattr(config.get_text_config(decoder=True), "sliding_window", None)
+        window = getattr(text_config(sampler.model), "sliding_window", None)
         step = SlotStep(sampler.model, Q, P, T, sliding_window=window, device=device)
         step.seat(torch.arange(Q, device=device), cache, torch.arange(Q, device=device), mask_QP)
         out = [logits_QV.float().log_softmax(-1)]

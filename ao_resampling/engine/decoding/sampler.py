@@ -49,7 +49,7 @@ from ao_resampling.engine.decoding.scheduler import Seat, SlotScheduler
 from ao_resampling.engine.decoding.streams import sample_key
 from ao_resampling.engine.hooks import injecting, left_pad, position_ids_from_mask
 from ao_resampling.engine.loading.adapters import adapter_disabled
-from ao_resampling.engine.loading.models import model_device
+from ao_resampling.engine.loading.models import model_device, text_config
 
 PREFILL_QUERIES = 32  # prompts per prefill pass at most: bounds the prefill's memory beside the KV slots
 STOP_BOOST = 30.0  # logits the stop token gets above the top one where a stand-in's answer length says it ends
@@ -141,7 +141,7 @@ class Sampler:
             fit = None
             rows = memory.CPU_ROWS if self.rows_setting == "auto" else self.rows_setting
         else:
-            budget = memory.row_budget(_text_config(self.model), next(self.model.parameters()).dtype)
+            budget = memory.row_budget(text_config(self.model), next(self.model.parameters()).dtype)
             fit = memory.rows_that_fit(free, budget, prompt_len=prompt_len,
                                        max_new_tokens=self.decoding.max_new_tokens,
                                        prefill_tokens=PREFILL_QUERIES * prompt_len)
@@ -200,7 +200,7 @@ class _Run:
         self.T = d.max_new_tokens
         self.P = max(len(q.input_ids) for q in queries)
         self.scheduler = SlotScheduler(queries, layout.rows)
-        window = getattr(_text_config(sampler.model), "sliding_window", None)
+        window = getattr(text_config(sampler.model), "sliding_window", None)
         self.step = SlotStep(sampler.model, layout.rows, self.P, self.T, sliding_window=window, device=device)
         B = layout.rows
         self.keys_B = torch.zeros(B, dtype=torch.long, device=device)
@@ -291,11 +291,6 @@ class _Run:
         self._record(rows_N, steps_N, tokens_N)
         for row in live:
             self.drawn[row] += 1
-
-
-def _text_config(model: nn.Module):
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.config.get_text_config(decoder=True)
 
 
 def injection_for_rows(model: nn.Module, row_queries: Sequence[Query], L: int, device: torch.device, layer: int,

@@ -224,6 +224,12 @@ def _synthetic_model(spec: str, dtype: torch.dtype, device: str, seed: int):
     return model
 
 
+def text_config(model: nn.Module):
+    """A loaded model's decoder config (the text config of a multimodal one), through a PEFT wrapper too."""
+    root = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return root.config.get_text_config(decoder=True)
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layer list of a Gemma3ForCausalLM, a Gemma3ForConditionalGeneration, or either under PEFT."""
     root = model.get_base_model() if hasattr(model, "get_base_model") else model
