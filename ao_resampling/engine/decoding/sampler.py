@@ -167,11 +167,12 @@ class Sampler:
     # -- the pieces a run uses ----------------------------------------------------------------------------------------
 
     def draw(self, logits_AV: torch.Tensor, keys_A: torch.Tensor, steps_A: torch.Tensor,
-             ends_A: torch.Tensor) -> torch.Tensor:
-        """Each row's next token from its own stream; a stand-in's answer length makes the stop token win there."""
+             ends_A: torch.Tensor | None = None) -> torch.Tensor:
+        """Each row's next token from its own stream; a stand-in's answer length (``ends_A``, None when no query
+        has one) makes the stop token win there."""
         d = self.decoding
-        ending_A = ends_A == steps_A + 1
-        if bool(ending_A.any()):
+        ending_A = None if ends_A is None else ends_A == steps_A + 1
+        if ending_A is not None and bool(ending_A.any()):  # a host sync: only for stand-ins with answer lengths
             logits_AV = logits_AV.clone()
             stop = self.stop_ids[-1]
             boosted_A = logits_AV.amax(-1) + STOP_BOOST
@@ -205,6 +206,7 @@ class _Run:
         B = layout.rows
         self.keys_B = torch.zeros(B, dtype=torch.long, device=device)
         self.ends_B = torch.zeros(B, dtype=torch.long, device=device)  # 0: no stand-in length
+        self.with_lengths = any(q.answer_lengths for q in queries)
         self.tokens_BT = torch.full((B, self.T), sampler.pad_id, dtype=torch.long, device=device)
         self.current_B = torch.zeros(B, dtype=torch.long, device=device)  # each row's last token
         self.stop_E = torch.tensor(sampler.stop_ids, dtype=torch.long, device=device)  # () too: a forced run
@@ -246,10 +248,13 @@ class _Run:
                                             for q, s in zip(run_ids, seats)], device=self.device)
         self.tokens_BT[rows_N] = self.sampler.pad_id
         zeros_N = torch.zeros_like(rows_N)
-        first_N = self.sampler.draw(logits_QV[query_of_N], self.keys_B[rows_N], zeros_N, self.ends_B[rows_N])
+        first_N = self.sampler.draw(logits_QV[query_of_N], self.keys_B[rows_N], zeros_N, self._ends(rows_N))
         self._record(rows_N, zeros_N, first_N)
         for s in seats:
             self.drawn[s.row] = 1
+
+    def _ends(self, rows_N: torch.Tensor) -> torch.Tensor | None:
+        return self.ends_B[rows_N] if self.with_lengths else None
 
     def _record(self, rows_N: torch.Tensor, steps_N: torch.Tensor, tokens_N: torch.Tensor) -> None:
         self.tokens_BT[rows_N, steps_N] = tokens_N
@@ -287,7 +292,7 @@ class _Run:
         self.layout.decode_steps += 1
         rows_N = torch.tensor(live, device=self.device)
         steps_N = torch.tensor([self.drawn[row] for row in live], device=self.device)
-        tokens_N = self.sampler.draw(logits_AV[rows_N], self.keys_B[rows_N], steps_N, self.ends_B[rows_N])
+        tokens_N = self.sampler.draw(logits_AV[rows_N], self.keys_B[rows_N], steps_N, self._ends(rows_N))
         self._record(rows_N, steps_N, tokens_N)
         for row in live:
             self.drawn[row] += 1
