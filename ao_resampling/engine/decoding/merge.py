@@ -33,15 +33,13 @@ def lora_modules(model: nn.Module) -> list[nn.Module]:
 def _delta_rows(module: nn.Module, adapter: str, start: int, stop: int) -> torch.Tensor:
     """Rows [start, stop) of the module's ``B @ A * scaling``, computed as PEFT's ``get_delta_weight`` does (in
     the adapter's dtype; float32 on a CPU for half-precision adapters)."""
-    a = module.lora_A[adapter].weight
-    b = module.lora_B[adapter].weight[start:stop]
-    half_on_cpu = a.device.type == "cpu" and a.dtype in (torch.float16, torch.bfloat16)
-    if half_on_cpu:
-        a, b = a.float(), b.float()
-    delta = (b @ a) * module.scaling[adapter]
     if getattr(module, "fan_in_fan_out", False):
         raise NotImplementedError("fan_in_fan_out LoRA layers are not merged here")
-    return delta
+    a = module.lora_A[adapter].weight
+    b = module.lora_B[adapter].weight[start:stop]
+    if a.device.type == "cpu" and a.dtype in (torch.float16, torch.bfloat16):
+        a, b = a.float(), b.float()
+    return (b @ a) * module.scaling[adapter]
 
 
 def merge_module(module: nn.Module) -> None:

@@ -158,7 +158,8 @@ class Sampler:
 
     @contextlib.contextmanager
     def _stage(self) -> Iterator[None]:
-        """What every step of a stage shares: the merged LoRA, the norms' cached scales, the decode attention."""
+        """What every step of a stage shares: the adapter (off for the baseline) or the merged LoRA, and the norms'
+        cached scales. (The decode attention is the step's own: prompt passes keep the model's.)"""
         adapter = contextlib.nullcontext() if self.use_adapter else adapter_disabled(self.model)
         merged = merged_lora(self.model) if self.merge_lora and self.use_adapter else contextlib.nullcontext()
         with adapter, merged, cached_norm_scales(self.model):
@@ -241,11 +242,11 @@ class _Run:
         rows_N = torch.tensor([s.row for s in seats], device=self.device)
         self.step.seat(rows_N, cache, query_of_N, mask_QP)
         del cache
-        run_ids = [self.queries[s.query] for s in seats]
+        seated = [self.queries[s.query] for s in seats]
         self.keys_B[rows_N] = torch.tensor([sample_key(self.sampler.decoding.seed or 0, q.key, s.sample)
-                                            for q, s in zip(run_ids, seats)], device=self.device)
+                                            for q, s in zip(seated, seats)], device=self.device)
         self.ends_B[rows_N] = torch.tensor([q.answer_lengths[s.sample] if q.answer_lengths else 0
-                                            for q, s in zip(run_ids, seats)], device=self.device)
+                                            for q, s in zip(seated, seats)], device=self.device)
         self.tokens_BT[rows_N] = self.sampler.pad_id
         zeros_N = torch.zeros_like(rows_N)
         first_N = self.sampler.draw(logits_QV[query_of_N], self.keys_B[rows_N], zeros_N, self._ends(rows_N))
