@@ -195,10 +195,9 @@ def _generate_stage(store: ResultsStore | None, config: ExperimentConfig, out_di
         return True
     if here.is_distributed:  # the ranks journaled in processes of their own: read their journals in
         store.reload()
-    results = store.compact()  # under torchrun: every rank's journal, merged in plan order
     if layout is not None:  # how the answers of this session were decoded (rank 0's step; the process layout)
-        results.meta.decode_layout = report.layout
-        store.write(results)
+        store.results.meta.decode_layout = report.layout
+    store.compact()  # written once: under torchrun, every rank's journal merged in plan order
     return False
 
 
