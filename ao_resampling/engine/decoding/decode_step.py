@@ -76,17 +76,18 @@ def index_rows(cache_BHSD: torch.Tensor, rows_N: torch.Tensor) -> torch.Tensor:
 
 class SlotCache:
     """The KV cache the model's attention layers write through on a decode step: each row's new key and value go
-    to that row's own position (``write_A``), and attention gets the row's whole slot (the mask cuts it)."""
+    to that row's own position (``write_A``), and attention gets the row's whole slot (the mask cuts it). The
+    buffers, the write positions and the row count are the step's own (read, never copied)."""
 
-    def __init__(self, kv: list[tuple[torch.Tensor, torch.Tensor]], write_B: torch.Tensor):
-        self.kv, self.write_B = kv, write_B
-        self.rows = kv[0][0].shape[0]
+    def __init__(self, step: "SlotStep"):
+        self.step = step
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        keys_BHSD, values_BHSD = self.kv[layer_idx]
-        keys_AHSD, values_AHSD = keys_BHSD[:self.rows], values_BHSD[:self.rows]
-        write_A = self.write_B[:self.rows].to(keys_AHSD.device)
-        rows_A = torch.arange(self.rows, device=keys_AHSD.device)
+        A = self.step.rows
+        keys_BHSD, values_BHSD = self.step.kv[layer_idx]
+        keys_AHSD, values_AHSD = keys_BHSD[:A], values_BHSD[:A]
+        write_A = self.step.write_B[:A].to(keys_AHSD.device)
+        rows_A = torch.arange(A, device=keys_AHSD.device)
         keys_AHSD[rows_A, :, write_A] = key_states[:, :, 0]
         values_AHSD[rows_A, :, write_A] = value_states[:, :, 0]
         return keys_AHSD, values_AHSD
@@ -111,7 +112,7 @@ class SlotStep:
         self.rope_B1 = torch.zeros_like(self.tokens_B1)  # the position RoPE sees: real tokens before it
         self.write_B = torch.zeros(rows, dtype=torch.long, device=device)  # where the row's next KV goes
         self.rows = rows
-        self.cache: SlotCache | None = None
+        self.cache = SlotCache(self)
         # (rows, cut length) -> the graph of that step and the logits it writes
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
@@ -124,8 +125,6 @@ class SlotStep:
         layers = prefill_cache.layers
         if self.kv is None:
             self.kv = [self._empty_slot(layer.keys) for layer in layers]
-            self.cache = SlotCache(self.kv, self.write_B)
-            self.cache.rows = self.rows
         for layer, (keys_BHSD, values_BHSD) in zip(layers, self.kv):
             rows_here = rows_N.to(keys_BHSD.device)
             keys_BHSD[rows_here, :, :self.P] = index_rows(layer.keys, query_of_N)
@@ -152,8 +151,6 @@ class SlotStep:
         for buffer in (self.mask_BS, self.tokens_B1, self.rope_B1, self.write_B):
             buffer[:n] = buffer[keep_N.to(buffer.device)]
         self.rows = n
-        if self.cache is not None:
-            self.cache.rows = n
 
     # -- one step ---------------------------------------------------------------------------------------------------
 
