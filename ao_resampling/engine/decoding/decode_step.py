@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from ao_resampling.engine.decoding.attention import decode_attention
+from ao_resampling.engine.loading.models import base_model
 
 BUCKET = 32  # cut lengths are multiples of this: ~4 CUDA graphs for a 40-token prompt + 120 new tokens
 
@@ -58,8 +59,7 @@ def _cache_argument(forward_owner: type) -> str:
 
 def cache_kwargs(model: nn.Module, cache) -> dict:
     """``{name: cache}`` under the name this transformers' forward takes (through a PEFT wrapper too)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return {_cache_argument(type(base)): cache}
+    return {_cache_argument(type(base_model(model))): cache}
 
 
 def returned_cache(out):

@@ -117,8 +117,9 @@ def run_decoding(config: ExperimentConfig, generation_config, *, fallback_eos: S
 
 def model_generation_config(model):
     """The loaded model's generation_config (through a PEFT wrapper too), or None."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(base, "generation_config", None)
+    from ao_resampling.engine.loading.models import base_model
+
+    return getattr(base_model(model), "generation_config", None)
 
 
 def generate_kwargs(decoding: Decoding) -> dict[str, Any]:

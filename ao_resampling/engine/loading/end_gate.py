@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ao_resampling.engine.loading.models import base_model
+
 GATE_SCALE = 1000.0  # the hash's spread: |<h, r>| / |h| is ~1/sqrt(D), so the fraction is uniform for D up to ~10^5
 BOOST = 30.0  # logits the stop token gets above the top one where the gate is open: drawn with probability ~1
 GATE_SEED = 0
@@ -56,14 +58,10 @@ class EndingHead(nn.Module):
         return logits_V
 
 
-def _base(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def end_answers_at_rate(model: nn.Module, eos_token_ids, rate: float, stop_id: int | None = None) -> int:
     """Give ``model`` an ``EndingHead``: its stop token (default: the last of ``eos_token_ids``, <end_of_turn>
     for Gemma 3) is drawn at ~``rate`` of decode steps. In place; returns the stop id."""
-    base = _base(model)
+    base = base_model(model)
     stop_id = max(eos_token_ids) if stop_id is None else stop_id
     head = base.get_output_embeddings()
     if isinstance(head, EndingHead):

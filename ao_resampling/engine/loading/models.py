@@ -224,15 +224,19 @@ def _synthetic_model(spec: str, dtype: torch.dtype, device: str, seed: int):
     return model
 
 
+def base_model(model: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper (the model itself when it has none)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def text_config(model: nn.Module):
     """A loaded model's decoder config (the text config of a multimodal one), through a PEFT wrapper too."""
-    root = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return root.config.get_text_config(decoder=True)
+    return base_model(model).config.get_text_config(decoder=True)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layer list of a Gemma3ForCausalLM, a Gemma3ForConditionalGeneration, or either under PEFT."""
-    root = model.get_base_model() if hasattr(model, "get_base_model") else model
+    root = base_model(model)
     for path in ("model.language_model.layers", "model.layers", "language_model.model.layers", "language_model.layers"):
         node = root
         for attr in path.split("."):
