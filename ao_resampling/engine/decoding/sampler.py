@@ -172,12 +172,10 @@ class Sampler:
         """Each row's next token from its own stream; a stand-in's answer length (``ends_A``, None when no query
         has one) makes the stop token win there."""
         d = self.decoding
-        ending_A = None if ends_A is None else ends_A == steps_A + 1
-        if ending_A is not None and bool(ending_A.any()):  # a host sync: only for stand-ins with answer lengths
-            logits_AV = logits_AV.clone()
+        if ends_A is not None:  # no host sync: rows not ending here keep their stop logit
             stop = self.stop_ids[-1]
-            boosted_A = logits_AV.amax(-1) + STOP_BOOST
-            logits_AV[:, stop] = torch.where(ending_A, boosted_A, logits_AV[:, stop])
+            stop_A = torch.where(ends_A == steps_A + 1, logits_AV.amax(-1) + STOP_BOOST, logits_AV[:, stop])
+            logits_AV = logits_AV.index_copy(1, torch.tensor([stop], device=logits_AV.device), stop_A[:, None])
         return sample_next_tokens(logits_AV, temperature=d.temperature, top_p=d.top_p, top_k=d.top_k,
                                   keys_B=keys_A, steps_B=steps_A)
 
