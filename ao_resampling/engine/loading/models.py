@@ -49,14 +49,24 @@ def gemma3_chat_template() -> str:
 # Tokenizers
 
 
+# Tokenizers this process has read, by the path or hub id read: ``run`` asks for one when it plans and again when
+# it loads the oracle (a sweep likewise), and each read of Gemma 3's 33 MB tokenizer.json takes 2-3 s of CPU.
+_READ_TOKENIZERS: dict[str, object] = {}
+
+
 def load_tokenizer(spec: str):
-    """Tokenizer with left padding and a pad token. Synthetic models use the real Gemma 3 tokenizer."""
+    """Tokenizer with left padding and a pad token. Synthetic models use the real Gemma 3 tokenizer.
+
+    Read from disk once per process and path (or hub id); every caller gets that object and only reads it."""
     from transformers import AutoTokenizer
 
     if spec.startswith(SYNTHETIC_PREFIX) or spec == GGUF_SPEC:
         path = _converted_gemma3_270m() / "tokenizer"
     else:
         path = spec
+    key = str(Path(path).resolve()) if Path(path).exists() else str(path)  # a hub id, or a folder wherever cwd is
+    if key in _READ_TOKENIZERS:
+        return _READ_TOKENIZERS[key]
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as e:
@@ -64,6 +74,7 @@ def load_tokenizer(spec: str):
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    _READ_TOKENIZERS[key] = tokenizer
     return tokenizer
 
 
