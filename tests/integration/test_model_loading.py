@@ -249,19 +249,29 @@ for global_seed, lora_seed in zip(map(int, sys.argv[1::2]), map(int, sys.argv[2:
 """
 
 
-def lora_digests(*seeds: tuple[int, int]) -> list[str]:
-    """One process's digests of the random LoRA for each (global seed, LoRA seed), in order."""
-    args = [str(seed) for pair in seeds for seed in pair]
-    done = subprocess.run([sys.executable, "-c", LORA_DIGESTS, *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout.strip().splitlines()[-len(seeds):]
+def lora_digests(*processes: list[tuple[int, int]]) -> list[list[str]]:
+    """Each process's digests of the random LoRA for each of its (global seed, LoRA seed), in order. The processes
+    run side by side (each its own interpreter; nothing is shared but the files they read)."""
+    started = []
+    for seeds in processes:
+        args = [str(seed) for pair in seeds for seed in pair]
+        started.append(subprocess.Popen([sys.executable, "-c", LORA_DIGESTS, *args], cwd=REPO_ROOT, text=True,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    try:
+        outputs = [proc.communicate(timeout=600) for proc in started]
+    finally:  # none outlives the test, whatever failed
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for proc, (_, stderr) in zip(started, outputs):
+        assert proc.returncode == 0, stderr[-2000:]
+    return [stdout.strip().splitlines()[-len(seeds):] for (stdout, _), seeds in zip(outputs, processes)]
 
 
 def test_random_lora_is_bit_identical_in_two_processes():
     # Two processes, not three: the second LoRA seed is drawn in the first process, after the first adapter.
-    first, other_lora_seed = lora_digests((1, 0), (1, 1))
-    (second,) = lora_digests((2, 0))
+    [first, other_lora_seed], [second] = lora_digests([(1, 0), (1, 1)], [(2, 0)])
     assert first == second
     assert other_lora_seed != first, "the LoRA seed does choose the adapter"
 
