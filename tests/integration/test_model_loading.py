@@ -286,3 +286,55 @@ def test_loading_an_oracle_warns_of_nothing_deprecated():
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         attach_oracle(load_model("synthetic:tiny", dtype="float32", device="cpu"), "random", seed=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The packaged tokenizer's folder records its added tokens in its config (a load parses tokenizer.json once)
+
+
+def test_recording_the_added_tokens_in_the_config_loads_the_same_tokenizer(tmp_path):
+    """What ``_record_added_tokens`` writes into a converted tokenizer's folder changes nothing that is loaded: the
+    same backend (vocabulary, merges, normalizer, added tokens and their flags), special tokens and settings."""
+    import json
+
+    from transformers import AddedToken, AutoTokenizer
+    from transformers.models.gemma.tokenization_gemma import GemmaTokenizer
+
+    from ao_resampling.engine.loading.models import _record_added_tokens
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4, "▁": 5, "a": 6, "b": 7, "▁a": 8}
+    tokenizer = GemmaTokenizer(vocab=vocab, merges=[("▁", "a")])
+    tokenizer.add_tokens([AddedToken("<start_of_turn>", special=True, normalized=False),
+                          AddedToken("<end_of_turn>", special=True, normalized=False),
+                          AddedToken("[plain]", special=False, normalized=True, lstrip=True)])
+    tokenizer.save_pretrained(tmp_path)
+    before = AutoTokenizer.from_pretrained(str(tmp_path))
+    _record_added_tokens(tmp_path)
+    recorded = json.loads((tmp_path / "tokenizer_config.json").read_text())["added_tokens_decoder"]
+    after = AutoTokenizer.from_pretrained(str(tmp_path))
+
+    in_json = json.loads((tmp_path / "tokenizer.json").read_text())["added_tokens"]
+    assert recorded == {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in in_json}
+    (plain,) = [t for t in recorded.values() if t["content"] == "[plain]"]
+    assert plain["lstrip"] and plain["normalized"] and not plain["special"]
+    assert after.backend_tokenizer.to_str() == before.backend_tokenizer.to_str()
+    assert {i: t.__getstate__() for i, t in after.added_tokens_decoder.items()} == \
+        {i: t.__getstate__() for i, t in before.added_tokens_decoder.items()}
+    assert after.special_tokens_map == before.special_tokens_map
+    assert after.init_kwargs.keys() == before.init_kwargs.keys()
+    text = "<start_of_turn>a b [plain] <end_of_turn>"
+    assert after(text).input_ids == before(text).input_ids
+    _record_added_tokens(tmp_path)  # once there, left as it is
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["added_tokens_decoder"] == recorded
+
+
+def test_the_packaged_tokenizer_folder_has_its_added_tokens_in_its_config(gemma_tokenizer):
+    import json
+
+    from ao_resampling.engine.loading.models import _converted_gemma3_270m
+
+    config = json.loads((_converted_gemma3_270m() / "tokenizer" / "tokenizer_config.json").read_text())
+    recorded = config["added_tokens_decoder"]
+    assert len(recorded) == len(gemma_tokenizer.added_tokens_decoder) > 6000
+    assert recorded["106"] == {"content": "<end_of_turn>", "single_word": False, "lstrip": False, "rstrip": False,
+                               "normalized": False, "special": True}

