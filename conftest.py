@@ -42,6 +42,14 @@ def tier_rank(path: Path) -> int:
     return TIER_ORDER.index(tier) if tier in TIER_ORDER else len(TIER_ORDER)
 
 
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The session is over: exit without the interpreter's last garbage collection walking every object that torch,
+    transformers and the session's models left (seconds; the CLI does the same, ao_resampling.cli.main)."""
+    import gc
+
+    gc.freeze()
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Unit tier first; within a tier the collection order is kept (a stable sort), so module-scoped fixtures are
     still set up once per file."""

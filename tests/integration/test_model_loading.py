@@ -246,6 +246,7 @@ for global_seed, lora_seed in zip(map(int, sys.argv[1::2]), map(int, sys.argv[2:
         if "lora_" in name:
             digest.update(name.encode() + param.detach().numpy().tobytes())
     print(digest.hexdigest())
+import gc; gc.freeze()  # exit at once (as the CLI does): no last collection over torch's and the model's objects
 """
 
 
