@@ -134,8 +134,9 @@ def load_quietly(folder: Path):
 
 @pytest.fixture
 def slow_judge():
-    # Slow enough that judging 12 runs two at a time takes ~3 s: time to be killed in the middle of it.
-    with FakeOpenAIServer(delay_s=0.5) as server:
+    # Slow enough that judging 12 runs (a verdict and a cluster call each) two calls at a time takes ~3 s: time to be
+    # killed in the middle of it.
+    with FakeOpenAIServer(delay_s=0.25) as server:
         yield server
 
 
