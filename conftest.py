@@ -18,6 +18,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# One torch thread, here and in every process a test starts (torchrun sets the same for its ranks): the models are
+# tiny or small, a second thread gains nothing on 2 cores (the same suite time, idle), and when anything else wants
+# a core (a test's own subprocess, another job) every op waits for the thread that lost it: 5-20x slower tests.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # The fused-kernel tests compile with torch.compile: into a cache of this test session's own, so a file another run
 # left half-written in the machine-wide one (/tmp/torchinductor_<user>, killed mid-compile) cannot fail them.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="ao-resampling-inductor-"))
@@ -36,6 +40,26 @@ def tier_rank(path: Path) -> int:
     parts = path.relative_to(REPO_ROOT).parts if path.is_relative_to(REPO_ROOT) else ()
     tier = parts[1] if len(parts) > 2 and parts[0] == "tests" else None
     return TIER_ORDER.index(tier) if tier in TIER_ORDER else len(TIER_ORDER)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Everything imported for the tests (torch, transformers, peft, scipy, ...: millions of objects that live as long
+    as the session) goes out of the garbage collector's way: each full collection walked all of them, ~0.3 s, dozens
+    of times a session. Only objects alive now are frozen (modules, no model yet), so nothing a test frees is kept;
+    full collections are also made rarer (every 100 middle ones, not 10)."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*gc.get_threshold()[:2], 100)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The session is over: exit without the interpreter's last garbage collection walking every object that torch,
+    transformers and the session's models left (seconds; the CLI does the same, ao_resampling.cli.main)."""
+    import gc
+
+    gc.freeze()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

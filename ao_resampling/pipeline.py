@@ -164,13 +164,18 @@ def _timed(report: RunReport, stage: str) -> Iterator[None]:
 
 def _write_plan(config: ExperimentConfig, out_dir: Path, here: ranks.World,
                 oracle: models.LoadedOracle | None) -> ResultsStore | None:
-    """One plan (question sample, run ids), by rank 0 alone (the other ranks get None and wait for it).
+    """One plan (question sample, run ids), by rank 0 alone; the other ranks get None (they read the tokenizer while
+    they wait, so that loading the model does not read it after the plan, on the critical path).
 
     Before the model: a folder made with other settings is refused in seconds, not after loading 27B.
     """
     with ranks.together(here, "writing the plan"):
         tokenizer = oracle.tokenizer if oracle is not None else None  # a sweep's: not loaded again per condition
-        return prepare(config, out_dir, tokenizer=tokenizer)[0] if here.is_main else None
+        if not here.is_main:
+            if tokenizer is None:
+                models.load_tokenizer(config.tokenizer or config.model)
+            return None
+        return prepare(config, out_dir, tokenizer=tokenizer)[0]
 
 
 def _load_if_needed(config: ExperimentConfig, store: ResultsStore | None, here: ranks.World,

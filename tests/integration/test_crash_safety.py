@@ -134,8 +134,9 @@ def load_quietly(folder: Path):
 
 @pytest.fixture
 def slow_judge():
-    # Slow enough that judging 12 runs two at a time takes ~3 s: time to be killed in the middle of it.
-    with FakeOpenAIServer(delay_s=0.5) as server:
+    # Slow enough that judging 12 runs (a verdict and a cluster call each) two calls at a time takes ~3 s: time to be
+    # killed in the middle of it.
+    with FakeOpenAIServer(delay_s=0.25) as server:
         yield server
 
 
@@ -170,9 +171,11 @@ def test_killed_twice_then_resumed_loses_and_repeats_nothing(tmp_path, slow_judg
     assert 2 <= len(judged_before) < N_RUNS, "the kill did not land during judging"
     n_requests_before = len(slow_judge.requests)
 
-    # 3. Re-run to the end: in this process (only the kills need a process of their own).
+    # 3. Re-run to the end: in this process (only the kills need a process of their own), and with a judge that
+    # answers at once (its delay was there to be killed in the middle of; nothing is killed now).
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    slow_judge.delay_s = 0.0
     last = CliRunner().invoke(app, run_args(out, slow_judge), catch_exceptions=False)
     assert last.exit_code == 0, last.output[-4000:]
 

@@ -158,6 +158,7 @@ except (PipelineError, ValueError) as e:
     sys.exit(3)
 finally:
     ranks.stop()
+    import gc; gc.freeze()  # exit at once, as the CLI does
 """
 
 

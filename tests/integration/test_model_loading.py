@@ -246,22 +246,33 @@ for global_seed, lora_seed in zip(map(int, sys.argv[1::2]), map(int, sys.argv[2:
         if "lora_" in name:
             digest.update(name.encode() + param.detach().numpy().tobytes())
     print(digest.hexdigest())
+import gc; gc.freeze()  # exit at once (as the CLI does): no last collection over torch's and the model's objects
 """
 
 
-def lora_digests(*seeds: tuple[int, int]) -> list[str]:
-    """One process's digests of the random LoRA for each (global seed, LoRA seed), in order."""
-    args = [str(seed) for pair in seeds for seed in pair]
-    done = subprocess.run([sys.executable, "-c", LORA_DIGESTS, *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout.strip().splitlines()[-len(seeds):]
+def lora_digests(*processes: list[tuple[int, int]]) -> list[list[str]]:
+    """Each process's digests of the random LoRA for each of its (global seed, LoRA seed), in order. The processes
+    run side by side (each its own interpreter; nothing is shared but the files they read)."""
+    started = []
+    for seeds in processes:
+        args = [str(seed) for pair in seeds for seed in pair]
+        started.append(subprocess.Popen([sys.executable, "-c", LORA_DIGESTS, *args], cwd=REPO_ROOT, text=True,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    try:
+        outputs = [proc.communicate(timeout=600) for proc in started]
+    finally:  # none outlives the test, whatever failed
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for proc, (_, stderr) in zip(started, outputs):
+        assert proc.returncode == 0, stderr[-2000:]
+    return [stdout.strip().splitlines()[-len(seeds):] for (stdout, _), seeds in zip(outputs, processes)]
 
 
 def test_random_lora_is_bit_identical_in_two_processes():
     # Two processes, not three: the second LoRA seed is drawn in the first process, after the first adapter.
-    first, other_lora_seed = lora_digests((1, 0), (1, 1))
-    (second,) = lora_digests((2, 0))
+    [first, other_lora_seed], [second] = lora_digests([(1, 0), (1, 1)], [(2, 0)])
     assert first == second
     assert other_lora_seed != first, "the LoRA seed does choose the adapter"
 
@@ -276,3 +287,55 @@ def test_loading_an_oracle_warns_of_nothing_deprecated():
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         attach_oracle(load_model("synthetic:tiny", dtype="float32", device="cpu"), "random", seed=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The packaged tokenizer's folder records its added tokens in its config (a load parses tokenizer.json once)
+
+
+def test_recording_the_added_tokens_in_the_config_loads_the_same_tokenizer(tmp_path):
+    """What ``_record_added_tokens`` writes into a converted tokenizer's folder changes nothing that is loaded: the
+    same backend (vocabulary, merges, normalizer, added tokens and their flags), special tokens and settings."""
+    import json
+
+    from transformers import AddedToken, AutoTokenizer
+    from transformers.models.gemma.tokenization_gemma import GemmaTokenizer
+
+    from ao_resampling.engine.loading.models import _record_added_tokens
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4, "▁": 5, "a": 6, "b": 7, "▁a": 8}
+    tokenizer = GemmaTokenizer(vocab=vocab, merges=[("▁", "a")])
+    tokenizer.add_tokens([AddedToken("<start_of_turn>", special=True, normalized=False),
+                          AddedToken("<end_of_turn>", special=True, normalized=False),
+                          AddedToken("[plain]", special=False, normalized=True, lstrip=True)])
+    tokenizer.save_pretrained(tmp_path)
+    before = AutoTokenizer.from_pretrained(str(tmp_path))
+    _record_added_tokens(tmp_path)
+    recorded = json.loads((tmp_path / "tokenizer_config.json").read_text())["added_tokens_decoder"]
+    after = AutoTokenizer.from_pretrained(str(tmp_path))
+
+    in_json = json.loads((tmp_path / "tokenizer.json").read_text())["added_tokens"]
+    assert recorded == {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in in_json}
+    (plain,) = [t for t in recorded.values() if t["content"] == "[plain]"]
+    assert plain["lstrip"] and plain["normalized"] and not plain["special"]
+    assert after.backend_tokenizer.to_str() == before.backend_tokenizer.to_str()
+    assert {i: t.__getstate__() for i, t in after.added_tokens_decoder.items()} == \
+        {i: t.__getstate__() for i, t in before.added_tokens_decoder.items()}
+    assert after.special_tokens_map == before.special_tokens_map
+    assert after.init_kwargs.keys() == before.init_kwargs.keys()
+    text = "<start_of_turn>a b [plain] <end_of_turn>"
+    assert after(text).input_ids == before(text).input_ids
+    _record_added_tokens(tmp_path)  # once there, left as it is
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["added_tokens_decoder"] == recorded
+
+
+def test_the_packaged_tokenizer_folder_has_its_added_tokens_in_its_config(gemma_tokenizer):
+    import json
+
+    from ao_resampling.engine.loading.models import _converted_gemma3_270m
+
+    config = json.loads((_converted_gemma3_270m() / "tokenizer" / "tokenizer_config.json").read_text())
+    recorded = config["added_tokens_decoder"]
+    assert len(recorded) == len(gemma_tokenizer.added_tokens_decoder) > 6000
+    assert recorded["106"] == {"content": "<end_of_turn>", "single_word": False, "lstrip": False, "rstrip": False,
+                               "normalized": False, "special": True}

@@ -164,7 +164,9 @@ class FakeOpenAIServer:
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         # Idle keep-alive connections must not hold up close(); handler threads are daemons.
         self._httpd.block_on_close = False
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        # close() waits for the serving loop to notice, up to one poll interval: short, as ~140 tests close one.
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.005},
+                                        daemon=True)
         self._thread.start()
         return self
 

@@ -9,6 +9,7 @@ model loads and nothing is judged.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from pathlib import Path
 
@@ -85,10 +86,11 @@ USES = {
 CASES = [pytest.param(command, field, id=f"{command}-{field}") for command, fields in USES.items() for field in fields]
 
 
-def flags_of(command: str) -> set[str]:
+@functools.cache  # the app's commands are fixed: built once, not for each of ~120 cases
+def flags_of(command: str) -> frozenset[str]:
     """The options `ao-resampling COMMAND` accepts, as typer built them (both spellings of a --x/--no-x switch)."""
     click_command = typer.main.get_command(cli.app).commands[command]
-    return {flag for param in click_command.params for flag in (*param.opts, *param.secondary_opts)}
+    return frozenset(flag for param in click_command.params for flag in (*param.opts, *param.secondary_opts))
 
 
 @pytest.mark.parametrize("command, field", CASES)

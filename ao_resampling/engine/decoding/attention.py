@@ -76,12 +76,19 @@ def register() -> str:
     return NAME
 
 
+def attention_configs(model: nn.Module) -> dict[int, object]:
+    """The configs ``model``'s attention layers read their implementation from (a few, shared by many layers)."""
+    return {id(m.config): m.config for m in model.modules()
+            if hasattr(m, "num_key_value_groups") and hasattr(m, "config")}
+
+
 @contextlib.contextmanager
-def decode_attention(model: nn.Module) -> Iterator[None]:
+def decode_attention(model: nn.Module, configs: dict[int, object] | None = None) -> Iterator[None]:
     """Run every attention layer of ``model`` with ``gqa_attention`` inside the block; the old setting comes back
-    after it, also when the block raises. The caller passes 4-D masks (see the module docstring)."""
-    configs = {id(m.config): m.config for m in model.modules()
-               if hasattr(m, "num_key_value_groups") and hasattr(m, "config")}
+    after it, also when the block raises. The caller passes 4-D masks (see the module docstring). ``configs``:
+    ``attention_configs(model)`` found once, for a caller that switches every decode step (walking every module of
+    a 62-layer model with its LoRA each step costs milliseconds)."""
+    configs = attention_configs(model) if configs is None else configs
     before = {key: config._attn_implementation for key, config in configs.items()}
     register()
     try:

@@ -38,7 +38,7 @@ import warnings
 import torch
 from torch import nn
 
-from ao_resampling.engine.decoding.attention import decode_attention
+from ao_resampling.engine.decoding.attention import attention_configs, decode_attention
 from ao_resampling.engine.loading.models import base_model
 
 BUCKET = 32  # cut lengths are multiples of this: ~4 CUDA graphs for a 40-token prompt + 120 new tokens
@@ -113,6 +113,7 @@ class SlotStep:
         self.write_B = torch.zeros(rows, dtype=torch.long, device=device)  # where the row's next KV goes
         self.rows = rows
         self.cache = SlotCache(self)
+        self.attention_configs: dict | None = None  # found at the first step, switched at every step
         # (rows, cut length) -> the graph of that step and the logits it writes
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
@@ -182,7 +183,9 @@ class SlotStep:
         full = self.mask_BS[:A, None, None, :cut]
         masks = {"full_attention": full,
                  "sliding_attention": self.sliding_BS[:A, None, None, :cut] if self.window else full}
-        with decode_attention(self.model):  # the prompt passes between steps keep the model's own attention
+        if self.attention_configs is None:
+            self.attention_configs = attention_configs(self.model)
+        with decode_attention(self.model, self.attention_configs):  # the prompt passes keep the model's own
             out = self.model(input_ids=self.tokens_B1[:A], attention_mask=masks, position_ids=self.rope_B1[:A],
                              use_cache=True, **cache_kwargs(self.model, self.cache))
         return out.logits[:, -1]

