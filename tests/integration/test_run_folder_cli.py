@@ -55,9 +55,12 @@ def cli_env() -> dict[str, str]:
 
 
 def start(args: list[str], log: Path) -> subprocess.Popen:
+    """The CLI in a process of its own. Ctrl-C is restored to its default first: a pytest started in the background
+    of a shell without job control inherits SIGINT ignored, and a Python started so never raises KeyboardInterrupt."""
     with open(log, "w") as out:  # the child keeps its own copy of the descriptor
         return subprocess.Popen([sys.executable, "-m", "ao_resampling", *args], env=cli_env(), stdout=out,
-                                stderr=subprocess.STDOUT)
+                                stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_until(condition, what: str, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
