@@ -8,6 +8,7 @@ Heavy objects are loaded once per session and treated as read-only by the tests.
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import tempfile
 from pathlib import Path
@@ -25,6 +26,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # The fused-kernel tests compile with torch.compile: into a cache of this test session's own, so a file another run
 # left half-written in the machine-wide one (/tmp/torchinductor_<user>, killed mid-compile) cannot fail them.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="ao-resampling-inductor-"))
+
+# Full garbage collections after every 100 middle ones, not 10, from before the test modules import torch,
+# transformers and peft: each walks all their objects (~0.3 s), and importing them set off ~2 s of such collections.
+gc.set_threshold(*gc.get_threshold()[:2], 100)
 
 pytest_plugins = ["tests.support.openai_server"]
 
@@ -44,21 +49,15 @@ def tier_rank(path: Path) -> int:
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Everything imported for the tests (torch, transformers, peft, scipy, ...: millions of objects that live as long
-    as the session) goes out of the garbage collector's way: each full collection walked all of them, ~0.3 s, dozens
-    of times a session. Only objects alive now are frozen (modules, no model yet), so nothing a test frees is kept;
-    full collections are also made rarer (every 100 middle ones, not 10)."""
-    import gc
-
+    as the session) goes out of the garbage collector's way: each full collection walked all of them, ~0.3 s. Only
+    objects alive now are frozen (modules, no model yet), so nothing a test frees is kept."""
     gc.collect()
     gc.freeze()
-    gc.set_threshold(*gc.get_threshold()[:2], 100)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     """The session is over: exit without the interpreter's last garbage collection walking every object that torch,
     transformers and the session's models left (seconds; the CLI does the same, ao_resampling.cli.main)."""
-    import gc
-
     gc.freeze()
 
 
