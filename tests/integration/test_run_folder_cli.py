@@ -130,7 +130,7 @@ def test_a_second_judge_on_a_busy_folder_is_refused_naming_the_holder_and_a_kill
 def test_ctrl_c_during_judge_journals_the_calls_in_flight_and_says_how_to_resume(tmp_path):
     folder = write_folder(tmp_path / "run", 6)
     log = tmp_path / "judge.log"
-    with FakeOpenAIServer(delay_s=2.0) as server:
+    with FakeOpenAIServer(delay_s=1.0) as server:  # the calls outlast the wait for them to be in flight, and the Ctrl-C
         proc = start(judge_args(folder, server, 3), log)
         try:
             wait_until(lambda: len(server.requests) == 3, "3 calls in flight", proc, log)
