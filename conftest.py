@@ -20,8 +20,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
 # One torch thread, here and in every process a test starts (torchrun sets the same for its ranks): the models are
-# tiny or small, a second thread gains nothing on 2 cores (the same suite time, idle), and when anything else wants
-# a core (a test's own subprocess, another job) every op waits for the thread that lost it: 5-20x slower tests.
+# tiny or small, a second thread gains a few seconds of the suite on 2 idle cores, and when anything else wants a
+# core (another job on the machine) every op waits for the thread that lost it: test_sampler.py 42 s with one
+# thread, 95 s with two, beside one busy process.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # The fused-kernel tests compile with torch.compile: into a cache of this test session's own, so a file another run
 # left half-written in the machine-wide one (/tmp/torchinductor_<user>, killed mid-compile) cannot fail them.
