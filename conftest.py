@@ -76,31 +76,6 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-@pytest.fixture(scope="session", autouse=True)
-def packaged_tokenizer_read_once():
-    """The packaged Gemma 3 tokenizer (what ``gemma3-270m-gguf`` and every ``synthetic:`` model use) is read from
-    disk once per session, however many pipelines, CLI calls and oracle loads ask for it: each read parses a 33 MB
-    tokenizer.json (~3 s), and an end-to-end run asks up to three times. The object is read-only (the loader sets
-    its padding and template, nothing else does). Other specs (a directory, a hub id) are loaded as usual, and so
-    is the packaged one if a test points the cache somewhere else. Yields the loader the session uses."""
-    from ao_resampling.engine.loading import adapters, models
-
-    real_load = models.load_tokenizer
-    read: dict[Path, object] = {}  # converted-files cache folder -> its tokenizer
-
-    def load_tokenizer(spec: str):
-        if not (spec.startswith(models.SYNTHETIC_PREFIX) or spec == models.GGUF_SPEC):
-            return real_load(spec)
-        if models.cache_dir() not in read:
-            read[models.cache_dir()] = real_load(spec)
-        return read[models.cache_dir()]
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(models, "load_tokenizer", load_tokenizer)
-        mp.setattr(adapters, "load_tokenizer", load_tokenizer)  # imported by name there
-        yield load_tokenizer
-
-
 # Random-weight stand-ins small enough to keep a pristine copy of for the session (the 27B shapes are not).
 KEPT_STAND_INS = ("synthetic:tiny", "synthetic:tiny-multimodal")
 
@@ -136,9 +111,11 @@ def tiny_stand_ins_built_once():
 
 
 @pytest.fixture(scope="session")
-def gemma_tokenizer(packaged_tokenizer_read_once):
+def gemma_tokenizer():
     """The real Gemma 3 tokenizer (from the GGUF package) with Gemma 3's chat template, left padding."""
-    return packaged_tokenizer_read_once("gemma3-270m-gguf")
+    from ao_resampling.engine.loading.models import load_tokenizer
+
+    return load_tokenizer("gemma3-270m-gguf")  # read once per process (models.load_tokenizer)
 
 
 @pytest.fixture(scope="session")
