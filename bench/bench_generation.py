@@ -30,25 +30,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from noise import noise_check  # noqa: E402  (bench/noise.py, beside this file)
 
-from ao_resampling.config import build_config  # noqa: E402
-from ao_resampling.engine.decoding.sampler import Query, Sampler  # noqa: E402
+from workload import add_workload_arguments, load_workload  # noqa: E402
+
+from ao_resampling.engine.decoding.sampler import Sampler  # noqa: E402
 from ao_resampling.engine.reference import sample_hf_batched, sample_sequential  # noqa: E402
-from ao_resampling.inputs.answer_lengths import answer_lengths_for, load_answer_lengths  # noqa: E402
-from ao_resampling.stages.generate import capture_targets  # noqa: E402
-from ao_resampling.stages.common.sampling import load_oracle  # noqa: E402
-from ao_resampling.stages.plan import build_plan, planned_decoding  # noqa: E402
 
 
 def arguments() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="synthetic:gemma-3-27b")
-    p.add_argument("--tokenizer")
-    p.add_argument("--targets", type=Path, required=True)
-    p.add_argument("--questions", type=Path, required=True)
-    p.add_argument("--answer-lengths", type=Path)
-    p.add_argument("--num-targets", type=int, default=100)
-    p.add_argument("--rows", default="auto")
-    p.add_argument("--no-merge", action="store_true", help="decode with the LoRA as adapter modules")
+    add_workload_arguments(p)
     p.add_argument("--check", type=int, default=0)
     p.add_argument("--noise", type=int, default=0)
     p.add_argument("--noise-steps", type=int, default=120)
@@ -60,33 +50,15 @@ def arguments() -> argparse.Namespace:
 
 def main() -> None:
     args = arguments()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    config = build_config(overrides=dict(
-        model=args.model, tokenizer=args.tokenizer, oracle_lora="random", targets=args.targets,
-        questions=args.questions, num_targets=args.num_targets, device=device,
-        dtype="bfloat16" if device == "cuda" else "float32", batch_rows=args.rows, merge_lora=not args.no_merge,
-        answer_lengths=args.answer_lengths))
-    t = time.perf_counter()
-    oracle = load_oracle(config)
-    out: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "load_s": 0.0}
-    out["load_s"] = round(time.perf_counter() - t, 1)
-    plan, _ = build_plan(config, oracle.tokenizer)
-    decoding = planned_decoding(config, oracle.tokenizer)
-    acts = capture_targets(oracle, {r.target_id: r for r in plan.runs}.values())
-    lengths = load_answer_lengths(args.answer_lengths) if args.answer_lengths else None
-    queries = [Query(key=r.run_id, input_ids=tuple(r.oracle_input_ids), n=config.samples_per_query,
-                     vectors_KD=acts[r.target_id], positions_K=tuple(r.placeholder_positions),
-                     answer_lengths=None if lengths is None else answer_lengths_for(
-                         lengths, seed=0, run_id=r.run_id, n=config.samples_per_query,
-                         max_new_tokens=decoding.max_new_tokens))
-               for r in plan.runs]
+    work = load_workload(args)
+    oracle, decoding, queries, device = work.oracle, work.decoding, work.queries, work.device
+    out: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "load_s": work.load_s}
 
-    def sampler(rows, decode=decoding, merge=config.merge_lora) -> Sampler:
-        return Sampler(oracle.model, oracle.tokenizer, decoding=decode, injection_layer=oracle.injection_layer,
-                       coefficient=1.0, rows=rows, merge_lora=merge)
+    def sampler(rows, decode=decoding, merge=work.config.merge_lora) -> Sampler:
+        return work.sampler(rows, decode, merge)
 
     if not args.skip_stage:
-        stage = sampler(config.batch_rows)
+        stage = work.sampler()
         t = time.perf_counter()
         result = stage.run(queries, progress=False)
         seconds = time.perf_counter() - t

@@ -12,6 +12,7 @@ id (the decoding's ``eos_token_ids``).
 from __future__ import annotations
 
 import dataclasses
+import gc
 
 import pytest
 import torch
@@ -278,6 +279,20 @@ def test_without_injection_equals_plain_generate(tiny_oracle, gemma_tokenizer, q
     baseline = [dataclasses.replace(q, vectors_KD=None, positions_K=()) for q in queries]
     assert tokens(fast(tiny_oracle, gemma_tokenizer, baseline, greedy())) == \
         tokens(plain(tiny_oracle, gemma_tokenizer, baseline, greedy()))
+
+
+def test_a_stages_kv_slots_are_freed_when_it_ends_not_when_the_collector_runs(tiny_oracle, gemma_tokenizer, queries,
+                                                                               greedy):
+    # The step's buffers hold every row's KV (tens of GB at 27B): a reference cycle would keep them until a full
+    # garbage collection, and the next stage of the process (a sweep's next condition) would find the card full.
+    gc.collect()
+    gc.disable()
+    try:
+        fast(tiny_oracle, gemma_tokenizer, queries, greedy(), rows=3)
+        alive = [o for o in gc.get_objects() if isinstance(o, decode_step.SlotStep)]
+    finally:
+        gc.enable()
+    assert alive == []
 
 
 def test_a_refill_mixing_injected_and_plain_queries_is_refused(tiny_oracle, gemma_tokenizer, queries, greedy):

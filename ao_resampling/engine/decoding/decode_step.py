@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 import inspect
 import warnings
+import weakref
 
 import torch
 from torch import nn
@@ -77,10 +78,14 @@ def index_rows(cache_BHSD: torch.Tensor, rows_N: torch.Tensor) -> torch.Tensor:
 class SlotCache:
     """The KV cache the model's attention layers write through on a decode step: each row's new key and value go
     to that row's own position (``write_A``), and attention gets the row's whole slot (the mask cuts it). The
-    buffers, the write positions and the row count are the step's own (read, never copied)."""
+    buffers, the write positions and the row count are the step's own (read, never copied).
+
+    It holds the step by a weak reference: a step and its cache referring to each other would be a cycle, and the
+    step's KV slots (tens of GB at 27B) would outlive the stage until the cyclic garbage collector ran, so the next
+    stage of the process (a sweep's next condition, the baseline) would find the card full."""
 
     def __init__(self, step: "SlotStep"):
-        self.step = step
+        self.step = weakref.proxy(step)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         A = self.step.rows
