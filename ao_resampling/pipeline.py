@@ -207,13 +207,15 @@ def _generate_stage(store: ResultsStore | None, config: ExperimentConfig, out_di
 
 
 def _layout_record(layout: Layout | None, config: ExperimentConfig, here: ranks.World) -> dict | None:
-    """The row count chosen, the peak memory and the processes: into meta and timings.json."""
+    """The row count chosen, the peak memory, the processes, and the seconds the decode loop spent journaling (the
+    GPU idles meanwhile): into meta and timings.json."""
     if layout is None:
         return None
     return {"batch_rows": layout.rows, "batch_rows_setting": layout.rows_setting,
             "rows_that_fit": layout.rows_that_fit, "peak_memory_bytes": layout.peak_memory_bytes,
             "device": layout.device, "device_map": config.device_map, "processes": here.size,
-            "refills": layout.refills, "decode_steps": layout.decode_steps, "runs_sampled": layout.runs}
+            "refills": layout.refills, "decode_steps": layout.decode_steps, "runs_sampled": layout.runs,
+            "journal_s": round(layout.on_answers_seconds, 2)}
 
 
 def _judge_and_analyse(store: ResultsStore, config: ExperimentConfig, report: RunReport, *, judge: bool,

@@ -126,14 +126,19 @@ class Journal:
     def _drop_torn_tail(self) -> None:
         # A kill mid-write leaves a last line without its newline. Appending after it would glue the next event onto
         # the fragment and turn a tolerated torn *last* line into a fatal bad *middle* line, so cut it off first.
+        # Only the file's end is read: an append must not cost a read of the whole journal (1,000 appends a stage).
         try:
             with open(self.path, "rb+") as f:
-                data = f.read()
-                if not data or data.endswith(b"\n"):
+                size = f.seek(0, os.SEEK_END)
+                if size == 0:
                     return
-                start = data.rfind(b"\n") + 1
+                f.seek(size - 1)
+                if f.read(1) == b"\n":
+                    return
+                start = self._last_line_start(f, size)
+                f.seek(start)
                 try:  # killed between a complete event and its newline: keep the event
-                    json.loads(data[start:])
+                    json.loads(f.read())
                     f.write(b"\n")
                 except ValueError:
                     f.truncate(start)
@@ -141,6 +146,19 @@ class Journal:
                 os.fsync(f.fileno())
         except FileNotFoundError:
             return
+
+    @staticmethod
+    def _last_line_start(f, size: int, chunk: int = 1 << 16) -> int:
+        """The offset just after the last newline (0 if none), read backwards a chunk at a time."""
+        end = size
+        while end > 0:
+            begin = max(0, end - chunk)
+            f.seek(begin)
+            newline = f.read(end - begin).rfind(b"\n")
+            if newline >= 0:
+                return begin + newline + 1
+            end = begin
+        return 0
 
     def read(self) -> Iterator[dict[str, Any]]:
         """Events as JSON, in order; see ``lines``."""

@@ -39,13 +39,27 @@ def test_a_model_that_decodes_otherwise_than_planned_is_refused(tmp_path):
         generate(store, config, oracle=oracle, progress=False)
 
 
-def test_the_run_records_how_it_decoded(tmp_path):
-    """meta.decode_layout: the rows the step held (sized on the CPU: at most the samples), the processes."""
+def test_the_run_records_how_it_decoded(tmp_path, monkeypatch):
+    """meta.decode_layout: the rows the step held (sized on the CPU: at most the samples), the processes, and the
+    time the decode loop spent journaling (here each journal write is made to take 0.2 s)."""
+    import time
+
+    from ao_resampling.store import ResultsStore
+
+    record = ResultsStore.record
+
+    def slow_record(self, events):
+        if any(e.type == "responses" for e in events):
+            time.sleep(0.2)
+        record(self, events)
+
+    monkeypatch.setattr(ResultsStore, "record", slow_record)
     config = tiny(tmp_path)
     pipeline.run_experiment(config, tmp_path / "run", progress=False, log=lambda _: None)
     layout = load_results_file(tmp_path / "run" / "results.json").meta.decode_layout
     assert layout["batch_rows"] == 4 and layout["batch_rows_setting"] == "auto"  # 2 runs x 2 samples
     assert (layout["processes"], layout["device"], layout["runs_sampled"]) == (1, "cpu", 2)
+    assert 0.4 <= layout["journal_s"] < 1.0  # two runs journaled, 0.2 s each
 
 
 def test_a_stand_in_with_answer_lengths_ends_its_answers_at_the_real_oracles_lengths(tmp_path, shared_data):

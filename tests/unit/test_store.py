@@ -10,6 +10,8 @@ import re
 import stat
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
 from ao_resampling import store as store_mod
@@ -410,3 +412,22 @@ def test_describe_problems_names_every_field_up_to_the_limit():
     with pytest.raises(ValidationError) as info:
         _Three.model_validate([1])
     assert describe_problems(info.value, root="<config>").startswith("field '<config>': ")
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=300).map(lambda b: b.replace(b"\r", b"")), chunk=st.integers(1, 64))
+def test_the_last_line_is_found_from_the_end_a_chunk_at_a_time(tmp_path_factory, data, chunk):
+    path = tmp_path_factory.mktemp("tail") / "journal.jsonl"
+    path.write_bytes(data)
+    with open(path, "rb") as f:
+        assert Journal._last_line_start(f, len(data), chunk=chunk) == data.rfind(b"\n") + 1
+
+
+def test_a_torn_line_longer_than_a_read_chunk_is_cut_off(store):
+    store.journal.append(_responses_event("run__t1__q1", ["a", "b"]))
+    with open(store.journal.path, "a") as f:
+        f.write('{"type":"responses","run_id":"run__t2__q1","responses":["' + "x" * 200_000)  # > 64 KiB torn
+    store.journal.append(_responses_event("run__t2__q1", ["c", "d"]))
+    loaded = store.load()
+    assert [r.text for r in loaded.run_by_id()["run__t2__q1"].responses] == ["c", "d"]
+    assert [r.text for r in loaded.run_by_id()["run__t1__q1"].responses] == ["a", "b"]

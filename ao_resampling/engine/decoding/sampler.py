@@ -31,6 +31,7 @@ Shape letters:
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -92,6 +93,7 @@ class Layout:
     refills: int = 0
     decode_steps: int = 0
     captured_graphs: list[tuple[int, int]] = field(default_factory=list)
+    on_answers_seconds: float = 0.0  # spent in the caller's on_answers (journaling): the GPU waits meanwhile
 
 
 class Sampler:
@@ -126,7 +128,9 @@ class Sampler:
                     answers[key][seat.sample] = sample
                     bar.update(1)
                     if on_answers and all(a is not None for a in answers[key]):
+                        start = time.perf_counter()
                         on_answers(key, answers[key])
+                        run.layout.on_answers_seconds += time.perf_counter() - start
             self.layout = run.layout
         if device.type == "cuda":
             self.layout.peak_memory_bytes = torch.cuda.max_memory_allocated(device)

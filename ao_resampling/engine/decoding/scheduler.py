@@ -22,7 +22,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-REFILL_FRACTION = 8  # refill once 1/8 of the rows are free: each refill is a prefill pass, ~one decode step's cost
+# Refill once 1/4 of the rows are free. A refill's prompt pass runs eagerly and costs about what 1.5 decode steps do
+# whatever its size (~83 ms for ~5 prompts at 27B on an H100: kernel launches, not arithmetic), so fewer, larger
+# refills win until idle rows cost more. Measured on an H100, 20 targets, real answer lengths (bench/README.md):
+# 1/4 15.3 s (25 refills, 191 steps), 1/2 15.9 s (14, 217), 1/8 16.7 s re-run with phase timers (45, 182); from the
+# phases (53.6 ms a step, ~90 ms a refill) 1/8 13.7 s of decoding against 12.5 s for 1/4, 12.9 s for 1/2.
+REFILL_FRACTION = 4
 # The tail shrinks the step only once at most a quarter of its rows are live: a 27B step is mostly the weights'
 # read, so fewer rows save little per step, and every new (rows, cut length) costs a CUDA graph capture (~0.3 s).
 COMPACT_AT = 4
