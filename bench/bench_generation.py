@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from noise import noise_check  # noqa: E402  (bench/noise.py, beside this file)
 
-from workload import add_workload_arguments, load_workload  # noqa: E402
+from workload import add_workload_arguments, load_workload, print_result  # noqa: E402
 
 from ao_resampling.engine.decoding.sampler import Sampler  # noqa: E402
 from ao_resampling.engine.reference import sample_hf_batched, sample_sequential  # noqa: E402
@@ -85,12 +84,7 @@ def main() -> None:
         if "stage" in out:
             per_sample = out["stage"]["seconds"] / out["stage"]["samples"]
             out["ratio_to_sequential"] = round(out["sequential_s_per_sample"] / per_sample)
-    if device == "cuda":
-        out["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.json:
-        args.json.write_text(text)
+    print_result(out, args.json)
 
 
 if __name__ == "__main__":

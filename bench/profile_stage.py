@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from workload import add_workload_arguments, load_workload  # noqa: E402
+from workload import add_workload_arguments, load_workload, print_result  # noqa: E402
 
 import ao_resampling.engine.decoding.scheduler as scheduler  # noqa: E402
 from ao_resampling.engine.decoding import sampler as sampler_module  # noqa: E402
@@ -143,12 +143,7 @@ def main() -> None:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             profiled = run_stage(work, few)
         out["profile"] = {"stage": profiled, **kernel_table(prof, args.top_kernels)}
-    if work.device == "cuda":
-        out["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.json:
-        args.json.write_text(text)
+    print_result(out, args.json)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ turns them into ``Workload``.
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,3 +73,13 @@ def load_workload(args: argparse.Namespace) -> Workload:
                          max_new_tokens=decoding.max_new_tokens))
                for r in plan.runs]
     return Workload(config, oracle, decoding, queries, device, load_s)
+
+
+def print_result(out: dict, json_path: Path | None) -> None:
+    """The bench's JSON object, with the peak GPU memory, printed (and written to ``json_path``)."""
+    if torch.cuda.is_available():
+        out["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+    text = json.dumps(out, indent=1)
+    print(text)
+    if json_path:
+        json_path.write_text(text)
