@@ -174,12 +174,13 @@ class Sampler:
     def draw(self, logits_AV: torch.Tensor, keys_A: torch.Tensor, steps_A: torch.Tensor,
              ends_A: torch.Tensor | None = None) -> torch.Tensor:
         """Each row's next token from its own stream; a stand-in's answer length (``ends_A``, None when no query
-        has one) makes the stop token win there."""
+        has one) makes the stop token win there, written into ``logits_AV``'s stop column in place (the caller's
+        logits are scratch: a gather, or the step's output buffer, read by nothing after the draw)."""
         d = self.decoding
         if ends_A is not None:  # no host sync: rows not ending here keep their stop logit
             stop = self.stop_ids[-1]
-            stop_A = torch.where(ends_A == steps_A + 1, logits_AV.amax(-1) + STOP_BOOST, logits_AV[:, stop])
-            logits_AV = logits_AV.index_copy(1, torch.tensor([stop], device=logits_AV.device), stop_A[:, None])
+            logits_AV[:, stop] = torch.where(ends_A == steps_A + 1, logits_AV.amax(-1) + STOP_BOOST,
+                                             logits_AV[:, stop])
         return sample_next_tokens(logits_AV, temperature=d.temperature, top_p=d.top_p, top_k=d.top_k,
                                   keys_B=keys_A, steps_B=steps_A)
 
@@ -295,7 +296,11 @@ class _Run:
         self.layout.decode_steps += 1
         rows_N = torch.tensor(live, device=self.device)
         steps_N = torch.tensor([self.drawn[row] for row in live], device=self.device)
-        tokens_N = self.sampler.draw(logits_AV[rows_N], self.keys_B[rows_N], steps_N, self._ends(rows_N))
+        if len(live) == A:  # every row decodes (the steady state): its logits as they are, no gather of A x V
+            logits_NV, keys_N, ends_N = logits_AV, self.keys_B[:A], self.ends_B[:A] if self.with_lengths else None
+        else:
+            logits_NV, keys_N, ends_N = logits_AV[rows_N], self.keys_B[rows_N], self._ends(rows_N)
+        tokens_N = self.sampler.draw(logits_NV, keys_N, steps_N, ends_N)
         self._record(rows_N, steps_N, tokens_N)
         for row in live:
             self.drawn[row] += 1
