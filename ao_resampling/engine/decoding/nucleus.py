@@ -49,11 +49,11 @@ def sample_next_tokens(logits_BV: torch.Tensor, *, temperature: float, top_p: fl
     if temperature == 0:
         return logits_BV.argmax(-1)
     top_k = top_k if 0 < top_k < logits_BV.shape[-1] else 0  # HF: a top_k >= the vocabulary keeps every token
-    top_ids_BC, weights_BC, short_B, scaled_BV = _candidate_weights(logits_BV, temperature, top_p, top_k, candidates)
+    top_ids_BC, weights_BC, short_B = _candidate_weights(logits_BV, temperature, top_p, top_k, candidates)
     tokens_B = _draw(weights_BC, top_ids_BC, keys_B, steps_B)
     if short_B.any():
         rows_R = short_B.nonzero().squeeze(-1)
-        weights_RV = _full_row_weights(logits_BV[rows_R], scaled_BV[rows_R], temperature, top_p, top_k)
+        weights_RV = _full_row_weights(logits_BV[rows_R], temperature, top_p, top_k)
         vocab_1V = torch.arange(weights_RV.shape[-1], device=weights_RV.device)[None]
         tokens_B[rows_R] = _draw(weights_RV, vocab_1V.expand_as(weights_RV), keys_B[rows_R], steps_B[rows_R])
     return tokens_B
@@ -64,22 +64,28 @@ def sampling_weights(logits_BV: torch.Tensor, *, temperature: float, top_p: floa
     """The normalised distribution ``sample_next_tokens`` draws from, over the whole vocabulary (for checks: the
     same pieces, scattered into a dense row)."""
     top_k = top_k if 0 < top_k < logits_BV.shape[-1] else 0
-    top_ids_BC, weights_BC, short_B, scaled_BV = _candidate_weights(logits_BV, temperature, top_p, top_k, candidates)
-    weights_BV = torch.zeros_like(scaled_BV).scatter(-1, top_ids_BC, weights_BC)
+    top_ids_BC, weights_BC, short_B = _candidate_weights(logits_BV, temperature, top_p, top_k, candidates)
+    weights_BV = torch.zeros(logits_BV.shape, dtype=weights_BC.dtype, device=logits_BV.device)
+    weights_BV = weights_BV.scatter(-1, top_ids_BC, weights_BC)
     rows_R = short_B.nonzero().squeeze(-1)
     if rows_R.numel():
-        weights_BV[rows_R] = _full_row_weights(logits_BV[rows_R], scaled_BV[rows_R], temperature, top_p, top_k)
+        weights_BV[rows_R] = _full_row_weights(logits_BV[rows_R], temperature, top_p, top_k)
     return weights_BV / weights_BV.sum(-1, keepdim=True)
 
 
 def _candidate_weights(logits_BV: torch.Tensor, temperature: float, top_p: float, top_k: int, candidates: int):
-    """The top candidates' ids and unnormalised kept probabilities, which rows need the full-row path, the scaled
-    logits. Returns (ids_BC, weights_BC, short_B, scaled_BV)."""
-    scaled_BV = logits_BV.float() / temperature  # HF: float32 logits, then TemperatureLogitsWarper
+    """The top candidates' ids and unnormalised kept probabilities, and which rows need the full-row path.
+    Returns (ids_BC, weights_BC, short_B).
+
+    HF scales the whole row to float32 (``logits.float() / temperature``) before its warpers; here only the
+    candidates are: dividing by a positive temperature keeps the order (a bf16 logit converts to float32 exactly),
+    so the top candidates of the raw logits are those of the scaled ones, and every comparison below is made on the
+    scaled values, so even two float32 logits the division makes equal are treated as HF treats them (tied)."""
     # With top-k, candidates past the k-th hold the tokens tied with it (bf16 logits tie often: a random 27B model's
     # rows sent ~1 row in 6 to the full sort when only the (k+1)-th was looked at, ~6 ms a step on the H200).
     k = min(max(top_k + 1, candidates) if top_k else candidates, logits_BV.shape[-1])
-    top_scaled_BC, top_ids_BC = scaled_BV.topk(k, dim=-1)  # sorted, descending
+    top_logits_BC, top_ids_BC = logits_BV.topk(k, dim=-1)  # sorted, descending
+    top_scaled_BC = top_logits_BC.float() / temperature  # HF: float32 logits, then TemperatureLogitsWarper
     if top_k:
         # TopKLogitsWarper keeps every token >= the k-th value (ties included); top-p then sees them renormalised.
         in_k_BC = top_scaled_BC >= top_scaled_BC[:, top_k - 1:top_k]
@@ -87,14 +93,15 @@ def _candidate_weights(logits_BV: torch.Tensor, temperature: float, top_p: float
         top_probs_BC = (top_scaled_BC - log_z_B1).exp() * in_k_BC
         short_B = in_k_BC[:, -1]  # the last candidate ties the k-th: the tie may reach past the candidates
     else:
-        top_probs_BC = (top_scaled_BC - scaled_BV.logsumexp(-1, keepdim=True)).exp()
+        log_z_B1 = (logits_BV.float() / temperature).logsumexp(-1, keepdim=True)
+        top_probs_BC = (top_scaled_BC - log_z_B1).exp()
         short_B = top_probs_BC.sum(-1) < top_p  # the nucleus reaches past the candidates
-    return top_ids_BC, top_probs_BC * top_p_keep_mask(top_probs_BC, top_p), short_B, scaled_BV
+    return top_ids_BC, top_probs_BC * top_p_keep_mask(top_probs_BC, top_p), short_B
 
 
-def _full_row_weights(logits_RV: torch.Tensor, scaled_RV: torch.Tensor, temperature: float, top_p: float,
-                      top_k: int) -> torch.Tensor:
+def _full_row_weights(logits_RV: torch.Tensor, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
     """Kept probabilities over whole rows (one sort each): rows whose nucleus or top-k tie leaves the candidates."""
+    scaled_RV = logits_RV.float() / temperature
     if top_k:
         kth_R1 = scaled_RV.topk(top_k, dim=-1).values[:, -1:]
         logits_RV = logits_RV.masked_fill(scaled_RV < kth_R1, float("-inf"))
