@@ -265,3 +265,22 @@ def test_a_nucleus_at_the_candidate_fallback_boundary_is_hfs(gap):
     drawn = sample_next_tokens(logits_1V.expand(2000, V), temperature=1.0, top_p=top_p, candidates=candidates,
                                **streams(2000))
     assert (ours_1V[0, drawn] > 0).all(), "a token outside the kept set was drawn"
+
+
+def test_float32_logits_the_temperature_makes_equal_are_tied_as_in_hf():
+    """Candidates come from the raw logits and only they are scaled: a k-th and a (k+1)-th logit that differ in
+    float32 but are equal once divided by the temperature must be kept together, as HF's TopKLogitsWarper (which
+    sees the scaled row) keeps them."""
+    kth = torch.tensor(1.400054931640625)
+    below = torch.nextafter(kth, torch.tensor(0.0))
+    assert below < kth and below / 0.7 == kth / 0.7  # the division ties them
+    top_k, V = 8, 1000
+    logits_1V = torch.linspace(-3.0, 1.0, V)[None]  # all below the tie
+    logits_1V[0, :top_k - 1] = torch.linspace(5.0, 2.0, top_k - 1)
+    logits_1V[0, top_k - 1], logits_1V[0, top_k] = kth, below
+    logits_1V = logits_1V[:, torch.randperm(V, generator=torch.Generator().manual_seed(1))]
+
+    got_1V = sampling_weights(logits_1V, temperature=0.7, top_p=1.0, top_k=top_k)
+    warped_1V = TopKLogitsWarper(top_k)(None, TemperatureLogitsWarper(0.7)(None, logits_1V.clone()))
+    torch.testing.assert_close(got_1V, warped_1V.softmax(-1))
+    assert int((got_1V > 0).sum()) == top_k + 1
