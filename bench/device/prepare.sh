@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Lays out what a GPU call of the workplace's device tool needs, in the ignored folders .device/ and .whl/ (run from
 # the repository root, with .venv installed). Then: run `bash .device/run_all.sh` with carry [".device", ".whl"]
-# (LIMIT=seconds bounds it); `bash .device/run_old.sh` measures 09bc105 (before issue 23) on the same card.
+# (LIMIT=seconds bounds it), then `bash .device/run_compare.sh`: forced 120 against 09bc105 on the same card.
 # The device has torch and transformers but not openai/pydantic/peft/pytest: their wheels travel (cp312), and only
 # the missing ones are installed there (install_missing.py). The tokenizer travels gzipped (33 MB -> 5 MB).
 set -euo pipefail
