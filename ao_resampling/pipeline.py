@@ -214,7 +214,8 @@ def _layout_record(layout: Layout | None, config: ExperimentConfig, here: ranks.
     return {"batch_rows": layout.rows, "batch_rows_setting": layout.rows_setting,
             "rows_that_fit": layout.rows_that_fit, "peak_memory_bytes": layout.peak_memory_bytes,
             "device": layout.device, "device_map": config.device_map, "processes": here.size,
-            "refills": layout.refills, "decode_steps": layout.decode_steps, "runs_sampled": layout.runs,
+            "refills": layout.refills, "prompt_passes": layout.prompt_passes, "decode_steps": layout.decode_steps,
+            "runs_sampled": layout.runs,
             "journal_s": round(layout.on_answers_seconds, 2)}
 
 

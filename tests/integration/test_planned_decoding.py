@@ -60,6 +60,7 @@ def test_the_run_records_how_it_decoded(tmp_path, monkeypatch):
     assert layout["batch_rows"] == 4 and layout["batch_rows_setting"] == "auto"  # 2 runs x 2 samples
     assert (layout["processes"], layout["device"], layout["runs_sampled"]) == (1, "cpu", 2)
     assert 0.4 <= layout["journal_s"] < 1.0  # two runs journaled, 0.2 s each
+    assert layout["prompt_passes"] == 1  # both queries' prompts in one block
 
 
 def test_a_stand_in_with_answer_lengths_ends_its_answers_at_the_real_oracles_lengths(tmp_path, shared_data):

@@ -19,6 +19,7 @@ import torch
 
 import ao_resampling.engine.decoding.attention as attention
 import ao_resampling.engine.decoding.decode_step as decode_step
+import ao_resampling.engine.decoding.sampler as sampler_module
 from ao_resampling.config import Decoding
 from ao_resampling.engine.decoding.sampler import Query, Sample, Sampler, make_sample, until_stop
 from ao_resampling.engine.decoding.settings import model_generation_config, resolve_decoding
@@ -230,6 +231,25 @@ def test_early_stops_free_rows_for_the_next_samples(tiny_oracle, gemma_tokenizer
     assert tokens(result) == tokens(plain(tiny_oracle, gemma_tokenizer, queries, decoding))
     assert [s.finish_reason for s in result["q0"]] == ["eos", "eos"] and result["q0"][0].n_tokens == 3
     assert [s.finish_reason for s in result["q1"]] == ["length", "length"] and result["q1"][0].n_tokens == 8
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_each_block_of_queries_is_prefilled_once_whatever_the_rows(tiny_oracle, gemma_tokenizer, queries,
+                                                                  greedy_reference, greedy, monkeypatch, rows):
+    """Prompts are prefilled in fixed blocks of queries (two here), each block once, however the refills split a
+    query's samples; the answers stay HF generate's."""
+    monkeypatch.setattr(sampler_module, "PREFILL_QUERIES", 2)
+    passes = []
+    real_prefill = Sampler.prefill
+    monkeypatch.setattr(Sampler, "prefill", lambda self, qs, *a: passes.append([q.key for q in qs])
+                        or real_prefill(self, qs, *a))
+    sampler = Sampler(tiny_oracle, gemma_tokenizer, decoding=greedy(), injection_layer=INJECTION_LAYER,
+                      coefficient=1.0, rows=rows)
+    result = sampler.run(queries, progress=False)
+
+    assert passes == [["q0", "q1"], ["q2"]]
+    assert sampler.layout.prompt_passes == 2 and sampler.layout.refills >= 2
+    assert tokens(result) == greedy_reference
 
 
 def test_the_tail_shrinks_onto_the_ladder_in_place(tiny_oracle, gemma_tokenizer, acts_BD, greedy_reference, greedy,

@@ -2,8 +2,9 @@
 that a continuously refilled set of rows keeps full.
 
 - Rows hold samples (scheduler.py): when enough rows are free, the next pending samples take them. Their queries'
-  prompts are prefilled (each prompt once per refill, the injection hook attached, on the prompt pass only), the
-  prompt's KV is copied into each sample's row (decode_step.py's ``SlotStep.seat``), and the sample's first token is
+  prompts are prefilled in fixed blocks of ``PREFILL_QUERIES`` queries, each block once (the injection hook
+  attached, on the prompt pass only) and kept until its samples are seated; the prompt's KV is copied into each
+  sample's row (decode_step.py's ``SlotStep.seat``), and the sample's first token is
   drawn from the prompt's last logits. Decode steps then run without any hook: each row feeds its last token at its
   own position, the step is a CUDA graph replay per (rows, cut length), attention reads grouped KV heads in place.
 - Every draw comes from the sample's own random stream (streams.py), keyed by (seed, run, sample index) and the
@@ -52,7 +53,11 @@ from ao_resampling.engine.hooks import injecting, left_pad, position_ids_from_ma
 from ao_resampling.engine.loading.adapters import adapter_disabled
 from ao_resampling.engine.loading.models import model_device, text_config
 
-PREFILL_QUERIES = 32  # prompts per prefill pass at most: bounds the prefill's memory beside the KV slots
+# Prompts per prompt pass: queries are prefilled in fixed blocks of this many (0-31, 32-63, ...), each block once,
+# its KV kept until every sample of its queries is seated. A 27B prompt pass is launch-bound (~83 ms on an H100 for
+# ~200 tokens, ~14 ms of it matmuls), so one pass per 32 queries instead of one per refill; the block is also what
+# the row budget sets aside for a prefill (memory.py), and it does not depend on the rows or the refills.
+PREFILL_QUERIES = 32
 STOP_BOOST = 30.0  # logits the stop token gets above the top one where a stand-in's answer length says it ends
 
 
@@ -91,6 +96,7 @@ class Layout:
     peak_memory_bytes: int | None = None
     device: str = "cpu"
     refills: int = 0
+    prompt_passes: int = 0
     decode_steps: int = 0
     captured_graphs: list[tuple[int, int]] = field(default_factory=list)
     on_answers_seconds: float = 0.0  # spent in the caller's on_answers (journaling): the GPU waits meanwhile
@@ -196,6 +202,16 @@ class Sampler:
         return returned_cache(out), mask_QP, out.logits[:, -1].to(device)
 
 
+@dataclass
+class _PromptBlock:
+    """The prompt pass of queries [first, first + Q): their KV (left-padded to P), masks and last logits."""
+
+    first: int
+    cache: object
+    mask_QP: torch.Tensor
+    logits_QV: torch.Tensor
+
+
 class _Run:
     """One stage's decode loop: the step's rows, each sample's stream, the answers as they end."""
 
@@ -216,6 +232,7 @@ class _Run:
         self.stop_E = torch.tensor(sampler.stop_ids, dtype=torch.long, device=device)  # () too: a forced run
         self.drawn = [0] * B  # tokens drawn so far by the sample in each row (host: no sync needed)
         self.ended_B = torch.zeros(B, dtype=torch.bool, device=device)
+        self.prompts: _PromptBlock | None = None
 
     def answers(self) -> Iterator[tuple[Seat, Sample]]:
         """Decode until every sample has ended; yields each (seat, answer) as it ends."""
@@ -230,21 +247,32 @@ class _Run:
         self.layout.captured_graphs = sorted(self.step.graphs)
 
     def _seat(self, seats: list[Seat]) -> None:
-        """Prefill the admitted samples' prompts (``PREFILL_QUERIES`` at a time) and seat them."""
+        """Seat the admitted samples, each from its query's block of prompt passes."""
         self.layout.refills += 1
-        order = list(dict.fromkeys(seat.query for seat in seats))
-        for start in range(0, len(order), PREFILL_QUERIES):
-            chunk = order[start:start + PREFILL_QUERIES]
-            self._seat_group([seat for seat in seats if seat.query in set(chunk)], chunk)
+        blocks = list(dict.fromkeys(seat.query // PREFILL_QUERIES for seat in seats))
+        for block in blocks:
+            group = [seat for seat in seats if seat.query // PREFILL_QUERIES == block]
+            self._seat_group(group, self._prompts(block))
+        if not self.scheduler.pending:
+            self.prompts = None  # every sample is seated: the last block's KV is not needed any more
 
-    def _seat_group(self, seats: list[Seat], order: list[int]) -> None:
-        """Prefill the prompts of ``order`` (query indices) and seat ``seats`` (their samples) in their rows."""
-        queries = [self.queries[i] for i in order]
-        cache, mask_QP, logits_QV = self.sampler.prefill(queries, self.P, self.device)
-        query_of_N = torch.tensor([order.index(s.query) for s in seats], device=self.device)
+    def _prompts(self, block: int) -> "_PromptBlock":
+        """The prompt pass of block ``block`` (queries ``block * PREFILL_QUERIES`` on), made once: samples are
+        admitted in query order, so a block is never needed again once the next one is."""
+        first = block * PREFILL_QUERIES
+        if self.prompts is None or self.prompts.first != first:
+            self.prompts = None  # the previous block's KV goes before the next prompt pass allocates
+            cache, mask_QP, logits_QV = self.sampler.prefill(self.queries[first:first + PREFILL_QUERIES], self.P,
+                                                             self.device)
+            self.prompts = _PromptBlock(first, cache, mask_QP, logits_QV)
+            self.layout.prompt_passes += 1
+        return self.prompts
+
+    def _seat_group(self, seats: list[Seat], prompts: "_PromptBlock") -> None:
+        """Seat ``seats`` (samples of queries in ``prompts``' block) in their rows and draw their first tokens."""
+        query_of_N = torch.tensor([s.query - prompts.first for s in seats], device=self.device)
         rows_N = torch.tensor([s.row for s in seats], device=self.device)
-        self.step.seat(rows_N, cache, query_of_N, mask_QP)
-        del cache
+        self.step.seat(rows_N, prompts.cache, query_of_N, prompts.mask_QP)
         seated = [self.queries[s.query] for s in seats]
         self.keys_B[rows_N] = torch.tensor([sample_key(self.sampler.decoding.seed or 0, q.key, s.sample)
                                             for q, s in zip(seated, seats)], device=self.device)
@@ -252,7 +280,8 @@ class _Run:
                                             for q, s in zip(seated, seats)], device=self.device)
         self.tokens_BT[rows_N] = self.sampler.pad_id
         zeros_N = torch.zeros_like(rows_N)
-        first_N = self.sampler.draw(logits_QV[query_of_N], self.keys_B[rows_N], zeros_N, self._ends(rows_N))
+        first_N = self.sampler.draw(prompts.logits_QV[query_of_N], self.keys_B[rows_N], zeros_N,
+                                    self._ends(rows_N))
         self._record(rows_N, zeros_N, first_N)
         for s in seats:
             self.drawn[s.row] = 1
