@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,8 +51,6 @@ class Workload:
 
 
 def load_workload(args: argparse.Namespace) -> Workload:
-    import time
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = args.rows if args.rows == "auto" else int(args.rows)
     config = build_config(overrides=dict(

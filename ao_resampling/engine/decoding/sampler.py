@@ -286,7 +286,7 @@ class _Run:
         for s in seats:
             self.drawn[s.row] = 1
 
-    def _ends(self, rows_N: torch.Tensor) -> torch.Tensor | None:
+    def _ends(self, rows_N: torch.Tensor | slice) -> torch.Tensor | None:
         return self.ends_B[rows_N] if self.with_lengths else None
 
     def _record(self, rows_N: torch.Tensor, steps_N: torch.Tensor, tokens_N: torch.Tensor) -> None:
@@ -325,11 +325,8 @@ class _Run:
         self.layout.decode_steps += 1
         rows_N = torch.tensor(live, device=self.device)
         steps_N = torch.tensor([self.drawn[row] for row in live], device=self.device)
-        if len(live) == A:  # every row decodes (the steady state): its logits as they are, no gather of A x V
-            logits_NV, keys_N, ends_N = logits_AV, self.keys_B[:A], self.ends_B[:A] if self.with_lengths else None
-        else:
-            logits_NV, keys_N, ends_N = logits_AV[rows_N], self.keys_B[rows_N], self._ends(rows_N)
-        tokens_N = self.sampler.draw(logits_NV, keys_N, steps_N, ends_N)
+        live_N = slice(None, A) if len(live) == A else rows_N  # every row live (the steady state): views, no gather
+        tokens_N = self.sampler.draw(logits_AV[live_N], self.keys_B[live_N], steps_N, self._ends(live_N))
         self._record(rows_N, steps_N, tokens_N)
         for row in live:
             self.drawn[row] += 1
