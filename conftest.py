@@ -58,8 +58,11 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     """The session is over: exit without the interpreter's last garbage collection walking every object that torch,
-    transformers and the session's models left (seconds; the CLI does the same, ao_resampling.cli.main)."""
-    gc.freeze()
+    transformers and the session's models left (seconds), and without Triton's teardown report of those objects
+    (the CLI ends the same way: ao_resampling/teardown.py)."""
+    from ao_resampling.teardown import end_without_final_collection
+
+    end_without_final_collection()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -31,6 +31,7 @@ from ao_resampling.position_rules import RULE_FORMS
 from ao_resampling.store import folder_lock
 from ao_resampling.redaction import is_redacted_url, redact
 from ao_resampling.results import RESULTS_NAME
+from ao_resampling.teardown import end_without_final_collection
 
 if TYPE_CHECKING:  # pipeline imports torch: only the commands that run it load it
     from ao_resampling.pipeline import RunReport
@@ -444,7 +445,4 @@ def main() -> None:  # python -m ao_resampling, and the ao-resampling script
     try:
         app()
     finally:
-        # The command is done, its files written and closed. Without this the interpreter's last garbage collection
-        # walks every object that torch, transformers and a loaded model left behind: ~1 s of each exit, more than
-        # a short command's own work. (Frozen objects are not collected at exit; memory goes back with the process.)
-        gc.freeze()
+        end_without_final_collection()  # the command is done, its files written and closed (teardown.py)

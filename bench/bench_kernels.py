@@ -20,6 +20,7 @@ from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm, repeat_kv
 from cuda_timing import cuda_ms  # bench/, beside this script
 
 from ao_resampling.engine.decoding.attention import gqa_attention
+from ao_resampling.engine.decoding.norms import fused_gemma_rms_norm
 
 
 def main() -> None:
@@ -72,7 +73,13 @@ def main() -> None:
         same = torch.equal(fused(), norm(x))
         close = torch.allclose(fused().float(), norm(x).float(), atol=1e-2, rtol=1e-2)
         print(f"RMSNorm {tuple(shape)}: fused equals HF bit for bit: {same}, within bf16 rounding: {close}")
-        for name, fn in [("HF Gemma3RMSNorm", lambda: norm(x)), ("F.rms_norm, (1+w) folded", fused)]:
+        def triton_norm():
+            return fused_gemma_rms_norm(x, w.contiguous(), 1e-6)
+
+        differing = (triton_norm() != norm(x)).float().mean().item()
+        print(f"  Triton kernel (the sampler's on a GPU): {differing:.2e} of outputs differ from HF (by one bf16 ulp)")
+        for name, fn in [("HF Gemma3RMSNorm", lambda: norm(x)), ("F.rms_norm, (1+w) folded", fused),
+                         ("norms.fused_gemma_rms_norm (Triton)", triton_norm)]:
             ms = cuda_ms(fn, 100)
             print(f"  {name:<36} {ms * 1000:7.1f} us   x6 norms x62 layers: {6 * 62 * ms:6.1f} ms")
 
