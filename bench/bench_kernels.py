@@ -4,7 +4,8 @@
 
 Attention: ``gqa_attention`` (batched matmuls over the grouped heads, reading the cache once) against SDPA with
 ``enable_gqa=True`` and against HF's path (repeat_kv, then SDPA). RMSNorm: HF's Gemma3RMSNorm (about ten
-elementwise kernels) against ``torch.nn.functional.rms_norm`` with the (1 + w) weight folded in. Times are CUDA-event
+elementwise kernels) against ``torch.nn.functional.rms_norm`` with the (1 + w) weight folded in and against the
+sampler's one Triton kernel (``norms.fused_gemma_rms_norm``). Times are CUDA-event
 means over repeats after a warm-up, and the achieved bandwidth counts the bytes each must read and write.
 """
 
