@@ -215,7 +215,7 @@ def _layout_record(layout: Layout | None, config: ExperimentConfig, here: ranks.
             "rows_that_fit": layout.rows_that_fit, "peak_memory_bytes": layout.peak_memory_bytes,
             "device": layout.device, "device_map": config.device_map, "processes": here.size,
             "refills": layout.refills, "prompt_passes": layout.prompt_passes, "decode_steps": layout.decode_steps,
-            "runs_sampled": layout.runs, "norms": layout.norms,
+            "runs_sampled": layout.runs, "triton_kernels": layout.triton_kernels,
             "journal_s": round(layout.on_answers_seconds, 2)}
 
 

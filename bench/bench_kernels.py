@@ -5,7 +5,8 @@
 Attention: ``gqa_attention`` (batched matmuls over the grouped heads, reading the cache once) against SDPA with
 ``enable_gqa=True`` and against HF's path (repeat_kv, then SDPA). RMSNorm: HF's Gemma3RMSNorm (about ten
 elementwise kernels) against ``torch.nn.functional.rms_norm`` with the (1 + w) weight folded in and against the
-sampler's one Triton kernel (``norms.fused_gemma_rms_norm``). Times are CUDA-event
+sampler's one Triton kernel (``triton_kernels.rms_norm``); RoPE: HF's ``apply_rotary_pos_emb`` against
+``triton_kernels.rotary``. Times are CUDA-event
 means over repeats after a warm-up, and the achieved bandwidth counts the bytes each must read and write.
 """
 
@@ -16,12 +17,12 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
-from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm, repeat_kv
+from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm, apply_rotary_pos_emb, repeat_kv
 
 from cuda_timing import cuda_ms  # bench/, beside this script
 
 from ao_resampling.engine.decoding.attention import gqa_attention
-from ao_resampling.engine.decoding.norms import fused_gemma_rms_norm
+from ao_resampling.engine.decoding import triton_kernels
 
 
 def main() -> None:
@@ -75,14 +76,24 @@ def main() -> None:
         close = torch.allclose(fused().float(), norm(x).float(), atol=1e-2, rtol=1e-2)
         print(f"RMSNorm {tuple(shape)}: fused equals HF bit for bit: {same}, within bf16 rounding: {close}")
         def triton_norm():
-            return fused_gemma_rms_norm(x, w.contiguous(), 1e-6)
+            return triton_kernels.rms_norm(x, w.contiguous(), 1e-6)
 
         differing = (triton_norm() != norm(x)).float().mean().item()
         print(f"  Triton kernel (the sampler's on a GPU): {differing:.2e} of outputs differ from HF (by one bf16 ulp)")
         for name, fn in [("HF Gemma3RMSNorm", lambda: norm(x)), ("F.rms_norm, (1+w) folded", fused),
-                         ("norms.fused_gemma_rms_norm (Triton)", triton_norm)]:
+                         ("triton_kernels.rms_norm", triton_norm)]:
             ms = cuda_ms(fn, 100)
             print(f"  {name:<36} {ms * 1000:7.1f} us   x6 norms x62 layers: {6 * 62 * ms:6.1f} ms")
+
+    q, k = torch.randn(B, H, 1, D, **bf16), torch.randn(B, K, 1, D, **bf16)
+    cos, sin = torch.randn(2, B, 1, D, **bf16)
+    same = torch.equal(triton_kernels.rotary(q, cos, sin), apply_rotary_pos_emb(q, k, cos, sin)[0])
+    print(f"RoPE, q {tuple(q.shape)} and k {tuple(k.shape)}: Triton equals HF bit for bit: {same}")
+    for name, fn in [("HF apply_rotary_pos_emb", lambda: apply_rotary_pos_emb(q, k, cos, sin)),
+                     ("triton_kernels.rotary (q, k)", lambda: (triton_kernels.rotary(q, cos, sin),
+                                                               triton_kernels.rotary(k, cos, sin)))]:
+        ms = cuda_ms(fn, 100)
+        print(f"  {name:<36} {ms * 1000:7.1f} us   x62 layers: {62 * ms:6.1f} ms")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ is no larger than the one HF itself makes when the same rows are batched differe
 tokens (Q queries x T steps), per step the largest |delta log-prob| over rows and vocabulary of
 
 - the sampler's decode with the LoRA merged, and with it unmerged (adapter modules), against HF at batch 1 with the
-  adapter unmerged (what the reference code runs), both with the sampler's norms (one Triton kernel each on a GPU),
-  and merged with the norms as HF's torch arithmetic (what the one-kernel norm adds), and
+  adapter unmerged (what the reference code runs), both with the sampler's kernels (RMSNorm and RoPE in Triton on a
+  GPU), and merged with torch's kernels everywhere (what the Triton RMSNorm adds; its RoPE is bit for bit), and
 - HF at batch Q (the Q queries left-padded together) against HF at batch 1.
 
 HF here is one forward over prompt + forced tokens with the activation injected at the placeholders; the injection
@@ -30,7 +30,7 @@ import torch
 
 from ao_resampling.config import Decoding
 from ao_resampling.engine.decoding.decode_step import SlotStep
-from ao_resampling.engine.decoding import sampler as sampler_module
+from ao_resampling.engine.decoding import triton_kernels
 from ao_resampling.engine.decoding.sampler import Query, Sampler, injection_for_rows
 from ao_resampling.engine.hooks import left_pad, position_ids_from_mask
 from ao_resampling.engine.loading.models import model_device, text_config
@@ -77,9 +77,9 @@ def sampler_teacher_forced(sampler: Sampler, queries: Sequence[Query], tokens_QT
     return torch.stack(out, dim=1)
 
 
-def _norms(fused: bool):
-    """The sampler's norms as it chooses them (one Triton kernel on a GPU), or forced to the torch arithmetic."""
-    return contextlib.nullcontext() if fused else mock.patch.object(sampler_module, "fused_available", lambda _: False)
+def _kernels(fused: bool):
+    """The sampler's kernels as it chooses them (RMSNorm and RoPE in Triton on a GPU), or torch's everywhere."""
+    return contextlib.nullcontext() if fused else mock.patch.object(triton_kernels, "available", lambda *_: False)
 
 
 def noise_check(make_sampler: Callable[..., Sampler], oracle, queries: Sequence[Query], decoding: Decoding, *,
@@ -93,8 +93,8 @@ def noise_check(make_sampler: Callable[..., Sampler], oracle, queries: Sequence[
     hf1_QTV = torch.cat([hf_teacher_forced(oracle, [q], tokens_QT[i:i + 1]) for i, q in enumerate(one_each)])
     numbers = {"hf_batch_vs_hf1": max_abs_delta_per_step(hf_teacher_forced(oracle, one_each, tokens_QT), hf1_QTV)}
     for name, merge, fused in (("merged_vs_hf1", True, True), ("unmerged_vs_hf1", False, True),
-                               ("merged_torch_norms_vs_hf1", True, False)):
-        with _norms(fused):
+                               ("merged_torch_kernels_vs_hf1", True, False)):
+        with _kernels(fused):
             fast_QTV = sampler_teacher_forced(make_sampler(len(one_each), greedy, merge), one_each, tokens_QT)
         numbers[name] = max_abs_delta_per_step(fast_QTV, hf1_QTV)
     return {name: {"max": float(f"{max(v):.3g}"), "mean": float(f"{sum(v) / len(v):.3g}")}

@@ -11,7 +11,8 @@ that a continuously refilled set of rows keeps full.
   step, so an answer does not depend on the batch size, the card, refills or a resume.
 - A row whose answer ends (a stop token, or max_new_tokens) is handed to ``on_answer`` at once, and its row is free.
 - The row count is sized to the card (memory.py) unless given; the LoRA is merged into the weights for the stage
-  (merge.py), the norms' scales cached and, on a GPU, each norm one kernel (norms.py).
+  (merge.py), the norms' scales cached (norms.py), on a GPU RMSNorm and RoPE one Triton kernel each
+  (triton_kernels.py).
 
 The reference paths tests compare it with (HF ``generate``, one sample at a time) are in engine/reference.py.
 
@@ -45,7 +46,9 @@ from ao_resampling.config import Decoding
 from ao_resampling.engine.decoding import memory
 from ao_resampling.engine.decoding.decode_step import SlotStep, cache_kwargs, returned_cache
 from ao_resampling.engine.decoding.merge import merged_lora
-from ao_resampling.engine.decoding.norms import cached_norm_scales, fused_available
+from ao_resampling.engine.decoding import triton_kernels
+from ao_resampling.engine.decoding.norms import cached_norm_scales
+from ao_resampling.engine.decoding.triton_kernels import fused_rotary
 from ao_resampling.engine.decoding.nucleus import sample_next_tokens
 from ao_resampling.engine.decoding.scheduler import Seat, SlotScheduler
 from ao_resampling.engine.decoding.streams import sample_key
@@ -100,7 +103,7 @@ class Layout:
     decode_steps: int = 0
     captured_graphs: list[tuple[int, int]] = field(default_factory=list)
     on_answers_seconds: float = 0.0  # spent in the caller's on_answers (journaling): the GPU waits meanwhile
-    norms: str = "torch"  # "fused": RMSNorm as one Triton kernel a call (norms.py)
+    triton_kernels: list[str] = field(default_factory=list)  # the step's Triton kernels (triton_kernels.py)
 
 
 class Sampler:
@@ -127,9 +130,9 @@ class Sampler:
         device = model_device(self.model)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        with self._stage() as norms:
+        with self._stage() as kernels:
             run = _Run(self, queries, self._layout(queries, device), device)
-            run.layout.norms = norms
+            run.layout.triton_kernels = kernels
             with tqdm(total=sum(q.n for q in queries), desc=desc, unit="sample", disable=not progress) as bar:
                 for seat, sample in run.answers():
                     key = queries[seat.query].key
@@ -169,15 +172,16 @@ class Sampler:
                       device=str(device), runs=len(queries))
 
     @contextlib.contextmanager
-    def _stage(self) -> Iterator[str]:
-        """What every step of a stage shares: the adapter (off for the baseline) or the merged LoRA, and the norms'
-        cached scales, one kernel a norm on a GPU (yields "fused" or "torch"). (The decode attention is the step's
-        own: prompt passes keep the model's.)"""
+    def _stage(self) -> Iterator[list[str]]:
+        """What every step of a stage shares: the adapter (off for the baseline) or the merged LoRA, the norms'
+        cached scales, and on a GPU RMSNorm and RoPE as one Triton kernel a call; yields the Triton kernels in use.
+        (The decode attention is the step's own: prompt passes keep the model's.)"""
         adapter = contextlib.nullcontext() if self.use_adapter else adapter_disabled(self.model)
         merged = merged_lora(self.model) if self.merge_lora and self.use_adapter else contextlib.nullcontext()
-        fused = fused_available(model_device(self.model))
-        with adapter, merged, cached_norm_scales(self.model, fused=fused):
-            yield "fused" if fused else "torch"
+        device = model_device(self.model)
+        with adapter, merged, cached_norm_scales(self.model), fused_rotary(device) as rotary:
+            yield [name for name, used in (("rms_norm", triton_kernels.available(device, "rms_norm")),
+                                           ("rotary", rotary)) if used]
 
     # -- the pieces a run uses ----------------------------------------------------------------------------------------
 

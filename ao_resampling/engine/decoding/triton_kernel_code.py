@@ -1,0 +1,70 @@
+"""The Triton source of triton_kernels.py's kernels (this module needs Triton; triton_kernels.py imports it only
+where Triton is installed). Triton resolves a kernel's helpers among its module's globals, so they live here, at the
+top level. Shapes and what each computes: triton_kernels.py.
+
+``DTYPE`` codes: 0 float32, 1 bfloat16, 2 float16. bfloat16 is rounded by hand (nearest even, as torch rounds), so
+Triton's CPU interpreter, which truncates in its own casts, computes what the GPU computes.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _to_bf16_bits(x):
+    """float32 -> the int16 bits of the nearest-even bfloat16 (torch's rounding)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.int16)
+
+
+@triton.jit
+def _rounded(x, DTYPE: tl.constexpr):
+    """float32 ``x`` rounded to DTYPE (0 float32, 1 bfloat16, 2 float16), as float32 again."""
+    if DTYPE == 1:
+        bits = x.to(tl.uint32, bitcast=True)
+        x = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    elif DTYPE == 2:
+        x = x.to(tl.float16).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _store(ptr, x, mask, DTYPE: tl.constexpr):
+    """float32 ``x`` stored as DTYPE (bfloat16: ``ptr`` points at the int16 bits)."""
+    if DTYPE == 1:
+        tl.store(ptr, _to_bf16_bits(x), mask=mask)
+    else:
+        tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def rms_norm_rows(x_ptr, scale_ptr, out_ptr, x_row_stride, D, inv_D, eps, BLOCK: tl.constexpr,
+                  DTYPE: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    inside = cols < D
+    x = tl.load(x_ptr + row * x_row_stride + cols, mask=inside, other=0.0).to(tl.float32)
+    mean_square = tl.sum(x * x, axis=0) * inv_D  # torch's mean: the float32 sum times 1/D
+    out = x * tl.rsqrt(mean_square + eps) * tl.load(scale_ptr + cols, mask=inside, other=0.0)
+    _store(out_ptr + row * D + cols, out, inside, DTYPE)
+
+
+@triton.jit
+def rotary_rows(x_ptr, cos_ptr, sin_ptr, out_ptr, H, S, x_b, x_h, x_s, c_b, c_s, HALF,
+                BLOCK: tl.constexpr, DTYPE: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)  # one (b, h, s) row of HALF * 2 values
+    s, h, b = pid % S, (pid // S) % H, pid // (S * H)
+    d = tl.arange(0, BLOCK)
+    inside = d < HALF
+    x_at, c_at = x_ptr + b * x_b + h * x_h + s * x_s, b * c_b + s * c_s
+    x1 = tl.load(x_at + d, mask=inside, other=0.0).to(tl.float32)
+    x2 = tl.load(x_at + HALF + d, mask=inside, other=0.0).to(tl.float32)
+    cos1 = tl.load(cos_ptr + c_at + d, mask=inside, other=0.0).to(tl.float32)
+    cos2 = tl.load(cos_ptr + c_at + HALF + d, mask=inside, other=0.0).to(tl.float32)
+    sin1 = tl.load(sin_ptr + c_at + d, mask=inside, other=0.0).to(tl.float32)
+    sin2 = tl.load(sin_ptr + c_at + HALF + d, mask=inside, other=0.0).to(tl.float32)
+    # x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1): each op rounded as torch rounds it
+    first = _rounded(_rounded(x1 * cos1, DTYPE) + _rounded(-x2 * sin1, DTYPE), DTYPE)
+    second = _rounded(_rounded(x2 * cos2, DTYPE) + _rounded(x1 * sin2, DTYPE), DTYPE)
+    _store(out_ptr + pid * 2 * HALF + d, first, inside, DTYPE)
+    _store(out_ptr + pid * 2 * HALF + HALF + d, second, inside, DTYPE)

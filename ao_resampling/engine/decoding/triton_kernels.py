@@ -1,0 +1,156 @@
+"""The decode step's two Triton kernels: Gemma's RMSNorm and the rotary embedding, each one launch a call.
+
+A 27B decode step on an H100 is ~23 ms of matmuls and, before these kernels, ~16 ms of small elementwise kernels:
+``Gemma3RMSNorm`` runs its float32 arithmetic as ~8 launches (372 norms a forward) and ``apply_rotary_pos_emb`` as
+~5 per tensor (124 calls). Launch for launch they are cheap; there are ~3,600 of them a step.
+
+- ``rms_norm``: each program one row, loaded once, widened to float32, ``x * rsqrt(mean(x^2) + eps) * scale`` in
+  float32, cast back once. HF's arithmetic on the same float32 values; only the order the mean's sum is added in
+  differs (a tree in one program against torch's reduction), which can move the mean by a float32 ulp and, for a few
+  outputs in 10^4, the cast result by one bf16 ulp: far inside the noise batching adds to HF's own matmuls
+  (bench/noise.py measures both on a GPU).
+- ``rotary``: ``x * cos + rotate_half(x) * sin``, each product and the sum rounded to the tensor's dtype exactly as
+  torch rounds each elementwise op (computed in float32, rounded to nearest even): bit for bit HF's.
+
+bfloat16 results are rounded by hand (``_to_bf16_bits``), not by Triton's cast, so Triton's CPU interpreter (the
+tests' only Triton) rounds as the GPU does. ``available(device)`` compiles and probes both once per device; where
+Triton is missing or cannot compile (it needs a C compiler), the callers keep torch's kernels, with one warning.
+``fused_rotary`` switches Gemma 3's attention to the RoPE kernel for a block of code (the norms: norms.py).
+
+Shape letters:
+    N  rows of a norm: every leading position of its input, flattened
+    D  the normalised size (hidden size, or head size for the query/key norms), or the head size for RoPE
+    B  batch rows, H heads, S positions (RoPE's input is (B, H, S, D), its cos/sin (B, S, D))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+from collections.abc import Iterator
+from types import SimpleNamespace
+
+import torch
+
+
+@functools.cache
+def _kernels() -> SimpleNamespace | None:
+    """The kernels (compiled on first launch); None without Triton (a CPU-only install)."""
+    try:
+        from ao_resampling.engine.decoding import triton_kernel_code
+    except ImportError:
+        return None
+    return SimpleNamespace(rms_norm_rows=triton_kernel_code.rms_norm_rows,
+                           rotary_rows=triton_kernel_code.rotary_rows)
+
+
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _out_arg(out: torch.Tensor) -> torch.Tensor:
+    return out.view(torch.int16) if out.dtype == torch.bfloat16 else out
+
+
+def _launch_kernels() -> SimpleNamespace:
+    kernels = _kernels()
+    if kernels is None:
+        raise RuntimeError("the fused kernels need Triton (pip install triton)")
+    return kernels
+
+
+def rms_norm(x: torch.Tensor, scale_D: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma3RMSNorm with ``scale_D = 1 + weight.float()`` (float32, contiguous, on ``x``'s device), one launch.
+    ``x``: any leading shape, D last."""
+    kernels = _launch_kernels()
+    D = x.shape[-1]
+    x_ND = x.reshape(-1, D)  # a view where the layout allows (decode steps); a copy for a prefill's transposed q/k
+    if x_ND.stride(-1) != 1:
+        x_ND = x_ND.contiguous()
+    out_ND = torch.empty((x_ND.shape[0], D), dtype=x.dtype, device=x.device)
+    if x_ND.shape[0]:
+        block = 1 << (D - 1).bit_length()
+        kernels.rms_norm_rows[(x_ND.shape[0],)](x_ND, scale_D, _out_arg(out_ND), x_ND.stride(0), D, 1.0 / D, eps,
+                                                BLOCK=block, DTYPE=_DTYPE_CODE[x.dtype],
+                                                num_warps=max(1, min(16, block // 512)))
+    return out_ND.view(x.shape)
+
+
+def rotary(x_BHSD: torch.Tensor, cos_BSD: torch.Tensor, sin_BSD: torch.Tensor) -> torch.Tensor:
+    """``x * cos[:, None] + rotate_half(x) * sin[:, None]`` (HF's ``apply_rotary_pos_emb`` for one tensor) in one
+    launch, bit for bit. Any strides with the last dimension contiguous; the output is contiguous."""
+    kernels = _launch_kernels()
+    B, H, S, D = x_BHSD.shape
+    cos_BSD, sin_BSD = cos_BSD.expand(B, S, D), sin_BSD.expand(B, S, D)
+    if x_BHSD.stride(-1) != 1 or cos_BSD.stride() != sin_BSD.stride() or cos_BSD.stride(-1) != 1:
+        raise ValueError("rotary: the last dimension must be contiguous and cos/sin laid out alike")
+    out = torch.empty((B, H, S, D), dtype=x_BHSD.dtype, device=x_BHSD.device)
+    if out.numel():
+        half = D // 2
+        kernels.rotary_rows[(B * H * S,)](x_BHSD, cos_BSD, sin_BSD, _out_arg(out), H, S, *x_BHSD.stride()[:3],
+                                          *cos_BSD.stride()[:2], half, BLOCK=1 << (half - 1).bit_length(),
+                                          DTYPE=_DTYPE_CODE[x_BHSD.dtype], num_warps=1)
+    return out
+
+
+KERNELS = ("rms_norm", "rotary")
+
+
+@functools.cache
+def available(device: torch.device, kernel: str) -> bool:
+    """``kernel`` (one of KERNELS) works on ``device``: a CUDA device, Triton importable, and a probe (which compiles
+    it) agreeing with torch's arithmetic. Otherwise one warning, and False: the caller keeps torch's kernels."""
+    if device.type != "cuda":
+        return False
+    if _kernels() is None:
+        warnings.warn("Triton is not installed: RMSNorm and RoPE run as separate torch kernels (slower decode "
+                      "steps)", stacklevel=2)
+        return False
+    try:
+        {"rms_norm": _probe_rms_norm, "rotary": _probe_rotary}[kernel](device)
+    except Exception as e:  # noqa: BLE001 -- any failure of Triton's toolchain means: use torch's kernels
+        warnings.warn(f"the Triton {kernel} kernel does not work here ({type(e).__name__}: {e}); it runs as separate "
+                      "torch kernels (slower decode steps)", stacklevel=2)
+        return False
+    return True
+
+
+def _probe_rms_norm(device: torch.device) -> None:
+    x = torch.randn(3, 256, device=device).to(torch.bfloat16)
+    scale = torch.rand(256, device=device) + 0.5
+    torch_norm = ((x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)) * scale).type_as(x)
+    if (rms_norm(x, scale, 1e-6).float() - torch_norm.float()).abs().max() > 0.02 * torch_norm.float().abs().max():
+        raise RuntimeError("its output disagrees with torch's arithmetic")
+
+
+def _probe_rotary(device: torch.device) -> None:
+    from transformers.models.gemma3.modeling_gemma3 import rotate_half
+
+    q = torch.randn(2, 4, 3, 64, device=device).to(torch.bfloat16)
+    cos, sin = torch.randn(2, 2, 3, 64, device=device).to(torch.bfloat16)
+    if not torch.equal(rotary(q, cos, sin), q * cos[:, None] + rotate_half(q) * sin[:, None]):
+        raise RuntimeError("its output is not torch's bit for bit")
+
+
+@contextlib.contextmanager
+def fused_rotary(device: torch.device) -> Iterator[bool]:
+    """Inside the block Gemma 3's attention layers apply RoPE with ``rotary`` (tensors on a device of ``device``'s
+    type; anything else goes to HF's function), if the kernel works on ``device``; yields whether it does. HF's
+    function comes back after, also when the block raises."""
+    from transformers.models.gemma3 import modeling_gemma3
+
+    if not available(device, "rotary"):
+        yield False
+        return
+    hf_apply = modeling_gemma3.apply_rotary_pos_emb
+
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        if unsqueeze_dim != 1 or q.device.type != device.type:
+            return hf_apply(q, k, cos, sin, unsqueeze_dim)
+        return rotary(q, cos, sin), rotary(k, cos, sin)
+
+    modeling_gemma3.apply_rotary_pos_emb = apply_rotary_pos_emb  # the attention layers look it up at each call
+    try:
+        yield True
+    finally:
+        modeling_gemma3.apply_rotary_pos_emb = hf_apply
