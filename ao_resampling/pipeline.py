@@ -134,6 +134,7 @@ def run_experiment(config: ExperimentConfig, out_dir: Path, *, judge: bool | Non
 
     with _timed(report, "prepare"):
         store = planned or _write_plan(config, Path(out_dir), here, oracle)
+    owned = oracle is None  # loaded here: nothing uses it after the generate stage (a sweep's is passed in)
     with _timed(report, "load"):
         oracle = _load_if_needed(config, store, here, oracle)
     if config.baseline and here.is_main:
@@ -145,7 +146,7 @@ def run_experiment(config: ExperimentConfig, out_dir: Path, *, judge: bool | Non
             baseline_stage(store, config, oracle=oracle, judge=judge, judge_client=judge_client, progress=progress)
     with _timed(report, "generate"):
         other_rank = _generate_stage(store, config, Path(out_dir), here, oracle=oracle, progress=progress,
-                                     report=report)
+                                     report=report, last_use=owned)
     if other_rank:  # its share is journaled, rank 0 does the rest
         sampled = report.layout["runs_sampled"] if report.layout else 0
         report.n_runs, report.n_samples = sampled, sampled * config.samples_per_query
@@ -188,13 +189,14 @@ def _load_if_needed(config: ExperimentConfig, store: ResultsStore | None, here: 
 
 
 def _generate_stage(store: ResultsStore | None, config: ExperimentConfig, out_dir: Path, here: ranks.World, *,
-                    oracle: models.LoadedOracle | None, progress: bool, report: RunReport) -> bool:
-    """Samples the missing AO answers. True on a rank other than 0 (its share is journaled; it is done then)."""
+                    oracle: models.LoadedOracle | None, progress: bool, report: RunReport, last_use: bool) -> bool:
+    """Samples the missing AO answers. True on a rank other than 0 (its share is journaled; it is done then).
+    ``last_use``: the pipeline loaded the oracle and nothing after this stage uses it (the merge is kept)."""
     if here.is_distributed:
         layout = ranks.generate_shard(out_dir, config, here, oracle=oracle, progress=progress)
         ranks.stop()
     else:
-        layout = generate(store, config, oracle=oracle, progress=progress)
+        layout = generate(store, config, oracle=oracle, progress=progress, last_use=last_use)
     report.layout = _layout_record(layout, config, here)
     if not here.is_main:
         return True
@@ -207,8 +209,9 @@ def _generate_stage(store: ResultsStore | None, config: ExperimentConfig, out_di
 
 
 def _layout_record(layout: Layout | None, config: ExperimentConfig, here: ranks.World) -> dict | None:
-    """The row count chosen, the peak memory, the processes, and the seconds the decode loop spent journaling (the
-    GPU idles meanwhile): into meta and timings.json."""
+    """The row count chosen, the peak memory, the processes, the Triton kernels used, and where the stage's seconds
+    went outside the decode steps: journaling (the GPU idles meanwhile), entering the stage (kernel compiles, the
+    weight snapshot, the merge), leaving it (the restore), the CUDA graph captures, the prompt passes. Into meta and timings.json."""
     if layout is None:
         return None
     return {"batch_rows": layout.rows, "batch_rows_setting": layout.rows_setting,
@@ -216,7 +219,9 @@ def _layout_record(layout: Layout | None, config: ExperimentConfig, here: ranks.
             "device": layout.device, "device_map": config.device_map, "processes": here.size,
             "refills": layout.refills, "prompt_passes": layout.prompt_passes, "decode_steps": layout.decode_steps,
             "runs_sampled": layout.runs, "triton_kernels": layout.triton_kernels,
-            "journal_s": round(layout.on_answers_seconds, 2)}
+            "journal_s": round(layout.on_answers_seconds, 2), "setup_s": round(layout.setup_s, 2),
+            "teardown_s": round(layout.teardown_s, 2), "capture_s": round(layout.capture_s, 2),
+            "prompt_s": round(layout.prompt_s, 2)}
 
 
 def _judge_and_analyse(store: ResultsStore, config: ExperimentConfig, report: RunReport, *, judge: bool,

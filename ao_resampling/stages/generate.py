@@ -33,14 +33,17 @@ def pending_runs(results: Results, n: int) -> list[Run]:
 
 
 def generate(store: ResultsStore, config: ExperimentConfig, *, oracle: models.LoadedOracle | None = None,
-             progress: bool = True, runs_filter: Callable[[Run], bool] | None = None) -> Layout | None:
+             progress: bool = True, runs_filter: Callable[[Run], bool] | None = None,
+             last_use: bool = False) -> Layout | None:
     """Sample the missing answers; each run is journaled (and kept in ``store.results``) once its n answers are in.
-    Returns how the stage decoded (None if nothing was left to sample)."""
+    Returns how the stage decoded (None if nothing was left to sample). ``last_use``: the caller will not use
+    ``oracle`` again (a model loaded here is not either): the LoRA stays merged, no copy of the base weights."""
     results = store.results
     todo = [r for r in pending_runs(results, config.samples_per_query) if runs_filter is None or runs_filter(r)]
     if not todo:
         return None
-    oracle = oracle or load_oracle(config)
+    if oracle is None:
+        oracle, last_use = load_oracle(config), True
     if oracle.read_layer != results.meta.layer:
         raise PipelineError(f"the model reads layer {oracle.read_layer} ({config.layer_percent}%), the plan says "
                             f"{results.meta.layer}")
@@ -66,7 +69,7 @@ def generate(store: ResultsStore, config: ExperimentConfig, *, oracle: models.Lo
                                                   decoding=decoding).items():
                 journal(key, samples)
         return Layout(rows=1, rows_setting="sequential", runs=len(queries))
-    sampler = make_sampler(oracle, config, decoding)
+    sampler = make_sampler(oracle, config, decoding, last_use=last_use)
     run_sampler(sampler, queries, on_answers=journal, progress=progress,
                 resume="re-run the same command to continue")
     return sampler.layout

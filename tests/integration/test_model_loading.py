@@ -11,6 +11,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from unittest import mock
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -202,6 +204,41 @@ def test_after_a_merged_decode_every_weight_is_bit_identical(gemma_tokenizer):
     assert changed == []
     assert not any(getattr(m, "merged", False) for m in oracle.modules()), "the adapter is unmerged again"
     assert all(not getattr(m, "disable_adapters", False) for m in merge.lora_modules(oracle)), "adapters back on"
+
+
+def test_a_last_use_decode_keeps_the_merge_and_refuses_the_model_as_a_base_afterwards(gemma_tokenizer):
+    """``last_use``: no copy of the base weights (none is taken: the snapshot is never called); the answers are
+    those of a decode that restores (the same merged weights, the same streams); afterwards the model is the
+    merged oracle with its adapter layers off (its logits those of the adapter on, unmerged), and every use of it
+    as the base model (activation capture, the baseline, another merge) is refused instead of silently reading the
+    oracle's weights."""
+    from ao_resampling.engine.hooks import capture_activations_at
+    from ao_resampling.engine.loading.adapters import adapter_disabled
+
+    vectors_KD = torch.randn(1, 64, generator=torch.Generator().manual_seed(0))
+    query = Query(key="q", input_ids=tuple(PROMPT_BL[0].tolist()), n=3, vectors_KD=vectors_KD, positions_K=(4,))
+    decoding = Decoding(temperature=0.7, top_p=0.9, max_new_tokens=4, top_k=64, eos_token_ids=(1, 106), seed=0)
+
+    def answers(oracle, last_use):
+        sampler = Sampler(oracle, gemma_tokenizer, decoding=decoding, injection_layer=1, coefficient=1.0,
+                          last_use=last_use)
+        return [s.token_ids for s in sampler.run([query], progress=False)["q"]]
+
+    restored = answers(attach_oracle(tiny_multimodal(), "random", seed=0), last_use=False)
+    oracle = attach_oracle(tiny_multimodal(), "random", seed=0)
+    with torch.inference_mode():
+        adapter_on = oracle(input_ids=PROMPT_BL).logits
+    with mock.patch.object(merge, "weights_snapshot", side_effect=AssertionError("snapshot taken")):
+        kept = answers(oracle, last_use=True)
+
+    assert kept == restored
+    with torch.inference_mode():
+        torch.testing.assert_close(oracle(input_ids=PROMPT_BL).logits, adapter_on, rtol=0, atol=1e-4)
+    assert all(m.disable_adapters for m in merge.lora_modules(oracle))
+    for use_as_base in (lambda: adapter_disabled(oracle).__enter__(), lambda: merge.merged_lora(oracle).__enter__(),
+                        lambda: capture_activations_at(oracle, [PROMPT_BL[0].tolist()], [[3]], 1, 0)):
+        with pytest.raises(RuntimeError, match="merged into its weights for good"):
+            use_as_base()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -40,11 +40,24 @@ def test_a_model_that_decodes_otherwise_than_planned_is_refused(tmp_path):
 
 
 def test_the_run_records_how_it_decoded(tmp_path, monkeypatch):
-    """meta.decode_layout: the rows the step held (sized on the CPU: at most the samples), the processes, and the
-    time the decode loop spent journaling (here each journal write is made to take 0.2 s)."""
+    """meta.decode_layout: the rows the step held (sized on the CPU: at most the samples), the processes, and where
+    the stage's time went outside the decode steps, each piece slowed here by a known amount: each journal write
+    0.2 s, the prompt pass 0.3 s, the LoRA merge (entering the stage) 0.25 s, the restore (leaving it) 0.35 s."""
+    import contextlib
     import time
 
+    from ao_resampling.engine.decoding import sampler
     from ao_resampling.store import ResultsStore
+
+    def slowed(function, seconds, *, after=False):
+        def slow(*args, **kwargs):
+            if not after:
+                time.sleep(seconds)
+            out = function(*args, **kwargs)
+            if after:
+                time.sleep(seconds)
+            return out
+        return slow
 
     record = ResultsStore.record
 
@@ -54,12 +67,26 @@ def test_the_run_records_how_it_decoded(tmp_path, monkeypatch):
         record(self, events)
 
     monkeypatch.setattr(ResultsStore, "record", slow_record)
+    monkeypatch.setattr(sampler.Sampler, "prefill", slowed(sampler.Sampler.prefill, 0.3))
+    merged_lora = sampler.merged_lora
+
+    @contextlib.contextmanager
+    def slow_merged_lora(model, **kwargs):
+        time.sleep(0.25)
+        with merged_lora(model, **kwargs):
+            yield
+        time.sleep(0.35)
+
+    monkeypatch.setattr(sampler, "merged_lora", slow_merged_lora)
     config = tiny(tmp_path)
     pipeline.run_experiment(config, tmp_path / "run", progress=False, log=lambda _: None)
     layout = load_results_file(tmp_path / "run" / "results.json").meta.decode_layout
     assert layout["batch_rows"] == 4 and layout["batch_rows_setting"] == "auto"  # 2 runs x 2 samples
     assert (layout["processes"], layout["device"], layout["runs_sampled"]) == (1, "cpu", 2)
     assert 0.4 <= layout["journal_s"] < 1.0  # two runs journaled, 0.2 s each
+    assert 0.3 <= layout["prompt_s"] < 0.9
+    assert 0.25 <= layout["setup_s"] < 0.9 and 0.35 <= layout["teardown_s"] < 1.0
+    assert layout["capture_s"] == 0.0 and layout["triton_kernels"] == []  # a CPU: no graphs, torch's kernels
     assert layout["prompt_passes"] == 1  # both queries' prompts in one block
 
 
@@ -83,3 +110,19 @@ def test_answer_lengths_are_refused_with_real_weights(tmp_path, shared_data):
 
     with pytest.raises(ConfigError, match="answer_lengths"):
         build_config(overrides={"answer_lengths": shared_data / "ao_answer_lengths.json"})
+
+
+def test_a_run_keeps_the_merge_of_a_model_it_loaded_and_restores_one_it_was_given(tmp_path, monkeypatch):
+    """The generate stage is the last use of a model the run loaded (no copy of the base weights is needed); a
+    model passed in (a sweep's, used again by its next condition) gets its base weights back."""
+    from ao_resampling.engine.loading.adapters import LORA_MERGED_FOR_GOOD
+
+    loaded = []
+    load = pipeline.load_oracle
+    monkeypatch.setattr(pipeline, "load_oracle", lambda config: loaded.append(load(config)) or loaded[-1])
+    pipeline.run_experiment(tiny(tmp_path), tmp_path / "own", progress=False, log=lambda _: None)
+    given = load(tiny(tmp_path))
+    pipeline.run_experiment(tiny(tmp_path), tmp_path / "given", progress=False, log=lambda _: None, oracle=given)
+
+    assert len(loaded) == 1 and getattr(loaded[0].model, LORA_MERGED_FOR_GOOD, False)
+    assert not getattr(given.model, LORA_MERGED_FOR_GOOD, False)

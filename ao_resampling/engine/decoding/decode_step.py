@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import time
 import warnings
 import weakref
 
@@ -122,6 +123,7 @@ class SlotStep:
         # (rows, cut length) -> the graph of that step and the logits it writes
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self.capture_s = 0.0  # spent in _run_then_capture (the eager step and the capture), synchronised
 
     # -- seating and moving rows ------------------------------------------------------------------------------------
 
@@ -177,7 +179,11 @@ class SlotStep:
             graph, logits_AV = self.graphs[A, cut]
             graph.replay()
         else:
+            torch.cuda.synchronize()
+            started = time.perf_counter()
             logits_AV = self._run_then_capture(cut)
+            torch.cuda.synchronize()
+            self.capture_s += time.perf_counter() - started
         self.write_B[:A] += 1
         self.rope_B1[:A] += 1
         self.write_B[:A].clamp_(max=self.S - 1)  # an idle row keeps writing its last position (never read)

@@ -21,6 +21,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from ao_resampling.engine.loading.adapters import LORA_MERGED_FOR_GOOD, check_base_weights
+
 MERGE_CHUNK_BYTES = 64 << 20  # temporaries of the merge: at most this many bytes of delta at a time
 
 
@@ -58,10 +60,23 @@ def merge_module(module: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def merged_lora(model: nn.Module) -> Iterator[None]:
-    """Inside: the LoRA folded into the weights, PEFT's adapter layers off. After: the base weights, bit for bit."""
+def merged_lora(model: nn.Module, *, restore: bool = True) -> Iterator[None]:
+    """Inside: the LoRA folded into the weights, PEFT's adapter layers off. After: the base weights, bit for bit.
+
+    ``restore=False``, for a stage that is the model's last use in the process: no snapshot (~51 GB copied to host
+    memory and back at 27B, and the first stage's page-locking of that buffer: seconds each), the merge kept, the
+    adapter layers left off, and the model marked so any later use of it as the base model is refused
+    (adapters.check_base_weights)."""
+    check_base_weights(model)
     modules = lora_modules(model)
     if not modules or not hasattr(model, "disable_adapter"):
+        yield
+        return
+    if not restore:
+        setattr(model, LORA_MERGED_FOR_GOOD, True)  # first: a merge cut short leaves no usable base either
+        for module in modules:
+            merge_module(module)
+        model.base_model.disable_adapter_layers()  # the forward is the merged base layer alone, from now on
         yield
         return
     originals = weights_snapshot([m.base_layer.weight for m in modules])

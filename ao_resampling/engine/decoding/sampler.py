@@ -104,17 +104,23 @@ class Layout:
     captured_graphs: list[tuple[int, int]] = field(default_factory=list)
     on_answers_seconds: float = 0.0  # spent in the caller's on_answers (journaling): the GPU waits meanwhile
     triton_kernels: list[str] = field(default_factory=list)  # the step's Triton kernels (triton_kernels.py)
+    setup_s: float = 0.0  # entering the stage: the kernels' probes (compiles), the weight snapshot, the LoRA merge
+    teardown_s: float = 0.0  # leaving it: the base weights restored
+    capture_s: float = 0.0  # CUDA graph captures, each with the eager step before it
+    prompt_s: float = 0.0  # the prompt passes (eager, injection on)
 
 
 class Sampler:
     def __init__(self, model: nn.Module, tokenizer, *, decoding: Decoding, injection_layer: int, coefficient: float,
-                 rows: int | Literal["auto"] = "auto", use_adapter: bool = True, merge_lora: bool = True):
+                 rows: int | Literal["auto"] = "auto", use_adapter: bool = True, merge_lora: bool = True,
+                 last_use: bool = False):
         if not decoding.is_resolved:
             raise ValueError("the sampler takes a decoding merged with the model's generation_config "
                              "(engine/decoding/settings.py resolve_decoding)")
         self.model, self.tokenizer, self.decoding = model, tokenizer, decoding
         self.injection_layer, self.coefficient = injection_layer, coefficient
         self.rows_setting, self.use_adapter, self.merge_lora = rows, use_adapter, merge_lora
+        self.last_use = last_use  # the model's last use in the process: the merge is kept (merge.py, restore=False)
         self.stop_ids = list(decoding.eos_token_ids)
         self.pad_id = tokenizer.pad_token_id
         self.layout: Layout | None = None
@@ -130,7 +136,9 @@ class Sampler:
         device = model_device(self.model)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        started = time.perf_counter()
         with self._stage() as kernels:
+            setup_s = time.perf_counter() - started
             run = _Run(self, queries, self._layout(queries, device), device)
             run.layout.triton_kernels = kernels
             with tqdm(total=sum(q.n for q in queries), desc=desc, unit="sample", disable=not progress) as bar:
@@ -143,6 +151,9 @@ class Sampler:
                         on_answers(key, answers[key])
                         run.layout.on_answers_seconds += time.perf_counter() - start
             self.layout = run.layout
+            leaving = time.perf_counter()
+        self.layout.setup_s, self.layout.teardown_s = setup_s, time.perf_counter() - leaving
+        self.layout.capture_s = run.step.capture_s
         if device.type == "cuda":
             self.layout.peak_memory_bytes = torch.cuda.max_memory_allocated(device)
         return answers
@@ -177,7 +188,8 @@ class Sampler:
         cached scales, and on a GPU RMSNorm and RoPE as one Triton kernel a call; yields the Triton kernels in use.
         (The decode attention is the step's own: prompt passes keep the model's.)"""
         adapter = contextlib.nullcontext() if self.use_adapter else adapter_disabled(self.model)
-        merged = merged_lora(self.model) if self.merge_lora and self.use_adapter else contextlib.nullcontext()
+        merged = (merged_lora(self.model, restore=not self.last_use) if self.merge_lora and self.use_adapter
+                  else contextlib.nullcontext())
         device = model_device(self.model)
         with adapter, merged, cached_norm_scales(self.model), fused_rotary(device) as rotary:
             yield [name for name, used in (("rms_norm", triton_kernels.available(device, "rms_norm")),
@@ -270,10 +282,12 @@ class _Run:
         first = block * PREFILL_QUERIES
         if self.prompts is None or self.prompts.first != first:
             self.prompts = None  # the previous block's KV goes before the next prompt pass allocates
+            started = synced_clock(self.device)
             cache, mask_QP, logits_QV = self.sampler.prefill(self.queries[first:first + PREFILL_QUERIES], self.P,
                                                              self.device)
             self.prompts = _PromptBlock(first, cache, mask_QP, logits_QV)
             self.layout.prompt_passes += 1
+            self.layout.prompt_s += synced_clock(self.device) - started
         return self.prompts
 
     def _seat_group(self, seats: list[Seat], prompts: "_PromptBlock") -> None:
@@ -338,6 +352,13 @@ class _Run:
         self._record(rows_N, steps_N, tokens_N)
         for row in live:
             self.drawn[row] += 1
+
+
+def synced_clock(device: torch.device) -> float:
+    """perf_counter once the device's queued work is done (a prompt pass is timed, not just queued)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def injection_for_rows(model: nn.Module, row_queries: Sequence[Query], L: int, device: torch.device, layer: int,

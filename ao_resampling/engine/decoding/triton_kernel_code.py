@@ -4,6 +4,11 @@ top level. Shapes and what each computes: triton_kernels.py.
 
 ``DTYPE`` codes: 0 float32, 1 bfloat16, 2 float16. bfloat16 is rounded by hand (nearest even, as torch rounds), so
 Triton's CPU interpreter, which truncates in its own casts, computes what the GPU computes.
+
+Triton compiles a kernel again for each new combination of its integer arguments' divisibility by 16 (and of those
+equal to 1): a few seconds each, in the first stage of a process. The norm sees one row stride per size (the hidden
+size, the head size); RoPE's head and position counts are marked not to specialise, so a decode step (S = 1) and a
+prefill share one compile.
 """
 
 import triton
@@ -49,7 +54,7 @@ def rms_norm_rows(x_ptr, scale_ptr, out_ptr, x_row_stride, D, inv_D, eps, BLOCK:
     _store(out_ptr + row * D + cols, out, inside, DTYPE)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "S"])  # index arithmetic only: one compile for decode steps and prefills
 def rotary_rows(x_ptr, cos_ptr, sin_ptr, out_ptr, H, S, x_b, x_h, x_s, c_b, c_s, HALF,
                 BLOCK: tl.constexpr, DTYPE: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)  # one (b, h, s) row of HALF * 2 values

@@ -115,9 +115,10 @@ def available(device: torch.device, kernel: str) -> bool:
     return True
 
 
+# The probes use the 27B's head size (128): the compiles they make are the ones its q/k norms and RoPE use.
 def _probe_rms_norm(device: torch.device) -> None:
-    x = torch.randn(3, 256, device=device).to(torch.bfloat16)
-    scale = torch.rand(256, device=device) + 0.5
+    x = torch.randn(3, 128, device=device).to(torch.bfloat16)
+    scale = torch.rand(128, device=device) + 0.5
     torch_norm = ((x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)) * scale).type_as(x)
     if (rms_norm(x, scale, 1e-6).float() - torch_norm.float()).abs().max() > 0.02 * torch_norm.float().abs().max():
         raise RuntimeError("its output disagrees with torch's arithmetic")
@@ -126,8 +127,8 @@ def _probe_rms_norm(device: torch.device) -> None:
 def _probe_rotary(device: torch.device) -> None:
     from transformers.models.gemma3.modeling_gemma3 import rotate_half
 
-    q = torch.randn(2, 4, 3, 64, device=device).to(torch.bfloat16)
-    cos, sin = torch.randn(2, 2, 3, 64, device=device).to(torch.bfloat16)
+    q = torch.randn(2, 4, 3, 128, device=device).to(torch.bfloat16)
+    cos, sin = torch.randn(2, 2, 3, 128, device=device).to(torch.bfloat16)
     if not torch.equal(rotary(q, cos, sin), q * cos[:, None] + rotate_half(q) * sin[:, None]):
         raise RuntimeError("its output is not torch's bit for bit")
 

@@ -141,9 +141,22 @@ def check_adapter_changes_logits(spec: str, peft_model: nn.Module) -> None:
                              f"equal (an adapter saved at its init, or one whose layers are not in this model)")
 
 
+# Set on a model whose last decode stage merged the LoRA into the weights for good (merge.py, restore=False): its
+# weights are the oracle's, and nothing can give the base model back but loading it again.
+LORA_MERGED_FOR_GOOD = "ao_resampling_lora_merged_for_good"
+
+
+def check_base_weights(model: nn.Module) -> None:
+    """Refuses a model whose base weights are gone (``LORA_MERGED_FOR_GOOD``), before it is used as the base."""
+    if getattr(model, LORA_MERGED_FOR_GOOD, False):
+        raise RuntimeError("this model's LoRA was merged into its weights for good by a decode stage that was to be "
+                           "its last (no copy of the base weights was kept): load the model again")
+
+
 @contextlib.contextmanager
 def adapter_disabled(model: nn.Module) -> Iterator[None]:
     """Base-model behaviour for activation capture and the target baseline; no-op for a plain model."""
+    check_base_weights(model)
     if hasattr(model, "disable_adapter"):
         with model.disable_adapter():
             yield

@@ -37,11 +37,12 @@ def run_sampler(sampler: Sampler, queries: list[Query], *, resume: str, **kwargs
 
 
 def make_sampler(oracle: models.LoadedOracle, config: ExperimentConfig, decoding: Decoding, *,
-                 use_adapter: bool = True) -> Sampler:
-    """The sampler with the run's row count; ``use_adapter=False`` samples the base model (the baseline)."""
+                 use_adapter: bool = True, last_use: bool = False) -> Sampler:
+    """The sampler with the run's row count; ``use_adapter=False`` samples the base model (the baseline);
+    ``last_use``: nothing uses the model after this stage (the LoRA stays merged, no copy of the base weights)."""
     return Sampler(oracle.model, oracle.tokenizer, decoding=decoding, injection_layer=oracle.injection_layer,
                    coefficient=config.steering_coefficient, rows=config.batch_rows, use_adapter=use_adapter,
-                   merge_lora=config.merge_lora)
+                   merge_lora=config.merge_lora, last_use=last_use)
 
 
 def loaded_decoding(oracle: models.LoadedOracle, config: ExperimentConfig, planned: Decoding | None, *,
