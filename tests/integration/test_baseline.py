@@ -233,10 +233,11 @@ def test_resume_after_a_kill_samples_only_the_missing_targets(planned, loaded, m
     assert by_id[sampled_keys[0]].responses == survived.runs[0].responses  # the survivor was not re-sampled
 
 
-def test_run_experiment_with_baseline(tmp_path, loaded, server, monkeypatch):
-    monkeypatch.setattr(pipeline, "load_oracle", lambda config: loaded)
+def test_run_experiment_with_baseline(tmp_path, loaded, server):
+    # the module's oracle is given, not loaded by the run: a model the run loads is merged for good by generate
     config = config_for(server.base_url, baseline=True, embedding_model="none")
-    report = pipeline.run_experiment(config, tmp_path / "run", judge=True, progress=False, log=lambda _: None)
+    report = pipeline.run_experiment(config, tmp_path / "run", judge=True, progress=False, log=lambda _: None,
+                                     oracle=loaded)
     assert "baseline" in report.stage_seconds
     results = ResultsStore(tmp_path / "run").load()
     assert len(results.baseline.runs) == 3 and all(r.judge.score is not None for r in results.baseline.runs)

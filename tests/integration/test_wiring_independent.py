@@ -72,12 +72,10 @@ def pipeline_run(request, shared_data, tmp_path_factory) -> PipelineRun:
         num_targets=num_targets, num_questions=num_questions, samples_per_query=2, max_new_tokens=max_new_tokens,
         temperature=0.0, judge=False, embedding_model="none", bootstrap_resamples=100,
     ))
-    seen: dict = {"acts": {}}
-    real_load, real_capture = pipeline.load_oracle, generate_stage.capture_targets
-
-    def load_and_keep(cfg):
-        seen["oracle"] = real_load(cfg)
-        return seen["oracle"]
+    # The run is given the oracle (loaded as the pipeline loads it): a model the run loads itself ends the generate
+    # stage with the LoRA merged into its weights for good, and the checks below need its base weights.
+    seen: dict = {"acts": {}, "oracle": pipeline.load_oracle(config)}
+    real_capture = generate_stage.capture_targets
 
     def capture_and_keep(oracle, runs):
         acts = real_capture(oracle, runs)
@@ -88,9 +86,8 @@ def pipeline_run(request, shared_data, tmp_path_factory) -> PipelineRun:
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("OPENAI_API_KEY", raising=False)
         mp.delenv("OPENAI_BASE_URL", raising=False)
-        mp.setattr(pipeline, "load_oracle", load_and_keep)
         mp.setattr(generate_stage, "capture_targets", capture_and_keep)
-        pipeline.run_experiment(config, out, judge=False, progress=False, log=lambda _: None)
+        pipeline.run_experiment(config, out, judge=False, progress=False, log=lambda _: None, oracle=seen["oracle"])
     results = json.loads((Path(out) / "results.json").read_text())
     return PipelineRun(spec, config, results, seen["oracle"].model, seen["acts"])
 
