@@ -20,7 +20,7 @@ echo "== 09bc105, forced 120, $N targets, 256 rows (its default 768 runs out of 
   -p no:cacheprovider -x -q -s tests/experiments/test_full_experiment.py 2>&1 | quiet | tee $OUT/old_forced.log | tail -6)
 cp /tmp/old/timings.json $OUT/timings_old_forced.json 2>/dev/null
 echo "== bench checks (left $(left) s)"
-[ $(left) -gt 90 ] && timeout $(( $(left) - 5 )) python3 bench/bench_generation.py --model $AO_MODEL --tokenizer $AO_TOKENIZER \
-  --targets $AO_TARGETS --questions $AO_QUESTIONS --num-targets 10 --check 4 --noise 4 --sequential-samples ${SEQ:-2} \
+[ $(left) -gt 45 ] && timeout $(( $(left) - 5 )) python3 bench/bench_generation.py --model $AO_MODEL --tokenizer $AO_TOKENIZER \
+  --targets $AO_TARGETS --questions $AO_QUESTIONS ${CHECKS:---num-targets 10 --check 4 --noise 4 --sequential-samples 2} \
   --json $OUT/checks.json 2>&1 | quiet | tail -40
 echo "== done at $((SECONDS - START)) s"
