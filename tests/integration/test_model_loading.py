@@ -210,8 +210,8 @@ def test_a_last_use_decode_keeps_the_merge_and_refuses_the_model_as_a_base_after
     """``last_use``: no copy of the base weights (none is taken: the snapshot is never called); the answers are
     those of a decode that restores (the same merged weights, the same streams); afterwards the model is the
     merged oracle with its adapter layers off (its logits those of the adapter on, unmerged), and every use of it
-    as the base model (activation capture, the baseline, another merge) is refused instead of silently reading the
-    oracle's weights."""
+    as the base model (activation capture, the baseline, another merge, PEFT's own disable_adapter) is refused
+    instead of silently reading the oracle's weights."""
     from ao_resampling.engine.hooks import capture_activations_at
     from ao_resampling.engine.loading.adapters import adapter_disabled
 
@@ -236,7 +236,8 @@ def test_a_last_use_decode_keeps_the_merge_and_refuses_the_model_as_a_base_after
         torch.testing.assert_close(oracle(input_ids=PROMPT_BL).logits, adapter_on, rtol=0, atol=1e-4)
     assert all(m.disable_adapters for m in merge.lora_modules(oracle))
     for use_as_base in (lambda: adapter_disabled(oracle).__enter__(), lambda: merge.merged_lora(oracle).__enter__(),
-                        lambda: capture_activations_at(oracle, [PROMPT_BL[0].tolist()], [[3]], 1, 0)):
+                        lambda: capture_activations_at(oracle, [PROMPT_BL[0].tolist()], [[3]], 1, 0),
+                        lambda: oracle.disable_adapter().__enter__()):  # PEFT's own switch too
         with pytest.raises(RuntimeError, match="merged into its weights for good"):
             use_as_base()
 

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ao_resampling.engine.loading.adapters import LORA_MERGED_FOR_GOOD, check_base_weights
+from ao_resampling.engine.loading.adapters import check_base_weights, mark_base_weights_gone
 
 MERGE_CHUNK_BYTES = 64 << 20  # temporaries of the merge: at most this many bytes of delta at a time
 
@@ -73,7 +73,7 @@ def merged_lora(model: nn.Module, *, restore: bool = True) -> Iterator[None]:
         yield
         return
     if not restore:
-        setattr(model, LORA_MERGED_FOR_GOOD, True)  # first: a merge cut short leaves no usable base either
+        mark_base_weights_gone(model)  # first: a merge cut short leaves no usable base either
         for module in modules:
             merge_module(module)
         model.base_model.disable_adapter_layers()  # the forward is the merged base layer alone, from now on

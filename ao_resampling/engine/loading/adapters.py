@@ -146,11 +146,25 @@ def check_adapter_changes_logits(spec: str, peft_model: nn.Module) -> None:
 LORA_MERGED_FOR_GOOD = "ao_resampling_lora_merged_for_good"
 
 
+BASE_WEIGHTS_GONE = ("this model's LoRA was merged into its weights for good by a decode stage that was to be its "
+                     "last (no copy of the base weights was kept): load the model again")
+
+
 def check_base_weights(model: nn.Module) -> None:
     """Refuses a model whose base weights are gone (``LORA_MERGED_FOR_GOOD``), before it is used as the base."""
     if getattr(model, LORA_MERGED_FOR_GOOD, False):
-        raise RuntimeError("this model's LoRA was merged into its weights for good by a decode stage that was to be "
-                           "its last (no copy of the base weights was kept): load the model again")
+        raise RuntimeError(BASE_WEIGHTS_GONE)
+
+
+def mark_base_weights_gone(model: nn.Module) -> None:
+    """``LORA_MERGED_FOR_GOOD`` set, and PEFT's own ``disable_adapter()`` on this model refused too (it would run the
+    merged weights as if they were the base model's)."""
+    setattr(model, LORA_MERGED_FOR_GOOD, True)
+
+    def disable_adapter(*_args, **_kwargs):
+        raise RuntimeError(BASE_WEIGHTS_GONE)
+
+    model.disable_adapter = disable_adapter  # shadows PeftModel.disable_adapter on this instance
 
 
 @contextlib.contextmanager
