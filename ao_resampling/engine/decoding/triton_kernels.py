@@ -6,15 +6,15 @@ A 27B decode step on an H100 is ~23 ms of matmuls and, before these kernels, ~16
 
 - ``rms_norm``: each program one row, loaded once, widened to float32, ``x * rsqrt(mean(x^2) + eps) * scale`` in
   float32, cast back once. HF's arithmetic on the same float32 values; only the order the mean's sum is added in
-  differs (a tree in one program against torch's reduction), which can move the mean by a float32 ulp and, for a few
-  outputs in 10^4, the cast result by one bf16 ulp: far inside the noise batching adds to HF's own matmuls
-  (bench/noise.py measures both on a GPU).
+  differs (a tree in one program against torch's reduction), which can move the mean by a float32 ulp and, rarely,
+  the cast result by one bf16 ulp (7.5e-6 of the outputs of a (272, 5376) norm on an H100; none of a q/k norm's):
+  far inside the noise batching adds to HF's own matmuls (bench/noise.py measures both on a GPU).
 - ``rotary``: ``x * cos + rotate_half(x) * sin``, each product and the sum rounded to the tensor's dtype exactly as
-  torch rounds each elementwise op (computed in float32, rounded to nearest even): bit for bit HF's.
+  torch rounds each elementwise op (computed in float32, rounded to nearest even): bit for bit HF's (so on the H100).
 
 bfloat16 results are rounded by hand (``_to_bf16_bits``), not by Triton's cast, so Triton's CPU interpreter (the
-tests' only Triton) rounds as the GPU does. ``available(device)`` compiles and probes both once per device; where
-Triton is missing or cannot compile (it needs a C compiler), the callers keep torch's kernels, with one warning.
+tests' only Triton) rounds as the GPU does. ``available(device, kernel)`` compiles and probes each once per device;
+where Triton is missing or cannot compile (it needs a C compiler), the callers keep torch's kernels, with one warning.
 ``fused_rotary`` switches Gemma 3's attention to the RoPE kernel for a block of code (the norms: norms.py).
 
 Shape letters:
