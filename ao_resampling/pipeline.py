@@ -211,7 +211,8 @@ def _generate_stage(store: ResultsStore | None, config: ExperimentConfig, out_di
 def _layout_record(layout: Layout | None, config: ExperimentConfig, here: ranks.World) -> dict | None:
     """The row count chosen, the peak memory, the processes, the Triton kernels used, and where the stage's seconds
     went outside the decode steps: journaling (the GPU idles meanwhile), entering the stage (kernel compiles, the
-    weight snapshot, the merge), leaving it (the restore), the CUDA graph captures, the prompt passes. Into meta and timings.json."""
+    weight snapshot, the merge), leaving it (the restore), the CUDA graph captures, the prompt passes. Into meta and
+    timings.json."""
     if layout is None:
         return None
     return {"batch_rows": layout.rows, "batch_rows_setting": layout.rows_setting,

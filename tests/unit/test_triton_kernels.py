@@ -63,6 +63,10 @@ for name, dtype in DTYPES.items():
         q_hf, k_hf = apply_rotary_pos_emb(q, k, cos, sin)
         for which, x, hf in (("q", q, q_hf), ("k", k, k_hf)):
             out[f"rope-{label}-{which}-{name}"] = ulps(triton_kernels.rotary(x, cos, sin), hf)
+# the probes a CUDA device runs before using the kernels (here in the interpreter: they must pass a working kernel)
+for name, probe in triton_kernels._PROBES.items():
+    probe(torch.device("cpu"))
+    out[f"probe-{name}"] = "passed"
 json.dump(out, sys.stdout)
 """
 
@@ -134,6 +138,11 @@ def test_gemma3_attention_applies_rope_through_the_kernel_inside_fused_rotary(mo
 
     assert seen == [(1, 4, 4, 16), (1, 2, 4, 16)] * 2  # q and k of both layers, once
     assert torch.equal(got, expected)
+
+
+def test_each_kernels_probe_passes_the_working_kernel(interpreted):
+    assert {name: interpreted[f"probe-{name}"] for name in triton_kernels._PROBES} == {
+        "rms_norm": "passed", "rotary": "passed"}
 
 
 def test_nothing_is_switched_off_cuda():

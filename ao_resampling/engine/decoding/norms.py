@@ -40,23 +40,23 @@ def _is_gemma3_norm(module: nn.Module) -> bool:
     return type(module) is Gemma3RMSNorm  # a subclass may compute something else
 
 
-def _cached_forward(module: nn.Module, fused: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+def _cached_forward(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     scale_D = (1.0 + module.weight.detach().float()).contiguous()
     eps = module.eps
-    if fused and triton_kernels.available(scale_D.device, "rms_norm"):
+    if triton_kernels.available(scale_D.device, "rms_norm"):
         return lambda x: triton_kernels.rms_norm(x, scale_D, eps)
     return lambda x: gemma_rms_norm(x, scale_D, eps)
 
 
 @contextlib.contextmanager
-def cached_norm_scales(model: nn.Module, *, fused: bool = True) -> Iterator[int]:
+def cached_norm_scales(model: nn.Module) -> Iterator[int]:
     """Inside the block every Gemma3RMSNorm of ``model`` uses a precomputed scale, and on a CUDA device with
-    Triton the one-kernel norm (``fused=False``: the torch operations everywhere, bit for bit HF's); yields how many
-    norms were switched. Their own forward comes back after the block, also when it raises."""
+    working Triton the one-kernel norm; yields how many norms were switched. Their own forward comes back after the
+    block, also when it raises."""
     norms = [m for m in model.modules() if _is_gemma3_norm(m)]
     try:
         for norm in norms:
-            norm.forward = _cached_forward(norm, fused)
+            norm.forward = _cached_forward(norm)
         yield len(norms)
     finally:
         for norm in norms:

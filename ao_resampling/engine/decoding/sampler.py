@@ -48,7 +48,6 @@ from ao_resampling.engine.decoding.decode_step import SlotStep, cache_kwargs, re
 from ao_resampling.engine.decoding.merge import merged_lora
 from ao_resampling.engine.decoding import triton_kernels
 from ao_resampling.engine.decoding.norms import cached_norm_scales
-from ao_resampling.engine.decoding.triton_kernels import fused_rotary
 from ao_resampling.engine.decoding.nucleus import sample_next_tokens
 from ao_resampling.engine.decoding.scheduler import Seat, SlotScheduler
 from ao_resampling.engine.decoding.streams import sample_key
@@ -191,7 +190,7 @@ class Sampler:
         merged = (merged_lora(self.model, restore=not self.last_use) if self.merge_lora and self.use_adapter
                   else contextlib.nullcontext())
         device = model_device(self.model)
-        with adapter, merged, cached_norm_scales(self.model), fused_rotary(device) as rotary:
+        with adapter, merged, cached_norm_scales(self.model), triton_kernels.fused_rotary(device) as rotary:
             yield [name for name, used in (("rms_norm", triton_kernels.available(device, "rms_norm")),
                                            ("rotary", rotary)) if used]
 

@@ -16,18 +16,17 @@ import triton.language as tl
 
 
 @triton.jit
-def _to_bf16_bits(x):
-    """float32 -> the int16 bits of the nearest-even bfloat16 (torch's rounding)."""
+def _bf16_rounded_bits(x):
+    """The float32 bits of ``x`` plus the nearest-even bias: the bfloat16 is the upper 16 (torch's rounding)."""
     bits = x.to(tl.uint32, bitcast=True)
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.int16)
+    return bits + 0x7FFF + ((bits >> 16) & 1)
 
 
 @triton.jit
 def _rounded(x, DTYPE: tl.constexpr):
     """float32 ``x`` rounded to DTYPE (0 float32, 1 bfloat16, 2 float16), as float32 again."""
     if DTYPE == 1:
-        bits = x.to(tl.uint32, bitcast=True)
-        x = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        x = (_bf16_rounded_bits(x) & 0xFFFF0000).to(tl.float32, bitcast=True)
     elif DTYPE == 2:
         x = x.to(tl.float16).to(tl.float32)
     return x
@@ -37,7 +36,7 @@ def _rounded(x, DTYPE: tl.constexpr):
 def _store(ptr, x, mask, DTYPE: tl.constexpr):
     """float32 ``x`` stored as DTYPE (bfloat16: ``ptr`` points at the int16 bits)."""
     if DTYPE == 1:
-        tl.store(ptr, _to_bf16_bits(x), mask=mask)
+        tl.store(ptr, (_bf16_rounded_bits(x) >> 16).to(tl.int16), mask=mask)
     else:
         tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
 

@@ -12,7 +12,7 @@ A 27B decode step on an H100 is ~23 ms of matmuls and, before these kernels, ~16
 - ``rotary``: ``x * cos + rotate_half(x) * sin``, each product and the sum rounded to the tensor's dtype exactly as
   torch rounds each elementwise op (computed in float32, rounded to nearest even): bit for bit HF's (so on the H100).
 
-bfloat16 results are rounded by hand (``_to_bf16_bits``), not by Triton's cast, so Triton's CPU interpreter (the
+bfloat16 results are rounded by hand (``_bf16_rounded_bits``), not by Triton's cast, so Triton's CPU interpreter (the
 tests' only Triton) rounds as the GPU does. ``available(device, kernel)`` compiles and probes each once per device;
 where Triton is missing or cannot compile (it needs a C compiler), the callers keep torch's kernels, with one warning.
 ``fused_rotary`` switches Gemma 3's attention to the RoPE kernel for a block of code (the norms: norms.py).
@@ -29,20 +29,19 @@ import contextlib
 import functools
 import warnings
 from collections.abc import Iterator
-from types import SimpleNamespace
+from types import ModuleType
 
 import torch
 
 
 @functools.cache
-def _kernels() -> SimpleNamespace | None:
-    """The kernels (compiled on first launch); None without Triton (a CPU-only install)."""
+def _kernels() -> ModuleType | None:
+    """The kernels' module (each kernel compiled on first launch); None without Triton (a CPU-only install)."""
     try:
         from ao_resampling.engine.decoding import triton_kernel_code
     except ImportError:
         return None
-    return SimpleNamespace(rms_norm_rows=triton_kernel_code.rms_norm_rows,
-                           rotary_rows=triton_kernel_code.rotary_rows)
+    return triton_kernel_code
 
 
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -52,10 +51,10 @@ def _out_arg(out: torch.Tensor) -> torch.Tensor:
     return out.view(torch.int16) if out.dtype == torch.bfloat16 else out
 
 
-def _launch_kernels() -> SimpleNamespace:
+def _launch_kernels() -> ModuleType:
     kernels = _kernels()
     if kernels is None:
-        raise RuntimeError("the fused kernels need Triton (pip install triton)")
+        raise RuntimeError("the Triton kernels need Triton (pip install triton)")
     return kernels
 
 
@@ -102,12 +101,9 @@ def rotary(x_BHSD: torch.Tensor, cos_BSD: torch.Tensor, sin_BSD: torch.Tensor) -
     return out
 
 
-KERNELS = ("rms_norm", "rotary")
-
-
 @functools.cache
 def available(device: torch.device, kernel: str) -> bool:
-    """``kernel`` (one of KERNELS) works on ``device``: a CUDA device, Triton importable, and a probe (which compiles
+    """``kernel`` (a key of ``_PROBES``) works on ``device``: a CUDA device, Triton importable, and a probe (which compiles
     it) agreeing with torch's arithmetic. Otherwise one warning, and False: the caller keeps torch's kernels."""
     if device.type != "cuda":
         return False
@@ -116,7 +112,7 @@ def available(device: torch.device, kernel: str) -> bool:
                       "steps)", stacklevel=2)
         return False
     try:
-        {"rms_norm": _probe_rms_norm, "rotary": _probe_rotary}[kernel](device)
+        _PROBES[kernel](device)
     except Exception as e:  # noqa: BLE001 -- any failure of Triton's toolchain means: use torch's kernels
         warnings.warn(f"the Triton {kernel} kernel does not work here ({type(e).__name__}: {e}); it runs as separate "
                       "torch kernels (slower decode steps)", stacklevel=2)
@@ -126,9 +122,14 @@ def available(device: torch.device, kernel: str) -> bool:
 
 # The probes use the 27B's head size (128): the compiles they make are the ones its q/k norms and RoPE use.
 def _probe_rms_norm(device: torch.device) -> None:
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    hf_norm = Gemma3RMSNorm(128, eps=1e-6).to(device)
+    torch.nn.init.normal_(hf_norm.weight, std=0.5)
     x = torch.randn(3, 128, device=device).to(torch.bfloat16)
-    scale = torch.rand(128, device=device) + 0.5
-    torch_norm = ((x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)) * scale).type_as(x)
+    scale = (1.0 + hf_norm.weight.detach().float()).contiguous()
+    with torch.no_grad():
+        torch_norm = hf_norm(x)
     if (rms_norm(x, scale, 1e-6).float() - torch_norm.float()).abs().max() > 0.02 * torch_norm.float().abs().max():
         raise RuntimeError("its output disagrees with torch's arithmetic")
 
@@ -140,6 +141,9 @@ def _probe_rotary(device: torch.device) -> None:
     cos, sin = torch.randn(2, 2, 3, 128, device=device).to(torch.bfloat16)
     if not torch.equal(rotary(q, cos, sin), q * cos[:, None] + rotate_half(q) * sin[:, None]):
         raise RuntimeError("its output is not torch's bit for bit")
+
+
+_PROBES = {"rms_norm": _probe_rms_norm, "rotary": _probe_rotary}
 
 
 @contextlib.contextmanager
