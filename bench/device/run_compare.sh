@@ -1,4 +1,4 @@
-# call 2 (REAL=n: after the real-length experiment n times): forced 120 tokens, this tree against 09bc105 (before issue 23) in the same call on the same card, then the
+# call 2 (REAL=n: after the real-length experiment n times; ROWS=1: then bench_rows.py): forced 120 tokens, this tree against 09bc105 (before issue 23) in the same call on the same card, then the
 # bench's checks: greedy through refills against HF generate, merged/unmerged noise, the sequential ratio
 START=$SECONDS; LIMIT=${LIMIT:-565}; N=${N:-30}
 left() { echo $(( LIMIT - (SECONDS - START) )); }
@@ -11,7 +11,11 @@ for i in $(seq 1 ${REAL:-0}); do  # REAL=n: first the real-length experiment at 
     -p no:cacheprovider -x -q -s tests/experiments/test_full_experiment.py 2>&1 | quiet | tee $OUT/full_real$i.log | tail -5
   cp /tmp/real$i/timings.json $OUT/timings_real$i.json 2>/dev/null
 done
-echo "== this tree, forced 120, $N targets, rows auto"
+if [ -n "$ROWS" ]; then  # ROWS=1: the step's matmuls at each row count (which counts fill the card's tiles)
+  echo "== matmuls by rows (left $(left) s)"
+  timeout $(left) python3 bench/bench_rows.py --json $OUT/rows.json 2>&1 | tail -40
+fi
+echo "== this tree, forced 120, $N targets, rows auto (left $(left) s)"
 AO_NUM_TARGETS=$N AO_OUT=/tmp/new timeout $(left) python3 -m pytest -m gpu -p no:cacheprovider -x -q -s tests/experiments/test_full_experiment.py \
   2>&1 | quiet | tee $OUT/new_forced.log | tail -6
 cp /tmp/new/timings.json $OUT/timings_new_forced.json 2>/dev/null
