@@ -32,6 +32,7 @@ from workload import add_workload_arguments, load_workload, print_result  # noqa
 import ao_resampling.engine.decoding.scheduler as scheduler  # noqa: E402
 from ao_resampling.engine.decoding import sampler as sampler_module  # noqa: E402
 from ao_resampling.engine.decoding.decode_step import SlotStep  # noqa: E402
+from ao_resampling.engine.decoding.merge import merged_lora  # noqa: E402
 
 
 def arguments() -> argparse.Namespace:
@@ -83,7 +84,7 @@ def phase_timers(totals: dict[str, list[float]]):
 
 
 def run_stage(work, queries) -> dict:
-    stage = work.sampler()
+    stage = work.sampler(merge=False)  # merged once for all stages in main(), as a run merges its own model
     synced()
     t = time.perf_counter()
     result = stage.run(queries, progress=False)
@@ -93,7 +94,9 @@ def run_stage(work, queries) -> dict:
     return {"seconds": round(seconds, 2), "samples": sum(len(v) for v in result.values()),
             "tokens": sum(s.n_tokens for v in result.values() for s in v), "rows": layout.rows,
             "decode_steps": layout.decode_steps, "refills": layout.refills,
-            "graphs": len(layout.captured_graphs),
+            "graphs": len(layout.captured_graphs), "captured": layout.captured_graphs,
+            "capture_s": round(layout.capture_s, 2), "prompt_s": round(layout.prompt_s, 2),
+            "setup_s": round(layout.setup_s, 2), "teardown_s": round(layout.teardown_s, 2),
             "ms_per_step": round(1000 * seconds / max(1, layout.decode_steps), 1)}
 
 
@@ -113,6 +116,8 @@ def kernel_table(prof, top: int) -> dict:
 def main() -> None:
     args = arguments()
     work = load_workload(args)
+    if not args.no_merge:  # the LoRA folded in for good, as a run's own model (merge.py, restore=False): no stage
+        merged_lora(work.oracle.model, restore=False).__enter__()  # pays a snapshot and a restore
     out: dict = {"device": torch.cuda.get_device_name() if work.device == "cuda" else "cpu", "load_s": work.load_s,
                  "queries": len(work.queries), "answer_lengths": str(args.answer_lengths or "forced")}
     default_fraction = scheduler.REFILL_FRACTION

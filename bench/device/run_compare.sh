@@ -1,4 +1,4 @@
-# call 2 (REAL=n: after the real-length experiment n times; ROWS=1: then bench_rows.py): forced 120 tokens, this tree against 09bc105 (before issue 23) in the same call on the same card, then the
+# call 2 (REAL=n: after the real-length experiment n times; ROWS=1: then bench_rows.py; PROFILE=1: then profile_stage.py): forced 120 tokens, this tree against 09bc105 (before issue 23) in the same call on the same card, then the
 # bench's checks: greedy through refills against HF generate, merged/unmerged noise, the sequential ratio
 START=$SECONDS; LIMIT=${LIMIT:-565}; N=${N:-30}
 left() { echo $(( LIMIT - (SECONDS - START) )); }
@@ -14,6 +14,12 @@ done
 if [ -n "$ROWS" ]; then  # ROWS=1: the step's matmuls at each row count (which counts fill the card's tiles)
   echo "== matmuls by rows (left $(left) s)"
   timeout $(left) python3 bench/bench_rows.py --json $OUT/rows.json 2>&1 | tail -40
+fi
+if [ -n "$PROFILE" ]; then  # PROFILE=1: where a real-length stage's time goes (phases, kernels), LoRA merged once
+  echo "== profile, real lengths, 20 targets (left $(left) s)"
+  timeout $(left) python3 bench/profile_stage.py --model $AO_MODEL --tokenizer $AO_TOKENIZER --targets $AO_TARGETS \
+    --questions $AO_QUESTIONS --answer-lengths .device/data/ao_answer_lengths.json --num-targets 20 \
+    --refill-fractions 4 --profile-targets 2 --json $OUT/profile.json 2>&1 | quiet | tail -60
 fi
 echo "== this tree, forced 120, $N targets, rows auto (left $(left) s)"
 AO_NUM_TARGETS=$N AO_OUT=/tmp/new timeout $(left) python3 -m pytest -m gpu -p no:cacheprovider -x -q -s tests/experiments/test_full_experiment.py \
