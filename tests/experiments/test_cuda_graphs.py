@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import ao_resampling.engine.decoding.decode_step as decode_step
+import ao_resampling.engine.decoding.sampler as sampler_module
 from ao_resampling.engine.decoding.sampler import Query, Sampler
 from ao_resampling.engine.decoding.settings import model_generation_config, resolve_decoding
 from ao_resampling.engine.loading.adapters import attach_oracle
@@ -67,6 +68,7 @@ def test_graphs_are_captured_once_per_row_count_through_refills_and_compactions(
                         lambda self, cut: captured.append((self.rows, cut)) or capture(self, cut))
     replay = torch.cuda.CUDAGraph.replay
     monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda self: replays.append(1) or replay(self))
+    monkeypatch.setattr(sampler_module, "GRAPH_MIN_ROWS", 1)  # 4 rows: the tail shrinks under graphs here too
     sampler = Sampler(oracle, tokenizer, decoding=decoding, injection_layer=INJECTION_LAYER, coefficient=1.0, rows=4)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

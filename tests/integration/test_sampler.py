@@ -280,6 +280,26 @@ def test_the_tail_shrinks_onto_the_ladder_in_place(tiny_oracle, gemma_tokenizer,
     assert all(addresses)
 
 
+def test_a_step_that_replays_graphs_gets_the_ladders_floor_an_eager_one_none(tiny_oracle, gemma_tokenizer, queries,
+                                                                              greedy, monkeypatch):
+    """The ladder stops at GRAPH_MIN_ROWS only where new rungs cost captures (CUDA graphs; on a CPU the step is
+    eager). Which the step does is its own ``use_graphs``: forced on here, the run is only built, not decoded."""
+    sampler = Sampler(tiny_oracle, gemma_tokenizer, decoding=greedy(), injection_layer=INJECTION_LAYER,
+                      coefficient=1.0, rows=8)
+    layout = sampler_module.Layout(rows=8, rows_setting="8")
+    eager = sampler_module._Run(sampler, queries, layout, torch.device("cpu"))
+    assert not eager.step.use_graphs and eager.scheduler.min_rows == 1
+    init = decode_step.SlotStep.__init__
+
+    def with_graphs(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.use_graphs = True
+
+    monkeypatch.setattr(decode_step.SlotStep, "__init__", with_graphs)
+    assert sampler_module._Run(sampler, queries, layout, torch.device("cpu")).scheduler.min_rows == \
+        sampler_module.GRAPH_MIN_ROWS == 64
+
+
 def test_past_the_sliding_window_equals_plain_generate(tiny_oracle, gemma_tokenizer, acts_BD, greedy):
     """Prompt + answer longer than the tiny model's 512-token window: the sliding layers see only the last W
     positions of each row (their own mask), as HF's windowed cache does."""

@@ -148,9 +148,26 @@ def test_the_last_pending_samples_are_seated_even_below_the_refill_threshold():
 @given(batch_rows=st.integers(1, 2000), data=st.data())
 def test_rung_is_the_smallest_ladder_row_count_that_holds_the_live_rows(batch_rows, data):
     n_live = data.draw(st.integers(1, batch_rows))
+    floor = data.draw(st.sampled_from([1, 2, 64, 3000]) | st.integers(1, 2000))
     ladder = [batch_rows]
     while ladder[-1] > 1:
         ladder.append(math.ceil(ladder[-1] / 2))
-    got = rung(n_live, batch_rows)
+    assert rung(n_live, batch_rows) == rung(n_live, batch_rows, floor=1)
+    got = rung(n_live, batch_rows, floor=floor)
     assert got in ladder and got >= n_live
-    assert all(r < n_live for r in ladder if r < got)
+    assert got >= min(floor, batch_rows), "never below the floor (the rows themselves when they are below it)"
+    assert all(r < max(n_live, floor) for r in ladder if r < got), "the lowest rung that holds both"
+
+
+def test_with_graphs_the_tail_stops_at_the_ladders_floor():
+    # 256 rows, the queue drained, 3 live: 256 -> 4 without a floor; with 64, the rung of 64, and no further
+    for floor, expected in ((1, 4), (64, 64), (300, None)):
+        scheduler = SlotScheduler([Q("q0", 256)], rows=256, min_rows=floor)
+        scheduler.admit()
+        scheduler.finish(list(range(3, 256)))
+        keep = scheduler.compaction()
+        assert (None if keep is None else len(keep)) == expected, floor
+        if keep is not None:
+            assert keep[:3] == [0, 1, 2], "live rows first"
+            scheduler.compact(keep)
+            assert scheduler.compaction() is None, "on the lowest rung that holds them: no further compaction"

@@ -49,7 +49,7 @@ from ao_resampling.engine.decoding.merge import merged_lora
 from ao_resampling.engine.decoding import triton_kernels
 from ao_resampling.engine.decoding.norms import cached_norm_scales
 from ao_resampling.engine.decoding.nucleus import sample_next_tokens
-from ao_resampling.engine.decoding.scheduler import Seat, SlotScheduler
+from ao_resampling.engine.decoding.scheduler import GRAPH_MIN_ROWS, Seat, SlotScheduler
 from ao_resampling.engine.decoding.streams import sample_key
 from ao_resampling.engine.hooks import injecting, left_pad, position_ids_from_mask
 from ao_resampling.engine.loading.adapters import adapter_disabled
@@ -239,9 +239,10 @@ class _Run:
         d = sampler.decoding
         self.T = d.max_new_tokens
         self.P = max(len(q.input_ids) for q in queries)
-        self.scheduler = SlotScheduler(queries, layout.rows)
         window = getattr(text_config(sampler.model), "sliding_window", None)
         self.step = SlotStep(sampler.model, layout.rows, self.P, self.T, sliding_window=window, device=device)
+        self.scheduler = SlotScheduler(queries, layout.rows,
+                                       min_rows=GRAPH_MIN_ROWS if self.step.use_graphs else 1)
         B = layout.rows
         self.keys_B = torch.zeros(B, dtype=torch.long, device=device)
         self.ends_B = torch.zeros(B, dtype=torch.long, device=device)  # 0: no stand-in length

@@ -5,7 +5,8 @@ answer of one query) from its prompt to its stop token; when it finishes, its ro
 free (``refill_at``) the next pending samples take them: their queries' prompts are prefilled and they decode beside
 the rows already running. So the step stays full until the queue drains, instead of lasting as long as the longest
 answer of a fixed batch. Then, once at most a quarter of the rows are live, the step shrinks onto a rung of a fixed
-ladder (``rung``), so a stage captures a graph per rung once and the tail does not decode a full step for a few rows.
+ladder (``rung``), so a stage captures a graph per rung once and the tail does not decode a full step for a few rows;
+with CUDA graphs, not below ``GRAPH_MIN_ROWS`` (there a smaller step costs the same and a new rung a capture).
 
 A query's samples may be split over two refills (a row count smaller than a query's n, or the last free rows):
 each refill prefills the prompts of the queries it admits, and a sample's answer does not depend on which rows, which
@@ -31,6 +32,12 @@ REFILL_FRACTION = 4
 # The tail shrinks the step only once at most a quarter of its rows are live: a 27B step is mostly the weights'
 # read, so fewer rows save little per step, and every new (rows, cut length) costs a CUDA graph capture (~0.3 s).
 COMPACT_AT = 4
+# Where the step replays CUDA graphs, the ladder stops at this many rows. A decode step reads every weight once
+# whatever its rows (54 GB at 27B, ~16 ms on an H100) and does 2 FLOPs per weight per row: below ~100 rows the read
+# is the step (the H100 reaches its matmul peak near ~300 FLOPs per byte, the H200 ~200, an A100 ~150), so a rung
+# below 64 rows decodes no faster, and each new (rows, cut length) costs a capture (an eager step and the capture,
+# ~0.4 s at 27B). Eager steps (a CPU, a model over several GPUs) capture nothing: their ladder goes down to 1.
+GRAPH_MIN_ROWS = 64
 
 
 class Admittable(Protocol):
@@ -49,18 +56,20 @@ class Seat:
     row: int
 
 
-def rung(n_live: int, rows: int) -> int:
-    """The fewest rows of the ladder ``rows``, ceil(rows / 2), ceil(rows / 4), ..., 1 that hold ``n_live`` rows."""
-    while rows > 1 and -(-rows // 2) >= n_live:
+def rung(n_live: int, rows: int, floor: int = 1) -> int:
+    """The fewest rows of the ladder ``rows``, ceil(rows / 2), ceil(rows / 4), ..., 1 that hold ``n_live`` rows and
+    are at least ``floor`` (``rows`` itself when it is below the floor)."""
+    while rows > 1 and -(-rows // 2) >= max(n_live, floor):
         rows = -(-rows // 2)
     return rows
 
 
 class SlotScheduler:
-    def __init__(self, queries: Sequence[Admittable], rows: int, refill_at: int | None = None):
+    def __init__(self, queries: Sequence[Admittable], rows: int, refill_at: int | None = None, min_rows: int = 1):
         if rows < 1:
             raise ValueError(f"a decode step needs at least one row, got {rows}")
         self.rows = rows  # the step's row count now (shrinks on the ladder once the queue is empty)
+        self.min_rows = min_rows  # the ladder's lowest rung (GRAPH_MIN_ROWS where the step replays CUDA graphs)
         self.refill_at = max(1, refill_at if refill_at is not None else rows // REFILL_FRACTION)
         self.pending: deque[tuple[int, int]] = deque((q, s) for q, query in enumerate(queries)
                                                      for s in range(query.n))
@@ -97,10 +106,11 @@ class SlotScheduler:
 
     def compaction(self) -> list[int] | None:
         """Once nothing is pending and at most 1/COMPACT_AT of the rows are live: the rows to keep, live ones first
-        (in row order), down to the lowest rung of the ladder that holds them; None when the step keeps its rows."""
+        (in row order), down to the lowest rung of the ladder that holds them (not below ``min_rows``); None when the
+        step keeps its rows."""
         if self.pending or not self.seats or self.live * COMPACT_AT > self.rows:
             return None
-        target = rung(self.live, self.rows)
+        target = rung(self.live, self.rows, self.min_rows)
         if target >= self.rows:
             return None
         live = sorted(self.seats)
