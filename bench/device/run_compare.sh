@@ -1,5 +1,7 @@
-# call 2 (REAL=n: after the real-length experiment n times; ROWS=1: then bench_rows.py; PROFILE=1: then profile_stage.py): forced 120 tokens, this tree against 09bc105 (before issue 23) in the same call on the same card, then the
-# bench's checks: greedy through refills against HF generate, merged/unmerged noise, the sequential ratio
+# call 2, in this order (the cheap and the wanted first, when device time is short): REAL=n: the real-length
+# experiment at defaults n times; ROWS=1: bench_rows.py; the bench's checks (greedy through refills against HF
+# generate, merged/unmerged noise, the sequential ratio); PROFILE=1: profile_stage.py; then forced 120 tokens, this
+# tree against 09bc105 (before issue 23) in the same call on the same card
 START=$SECONDS; LIMIT=${LIMIT:-565}; N=${N:-30}
 left() { echo $(( LIMIT - (SECONDS - START) )); }
 quiet() { tr '\r' '\n' | grep -v -E "it/s\]|s/it\]|sample/s\]|call/s\]"; }
@@ -15,6 +17,10 @@ if [ -n "$ROWS" ]; then  # ROWS=1: the step's matmuls at each row count (which c
   echo "== matmuls by rows (left $(left) s)"
   timeout $(left) python3 bench/bench_rows.py --json $OUT/rows.json 2>&1 | tail -40
 fi
+echo "== bench checks (left $(left) s)"
+[ $(left) -gt 45 ] && timeout $(( $(left) - 5 )) python3 bench/bench_generation.py --model $AO_MODEL --tokenizer $AO_TOKENIZER \
+  --targets $AO_TARGETS --questions $AO_QUESTIONS ${CHECKS:---num-targets 10 --check 4 --noise 4 --sequential-samples 2} \
+  --json $OUT/checks.json 2>&1 | quiet | tail -40
 if [ -n "$PROFILE" ]; then  # PROFILE=1: where a real-length stage's time goes (phases, kernels), LoRA merged once
   echo "== profile, real lengths, 20 targets (left $(left) s)"
   timeout $(left) python3 bench/profile_stage.py --model $AO_MODEL --tokenizer $AO_TOKENIZER --targets $AO_TARGETS \
@@ -29,8 +35,4 @@ echo "== 09bc105, forced 120, $N targets, 256 rows (its default 768 runs out of 
 (cd .device/oldmain && PYTHONPATH=/tmp/site:$PWD AO_NUM_TARGETS=$N AO_BATCH_ROWS=256 AO_OUT=/tmp/old timeout $(left) python3 -m pytest -m gpu \
   -p no:cacheprovider -x -q -s tests/experiments/test_full_experiment.py 2>&1 | quiet | tee $OUT/old_forced.log | tail -6)
 cp /tmp/old/timings.json $OUT/timings_old_forced.json 2>/dev/null
-echo "== bench checks (left $(left) s)"
-[ $(left) -gt 45 ] && timeout $(( $(left) - 5 )) python3 bench/bench_generation.py --model $AO_MODEL --tokenizer $AO_TOKENIZER \
-  --targets $AO_TARGETS --questions $AO_QUESTIONS ${CHECKS:---num-targets 10 --check 4 --noise 4 --sequential-samples 2} \
-  --json $OUT/checks.json 2>&1 | quiet | tail -40
 echo "== done at $((SECONDS - START)) s"
