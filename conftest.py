@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from ao_resampling.teardown import end_without_final_collection, fewer_full_collections
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -28,9 +30,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # left half-written in the machine-wide one (/tmp/torchinductor_<user>, killed mid-compile) cannot fail them.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="ao-resampling-inductor-"))
 
-# Full garbage collections after every 100 middle ones, not 10, from before the test modules import torch,
-# transformers and peft: each walks all their objects (~0.3 s), and importing them set off ~2 s of such collections.
-gc.set_threshold(*gc.get_threshold()[:2], 100)
+fewer_full_collections()  # before the test modules import torch, transformers and peft (teardown.py)
 
 pytest_plugins = ["tests.support.openai_server"]
 
@@ -60,8 +60,6 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     """The session is over: exit without the interpreter's last garbage collection walking every object that torch,
     transformers and the session's models left (seconds), and without Triton's teardown report of those objects
     (the CLI ends the same way: ao_resampling/teardown.py)."""
-    from ao_resampling.teardown import end_without_final_collection
-
     end_without_final_collection()
 
 

@@ -31,7 +31,7 @@ from ao_resampling.position_rules import RULE_FORMS
 from ao_resampling.store import folder_lock
 from ao_resampling.redaction import is_redacted_url, redact
 from ao_resampling.results import RESULTS_NAME
-from ao_resampling.teardown import end_without_final_collection
+from ao_resampling.teardown import end_without_final_collection, fewer_full_collections
 
 if TYPE_CHECKING:  # pipeline imports torch: only the commands that run it load it
     from ao_resampling.pipeline import RunReport
@@ -436,12 +436,7 @@ def _open(results: Path, overrides: dict[str, Any]):
 
 
 def main() -> None:  # python -m ao_resampling, and the ao-resampling script
-    import gc
-
-    # A command's heap is mostly the millions of long-lived objects torch and transformers create on import; a full
-    # collection walks them all (~0.2 s each), by default after every 10 middle ones: ~0.6 s of a small run. A full
-    # collection after every 100 still frees what a command's own work leaves in cycles.
-    gc.set_threshold(*gc.get_threshold()[:2], 100)
+    fewer_full_collections()  # teardown.py
     try:
         app()
     finally:

@@ -1,4 +1,4 @@
-"""A run folder on disk: atomic writes, the journal of typed events, ``ResultsStore``, and the folder's lock.
+"""A run folder on disk: the journal of typed events, ``ResultsStore``, and the folder's lock.
 
 Crash safety: a stage never rewrites ``results.json`` per query. It appends one JSON line per finished unit of work
 (answers, a verdict, a spread) to a journal beside it and fsyncs; ``ResultsStore.load`` replays the journal over the
@@ -27,13 +27,13 @@ import json
 import os
 import re
 import sys
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from ao_resampling.errors import EXIT_BUSY, AOResamplingError
+from ao_resampling.files import DiskError, atomic_write_text, writing
 from ao_resampling.redaction import redact
 from ao_resampling.events import (
     BaselineClustersEvent, BaselineJudgeEvent, BaselineResponsesEvent, BaselineSpreadEvent, ClustersEvent,
@@ -50,52 +50,6 @@ JOURNAL_GLOB = "journal*.jsonl"
 TOOL_JOURNAL_RE = re.compile(r"journal(\.rank(0|[1-9][0-9]*))?\.jsonl")
 LOCK_NAME = ".lock"
 Record = TypeVar("Record", JudgeRecord, ClusterRecord)  # a judge call's record, of either kind
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Atomic writes
-
-
-class DiskError(AOResamplingError, OSError):
-    """A file the tool must write cannot be: a full disk, a read-only folder, no permission. What was written before
-    (the last results.json, every journaled event) is intact; the message names the file and how to go on."""
-
-
-@contextlib.contextmanager
-def writing(path: Path) -> Iterator[None]:
-    """Turns an OSError while writing ``path`` into a DiskError: one line for the user, not a traceback."""
-    try:
-        yield
-    except DiskError:
-        raise
-    except OSError as e:
-        reason = os.strerror(e.errno) if e.errno else str(e)
-        raise DiskError(f"cannot write {path}: {reason}. Everything written before is kept; make room (or make the "
-                        "folder writable) and re-run the same command to continue.") from e
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temp file in the same folder, fsync, rename: readers see the old file or the new, never half."""
-    atomic_write_bytes(path, text.encode())
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """As ``atomic_write_text``; a failed write (a full disk) leaves the old file, or none, never a truncated one."""
-    with writing(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are meant to be shared like any output
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -34,7 +34,8 @@ from ao_resampling.errors import AOResamplingError, describe_problems
 from ao_resampling.redaction import redact
 from ao_resampling.results import read_json_file
 from ao_resampling.stages.plan import prepare
-from ao_resampling.store import ResultsStore, atomic_write_text, folder_lock
+from ao_resampling.files import atomic_write_text
+from ao_resampling.store import ResultsStore, folder_lock
 
 MANIFEST_NAME = "sweep.json"
 MANIFEST_VERSION = 1

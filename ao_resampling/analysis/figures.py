@@ -17,7 +17,7 @@ from ao_resampling.analysis.cluster_report import cluster_plots
 from ao_resampling.analysis.comparison import embedding_comparison, judge_comparison
 from ao_resampling.analysis.stats import embedding_similarities, judge_embedding_pairs, judge_scores
 from ao_resampling.results import Results
-from ao_resampling.store import atomic_write_bytes
+from ao_resampling.files import atomic_write_bytes
 
 PlotSet = Callable[[Results], dict[str, Callable[[Results], Figure]]]
 

@@ -19,7 +19,7 @@ from ao_resampling.analysis.figures import FIGURE_NAMES, JUDGE_VS_EMBEDDING, PLO
 from ao_resampling.analysis.stats import embedding_similarities, judge_counts, judge_scores
 from ao_resampling.analysis.summary import summarize, target_text
 from ao_resampling.results import Baseline, Results, Run
-from ao_resampling.store import atomic_write_text
+from ao_resampling.files import atomic_write_text
 
 SUMMARY_NAME = "summary.json"
 REPORT_NAME = "report.md"

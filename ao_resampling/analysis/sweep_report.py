@@ -27,7 +27,7 @@ from ao_resampling.analysis.stats import (
 from ao_resampling.analysis.figures import save_figure
 from ao_resampling.analysis.plots import new_figure
 from ao_resampling.results import Results
-from ao_resampling.store import atomic_write_text
+from ao_resampling.files import atomic_write_text
 
 Key = tuple[str, str]  # (target_id, question_id): what pairs runs across conditions
 METRICS: dict[str, tuple[str, Callable]] = {

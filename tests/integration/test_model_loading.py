@@ -367,6 +367,32 @@ def test_recording_the_added_tokens_in_the_config_loads_the_same_tokenizer(tmp_p
     assert json.loads((tmp_path / "tokenizer_config.json").read_text())["added_tokens_decoder"] == recorded
 
 
+def test_a_tokenizer_folder_that_cannot_be_written_is_left_as_it_is(tmp_path, monkeypatch):
+    """A read-only tokenizer folder (a shared cache) loads as before: the added tokens are not recorded, no error,
+    no half-written config and no temporary file left."""
+    import errno
+    import json
+    import os
+
+    from transformers import AddedToken
+    from transformers.models.gemma.tokenization_gemma import GemmaTokenizer
+
+    from ao_resampling.engine.loading.models import _record_added_tokens
+
+    tokenizer = GemmaTokenizer(vocab={"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4, "a": 5}, merges=[])
+    tokenizer.add_tokens([AddedToken("<start_of_turn>", special=True, normalized=False)])
+    tokenizer.save_pretrained(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def read_only(*_):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(os, "replace", read_only)
+    _record_added_tokens(tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert "added_tokens_decoder" not in json.loads((tmp_path / "tokenizer_config.json").read_text())
+
+
 def test_the_packaged_tokenizer_folder_has_its_added_tokens_in_its_config(gemma_tokenizer):
     import json
 

@@ -16,7 +16,8 @@ from ao_resampling.analysis.figures import save_figure
 from ao_resampling.errors import AOResamplingError
 from ao_resampling.events import spread_event
 from ao_resampling.results import SpreadMetrics
-from ao_resampling.store import DiskError, NotAFolderError, ResultsStore, atomic_write_text, folder_lock
+from ao_resampling.files import DiskError, atomic_write_text
+from ao_resampling.store import NotAFolderError, ResultsStore, folder_lock
 from tests.support.results_factory import make_results
 
 SPREAD = SpreadMetrics(embedding_model="none", distinct_fraction=0.5, mean_jaccard=0.25)

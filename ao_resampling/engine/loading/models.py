@@ -169,17 +169,12 @@ def _record_added_tokens(folder: Path) -> None:
     added = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["added_tokens"]
     config["added_tokens_decoder"] = {str(token["id"]): {k: v for k, v in token.items() if k != "id"}
                                       for token in added}
+    from ao_resampling.files import atomic_write_text
+
     try:  # atomically: another process may be reading it, or recording the same tokens
-        fd, staged = tempfile.mkstemp(dir=folder, prefix=".tokenizer_config.", suffix=".json")
-    except OSError:
-        return
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-        os.chmod(staged, config_path.stat().st_mode & 0o777)
-        os.replace(staged, config_path)
-    except OSError:
-        Path(staged).unlink(missing_ok=True)
+        atomic_write_text(config_path, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    except OSError:  # a DiskError is one: a read-only folder keeps its files
+        pass
 
 
 # ---------------------------------------------------------------------------------------------------------------------
