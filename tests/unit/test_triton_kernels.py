@@ -130,11 +130,11 @@ def test_gemma3_attention_applies_rope_through_the_kernel_inside_fused_rotary(mo
     with torch.no_grad():
         expected = model(input_ids=ids).logits
         hf_apply = modeling_gemma3.apply_rotary_pos_emb
-        with triton_kernels.fused_rotary(torch.device("cpu")) as used:
+        with triton_kernels.fused_rotary({torch.device("cpu")}) as used:
             got = model(input_ids=ids).logits
         assert used and modeling_gemma3.apply_rotary_pos_emb is hf_apply
-        with triton_kernels.fused_rotary(torch.device("meta")):
-            model(input_ids=ids)  # CPU tensors, a switch opened for another device type: HF's function
+        with triton_kernels.fused_rotary({torch.device("meta")}):
+            model(input_ids=ids)  # CPU tensors, a switch opened for another device: HF's function
 
     assert seen == [(1, 4, 4, 16), (1, 2, 4, 16)] * 2  # q and k of both layers, once
     assert torch.equal(got, expected)
@@ -147,5 +147,20 @@ def test_each_kernels_probe_passes_the_working_kernel(interpreted):
 
 def test_nothing_is_switched_off_cuda():
     assert not triton_kernels.available(torch.device("cpu"), "rms_norm")
-    with triton_kernels.fused_rotary(torch.device("cpu")) as used:
+    with triton_kernels.fused_rotary({torch.device("cpu")}) as used:
         assert not used
+
+
+def test_rope_is_switched_only_if_the_kernel_works_on_every_device_of_the_model(monkeypatch):
+    """A device_map="auto" model has layers on several GPUs: the kernel is used only if its probe passed on each
+    (a probe on the first device alone would send the others' tensors to a kernel never tried there)."""
+    works = {torch.device("cuda", 0): True, torch.device("cuda", 1): False}
+    monkeypatch.setattr(triton_kernels, "available", lambda device, kernel: works[device])
+    from transformers.models.gemma3 import modeling_gemma3
+
+    hf_apply = modeling_gemma3.apply_rotary_pos_emb
+    with triton_kernels.fused_rotary(works) as used:
+        assert not used and modeling_gemma3.apply_rotary_pos_emb is hf_apply
+    works[torch.device("cuda", 1)] = True
+    with triton_kernels.fused_rotary(works) as used:
+        assert used and modeling_gemma3.apply_rotary_pos_emb is not hf_apply

@@ -189,10 +189,10 @@ class Sampler:
         adapter = contextlib.nullcontext() if self.use_adapter else adapter_disabled(self.model)
         merged = (merged_lora(self.model, restore=not self.last_use) if self.merge_lora and self.use_adapter
                   else contextlib.nullcontext())
-        device = model_device(self.model)
-        with adapter, merged, cached_norm_scales(self.model), triton_kernels.fused_rotary(device) as rotary:
-            yield [name for name, used in (("rms_norm", triton_kernels.available(device, "rms_norm")),
-                                           ("rotary", rotary)) if used]
+        devices = {p.device for p in self.model.parameters()}  # one, or each GPU of a device_map="auto" model
+        with adapter, merged, cached_norm_scales(self.model), triton_kernels.fused_rotary(devices) as rotary:
+            norms = all(triton_kernels.available(device, "rms_norm") for device in devices)  # each norm: its own
+            yield [name for name, used in (("rms_norm", norms), ("rotary", rotary)) if used]
 
     # -- the pieces a run uses ----------------------------------------------------------------------------------------
 

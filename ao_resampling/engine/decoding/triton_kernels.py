@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from types import ModuleType
 
 import torch
@@ -147,19 +147,20 @@ _PROBES = {"rms_norm": _probe_rms_norm, "rotary": _probe_rotary}
 
 
 @contextlib.contextmanager
-def fused_rotary(device: torch.device) -> Iterator[bool]:
-    """Inside the block Gemma 3's attention layers apply RoPE with ``rotary`` (tensors on a device of ``device``'s
-    type; anything else goes to HF's function), if the kernel works on ``device``; yields whether it does. HF's
+def fused_rotary(devices: Collection[torch.device]) -> Iterator[bool]:
+    """Inside the block Gemma 3's attention layers apply RoPE with ``rotary`` to tensors on ``devices`` (the model's;
+    anything else goes to HF's function), if the kernel works on every one of them; yields whether it does. HF's
     function comes back after, also when the block raises."""
     from transformers.models.gemma3 import modeling_gemma3
 
-    if not available(device, "rotary"):
+    devices = set(devices)
+    if not devices or not all(available(device, "rotary") for device in devices):
         yield False
         return
     hf_apply = modeling_gemma3.apply_rotary_pos_emb
 
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
-        if unsqueeze_dim != 1 or q.device.type != device.type:
+        if unsqueeze_dim != 1 or q.device not in devices:
             return hf_apply(q, k, cos, sin, unsqueeze_dim)
         return rotary(q, cos, sin), rotary(k, cos, sin)
 
