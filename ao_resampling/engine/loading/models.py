@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ao_resampling.errors import AOResamplingError
+from ao_resampling.files import atomic_write_text
 
 GGUF_SPEC = "gemma3-270m-gguf"
 SYNTHETIC_PREFIX = "synthetic:"
@@ -169,8 +170,6 @@ def _record_added_tokens(folder: Path) -> None:
     added = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["added_tokens"]
     config["added_tokens_decoder"] = {str(token["id"]): {k: v for k, v in token.items() if k != "id"}
                                       for token in added}
-    from ao_resampling.files import atomic_write_text
-
     try:  # atomically: another process may be reading it, or recording the same tokens
         atomic_write_text(config_path, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     except OSError:  # a DiskError is one: a read-only folder keeps its files
