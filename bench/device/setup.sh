@@ -10,3 +10,6 @@ export AO_MODEL=${AO_MODEL:-synthetic:gemma-3-27b} AO_LORA=random AO_TOKENIZER=$
   AO_JUDGE=loopback AO_EMBEDDING_MODEL=none
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee $OUT/card.txt
 python3 -c "import torch, transformers, peft, openai, pydantic; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'openai', openai.__version__, 'pydantic', pydantic.__version__)" | tee -a $OUT/card.txt
+# every measurement starts from an empty run folder: a machine kept warm between calls keeps /tmp, and a run folder
+# left there would be resumed (nothing left to sample, nothing measured)
+rm -rf /tmp/real /tmp/real[0-9]* /tmp/new /tmp/old /tmp/sweep
