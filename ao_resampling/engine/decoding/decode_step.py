@@ -46,6 +46,13 @@ from ao_resampling.engine.loading.models import base_model
 BUCKET = 32  # cut lengths are multiples of this: ~4 CUDA graphs for a 40-token prompt + 120 new tokens
 
 
+def synced_clock(device: torch.device) -> float:
+    """perf_counter once the device's queued work is done (a capture or a prompt pass is timed, not just queued)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def on_one_device(model: nn.Module) -> bool:
     """A graph is captured on one device's stream: work a device_map="auto" model sends to another GPU would run
     outside it, at capture time, and then never again. Such a model decodes eagerly."""
@@ -179,11 +186,9 @@ class SlotStep:
             graph, logits_AV = self.graphs[A, cut]
             graph.replay()
         else:
-            torch.cuda.synchronize()
-            started = time.perf_counter()
+            started = synced_clock(self.mask_BS.device)
             logits_AV = self._run_then_capture(cut)
-            torch.cuda.synchronize()
-            self.capture_s += time.perf_counter() - started
+            self.capture_s += synced_clock(self.mask_BS.device) - started
         self.write_B[:A] += 1
         self.rope_B1[:A] += 1
         self.write_B[:A].clamp_(max=self.S - 1)  # an idle row keeps writing its last position (never read)

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from ao_resampling.config import Decoding
 from ao_resampling.engine.decoding import memory
-from ao_resampling.engine.decoding.decode_step import SlotStep, cache_kwargs, returned_cache
+from ao_resampling.engine.decoding.decode_step import SlotStep, cache_kwargs, returned_cache, synced_clock
 from ao_resampling.engine.decoding.merge import merged_lora
 from ao_resampling.engine.decoding import triton_kernels
 from ao_resampling.engine.decoding.norms import cached_norm_scales
@@ -352,13 +352,6 @@ class _Run:
         self._record(rows_N, steps_N, tokens_N)
         for row in live:
             self.drawn[row] += 1
-
-
-def synced_clock(device: torch.device) -> float:
-    """perf_counter once the device's queued work is done (a prompt pass is timed, not just queued)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def injection_for_rows(model: nn.Module, row_queries: Sequence[Query], L: int, device: torch.device, layer: int,
