@@ -137,7 +137,7 @@ class Sampler:
             torch.cuda.reset_peak_memory_stats(device)
         started = time.perf_counter()
         with self._stage() as kernels:
-            setup_s = time.perf_counter() - started
+            setup_s = synced_clock(device) - started  # the merge's adds are queued on the GPU: done, not just queued
             run = _Run(self, queries, self._layout(queries, device), device)
             run.layout.triton_kernels = kernels
             with tqdm(total=sum(q.n for q in queries), desc=desc, unit="sample", disable=not progress) as bar:
