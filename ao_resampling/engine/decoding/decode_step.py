@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from ao_resampling.engine.decoding.attention import attention_configs, decode_attention
-from ao_resampling.engine.loading.models import base_model
+from ao_resampling.engine.loading.models import base_model, model_devices
 
 BUCKET = 32  # cut lengths are multiples of this: ~4 CUDA graphs for a 40-token prompt + 120 new tokens
 
@@ -56,7 +56,7 @@ def synced_clock(device: torch.device) -> float:
 def on_one_device(model: nn.Module) -> bool:
     """A graph is captured on one device's stream: work a device_map="auto" model sends to another GPU would run
     outside it, at capture time, and then never again. Such a model decodes eagerly."""
-    return len({p.device for p in model.parameters()}) == 1
+    return len(model_devices(model)) == 1
 
 
 @functools.cache

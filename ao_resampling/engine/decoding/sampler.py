@@ -53,7 +53,7 @@ from ao_resampling.engine.decoding.scheduler import GRAPH_MIN_ROWS, Seat, SlotSc
 from ao_resampling.engine.decoding.streams import sample_key
 from ao_resampling.engine.hooks import injecting, left_pad, position_ids_from_mask
 from ao_resampling.engine.loading.adapters import adapter_disabled
-from ao_resampling.engine.loading.models import model_device, text_config
+from ao_resampling.engine.loading.models import model_device, model_devices, text_config
 
 # Prompts per prompt pass: queries are prefilled in fixed blocks of this many (0-31, 32-63, ...), each block once,
 # its KV kept until every sample of its queries is seated. A 27B prompt pass is launch-bound (~83 ms on an H100 for
@@ -189,7 +189,7 @@ class Sampler:
         adapter = contextlib.nullcontext() if self.use_adapter else adapter_disabled(self.model)
         merged = (merged_lora(self.model, restore=not self.last_use) if self.merge_lora and self.use_adapter
                   else contextlib.nullcontext())
-        devices = {p.device for p in self.model.parameters()}  # one, or each GPU of a device_map="auto" model
+        devices = model_devices(self.model)
         with adapter, merged, cached_norm_scales(self.model), triton_kernels.fused_rotary(devices) as rotary:
             norms = all(triton_kernels.available(device, "rms_norm") for device in devices)  # each norm: its own
             yield [name for name, used in (("rms_norm", norms), ("rotary", rotary)) if used]

@@ -319,6 +319,11 @@ def model_device(model: nn.Module) -> torch.device:
     return weight.device if isinstance(weight, torch.Tensor) else next(model.parameters()).device
 
 
+def model_devices(model: nn.Module) -> set[torch.device]:
+    """Every device the model's parameters sit on: one, or each GPU of a device_map="auto" model."""
+    return {p.device for p in model.parameters()}
+
+
 @dataclass(frozen=True)
 class LoadedOracle:
     """What the stages need: the oracle (base + LoRA), its tokenizer, and the AO layer conventions."""
