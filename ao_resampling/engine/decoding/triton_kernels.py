@@ -58,13 +58,6 @@ def _launch_kernels() -> ModuleType:
     return kernels
 
 
-def _on_its_device(x: torch.Tensor):
-    """Triton launches on the current CUDA device: a model spread over GPUs (device_map="auto") has layers elsewhere."""
-    if x.device.type == "cuda" and x.device.index != torch.cuda.current_device():
-        return torch.cuda.device(x.device)
-    return contextlib.nullcontext()
-
-
 def rms_norm(x: torch.Tensor, scale_D: torch.Tensor, eps: float) -> torch.Tensor:
     """Gemma3RMSNorm with ``scale_D = 1 + weight.float()`` (float32, contiguous, on ``x``'s device), one launch.
     ``x``: any leading shape, D last."""
@@ -76,7 +69,7 @@ def rms_norm(x: torch.Tensor, scale_D: torch.Tensor, eps: float) -> torch.Tensor
     out_ND = torch.empty((x_ND.shape[0], D), dtype=x.dtype, device=x.device)
     if x_ND.shape[0]:
         block = 1 << (D - 1).bit_length()
-        with _on_its_device(x):
+        with torch.cuda.device_of(x):  # Triton launches on the current device; device_map="auto" layers are elsewhere
             kernels.rms_norm_rows[(x_ND.shape[0],)](x_ND, scale_D, _out_arg(out_ND), x_ND.stride(0), D, 1.0 / D, eps,
                                                     BLOCK=block, DTYPE=_DTYPE_CODE[x.dtype],
                                                     num_warps=max(1, min(16, block // 512)))
@@ -94,7 +87,7 @@ def rotary(x_BHSD: torch.Tensor, cos_BSD: torch.Tensor, sin_BSD: torch.Tensor) -
     out = torch.empty((B, H, S, D), dtype=x_BHSD.dtype, device=x_BHSD.device)
     if out.numel():
         half = D // 2
-        with _on_its_device(x_BHSD):
+        with torch.cuda.device_of(x_BHSD):  # as in rms_norm
             kernels.rotary_rows[(B * H * S,)](x_BHSD, cos_BSD, sin_BSD, _out_arg(out), H, S, *x_BHSD.stride()[:3],
                                               *cos_BSD.stride()[:2], half, BLOCK=1 << (half - 1).bit_length(),
                                               DTYPE=_DTYPE_CODE[x_BHSD.dtype], num_warps=1)
