@@ -53,8 +53,8 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}: ms per decode step (matmuls only) by rows; us per row")
     for rows in row_counts(args.rows, args.extra):
         x = {inp: torch.randn(rows, inp, **bf16) for inp, _, _ in projections().values()}
-        ms = {name: cuda_ms(lambda w=w, a=x[inp]: a @ w.T, args.repeats) * times
-              for (name, (inp, _, times)), w in zip(projections().items(), weights.values())}
+        ms = {name: cuda_ms(lambda w=weights[name], a=x[inp]: a @ w.T, args.repeats) * times
+              for name, (inp, _, times) in projections().items()}
         separate = sum(ms[n] for n in ("q", "k", "v", "o", "gate", "up", "down", "lm_head"))
         fused = separate - sum(ms[n] for n in ("q", "k", "v", "gate", "up")) + ms["qkv fused"] + ms["gate_up fused"]
         results.append({"rows": rows, "step_ms": round(separate, 2), "us_per_row": round(1000 * separate / rows, 1),
