@@ -8,11 +8,16 @@ so a row count just past a tile boundary pays for a nearly empty tile. This time
 text config (bf16, random weights) at every row count asked for, and prints the step's matmul milliseconds, the
 microseconds per row (what a sample's token costs), and the same for q/k/v and gate/up fused into one matmul
 each. The rows the sampler picks for a card (``memory.rows_that_fit``) can be compared with the best nearby count.
+
+In a real step each of the 62 layers has its own weights, read from HBM. A single q weight (44 MB) fits in an
+H100's 50 MB L2 cache, so timing one matrix over and over would time the cache: each projection cycles through
+copies of its weight totalling at least ``FLUSH_BYTES``, so every call reads its weight from memory.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
@@ -21,6 +26,7 @@ import torch
 from cuda_timing import cuda_ms  # bench/, beside this script
 
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM, VOCAB, LAYERS = 5376, 21504, 32, 16, 128, 262_208, 62
+FLUSH_BYTES = 256 * 2**20  # several times the largest L2 of these cards (H100 50 MB, H200 50 MB)
 
 
 def projections() -> dict[str, tuple[int, int, int]]:
@@ -48,12 +54,13 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench_rows.py times CUDA matmuls; it needs a GPU")
     bf16 = dict(device="cuda", dtype=torch.bfloat16)
-    weights = {name: torch.randn(out, inp, **bf16) * inp**-0.5 for name, (inp, out, _) in projections().items()}
+    weights = {name: [torch.randn(out, inp, **bf16) * inp**-0.5 for _ in range(-(-FLUSH_BYTES // (2 * out * inp)))]
+               for name, (inp, out, _) in projections().items()}
     results = []
     print(f"{torch.cuda.get_device_name()}: ms per decode step (matmuls only) by rows; us per row")
     for rows in row_counts(args.rows, args.extra):
         x = {inp: torch.randn(rows, inp, **bf16) for inp, _, _ in projections().values()}
-        ms = {name: cuda_ms(lambda w=weights[name], a=x[inp]: a @ w.T, args.repeats) * times
+        ms = {name: cuda_ms(lambda ws=itertools.cycle(weights[name]), a=x[inp]: a @ next(ws).T, args.repeats) * times
               for name, (inp, _, times) in projections().items()}
         separate = sum(ms[n] for n in ("q", "k", "v", "o", "gate", "up", "down", "lm_head"))
         fused = separate - sum(ms[n] for n in ("q", "k", "v", "gate", "up")) + ms["qkv fused"] + ms["gate_up fused"]
