@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import json
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from workload import add_workload_arguments, load_workload, print_result  # noqa
 
 import ao_resampling.engine.decoding.scheduler as scheduler  # noqa: E402
 from ao_resampling.engine.decoding import sampler as sampler_module  # noqa: E402
-from ao_resampling.engine.decoding.decode_step import SlotStep  # noqa: E402
+from ao_resampling.engine.decoding.decode_step import SlotStep, synced_clock  # noqa: E402
 from ao_resampling.engine.decoding.merge import merged_lora  # noqa: E402
 
 
@@ -46,9 +45,9 @@ def arguments() -> argparse.Namespace:
     return p.parse_args()
 
 
-def synced() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+def clock() -> float:
+    """The time once the GPU's queued work is done (the sampler's own ``synced_clock``, on this machine's device)."""
+    return synced_clock(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 @contextlib.contextmanager
@@ -61,13 +60,11 @@ def phase_timers(totals: dict[str, list[float]]):
 
     def timed(fn, name):
         def wrapper(*args, **kwargs):
-            synced()
-            t = time.perf_counter()
+            t = clock()
             result = fn(*args, **kwargs)
             if name == "finished check":
                 result = list(result)  # a generator: its work happens when it is consumed
-            synced()
-            totals[name][0] += time.perf_counter() - t
+            totals[name][0] += clock() - t
             totals[name][1] += 1
             return iter(result) if name == "finished check" else result
         return wrapper
@@ -85,11 +82,9 @@ def phase_timers(totals: dict[str, list[float]]):
 
 def run_stage(work, queries) -> dict:
     stage = work.sampler(merge=False)  # merged once for all stages in main(), as a run merges its own model
-    synced()
-    t = time.perf_counter()
+    t = clock()
     result = stage.run(queries, progress=False)
-    synced()
-    seconds = time.perf_counter() - t
+    seconds = clock() - t
     layout = stage.layout
     return {"seconds": round(seconds, 2), "samples": sum(len(v) for v in result.values()),
             "tokens": sum(s.n_tokens for v in result.values() for s in v), "rows": layout.rows,
