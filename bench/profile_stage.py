@@ -55,18 +55,16 @@ def phase_timers(totals: dict[str, list[float]]):
     """Time the sampler's phases, each between two synchronisations: totals[name] = [seconds, calls]."""
     targets = [(SlotStep, "__call__", "decode step"), (SlotStep, "seat", "seat rows"),
                (sampler_module.Sampler, "draw", "draw"), (sampler_module.Sampler, "prefill", "prefill"),
-               (sampler_module._Run, "_finished", "finished check"), (sampler_module._Run, "_compact", "compact")]
+               (sampler_module._Run, "_ended", "ended check"), (sampler_module._Run, "_compact", "compact")]
     originals = []
 
     def timed(fn, name):
         def wrapper(*args, **kwargs):
             t = clock()
             result = fn(*args, **kwargs)
-            if name == "finished check":
-                result = list(result)  # a generator: its work happens when it is consumed
             totals[name][0] += clock() - t
             totals[name][1] += 1
-            return iter(result) if name == "finished check" else result
+            return result
         return wrapper
 
     for owner, attribute, name in targets:
@@ -129,7 +127,7 @@ def main() -> None:
     phases = {name: {"s": round(s, 2), "calls": n, "ms_per_call": round(1000 * s / max(1, n), 2)}
               for name, (s, n) in totals.items()}
     inside = totals["decode step"][0] + totals["draw"][0] + totals["prefill"][0] + totals["seat rows"][0] \
-        + totals["finished check"][0] + totals["compact"][0]
+        + totals["ended check"][0] + totals["compact"][0]
     out["phases"] = {"stage": timed, "phases": phases,
                      "host_between_phases_s": round(timed["seconds"] - inside, 2),
                      "note": "draw includes the first draw of each refill; the phases are timed between syncs"}

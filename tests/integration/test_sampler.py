@@ -233,6 +233,26 @@ def test_early_stops_free_rows_for_the_next_samples(tiny_oracle, gemma_tokenizer
     assert [s.finish_reason for s in result["q1"]] == ["length", "length"] and result["q1"][0].n_tokens == 8
 
 
+def test_ended_answers_are_handed_over_while_the_next_step_runs(tiny_oracle, gemma_tokenizer, queries, early_eos,
+                                                                greedy, monkeypatch):
+    """q0 ends at step 2 while q1 and q2 decode on: q0's answers reach ``on_answers`` (the caller journals there)
+    after the next decode step is queued and before that step's draw, so the host's work overlaps the device's.
+    Once no row is left to decode, the last answers come after the last draw."""
+    events: list[str] = []
+    step, draw = decode_step.SlotStep.__call__, Sampler.draw
+    monkeypatch.setattr(decode_step.SlotStep, "__call__", lambda self, *a: events.append("step") or step(self, *a))
+    monkeypatch.setattr(Sampler, "draw", lambda self, *a: events.append("draw") or draw(self, *a))
+    sampler = Sampler(tiny_oracle, gemma_tokenizer, decoding=greedy(eos=(early_eos,)),
+                      injection_layer=INJECTION_LAYER, coefficient=COEFFICIENT, rows=64)
+    result = sampler.run(queries, progress=False, on_answers=lambda key, samples: events.append(key))
+
+    assert [s.n_tokens for s in result["q0"]] == [3, 3] and {s.n_tokens for s in result["q1"]} == {8}
+    at = events.index("q0")
+    assert events[at - 1] == "step" and events[at + 1] == "draw", events
+    assert events.count("step") == 7, "one step per token after the first, which the prompt pass gives"
+    assert sorted(events[-2:]) == ["q1", "q2"] and events[-3] == "draw", events
+
+
 @pytest.mark.parametrize("rows", [1, 2, 5])
 def test_each_block_of_queries_is_prefilled_once_whatever_the_rows(tiny_oracle, gemma_tokenizer, queries,
                                                                   greedy_reference, greedy, monkeypatch, rows):

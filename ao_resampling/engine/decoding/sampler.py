@@ -255,15 +255,23 @@ class _Run:
         self.prompts: _PromptBlock | None = None
 
     def answers(self) -> Iterator[tuple[Seat, Sample]]:
-        """Decode until every sample has ended; yields each (seat, answer) as it ends."""
+        """Decode until every sample has ended; yields each (seat, answer) as it ends.
+
+        The answers that ended are yielded once the next step is queued on the device, before its draw: their text
+        and the caller's journaling (``on_answers``) run on the host while the device runs the step, not between
+        steps with the device idle. A kill still loses only answers not yet journaled, as the caller journals each
+        before asking for the next."""
         while not self.scheduler.done():
             seats = self.scheduler.admit()
             if seats:
                 self._seat(seats)
-            yield from self._finished()
+            ended = self._ended()
             self._compact()
-            if self.scheduler.live:
-                self._decode_step()
+            step = self._queue_step() if self.scheduler.live else None
+            for seat, tokens in ended:
+                yield seat, make_sample(self.sampler.tokenizer, tokens, self.sampler.stop_ids)
+            if step is not None:
+                self._draw_step(step)
         self.layout.captured_graphs = sorted(self.step.graphs)
 
     def _seat(self, seats: list[Seat]) -> None:
@@ -316,17 +324,17 @@ class _Run:
         self.current_B[rows_N] = tokens_N
         self.ended_B[rows_N] = torch.isin(tokens_N, self.stop_E) | (steps_N + 1 >= self.T)
 
-    def _finished(self) -> Iterator[tuple[Seat, Sample]]:
+    def _ended(self) -> list[tuple[Seat, list[int]]]:
+        """The samples whose last draw ended them, with their tokens; their rows are free from now on."""
         live = sorted(self.scheduler.seats)
         if not live:
-            return
+            return []
         ended_rows = [row for row, ended in zip(live, self.ended_B[live].tolist()) if ended]
         if not ended_rows:
-            return
+            return []
         rows_tokens = self.tokens_BT[ended_rows].tolist()
-        for seat, tokens in zip(self.scheduler.finish(ended_rows), rows_tokens):
-            n = self.drawn[seat.row]
-            yield seat, make_sample(self.sampler.tokenizer, tokens[:n], self.sampler.stop_ids)
+        drawn = [self.drawn[row] for row in ended_rows]
+        return [(seat, tokens[:n]) for seat, tokens, n in zip(self.scheduler.finish(ended_rows), rows_tokens, drawn)]
 
     def _compact(self) -> None:
         keep = self.scheduler.compaction()
@@ -339,19 +347,37 @@ class _Run:
         self.drawn[:len(keep)] = [self.drawn[row] for row in keep]
         self.scheduler.compact(keep)
 
-    def _decode_step(self) -> None:
+    def _queue_step(self) -> "_QueuedStep":
+        """Queue a decode step of the live rows on the device; nothing here waits for it."""
         A = self.scheduler.rows
         live = sorted(self.scheduler.seats)
         length = self.P + max(self.drawn[row] for row in live)
-        logits_AV = self.step(self.current_B[:A], length).to(self.device)
-        self.layout.decode_steps += 1
+        # The row indices go to the device before the step is queued: a blocking copy from host memory waits for
+        # the device's queue, which is empty now and would hold the whole step after it.
         rows_N = torch.tensor(live, device=self.device)
         steps_N = torch.tensor([self.drawn[row] for row in live], device=self.device)
-        live_N = slice(None, A) if len(live) == A else rows_N  # every row live (the steady state): views, no gather
-        tokens_N = self.sampler.draw(logits_AV[live_N], self.keys_B[live_N], steps_N, self._ends(live_N))
-        self._record(rows_N, steps_N, tokens_N)
-        for row in live:
+        logits_AV = self.step(self.current_B[:A], length).to(self.device)
+        self.layout.decode_steps += 1
+        return _QueuedStep(live, rows_N, steps_N, logits_AV)
+
+    def _draw_step(self, step: "_QueuedStep") -> None:
+        """Each live row's next token from the queued step's logits."""
+        A = step.logits_AV.shape[0]
+        live_N = slice(None, A) if len(step.live) == A else step.rows_N  # every row live: views, no gather
+        tokens_N = self.sampler.draw(step.logits_AV[live_N], self.keys_B[live_N], step.steps_N, self._ends(live_N))
+        self._record(step.rows_N, step.steps_N, tokens_N)
+        for row in step.live:
             self.drawn[row] += 1
+
+
+@dataclass(frozen=True)
+class _QueuedStep:
+    """A decode step queued on the device, waiting for its draw."""
+
+    live: list[int]  # the rows it decodes for, ascending
+    rows_N: torch.Tensor
+    steps_N: torch.Tensor  # each row's tokens drawn before this step
+    logits_AV: torch.Tensor
 
 
 def injection_for_rows(model: nn.Module, row_queries: Sequence[Query], L: int, device: torch.device, layer: int,
