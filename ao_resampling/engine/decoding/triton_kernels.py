@@ -15,6 +15,8 @@ A 27B decode step on an H100 is ~23 ms of matmuls and, before these kernels, ~16
 bfloat16 results are rounded by hand (``_bf16_rounded_bits``), not by Triton's cast, so Triton's CPU interpreter (the
 tests' only Triton) rounds as the GPU does. ``available(device, kernel)`` compiles and probes each once per device;
 where Triton is missing or cannot compile (it needs a C compiler), the callers keep torch's kernels, with one warning.
+Compiling costs ~1.6 s at 27B in a machine's first process (Triton's disk cache is empty then):
+``compile_in_background`` does it on a thread of its own while the weights load, and ``available`` waits for it.
 ``fused_rotary`` switches Gemma 3's attention to the RoPE kernel for a block of code (the norms: norms.py).
 
 Shape letters:
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 import warnings
 from collections.abc import Collection, Iterator
 from types import ModuleType
@@ -94,23 +97,73 @@ def rotary(x_BHSD: torch.Tensor, cos_BSD: torch.Tensor, sin_BSD: torch.Tensor) -
     return out
 
 
-@functools.cache
+_COMPILING: dict[torch.device, threading.Thread] = {}  # compile_in_background's threads, until waited for
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """``cuda`` as ``cuda:<current device>``: the loader names a device one way, the model's parameters the other."""
+    return torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" and device.index is None \
+        else device
+
+
 def available(device: torch.device, kernel: str) -> bool:
     """``kernel`` (a key of ``_PROBES``) works on ``device``: a CUDA device, Triton importable, and a probe (which compiles
-    it) agreeing with torch's arithmetic. Otherwise one warning, and False: the caller keeps torch's kernels."""
+    it) agreeing with torch's arithmetic. Otherwise one warning, and False: the caller keeps torch's kernels.
+    Waits for ``compile_in_background``'s thread for the device first, if one runs."""
+    device = _indexed(device)
+    compiling = _COMPILING.get(device)
+    if compiling is not None and compiling is not threading.current_thread():
+        compiling.join()
+        _COMPILING.pop(device, None)
+    return _probed(device, kernel)
+
+
+@functools.cache
+def _probed(device: torch.device, kernel: str) -> bool:
     if device.type != "cuda":
         return False
     if _kernels() is None:
         warnings.warn("Triton is not installed: RMSNorm and RoPE run as separate torch kernels (slower decode "
-                      "steps)", stacklevel=2)
+                      "steps)", stacklevel=3)
         return False
     try:
         _PROBES[kernel](device)
     except Exception as e:  # noqa: BLE001 -- any failure of Triton's toolchain means: use torch's kernels
         warnings.warn(f"the Triton {kernel} kernel does not work here ({type(e).__name__}: {e}); it runs as separate "
-                      "torch kernels (slower decode steps)", stacklevel=2)
+                      "torch kernels (slower decode steps)", stacklevel=3)
         return False
     return True
+
+
+def compile_in_background(device: torch.device, *, hidden_size: int, head_dim: int, dtype: torch.dtype) -> None:
+    """Compile, on a thread of its own, every kernel a decode stage of a model of these sizes will launch on
+    ``device``: the probes, the norm at the hidden size and at the head size (Triton compiles again for each BLOCK
+    and each row stride's divisibility by 16) and RoPE in the model's dtype. Called before the weights
+    load, so the ~1.6 s of a machine's first process run beside the load instead of in the first stage; nothing on
+    a CPU or without Triton. ``available`` waits for it."""
+    if device.type != "cuda" or _kernels() is None:
+        return
+    device = _indexed(device)
+    if device in _COMPILING:
+        return
+    _COMPILING[device] = threading.Thread(target=_compile, args=(device, hidden_size, head_dim, dtype), daemon=True,
+                                          name=f"triton-compile-{device}")
+    _COMPILING[device].start()
+
+
+def _compile(device: torch.device, hidden_size: int, head_dim: int, dtype: torch.dtype) -> None:
+    try:
+        with torch.cuda.device(device):
+            if available(device, "rms_norm"):
+                for size in dict.fromkeys((hidden_size, head_dim)):  # the layers' norms, the query/key norms
+                    rms_norm(torch.ones(2, size, dtype=dtype, device=device), torch.ones(size, device=device), 1e-6)
+            if available(device, "rotary"):  # its probe's compile is bfloat16's; a model in another dtype needs its own
+                x_BHSD = torch.ones(2, 1, 2, head_dim, dtype=dtype, device=device).transpose(1, 2)  # a decode step's q
+                rotary(x_BHSD, torch.ones(2, 1, head_dim, dtype=dtype, device=device),
+                       torch.ones(2, 1, head_dim, dtype=dtype, device=device))
+            torch.cuda.synchronize(device)
+    except Exception:  # noqa: BLE001 -- only a head start: the stage's own launches compile, and report, again
+        pass
 
 
 # The probes use the 27B's head size (128): the compiles they make are the ones its q/k norms and RoPE use.

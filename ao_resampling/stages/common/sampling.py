@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ao_resampling.config import Decoding, ExperimentConfig
+from ao_resampling.engine.decoding import triton_kernels
 from ao_resampling.engine.decoding.memory import BatchTooLarge
 from ao_resampling.engine.decoding.sampler import Query, Sample, Sampler
 from ao_resampling.engine.decoding.settings import model_generation_config, run_decoding
@@ -60,7 +61,22 @@ def loaded_decoding(oracle: models.LoadedOracle, config: ExperimentConfig, plann
 
 
 def load_oracle(config: ExperimentConfig) -> models.LoadedOracle:
-    """The base model with the oracle adapter, as ``config`` names them (engine/loading/adapters.py loads)."""
+    """The base model with the oracle adapter, as ``config`` names them (engine/loading/adapters.py loads). On one
+    GPU the decode step's Triton kernels compile on a thread of their own meanwhile (``compile_kernels_early``)."""
+    if config.device.startswith("cuda") and not config.device_map:
+        compile_kernels_early(config)
     return adapters.load_oracle(model=config.model, tokenizer=config.tokenizer, oracle_lora=config.oracle_lora,
                                 dtype=config.dtype, device=config.device, device_map=config.device_map,
                                 layer_percent=config.layer_percent, injection_layer=config.injection_layer)
+
+
+def compile_kernels_early(config: ExperimentConfig) -> None:
+    """Start compiling the Triton kernels the sampler's decode step will use for the configured model (its sizes
+    from its config alone), so a machine's first process does not compile them inside the first stage."""
+    try:
+        text = models.model_text_config(config.model)
+    except models.ModelLoadError:
+        return  # the load that follows says what is wrong with the model
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    triton_kernels.compile_in_background(torch.device(config.device), hidden_size=text.hidden_size,
+                                         head_dim=head_dim, dtype=models.DTYPES[config.dtype])
