@@ -23,12 +23,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-# Refill once 1/4 of the rows are free. A refill's prompt pass runs eagerly and costs about what 1.5 decode steps do
-# whatever its size (~83 ms for ~5 prompts at 27B on an H100: kernel launches, not arithmetic), so fewer, larger
-# refills win until idle rows cost more. Measured on an H100, 20 targets, real answer lengths (bench/README.md):
-# 1/4 15.3 s (25 refills, 191 steps), 1/2 15.9 s (14, 217), 1/8 16.7 s re-run with phase timers (45, 182); from the
-# phases (53.6 ms a step, ~90 ms a refill) 1/8 13.7 s of decoding against 12.5 s for 1/4, 12.9 s for 1/2.
-REFILL_FRACTION = 4
+# Refill once 1/8 of the rows are free. Idle rows cost steps; a refill costs its seating (~4.6 ms at 27B on an
+# H100: the KV copies into the rows, 4 launches per layer, and the first tokens' draw, ~6 ms in all; the prompt
+# passes are per block of queries, not per refill). At the real oracle's answer lengths ~13 of 273 rows end every
+# step. Replayed on the scheduler (bench/refill_sim.py, 10,000 samples, 273 rows): 1/4 888 steps and 133 refills,
+# 1/8 835 and 243, 1/16 811 and 407, every row at once 796 and 752; with 38.5 ms a step and ~6 ms a refill 1/8 and
+# 1/12 are the cheapest (~1.3 s under 1/4), 1/16 and 1/6 within 0.2 s of them. The H100 profile of 20 targets
+# agrees: 1/8 took 181 steps to 1/4's 190 (bench/README.md, session 13).
+REFILL_FRACTION = 8
 # The tail shrinks the step only once at most a quarter of its rows are live: a 27B step is mostly the weights'
 # read, so fewer rows save little per step, and every new (rows, cut length) costs a CUDA graph capture (~0.3 s).
 COMPACT_AT = 4
