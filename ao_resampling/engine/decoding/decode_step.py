@@ -8,8 +8,8 @@ times decode side by side. ``seat`` copies a prefilled prompt's KV into a row; `
 
 - Masks are per row and preallocated: the full-attention mask (prompt + the answer so far) and, when S exceeds the
   model's sliding window, the sliding-window mask (the same, limited to the last W positions before the row's own).
-  Both go to the model as its per-layer-type mask dict, each cut to the longest row's length rounded up to
-  ``BUCKET``; ``gqa_attention`` (attention.py) reads only that much of the cache.
+  Both go to the model as additive masks (made once a step) in its per-layer-type mask dict, each cut to the
+  longest row's length rounded up to ``BUCKET``; ``gqa_attention`` (attention.py) reads only that much of the cache.
 - On CUDA, each (rows, cut length) gets a CUDA graph of the whole forward, captured right after its first step ran
   eagerly and replayed after that. A 27B forward is ~3000 kernel launches, ~50 ms of Python and launch work a step
   otherwise. Every input of the graph (tokens, positions, write positions, masks) is a buffer refilled in place. The
@@ -120,6 +120,7 @@ class SlotStep:
         self.mask_BS = torch.zeros(rows, self.S, dtype=torch.bool, device=device)
         self.mask_BS[:, 0] = True  # an idle row attends somewhere (its output is never read)
         self.sliding_BS = torch.zeros_like(self.mask_BS) if self.window else None
+        self.mask_values: tuple[torch.Tensor, torch.Tensor] | None = None  # (0, lowest) in the scores' dtype
         self.positions_S = torch.arange(self.S, device=device)
         self.tokens_B1 = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.rope_B1 = torch.zeros_like(self.tokens_B1)  # the position RoPE sees: real tokens before it
@@ -196,15 +197,25 @@ class SlotStep:
 
     def _forward(self, cut: int) -> torch.Tensor:
         A = self.rows
-        full = self.mask_BS[:A, None, None, :cut]
+        full = self._additive(self.mask_BS[:A, None, None, :cut])
         masks = {"full_attention": full,
-                 "sliding_attention": self.sliding_BS[:A, None, None, :cut] if self.window else full}
+                 "sliding_attention": self._additive(self.sliding_BS[:A, None, None, :cut]) if self.window else full}
         if self.attention_configs is None:
             self.attention_configs = attention_configs(self.model)
         with decode_attention(self.model, self.attention_configs):  # the prompt passes keep the model's own
             out = self.model(input_ids=self.tokens_B1[:A], attention_mask=masks, position_ids=self.rope_B1[:A],
                              use_cache=True, **cache_kwargs(self.model, self.cache))
         return out.logits[:, -1]
+
+    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
+        """A boolean mask as the additive one eager attention adds (0 or the dtype's lowest), made once a step: each
+        layer's ``gqa_attention`` then adds it (one kernel) instead of inverting and filling (two). The
+        probabilities are the same bit for bit: a score plus the lowest value rounds to the lowest value."""
+        if self.mask_values is None:  # at the first step (eager, before any capture)
+            dtype = next(self.model.parameters()).dtype
+            self.mask_values = (torch.zeros((), dtype=dtype, device=allowed.device),
+                                torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=allowed.device))
+        return torch.where(allowed, *self.mask_values)
 
     def _run_then_capture(self, cut: int) -> torch.Tensor:
         logits_AV = self._forward(cut)  # this step's real work, and the warm-up capture needs
