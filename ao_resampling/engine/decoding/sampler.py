@@ -11,8 +11,8 @@ that a continuously refilled set of rows keeps full.
   step, so an answer does not depend on the batch size, the card, refills or a resume.
 - A row whose answer ends (a stop token, or max_new_tokens) is handed to ``on_answer`` at once, and its row is free.
 - The row count is sized to the card (memory.py) unless given; the LoRA is merged into the weights for the stage
-  (merge.py), the norms' scales cached (norms.py), on a GPU RMSNorm and RoPE one Triton kernel each
-  (triton_kernels.py).
+  (merge.py), each layer's query, key and value projections one matmul (fused_qkv.py), the norms' scales cached
+  (norms.py), on a GPU RMSNorm and RoPE one Triton kernel each (triton_kernels.py).
 
 The reference paths tests compare it with (HF ``generate``, one sample at a time) are in engine/reference.py.
 
@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from ao_resampling.config import Decoding
 from ao_resampling.engine.decoding import memory
 from ao_resampling.engine.decoding.decode_step import SlotStep, cache_kwargs, returned_cache, synced_clock
+from ao_resampling.engine.decoding.fused_qkv import fused_qkv
 from ao_resampling.engine.decoding.merge import merged_lora
 from ao_resampling.engine.decoding import triton_kernels
 from ao_resampling.engine.decoding.norms import cached_norm_scales
@@ -190,7 +191,8 @@ class Sampler:
         merged = (merged_lora(self.model, restore=not self.last_use) if self.merge_lora and self.use_adapter
                   else contextlib.nullcontext())
         devices = model_devices(self.model)
-        with adapter, merged, cached_norm_scales(self.model), triton_kernels.fused_rotary(devices) as rotary:
+        with adapter, merged, fused_qkv(self.model), cached_norm_scales(self.model), \
+                triton_kernels.fused_rotary(devices) as rotary:
             norms = all(triton_kernels.available(device, "rms_norm") for device in devices)  # each norm: its own
             yield [name for name, used in (("rms_norm", norms), ("rotary", rotary)) if used]
 
