@@ -5,8 +5,8 @@ Triton compiles a kernel once per combination of its argument dtypes, its conste
 argument it specialises, whether it is divisible by 16 and whether it is 1. A compile the early one missed would
 run inside the first stage, as before. On a CPU the kernels cannot run, so both are replaced by recorders that
 note each launch's compile key (derived here from the launch's tensors, as Triton derives it) and compute with
-torch: the early compile's keys must hold every key of a real stage (prompt passes and decode steps) of the tiny
-oracle, both classes.
+torch: the early compile's keys must hold every key of a real stage (prompt passes and decode steps: norms, RoPE, the
+decode attention) of the tiny oracle, both classes.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from transformers.models.gemma3 import modeling_gemma3
 
 from ao_resampling.config import ExperimentConfig
 from ao_resampling.engine.decoding import triton_kernels
+from ao_resampling.engine.decoding.attention import gqa_attention
 from ao_resampling.engine.decoding.norms import gemma_rms_norm
 from ao_resampling.engine.decoding.sampler import Query, Sampler
 from ao_resampling.engine.decoding.settings import model_generation_config, resolve_decoding
@@ -40,6 +41,16 @@ def norm_key(x: torch.Tensor, scale_D: torch.Tensor) -> tuple:
     if x_ND.stride(-1) != 1:
         x_ND = x_ND.contiguous()
     return "rms_norm", x.dtype, scale_D.dtype, D, _int_key(x_ND.stride(0))
+
+
+def attention_key(query_BHQD: torch.Tensor, key_BKSD: torch.Tensor, value_BKSD: torch.Tensor,
+                  mask_B11S: torch.Tensor) -> tuple:
+    """decode_attention_rows' compile key: dtypes, the head layout, the strides it specialises (not the mask's row
+    stride and the cut length)."""
+    B, H, _, D = query_BHQD.shape
+    strides = (*query_BHQD.stride()[:2], *key_BKSD.stride()[:3], *value_BKSD.stride()[:3])
+    return ("attention", query_BHQD.dtype, key_BKSD.dtype, mask_B11S.dtype, H // key_BKSD.shape[1], D,
+            tuple(_int_key(s) for s in strides))
 
 
 def rotary_key(x_BHSD: torch.Tensor, cos_BSD: torch.Tensor) -> tuple:
@@ -63,7 +74,14 @@ def recorded(monkeypatch) -> list[tuple]:
         keys.append(rotary_key(x_BHSD, cos_BSD))
         return x_BHSD * cos_BSD[:, None] + modeling_gemma3.rotate_half(x_BHSD) * sin_BSD[:, None]
 
+    def decode_attention(query_BHQD, key_BKSD, value_BKSD, mask_B11S, scaling):
+        keys.append(attention_key(query_BHQD, key_BKSD, value_BKSD, mask_B11S))
+        with monkeypatch.context() as torch_path:
+            torch_path.setattr(triton_kernels, "_probed", lambda device, kernel: False)
+            return gqa_attention(None, query_BHQD, key_BKSD, value_BKSD, mask_B11S == 0, scaling=scaling)[0]
+
     monkeypatch.setattr(triton_kernels, "_probed", lambda device, kernel: True)
+    monkeypatch.setattr(triton_kernels, "decode_attention", decode_attention)
     monkeypatch.setattr(triton_kernels, "rms_norm", rms_norm)
     monkeypatch.setattr(triton_kernels, "rotary", rotary)
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
@@ -76,7 +94,8 @@ def test_the_early_compile_covers_every_kernel_a_stage_launches(recorded, oracle
     oracle = request.getfixturevalue(oracle_fixture)
     config = text_config(oracle)
     dtype = next(oracle.parameters()).dtype
-    triton_kernels._compile(torch.device("cpu"), config.hidden_size, config.head_dim, dtype)
+    triton_kernels._compile(torch.device("cpu"), config.hidden_size, config.head_dim, config.num_attention_heads,
+                            config.num_key_value_heads, dtype)
     early = set(recorded)
     recorded.clear()
 
@@ -92,7 +111,7 @@ def test_the_early_compile_covers_every_kernel_a_stage_launches(recorded, oracle
         queries, progress=False)
 
     stage = set(recorded)
-    assert {key[0] for key in stage} == {"rms_norm", "rotary"}, "the stage ran through the kernels"
+    assert {key[0] for key in stage} == {"rms_norm", "rotary", "attention"}, "the stage ran through the kernels"
     assert stage <= early, f"compiled inside the stage: {stage - early}"
 
 
@@ -100,8 +119,8 @@ def test_a_kernel_is_not_used_before_the_early_compile_of_its_device_is_done(mon
     """``available`` (what the norms and RoPE ask before their first launch) joins the compiling thread."""
     compiled = threading.Event()
 
-    def slow_compile(device, hidden_size, head_dim, dtype):
-        assert (hidden_size, head_dim, dtype) == (5376, 128, torch.bfloat16)
+    def slow_compile(device, hidden_size, head_dim, query_heads, kv_heads, dtype):
+        assert (hidden_size, head_dim, query_heads, kv_heads, dtype) == (5376, 128, 32, 16, torch.bfloat16)
         assert triton_kernels.available(device, "rms_norm")  # on its own thread: no wait for itself
         time.sleep(0.3)
         compiled.set()
@@ -111,7 +130,8 @@ def test_a_kernel_is_not_used_before_the_early_compile_of_its_device_is_done(mon
     monkeypatch.setattr(triton_kernels, "_compile", slow_compile)
     monkeypatch.setattr(triton_kernels, "_COMPILING", {})
     device = torch.device("cuda", 0)
-    triton_kernels.compile_in_background(device, hidden_size=5376, head_dim=128, dtype=torch.bfloat16)
+    triton_kernels.compile_in_background(device, hidden_size=5376, head_dim=128, query_heads=32, kv_heads=16,
+                                         dtype=torch.bfloat16)
     assert not compiled.is_set()
     assert triton_kernels.available(device, "rotary") and compiled.is_set()
     assert triton_kernels._COMPILING == {}
@@ -119,9 +139,10 @@ def test_a_kernel_is_not_used_before_the_early_compile_of_its_device_is_done(mon
 
 def test_nothing_compiles_early_on_a_cpu_or_without_triton(monkeypatch):
     monkeypatch.setattr(triton_kernels, "_COMPILING", {})
-    triton_kernels.compile_in_background(torch.device("cpu"), hidden_size=8, head_dim=4, dtype=torch.float32)
+    sizes = {"hidden_size": 8, "head_dim": 4, "query_heads": 2, "kv_heads": 1, "dtype": torch.float32}
+    triton_kernels.compile_in_background(torch.device("cpu"), **sizes)
     monkeypatch.setattr(triton_kernels, "_kernels", lambda: None)
-    triton_kernels.compile_in_background(torch.device("cuda", 0), hidden_size=8, head_dim=4, dtype=torch.float32)
+    triton_kernels.compile_in_background(torch.device("cuda", 0), **sizes)
     assert triton_kernels._COMPILING == {}
 
 
@@ -133,7 +154,8 @@ def test_loading_the_oracle_on_a_gpu_starts_the_compile_with_the_models_sizes(mo
     monkeypatch.setattr(sampling.adapters, "load_oracle", lambda **kwargs: "loaded")
     config = ExperimentConfig(model="synthetic:gemma-3-27b", oracle_lora="random", device="cuda")
     assert sampling.load_oracle(config) == "loaded"
-    assert started == [(torch.device("cuda"), {"hidden_size": 5376, "head_dim": 128, "dtype": torch.bfloat16})]
+    assert started == [(torch.device("cuda"), {"hidden_size": 5376, "head_dim": 128, "query_heads": 32, "kv_heads": 16,
+                                               "dtype": torch.bfloat16})]
     started.clear()
     sampling.load_oracle(config.model_copy(update={"device": "cpu"}))
     sampling.load_oracle(config.model_copy(update={"device_map": "auto"}))

@@ -63,6 +63,32 @@ for name, dtype in DTYPES.items():
         q_hf, k_hf = apply_rotary_pos_emb(q, k, cos, sin)
         for which, x, hf in (("q", q, q_hf), ("k", k, k_hf)):
             out[f"rope-{label}-{which}-{name}"] = ulps(triton_kernels.rotary(x, cos, sin), hf)
+# the decode attention against gqa_attention's torch path (boolean mask) and against float64: rows with left padding,
+# an idle row (position 0 alone), random holes; masked positions' keys and values hold NaN (never read)
+from ao_resampling.engine.decoding.attention import gqa_attention
+for name, dtype in DTYPES.items():
+    for label, (B, H, K, D, S, cut) in {"g2": (5, 4, 2, 32, 70, 64), "g1": (3, 4, 4, 16, 40, 40),
+                                        "g4-27b-head": (2, 8, 2, 128, 100, 96)}.items():
+        g = torch.Generator().manual_seed(B * 100 + D)
+        q = (torch.randn(B, 1, H, D, generator=g) * 2).to(dtype).transpose(1, 2)  # a decode step's layout
+        k = (torch.randn(B, K, S, D, generator=g) * 2).to(dtype)
+        v = torch.randn(B, K, S, D, generator=g).to(dtype)
+        allowed = torch.rand(B, 1, 1, cut, generator=g) < 0.6
+        allowed[0] = False
+        allowed[0, ..., 0] = True
+        allowed[1, ..., :cut // 3] = False
+        allowed[1, ..., cut // 3] = True
+        expected, _ = gqa_attention(None, q, k, v, allowed, scaling=D**-0.5)
+        exact, _ = gqa_attention(None, q.double(), k.double(), v.double(), allowed, scaling=D**-0.5)
+        hidden = ~allowed[:, 0, 0, :, None].expand(B, cut, D)
+        k_nan, v_nan = k.clone(), v.clone()
+        k_nan[:, :, :cut][hidden[:, None].expand(B, K, cut, D)] = float("nan")
+        v_nan[:, :, :cut][hidden[:, None].expand(B, K, cut, D)] = float("nan")
+        additive = torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)
+        got = triton_kernels.decode_attention(q, k_nan, v_nan, additive, D**-0.5)
+        out[f"attention-{label}-{name}"] = dict(ulps(got, expected),
+                                                error=(got.double() - exact).abs().max().item(),
+                                                eager_error=(expected.double() - exact).abs().max().item())
 # the probes a CUDA device runs before using the kernels (here in the interpreter: they must pass a working kernel)
 for name, probe in triton_kernels._PROBES.items():
     probe(torch.device("cpu"))
@@ -140,9 +166,23 @@ def test_gemma3_attention_applies_rope_through_the_kernel_inside_fused_rotary(mo
     assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("heads", ["g2", "g1", "g4-27b-head"])
+def test_decode_attention_is_eager_attention_reading_only_the_allowed_positions(interpreted, heads, dtype):
+    """The keys and values of masked positions are NaN: a value read there would make its row NaN. The kernel sums in
+    another order than torch (tiles of 32 positions, a two-pass softmax): in half precision the output rounds to
+    torch's (one ulp at most, rarely); in float32 it is as close to the float64 result as torch's own is."""
+    case = interpreted[f"attention-{heads}-{dtype}"]
+    assert case["same_shape_dtype"] and case["finite"]
+    if dtype == "fp32":
+        assert case["error"] <= 2 * case["eager_error"]
+    else:
+        assert case["max_ulp"] <= 1 and case["differing"] <= 0.01
+
+
 def test_each_kernels_probe_passes_the_working_kernel(interpreted):
     assert {name: interpreted[f"probe-{name}"] for name in triton_kernels._PROBES} == {
-        "rms_norm": "passed", "rotary": "passed"}
+        "rms_norm": "passed", "rotary": "passed", "attention": "passed"}
 
 
 def test_nothing_is_switched_off_cuda():

@@ -9,7 +9,9 @@ It also reads only as much of a static cache as is filled: the decode loop passe
 sequence so far, and the keys and values are cut to that length (the rest of the static cache is empty anyway).
 
 The arithmetic is eager attention's (scores = q·k * scaling, masked, fp32 softmax, cast back, times v), in the same
-order; only the head bookkeeping differs. ``decode_attention(model)`` switches a model to it for a block of code.
+order; only the head bookkeeping differs. On a GPU a decode step (one query position, the additive masks the decode
+step makes) goes to one Triton kernel a layer instead (``triton_kernels.decode_attention``): the same roundings, and
+each row reads only the positions its mask allows, not the longest row's cut. ``decode_attention(model)`` switches a model to it for a block of code.
 
 Shape letters:
     B  rows of the batch
@@ -32,6 +34,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from ao_resampling.engine.decoding import triton_kernels
+
 NAME = "ao_resampling_gqa"
 
 
@@ -51,6 +55,10 @@ def gqa_attention(module: nn.Module, query_BHQD: torch.Tensor, key_BKSD: torch.T
         S = attention_mask.shape[-1]
         key_BKSD, value_BKSD = key_BKSD[:, :, :S], value_BKSD[:, :, :S]
     scaling = D**-0.5 if scaling is None else scaling
+    if (Q == 1 and attention_mask is not None and attention_mask.dtype.is_floating_point and softcap is None
+            and triton_kernels.decode_attention_fits(H, K, D) and triton_kernels.available(query_BHQD.device, "attention")):
+        # a decode step's additive mask (decode_step.py): one kernel that reads only each row's allowed positions
+        return triton_kernels.decode_attention(query_BHQD, key_BKSD, value_BKSD, attention_mask, scaling), None
 
     query_BKMD = query_BHQD.reshape(B, K, (H // K) * Q, D)  # M = (head within the group, query position)
     scores_BKMS = torch.matmul(query_BKMD, key_BKSD.transpose(2, 3)) * scaling

@@ -72,3 +72,53 @@ def rotary_rows(x_ptr, cos_ptr, sin_ptr, out_ptr, H, S, x_b, x_h, x_s, c_b, c_s,
     second = _rounded(_rounded(x2 * cos2, DTYPE) + _rounded(x1 * sin2, DTYPE), DTYPE)
     _store(out_ptr + pid * 2 * HALF + d, first, inside, DTYPE)
     _store(out_ptr + pid * 2 * HALF + HALF + d, second, inside, DTYPE)
+
+
+@triton.jit
+def _dot(a, b, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b with float32 sums; float32 inputs multiplied as float32 (not TF32, Triton's default on a GPU).
+    ``UPCAST``: half-precision inputs widened first (exact) for Triton's CPU interpreter, whose dot reads bfloat16
+    as raw bits; the products and sums are the same as the GPU's half-precision dot, in another order."""
+    if DTYPE == 0 or UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit(do_not_specialize=["S", "m_b"])  # the cut length (a multiple of 32, or the slot's length): index only
+def decode_attention_rows(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, q_b, q_h, k_b, k_h, k_s, v_b, v_h, v_s, m_b, S,
+                          scaling, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
+                          DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+    """One (row, KV head): its G query heads against the row's allowed positions only (a masked-off position's key
+    and value are never read). Eager attention's roundings: scores rounded to DTYPE, times the scaling rounded,
+    float32 softmax, probabilities rounded to DTYPE, then times the values (float32 sums), rounded."""
+    b = tl.program_id(0).to(tl.int64)
+    kv = tl.program_id(1).to(tl.int64)
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, D)
+    heads = kv * G + g
+    q = tl.load(q_ptr + b * q_b + heads[:, None] * q_h + d[None, :], mask=(g < G)[:, None], other=0.0)
+    k_row, v_row, m_row = k_ptr + b * k_b + kv * k_h, v_ptr + b * v_b + kv * v_h, mask_ptr + b * m_b
+    top = tl.full((G_PAD,), float("-inf"), tl.float32)
+    total = tl.zeros((G_PAD,), tl.float32)
+    for start in range(0, S, CHUNK):  # pass 1: each head's largest score and its sum of exponentials
+        s = start + tl.arange(0, CHUNK)
+        allowed = tl.load(m_row + s, mask=s < S, other=-1.0).to(tl.float32) == 0.0  # additive mask: 0 = attend
+        k = tl.load(k_row + s[:, None] * k_s + d[None, :], mask=allowed[:, None], other=0.0)
+        scores = _rounded(_rounded(_dot(q, tl.trans(k), DTYPE, UPCAST), DTYPE) * scaling, DTYPE)
+        scores = tl.where(allowed[None, :], scores, float("-inf"))
+        new_top = tl.maximum(top, tl.max(scores, axis=1))
+        safe_top = tl.where(new_top == float("-inf"), 0.0, new_top)  # no position allowed yet: nothing to rescale
+        total = total * tl.exp(top - safe_top) + tl.sum(tl.exp(scores - safe_top[:, None]), axis=1)
+        top = new_top
+    top = tl.where(top == float("-inf"), 0.0, top)
+    total = tl.where(total == 0.0, 1.0, total)
+    acc = tl.zeros((G_PAD, D), tl.float32)
+    for start in range(0, S, CHUNK):  # pass 2: the probabilities, rounded, times the values
+        s = start + tl.arange(0, CHUNK)
+        allowed = tl.load(m_row + s, mask=s < S, other=-1.0).to(tl.float32) == 0.0
+        k = tl.load(k_row + s[:, None] * k_s + d[None, :], mask=allowed[:, None], other=0.0)
+        scores = _rounded(_rounded(_dot(q, tl.trans(k), DTYPE, UPCAST), DTYPE) * scaling, DTYPE)
+        probs = tl.where(allowed[None, :], tl.exp(scores - top[:, None]) / total[:, None], 0.0)
+        v = tl.load(v_row + s[:, None] * v_s + d[None, :], mask=allowed[:, None], other=0.0)
+        acc += _dot(_rounded(probs, DTYPE).to(v.dtype), v, DTYPE, UPCAST)
+    _store(out_ptr + b * (tl.num_programs(1) * G * D) + heads[:, None] * D + d[None, :], acc, (g < G)[:, None], DTYPE)

@@ -1,4 +1,5 @@
-"""The decode step's two Triton kernels: Gemma's RMSNorm and the rotary embedding, each one launch a call.
+"""The decode step's Triton kernels: Gemma's RMSNorm, the rotary embedding and the decode attention, each one
+launch a call.
 
 A 27B decode step on an H100 is ~23 ms of matmuls and, before these kernels, ~16 ms of small elementwise kernels:
 ``Gemma3RMSNorm`` runs its float32 arithmetic as ~8 launches (372 norms a forward) and ``apply_rotary_pos_emb`` as
@@ -11,6 +12,11 @@ A 27B decode step on an H100 is ~23 ms of matmuls and, before these kernels, ~16
   far inside the noise batching adds to HF's own matmuls (bench/noise.py measures both on a GPU).
 - ``rotary``: ``x * cos + rotate_half(x) * sin``, each product and the sum rounded to the tensor's dtype exactly as
   torch rounds each elementwise op (computed in float32, rounded to nearest even): bit for bit HF's (so on the H100).
+- ``decode_attention``: attention.py's ``gqa_attention`` for one query position a row, one program per (row, KV
+  head) reading only the positions the row's mask allows. At the real answer lengths the longest row's cut is ~96
+  positions while the average row is ~50 into its slot: the eager path read (and multiplied) all 96 for every row,
+  in ~6 launches a layer. Eager's roundings (scores, scaled scores and probabilities rounded to the dtype, float32
+  softmax); only the order of float32 sums differs.
 
 bfloat16 results are rounded by hand (``_bf16_rounded_bits``), not by Triton's cast, so Triton's CPU interpreter (the
 tests' only Triton) rounds as the GPU does. ``available(device, kernel)`` compiles and probes each once per device;
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import threading
 import warnings
 from collections.abc import Collection, Iterator
@@ -97,6 +104,40 @@ def rotary(x_BHSD: torch.Tensor, cos_BSD: torch.Tensor, sin_BSD: torch.Tensor) -
     return out
 
 
+ATTENTION_CHUNK = 32  # positions a program reads at a time (cut lengths are multiples of 32)
+
+
+def decode_attention_fits(H: int, K: int, D: int) -> bool:
+    """The kernel's shapes: a power-of-two head size of at least 16 (its matmul tiles), H a multiple of K."""
+    return D >= 16 and D & (D - 1) == 0 and H % K == 0
+
+
+def decode_attention(query_BHQD: torch.Tensor, key_BKSD: torch.Tensor, value_BKSD: torch.Tensor,
+                     mask_B11S: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``gqa_attention`` of one query position a row (a decode step) in one launch: each (row, KV head) reads only
+    the positions its additive mask allows (0 = attend), so a row 20 tokens into its answer does not read the 60
+    empty positions the longest row's cut gives it. Keys/values: any strides, the last contiguous; the mask's last
+    dimension S' <= S cuts them. Returns (B, 1, H, D), as HF's attention functions return it."""
+    kernels = _launch_kernels()
+    B, H, Q, D = query_BHQD.shape
+    K, S = key_BKSD.shape[1], mask_B11S.shape[-1]
+    if Q != 1 or not decode_attention_fits(H, K, D) or not mask_B11S.dtype.is_floating_point:
+        raise ValueError(f"decode_attention: one query position, a power-of-two head size >= 16 and an additive mask "
+                         f"(got Q={Q}, D={D}, mask {mask_B11S.dtype})")
+    if any(t.stride(-1) != 1 for t in (query_BHQD, key_BKSD, value_BKSD, mask_B11S)):
+        raise ValueError("decode_attention: the last dimension of every input must be contiguous")
+    out = torch.empty((B, 1, H, D), dtype=query_BHQD.dtype, device=query_BHQD.device)
+    if out.numel():
+        G = H // K
+        with torch.cuda.device_of(query_BHQD):  # as in rms_norm
+            kernels.decode_attention_rows[(B, K)](
+                query_BHQD, key_BKSD, value_BKSD, mask_B11S, _out_arg(out), query_BHQD.stride(0),
+                query_BHQD.stride(1), *key_BKSD.stride()[:3], *value_BKSD.stride()[:3], mask_B11S.stride(0), S,
+                scaling, G=G, G_PAD=max(16, 1 << (G - 1).bit_length()), D=D, CHUNK=ATTENTION_CHUNK,
+                DTYPE=_DTYPE_CODE[query_BHQD.dtype], UPCAST=os.environ.get("TRITON_INTERPRET") == "1", num_warps=4)
+    return out
+
+
 _COMPILING: dict[torch.device, threading.Thread] = {}  # compile_in_background's threads, until waited for
 
 
@@ -135,10 +176,11 @@ def _probed(device: torch.device, kernel: str) -> bool:
     return True
 
 
-def compile_in_background(device: torch.device, *, hidden_size: int, head_dim: int, dtype: torch.dtype) -> None:
+def compile_in_background(device: torch.device, *, hidden_size: int, head_dim: int, query_heads: int, kv_heads: int,
+                          dtype: torch.dtype) -> None:
     """Compile, on a thread of its own, every kernel a decode stage of a model of these sizes will launch on
     ``device``: the probes, the norm at the hidden size and at the head size (Triton compiles again for each BLOCK
-    and each row stride's divisibility by 16) and RoPE in the model's dtype. Called before the weights
+    and each row stride's divisibility by 16), RoPE and the decode attention in the model's dtype and head layout. Called before the weights
     load, so the ~1.6 s of a machine's first process run beside the load instead of in the first stage; nothing on
     a CPU or without Triton. ``available`` waits for it."""
     if device.type != "cuda" or _kernels() is None:
@@ -146,12 +188,14 @@ def compile_in_background(device: torch.device, *, hidden_size: int, head_dim: i
     device = _indexed(device)
     if device in _COMPILING:
         return
-    _COMPILING[device] = threading.Thread(target=_compile, args=(device, hidden_size, head_dim, dtype), daemon=True,
+    _COMPILING[device] = threading.Thread(target=_compile, args=(device, hidden_size, head_dim, query_heads, kv_heads, dtype),
+                                          daemon=True,
                                           name=f"triton-compile-{device}")
     _COMPILING[device].start()
 
 
-def _compile(device: torch.device, hidden_size: int, head_dim: int, dtype: torch.dtype) -> None:
+def _compile(device: torch.device, hidden_size: int, head_dim: int, query_heads: int, kv_heads: int,
+             dtype: torch.dtype) -> None:
     try:
         with torch.cuda.device(device):
             if available(device, "rms_norm"):
@@ -161,6 +205,10 @@ def _compile(device: torch.device, hidden_size: int, head_dim: int, dtype: torch
                 x_BHSD = torch.ones(2, 1, 2, head_dim, dtype=dtype, device=device).transpose(1, 2)  # a decode step's q
                 rotary(x_BHSD, torch.ones(2, 1, head_dim, dtype=dtype, device=device),
                        torch.ones(2, 1, head_dim, dtype=dtype, device=device))
+            if decode_attention_fits(query_heads, kv_heads, head_dim) and available(device, "attention"):
+                q_BHQD = torch.ones(2, 1, query_heads, head_dim, dtype=dtype, device=device).transpose(1, 2)
+                kv_BKSD = torch.ones(2, kv_heads, 48, head_dim, dtype=dtype, device=device)
+                decode_attention(q_BHQD, kv_BKSD, kv_BKSD, torch.zeros(2, 1, 1, 32, dtype=dtype, device=device), 1.0)
             torch.cuda.synchronize(device)
     except Exception:  # noqa: BLE001 -- only a head start: the stage's own launches compile, and report, again
         pass
@@ -189,7 +237,21 @@ def _probe_rotary(device: torch.device) -> None:
         raise RuntimeError("its output is not torch's bit for bit")
 
 
-_PROBES = {"rms_norm": _probe_rms_norm, "rotary": _probe_rotary}
+def _probe_attention(device: torch.device) -> None:
+    q = torch.randn(3, 1, 32, 128, device=device).to(torch.bfloat16).transpose(1, 2)  # as a decode step lays it out
+    k, v = torch.randn(2, 3, 16, 70, 128, device=device).to(torch.bfloat16)
+    allowed = torch.rand(3, 1, 1, 64, device=device) < 0.7
+    allowed[..., 0] = True
+    additive = torch.where(allowed, 0.0, torch.finfo(torch.bfloat16).min).to(torch.bfloat16)
+    k_rep, v_rep = (t[:, :, :64].repeat_interleave(2, dim=1) for t in (k, v))  # eager attention's repeat_kv
+    scores = (q @ k_rep.transpose(2, 3) * 128**-0.5).masked_fill(~allowed, torch.finfo(torch.bfloat16).min)
+    expected = (scores.softmax(-1, dtype=torch.float32).to(torch.bfloat16) @ v_rep).transpose(1, 2)
+    got = decode_attention(q, k[:, :, :64], v[:, :, :64], additive, 128**-0.5)
+    if (got.float() - expected.float()).abs().max() > 0.02 * expected.float().abs().max():
+        raise RuntimeError("its output disagrees with eager attention's")
+
+
+_PROBES = {"rms_norm": _probe_rms_norm, "rotary": _probe_rotary, "attention": _probe_attention}
 
 
 @contextlib.contextmanager

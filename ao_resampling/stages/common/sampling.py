@@ -79,4 +79,5 @@ def compile_kernels_early(config: ExperimentConfig) -> None:
         return  # the load that follows says what is wrong with the model
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     triton_kernels.compile_in_background(torch.device(config.device), hidden_size=text.hidden_size,
-                                         head_dim=head_dim, dtype=models.DTYPES[config.dtype])
+                                         head_dim=head_dim, query_heads=text.num_attention_heads,
+                                         kv_heads=text.num_key_value_heads, dtype=models.DTYPES[config.dtype])
