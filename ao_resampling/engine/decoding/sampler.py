@@ -194,7 +194,8 @@ class Sampler:
         with adapter, merged, fused_qkv(self.model), cached_norm_scales(self.model), \
                 triton_kernels.fused_rotary(devices) as rotary:
             norms = all(triton_kernels.available(device, "rms_norm") for device in devices)  # each norm: its own
-            yield [name for name, used in (("rms_norm", norms), ("rotary", rotary)) if used]
+            attention = all(triton_kernels.available(device, "attention") for device in devices)  # each layer: its own
+            yield [name for name, used in (("rms_norm", norms), ("rotary", rotary), ("attention", attention)) if used]
 
     # -- the pieces a run uses ----------------------------------------------------------------------------------------
 
