@@ -15,7 +15,6 @@ import argparse
 import json
 from dataclasses import dataclass
 
-from ao_resampling.engine.decoding import scheduler
 from ao_resampling.engine.decoding.scheduler import GRAPH_MIN_ROWS, SlotScheduler
 from ao_resampling.inputs.answer_lengths import answer_lengths_for, load_answer_lengths
 
@@ -30,8 +29,7 @@ def replay(lengths: dict[str, tuple[int, ...]], rows: int, fraction: int) -> dic
     """The sampler's loop (sampler._Run.answers): admit and seat (the first token drawn), hand over the ended,
     compact, step (one more token for every live row)."""
     queries = [Q(key, len(n)) for key, n in lengths.items()]
-    scheduler.REFILL_FRACTION = fraction
-    slots = SlotScheduler(queries, rows, min_rows=GRAPH_MIN_ROWS)
+    slots = SlotScheduler(queries, rows, refill_at=max(1, rows // fraction), min_rows=GRAPH_MIN_ROWS)
     drawn: dict[int, int] = {}
     steps_by_rows: dict[int, int] = {}
     refills = seated = 0
@@ -74,7 +72,8 @@ def main() -> None:
     lengths = {f"run{i:04d}": answer_lengths_for(table, seed=args.seed, run_id=f"run{i:04d}", n=args.n,
                                                  max_new_tokens=args.max_new_tokens) for i in range(args.runs)}
     tokens = sum(sum(n) for n in lengths.values())
-    print(f"{args.runs * args.n} samples, {tokens} tokens: at least {-(-tokens // args.rows)} full steps of {args.rows} rows")
+    print(f"{args.runs * args.n} samples, {tokens} tokens: at least {-(-tokens // args.rows)} full steps of "
+          f"{args.rows} rows")
     out = {"rows": args.rows, "tokens": tokens, "by_fraction": {}}
     for fraction in [int(f) for f in args.fractions.split(",")]:
         r = replay(lengths, args.rows, fraction)

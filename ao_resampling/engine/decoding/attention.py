@@ -11,7 +11,8 @@ sequence so far, and the keys and values are cut to that length (the rest of the
 The arithmetic is eager attention's (scores = q·k * scaling, masked, fp32 softmax, cast back, times v), in the same
 order; only the head bookkeeping differs. On a GPU a decode step (one query position, the additive masks the decode
 step makes) goes to one Triton kernel a layer instead (``triton_kernels.decode_attention``): the same roundings, and
-each row reads only the positions its mask allows, not the longest row's cut. ``decode_attention(model)`` switches a model to it for a block of code.
+each row reads only the positions its mask allows, not the longest row's cut. ``decode_attention(model)`` switches a
+model to it for a block of code.
 
 Shape letters:
     B  rows of the batch
@@ -56,7 +57,8 @@ def gqa_attention(module: nn.Module, query_BHQD: torch.Tensor, key_BKSD: torch.T
         key_BKSD, value_BKSD = key_BKSD[:, :, :S], value_BKSD[:, :, :S]
     scaling = D**-0.5 if scaling is None else scaling
     if (Q == 1 and attention_mask is not None and attention_mask.dtype.is_floating_point and softcap is None
-            and triton_kernels.decode_attention_fits(H, K, D) and triton_kernels.available(query_BHQD.device, "attention")):
+            and triton_kernels.decode_attention_fits(H, K, D)
+            and triton_kernels.available(query_BHQD.device, "attention")):
         # a decode step's additive mask (decode_step.py): one kernel that reads only each row's allowed positions
         return triton_kernels.decode_attention(query_BHQD, key_BKSD, value_BKSD, attention_mask, scaling), None
 

@@ -46,25 +46,27 @@ def _plain_linear(module: nn.Module) -> nn.Linear | None:
 STACKED = "_ao_stacked_qkv_OI"  # where a layer keeps its stacked weight, for the next stage
 
 
+def row_blocks(linears: list[nn.Linear]) -> list[slice]:
+    """Each linear's rows of the stacked weight (and its columns of the stacked output), in order."""
+    blocks, start = [], 0
+    for linear in linears:
+        blocks.append(slice(start, start + linear.weight.shape[0]))
+        start = blocks[-1].stop
+    return blocks
+
+
 def stacked_weight(layer: nn.Module, linears: list[nn.Linear]) -> torch.Tensor:
     """One (O, I) tensor whose row blocks are the linears' weights, each weight made a view of its block; kept on
     ``layer``, and found there by the next stage while the weights are still its views."""
+    blocks = row_blocks(linears)
     stacked_OI = layer.__dict__.get(STACKED)
-    if stacked_OI is not None:
-        offset = 0
-        for linear in linears:
-            if linear.weight.data_ptr() != stacked_OI[offset].data_ptr():
-                break
-            offset += linear.weight.shape[0]
-        else:
-            return stacked_OI
+    if stacked_OI is not None and all(linear.weight.data_ptr() == stacked_OI[block.start].data_ptr()
+                                      for linear, block in zip(linears, blocks)):
+        return stacked_OI
     with torch.no_grad():
         stacked_OI = torch.cat([linear.weight.detach() for linear in linears])
-    offset = 0
-    for linear in linears:
-        n = linear.weight.shape[0]
-        linear.weight.data = stacked_OI[offset:offset + n]  # the old storage is freed as each layer is done
-        offset += n
+    for linear, block in zip(linears, blocks):
+        linear.weight.data = stacked_OI[block]  # the old storage is freed as each layer is done
     layer.__dict__[STACKED] = stacked_OI
     return stacked_OI
 
@@ -75,10 +77,7 @@ class _Stacked:
 
     def __init__(self, weight_OI: torch.Tensor, linears: list[nn.Linear]):
         self.weight_OI = weight_OI
-        bounds = [0]
-        for linear in linears:
-            bounds.append(bounds[-1] + linear.weight.shape[0])
-        self.columns = [slice(start, stop) for start, stop in zip(bounds, bounds[1:])]
+        self.columns = row_blocks(linears)
         self.linears = linears
         self.input: torch.Tensor | None = None
         self.output: torch.Tensor | None = None

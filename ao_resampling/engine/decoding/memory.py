@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ao_resampling.engine.loading.models import head_dim
+
 SAFETY = 0.10  # share of the free memory left unused: fragmentation, the allocator's rounding, graph pools
 RESERVE_BYTES = 2 << 30  # CUDA context, cuBLAS workspaces, the sampling's scratch
 CPU_ROWS = 64  # on a CPU, memory is not what limits the rows: a batch as large as the CPU tests and demo need
@@ -42,8 +44,7 @@ class RowBudget:
 def row_budget(text_config, dtype: torch.dtype) -> RowBudget:
     """The per-row costs of a decoder with this text config, in ``dtype``."""
     size = torch.tensor([], dtype=dtype).element_size()
-    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
-    kv = text_config.num_hidden_layers * text_config.num_key_value_heads * head_dim * 2 * size
+    kv = text_config.num_hidden_layers * text_config.num_key_value_heads * head_dim(text_config) * 2 * size
     hidden, intermediate = text_config.hidden_size, text_config.intermediate_size
     activations = (STEP_HIDDEN_COPIES * hidden + 3 * intermediate) * size
     step = activations + text_config.vocab_size * STEP_LOGIT_BYTES

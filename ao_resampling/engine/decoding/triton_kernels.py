@@ -164,8 +164,8 @@ def _probed(device: torch.device, kernel: str) -> bool:
     if device.type != "cuda":
         return False
     if _kernels() is None:
-        warnings.warn("Triton is not installed: RMSNorm and RoPE run as separate torch kernels (slower decode "
-                      "steps)", stacklevel=3)
+        warnings.warn("Triton is not installed: RMSNorm, RoPE and the decode attention run as torch's kernels "
+                      "(slower decode steps)", stacklevel=3)
         return False
     try:
         _PROBES[kernel](device)
@@ -180,17 +180,16 @@ def compile_in_background(device: torch.device, *, hidden_size: int, head_dim: i
                           dtype: torch.dtype) -> None:
     """Compile, on a thread of its own, every kernel a decode stage of a model of these sizes will launch on
     ``device``: the probes, the norm at the hidden size and at the head size (Triton compiles again for each BLOCK
-    and each row stride's divisibility by 16), RoPE and the decode attention in the model's dtype and head layout. Called before the weights
-    load, so the ~1.6 s of a machine's first process run beside the load instead of in the first stage; nothing on
-    a CPU or without Triton. ``available`` waits for it."""
+    and each row stride's divisibility by 16), RoPE and the decode attention in the model's dtype and head layout.
+    Called before the weights load, so the ~1.6 s of a machine's first process run beside the load instead of in
+    the first stage; nothing on a CPU or without Triton. ``available`` waits for it."""
     if device.type != "cuda" or _kernels() is None:
         return
     device = _indexed(device)
     if device in _COMPILING:
         return
-    _COMPILING[device] = threading.Thread(target=_compile, args=(device, hidden_size, head_dim, query_heads, kv_heads, dtype),
-                                          daemon=True,
-                                          name=f"triton-compile-{device}")
+    _COMPILING[device] = threading.Thread(target=_compile, name=f"triton-compile-{device}", daemon=True,
+                                          args=(device, hidden_size, head_dim, query_heads, kv_heads, dtype))
     _COMPILING[device].start()
 
 

@@ -303,6 +303,11 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise ModelLoadError(f"cannot find the decoder layers of {type(root).__name__}")
 
 
+def head_dim(text_config) -> int:
+    """A decoder config's attention head size (configs without ``head_dim`` imply hidden size / heads)."""
+    return getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+
+
 def num_layers(model: nn.Module) -> int:
     return len(decoder_layers(model))
 

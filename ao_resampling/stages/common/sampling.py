@@ -77,7 +77,6 @@ def compile_kernels_early(config: ExperimentConfig) -> None:
         text = models.model_text_config(config.model)
     except models.ModelLoadError:
         return  # the load that follows says what is wrong with the model
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     triton_kernels.compile_in_background(torch.device(config.device), hidden_size=text.hidden_size,
-                                         head_dim=head_dim, query_heads=text.num_attention_heads,
+                                         head_dim=models.head_dim(text), query_heads=text.num_attention_heads,
                                          kv_heads=text.num_key_value_heads, dtype=models.DTYPES[config.dtype])
