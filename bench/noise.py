@@ -67,10 +67,10 @@ def sampler_teacher_forced(sampler: Sampler, queries: Sequence[Query], tokens_QT
     device = model_device(sampler.model)
     P, T, Q = max(len(q.input_ids) for q in queries), tokens_QT.shape[1], len(queries)
     with sampler._stage():
-        cache, mask_QP, logits_QV = sampler.prefill(queries, P, device)
         window = getattr(text_config(sampler.model), "sliding_window", None)
         step = SlotStep(sampler.model, Q, P, T, sliding_window=window, device=device)
-        step.seat(torch.arange(Q, device=device), cache, torch.arange(Q, device=device), mask_QP)
+        mask_QP, logits_QV = sampler.prefill(queries, step, device)
+        step.seat(torch.arange(Q, device=device), torch.arange(Q, device=device), mask_QP)
         out = [logits_QV.float().log_softmax(-1)]
         for t in range(T - 1):
             out.append(step(tokens_QT[:, t].to(device), P + t + 1).float().log_softmax(-1))

@@ -320,19 +320,58 @@ def test_a_step_that_replays_graphs_gets_the_ladders_floor_an_eager_one_none(tin
         sampler_module.GRAPH_MIN_ROWS == 64
 
 
-def test_past_the_sliding_window_equals_plain_generate(tiny_oracle, gemma_tokenizer, acts_BD, greedy):
+@pytest.mark.parametrize("words", [(488, 470), (505, 490)], ids=["answer-past-window", "prompt-past-window"])
+def test_past_the_sliding_window_equals_plain_generate(tiny_oracle, gemma_tokenizer, acts_BD, greedy, words):
     """Prompt + answer longer than the tiny model's 512-token window: the sliding layers see only the last W
-    positions of each row (their own mask), as HF's windowed cache does."""
+    positions of each row (their own mask), as HF's windowed cache does; a prompt longer than the window too (the
+    prompt pass's own sliding mask, its KV kept whole for the slots)."""
     window = tiny_oracle.get_base_model().config.get_text_config(decoder=True).sliding_window
     long = []
-    for i, words in enumerate((505, 490)):
-        oq = build_oracle_query(gemma_tokenizer, layer=READ_LAYER, question="word " * words + "ok?")
+    for i, n_words in enumerate(words):
+        oq = build_oracle_query(gemma_tokenizer, layer=READ_LAYER, question="word " * n_words + "ok?")
         long.append(Query(key=f"long{i}", input_ids=tuple(oq.input_ids), n=2, vectors_KD=acts_BD[i][None],
                           positions_K=tuple(oq.placeholder_positions)))
     decoding = greedy(12)
     assert max(len(q.input_ids) for q in long) + decoding.max_new_tokens > window
+    assert (max(len(q.input_ids) for q in long) > window) == (words[0] > 500)
     assert tokens(fast(tiny_oracle, gemma_tokenizer, long, decoding, rows=3)) == \
         tokens(plain(tiny_oracle, gemma_tokenizer, long, decoding))
+
+
+def test_a_prompt_pass_gives_hfs_own_logits_and_kv(tiny_oracle, gemma_tokenizer, acts_BD, greedy):
+    """The prompt pass with the step's own masks and prompt buffer against HF's forward (its own masks and
+    ``DynamicCache``) on the same left-padded batch, injection on: the last logits and every layer's KV bit for bit,
+    with one prompt longer than the tiny model's 512-token window (its sliding layers' own mask)."""
+    from transformers import DynamicCache
+
+    window = tiny_oracle.get_base_model().config.get_text_config(decoder=True).sliding_window
+    long = []
+    for i, n_words in enumerate((505, 200)):
+        oq = build_oracle_query(gemma_tokenizer, layer=READ_LAYER, question="word " * n_words + "ok?")
+        long.append(Query(key=f"long{i}", input_ids=tuple(oq.input_ids), n=1, vectors_KD=acts_BD[i][None],
+                          positions_K=tuple(oq.placeholder_positions)))
+    P = max(len(q.input_ids) for q in long)
+    assert P > window
+    cpu = torch.device("cpu")
+    sampler = Sampler(tiny_oracle, gemma_tokenizer, decoding=greedy(), injection_layer=INJECTION_LAYER,
+                      coefficient=COEFFICIENT)
+    step = decode_step.SlotStep(tiny_oracle, 2, P, 4, sliding_window=window, device=cpu)
+    with torch.inference_mode():
+        mask_QP, logits_QV = sampler.prefill(long, step, cpu)
+        ids_QP, hf_mask_QP = left_pad([q.input_ids for q in long], gemma_tokenizer.pad_token_id, length=P)
+        with sampler_module.injection_for_rows(tiny_oracle, long, P, cpu, INJECTION_LAYER, COEFFICIENT):
+            out = tiny_oracle(input_ids=ids_QP, attention_mask=hf_mask_QP,
+                              position_ids=position_ids_from_mask(hf_mask_QP), use_cache=True, logits_to_keep=1,
+                              **decode_step.cache_kwargs(tiny_oracle, DynamicCache()))
+        step.seat(torch.tensor([1, 0]), torch.tensor([0, 1]), mask_QP)
+
+    assert torch.equal(mask_QP, hf_mask_QP)
+    assert torch.equal(logits_QV, out.logits[:, -1])
+    hf_layers = decode_step.returned_cache(out).layers
+    for (keys_BHSD, values_BHSD), layer in zip(step.kv, hf_layers, strict=True):
+        kept = layer.keys.shape[2]  # a sliding layer of HF's cache keeps only the last positions
+        assert torch.equal(keys_BHSD[[1, 0], :, P - kept:P], layer.keys)
+        assert torch.equal(values_BHSD[[1, 0], :, P - kept:P], layer.values)
 
 
 def test_without_injection_equals_plain_generate(tiny_oracle, gemma_tokenizer, queries, greedy):

@@ -15,8 +15,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from ao_resampling.engine.hooks import inject
-from ao_resampling.engine.loading.models import model_device, synthetic_config
-from ao_resampling.engine.decoding.decode_step import SlotCache, SlotStep
+from ao_resampling.engine.loading.models import model_device
+from ao_resampling.engine.decoding.decode_step import PromptCache, SlotCache, SlotStep, device_groups
 
 CPU, OTHER = torch.device("cpu"), torch.device("meta")
 
@@ -37,48 +37,52 @@ def test_the_checker_catches_a_cross_device_index():
         keys.index_select(0, torch.tensor([0, 2]))
 
 
-def split_cache(batch: int, length: int = 5):
-    """A prefilled DynamicCache of the tiny config, even layers on the CPU, odd layers on the other device."""
-    from transformers import DynamicCache
-
-    config = synthetic_config("tiny")
-    cache = DynamicCache(config=config)
-    for i in range(config.num_hidden_layers):
-        device = CPU if i % 2 == 0 else OTHER
-        # row b holds the value b everywhere, so a selection can be read off the CPU layers
-        kv = torch.arange(batch, dtype=torch.float32).view(batch, 1, 1, 1).expand(batch, 1, length, 32).to(device)
-        cache.update(kv.clone(), kv.clone(), i)
-    return config, cache
+LAYERS = 4
+DEVICES = [CPU if i % 2 == 0 else OTHER for i in range(LAYERS)]  # even layers on the CPU, odd on the other device
 
 
 def slot_step(rows: int, prompt_len: int = 5) -> SlotStep:
-    return SlotStep(None, rows, prompt_len, max_new_tokens=3, sliding_window=None, device=CPU, graphs=False)
+    return SlotStep(None, rows, prompt_len, max_new_tokens=3, sliding_window=None, device=CPU, graphs=False,
+                    devices=DEVICES)
+
+
+def prompt_pass(step: SlotStep, batch: int, length: int = 5) -> None:
+    """What a prompt pass's attention layers write through ``PromptCache``: prompt q holds the value q everywhere
+    (so a selection can be read off the CPU layers), each layer's KV on its layer's device."""
+    cache = PromptCache(step)
+    for i, device in enumerate(DEVICES):
+        kv = torch.arange(batch, dtype=torch.float32).view(batch, 1, 1, 1).expand(batch, 1, length, 32).to(device)
+        keys, _ = cache.update(kv.clone(), kv.clone(), i)
+        assert keys.device == device
+
+
+def test_layers_on_one_device_share_one_buffer_per_run():
+    assert device_groups([CPU, CPU, OTHER, OTHER, CPU]) == [range(0, 2), range(2, 4), range(4, 5)]
+    assert device_groups([CPU] * 3) == [range(0, 3)]
 
 
 def test_seating_copies_each_prompts_kv_on_each_layers_device():
-    _, cache = split_cache(batch=2)  # prompt q holds the value q
     step = slot_step(rows=4)
-
     with OneDevicePerOp():
-        step.seat(torch.tensor([0, 1, 3]), cache, torch.tensor([1, 1, 0]), torch.ones(2, 5, dtype=torch.bool))
+        prompt_pass(step, batch=2)
+        step.seat(torch.tensor([0, 1, 3]), torch.tensor([1, 1, 0]), torch.ones(2, 5, dtype=torch.bool))
 
     for i, (keys, values) in enumerate(step.kv):
-        assert keys.device == (CPU if i % 2 == 0 else OTHER) and keys.shape == (4, 1, 8, 32)
+        assert keys.device == DEVICES[i] and keys.shape == (4, 1, 8, 32)
     assert step.kv[0][0][:, 0, 0, 0].tolist() == [1.0, 1.0, 0.0, 0.0], "rows 0, 1: prompt 1; row 3: prompt 0"
     assert step.write_B[[0, 1, 3]].tolist() == [5, 5, 5] and step.rope_B1[[0, 1, 3], 0].tolist() == [5, 5, 5]
 
 
 def test_the_slot_cache_writes_each_row_at_its_own_position_on_each_layers_device():
-    _, cache = split_cache(batch=2)
     step = slot_step(rows=2)
-    step.seat(torch.tensor([0, 1]), cache, torch.tensor([0, 1]), torch.ones(2, 5, dtype=torch.bool))
+    prompt_pass(step, batch=2)
+    step.seat(torch.tensor([0, 1]), torch.tensor([0, 1]), torch.ones(2, 5, dtype=torch.bool))
     step.write_B[:] = torch.tensor([5, 7])  # row 1 is two tokens further into its answer
     new_kv = torch.full((2, 1, 1, 32), 9.0)
 
     with OneDevicePerOp():
         for i in (0, 1):
-            keys, _ = step.cache.update(new_kv.to(CPU if i % 2 == 0 else OTHER), new_kv.to(CPU if i % 2 == 0
-                                                                                            else OTHER), i)
+            keys, _ = step.cache.update(new_kv.to(DEVICES[i]), new_kv.to(DEVICES[i]), i)
     written = step.kv[0][0][:, 0, :, 0]
     assert written[0].tolist() == [0.0] * 5 + [9.0, 0.0, 0.0] and written[1].tolist() == [1.0] * 5 + [0.0, 0.0, 9.0]
     assert isinstance(step.cache, SlotCache)
@@ -118,9 +122,9 @@ def test_cuda_graphs_only_for_a_model_on_one_device():
 def test_a_slot_step_moves_rows_in_place_on_each_layers_device():
     """Under device_map="auto": the tail's compaction gathers each layer's rows on that layer's device, into the
     same buffers (the addresses a CUDA graph reads)."""
-    _, cache = split_cache(batch=4)
     step = slot_step(rows=4)
-    step.seat(torch.arange(4), cache, torch.arange(4), torch.ones(4, 5, dtype=torch.bool))
+    prompt_pass(step, batch=4)
+    step.seat(torch.arange(4), torch.arange(4), torch.ones(4, 5, dtype=torch.bool))
     addresses = [(k.data_ptr(), v.data_ptr()) for k, v in step.kv]
 
     with OneDevicePerOp():
@@ -129,5 +133,5 @@ def test_a_slot_step_moves_rows_in_place_on_each_layers_device():
     assert step.rows == 2
     assert [(k.data_ptr(), v.data_ptr()) for k, v in step.kv] == addresses
     for i, (keys, _) in enumerate(step.kv):
-        assert keys.device == (CPU if i % 2 == 0 else OTHER)
+        assert keys.device == DEVICES[i]
     assert step.kv[0][0][:2, 0, 0, 0].tolist() == [1.0, 3.0]

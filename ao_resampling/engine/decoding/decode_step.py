@@ -1,10 +1,16 @@
 """One decode forward over rows that each hold their own sample at their own step: the KV slots of continuous
 batching.
 
-``SlotStep`` owns one KV buffer per layer, (rows x KV heads x S x head size) with S = the prompt region P (every
-prompt left-padded to the stage's longest) + max_new_tokens. Row r holds one sample: its prompt's KV in [0, P), its
+``SlotStep`` owns the KV slots, (rows x KV heads x S x head size) a layer with S = the prompt region P (every prompt
+left-padded to the stage's longest) + max_new_tokens. Row r holds one sample: its prompt's KV in [0, P), its
 answer's from P on, written at the row's own position (``SlotCache.update``), so rows that started at different
-times decode side by side. ``seat`` copies a prefilled prompt's KV into a row; ``select`` moves rows to the front.
+times decode side by side. A prompt pass writes its KV into the step's prompt buffer (``PromptCache``); ``seat``
+copies a prompt's KV from there into a row; ``select`` moves rows to the front.
+
+- The slots (and the prompt buffer) of the layers on one device are one tensor, (layers x rows x H x S x D), each
+  layer's slot a view of it: seating and moving rows is a few launches a device, not a few a layer (a 27B refill
+  made ~250 small launches, ~4.6 ms of host time on an H100, before). A model on one GPU has one such group; a
+  ``device_map="auto"`` model one per run of layers on the same GPU.
 
 - Masks are per row and preallocated: the full-attention mask (prompt + the answer so far) and, when S exceeds the
   model's sliding window, the sliding-window mask (the same, limited to the last W positions before the row's own).
@@ -21,6 +27,7 @@ Shape letters:
     B  all rows of the buffers
     N  rows being seated or kept
     Q  prefilled prompts (one per query being seated)
+    L  layers (of one device's group)
     H  key/value heads
     P  the prompt region: every prompt left-padded to this length
     S  positions of a row's KV slot (P + max_new_tokens)
@@ -41,7 +48,7 @@ import torch
 from torch import nn
 
 from ao_resampling.engine.decoding.attention import attention_configs, decode_attention
-from ao_resampling.engine.loading.models import base_model, model_devices
+from ao_resampling.engine.loading.models import base_model, decoder_layers, model_devices
 
 BUCKET = 32  # cut lengths are multiples of this: ~4 CUDA graphs for a 40-token prompt + 120 new tokens
 
@@ -77,10 +84,36 @@ def returned_cache(out):
     return out.past_key_values if cache is None else cache
 
 
-def index_rows(cache_BHSD: torch.Tensor, rows_N: torch.Tensor) -> torch.Tensor:
-    """The cache's rows ``rows_N``, in that order (a row may repeat: a query's prompt KV for each of its samples)."""
-    # Under device_map="auto" each decoder layer's cache lives on that layer's GPU: index it there.
-    return cache_BHSD.index_select(0, rows_N.to(cache_BHSD.device))
+def device_groups(devices: list[torch.device]) -> list[range]:
+    """The runs of consecutive layers on one device (one run for a model on one GPU)."""
+    groups: list[range] = []
+    for i, device in enumerate(devices):
+        if groups and devices[groups[-1].start] == device:
+            groups[-1] = range(groups[-1].start, i + 1)
+        else:
+            groups.append(range(i, i + 1))
+    return groups
+
+
+def layer_devices(model: nn.Module) -> list[torch.device]:
+    """Each decoder layer's device (under ``device_map="auto"`` its KV cache lives there too)."""
+    return [next(layer.parameters()).device for layer in decoder_layers(model)]
+
+
+class PromptCache:
+    """The KV cache a prompt pass writes through: each layer's keys and values (Q prompts left-padded to P) go into
+    the step's prompt buffer, and the attention gets them as they came (as a fresh ``DynamicCache`` gives them back
+    on its first update: the same numbers as HF's prompt pass). Held weakly, as ``SlotCache``."""
+
+    def __init__(self, step: "SlotStep"):
+        self.step = weakref.proxy(step)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        self.step._keep_prompt_kv(layer_idx, key_states, value_states)
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # a prompt pass starts from nothing
 
 
 class SlotCache:
@@ -111,12 +144,21 @@ class SlotCache:
 
 class SlotStep:
     def __init__(self, model: nn.Module, rows: int, prompt_len: int, max_new_tokens: int, *,
-                 sliding_window: int | None, device: torch.device, graphs: bool = True):
+                 sliding_window: int | None, device: torch.device, graphs: bool = True,
+                 devices: list[torch.device] | None = None):
+        """``devices``: each decoder layer's device (the model's, read from it, unless given)."""
         self.model, self.batch_rows, self.P = model, rows, prompt_len
         self.S = prompt_len + max_new_tokens
+        self.sliding_window = sliding_window
         self.window = sliding_window if sliding_window is not None and sliding_window < self.S else None
         self.use_graphs = graphs and device.type == "cuda" and on_one_device(model)
-        self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # allocated by the first seat
+        self.groups = device_groups(layer_devices(model) if devices is None else devices)
+        self._group_of = {layer: (g, i) for g, group in enumerate(self.groups) for i, layer in enumerate(group)}
+        # each group's keys and values: the slots (L x B x H x S x D, allocated by the first seat) and the prompt
+        # buffer (L x Q x H x P x D, by the first prompt pass); ``kv``: each layer's slot, a view of its group's
+        self._slots: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._prompt_kv: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.groups)
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.mask_BS = torch.zeros(rows, self.S, dtype=torch.bool, device=device)
         self.mask_BS[:, 0] = True  # an idle row attends somewhere (its output is never read)
         self.sliding_BS = torch.zeros_like(self.mask_BS) if self.window else None
@@ -133,37 +175,76 @@ class SlotStep:
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.capture_s = 0.0  # spent in _run_then_capture (the eager step and the capture), synchronised
 
+    # -- prompt passes ------------------------------------------------------------------------------------------------
+
+    def prompt_inputs(self, mask_QP: torch.Tensor) -> dict:
+        """What a prompt pass of Q prompts left-padded to P (``mask_QP``: 1 = a real token) gives the model beside
+        its tokens and positions: the cache that keeps its KV for ``seat``, and its masks as the model's eager
+        attention adds them (causal, padding keys masked, on sliding layers only the last W positions: HF's own
+        masks, value for value)."""
+        Q, P = mask_QP.shape
+        if P != self.P:
+            raise ValueError(f"a prompt pass of {P} positions for a step whose prompt region is {self.P}")
+        positions_P = torch.arange(P, device=mask_QP.device)
+        causal_PP = positions_P[None, :] <= positions_P[:, None]  # [query, key]
+        full_Q1PP = (causal_PP[None] & mask_QP.bool()[:, None, :])[:, None]
+        masks = {"full_attention": self._additive(full_Q1PP)}
+        if self.sliding_window is not None and self.sliding_window < P:
+            near_PP = positions_P[None, :] > positions_P[:, None] - self.sliding_window
+            masks["sliding_attention"] = self._additive(full_Q1PP & near_PP)
+        else:
+            masks["sliding_attention"] = masks["full_attention"]
+        return {"attention_mask": masks, **cache_kwargs(self.model, PromptCache(self))}
+
+    def _keep_prompt_kv(self, layer: int, keys_QHPD: torch.Tensor, values_QHPD: torch.Tensor) -> None:
+        g, i = self._group_of[layer]
+        Q, _, P, _ = keys_QHPD.shape
+        if P != self.P:
+            raise ValueError(f"layer {layer}'s prompt KV has {P} positions; the step's prompt region is {self.P}")
+        buffers = self._prompt_kv[g]
+        if buffers is None or buffers[0].shape[1] < Q:  # the first pass (a stage's first block is its largest)
+            shape = (len(self.groups[g]), Q, *keys_QHPD.shape[1:])
+            buffers = tuple(torch.empty(shape, dtype=keys_QHPD.dtype, device=keys_QHPD.device) for _ in range(2))
+            self._prompt_kv[g] = buffers
+        buffers[0][i, :Q] = keys_QHPD
+        buffers[1][i, :Q] = values_QHPD
+
+    def release_prompts(self) -> None:
+        """Every prompt is seated: the prompt buffer goes."""
+        self._prompt_kv = [None] * len(self.groups)
+
     # -- seating and moving rows ------------------------------------------------------------------------------------
 
-    def seat(self, rows_N: torch.Tensor, prefill_cache, query_of_N: torch.Tensor, prompt_mask_QP: torch.Tensor) -> None:
-        """Row ``rows_N[i]`` starts sample i of prompt ``query_of_N[i]``: that prompt's KV (``prefill_cache``, Q
-        prompts left-padded to P) and mask are copied into the row; its answer starts at position P."""
-        layers = prefill_cache.layers
+    def seat(self, rows_N: torch.Tensor, query_of_N: torch.Tensor, prompt_mask_QP: torch.Tensor) -> None:
+        """Row ``rows_N[i]`` starts sample i of prompt ``query_of_N[i]`` of the last prompt pass: that prompt's KV
+        and mask are copied into the row; its answer starts at position P."""
+        if any(buffers is None for buffers in self._prompt_kv):
+            raise RuntimeError("seat before a prompt pass: no prompt KV to copy")
         if self.kv is None:
-            self.kv = [self._empty_slot(layer.keys) for layer in layers]
-        for layer, (keys_BHSD, values_BHSD) in zip(layers, self.kv):
-            rows_here = rows_N.to(keys_BHSD.device)
-            keys_BHSD[rows_here, :, :self.P] = index_rows(layer.keys, query_of_N)
-            values_BHSD[rows_here, :, :self.P] = index_rows(layer.values, query_of_N)
+            self._slots = [tuple(self._empty_slots(keys_LQHPD) for _ in range(2)) for keys_LQHPD, _ in self._prompt_kv]
+            self.kv = [(keys_LBHSD[i], values_LBHSD[i]) for keys_LBHSD, values_LBHSD in self._slots
+                       for i in range(keys_LBHSD.shape[0])]
+        for slots, prompts in zip(self._slots, self._prompt_kv):
+            for slot_LBHSD, prompt_LQHPD in zip(slots, prompts):  # keys, then values: one gather, one write each
+                slot_LBHSD[:, rows_N.to(slot_LBHSD.device), :, :self.P] = \
+                    prompt_LQHPD.index_select(1, query_of_N.to(prompt_LQHPD.device))
         prompt_N = prompt_mask_QP.bool()[query_of_N.to(prompt_mask_QP.device)].to(self.mask_BS.device)
         self.mask_BS[rows_N] = False
         self.mask_BS[rows_N, :self.P] = prompt_N
         self.write_B[rows_N] = self.P
         self.rope_B1[rows_N, 0] = prompt_N.sum(-1)
 
-    def _empty_slot(self, prefill_keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        _, H, _, D = prefill_keys.shape
-        shape = (self.batch_rows, H, self.S, D)
-        return (torch.zeros(shape, dtype=prefill_keys.dtype, device=prefill_keys.device),
-                torch.zeros(shape, dtype=prefill_keys.dtype, device=prefill_keys.device))
+    def _empty_slots(self, prompt_LQHPD: torch.Tensor) -> torch.Tensor:
+        L, _, H, _, D = prompt_LQHPD.shape
+        return torch.zeros((L, self.batch_rows, H, self.S, D), dtype=prompt_LQHPD.dtype, device=prompt_LQHPD.device)
 
     def select(self, keep_N: torch.Tensor) -> None:
         """Move rows ``keep_N`` to the front, in place, and decode those from now on. The graphs read the buffers'
         addresses, which do not move: the ones captured for this many rows replay."""
         n = keep_N.shape[0]
-        for keys_BHSD, values_BHSD in self.kv or []:
-            keys_BHSD[:n] = index_rows(keys_BHSD, keep_N)  # gathered first: rows may move onto each other
-            values_BHSD[:n] = index_rows(values_BHSD, keep_N)
+        for slots in self._slots:
+            for slot_LBHSD in slots:  # gathered first: rows may move onto each other
+                slot_LBHSD[:, :n] = slot_LBHSD.index_select(1, keep_N.to(slot_LBHSD.device))
         for buffer in (self.mask_BS, self.tokens_B1, self.rope_B1, self.write_B):
             buffer[:n] = buffer[keep_N.to(buffer.device)]
         self.rows = n
@@ -211,7 +292,7 @@ class SlotStep:
         """A boolean mask as the additive one eager attention adds (0 or the dtype's lowest), made once a step: each
         layer's ``gqa_attention`` then adds it (one kernel) instead of inverting and filling (two). The
         probabilities are the same bit for bit: a score plus the lowest value rounds to the lowest value."""
-        if self.mask_values is None:  # at the first step (eager, before any capture)
+        if self.mask_values is None:  # at the first prompt pass or step (eager, before any capture)
             dtype = next(self.model.parameters()).dtype
             self.mask_values = (torch.zeros((), dtype=dtype, device=allowed.device),
                                 torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=allowed.device))

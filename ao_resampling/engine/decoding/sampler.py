@@ -3,8 +3,8 @@ that a continuously refilled set of rows keeps full.
 
 - Rows hold samples (scheduler.py): when enough rows are free, the next pending samples take them. Their queries'
   prompts are prefilled in fixed blocks of ``PREFILL_QUERIES`` queries, each block once (the injection hook
-  attached, on the prompt pass only) and kept until its samples are seated; the prompt's KV is copied into each
-  sample's row (decode_step.py's ``SlotStep.seat``), and the sample's first token is
+  attached, on the prompt pass only), its KV kept in the step's prompt buffer until its samples are seated; the
+  prompt's KV is copied into each sample's row (decode_step.py's ``SlotStep.seat``), and the sample's first token is
   drawn from the prompt's last logits. Decode steps then run without any hook: each row feeds its last token at its
   own position, the step is a CUDA graph replay per (rows, cut length), attention reads grouped KV heads in place.
 - Every draw comes from the sample's own random stream (streams.py), keyed by (seed, run, sample index) and the
@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from ao_resampling.config import Decoding
 from ao_resampling.engine.decoding import memory
-from ao_resampling.engine.decoding.decode_step import SlotStep, cache_kwargs, returned_cache, synced_clock
+from ao_resampling.engine.decoding.decode_step import SlotStep, synced_clock
 from ao_resampling.engine.decoding.fused_qkv import fused_qkv
 from ao_resampling.engine.decoding.merge import merged_lora
 from ao_resampling.engine.decoding import triton_kernels
@@ -212,24 +212,22 @@ class Sampler:
         return sample_next_tokens(logits_AV, temperature=d.temperature, top_p=d.top_p, top_k=d.top_k,
                                   keys_B=keys_A, steps_B=steps_A)
 
-    def prefill(self, queries: Sequence[Query], prompt_len: int, device: torch.device):
-        """The prompt pass of ``queries`` (injection on), left-padded to ``prompt_len``: (cache, mask_QP, last
-        logits_QV)."""
-        from transformers import DynamicCache
-
-        ids_QP, mask_QP = left_pad([q.input_ids for q in queries], self.pad_id, device, length=prompt_len)
-        with injection_for_rows(self.model, queries, prompt_len, device, self.injection_layer, self.coefficient):
-            out = self.model(input_ids=ids_QP, attention_mask=mask_QP, position_ids=position_ids_from_mask(mask_QP),
-                             use_cache=True, logits_to_keep=1, **cache_kwargs(self.model, DynamicCache()))
-        return returned_cache(out), mask_QP, out.logits[:, -1].to(device)
+    def prefill(self, queries: Sequence[Query], step: SlotStep, device: torch.device):
+        """The prompt pass of ``queries`` (injection on), left-padded to the step's prompt region; their KV goes into
+        the step's prompt buffer (``step.seat`` copies it into rows). Returns (mask_QP, last logits_QV)."""
+        ids_QP, mask_QP = left_pad([q.input_ids for q in queries], self.pad_id, device, length=step.P)
+        with injection_for_rows(self.model, queries, step.P, device, self.injection_layer, self.coefficient):
+            out = self.model(input_ids=ids_QP, position_ids=position_ids_from_mask(mask_QP), use_cache=True,
+                             logits_to_keep=1, **step.prompt_inputs(mask_QP))
+        return mask_QP, out.logits[:, -1].to(device)
 
 
 @dataclass
 class _PromptBlock:
-    """The prompt pass of queries [first, first + Q): their KV (left-padded to P), masks and last logits."""
+    """The prompt pass of queries [first, first + Q): masks and last logits (their KV: in the step's prompt
+    buffer)."""
 
     first: int
-    cache: object
     mask_QP: torch.Tensor
     logits_QV: torch.Tensor
 
@@ -286,17 +284,17 @@ class _Run:
             self._seat_group(group, self._prompts(block))
         if not self.scheduler.pending:
             self.prompts = None  # every sample is seated: the last block's KV is not needed any more
+            self.step.release_prompts()
 
     def _prompts(self, block: int) -> "_PromptBlock":
         """The prompt pass of block ``block`` (queries ``block * PREFILL_QUERIES`` on), made once: samples are
         admitted in query order, so a block is never needed again once the next one is."""
         first = block * PREFILL_QUERIES
         if self.prompts is None or self.prompts.first != first:
-            self.prompts = None  # the previous block's KV goes before the next prompt pass allocates
-            started = synced_clock(self.device)
-            cache, mask_QP, logits_QV = self.sampler.prefill(self.queries[first:first + PREFILL_QUERIES], self.P,
-                                                             self.device)
-            self.prompts = _PromptBlock(first, cache, mask_QP, logits_QV)
+            started = synced_clock(self.device)  # the next pass overwrites the previous block's KV, not needed now
+            mask_QP, logits_QV = self.sampler.prefill(self.queries[first:first + PREFILL_QUERIES], self.step,
+                                                      self.device)
+            self.prompts = _PromptBlock(first, mask_QP, logits_QV)
             self.layout.prompt_passes += 1
             self.layout.prompt_s += synced_clock(self.device) - started
         return self.prompts
@@ -305,7 +303,7 @@ class _Run:
         """Seat ``seats`` (samples of queries in ``prompts``' block) in their rows and draw their first tokens."""
         query_of_N = torch.tensor([s.query - prompts.first for s in seats], device=self.device)
         rows_N = torch.tensor([s.row for s in seats], device=self.device)
-        self.step.seat(rows_N, prompts.cache, query_of_N, prompts.mask_QP)
+        self.step.seat(rows_N, query_of_N, prompts.mask_QP)
         seated = [self.queries[s.query] for s in seats]
         self.keys_B[rows_N] = torch.tensor([sample_key(self.sampler.decoding.seed or 0, q.key, s.sample)
                                             for q, s in zip(seated, seats)], device=self.device)
