@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 # Refill once 1/8 of the rows are free. Idle rows cost steps; a refill costs its seating (~4.6 ms at 27B on an
-# H100: the KV copies into the rows, 4 launches per layer, and the first tokens' draw, ~6 ms in all; the prompt
-# passes are per block of queries, not per refill). At the real oracle's answer lengths ~13 of 273 rows end every
+# H100 when the KV copies into the rows took 4 launches a layer, now a few a device) and the first tokens' draw,
+# ~6 ms in all then; the prompt passes are per block of queries, not per refill. At the real oracle's answer lengths ~13 of 273 rows end every
 # step. Replayed on the scheduler (bench/refill_sim.py, 10,000 samples, 273 rows): 1/4 888 steps and 133 refills,
 # 1/8 835 and 243, 1/16 811 and 407, every row at once 796 and 752; with 38.5 ms a step and ~6 ms a refill 1/8 and
 # 1/12 are the cheapest (~1.3 s under 1/4), 1/16 and 1/6 within 0.2 s of them. The H100 profile of 20 targets
