@@ -25,7 +25,7 @@ if [ -n "$PROFILE" ]; then  # PROFILE=1: where a real-length stage's time goes (
   echo "== profile, real lengths, 20 targets (left $(left) s)"
   timeout $(left) python3 bench/profile_stage.py --model $AO_MODEL --tokenizer $AO_TOKENIZER --targets $AO_TARGETS \
     --questions $AO_QUESTIONS --answer-lengths .device/data/ao_answer_lengths.json --num-targets 20 \
-    --refill-fractions 4,8 --profile-targets 2 --json $OUT/profile.json 2>&1 | quiet | tail -60
+    --refill-fractions ${FRACTIONS:-8,16} --profile-targets 2 --json $OUT/profile.json 2>&1 | quiet | tail -60
 fi
 echo "== this tree, forced 120, $N targets, rows auto (left $(left) s)"
 AO_NUM_TARGETS=$N AO_OUT=/tmp/new timeout $(left) python3 -m pytest -m gpu -p no:cacheprovider -x -q -s tests/experiments/test_full_experiment.py \

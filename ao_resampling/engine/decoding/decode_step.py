@@ -8,8 +8,8 @@ times decode side by side. A prompt pass writes its KV into the step's prompt bu
 copies a prompt's KV from there into a row; ``select`` moves rows to the front.
 
 - The slots (and the prompt buffer) of the layers on one device are one tensor, (layers x rows x H x S x D), each
-  layer's slot a view of it: seating and moving rows is a few launches a device, not a few a layer (a 27B refill
-  made ~250 small launches, ~4.6 ms of host time on an H100, before). A model on one GPU has one such group; a
+  layer's slot a view of it: seating rows is a few launches a device, not a few a layer (a 27B refill made ~250
+  small launches, ~4.6 ms of host time on an H100, before). A model on one GPU has one such group; a
   ``device_map="auto"`` model one per run of layers on the same GPU.
 
 - Masks are per row and preallocated: the full-attention mask (prompt + the answer so far) and, when S exceeds the
@@ -225,9 +225,14 @@ class SlotStep:
             self.kv = [(keys_LBHSD[i], values_LBHSD[i]) for keys_LBHSD, values_LBHSD in self._slots
                        for i in range(keys_LBHSD.shape[0])]
         for slots, prompts in zip(self._slots, self._prompt_kv):
-            for slot_LBHSD, prompt_LQHPD in zip(slots, prompts):  # keys, then values: one gather, one write each
-                slot_LBHSD[:, rows_N.to(slot_LBHSD.device), :, :self.P] = \
-                    prompt_LQHPD.index_select(1, query_of_N.to(prompt_LQHPD.device))
+            # At most as many rows a gather as the buffer holds prompts: the gather's copy is never larger than the
+            # buffer (a stage's first fill seats every row; memory.py sets aside one prefill's KV and activations).
+            device, chunk = prompts[0].device, prompts[0].shape[1]
+            for start in range(0, rows_N.shape[0], chunk):
+                rows_C = rows_N[start:start + chunk].to(device)
+                query_of_C = query_of_N[start:start + chunk].to(device)
+                for slot_LBHSD, prompt_LQHPD in zip(slots, prompts):  # keys, then values: one gather, one write
+                    slot_LBHSD[:, rows_C, :, :self.P] = prompt_LQHPD.index_select(1, query_of_C)
         prompt_N = prompt_mask_QP.bool()[query_of_N.to(prompt_mask_QP.device)].to(self.mask_BS.device)
         self.mask_BS[rows_N] = False
         self.mask_BS[rows_N, :self.P] = prompt_N
@@ -243,8 +248,10 @@ class SlotStep:
         addresses, which do not move: the ones captured for this many rows replay."""
         n = keep_N.shape[0]
         for slots in self._slots:
-            for slot_LBHSD in slots:  # gathered first: rows may move onto each other
-                slot_LBHSD[:, :n] = slot_LBHSD.index_select(1, keep_N.to(slot_LBHSD.device))
+            keep_here = keep_N.to(slots[0].device)
+            for slot_LBHSD in slots:  # a layer at a time: the copy is one layer's rows (a compaction is rare)
+                for slot_BHSD in slot_LBHSD:  # gathered first: rows may move onto each other
+                    slot_BHSD[:n] = slot_BHSD.index_select(0, keep_here)
         for buffer in (self.mask_BS, self.tokens_B1, self.rope_B1, self.write_B):
             buffer[:n] = buffer[keep_N.to(buffer.device)]
         self.rows = n
