@@ -28,6 +28,7 @@ Shape letters:
     N  rows being seated or kept
     Q  prefilled prompts (one per query being seated)
     L  layers (of one device's group)
+    C  rows one gather of a seat copies (at most the prompt buffer's Q)
     H  key/value heads
     P  the prompt region: every prompt left-padded to this length
     S  positions of a row's KV slot (P + max_new_tokens)
