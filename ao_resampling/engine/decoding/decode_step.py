@@ -308,6 +308,10 @@ class SlotStep:
 
     def _run_then_capture(self, cut: int) -> torch.Tensor:
         logits_AV = self._forward(cut)  # this step's real work, and the warm-up capture needs
+        # The graph's private pool takes device memory torch's general cache may hold unused (the prompt passes'
+        # activations, a seat's copies): a capture cannot free cached blocks when it runs short, so free them now.
+        torch.cuda.synchronize(self.mask_BS.device)
+        torch.cuda.empty_cache()
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self.pool):

@@ -61,9 +61,16 @@ def rows_that_fit(free_bytes: int, budget: RowBudget, *, prompt_len: int, max_ne
 
 def free_bytes(device: torch.device) -> int | None:
     """Memory the allocator can still get on ``device`` (its free memory + what torch holds unused); None on a
-    CPU."""
+    CPU.
+
+    Torch's unused cached blocks go back to the device first (``empty_cache``): blocks freed before the stage (the
+    weights q/k/v were stacked from, a previous stage's KV slots) would be split by the stage's first small
+    allocations, and then neither a slot buffer (one tensor of ~10 GiB a device at 27B) nor a CUDA graph's private
+    pool, which cannot draw on torch's general cache, could use them: on an H100 a capture ran out of memory with
+    10 GiB held unused that way."""
     if device.type != "cuda":
         return None
     torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info(device)
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
