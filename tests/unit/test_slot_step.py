@@ -1,7 +1,7 @@
 """The slot step's KV layout: the layers on one device share one buffer, so seating rows costs a few operations a
-device, not a few a layer (a 27B refill launched ~250 small kernels, ~4.6 ms of host time a refill on an H100, with
-one buffer a layer), and no copy it makes is larger than the prompt buffer (the first fill seats every row: one
-gather of them all was 2.7 GB at 27B on an 80 GB card)."""
+device, not a few a layer (~250 small kernels a refill at 27B with one buffer a layer), and no copy it makes is
+larger than the prompt buffer (the first fill seats every row: one gather of them all was 2.7 GB at 27B on an 80 GB
+card)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ class CountOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.append(str(func))
         out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        inputs = {t.untyped_storage().data_ptr() for t in tensors}
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
                 self.largest_new = max(self.largest_new, t.numel())

@@ -8,9 +8,9 @@ times decode side by side. A prompt pass writes its KV into the step's prompt bu
 copies a prompt's KV from there into a row; ``select`` moves rows to the front.
 
 - The slots (and the prompt buffer) of the layers on one device are one tensor, (layers x rows x H x S x D), each
-  layer's slot a view of it: seating rows is a few launches a device, not a few a layer (a 27B refill made ~250
-  small launches, ~4.6 ms of host time on an H100, before). A model on one GPU has one such group; a
-  ``device_map="auto"`` model one per run of layers on the same GPU.
+  layer's slot a view of it: seating rows is a few launches a device, not a few a layer (~250 at 27B). A refill's
+  seat still takes ~4.3 ms on an H100 (4.6 before): its time is the KV copies' index kernels, not their launches.
+  A model on one GPU has one such group; a ``device_map="auto"`` model one per run of layers on the same GPU.
 
 - Masks are per row and preallocated: the full-attention mask (prompt + the answer so far) and, when S exceeds the
   model's sliding window, the sliding-window mask (the same, limited to the last W positions before the row's own).

@@ -148,8 +148,8 @@ def _indexed(device: torch.device) -> torch.device:
 
 
 def available(device: torch.device, kernel: str) -> bool:
-    """``kernel`` (a key of ``_PROBES``) works on ``device``: a CUDA device, Triton importable, and a probe (which compiles
-    it) agreeing with torch's arithmetic. Otherwise one warning, and False: the caller keeps torch's kernels.
+    """``kernel`` (a key of ``_PROBES``) works on ``device``: a CUDA device, Triton importable, and a probe (which
+    compiles it) agreeing with torch's arithmetic. Otherwise one warning, and False: the caller keeps torch's kernels.
     Waits for ``compile_in_background``'s thread for the device first, if one runs."""
     device = _indexed(device)
     compiling = _COMPILING.get(device)
