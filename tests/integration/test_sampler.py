@@ -359,16 +359,16 @@ def test_a_prompt_pass_gives_hfs_own_logits_and_kv(tiny_oracle, gemma_tokenizer,
     with torch.inference_mode():
         mask_QP, logits_QV = sampler.prefill(long, step, cpu)
         ids_QP, hf_mask_QP = left_pad([q.input_ids for q in long], gemma_tokenizer.pad_token_id, length=P)
+        hf_cache = DynamicCache()
         with sampler_module.injection_for_rows(tiny_oracle, long, P, cpu, INJECTION_LAYER, COEFFICIENT):
             out = tiny_oracle(input_ids=ids_QP, attention_mask=hf_mask_QP,
                               position_ids=position_ids_from_mask(hf_mask_QP), use_cache=True, logits_to_keep=1,
-                              **decode_step.cache_kwargs(tiny_oracle, DynamicCache()))
+                              **decode_step.cache_kwargs(tiny_oracle, hf_cache))
         step.seat(torch.tensor([1, 0]), torch.tensor([0, 1]), mask_QP)
 
     assert torch.equal(mask_QP, hf_mask_QP)
     assert torch.equal(logits_QV, out.logits[:, -1])
-    hf_layers = decode_step.returned_cache(out).layers
-    for (keys_BHSD, values_BHSD), layer in zip(step.kv, hf_layers, strict=True):
+    for (keys_BHSD, values_BHSD), layer in zip(step.kv, hf_cache.layers, strict=True):
         kept = layer.keys.shape[2]  # a sliding layer of HF's cache keeps only the last positions
         assert torch.equal(keys_BHSD[[1, 0], :, P - kept:P], layer.keys)
         assert torch.equal(values_BHSD[[1, 0], :, P - kept:P], layer.values)

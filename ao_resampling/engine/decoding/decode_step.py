@@ -79,12 +79,6 @@ def cache_kwargs(model: nn.Module, cache) -> dict:
     return {_cache_argument(type(base_model(model))): cache}
 
 
-def returned_cache(out):
-    """The cache a forward returned: ``out.cache`` from 5.24 on, ``out.past_key_values`` before."""
-    cache = out.get("cache")
-    return out.past_key_values if cache is None else cache
-
-
 def device_groups(devices: list[torch.device]) -> list[range]:
     """The runs of consecutive layers on one device (one run for a model on one GPU)."""
     groups: list[range] = []
