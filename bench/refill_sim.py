@@ -15,7 +15,7 @@ import argparse
 import json
 from dataclasses import dataclass
 
-from ao_resampling.engine.decoding.scheduler import GRAPH_MIN_ROWS, SlotScheduler
+from ao_resampling.engine.decoding.scheduler import GRAPH_MIN_ROWS, SlotScheduler, refill_rows
 from ao_resampling.inputs.answer_lengths import answer_lengths_for, load_answer_lengths
 
 
@@ -29,7 +29,7 @@ def replay(lengths: dict[str, tuple[int, ...]], rows: int, fraction: int) -> dic
     """The sampler's loop (sampler._Run.answers): admit and seat (the first token drawn), hand over the ended,
     compact, step (one more token for every live row)."""
     queries = [Q(key, len(n)) for key, n in lengths.items()]
-    slots = SlotScheduler(queries, rows, refill_at=max(1, rows // fraction), min_rows=GRAPH_MIN_ROWS)
+    slots = SlotScheduler(queries, rows, refill_at=refill_rows(rows, fraction), min_rows=GRAPH_MIN_ROWS)
     drawn: dict[int, int] = {}
     steps_by_rows: dict[int, int] = {}
     refills = seated = 0

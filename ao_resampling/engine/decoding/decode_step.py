@@ -304,7 +304,6 @@ class SlotStep:
         logits_AV = self._forward(cut)  # this step's real work, and the warm-up capture needs
         # The graph's private pool takes device memory torch's general cache may hold unused (the prompt passes'
         # activations, a seat's copies): a capture cannot free cached blocks when it runs short, so free them now.
-        torch.cuda.synchronize(self.mask_BS.device)
         torch.cuda.empty_cache()
         graph = torch.cuda.CUDAGraph()
         try:

@@ -66,13 +66,18 @@ def rung(n_live: int, rows: int, floor: int = 1) -> int:
     return rows
 
 
+def refill_rows(rows: int, fraction: int | None = None) -> int:
+    """How many free rows start a refill: 1/``fraction`` of the rows (``REFILL_FRACTION`` unless given), at least 1."""
+    return max(1, rows // (REFILL_FRACTION if fraction is None else fraction))
+
+
 class SlotScheduler:
     def __init__(self, queries: Sequence[Admittable], rows: int, refill_at: int | None = None, min_rows: int = 1):
         if rows < 1:
             raise ValueError(f"a decode step needs at least one row, got {rows}")
         self.rows = rows  # the step's row count now (shrinks on the ladder once the queue is empty)
         self.min_rows = min_rows  # the ladder's lowest rung (GRAPH_MIN_ROWS where the step replays CUDA graphs)
-        self.refill_at = max(1, refill_at if refill_at is not None else rows // REFILL_FRACTION)
+        self.refill_at = max(1, refill_at) if refill_at is not None else refill_rows(rows)
         self.pending: deque[tuple[int, int]] = deque((q, s) for q, query in enumerate(queries)
                                                      for s in range(query.n))
         self.seats: dict[int, Seat] = {}  # row -> the sample decoding there
