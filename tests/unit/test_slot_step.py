@@ -1,15 +1,16 @@
 """The slot step's KV layout: the layers on one device share one buffer, so seating rows costs a few operations a
-device, not a few a layer (~250 small kernels a refill at 27B with one buffer a layer), and no copy it makes is
-larger than the prompt buffer (the first fill seats every row: one gather of them all was 2.7 GB at 27B on an 80 GB
-card)."""
+device, not a few a layer (~250 small kernels a refill at 27B with one buffer a layer), and a seat copies the prompt
+buffer's KV straight into the rows, a run of rows sharing a prompt at a time, with no gathered temporary (the first
+fill seats every row: one gather of them all was 2.7 GB at 27B on an 80 GB card)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from ao_resampling.engine.decoding.decode_step import PromptCache, SlotStep
+from ao_resampling.engine.decoding.decode_step import PromptCache, SlotStep, seat_runs
 
 CPU = torch.device("cpu")
 PROMPTS, P, H, D = 3, 5, 2, 8
@@ -56,16 +57,32 @@ def test_seating_runs_the_same_operations_for_2_layers_or_62():
     assert seat_ops(2, [5, 1, 2], [2, 2, 1]).ops == seat_ops(62, [5, 1, 2], [2, 2, 1]).ops
 
 
-def test_no_copy_a_seat_makes_is_larger_than_the_prompt_buffer():
+def test_a_seat_copies_straight_into_the_rows_without_a_kv_sized_temporary():
     layers = 4
     ops = seat_ops(layers, list(range(8)), [0, 1, 2, 0, 1, 2, 0, 1])  # 8 rows from a buffer of 3 prompts
-    assert 0 < ops.largest_new <= layers * PROMPTS * H * P * D
-    assert seat_ops(layers, [5, 1, 2], [2, 2, 1]).largest_new == layers * 3 * H * P * D, "3 rows: one gather"
+    assert ops.largest_new < H * P * D, "no new tensor as large as one layer of one prompt's KV"
+    assert ops.ops.count("aten.copy_.default") == 2 * 8, "a copy a row (no two neighbours share a prompt)"
+
+
+def test_consecutive_rows_seating_one_prompt_are_one_copy():
+    ops = seat_ops(62, [3, 4, 5, 0, 1, 7], [1, 1, 1, 2, 2, 2])
+    assert ops.ops.count("aten.copy_.default") == 2 * 3, "runs (3-5, prompt 1), (0-1, 2), (7, 2): keys and values"
+
+
+@pytest.mark.parametrize(("rows", "prompts", "runs"), [
+    ([], [], []),
+    ([4], [0], [(4, 1, 0)]),
+    ([0, 1, 2, 3], [0, 0, 1, 1], [(0, 2, 0), (2, 2, 1)]),
+    ([2, 3, 5, 6], [0, 0, 0, 0], [(2, 2, 0), (5, 2, 0)]),  # a gap in the rows ends a run
+    ([3, 2], [0, 0], [(3, 1, 0), (2, 1, 0)]),  # rows in falling order are not consecutive
+])
+def test_seat_runs(rows, prompts, runs):
+    assert seat_runs(rows, prompts) == runs
 
 
 def test_each_layers_slot_is_a_view_of_one_buffer_and_gets_its_own_prompts_kv():
     step = seated_step(layers=3)
-    rows, prompts = [7, 1, 2, 6, 4], [2, 2, 1, 0, 1]  # more rows than the buffer's prompts: two gathers
+    rows, prompts = [7, 1, 2, 6, 4], [2, 2, 1, 0, 1]  # more rows than the buffer's prompts; rows 1-2 one run
     step.seat(torch.tensor(rows), torch.tensor(prompts), torch.ones(PROMPTS, P, dtype=torch.bool))
     step.select(torch.tensor([2, 7, 6]))  # to the front: prompts 1, 2, 0
 
