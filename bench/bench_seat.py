@@ -9,9 +9,10 @@ it as the sampler seats them, 10 samples a prompt in the order the queue holds t
 - ``refill``: ``--refill`` rows, free rows scattered over the step (a fixed seed), as a refill at 1/8 of the rows;
 - ``first fill``: every row of the step, as a stage's first seat.
 
-Each is timed four ways: ``SlotStep.seat`` as it runs (wall clock between two synchronisations, as profile_stage.py
-times it, and CUDA events); its KV copies alone (one strided copy a run of rows sharing a prompt); the row
-bookkeeping alone (masks, write and RoPE positions); and the seat it replaced (a gather of up to 32 rows' prompts,
+Each is timed six ways: ``SlotStep.seat`` as it runs (wall clock between two synchronisations, as profile_stage.py
+times it, and CUDA events); its KV copies alone (one strided copy a run of rows sharing a prompt); the same copies
+of the same bytes seen as 8-byte words; one Triton kernel a tensor (a program a layer, row and KV head); the row bookkeeping alone (masks, write and RoPE positions); and the seat it
+replaced (a gather of up to 32 rows' prompts,
 then an indexed write). The achieved bandwidth counts the prompt KV read once a row and written once a row.
 """
 
@@ -66,25 +67,60 @@ def old_seat_copies(step: SlotStep, rows_N: torch.Tensor, query_of_N: torch.Tens
                 slot_LBHSD[:, rows_C, :, :step.P] = prompt_LQHPD.index_select(1, query_of_C)
 
 
-def run_copies(step: SlotStep, runs: list[tuple[int, int, int]]) -> None:
-    """The seat's KV copies as ``SlotStep.seat`` makes them."""
+def run_copies(step: SlotStep, runs: list[tuple[int, int, int]], words: bool = False) -> None:
+    """The seat's KV copies as ``SlotStep.seat`` makes them; ``words``: the same bytes seen as 8-byte integers (a
+    quarter of the elements for the strided copy kernel to index)."""
     for slots, prompts in zip(step._slots, step._prompt_kv):
         for slot_LBHSD, prompt_LQHPD in zip(slots, prompts):
+            if words:
+                slot_LBHSD, prompt_LQHPD = slot_LBHSD.view(torch.int64), prompt_LQHPD.view(torch.int64)
             for first, n, query in runs:
                 slot_LBHSD[:, first:first + n, :, :step.P].copy_(
                     prompt_LQHPD[:, query:query + 1].expand(-1, n, -1, -1, -1))
 
 
+def triton_copies(step: SlotStep, rows_N: torch.Tensor, query_of_N: torch.Tensor) -> None:
+    """The copies as one Triton kernel a tensor: a program a (layer, row, KV head) copies its P x D contiguous
+    values."""
+    for slots, prompts in zip(step._slots, step._prompt_kv):
+        for slot_LBHSD, prompt_LQHPD in zip(slots, prompts):
+            L, _, H, P, D = prompt_LQHPD.shape
+            _seat_kernel[(L, rows_N.shape[0], H)](
+                prompt_LQHPD, slot_LBHSD, rows_N, query_of_N, *prompt_LQHPD.stride()[:3], *slot_LBHSD.stride()[:3],
+                P * D, BLOCK=1024)
+
+
+try:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _seat_kernel(src, dst, rows, queries, src_l, src_q, src_h, dst_l, dst_b, dst_h, PD, BLOCK: tl.constexpr):
+        layer, n, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        row, query = tl.load(rows + n), tl.load(queries + n)
+        src += layer * src_l + query * src_q + head * src_h
+        dst += layer * dst_l + row * dst_b + head * dst_h
+        for start in range(0, PD, BLOCK):
+            offsets = start + tl.arange(0, BLOCK)
+            tl.store(dst + offsets, tl.load(src + offsets, mask=offsets < PD), mask=offsets < PD)
+except ImportError:
+    triton = None
+
+
 def check_same_copies(step: SlotStep, rows_N: torch.Tensor, query_of_N: torch.Tensor, runs) -> None:
     """The two ways of copying leave the same KV in the seated rows (each row holds its prompt's)."""
     kept = []
-    for copy in (lambda: old_seat_copies(step, rows_N, query_of_N), lambda: run_copies(step, runs)):
+    copies = [lambda: old_seat_copies(step, rows_N, query_of_N), lambda: run_copies(step, runs),
+              lambda: run_copies(step, runs, words=True)]
+    if triton is not None:
+        copies.append(lambda: triton_copies(step, rows_N, query_of_N))
+    for copy in copies:
         for slot_LBHSD, _ in step._slots:
             slot_LBHSD[:, rows_N] = 0
         copy()
         kept.append([slot_LBHSD[:, rows_N, :, :step.P].clone() for slots in step._slots for slot_LBHSD in slots])
     prompts = [prompt_LQHPD[:, query_of_N] for prompts in step._prompt_kv for prompt_LQHPD in prompts]
-    if not all(torch.equal(a, b) and torch.equal(a, p) for a, b, p in zip(*kept, prompts)):
+    if not all(all(torch.equal(a, b) for b in rest) for a, *rest in zip(prompts, *kept)):
         raise SystemExit("the seat's copies differ from the gather's")
 
 
@@ -110,10 +146,12 @@ def time_seat(step: SlotStep, mask_QP: torch.Tensor, rows: list[int], repeats: i
         "rows": len(rows), "runs": len(runs), "moved_gb": round(moved / 1e9, 3),
         "seat_wall_ms": wall_ms(seat, repeats), "seat_cuda_ms": cuda_ms(seat, repeats),
         "copies_cuda_ms": cuda_ms(lambda: run_copies(step, runs), repeats),
+        "word_copies_cuda_ms": cuda_ms(lambda: run_copies(step, runs, words=True), repeats),
+        "triton_copies_cuda_ms": cuda_ms(lambda: triton_copies(step, rows_N, query_of_N), repeats),
         "bookkeeping_cuda_ms": cuda_ms(lambda: bookkeeping(step, rows_N, query_of_N, mask_QP), repeats),
         "old_copies_cuda_ms": cuda_ms(lambda: old_seat_copies(step, rows_N, query_of_N), repeats),
     }
-    for name in ("copies", "old_copies"):
+    for name in ("copies", "word_copies", "triton_copies", "old_copies"):
         result[f"{name}_tb_per_s"] = round(moved / (result[f"{name}_cuda_ms"] / 1000) / 1e12, 2)
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}
 
