@@ -96,8 +96,8 @@ try:
 
     @triton.jit
     def _seat_kernel(src, dst, rows, queries, src_l, src_q, src_h, dst_l, dst_b, dst_h, PD, BLOCK: tl.constexpr):
-        layer, n, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        row, query = tl.load(rows + n), tl.load(queries + n)
+        layer, n, head = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2).to(tl.int64)  # 64-bit offsets
+        row, query = tl.load(rows + n).to(tl.int64), tl.load(queries + n).to(tl.int64)
         src += layer * src_l + query * src_q + head * src_h
         dst += layer * dst_l + row * dst_b + head * dst_h
         for start in range(0, PD, BLOCK):
