@@ -10,10 +10,11 @@ it as the sampler seats them, 10 samples a prompt in the order the queue holds t
 - ``first fill``: every row of the step, as a stage's first seat.
 
 Each is timed six ways: ``SlotStep.seat`` as it runs (wall clock between two synchronisations, as profile_stage.py
-times it, and CUDA events); its KV copies alone (one strided copy a run of rows sharing a prompt); the same copies
-of the same bytes seen as 8-byte words; one Triton kernel a tensor (a program a layer, row and KV head); the row bookkeeping alone (masks, write and RoPE positions); and the seat it
-replaced (a gather of up to 32 rows' prompts,
-then an indexed write). The achieved bandwidth counts the prompt KV read once a row and written once a row.
+times it, and CUDA events); its KV copies alone (``triton_kernels.seat_prompts``, one launch a tensor); the copies
+without Triton (one strided copy a run of rows sharing a prompt); the same, the bytes seen as 8-byte words; the row
+bookkeeping alone (masks, write and RoPE positions); and the seat before session 16 (a gather of up to 32 rows'
+prompts, then an indexed write). The copies are first checked to leave the same KV. The achieved bandwidth counts
+the prompt KV read once a row and written once a row (rows of one prompt re-read it, partly from L2).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 
 from cuda_timing import cuda_ms  # bench/, beside this script
 
+from ao_resampling.engine.decoding import triton_kernels
 from ao_resampling.engine.decoding.decode_step import PromptCache, SlotStep, seat_runs
 
 LAYERS, KV_HEADS, HEAD_DIM, PROMPTS, SAMPLES = 62, 16, 128, 32, 10
@@ -68,7 +70,7 @@ def old_seat_copies(step: SlotStep, rows_N: torch.Tensor, query_of_N: torch.Tens
 
 
 def run_copies(step: SlotStep, runs: list[tuple[int, int, int]], words: bool = False) -> None:
-    """The seat's KV copies as ``SlotStep.seat`` makes them; ``words``: the same bytes seen as 8-byte integers (a
+    """The seat's KV copies as ``SlotStep.seat`` makes them without Triton; ``words``: the same bytes seen as 8-byte integers (a
     quarter of the elements for the strided copy kernel to index)."""
     for slots, prompts in zip(step._slots, step._prompt_kv):
         for slot_LBHSD, prompt_LQHPD in zip(slots, prompts):
@@ -80,31 +82,11 @@ def run_copies(step: SlotStep, runs: list[tuple[int, int, int]], words: bool = F
 
 
 def triton_copies(step: SlotStep, rows_N: torch.Tensor, query_of_N: torch.Tensor) -> None:
-    """The copies as one Triton kernel a tensor: a program a (layer, row, KV head) copies its P x D contiguous
-    values."""
+    """The copies as ``SlotStep.seat`` makes them where Triton works: ``triton_kernels.seat_prompts``, one launch a
+    tensor (a program a layer, row and KV head)."""
     for slots, prompts in zip(step._slots, step._prompt_kv):
         for slot_LBHSD, prompt_LQHPD in zip(slots, prompts):
-            L, _, H, P, D = prompt_LQHPD.shape
-            _seat_kernel[(L, rows_N.shape[0], H)](
-                prompt_LQHPD, slot_LBHSD, rows_N, query_of_N, *prompt_LQHPD.stride()[:3], *slot_LBHSD.stride()[:3],
-                P * D, BLOCK=1024)
-
-
-try:
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _seat_kernel(src, dst, rows, queries, src_l, src_q, src_h, dst_l, dst_b, dst_h, PD, BLOCK: tl.constexpr):
-        layer, n, head = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2).to(tl.int64)  # 64-bit offsets
-        row, query = tl.load(rows + n).to(tl.int64), tl.load(queries + n).to(tl.int64)
-        src += layer * src_l + query * src_q + head * src_h
-        dst += layer * dst_l + row * dst_b + head * dst_h
-        for start in range(0, PD, BLOCK):
-            offsets = start + tl.arange(0, BLOCK)
-            tl.store(dst + offsets, tl.load(src + offsets, mask=offsets < PD), mask=offsets < PD)
-except ImportError:
-    triton = None
+            triton_kernels.seat_prompts(slot_LBHSD, prompt_LQHPD, rows_N, query_of_N)
 
 
 def check_same_copies(step: SlotStep, rows_N: torch.Tensor, query_of_N: torch.Tensor, runs) -> None:
@@ -112,7 +94,7 @@ def check_same_copies(step: SlotStep, rows_N: torch.Tensor, query_of_N: torch.Te
     kept = []
     copies = [lambda: old_seat_copies(step, rows_N, query_of_N), lambda: run_copies(step, runs),
               lambda: run_copies(step, runs, words=True)]
-    if triton is not None:
+    if triton_kernels.available(rows_N.device, "seat"):
         copies.append(lambda: triton_copies(step, rows_N, query_of_N))
     for copy in copies:
         for slot_LBHSD, _ in step._slots:
@@ -147,12 +129,14 @@ def time_seat(step: SlotStep, mask_QP: torch.Tensor, rows: list[int], repeats: i
         "seat_wall_ms": wall_ms(seat, repeats), "seat_cuda_ms": cuda_ms(seat, repeats),
         "copies_cuda_ms": cuda_ms(lambda: run_copies(step, runs), repeats),
         "word_copies_cuda_ms": cuda_ms(lambda: run_copies(step, runs, words=True), repeats),
-        "triton_copies_cuda_ms": cuda_ms(lambda: triton_copies(step, rows_N, query_of_N), repeats),
         "bookkeeping_cuda_ms": cuda_ms(lambda: bookkeeping(step, rows_N, query_of_N, mask_QP), repeats),
         "old_copies_cuda_ms": cuda_ms(lambda: old_seat_copies(step, rows_N, query_of_N), repeats),
     }
+    if triton_kernels.available(device, "seat"):  # what seat_wall_ms and seat_cuda_ms ran
+        result["triton_copies_cuda_ms"] = cuda_ms(lambda: triton_copies(step, rows_N, query_of_N), repeats)
     for name in ("copies", "word_copies", "triton_copies", "old_copies"):
-        result[f"{name}_tb_per_s"] = round(moved / (result[f"{name}_cuda_ms"] / 1000) / 1e12, 2)
+        if f"{name}_cuda_ms" in result:
+            result[f"{name}_tb_per_s"] = round(moved / (result[f"{name}_cuda_ms"] / 1000) / 1e12, 2)
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}
 
 

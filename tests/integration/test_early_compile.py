@@ -6,7 +6,7 @@ argument it specialises, whether it is divisible by 16 and whether it is 1. A co
 run inside the first stage, as before. On a CPU the kernels cannot run, so both are replaced by recorders that
 note each launch's compile key (derived here from the launch's tensors, as Triton derives it) and compute with
 torch: the early compile's keys must hold every key of a real stage (prompt passes and decode steps: norms, RoPE, the
-decode attention) of the tiny oracle, both classes.
+decode attention; the seats' copies) of the tiny oracle, both classes.
 """
 
 from __future__ import annotations
@@ -61,6 +61,13 @@ def rotary_key(x_BHSD: torch.Tensor, cos_BSD: torch.Tensor) -> tuple:
     return "rotary", x_BHSD.dtype, cos_BSD.dtype, D // 2, tuple(_int_key(s) for s in strides)
 
 
+def seat_key(slot_LBHSD: torch.Tensor, prompt_LQHPD: torch.Tensor) -> tuple:
+    """seat_prompt_rows' compile key: the values' size (copied as bits), the strides and P x D, each specialised."""
+    _, _, _, P, D = prompt_LQHPD.shape
+    return ("seat", prompt_LQHPD.element_size(),
+            tuple(_int_key(s) for s in (*prompt_LQHPD.stride()[:3], *slot_LBHSD.stride()[:3], P * D)))
+
+
 @pytest.fixture
 def recorded(monkeypatch) -> list[tuple]:
     """The kernels 'work' on any device; each launch records its compile key and computes with torch."""
@@ -80,8 +87,13 @@ def recorded(monkeypatch) -> list[tuple]:
             torch_path.setattr(triton_kernels, "_probed", lambda device, kernel: False)
             return gqa_attention(None, query_BHQD, key_BKSD, value_BKSD, mask_B11S == 0, scaling=scaling)[0]
 
+    def seat_prompts(slot_LBHSD, prompt_LQHPD, rows_N, prompts_N):
+        keys.append(seat_key(slot_LBHSD, prompt_LQHPD))
+        slot_LBHSD[:, rows_N, :, :prompt_LQHPD.shape[3]] = prompt_LQHPD[:, prompts_N]
+
     monkeypatch.setattr(triton_kernels, "_probed", lambda device, kernel: True)
     monkeypatch.setattr(triton_kernels, "decode_attention", decode_attention)
+    monkeypatch.setattr(triton_kernels, "seat_prompts", seat_prompts)
     monkeypatch.setattr(triton_kernels, "rms_norm", rms_norm)
     monkeypatch.setattr(triton_kernels, "rotary", rotary)
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
@@ -111,7 +123,7 @@ def test_the_early_compile_covers_every_kernel_a_stage_launches(recorded, oracle
         queries, progress=False)
 
     stage = set(recorded)
-    assert {key[0] for key in stage} == {"rms_norm", "rotary", "attention"}, "the stage ran through the kernels"
+    assert {key[0] for key in stage} == {"rms_norm", "rotary", "attention", "seat"}, "the stage ran the kernels"
     assert stage <= early, f"compiled inside the stage: {stage - early}"
 
 

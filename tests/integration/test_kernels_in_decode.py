@@ -1,7 +1,7 @@
 """The decode step with its Triton kernels in place, end to end: the sampler's greedy answers through refills, with
-RMSNorm, RoPE and the decode attention running as Triton kernels (in Triton's CPU interpreter), equal HF
-``generate``'s token for token, on a tiny random Gemma 3 with 27B's head layout (two query heads a KV head, several
-KV heads).
+RMSNorm, RoPE, the decode attention and the seats' copies running as Triton kernels (in Triton's CPU interpreter),
+equal HF ``generate``'s token for token, on a tiny random Gemma 3 with 27B's head layout (two query heads a KV head,
+several KV heads).
 
 The kernels' own tests (tests/unit/test_triton_kernels.py) feed them tensors made for the test; here they get what a
 stage gives them: the slot cache's strides, the cut masks of rows at different steps, idle rows, a prefill's
@@ -47,7 +47,7 @@ greedy = resolve_decoding(model_generation_config(oracle), temperature=0, top_p=
                           seed=0, fallback_eos=[1, 106])
 reference = sample_hf_batched(oracle, tokenizer, queries, injection_layer=1, coefficient=1.0, decoding=greedy)
 
-launches = {"rms_norm": 0, "rotary": 0, "decode_attention": 0}
+launches = {"rms_norm": 0, "rotary": 0, "decode_attention": 0, "seat_prompts": 0}
 for name in launches:
     kernel = getattr(triton_kernels, name)
     def counted(*args, kernel=kernel, name=name):
@@ -69,6 +69,6 @@ def test_greedy_answers_with_the_triton_kernels_equal_plain_generate(gemma_token
     done = subprocess.run([sys.executable, "-c", _RUN], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout)
-    assert out["kernels"] == ["rms_norm", "rotary", "attention"] and out["refills"] > 1
+    assert out["kernels"] == ["rms_norm", "rotary", "attention", "seat"] and out["refills"] > 1
     assert all(n > 0 for n in out["launches"].values()), out["launches"]
     assert out["sampler"] == out["hf"]

@@ -89,6 +89,19 @@ for name, dtype in DTYPES.items():
         out[f"attention-{label}-{name}"] = dict(ulps(got, expected),
                                                 error=(got.double() - exact).abs().max().item(),
                                                 eager_error=(expected.double() - exact).abs().max().item())
+# the seat's copy against torch's indexed write, on a slot buffer longer than the prompts (S > P), rows in any order,
+# one prompt into several rows; values that are NaN or -0.0 copied as bits
+for name, dtype in DTYPES.items():
+    g = torch.Generator().manual_seed(3)
+    slot = torch.randn(3, 6, 2, 11, 16, generator=g).to(dtype)
+    prompt = torch.randn(3, 4, 2, 5, 16, generator=g).to(dtype)
+    prompt[0, 1, 0, 0, :2] = torch.tensor([float("nan"), -0.0])
+    rows, prompts = torch.tensor([5, 0, 3, 2]), torch.tensor([1, 1, 3, 0])
+    expected = slot.clone()
+    expected[:, rows, :, :5] = prompt[:, prompts]
+    triton_kernels.seat_prompts(slot, prompt, rows, prompts)
+    bits = BITS[dtype]
+    out[f"seat-{name}"] = bool(torch.equal(slot.view(bits), expected.view(bits)))
 # the probes a CUDA device runs before using the kernels (here in the interpreter: they must pass a working kernel)
 for name, probe in triton_kernels._PROBES.items():
     probe(torch.device("cpu"))
@@ -180,9 +193,27 @@ def test_decode_attention_is_eager_attention_reading_only_the_allowed_positions(
         assert case["max_ulp"] <= 1 and case["differing"] <= 0.01
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+def test_seat_copies_each_rows_prompt_bit_for_bit_and_nothing_else(interpreted, dtype):
+    """Against torch's indexed write over the whole slot buffer: the seated rows' prompt positions hold their
+    prompts' values (NaN and -0.0 too), every other position is untouched."""
+    assert interpreted[f"seat-{dtype}"]
+
+
+def test_seat_refuses_buffers_that_do_not_fit():
+    slot, prompt = torch.zeros(2, 4, 3, 9, 16), torch.zeros(2, 5, 3, 7, 16)
+    rows = torch.tensor([0])
+    with pytest.raises(ValueError, match="do not fit"):
+        triton_kernels.seat_prompts(slot[:, :, :2], prompt, rows, rows)  # other KV heads
+    with pytest.raises(ValueError, match="do not fit"):
+        triton_kernels.seat_prompts(slot.half(), prompt, rows, rows)
+    with pytest.raises(ValueError, match="contiguous"):
+        triton_kernels.seat_prompts(torch.zeros(2, 4, 3, 16, 9).transpose(3, 4), prompt, rows, rows)  # D strided
+
+
 def test_each_kernels_probe_passes_the_working_kernel(interpreted):
     assert {name: interpreted[f"probe-{name}"] for name in triton_kernels._PROBES} == {
-        "rms_norm": "passed", "rotary": "passed", "attention": "passed"}
+        "rms_norm": "passed", "rotary": "passed", "attention": "passed", "seat": "passed"}
 
 
 def test_nothing_is_switched_off_cuda():

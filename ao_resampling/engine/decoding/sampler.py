@@ -195,7 +195,9 @@ class Sampler:
                 triton_kernels.fused_rotary(devices) as rotary:
             norms = all(triton_kernels.available(device, "rms_norm") for device in devices)  # each norm: its own
             attention = all(triton_kernels.available(device, "attention") for device in devices)  # each layer: its own
-            yield [name for name, used in (("rms_norm", norms), ("rotary", rotary), ("attention", attention)) if used]
+            seat = all(triton_kernels.available(device, "seat") for device in devices)  # each device's slots: its own
+            yield [name for name, used in (("rms_norm", norms), ("rotary", rotary), ("attention", attention),
+                                           ("seat", seat)) if used]
 
     # -- the pieces a run uses ----------------------------------------------------------------------------------------
 

@@ -122,3 +122,17 @@ def decode_attention_rows(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, q_b, q_h, k_b,
         v = tl.load(v_row + s[:, None] * v_s + d[None, :], mask=allowed[:, None], other=0.0)
         acc += _dot(_rounded(probs, DTYPE).to(v.dtype), v, DTYPE, UPCAST)
     _store(out_ptr + b * (tl.num_programs(1) * G * D) + heads[:, None] * D + d[None, :], acc, (g < G)[:, None], DTYPE)
+
+
+@triton.jit
+def seat_prompt_rows(prompt_ptr, slot_ptr, rows_ptr, prompts_ptr, p_l, p_q, p_h, s_l, s_b, s_h, PD,
+                     BLOCK: tl.constexpr):
+    """One (layer, seated row, KV head): the P x D values of its prompt's KV, contiguous in both buffers, copied as
+    they are (raw bits). 64-bit offsets: a layer's offset passes 2^31 values at 27B."""
+    layer, n, head = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    row, prompt = tl.load(rows_ptr + n).to(tl.int64), tl.load(prompts_ptr + n).to(tl.int64)
+    source = prompt_ptr + layer * p_l + prompt * p_q + head * p_h
+    target = slot_ptr + layer * s_l + row * s_b + head * s_h
+    for start in range(0, PD, BLOCK):
+        offsets = start + tl.arange(0, BLOCK)
+        tl.store(target + offsets, tl.load(source + offsets, mask=offsets < PD), mask=offsets < PD)

@@ -1,5 +1,5 @@
 """The decode step's Triton kernels: Gemma's RMSNorm, the rotary embedding and the decode attention, each one
-launch a call.
+launch a call; and the seat's copy of prompt KV into the rows.
 
 A 27B decode step on an H100 is ~23 ms of matmuls and, before these kernels, ~16 ms of small elementwise kernels:
 ``Gemma3RMSNorm`` runs its float32 arithmetic as ~8 launches (372 norms a forward) and ``apply_rotary_pos_emb`` as
@@ -17,6 +17,8 @@ A 27B decode step on an H100 is ~23 ms of matmuls and, before these kernels, ~16
   positions while the average row is ~50 into its slot: the eager path read (and multiplied) all 96 for every row,
   in ~6 launches a layer. Eager's roundings (scores, scaled scores and probabilities rounded to the dtype, float32
   softmax); only the order of float32 sums differs.
+- ``seat_prompts``: a refill's copy of each seated row's prompt KV from the prompt buffer into its slot, one launch
+  for all rows and layers of a device (bits copied, nothing computed).
 
 bfloat16 results are rounded by hand (``_bf16_rounded_bits``), not by Triton's cast, so Triton's CPU interpreter (the
 tests' only Triton) rounds as the GPU does. ``available(device, kernel)`` compiles and probes each once per device;
@@ -138,6 +140,32 @@ def decode_attention(query_BHQD: torch.Tensor, key_BKSD: torch.Tensor, value_BKS
     return out
 
 
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # a copy moves bits: no dtype to round
+
+
+def seat_prompts(slot_LBHSD: torch.Tensor, prompt_LQHPD: torch.Tensor, rows_N: torch.Tensor,
+                 prompts_N: torch.Tensor) -> None:
+    """``slot_LBHSD[:, rows_N[i], :, :P] = prompt_LQHPD[:, prompts_N[i]]`` for every i, in one launch: a program a
+    (layer, row, KV head) copies its P x D values, which are contiguous in both. Torch's own ways were ~10x slower at
+    27B on an H100 for a refill's 34 scattered rows (bench/bench_seat.py): an indexed write after a gather, or a
+    strided copy a run of rows, each indexing every element. ``rows_N``/``prompts_N``: int64 on the buffers'
+    device."""
+    kernels = _launch_kernels()
+    L, Q, H, P, D = prompt_LQHPD.shape
+    if slot_LBHSD.shape[0] != L or slot_LBHSD.shape[2] != H or slot_LBHSD.shape[3] < P or slot_LBHSD.shape[4] != D \
+            or slot_LBHSD.dtype != prompt_LQHPD.dtype:
+        raise ValueError(f"seat_prompts: prompts {tuple(prompt_LQHPD.shape)} do not fit slots "
+                         f"{tuple(slot_LBHSD.shape)} ({prompt_LQHPD.dtype} into {slot_LBHSD.dtype})")
+    if any(t.stride(4) != 1 or t.stride(3) != D for t in (slot_LBHSD, prompt_LQHPD)):
+        raise ValueError("seat_prompts: each head's positions x head size must be contiguous in both buffers")
+    if rows_N.numel():
+        bits = _BITS[prompt_LQHPD.element_size()]
+        with torch.cuda.device_of(slot_LBHSD):  # as in rms_norm
+            kernels.seat_prompt_rows[(L, rows_N.shape[0], H)](
+                prompt_LQHPD.view(bits), slot_LBHSD.view(bits), rows_N, prompts_N, *prompt_LQHPD.stride()[:3],
+                *slot_LBHSD.stride()[:3], P * D, BLOCK=1024, num_warps=4)
+
+
 _COMPILING: dict[torch.device, threading.Thread] = {}  # compile_in_background's threads, until waited for
 
 
@@ -164,8 +192,8 @@ def _probed(device: torch.device, kernel: str) -> bool:
     if device.type != "cuda":
         return False
     if _kernels() is None:
-        warnings.warn("Triton is not installed: RMSNorm, RoPE and the decode attention run as torch's kernels "
-                      "(slower decode steps)", stacklevel=3)
+        warnings.warn("Triton is not installed: RMSNorm, RoPE, the decode attention and the seat's copies run as "
+                      "torch's kernels (slower decode steps)", stacklevel=3)
         return False
     try:
         _PROBES[kernel](device)
@@ -180,7 +208,8 @@ def compile_in_background(device: torch.device, *, hidden_size: int, head_dim: i
                           dtype: torch.dtype) -> None:
     """Compile, on a thread of its own, every kernel a decode stage of a model of these sizes will launch on
     ``device``: the probes, the norm at the hidden size and at the head size (Triton compiles again for each BLOCK
-    and each row stride's divisibility by 16), RoPE and the decode attention in the model's dtype and head layout.
+    and each row stride's divisibility by 16), RoPE, the decode attention and the seat's copy in the model's dtype
+    and head layout.
     Called before the weights load, so the ~1.6 s of a machine's first process run beside the load instead of in
     the first stage; nothing on a CPU or without Triton. ``available`` waits for it."""
     if device.type != "cuda" or _kernels() is None:
@@ -208,6 +237,10 @@ def _compile(device: torch.device, hidden_size: int, head_dim: int, query_heads:
                 q_BHQD = torch.ones(2, 1, query_heads, head_dim, dtype=dtype, device=device).transpose(1, 2)
                 kv_BKSD = torch.ones(2, kv_heads, 48, head_dim, dtype=dtype, device=device)
                 decode_attention(q_BHQD, kv_BKSD, kv_BKSD, torch.zeros(2, 1, 1, 32, dtype=dtype, device=device), 1.0)
+            if available(device, "seat"):  # its probe's compile is bfloat16's: a model in another dtype needs its own
+                slot_LBHSD = torch.zeros(1, 2, kv_heads, 9, head_dim, dtype=dtype, device=device)
+                seat_prompts(slot_LBHSD, torch.ones(1, 2, kv_heads, 7, head_dim, dtype=dtype, device=device),
+                             torch.tensor([1, 0], device=device), torch.tensor([0, 1], device=device))
             torch.cuda.synchronize(device)
     except Exception:  # noqa: BLE001 -- only a head start: the stage's own launches compile, and report, again
         pass
@@ -250,7 +283,19 @@ def _probe_attention(device: torch.device) -> None:
         raise RuntimeError("its output disagrees with eager attention's")
 
 
-_PROBES = {"rms_norm": _probe_rms_norm, "rotary": _probe_rotary, "attention": _probe_attention}
+def _probe_seat(device: torch.device) -> None:
+    slot = torch.randn(2, 5, 3, 9, 128, device=device).to(torch.bfloat16)
+    prompt = torch.randn(2, 4, 3, 7, 128, device=device).to(torch.bfloat16)
+    rows, prompts = torch.tensor([4, 0, 1], device=device), torch.tensor([2, 2, 0], device=device)
+    expected = slot.clone()
+    expected[:, rows, :, :7] = prompt[:, prompts]
+    seat_prompts(slot, prompt, rows, prompts)
+    if not torch.equal(slot, expected):
+        raise RuntimeError("its copies are not torch's indexed write")
+
+
+_PROBES = {"rms_norm": _probe_rms_norm, "rotary": _probe_rotary, "attention": _probe_attention,
+           "seat": _probe_seat}
 
 
 @contextlib.contextmanager
