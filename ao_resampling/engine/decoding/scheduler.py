@@ -24,12 +24,13 @@ from dataclasses import dataclass
 from typing import Protocol
 
 # Refill once 1/8 of the rows are free. Idle rows cost steps; a refill costs its seating (the KV copies into the
-# rows: 4.3 ms at 27B on an H100, session 15) and the first tokens' draw, ~6 ms in all; the prompt passes are per
-# block of queries, not per refill. At the real oracle's answer lengths ~13 of 273 rows end every step. Replayed on
-# the scheduler (bench/refill_sim.py, 10,000 samples, 273 rows): 1/4 888 steps and 133 refills, 1/8 835 and 243,
-# 1/16 811 and 407, every row at once 796 and 752; with 38.5 ms a step and ~6 ms a refill 1/8 and 1/12 are the
-# cheapest (~1.3 s under 1/4), 1/16 and 1/6 within 0.2 s of them. The H100 profiles of 20 targets agree: 1/8 took
-# 181 steps to 1/4's 190 (session 13); 1/8 8.99 s, 1/16 8.87 s (session 15, within one run's noise).
+# rows: 4.3 ms at 27B on an H100 in session 15, 0.5 ms since the seat is one Triton launch) and the first tokens'
+# draw (~2 ms); the prompt passes are per block of queries, not per refill. At the real oracle's answer lengths ~13
+# of 273 rows end every step. Replayed on the scheduler (bench/refill_sim.py, 10,000 samples, 273 rows): 1/4 888
+# steps and 133 refills, 1/8 835 and 243, 1/16 811 and 407, every row at once 796 and 752. With 37.1 ms a step and
+# ~6 ms a refill 1/8 and 1/12 were the cheapest (~1.3 s under 1/4); with ~2.5 ms a refill the model puts 1/12 and
+# 1/16 ~0.45 s under 1/8, unmeasured (the H100 profiles of 20 targets: 1/8 took 181 steps to 1/4's 190, session 13;
+# 1/8 8.99 s, 1/16 8.87 s with the old seat, session 15, within one run's noise).
 REFILL_FRACTION = 8
 # The tail shrinks the step only once at most a quarter of its rows are live: a 27B step is mostly the weights'
 # read, so fewer rows save little per step, and every new (rows, cut length) costs a CUDA graph capture (~0.3 s).
