@@ -28,7 +28,7 @@ import torch
 from cuda_timing import cuda_ms  # bench/, beside this script
 
 from ao_resampling.engine.decoding import triton_kernels
-from ao_resampling.engine.decoding.decode_step import PromptCache, SlotStep, seat_runs
+from ao_resampling.engine.decoding.decode_step import PromptCache, SlotStep, copy_runs, seat_runs
 
 LAYERS, KV_HEADS, HEAD_DIM, PROMPTS, SAMPLES = 62, 16, 128, 32, 10
 
@@ -70,15 +70,13 @@ def old_seat_copies(step: SlotStep, rows_N: torch.Tensor, query_of_N: torch.Tens
 
 
 def run_copies(step: SlotStep, runs: list[tuple[int, int, int]], words: bool = False) -> None:
-    """The seat's KV copies as ``SlotStep.seat`` makes them without Triton; ``words``: the same bytes seen as 8-byte integers (a
-    quarter of the elements for the strided copy kernel to index)."""
+    """The seat's KV copies as ``SlotStep.seat`` makes them without Triton; ``words``: the same bytes seen as 8-byte
+    integers (a quarter of the elements for the strided copy kernel to index)."""
     for slots, prompts in zip(step._slots, step._prompt_kv):
         for slot_LBHSD, prompt_LQHPD in zip(slots, prompts):
             if words:
                 slot_LBHSD, prompt_LQHPD = slot_LBHSD.view(torch.int64), prompt_LQHPD.view(torch.int64)
-            for first, n, query in runs:
-                slot_LBHSD[:, first:first + n, :, :step.P].copy_(
-                    prompt_LQHPD[:, query:query + 1].expand(-1, n, -1, -1, -1))
+            copy_runs(slot_LBHSD, prompt_LQHPD, runs)
 
 
 def triton_copies(step: SlotStep, rows_N: torch.Tensor, query_of_N: torch.Tensor) -> None:
@@ -106,15 +104,6 @@ def check_same_copies(step: SlotStep, rows_N: torch.Tensor, query_of_N: torch.Te
         raise SystemExit("the seat's copies differ from the gather's")
 
 
-def bookkeeping(step: SlotStep, rows_N: torch.Tensor, query_of_N: torch.Tensor, mask_QP: torch.Tensor) -> None:
-    """What ``SlotStep.seat`` does beside the copies."""
-    prompt_N = mask_QP[query_of_N]
-    step.mask_BS[rows_N] = False
-    step.mask_BS[rows_N, :step.P] = prompt_N
-    step.write_B[rows_N] = step.P
-    step.rope_B1[rows_N, 0] = prompt_N.sum(-1)
-
-
 def time_seat(step: SlotStep, mask_QP: torch.Tensor, rows: list[int], repeats: int) -> dict:
     device = mask_QP.device
     first_query = 7  # a block's queue starts mid-query: the first prompt's samples are split over two refills
@@ -129,7 +118,7 @@ def time_seat(step: SlotStep, mask_QP: torch.Tensor, rows: list[int], repeats: i
         "seat_wall_ms": wall_ms(seat, repeats), "seat_cuda_ms": cuda_ms(seat, repeats),
         "copies_cuda_ms": cuda_ms(lambda: run_copies(step, runs), repeats),
         "word_copies_cuda_ms": cuda_ms(lambda: run_copies(step, runs, words=True), repeats),
-        "bookkeeping_cuda_ms": cuda_ms(lambda: bookkeeping(step, rows_N, query_of_N, mask_QP), repeats),
+        "bookkeeping_cuda_ms": cuda_ms(lambda: step._start_rows(rows_N, query_of_N, mask_QP), repeats),
         "old_copies_cuda_ms": cuda_ms(lambda: old_seat_copies(step, rows_N, query_of_N), repeats),
     }
     if triton_kernels.available(device, "seat"):  # what seat_wall_ms and seat_cuda_ms ran

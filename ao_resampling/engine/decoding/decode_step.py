@@ -124,6 +124,15 @@ def seat_runs(rows: list[int], prompts: list[int]) -> list[tuple[int, int, int]]
     return runs
 
 
+def copy_runs(slot_LBHSD: torch.Tensor, prompt_LQHPD: torch.Tensor, runs: list[tuple[int, int, int]]) -> None:
+    """Torch's seat (a CPU, or no Triton): for each run of ``seat_runs``, one strided copy of its prompt's KV,
+    broadcast over the run's rows, straight from the buffer into the slots' first P positions (no gathered
+    temporary)."""
+    P = prompt_LQHPD.shape[3]
+    for first, n, prompt in runs:
+        slot_LBHSD[:, first:first + n, :, :P].copy_(prompt_LQHPD[:, prompt:prompt + 1].expand(-1, n, -1, -1, -1))
+
+
 class SlotCache:
     """The KV cache the model's attention layers write through on a decode step: each row's new key and value go
     to that row's own position (``write_A``), and attention gets the row's whole slot (the mask cuts it). The
@@ -240,14 +249,14 @@ class SlotStep:
                 for slot_LBHSD, prompt_LQHPD in zip(slots, prompts):  # keys, then values
                     triton_kernels.seat_prompts(slot_LBHSD, prompt_LQHPD, rows_here, prompts_here)
                 continue
-            # Torch's way (a CPU, or no Triton): one strided copy a run of rows sharing a prompt, straight from the
-            # buffer (no gathered temporary)
             if runs is None:
-                runs = seat_runs(torch.as_tensor(rows_N).tolist(), torch.as_tensor(query_of_N).tolist())
+                runs = seat_runs(rows_N.tolist(), query_of_N.tolist())
             for slot_LBHSD, prompt_LQHPD in zip(slots, prompts):
-                for first, n, query in runs:
-                    slot_LBHSD[:, first:first + n, :, :self.P].copy_(
-                        prompt_LQHPD[:, query:query + 1].expand(-1, n, -1, -1, -1))
+                copy_runs(slot_LBHSD, prompt_LQHPD, runs)
+        self._start_rows(rows_N, query_of_N, prompt_mask_QP)
+
+    def _start_rows(self, rows_N: torch.Tensor, query_of_N: torch.Tensor, prompt_mask_QP: torch.Tensor) -> None:
+        """A seat's bookkeeping beside the KV: each row's mask is its prompt's, its answer writes from P on."""
         prompt_N = prompt_mask_QP.bool()[query_of_N.to(prompt_mask_QP.device)].to(self.mask_BS.device)
         rows_N = rows_N.to(self.mask_BS.device)
         self.mask_BS[rows_N] = False
